@@ -1,0 +1,21 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# Triton kernels run on the CPU through Triton's interpreter in the tests.
+export TRITON_INTERPRET ?= 1
+
+.PHONY: test demo install bench
+
+# torch first, pinned to the CPU build on disk: a bare `torch` would pull a multi-GB CUDA build.
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+
+test: install
+	$(PYTHON) -m pytest tests/ -q
+
+demo: install
+	$(PYTHON) -m spot demo
+
+bench: install
+	$(PYTHON) -m pytest benchmarks/ -q

@@ -1,0 +1,158 @@
+"""Argument checks shared by every backend: a bad call gets a ``TypeError``/``ValueError`` that
+names the argument, before any kernel runs."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def tensor(name, x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def same_device(name, x, ref_name, ref):
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; "
+                         f"put them on one device")
+
+
+def positive_number(name, x, allow_none=False):
+    if x is None and allow_none:
+        return
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x) or x <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {x!r}")
+
+
+def head(hidden, weight, targets, bias, temperature, softcap, ignore_index):
+    """Checks the inputs of ``token_logprobs``; returns ``(N, D, V)``."""
+    tensor("hidden", hidden)
+    tensor("weight", weight)
+    tensor("targets", targets)
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape [..., D], got a 0-dim tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape [V, D], got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype} but hidden has {hidden.dtype}; "
+                        f"they must match")
+    same_device("weight", weight, "hidden", hidden)
+    v, d = weight.shape
+    if v == 0:
+        raise ValueError("weight must have at least one row (V >= 1)")
+    if hidden.shape[-1] != d:
+        raise ValueError(f"hidden has last dim {hidden.shape[-1]} but weight is [V, D] with "
+                         f"D = {d}")
+    if bias is not None:
+        tensor("bias", bias)
+        if bias.shape != (v,):
+            raise ValueError(f"bias must have shape [V] = [{v}], got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias has dtype {bias.dtype} but weight has {weight.dtype}")
+        same_device("bias", bias, "hidden", hidden)
+    if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])} (hidden's leading "
+                         f"dims), got {tuple(targets.shape)}")
+    same_device("targets", targets, "hidden", hidden)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    positive_number("temperature", temperature)
+    positive_number("softcap", softcap, allow_none=True)
+    if targets.numel():
+        bad = ((targets < 0) | (targets >= v)) & (targets != ignore_index)
+        if bool(bad.any()):
+            first = targets[bad][0].item()
+            raise ValueError(f"targets must lie in [0, V) = [0, {v}) or equal ignore_index "
+                             f"({ignore_index}); found {first}")
+    n = targets.numel()
+    return n, d, v
+
+
+def cu_seqlens(cu, n, device):
+    tensor("cu_seqlens", cu)
+    if cu.dtype not in INDEX_DTYPES:
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"cu_seqlens must have shape [S + 1] with S >= 0, got {tuple(cu.shape)}")
+    if cu.device != torch.device(device):
+        raise ValueError(f"cu_seqlens is on {cu.device} but the tokens are on {device}")
+    values = cu.tolist()
+    if values[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {values[0]}")
+    if values[-1] != n:
+        raise ValueError(f"cu_seqlens must end at the number of tokens N = {n}, got {values[-1]}")
+    if any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError("cu_seqlens must be non-decreasing")
+    return len(values) - 1
+
+
+def sequence_inputs(token_logps, cu, valid):
+    tensor("token_logps", token_logps)
+    if token_logps.dim() != 1:
+        raise ValueError(f"token_logps must be 1-D [N], got {tuple(token_logps.shape)}")
+    if not token_logps.is_floating_point():
+        raise TypeError(f"token_logps must be a float tensor, got {token_logps.dtype}")
+    s = cu_seqlens(cu, token_logps.shape[0], token_logps.device)
+    if valid is not None:
+        tensor("valid", valid)
+        if valid.shape != token_logps.shape:
+            raise ValueError(f"valid must have token_logps' shape {tuple(token_logps.shape)}, "
+                             f"got {tuple(valid.shape)}")
+        if valid.dtype != torch.bool:
+            raise TypeError(f"valid must be a bool tensor, got {valid.dtype}")
+        same_device("valid", valid, "token_logps", token_logps)
+    return s
+
+
+REDUCTIONS = ("pairs", "mean", "sum")
+
+
+def bce_inputs(policy, ref, labels, beta, delta, reduction, s=None):
+    """Checks the BCE inputs; ``policy`` may be None when ``s`` (the sequence count) is given."""
+    named = (("policy_logps", policy), ("ref_logps", ref), ("labels", labels))
+    for name, x in named:
+        if x is None:
+            continue
+        tensor(name, x)
+        if x.dim() != 1:
+            raise ValueError(f"{name} must be 1-D [S], got {tuple(x.shape)}")
+        if name != "labels" and not x.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor, got {x.dtype}")
+    if labels.is_complex():
+        raise TypeError(f"labels must be real (float, int or bool), got {labels.dtype}")
+    first = "policy_logps" if policy is not None else "cu_seqlens"
+    s = policy.shape[0] if policy is not None else s
+    for name, x in named[1:]:
+        if x.shape[0] != s:
+            raise ValueError(f"{name} has {x.shape[0]} entries but {first} gives S = {s}")
+        if policy is not None:
+            same_device(name, x, "policy_logps", policy)
+    same_device("labels", labels, "ref_logps", ref)
+    positive_number("beta", beta)
+    if isinstance(delta, torch.Tensor):
+        if delta.numel() != 1:
+            raise ValueError(f"delta must be a number or a one-element tensor, got shape "
+                             f"{tuple(delta.shape)}")
+    elif isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not math.isfinite(delta):
+        raise ValueError(f"delta must be a finite number, got {delta!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if reduction == "pairs" and s % 2:
+        raise ValueError(f"reduction='pairs' needs an even number of sequences (chosen and "
+                         f"rejected), got {s}; use reduction='mean' or 'sum'")
+    if s:
+        lab = labels.float()
+        if bool(((lab < 0) | (lab > 1) | lab.isnan()).any()):
+            raise ValueError("labels must lie in [0, 1] (1 = chosen y+, 0 = rejected y-)")
+    return s

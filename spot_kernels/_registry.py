@@ -1,0 +1,60 @@
+"""Backend registry: which backends exist, which run on a device, and why not.
+
+A backend module exposes ``available(device) -> (bool, reason)``, ``check_options(dict)``,
+``forward(hidden, weight, targets, bias, *, temperature, softcap, ignore_index,
+return_entropy, **options) -> (logp, lse, entropy | None)`` and ``backward(hidden, weight,
+targets, bias, lse, grad_logp, *, temperature, softcap, ignore_index, needs_input_grad,
+**options) -> (dh, dW, db)``. ``hidden`` arrives 2-D ``[N, D]`` and ``targets`` int64 ``[N]``.
+``reference`` is special: it runs ``spot_kernels.reference`` under plain autograd.
+
+Modules are imported lazily: importing ``spot_kernels`` never touches CUDA, Triton or the
+compiled extension.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+NAMES = ("triton", "cuda", "torch", "reference")
+_MODULES = {"triton": "spot_kernels.triton", "cuda": "spot_kernels.cuda",
+            "torch": "spot_kernels.torch_backend"}
+ENV = "SPOT_KERNELS_BACKEND"
+
+
+def module(name):
+    return importlib.import_module(_MODULES[name])
+
+
+def availability(name, device):
+    """``(True, "")`` or ``(False, why)`` for backend ``name`` on ``device``."""
+    if name == "reference":
+        return True, ""
+    try:
+        mod = module(name)
+    except ImportError as exc:  # a backend whose dependency is missing
+        return False, f"cannot import {_MODULES[name]}: {exc}"
+    return mod.available(torch.device(device))
+
+
+def available_backends(device=None):
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return [n for n in NAMES if availability(n, device)[0]]
+
+
+def resolve(backend, device):
+    """The backend name to run: ``auto`` becomes the fastest available for ``device``."""
+    if backend == "auto":
+        backend = os.environ.get(ENV, "auto") or "auto"
+    if backend == "auto":
+        if torch.device(device).type == "cpu":
+            return "torch"  # Triton on CPU is only its (slow) interpreter
+        return next(n for n in NAMES if availability(n, device)[0])
+    if backend not in NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {list(NAMES)}, got {backend!r}")
+    ok, why = availability(backend, device)
+    if not ok:
+        raise RuntimeError(f"backend {backend!r} is not available on {device}: {why}")
+    return backend

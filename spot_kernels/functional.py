@@ -1,0 +1,129 @@
+"""The public functions: argument checks, backend dispatch and thin autograd Functions.
+
+No math lives here: the backends (``torch_backend``, ``triton``, ``cuda``) hold the kernels,
+``losses`` the O(N) sequence sums and the BCE loss, ``reference`` the ground truth.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import _checks, _registry, losses, reference
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """``logp = f(hidden, weight, bias)``; saves only the inputs and ``lse`` (O(N))."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, impl, cfg, options, return_entropy):
+        logp, lse, entropy = impl.forward(hidden, weight, targets, bias,
+                                          return_entropy=return_entropy, **cfg, **options)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.impl, ctx.cfg, ctx.options = impl, cfg, options
+        if entropy is None:
+            return logp
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, *_):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if grad_logp is None or not any(needs):
+            return (None,) * 8
+        dh, dw, db = ctx.impl.backward(hidden, weight, targets, bias, lse,
+                                       grad_logp.float().contiguous(),
+                                       needs_input_grad=needs, **ctx.cfg, **ctx.options)
+        return dh, dw, db, None, None, None, None, None
+
+
+def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, softcap=None,
+                   ignore_index=-100, backend="auto", return_entropy=False,
+                   backend_options=None):
+    """Per-token ``log p(target)`` of ``softcap(hidden @ weight.T + bias) / temperature``.
+
+    ``hidden`` is ``[..., D]``, ``weight`` ``[V, D]`` (same dtype), ``targets`` has hidden's
+    leading shape; ``ignore_index`` tokens give 0. Returns float32 with targets' shape; with
+    ``return_entropy=True`` returns ``(logp, entropy)``, the entropy detached (a statistic, no
+    gradient). Gradients flow to ``hidden``, ``weight`` and ``bias``. ``backend_options`` is a
+    dict of backend-specific settings (chunk sizes, ``filter_eps``, ...) documented in each
+    backend's module; an unknown key is an error.
+    """
+    _checks.head(hidden, weight, targets, bias, temperature, softcap, ignore_index)
+    name = _registry.resolve(backend, hidden.device)
+    shape = targets.shape
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    t1 = targets.reshape(-1).long()
+    if name == "reference":
+        if backend_options:
+            raise ValueError("backend_options: backend 'reference' takes no options")
+        out = reference.token_logprobs(h2, weight, t1, bias, temperature=temperature,
+                                       softcap=softcap, ignore_index=ignore_index,
+                                       return_entropy=return_entropy)
+        if return_entropy:
+            return out[0].reshape(shape), out[1].detach().reshape(shape)
+        return out.reshape(shape)
+    impl = _registry.module(name)
+    options = dict(backend_options or {})
+    impl.check_options(options)
+    cfg = dict(temperature=float(temperature), softcap=None if softcap is None else float(softcap),
+               ignore_index=ignore_index)
+    out = _TokenLogprobs.apply(h2, weight, bias, t1, impl, cfg, options, return_entropy)
+    if return_entropy:
+        return out[0].reshape(shape), out[1].reshape(shape)
+    return out.reshape(shape)
+
+
+def sequence_logprobs(token_logps, cu_seqlens, *, valid=None, average=False):
+    """Per-sequence sums of ``token_logps [N]`` over ``cu_seqlens [S + 1]`` -> float32 ``[S]``.
+
+    ``valid`` (bool ``[N]``) marks the tokens that count; ``None`` counts every token.
+    ``average=True`` divides by the number of counted tokens (0 for a sequence with none).
+    """
+    _checks.sequence_inputs(token_logps, cu_seqlens, valid)
+    return losses.sequence_logprobs(token_logps, cu_seqlens, valid, average)
+
+
+def bce_reward_loss(policy_logps, ref_logps, labels, *, beta=0.1, delta=0.0, reduction="pairs"):
+    """SPoT's reward BCE over sequences; returns ``(loss, stats)``.
+
+    ``u = beta (policy - ref) - delta``; ``loss = sum_s [y softplus(-u) + (1-y) softplus(u)] / K``
+    with ``K = S/2`` (``"pairs"``), ``S`` (``"mean"``) or 1 (``"sum"``). ``stats`` holds detached
+    tensors (no host sync): ``rewards`` ``[S]`` = ``beta (policy - ref)``, ``reward_mean`` (the
+    batch mean that updates a running ``delta``), ``rewards_chosen``, ``rewards_rejected``,
+    ``accuracy`` and ``margin`` (the i-th chosen sequence paired with the i-th rejected one),
+    ``logps_chosen``, ``logps_rejected`` and ``saturated`` (fraction of sigmoids outside
+    [0.01, 0.99]). A label >= 0.5 counts as chosen.
+    """
+    _checks.bce_inputs(policy_logps, ref_logps, labels, beta, delta, reduction)
+    return losses.bce_reward_loss(policy_logps, ref_logps, labels, beta, delta, reduction)
+
+
+@dataclass
+class SpotLossOutput:
+    """What ``spot_loss`` returns: the scalar ``loss`` (differentiable), per-sequence
+    ``policy_logps`` and ``rewards`` ``[S]``, the ``stats`` dict of ``bce_reward_loss``."""
+    loss: torch.Tensor
+    policy_logps: torch.Tensor
+    rewards: torch.Tensor
+    stats: dict
+
+
+def spot_loss(hidden, weight, targets, cu_seqlens, ref_logps, labels, *, beta=0.1, delta=0.0,
+              bias=None, temperature=1.0, softcap=None, ignore_index=-100, average=False,
+              reduction="pairs", backend="auto", backend_options=None):
+    """The fused SPoT loss from hidden states: ``token_logprobs -> sequence_logprobs ->
+    bce_reward_loss`` without ever holding ``[N, V]`` logits. ``hidden`` is ``[N, D]`` (or
+    ``[1, N, D]``) of packed sequences delimited by ``cu_seqlens``."""
+    _checks.tensor("hidden", hidden)
+    _checks.tensor("targets", targets)
+    s = _checks.cu_seqlens(cu_seqlens, targets.numel(), hidden.device)
+    _checks.bce_inputs(None, ref_logps, labels, beta, delta, reduction, s=s)
+    logp = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                          softcap=softcap, ignore_index=ignore_index, backend=backend,
+                          backend_options=backend_options).reshape(-1)
+    valid = targets.reshape(-1) != ignore_index
+    policy = losses.sequence_logprobs(logp, cu_seqlens, valid, average)
+    loss, stats = losses.bce_reward_loss(policy, ref_logps, labels, beta, delta, reduction)
+    return SpotLossOutput(loss, policy, stats["rewards"], stats)

@@ -1,0 +1,172 @@
+"""Chunked pure-torch backend: any device, never more than one ``token_chunk x vocab_chunk``
+logits block alive.
+
+Work split: the tokens are cut into chunks of ``token_chunk`` rows and the vocabulary into
+chunks of ``vocab_chunk`` rows of ``W``. The forward keeps, per token, an online
+``(max m, sum-exp s)`` pair over the vocabulary chunks (and ``sum exp(z - m) z`` for the
+entropy), and picks up the target logit from the chunk that owns it::
+
+    m' = max(m, max_v z_v);   s' = s exp(m - m') + sum_v exp(z_v - m');   lse = m + log s
+
+The backward recomputes each block from the saved ``lse`` (no logits are kept between the
+passes) and forms ``dA = g (onehot - p) / T * softcap'(a)`` in place, then
+``dh += dA W_chunk``, ``dW_chunk += dA^T h`` and ``db_chunk += sum_i dA``, all in float32.
+
+Cost: forward ``2 N D V`` FLOPs, backward ``6 N D V`` (recompute, ``dh``, ``dW``). Memory beyond
+inputs and gradients: one logits block (``block_bytes``, 64 MB by default) plus O(N) state and
+a float32 ``dW`` accumulator when ``W`` is not float32.
+
+Options (``backend_options=`` of the public functions): ``token_chunk``, ``vocab_chunk``
+(rows; each wins over ``block_bytes``) and ``block_bytes`` (default ``64 * 2**20``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+OPTIONS = ("token_chunk", "vocab_chunk", "block_bytes")
+DEFAULT_BLOCK_BYTES = 64 * 2**20
+_MAX_VOCAB_CHUNK = 8192
+
+
+def available(device):
+    return True, ""
+
+
+def check_options(options):
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"backend_options: unknown option(s) {unknown} for backend 'torch'; "
+                         f"it takes {list(OPTIONS)}")
+    for key in OPTIONS:
+        if key in options and (not isinstance(options[key], int) or options[key] <= 0):
+            raise ValueError(f"backend_options: {key} must be a positive int, got {options[key]!r}")
+
+
+def chunk_sizes(n, v, token_chunk=None, vocab_chunk=None, block_bytes=None):
+    """Rows per token chunk and per vocabulary chunk for a float32 block of ``block_bytes``."""
+    elems = max(1, (block_bytes or DEFAULT_BLOCK_BYTES) // 4)
+    if vocab_chunk is None:
+        vocab_chunk = min(max(v, 1), _MAX_VOCAB_CHUNK, elems)
+        if token_chunk is not None:
+            vocab_chunk = max(1, min(max(v, 1), elems // token_chunk))
+    if token_chunk is None:
+        token_chunk = max(1, min(max(n, 1), elems // vocab_chunk))
+    return token_chunk, vocab_chunk
+
+
+def _mm(x, y):
+    """``x @ y`` with a float32 result; half operands stay half on GPUs (tensor cores)."""
+    if x.dtype != y.dtype:
+        if x.device.type == "cpu":
+            x, y = x.float(), y.float()
+        else:
+            x = x.to(y.dtype)
+    return (x @ y).float()
+
+
+def _block(h, w, b, temperature, softcap):
+    """Float32 logits block ``z`` and, with a softcap, ``tanh(a / c)`` for the derivative."""
+    if h.device.type == "cpu" and h.dtype != torch.float32:
+        a = h.float() @ w.float().t()  # CPU half matmuls are slow and round the output
+    else:
+        a = _mm(h, w.t())
+    if b is not None:
+        a += b.float()
+    th = None
+    if softcap is not None:
+        th = a.div_(softcap).tanh_()
+        a = th * (softcap / temperature)
+    elif temperature != 1.0:
+        a.div_(temperature)
+    return a, th
+
+
+def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None,
+            ignore_index=-100, return_entropy=False, **options):
+    """Returns ``(logp, lse, entropy or None)``, float32 ``[N]`` each."""
+    n, v = hidden.shape[0], weight.shape[0]
+    tc, vc = chunk_sizes(n, v, **options)
+    dev = hidden.device
+    logp = torch.empty(n, dtype=torch.float32, device=dev)
+    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    entropy = torch.empty(n, dtype=torch.float32, device=dev) if return_entropy else None
+    for i0 in range(0, n, tc):
+        h = hidden[i0:i0 + tc]
+        t = targets[i0:i0 + tc]
+        rows = h.shape[0]
+        m = torch.full((rows,), -math.inf, dtype=torch.float32, device=dev)
+        s = torch.zeros(rows, dtype=torch.float32, device=dev)
+        zs = torch.zeros(rows, dtype=torch.float32, device=dev) if return_entropy else None
+        zt = torch.zeros(rows, dtype=torch.float32, device=dev)
+        for v0 in range(0, v, vc):
+            z, _ = _block(h, weight[v0:v0 + vc], None if bias is None else bias[v0:v0 + vc],
+                          temperature, softcap)
+            cols = z.shape[1]
+            local = t - v0
+            here = (local >= 0) & (local < cols)
+            zt += torch.where(here, z.gather(1, local.clamp(0, cols - 1).unsqueeze(1)).squeeze(1), 0.0)
+            m_new = torch.maximum(m, z.amax(1))
+            scale = torch.exp(m - m_new)
+            z -= m_new.unsqueeze(1)
+            if return_entropy:
+                # zs = sum exp(z - m) (z - m), moved to the new max (s = 0 on the first chunk)
+                zs = (zs + torch.where(s > 0, m - m_new, 0.0) * s) * scale
+            e = z.exp_() if not return_entropy else z.exp()
+            s = s * scale + e.sum(1)
+            if return_entropy:
+                zs += (e * z).sum(1)
+            m = m_new
+        out_lse = m + torch.log(s)
+        lse[i0:i0 + tc] = out_lse
+        valid = t != ignore_index
+        logp[i0:i0 + tc] = torch.where(valid, zt - out_lse, 0.0)
+        if return_entropy:
+            # H = lse - sum p z = lse - (m + sum e (z - m) / s)
+            entropy[i0:i0 + tc] = out_lse - (m + zs / s)
+    return logp, lse, entropy
+
+
+def backward(hidden, weight, targets, bias, lse, grad_logp, *, temperature=1.0, softcap=None,
+             ignore_index=-100, needs_input_grad=(True, True, True), **options):
+    """Returns ``(dh, dW, db)`` in the dtypes of ``hidden``, ``weight``, ``bias`` (None where
+    not needed)."""
+    n, v = hidden.shape[0], weight.shape[0]
+    need_h, need_w, need_b = needs_input_grad
+    need_b = need_b and bias is not None
+    tc, vc = chunk_sizes(n, v, **options)
+    dev = hidden.device
+    g = torch.where(targets != ignore_index, grad_logp.float(), 0.0)
+    dh = torch.zeros(hidden.shape, dtype=torch.float32, device=dev) if need_h else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_w else None
+    db = torch.zeros(v, dtype=torch.float32, device=dev) if need_b else None
+    for i0 in range(0, n, tc):
+        h = hidden[i0:i0 + tc]
+        hf = h.float() if h.device.type == "cpu" else h
+        t = targets[i0:i0 + tc]
+        gi = g[i0:i0 + tc].unsqueeze(1)
+        lse_i = lse[i0:i0 + tc].unsqueeze(1)
+        for v0 in range(0, v, vc):
+            w = weight[v0:v0 + vc]
+            z, th = _block(h, w, None if bias is None else bias[v0:v0 + vc], temperature, softcap)
+            cols = z.shape[1]
+            # dz = g (onehot - p), built in place in the block
+            da = z.sub_(lse_i).exp_().mul_(gi).neg_()
+            local = t - v0
+            here = (local >= 0) & (local < cols)
+            idx = local.clamp(0, cols - 1).unsqueeze(1)
+            da.scatter_add_(1, idx, torch.where(here, gi.squeeze(1), 0.0).unsqueeze(1))
+            if softcap is not None:
+                da.mul_(th.square_().neg_().add_(1.0))
+            if temperature != 1.0:
+                da.div_(temperature)
+            if need_h:
+                dh[i0:i0 + tc] += _mm(da, w)
+            if need_w:
+                dw[v0:v0 + vc] += _mm(da.t(), hf)
+            if need_b:
+                db[v0:v0 + vc] += da.sum(0)
+    return (None if dh is None else dh.to(hidden.dtype),
+            None if dw is None else dw.to(weight.dtype),
+            None if db is None else db.to(bias.dtype))
