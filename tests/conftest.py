@@ -1,0 +1,79 @@
+"""Shared fixtures: every test of a public function runs on every available backend through the
+``backend`` fixture, and compares against the float64 reference with the flash-attn rule
+
+    |ours - truth| <= 2 * |reference in the same dtype - truth| + atol
+
+where ``truth`` is ``spot_kernels.reference`` in float64 on the same (rounded) inputs.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import spot_kernels as sk
+from spot_kernels import _registry, reference
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 4e-3, torch.float16: 1e-3, torch.float64: 1e-10}
+
+
+def interpreted(backend, device):
+    """True when ``backend`` runs through Triton's (slow) CPU interpreter: keep shapes small."""
+    return backend == "triton" and torch.device(device).type == "cpu"
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture(params=list(_registry.NAMES))
+def backend(request, device):
+    ok, why = _registry.availability(request.param, device)
+    if not ok:
+        pytest.skip(f"backend {request.param} on {device}: {why}")
+    return request.param
+
+
+def assert_close(ours, same_dtype, truth, dtype, name="value", atol=None):
+    """The tolerance rule. ``same_dtype`` is the reference computed in the inputs' dtype."""
+    ours, same_dtype, truth = (x.detach().double().cpu() for x in (ours, same_dtype, truth))
+    assert ours.shape == truth.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(truth.shape)}"
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+    scale = max(1.0, truth.abs().max().item()) if truth.numel() else 1.0
+    bound = 2 * (same_dtype - truth).abs() + (ATOL[dtype] if atol is None else atol) * scale
+    err = (ours - truth).abs()
+    if err.numel() and not bool((err <= bound).all()):
+        i = int(torch.argmax(err - bound))
+        raise AssertionError(f"{name}: |ours - truth| = {err.flatten()[i]:.3e} exceeds bound "
+                             f"{bound.flatten()[i]:.3e} at flat index {i} (max err "
+                             f"{err.max():.3e}, dtype {dtype})")
+
+
+def make_head(n, d, v, dtype, device, *, bias=False, ignore_frac=0.2, scale=1.0, seed=0):
+    """Fresh random ``hidden [n, d]``, ``weight [v, d]``, ``bias [v]`` and targets with some
+    ignored tokens. ``scale`` multiplies the logits' typical size."""
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(n, d, generator=g) * scale / d**0.25).to(dtype).to(device)
+    w = (torch.randn(v, d, generator=g) / d**0.25).to(dtype).to(device)
+    b = (torch.randn(v, generator=g)).to(dtype).to(device) if bias else None
+    t = torch.randint(0, v, (n,), generator=g)
+    t[torch.rand(n, generator=g) < ignore_frac] = -100
+    return h, w, b, t.to(device)
+
+
+def references(h, w, t, b=None, **kw):
+    """``(truth, same_dtype)`` log-probs and gradients of ``sum(logp * gout)`` w.r.t. inputs."""
+    g = torch.Generator().manual_seed(123)
+    gout = torch.randn(t.shape, generator=g, dtype=torch.float64).to(h.device)
+    out = {}
+    for key, cd in (("truth", torch.float64), ("same", None)):
+        leaves = [x.detach().clone().requires_grad_() for x in (h, w)]
+        bb = None if b is None else b.detach().clone().requires_grad_()
+        logp = reference.token_logprobs(leaves[0], leaves[1], t, bb, compute_dtype=cd, **kw)
+        grads = torch.autograd.grad((logp.double() * gout).sum(),
+                                    leaves + ([bb] if bb is not None else []), allow_unused=True)
+        out[key] = (logp, grads)
+    return out["truth"], out["same"], gout
