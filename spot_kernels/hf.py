@@ -1,0 +1,320 @@
+"""Hugging Face ``transformers`` causal LMs without their logits.
+
+A causal LM is ``logits = head(body(input_ids))``. Every fused call in this package wants the
+body's last hidden states and the head's parameters instead of the logits, so this module runs
+the body only and hands back what the head would have used::
+
+    from spot_kernels import hf
+    hi = hf.head_inputs(model, input_ids, attention_mask=mask)     # padded batch
+    hi = hf.head_inputs(model, packed_ids, cu_seqlens=cu)          # packed: [1, N] or [N]
+    hi.hidden   # [B, L, D] after the final norm      hi.weight  # [V, D]   hi.bias  # [V] | None
+    hi.softcap  # Gemma-2/3 final_logit_softcapping or None
+    hi.temperature  # 1, or the divisor a config applies to its logits (Granite, Cohere)
+    logp = sk.token_logprobs(hi.hidden, hi.weight, targets, **hi.head_kwargs())
+
+    lp = hf.completion_logprobs(model, input_ids, attention_mask=mask, prompt_lengths=plen)  # [B]
+
+``head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None, cu_seqlens=None,
+inputs_embeds=None, **model_kwargs) -> HeadInputs(hidden, weight, bias, softcap, temperature)``
+
+``completion_logprobs(model, input_ids, *, attention_mask=None, completion_mask=None,
+prompt_lengths=None, position_ids=None, cu_seqlens=None, average=False, backend="auto",
+backend_options=None) -> Tensor [S]`` with ``S`` = rows (padded) or packed sequences.
+
+Batches
+-------
+* **Padded** ``[B, L]`` with ``attention_mask`` (left or right padding). Without ``position_ids``
+  the positions are ``cumsum(mask) - 1``, so a left-padded row sees the same positions as the
+  sequence run alone.
+* **Packed** several sequences per row, delimited by ``cu_seqlens`` (``[S + 1]``, flash-attn
+  convention, for a single row ``[1, N]`` or ``[N]``) or by ``position_ids`` restarting at each
+  sequence. Packed sequences never attend to each other:
+  - flash-attention (``attn_implementation="flash_attention_2/3"``): transformers runs the varlen
+    kernel from the restarting ``position_ids``;
+  - SDPA / eager / flex with a transformers that detects packing from ``position_ids``
+    (``masking_utils.find_packed_sequence_indices``, transformers >= 4.56): it builds the
+    block-diagonal causal mask itself (sliding windows included);
+  - otherwise (older transformers, or packing *and* an ``attention_mask`` in one call) this module
+    builds a 4-D additive block-diagonal causal mask ``[B, 1, L, L]`` (``0`` where a query may see
+    a key, the dtype's minimum elsewhere; every query sees itself, so no row is empty and padding
+    never makes NaNs). A sliding window shorter than the longest sequence cannot be expressed in
+    that single mask and raises ``ValueError``.
+
+Shifting: the hidden state at token ``i`` predicts token ``i + 1``. ``completion_logprobs``
+scores token ``i + 1`` from hidden ``i`` only when both are in the same sequence, token ``i + 1``
+is attended (``attention_mask``) and is a completion token (``completion_mask`` or position
+``>= prompt_lengths``). Only those rows of the hidden states go through the fused head, so prompt
+tokens cost no head FLOPs at all. Gradients flow to the model's parameters as usual.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import functional as F
+
+__all__ = ["HeadInputs", "head_inputs", "completion_logprobs", "lm_head"]
+
+
+@dataclass
+class HeadInputs:
+    """What the LM head would consume: ``logits = softcap(hidden @ weight.T + bias) / temperature``."""
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    softcap: float | None
+    temperature: float = 1.0
+
+    def head_kwargs(self):
+        """``bias``, ``softcap`` and ``temperature`` as keyword arguments of ``token_logprobs``
+        and ``spot_loss``."""
+        return dict(bias=self.bias, softcap=self.softcap, temperature=self.temperature)
+
+
+def _unwrap(model):
+    """The ``PreTrainedModel`` under PEFT / DDP-style wrappers."""
+    for _ in range(4):
+        if hasattr(model, "get_output_embeddings") and hasattr(model, "config"):
+            return model
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "module"):
+            model = model.module
+        else:
+            break
+    raise TypeError(f"model must be a transformers causal LM (PreTrainedModel with an LM head), "
+                    f"got {type(model).__name__}")
+
+
+def _body(model):
+    body = None
+    if hasattr(model, "get_decoder"):
+        try:
+            body = model.get_decoder()
+        except (AttributeError, NotImplementedError):
+            body = None
+    if body is None:
+        body = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if body is None or body is model:
+        raise TypeError(f"model: cannot find the decoder body of {type(model).__name__}")
+    return body
+
+
+def _text_config(model):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def lm_head(model):
+    """``(weight [V, D], bias [V] | None, softcap | None, temperature)`` of a causal LM's head."""
+    model = _unwrap(model)
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise TypeError(f"model: {type(model).__name__} has no LM head (get_output_embeddings)")
+    cfg = _text_config(model)
+    softcap = getattr(cfg, "final_logit_softcapping", None) or None
+    temperature = 1.0
+    scaling = getattr(cfg, "logits_scaling", None)      # Granite: logits / logits_scaling
+    scale = getattr(cfg, "logit_scale", None)            # Cohere: logits * logit_scale
+    if scaling not in (None, 1, 1.0):
+        temperature = float(scaling)
+    elif scale not in (None, 1, 1.0):
+        temperature = 1.0 / float(scale)
+    if softcap is not None and temperature != 1.0:
+        raise ValueError("model: a config with both a logit softcap and a logit scale is not "
+                         "supported (the order of the two is model-specific)")
+    return head.weight, getattr(head, "bias", None), (None if softcap is None else float(softcap)), temperature
+
+
+def _positions_from_cu(cu, n, device):
+    cu = cu.to(device=device, dtype=torch.long)
+    lengths = cu[1:] - cu[:-1]
+    starts = torch.repeat_interleave(cu[:-1], lengths)
+    return (torch.arange(n, device=device) - starts).unsqueeze(0)
+
+
+def _segment_ids(position_ids):
+    """Sequence index of each token, per row: a new sequence starts where positions do not
+    continue by +1 (the convention of flash-attn varlen and transformers' packing detection)."""
+    first = position_ids[:, :1] - 1
+    return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+
+
+def _transformers_detects_packing():
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        return False
+    return hasattr(masking_utils, "find_packed_sequence_indices")
+
+
+def _block_causal_mask(seg, attention_mask, dtype, window=None):
+    """Additive ``[B, 1, L, L]`` mask: query ``i`` sees key ``j`` iff ``j <= i``, same sequence,
+    key attended (and ``i - j < window``); every query sees itself."""
+    length = seg.shape[-1]
+    idx = torch.arange(length, device=seg.device)
+    ok = (idx[None, :] <= idx[:, None]).unsqueeze(0) & (seg[:, :, None] == seg[:, None, :])
+    if window is not None:
+        ok &= (idx[:, None] - idx[None, :] < window).unsqueeze(0)
+    if attention_mask is not None:
+        ok &= attention_mask.bool()[:, None, :]
+    ok |= torch.eye(length, dtype=torch.bool, device=seg.device).unsqueeze(0)
+    mask = torch.zeros(ok.shape, dtype=dtype, device=seg.device)
+    mask.masked_fill_(~ok, torch.finfo(dtype).min)
+    return mask.unsqueeze(1)
+
+
+def _prepare(model, input_ids, inputs_embeds, attention_mask, position_ids, cu_seqlens):
+    """Normalises the batch to ``[B, L]``; returns ``(ids, embeds, mask, pos, seg, packed)``."""
+    x = input_ids if input_ids is not None else inputs_embeds
+    if x is None:
+        raise ValueError("input_ids: give input_ids or inputs_embeds")
+    if input_ids is not None and inputs_embeds is not None:
+        raise ValueError("input_ids: give input_ids or inputs_embeds, not both")
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point():
+            raise TypeError("input_ids must be an integer torch.Tensor")
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, L] or [N], got {tuple(input_ids.shape)}")
+        b, length = input_ids.shape
+        device = input_ids.device
+    else:
+        if inputs_embeds.dim() == 2:
+            inputs_embeds = inputs_embeds.unsqueeze(0)
+        b, length = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+    if attention_mask is not None:
+        if attention_mask.dim() == 1:
+            attention_mask = attention_mask.unsqueeze(0)
+        if tuple(attention_mask.shape) != (b, length):
+            raise ValueError(f"attention_mask must have shape {(b, length)}, got "
+                             f"{tuple(attention_mask.shape)}")
+    if cu_seqlens is not None:
+        if b != 1:
+            raise ValueError(f"cu_seqlens: packed input must be one row [1, N] or [N], got "
+                             f"{b} rows")
+        from . import _checks
+        _checks.cu_seqlens(cu_seqlens, length, cu_seqlens.device)
+        if position_ids is None:
+            position_ids = _positions_from_cu(cu_seqlens, length, device)
+        seg = torch.repeat_interleave(torch.arange(cu_seqlens.numel() - 1, device=device),
+                                      (cu_seqlens[1:] - cu_seqlens[:-1]).to(device).long())
+        seg = seg.unsqueeze(0)
+        packed = True
+    elif position_ids is not None:
+        if position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0)
+        if position_ids.shape[-1] != length:
+            raise ValueError(f"position_ids must have {length} positions per row, got "
+                             f"{tuple(position_ids.shape)}")
+        position_ids = position_ids.expand(b, -1)
+        seg = _segment_ids(position_ids)
+        packed = bool((seg[:, -1] > 0).any())
+    else:
+        if attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        else:
+            position_ids = torch.arange(length, device=device).unsqueeze(0).expand(b, -1)
+        seg = torch.zeros(b, length, dtype=torch.long, device=device)
+        packed = False
+    return input_ids, inputs_embeds, attention_mask, position_ids.to(device), seg, packed
+
+
+def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None, cu_seqlens=None,
+                inputs_embeds=None, **model_kwargs):
+    """Runs ``model``'s body (not its head); returns :class:`HeadInputs`.
+
+    ``hidden`` is ``[B, L, D]`` (``[1, N, D]`` for packed ``[N]`` input), the final norm applied,
+    exactly what the LM head would multiply. ``model_kwargs`` go to the body (``use_cache`` is
+    forced off). See the module docstring for padded and packed batches.
+    """
+    model = _unwrap(model)
+    ids, embeds, mask, pos, seg, packed = _prepare(model, input_ids, inputs_embeds,
+                                                   attention_mask, position_ids, cu_seqlens)
+    body = _body(model)
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if packed and not impl.startswith("flash") and (mask is not None
+                                                   or not _transformers_detects_packing()):
+        cfg = _text_config(model)
+        window = getattr(cfg, "sliding_window", None)
+        longest = int(torch.bincount((seg + seg.shape[-1] * torch.arange(
+            seg.shape[0], device=seg.device)[:, None]).flatten()).max())
+        if window is not None and window < longest:
+            raise ValueError(f"attention_mask: packing with a padding mask needs a 4-D mask that "
+                             f"cannot express the sliding window ({window}) shorter than the "
+                             f"longest sequence ({longest}); drop the padding or pack shorter")
+        dtype = embeds.dtype if embeds is not None else model.get_input_embeddings().weight.dtype
+        mask = _block_causal_mask(seg, mask, dtype)
+    elif packed:
+        mask = None  # transformers (or flash varlen) derives the block-diagonal mask from positions
+    model_kwargs.setdefault("use_cache", False)
+    out = body(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+               **model_kwargs)
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    weight, bias, softcap, temperature = lm_head(model)
+    return HeadInputs(hidden, weight, bias, softcap, temperature)
+
+
+def _completion_targets(ids, mask, seg, completion_mask, prompt_lengths):
+    """``(rows, targets, seq)``: for every scored position ``i`` (flat index into ``[B*L]``),
+    its target ``ids[i + 1]`` and global sequence number."""
+    b, length = ids.shape
+    count = torch.ones_like(ids, dtype=torch.bool)
+    if mask is not None:
+        count &= mask.bool()
+    if completion_mask is not None:
+        if completion_mask.dim() == 1:
+            completion_mask = completion_mask.unsqueeze(0)
+        if tuple(completion_mask.shape) != (b, length):
+            raise ValueError(f"completion_mask must have input_ids' shape {(b, length)}, got "
+                             f"{tuple(completion_mask.shape)}")
+        count &= completion_mask.bool()
+    if prompt_lengths is not None:
+        plen = torch.as_tensor(prompt_lengths, device=ids.device).reshape(-1)
+        if seg[:, -1].max() > 0:
+            raise ValueError("prompt_lengths: packed batches need completion_mask instead")
+        if plen.numel() != b:
+            raise ValueError(f"prompt_lengths must have one entry per row ({b}), got {plen.numel()}")
+        pos = torch.arange(length, device=ids.device)[None, :]
+        if mask is not None:  # left padding: prompt length counts attended tokens only
+            pos = mask.long().cumsum(-1) - 1
+        count &= pos >= plen[:, None]
+    # score position i with target i+1 when both are in one sequence and i+1 counts
+    scored = torch.zeros_like(count)
+    scored[:, :-1] = count[:, 1:] & (seg[:, 1:] == seg[:, :-1])
+    targets = torch.zeros_like(ids)
+    targets[:, :-1] = ids[:, 1:]
+    # global sequence number, row-major
+    per_row = seg[:, -1] + 1
+    offset = torch.cumsum(per_row, 0) - per_row
+    gseq = seg + offset[:, None]
+    rows = scored.flatten().nonzero().squeeze(-1)
+    return rows, targets.flatten()[rows], gseq.flatten()[rows], int(per_row.sum())
+
+
+def completion_logprobs(model, input_ids, *, attention_mask=None, completion_mask=None,
+                        prompt_lengths=None, position_ids=None, cu_seqlens=None, average=False,
+                        backend="auto", backend_options=None, **model_kwargs):
+    """Per-sequence ``sum`` (or ``average=True``: mean) of ``log p(completion token)`` -> float32 ``[S]``.
+
+    Prompt tokens are masked by ``completion_mask`` (1 = completion token, ``input_ids``' shape)
+    or ``prompt_lengths`` (``[B]``, padded batches; counted in attended tokens). With neither,
+    every attended token after the first of its sequence counts. ``S`` is ``B`` for a padded batch
+    and the number of packed sequences (row-major) for a packed one. Uses the fused head: no
+    ``[tokens x vocab]`` logits, and prompt positions never reach the head.
+    """
+    hi = head_inputs(model, input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     cu_seqlens=cu_seqlens, **model_kwargs)
+    ids, _, mask, _, seg, _ = _prepare(model, input_ids, None, attention_mask, position_ids,
+                                       cu_seqlens)
+    rows, targets, seq, s = _completion_targets(ids, mask, seg, completion_mask, prompt_lengths)
+    hidden = hi.hidden.reshape(-1, hi.hidden.shape[-1]).index_select(0, rows)
+    logp = F.token_logprobs(hidden, hi.weight, targets, backend=backend,
+                            backend_options=backend_options, **hi.head_kwargs())
+    counts = torch.bincount(seq, minlength=s)
+    cu = torch.zeros(s + 1, dtype=torch.long, device=logp.device)
+    cu[1:] = torch.cumsum(counts, 0)
+    return F.sequence_logprobs(logp, cu, average=average)
