@@ -1,0 +1,184 @@
+"""Answer checking for the rectification pipeline: is a response's final answer the ground truth?
+
+Two checkers behind one function, :func:`check_answer`:
+
+* ``math-verify`` (HuggingFace's parser + sympy grader) when it is installed: it extracts the answer
+  from the whole response (a ``\\boxed{}`` first) and compares expressions symbolically.
+* a dependency-free fallback: the answer is the content of the *last* ``\\boxed{...}`` (nested
+  braces matched), both sides are normalised (spaces, ``$``, ``\\left``/``\\right``,
+  ``\\dfrac``/``\\tfrac`` -> ``\\frac``, trailing ``.``, ``\\text{}`` units, ``^\\circ``, ``\\%``,
+  a leading ``x =``) and compared as strings, then as exact rationals (``0.5 == 1/2 == \\frac12``,
+  ``1,000 == 1000``), then element-wise for comma-separated tuples.
+
+The ground truth may be a bare answer (``"1/2"``) or a full solution; a solution's last
+``\\boxed{}`` is its answer. math-verify's timeouts use ``signal.alarm``, which only works in the
+main thread, so off the main thread it runs without one (the pipeline verifies in the main thread).
+"""
+from __future__ import annotations
+
+import re
+import threading
+from fractions import Fraction
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
+
+
+def extract_boxed(text):
+    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` in ``text`` (nested braces matched),
+    also ``\\boxed 5``; ``None`` when there is none or its braces never close."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    for m in reversed(list(_BOXED.finditer(text))):
+        i = m.end()
+        if i < len(text) and text[i] == "{":
+            depth = 0
+            for j in range(i, len(text)):
+                if text[j] == "{" and text[j - 1] != "\\":
+                    depth += 1
+                elif text[j] == "}" and text[j - 1] != "\\":
+                    depth -= 1
+                    if depth == 0:
+                        return text[i + 1:j].strip()
+            continue  # unbalanced: try an earlier one
+        tail = re.match(r"([^\s$]+)", text[i:])  # \boxed 5
+        if tail:
+            return tail.group(1).rstrip(".")
+    return None
+
+
+def ground_truth_answer(gt):
+    """The answer inside a ground-truth field: its last ``\\boxed{}`` when it has one, else the
+    whole (stripped) string. Numbers are accepted and converted."""
+    if isinstance(gt, (int, float)) and not isinstance(gt, bool):
+        return str(gt)
+    if not isinstance(gt, str):
+        raise TypeError(f"ground truth must be a str or a number, got {type(gt).__name__}")
+    boxed = extract_boxed(gt)
+    return boxed if boxed is not None else gt.strip()
+
+
+def _strip_text_groups(s):
+    """``\\text{...}``/``\\mbox{...}``/``\\mathrm{...}``: drop them when something else remains
+    (units such as ``5\\text{ cm}``), otherwise keep their content (``\\text{yes}`` -> ``yes``)."""
+    pat = re.compile(r"\\(?:text|textbf|mbox|mathrm|textrm)\s*\{([^{}]*)\}")
+    without = pat.sub("", s).strip()
+    return without if without else pat.sub(lambda m: m.group(1), s)
+
+
+def normalize(ans):
+    """A canonical string form of an answer (see the module docstring)."""
+    s = ans.strip()
+    s = s.replace("$", "")
+    s = re.sub(r"\\(?:left|right)\s*", "", s)
+    s = re.sub(r"\\[dt]frac", r"\\frac", s)
+    s = re.sub(r"\\(?:displaystyle|!|,|;|:|quad|qquad)", "", s)
+    s = s.replace("\\ ", "").replace("~", "")
+    s = re.sub(r"\^\s*\{?\\circ\}?", "", s).replace("°", "")
+    s = s.replace("\\%", "").replace("%", "")
+    s = _strip_text_groups(s)
+    s = re.sub(r"\s+", "", s)
+    s = s.rstrip(".").rstrip("\\")
+    s = re.sub(r"^[a-zA-Z]\w*=(?!=)", "", s)  # "x=5" -> "5"
+    # \frac12 and \frac{1}2 -> \frac{1}{2}
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
+    if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?", s):
+        s = s.replace(",", "")
+    return s
+
+
+def to_number(s):
+    """An exact ``Fraction`` for a normalised numeric answer (``-3``, ``0.25``, ``1/4``,
+    ``\\frac{1}{4}``, ``-\\frac{1}{4}``, ``1e-3``), else ``None``."""
+    m = re.fullmatch(r"([-+]?)\\frac\{([^{}]+)\}\{([^{}]+)\}", s)
+    if m:
+        num, den = to_number(m.group(2)), to_number(m.group(3))
+        if num is None or den is None or den == 0:
+            return None
+        return -num / den if m.group(1) == "-" else num / den
+    m = re.fullmatch(r"([-+]?\d+(?:\.\d+)?)/([-+]?\d+(?:\.\d+)?)", s)
+    if m:
+        den = Fraction(m.group(2))
+        return None if den == 0 else Fraction(m.group(1)) / den
+    if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", s):
+        return Fraction(s)
+    return None
+
+
+def _split_top(s):
+    """Split on commas that are not inside brackets or braces."""
+    parts, depth, cur = [], 0, []
+    for ch in s:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return parts
+
+
+def answers_equal(a, b):
+    """Fallback comparison of two extracted answers (strings)."""
+    na, nb = normalize(a), normalize(b)
+    if not na or not nb:
+        return False
+    if na == nb:
+        return True
+    xa, xb = to_number(na), to_number(nb)
+    if xa is not None and xb is not None:
+        return xa == xb
+    pa, pb = _split_top(na.strip("()[]{}")), _split_top(nb.strip("()[]{}"))
+    if len(pa) > 1 and len(pa) == len(pb) and na[:1] == nb[:1]:
+        return all(answers_equal(x, y) for x, y in zip(pa, pb))
+    return False
+
+
+def _math_verify():
+    try:
+        import math_verify
+        return math_verify
+    except ImportError:
+        return None
+
+
+def checker_name(checker="auto"):
+    """The checker ``check_answer`` uses: ``"math-verify"`` or ``"fallback"``."""
+    if checker not in ("auto", "math-verify", "fallback"):
+        raise ValueError(f"checker must be 'auto', 'math-verify' or 'fallback', got {checker!r}")
+    if checker == "auto":
+        return "math-verify" if _math_verify() is not None else "fallback"
+    if checker == "math-verify" and _math_verify() is None:
+        raise ValueError("checker='math-verify' but math-verify is not installed "
+                         "(pip install math-verify)")
+    return checker
+
+
+def check_answer(response, ground_truth, *, checker="auto"):
+    """True when the final answer in ``response`` equals ``ground_truth``.
+
+    ``checker``: ``"auto"`` (math-verify when installed), ``"math-verify"`` or ``"fallback"``.
+    A response without an extractable answer is wrong, never guessed.
+    """
+    if not isinstance(response, str):
+        raise TypeError(f"response must be a str, got {type(response).__name__}")
+    gt = ground_truth_answer(ground_truth)
+    name = checker_name(checker)
+    if name == "fallback":
+        pred = extract_boxed(response)
+        return pred is not None and answers_equal(pred, gt)
+    mv = _math_verify()
+    main = threading.current_thread() is threading.main_thread()
+    tmo = 5 if main else None
+    gold = mv.parse(f"\\boxed{{{gt}}}", parsing_timeout=tmo)
+    if not gold:  # not LaTeX math: compare as a plain answer
+        pred = extract_boxed(response)
+        return pred is not None and answers_equal(pred, gt)
+    pred = mv.parse(response, parsing_timeout=tmo)
+    if not pred:
+        return False
+    return bool(mv.verify(gold, pred, timeout_seconds=tmo))

@@ -1,0 +1,105 @@
+"""Answer checking: table-driven, for the fallback and (when installed) math-verify."""
+import pytest
+
+from spot.rectify import answers as A
+
+CHECKERS = ["fallback"] + (["math-verify"] if A._math_verify() is not None else [])
+
+# (response, ground truth, expected): rows both checkers must agree on.
+TABLE = [
+    (r"so \boxed{5}", "5", True),
+    (r"so \boxed{5}", "6", False),
+    (r"\boxed{0.5}", "1/2", True),
+    (r"\boxed{\frac{1}{2}}", "0.5", True),
+    (r"\boxed{\dfrac{1}{2}}", r"\frac{1}{2}", True),
+    (r"\boxed{\frac12}", "1/2", True),
+    (r"\boxed{-\frac{3}{4}}", "-0.75", True),
+    (r"\boxed{\frac{3}{4}}", "-0.75", False),
+    (r"first \boxed{3} then fixed: \boxed{4}", "4", True),
+    (r"first \boxed{4} then fixed: \boxed{3}", "4", False),
+    (r"\boxed{\frac{\sqrt{2}}{2}}", r"\frac{\sqrt{2}}{2}", True),
+    (r"\boxed{\left( 1, 2 \right)}", "(1,2)", True),
+    (r"\boxed{(1, 2)}", "(2,1)", False),
+    (r"$\boxed{12}$.", "12", True),
+    (r"\boxed{5\text{ cm}}", "5", True),
+    (r"\boxed{90^\circ}", "90", True),
+    (r"\boxed{1,000}", "1000", True),
+    (r"\boxed{x = 7}", "7", True),
+    ("no boxed answer here, it is 5", r"\boxed{6}", False),
+    (r"\boxed{2}", r"The solution ... hence \boxed{2}.", True),
+    (r"\boxed{2}", 2, True),
+    (r"\boxed{2.0}", "2", True),
+    (r"\boxed{\{1, 2\}}", r"\{1,2\}", True),
+]
+
+
+# Rows where the checkers differ: (response, ground truth, fallback, math-verify).
+DIFFERENT = [
+    (r"\boxed{12.}", "12", True, False),           # the fallback drops a trailing period
+    (r"\boxed{\sqrt{4}}", "2", False, True),       # only sympy evaluates
+    (r"\boxed{2x + x}", "3x", False, True),
+]
+
+
+@pytest.mark.parametrize("checker", CHECKERS)
+@pytest.mark.parametrize("response,gt,expected", TABLE)
+def test_check_answer_table(checker, response, gt, expected):
+    assert A.check_answer(response, gt, checker=checker) is expected
+
+
+@pytest.mark.parametrize("checker", CHECKERS)
+@pytest.mark.parametrize("response,gt,fallback,mathverify", DIFFERENT)
+def test_check_answer_checker_specific(checker, response, gt, fallback, mathverify):
+    expected = fallback if checker == "fallback" else mathverify
+    assert A.check_answer(response, gt, checker=checker) is expected
+
+
+def test_auto_checker_matches_installation():
+    assert A.checker_name() == ("math-verify" if len(CHECKERS) == 2 else "fallback")
+
+
+@pytest.mark.parametrize("text,expected", [
+    (r"\boxed{a}", "a"),
+    (r"x \boxed{\frac{1}{2}} y \boxed{\frac{\sqrt{3}}{2}} z", r"\frac{\sqrt{3}}{2}"),
+    (r"\boxed{ {a}{b}{ {c} } }", "{a}{b}{ {c} }"),
+    (r"\boxed{\{1\}}", r"\{1\}"),
+    (r"\fbox{7}", "7"),
+    (r"\boxed 5.", "5"),
+    (r"\boxed{3} and a broken \boxed{4", "3"),
+    ("nothing", None),
+    ("", None),
+])
+def test_extract_boxed(text, expected):
+    assert A.extract_boxed(text) == expected
+
+
+@pytest.mark.parametrize("a,b,expected", [
+    ("0.5", "1/2", True), (r"\frac{1}{2}", "0.50", True), ("1e-3", "1/1000", True),
+    ("3", "3.0001", False), ("a", "b", False), ("", "", False), (r"\text{yes}", "yes", True),
+    ("50\\%", "50", True), (r"\$5", "5", False),
+])
+def test_answers_equal(a, b, expected):
+    assert A.answers_equal(a, b) is expected
+
+
+def test_fallback_is_exact_on_random_fractions():
+    import random
+    from fractions import Fraction
+    rng = random.Random(0)
+    for _ in range(200):
+        p, q = rng.randint(-50, 50), rng.randint(1, 20)
+        f = Fraction(p, q)
+        dec = f"{float(f):.10f}".rstrip("0").rstrip(".")
+        exact = f.denominator in (1, 2, 4, 5, 8, 10, 16, 20)  # terminating within 10 digits
+        assert A.answers_equal(f"\\frac{{{p}}}{{{q}}}", dec) is exact
+        assert A.answers_equal(f"{p}/{q}", f"\\frac{{{p}}}{{{q}}}")
+        assert not A.answers_equal(f"{p}/{q}", f"{p + 1}/{q}")
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="checker"):
+        A.check_answer(r"\boxed{1}", "1", checker="nope")
+    with pytest.raises(TypeError, match="response"):
+        A.check_answer(None, "1")
+    with pytest.raises(TypeError, match="ground truth"):
+        A.check_answer("x", None)
