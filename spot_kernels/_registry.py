@@ -35,6 +35,8 @@ def availability(name, device):
         mod = module(name)
     except ImportError as exc:  # a backend whose dependency is missing
         return False, f"cannot import {_MODULES[name]}: {exc}"
+    if not hasattr(mod, "available"):
+        return False, f"{_MODULES[name]} does not implement a backend"
     return mod.available(torch.device(device))
 
 

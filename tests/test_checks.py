@@ -1,0 +1,113 @@
+"""Bad input gets a clear TypeError/ValueError that names the argument (DESIGN.md section 2)."""
+import pytest
+import torch
+
+import spot_kernels as sk
+
+N, D, V = 6, 8, 11
+
+
+def head(**over):
+    g = torch.Generator().manual_seed(0)
+    kw = dict(hidden=torch.randn(N, D, generator=g), weight=torch.randn(V, D, generator=g),
+              targets=torch.randint(0, V, (N,), generator=g))
+    kw.update(over)
+    return kw
+
+
+def call_logprobs(**over):
+    kw = head(**over)
+    return sk.token_logprobs(kw.pop("hidden"), kw.pop("weight"), kw.pop("targets"), **kw)
+
+
+def call_sequence(**over):
+    kw = dict(token_logps=torch.randn(N), cu_seqlens=torch.tensor([0, 2, 6]))
+    kw.update(over)
+    return sk.sequence_logprobs(kw.pop("token_logps"), kw.pop("cu_seqlens"), **kw)
+
+
+def call_bce(**over):
+    kw = dict(policy_logps=torch.randn(4), ref_logps=torch.randn(4),
+              labels=torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    kw.update(over)
+    return sk.bce_reward_loss(kw.pop("policy_logps"), kw.pop("ref_logps"), kw.pop("labels"), **kw)
+
+
+def call_spot(**over):
+    kw = head()
+    kw.update(cu_seqlens=torch.tensor([0, 1, 3, 4, 6]), ref_logps=torch.randn(4),
+              labels=torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    kw.update(over)
+    return sk.spot_loss(kw.pop("hidden"), kw.pop("weight"), kw.pop("targets"),
+                        kw.pop("cu_seqlens"), kw.pop("ref_logps"), kw.pop("labels"), **kw)
+
+
+CASES = [
+    # token_logprobs
+    (call_logprobs, dict(hidden=[[1.0]]), TypeError, "hidden"),
+    (call_logprobs, dict(hidden=torch.randn(N, D).double()), TypeError, "hidden"),
+    (call_logprobs, dict(hidden=torch.randint(0, 3, (N, D))), TypeError, "hidden"),
+    (call_logprobs, dict(weight=torch.randn(V, D).half()), TypeError, "weight"),
+    (call_logprobs, dict(weight=torch.randn(V, D + 1)), ValueError, "hidden"),
+    (call_logprobs, dict(weight=torch.randn(V)), ValueError, "weight"),
+    (call_logprobs, dict(weight=torch.randn(0, D)), ValueError, "weight"),
+    (call_logprobs, dict(targets=torch.randn(N)), TypeError, "targets"),
+    (call_logprobs, dict(targets=torch.zeros(N + 1, dtype=torch.long)), ValueError, "targets"),
+    (call_logprobs, dict(targets=torch.full((N,), V)), ValueError, "targets"),
+    (call_logprobs, dict(targets=torch.full((N,), -1)), ValueError, "targets"),
+    (call_logprobs, dict(targets=torch.full((N,), -100), ignore_index=-1), ValueError, "targets"),
+    (call_logprobs, dict(bias=torch.randn(V + 1)), ValueError, "bias"),
+    (call_logprobs, dict(bias=torch.randn(V).double()), TypeError, "bias"),
+    (call_logprobs, dict(temperature=0.0), ValueError, "temperature"),
+    (call_logprobs, dict(temperature=float("nan")), ValueError, "temperature"),
+    (call_logprobs, dict(softcap=-1.0), ValueError, "softcap"),
+    (call_logprobs, dict(ignore_index=1.5), TypeError, "ignore_index"),
+    (call_logprobs, dict(backend="nope"), ValueError, "backend"),
+    (call_logprobs, dict(backend="torch", backend_options={"bogus": 1}), ValueError,
+     "backend_options"),
+    (call_logprobs, dict(backend="torch", backend_options={"token_chunk": 0}), ValueError,
+     "token_chunk"),
+    (call_logprobs, dict(hidden=torch.randn(N, D, device="meta")), ValueError, "device"),
+    # sequence_logprobs
+    (call_sequence, dict(cu_seqlens=torch.tensor([0.0, 6.0])), TypeError, "cu_seqlens"),
+    (call_sequence, dict(cu_seqlens=torch.tensor([1, 6])), ValueError, "cu_seqlens"),
+    (call_sequence, dict(cu_seqlens=torch.tensor([0, 5])), ValueError, "cu_seqlens"),
+    (call_sequence, dict(cu_seqlens=torch.tensor([0, 4, 2, 6])), ValueError, "cu_seqlens"),
+    (call_sequence, dict(cu_seqlens=torch.tensor([[0, 6]])), ValueError, "cu_seqlens"),
+    (call_sequence, dict(token_logps=torch.randn(N, 1)), ValueError, "token_logps"),
+    (call_sequence, dict(valid=torch.ones(N)), TypeError, "valid"),
+    (call_sequence, dict(valid=torch.ones(N + 1, dtype=torch.bool)), ValueError, "valid"),
+    # bce_reward_loss
+    (call_bce, dict(beta=0.0), ValueError, "beta"),
+    (call_bce, dict(beta=-0.1), ValueError, "beta"),
+    (call_bce, dict(labels=torch.tensor([1.0, 2.0, 0.0, 0.0])), ValueError, "labels"),
+    (call_bce, dict(labels=torch.tensor([1.0, -0.5, 0.0, 0.0])), ValueError, "labels"),
+    (call_bce, dict(labels=torch.tensor([1.0, 0.0])), ValueError, "labels"),
+    (call_bce, dict(ref_logps=torch.randn(3)), ValueError, "ref_logps"),
+    (call_bce, dict(reduction="avg"), ValueError, "reduction"),
+    (call_bce, dict(delta=float("inf")), ValueError, "delta"),
+    (call_bce, dict(delta=torch.zeros(2)), ValueError, "delta"),
+    (call_bce, dict(policy_logps=torch.randn(3), ref_logps=torch.randn(3),
+                    labels=torch.tensor([1.0, 0.0, 1.0])), ValueError, "pairs"),
+    # spot_loss
+    (call_spot, dict(cu_seqlens=torch.tensor([0, 1, 3, 4, 5])), ValueError, "cu_seqlens"),
+    (call_spot, dict(ref_logps=torch.randn(3)), ValueError, "ref_logps"),
+    (call_spot, dict(labels=torch.tensor([1.0, 1.0, 0.0, 3.0])), ValueError, "labels"),
+    (call_spot, dict(beta=0), ValueError, "beta"),
+    (call_spot, dict(targets=torch.full((N,), V + 3)), ValueError, "targets"),
+]
+
+
+@pytest.mark.parametrize("fn,over,exc,name", CASES,
+                         ids=[f"{c[0].__name__[5:]}-{c[3]}-{i}" for i, c in enumerate(CASES)])
+def test_bad_input_is_named(fn, over, exc, name):
+    with pytest.raises(exc) as info:
+        fn(**over)
+    assert name in str(info.value), f"message does not name {name!r}: {info.value}"
+
+
+def test_good_inputs_pass():
+    call_logprobs()
+    call_sequence()
+    call_bce()
+    call_spot()

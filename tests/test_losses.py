@@ -1,0 +1,135 @@
+"""Sequence sums and SPoT's BCE loss: against a Python loop, against TRL's ``bco_pair`` formula
+written out independently here, and ``spot_loss`` against the composition of the public parts."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import spot_kernels as sk
+from spot_kernels import reference
+from conftest import assert_close, make_head
+
+
+def random_cu(n, s, g):
+    cuts = torch.sort(torch.randint(0, n + 1, (s - 1,), generator=g)).values
+    return torch.cat([torch.tensor([0]), cuts, torch.tensor([n])])
+
+
+@pytest.mark.parametrize("average", [False, True])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_sequence_logprobs_against_loop(average, index_dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, generator=g, dtype=torch.float64, requires_grad=True)
+    cu = random_cu(50, 9, g).to(index_dtype)
+    cu[3] = cu[2]  # an empty sequence
+    valid = torch.rand(50, generator=g) > 0.3
+    valid[cu[4]:cu[5]] = False  # a sequence with no counted token
+    ours = sk.sequence_logprobs(x, cu, valid=valid, average=average)
+    expect = reference.sequence_logprobs(x, cu, valid, average)
+    assert ours.dtype == torch.float32 and torch.isfinite(ours).all()
+    torch.testing.assert_close(ours.double(), expect, rtol=1e-6, atol=1e-6)
+    w = torch.randn(9, generator=g, dtype=torch.float64)
+    (gx,) = torch.autograd.grad((ours.double() * w).sum(), x)
+    (ex,) = torch.autograd.grad((expect * w).sum(), x)
+    torch.testing.assert_close(gx, ex, rtol=1e-6, atol=1e-6)
+    assert sk.sequence_logprobs(x[:0], torch.tensor([0]), average=average).shape == (0,)
+
+
+def trl_bco_pair(pc, pr, rc, rr, beta, delta):
+    """TRL's bco_pair on a batch of pairs, written from its definition."""
+    chosen_rewards = beta * (pc - rc)
+    rejected_rewards = beta * (pr - rr)
+    losses = -F.logsigmoid(chosen_rewards - delta) - F.logsigmoid(-(rejected_rewards - delta))
+    stats = {
+        "rewards_chosen": chosen_rewards.mean(), "rewards_rejected": rejected_rewards.mean(),
+        "accuracy": (chosen_rewards > rejected_rewards).double().mean(),
+        "margin": (chosen_rewards - rejected_rewards).mean(),
+        "logps_chosen": pc.mean(), "logps_rejected": pr.mean(),
+        "reward_mean": torch.cat([chosen_rewards, rejected_rewards]).mean(),
+    }
+    return losses.mean(), stats
+
+
+@pytest.mark.parametrize("delta", [0.0, 0.37, "tensor"])
+def test_bce_matches_trl_bco_pair(delta):
+    g = torch.Generator().manual_seed(1)
+    p = 8
+    policy = (torch.randn(2 * p, generator=g, dtype=torch.float64) * 20 - 100).requires_grad_()
+    ref = policy.detach() + torch.randn(2 * p, generator=g, dtype=torch.float64) * 5
+    labels = torch.cat([torch.ones(p), torch.zeros(p)])
+    d = torch.tensor(-0.2) if delta == "tensor" else delta
+    loss, stats = sk.bce_reward_loss(policy, ref, labels, beta=0.1, delta=d)
+    expect, ex_stats = trl_bco_pair(policy[:p], policy[p:], ref[:p], ref[p:], 0.1, float(d))
+    torch.testing.assert_close(loss.double(), expect, rtol=1e-6, atol=1e-7)
+    (ours_g,) = torch.autograd.grad(loss, policy)
+    (trl_g,) = torch.autograd.grad(expect, policy)
+    torch.testing.assert_close(ours_g.double(), trl_g, rtol=1e-5, atol=1e-8)
+    # the closed form of DESIGN.md: dL/dpi = beta (sigmoid(u) - y) / K
+    u = 0.1 * (policy.detach() - ref) - float(d)
+    torch.testing.assert_close(ours_g.double(), 0.1 * (torch.sigmoid(u) - labels.double()) / p,
+                               rtol=1e-5, atol=1e-8)
+    for key, value in ex_stats.items():
+        torch.testing.assert_close(stats[key].double(), value.detach(), rtol=1e-5, atol=1e-6,
+                                   msg=key)
+    torch.testing.assert_close(stats["rewards"].double(), 0.1 * (policy.detach() - ref),
+                               rtol=1e-5, atol=1e-6)
+    sig = torch.sigmoid(u)
+    assert stats["saturated"].item() == pytest.approx(((sig < 0.01) | (sig > 0.99)).double().mean().item())
+    assert not any(v.requires_grad for v in stats.values())
+
+
+@pytest.mark.parametrize("reduction,k", [("pairs", 3.0), ("mean", 6.0), ("sum", 1.0)])
+def test_bce_reductions_and_soft_labels(reduction, k):
+    g = torch.Generator().manual_seed(2)
+    policy = torch.randn(6, generator=g, dtype=torch.float64) * 10
+    ref = torch.randn(6, generator=g, dtype=torch.float64) * 10
+    labels = torch.rand(6, generator=g, dtype=torch.float64)
+    loss, _ = sk.bce_reward_loss(policy, ref, labels, beta=0.5, delta=0.1, reduction=reduction)
+    u = 0.5 * (policy - ref) - 0.1
+    expect = F.binary_cross_entropy_with_logits(u, labels, reduction="sum") / k
+    torch.testing.assert_close(loss.double(), expect, rtol=1e-6, atol=1e-7)
+
+
+def test_bce_empty_batch_and_saturation():
+    loss, stats = sk.bce_reward_loss(torch.zeros(0), torch.zeros(0), torch.zeros(0))
+    assert loss.item() == 0.0
+    # huge margins saturate the sigmoid without overflowing the loss
+    loss, stats = sk.bce_reward_loss(torch.tensor([1e5, -1e5]), torch.zeros(2),
+                                     torch.tensor([0.0, 1.0]))
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(2e4, rel=1e-6)
+    assert stats["saturated"].item() == 1.0
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_spot_loss_equals_composition(backend, device, average):
+    h, w, b, t = make_head(41, 24, 77, torch.float32, device, bias=True, scale=2.0, seed=11)
+    cu = torch.tensor([0, 7, 15, 30, 35, 41], device=device)
+    t[15:30] = -100  # one sequence with no counted token
+    ref = torch.randn(5, device=device) - 30
+    labels = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.5], device=device)
+    kw = dict(bias=b, temperature=0.9, softcap=10.0)
+    leaves = [h.clone().requires_grad_(), w.clone().requires_grad_()]
+    out = sk.spot_loss(*leaves, t, cu, ref, labels, beta=0.2, delta=0.05, average=average,
+                       reduction="mean", backend=backend, **kw)
+    grads = torch.autograd.grad(out.loss, leaves)
+    leaves2 = [h.clone().requires_grad_(), w.clone().requires_grad_()]
+    logp = sk.token_logprobs(*leaves2, t, backend=backend, **kw)
+    pi = sk.sequence_logprobs(logp, cu, valid=t != -100, average=average)
+    loss, stats = sk.bce_reward_loss(pi, ref, labels, beta=0.2, delta=0.05, reduction="mean")
+    grads2 = torch.autograd.grad(loss, leaves2)
+    torch.testing.assert_close(out.loss, loss)
+    torch.testing.assert_close(out.policy_logps, pi)
+    torch.testing.assert_close(out.rewards, stats["rewards"])
+    for a, c in zip(grads, grads2):
+        torch.testing.assert_close(a, c)
+    # and both against the float64 truth
+    leaves64 = [x.double().requires_grad_() for x in (h, w)]
+    logp64 = reference.token_logprobs(*leaves64, t, b.double(), temperature=0.9, softcap=10.0,
+                                      compute_dtype=torch.float64)
+    pi64 = reference.sequence_logprobs(logp64, cu, t != -100, average)
+    u = 0.2 * (pi64 - ref.double()) - 0.05
+    y = labels.double()
+    loss64 = (y * F.softplus(-u) + (1 - y) * F.softplus(u)).mean()
+    g64 = torch.autograd.grad(loss64, leaves64)
+    assert_close(out.loss, loss, loss64, torch.float32, "loss")
+    for name, a, tr in zip(("dh", "dW"), grads, g64):
+        assert_close(a, a, tr, torch.float32, name, atol=1e-5)

@@ -1,0 +1,84 @@
+"""The chunked torch backend's memory promise, watched op by op: no tensor it allocates in
+forward or backward is larger than one ``token_chunk x vocab_chunk`` block."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import spot_kernels as sk
+from spot_kernels import torch_backend
+from conftest import make_head
+
+
+class LargestOutput(TorchDispatchMode):
+    """Records the largest tensor any op returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.shape = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in tree_leaves(out):
+            if isinstance(x, torch.Tensor) and x.numel() > self.largest:
+                self.largest, self.shape = x.numel(), tuple(x.shape)
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_largest_tensor_is_one_block(dtype):
+    n, d, v = 512, 16, 4096
+    h, w, b, t = make_head(n, d, v, dtype, "cpu", bias=True)
+    h.requires_grad_()
+    w.requires_grad_()
+    opts = {"token_chunk": 128, "vocab_chunk": 512}
+    with LargestOutput() as mode:
+        logp = sk.token_logprobs(h, w, t, bias=b, backend="torch", softcap=5.0,
+                                 backend_options=opts)
+        logp.sum().backward()
+    block = 128 * 512
+    assert mode.largest <= max(block, v * d), (mode.largest, mode.shape)
+    assert mode.largest * 16 <= n * v  # a wide margin below the logits we avoid
+    # the same watcher sees the reference materialise them: the test can fail
+    with LargestOutput() as mode:
+        sk.token_logprobs(h, w, t, bias=b, backend="reference").sum().backward()
+    assert mode.largest >= n * v
+
+
+def test_default_block_is_about_64_mb():
+    for n, v in [(16384, 151936), (7, 151936), (100000, 50), (1, 1)]:
+        tc, vc = torch_backend.chunk_sizes(n, v)
+        assert tc * vc * 4 <= 64 * 2**20
+        assert tc <= max(n, 1) and vc <= max(v, 1)
+    tc, vc = torch_backend.chunk_sizes(16384, 151936)
+    assert tc * vc * 4 >= 32 * 2**20  # uses the budget, not a sliver of it
+    assert torch_backend.chunk_sizes(100, 1000, block_bytes=4000) == (1, 1000)
+    assert torch_backend.chunk_sizes(100, 1000, token_chunk=10) == (10, 1000)
+    assert torch_backend.chunk_sizes(100, 1000, vocab_chunk=10) == (100, 10)
+
+
+@pytest.mark.parametrize("opts", [{"token_chunk": 5}, {"vocab_chunk": 7}, {"block_bytes": 64},
+                                  {"token_chunk": 3, "vocab_chunk": 1000}])
+def test_chunking_does_not_change_results(opts):
+    h, w, b, t = make_head(19, 16, 53, torch.float32, "cpu", bias=True, seed=2)
+    leaves = [x.clone().requires_grad_() for x in (h, w, b)]
+    a = sk.token_logprobs(leaves[0], leaves[1], t, bias=leaves[2], backend="torch",
+                          temperature=0.7, softcap=4.0, backend_options=opts)
+    ga = torch.autograd.grad(a.sum(), leaves)
+    leaves2 = [x.clone().requires_grad_() for x in (h, w, b)]
+    c = sk.token_logprobs(leaves2[0], leaves2[1], t, bias=leaves2[2], backend="torch",
+                          temperature=0.7, softcap=4.0)
+    gc = torch.autograd.grad(c.sum(), leaves2)
+    torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+    for x, y in zip(ga, gc):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_head_and_no_grad():
+    h, w, _, t = make_head(11, 16, 30, torch.float32, "cpu")
+    h.requires_grad_()
+    logp = sk.token_logprobs(h, w, t, backend="torch")
+    (gh,) = torch.autograd.grad(logp.sum(), h)
+    assert gh.shape == h.shape and w.grad is None
+    with torch.no_grad():
+        assert sk.token_logprobs(h, w, t, backend="torch").grad_fn is None
