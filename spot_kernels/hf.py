@@ -48,6 +48,7 @@ tokens cost no head FLOPs at all. Gradients flow to the model's parameters as us
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -228,17 +229,20 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
     """Runs ``model``'s body (not its head); returns :class:`HeadInputs`.
 
     ``hidden`` is ``[B, L, D]`` (``[1, N, D]`` for packed ``[N]`` input), the final norm applied,
-    exactly what the LM head would multiply. ``model_kwargs`` go to the body (``use_cache`` is
-    forced off). See the module docstring for padded and packed batches.
+    exactly what the LM head would multiply. ``model_kwargs`` go to the model (``use_cache`` is
+    off unless given). When the model's ``forward`` takes ``logits_to_keep`` (transformers >= 4.50)
+    the *root* model runs with an empty ``logits_to_keep``, so wrappers' hooks (FSDP2's unshard,
+    DDP, PEFT) see an ordinary call and the head projects zero rows; otherwise the body runs
+    alone. See the module docstring for padded and packed batches.
     """
-    model = _unwrap(model)
-    ids, embeds, mask, pos, seg, packed = _prepare(model, input_ids, inputs_embeds,
+    inner = _unwrap(model)
+    ids, embeds, mask, pos, seg, packed = _prepare(inner, input_ids, inputs_embeds,
                                                    attention_mask, position_ids, cu_seqlens)
-    body = _body(model)
-    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    body = _body(inner)
+    impl = getattr(inner.config, "_attn_implementation", None) or "eager"
     if packed and not impl.startswith("flash") and (mask is not None
                                                    or not _transformers_detects_packing()):
-        cfg = _text_config(model)
+        cfg = _text_config(inner)
         window = getattr(cfg, "sliding_window", None)
         longest = int(torch.bincount((seg + seg.shape[-1] * torch.arange(
             seg.shape[0], device=seg.device)[:, None]).flatten()).max())
@@ -246,15 +250,28 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
             raise ValueError(f"attention_mask: packing with a padding mask needs a 4-D mask that "
                              f"cannot express the sliding window ({window}) shorter than the "
                              f"longest sequence ({longest}); drop the padding or pack shorter")
-        dtype = embeds.dtype if embeds is not None else model.get_input_embeddings().weight.dtype
+        dtype = embeds.dtype if embeds is not None else inner.get_input_embeddings().weight.dtype
         mask = _block_causal_mask(seg, mask, dtype)
     elif packed:
         mask = None  # transformers (or flash varlen) derives the block-diagonal mask from positions
     model_kwargs.setdefault("use_cache", False)
-    out = body(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
-               **model_kwargs)
+    kwargs = dict(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+                  **model_kwargs)
+    if "logits_to_keep" in inspect.signature(inner.forward).parameters:
+        # Run the root (wrapper hooks such as FSDP's unshard, DDP's and PEFT's see the call) but
+        # keep no logits at all: the head multiplies a [B, 0, D] slice. The body's output is
+        # caught by a hook on its way to the head.
+        caught = []
+        handle = body.register_forward_hook(lambda mod, args, out: caught.append(out))
+        try:
+            model(**kwargs, logits_to_keep=torch.empty(0, dtype=torch.long, device=pos.device))
+        finally:
+            handle.remove()
+        out = caught[-1]
+    else:
+        out = body(**kwargs)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-    weight, bias, softcap, temperature = lm_head(model)
+    weight, bias, softcap, temperature = lm_head(inner)
     return HeadInputs(hidden, weight, bias, softcap, temperature)
 
 
