@@ -1,0 +1,111 @@
+"""``spot`` command line: ``spot train``, ``spot demo`` and ``spot rectify``.
+
+``train`` flags mirror :class:`spot.config.TrainConfig` (help text from ``spot.config.HELP``);
+``--config FILE`` (YAML or JSON) sets any of them and flags given on the command line win.
+Bad input (a data record, a config value, a missing file) ends with one line on stderr,
+``spot: error: ...``, and exit status 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import HELP, ConfigError, load_file, make_config
+from .data import DataError
+
+TRAIN_FLAGS = {  # name -> (type, metavar); booleans are store_true / --no-... pairs
+    "model": (str, "PATH"), "data": (str, "FILE"), "output": (str, "DIR"),
+    "beta": (float, None), "delta": (str, "{running,zero,ema}"), "ema_alpha": (float, None),
+    "loss": (str, "{spot,dpo}"), "lr": (float, None), "weight_decay": (float, None),
+    "warmup_ratio": (float, None), "epochs": (int, None), "max_steps": (int, "N"),
+    "save_every": (int, "N"), "max_length": (int, None), "tokens_per_batch": (int, None),
+    "grad_accum": (int, None), "max_grad_norm": (float, None), "backend": (str, None),
+    "seed": (int, None), "log_every": (int, None), "cache_dir": (str, "DIR"),
+}
+BOOL_FLAGS = ("bf16", "gradient_checkpointing", "skip_bad", "resume", "trust_remote_code",
+              "progress")
+
+
+def add_train_parser(sub):
+    from .config import TrainConfig
+    defaults = TrainConfig()
+    p = sub.add_parser("train", help="train a model on (x, y-, y+) pairs with the SPoT loss",
+                       description="Train with SPoT's reward BCE (or DPO) on packed pairs; the "
+                                   "LM head's logits are never materialised.")
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (flags win)")
+    for name, (typ, metavar) in TRAIN_FLAGS.items():
+        default = getattr(defaults, name)
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, metavar=metavar,
+                       default=None, help=HELP[name] + ("" if default is None
+                                                        else f" (default {default})"))
+    for name in BOOL_FLAGS:
+        flag = "--" + name.replace("_", "-")
+        p.add_argument(flag, dest=name, action="store_true", default=None,
+                       help=HELP[name] + f" (default {'on' if getattr(defaults, name) else 'off'})")
+        p.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",
+                       help=argparse.SUPPRESS)
+    p.set_defaults(func=run_train)
+    return p
+
+
+def run_train(args):
+    from .train import train
+    values = load_file(args.config) if args.config else {}
+    overrides = {k: getattr(args, k) for k in list(TRAIN_FLAGS) + list(BOOL_FLAGS)}
+    cfg = make_config(values, overrides)
+    train(cfg)
+    return 0
+
+
+def add_demo_parser(sub):
+    p = sub.add_parser("demo", help="train a tiny Qwen3 on bundled pairs (CPU, about a minute)",
+                       description="The embedded default: a tiny random-init Qwen3, a download-free "
+                                   "tokenizer and bundled rectified arithmetic pairs; prints a "
+                                   "before/after table and writes a plot.")
+    p.add_argument("--output", default="runs/demo", metavar="DIR",
+                   help="output folder (default runs/demo)")
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="optimizer steps (default: the demo's own setting)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="hide the progress bar")
+    p.set_defaults(func=run_demo)
+    return p
+
+
+def run_demo(args):
+    from .demo import run
+    run(args.output, steps=args.steps, progress=args.progress)
+    return 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="spot", description="Surgical Post-Training (SPoT): "
+                                     "train, demo, and build rectified pairs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_train_parser(sub)
+    add_demo_parser(sub)
+    try:  # the data pipeline registers itself (another module; optional here)
+        from .rectify import cli as rectify_cli
+    except ImportError:
+        rectify_cli = None
+    if rectify_cli is not None and hasattr(rectify_cli, "add_parser"):
+        rectify_cli.add_parser(sub)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.func(args)
+    except (DataError, ConfigError, FileNotFoundError) as e:
+        print(f"spot: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("spot: interrupted", file=sys.stderr)
+        return 130
+    return code or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

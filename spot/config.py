@@ -1,0 +1,162 @@
+"""The trainer's one configuration dataclass, and loading it from a YAML / JSON file.
+
+Precedence: dataclass defaults < the ``--config`` file < command-line flags. Every field is
+documented once, in ``HELP``, which the CLI reuses for ``--help``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A bad configuration value or file; the CLI prints it on one line and exits non-zero."""
+
+
+@dataclass
+class TrainConfig:
+    model: str | None = None
+    data: str | None = None
+    output: str | None = None
+    beta: float = 0.1
+    delta: str = "running"
+    ema_alpha: float = 0.1
+    loss: str = "spot"
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    epochs: int = 2
+    max_steps: int | None = None
+    save_every: int | None = None
+    max_length: int = 1024
+    tokens_per_batch: int = 8192
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    backend: str = "auto"
+    bf16: bool = True
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    skip_bad: bool = False
+    resume: bool = False
+    trust_remote_code: bool = False
+    log_every: int = 1
+    cache_dir: str | None = None
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # unknown-to-the-trainer keys kept for the record
+
+    def validate(self):
+        for name in ("model", "data", "output"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name}: required (give --{name} or set it in the config)")
+        checks = [("beta", self.beta > 0, "must be > 0"),
+                  ("delta", self.delta in ("running", "zero", "ema"), "must be running|zero|ema"),
+                  ("ema_alpha", 0 < self.ema_alpha <= 1, "must be in (0, 1]"),
+                  ("loss", self.loss in ("spot", "dpo"), "must be spot|dpo"),
+                  ("lr", self.lr > 0, "must be > 0"),
+                  ("warmup_ratio", 0 <= self.warmup_ratio < 1, "must be in [0, 1)"),
+                  ("epochs", self.epochs >= 1, "must be >= 1"),
+                  ("max_steps", self.max_steps is None or self.max_steps >= 1, "must be >= 1"),
+                  ("save_every", self.save_every is None or self.save_every >= 1, "must be >= 1"),
+                  ("max_length", self.max_length >= 8, "must be >= 8"),
+                  ("tokens_per_batch", self.tokens_per_batch >= 16, "must be >= 16"),
+                  ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
+                  ("max_grad_norm", self.max_grad_norm > 0, "must be > 0"),
+                  ("log_every", self.log_every >= 1, "must be >= 1")]
+        for name, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"{name}: {why}, got {getattr(self, name)!r}")
+        return self
+
+    def to_dict(self):
+        return asdict(self)
+
+
+HELP = {
+    "model": "local path of a transformers causal LM (config + safetensors) to train",
+    "data": "pairs: a .jsonl/.json file, a .parquet file, or a datasets dataset saved on disk",
+    "output": "output folder: checkpoints, metrics.jsonl, the final model",
+    "beta": "reward scale beta in u = beta (logp - ref_logp) - delta",
+    "delta": "the reward shift: running (TRL RunningMoments mean of the batch rewards), "
+             "zero (the paper's SPoT-BCE) or ema",
+    "ema_alpha": "weight of the new batch mean when --delta ema",
+    "loss": "spot (reward BCE) or dpo (sigmoid DPO on the same sequence log-probs)",
+    "lr": "peak learning rate of AdamW (betas 0.9/0.95)",
+    "weight_decay": "AdamW weight decay",
+    "warmup_ratio": "fraction of the steps with linear warmup before the cosine decay",
+    "epochs": "passes over the pairs",
+    "max_steps": "stop after this many optimizer steps (also sets the schedule length)",
+    "save_every": "write OUTPUT/checkpoint-STEP every N optimizer steps",
+    "max_length": "tokens per sequence; the prompt is cut from the left (keeping at least half), "
+                  "then the response from the right",
+    "tokens_per_batch": "token budget of one packed micro-batch (chosen + rejected) per process",
+    "grad_accum": "micro-batches per optimizer step and process",
+    "max_grad_norm": "gradient clipping norm",
+    "backend": "spot_kernels backend: auto, torch, triton, cuda or reference",
+    "bf16": "bf16 autocast on a GPU (ignored on CPU)",
+    "gradient_checkpointing": "recompute activations in the backward to save memory",
+    "seed": "seed of the data order and of torch",
+    "skip_bad": "count and skip bad records instead of stopping at the first",
+    "resume": "continue from the newest complete OUTPUT/checkpoint-STEP",
+    "trust_remote_code": "allow the model folder's own Python code",
+    "log_every": "print metrics to the console every N steps (metrics.jsonl gets every step)",
+    "cache_dir": "folder of the reference log-prob cache (default OUTPUT/.cache)",
+    "progress": "show a tqdm progress bar",
+}
+
+
+def field_types():
+    return {f.name: f.type for f in fields(TrainConfig)}
+
+
+def load_file(path):
+    """A dict from a YAML or JSON config file (keys may use '-' or '_')."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config: no such file {path}")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse error becomes one line
+        raise ConfigError(f"config: cannot parse {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of options")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def make_config(file_values=None, overrides=None):
+    """``TrainConfig`` from defaults, then ``file_values``, then non-None ``overrides``."""
+    known = {f.name for f in fields(TrainConfig)} - {"extra"}
+    values, extra = {}, {}
+    for k, v in (file_values or {}).items():
+        (values if k in known else extra)[k] = v
+    if extra:
+        raise ConfigError(f"config: unknown option(s) {', '.join(sorted(extra))}")
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            values[k] = v
+    try:
+        cfg = TrainConfig(**values)
+    except TypeError as e:
+        raise ConfigError(f"config: {e}") from None
+    for f in fields(TrainConfig):  # coerce YAML/JSON scalars to the declared type
+        v = getattr(cfg, f.name)
+        if v is None or f.name == "extra":
+            continue
+        t = f.type.split(" |")[0]
+        try:
+            if t == "float":
+                setattr(cfg, f.name, float(v))
+            elif t == "int":
+                if isinstance(v, float) and not v.is_integer():
+                    raise ValueError
+                setattr(cfg, f.name, int(v))
+            elif t == "bool" and not isinstance(v, bool):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ConfigError(f"{f.name}: expected {t}, got {v!r}") from None
+    return cfg

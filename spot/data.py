@@ -1,0 +1,313 @@
+"""Pairs ``(x, y-, y+)``: reading, validation, chat template, truncation and padding-free packing.
+
+Records
+-------
+A file is JSONL (one record a line), JSON (a list of records), Parquet, or a folder written by
+``datasets.Dataset.save_to_disk`` (a ``DatasetDict`` uses its ``train`` split). Two key sets:
+
+* SPoT: ``question`` (or ``prompt``), ``gemini_corrected_answer`` (the chosen ``y+``),
+  ``original_answer`` (the rejected ``y-``);
+* TRL: ``prompt``, ``chosen``, ``rejected``, each a string or a list of chat messages
+  (``{"role", "content"}``); without ``prompt`` the chosen conversation's leading turns are the
+  prompt (TRL's implicit-prompt form).
+
+A missing or empty key raises :class:`DataError` naming the file, the line (or row) and the key;
+``skip_bad=True`` counts and skips such records instead.
+
+Tokens
+------
+Each sequence is ``chat_template(prompt as the user turn(s), add_generation_prompt)`` followed by
+the rest of ``chat_template(prompt + response as the assistant turn)``: the response tokens
+include the template's end-of-turn marker, so the model is also trained to stop. Qwen3 templates
+get ``enable_thinking=False``. Prompt and response are tokenized separately so the boundary is
+exact. Truncation to ``max_length`` tokens: the prompt is cut from the *left* (keeping its end,
+next to the answer) but keeps at least ``max_length // 2`` tokens if it has them; the response is
+then cut from the *right*. Both cuts are counted and logged.
+
+Packing
+-------
+A micro-batch is a list of pairs; it is laid out as one row ``[1, N]`` holding
+``chosen_1, rejected_1, chosen_2, rejected_2, ...`` back to back with no padding:
+``position_ids`` restart at 0 for each sequence, ``cu_seqlens [S + 1]`` delimits them,
+``labels [S]`` is 1 for chosen and 0 for rejected. The hidden state at token ``i`` predicts token
+``i + 1``, so ``targets[i] = input_ids[i + 1]`` when ``i + 1`` is a response token of the same
+sequence and ``-100`` otherwise (prompt tokens and each sequence's last token). ``rows`` lists the
+positions whose target counts and ``cu_rows`` delimits them per sequence: only those rows of the
+hidden states go through the LM head. Pairs are grouped greedily, in the epoch's order, so that a
+micro-batch holds at most ``tokens_per_batch`` tokens (a pair longer than that gets a batch alone).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+class DataError(ValueError):
+    """A bad data file or record; printed by the CLI as one line (no traceback)."""
+
+
+@dataclass
+class Pair:
+    prompt: list       # chat messages ending with the user turn
+    chosen: list       # assistant message(s): y+
+    rejected: list     # assistant message(s): y-
+
+
+@dataclass
+class Example:
+    """One tokenized pair: full sequences and the number of prompt tokens in each."""
+    chosen: list
+    rejected: list
+    chosen_prompt: int
+    rejected_prompt: int
+
+    @property
+    def length(self):
+        return len(self.chosen) + len(self.rejected)
+
+
+# ---------------------------------------------------------------- reading records
+
+def read_records(path):
+    """Yields ``(where, record)``; ``where`` is ``"FILE:LINE"`` or ``"FILE:row N"``."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if p.is_dir():
+        yield from _read_dataset_dir(p)
+    elif p.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+            rows = pq.read_table(p).to_pylist()
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"{path}: cannot read Parquet: {str(e).splitlines()[0]}") from None
+        for i, rec in enumerate(rows):
+            yield f"{path}:row {i}", rec
+    elif p.suffix == ".json":
+        try:
+            rows = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: a .json file must hold a list of records")
+        for i, rec in enumerate(rows):
+            yield f"{path}:record {i}", rec
+    else:  # JSONL
+        with open(p, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield f"{path}:{lineno}", DataError(f"{path}:{lineno}: invalid JSON: {e.msg}")
+                    continue
+                yield f"{path}:{lineno}", rec
+
+
+def _read_dataset_dir(p):
+    try:
+        import datasets
+        ds = datasets.load_from_disk(str(p))
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{p}: not a datasets folder: {str(e).splitlines()[0]}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{p}: DatasetDict without a 'train' split ({', '.join(ds)})")
+        ds = ds["train"]
+    for i, rec in enumerate(ds):
+        yield f"{p}:row {i}", rec
+
+
+def _messages(value, role, where, key):
+    """A non-empty string or list of messages -> list of messages."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: empty key '{key}'")
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and value and all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role")
+            for m in value):
+        if not any(m["content"].strip() for m in value):
+            raise DataError(f"{where}: empty key '{key}'")
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    if value is None or value == [] or value == "":
+        raise DataError(f"{where}: empty key '{key}'")
+    raise DataError(f"{where}: key '{key}' must be a string or a list of "
+                    f"{{'role', 'content'}} messages, got {type(value).__name__}")
+
+
+def to_pair(rec, where):
+    """One record (SPoT or TRL keys) -> :class:`Pair`, or :class:`DataError`."""
+    if isinstance(rec, DataError):
+        raise rec
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
+    if "chosen" in rec or "rejected" in rec:
+        keys = ("prompt", "chosen", "rejected")
+        for k in keys[1:]:
+            if k not in rec:
+                raise DataError(f"{where}: missing key '{k}'")
+        chosen = _messages(rec["chosen"], "assistant", where, "chosen")
+        rejected = _messages(rec["rejected"], "assistant", where, "rejected")
+        if "prompt" in rec:
+            prompt = _messages(rec.get("prompt"), "user", where, "prompt")
+        elif len(chosen) > 1:  # implicit prompt: the shared leading turns
+            prompt, chosen = chosen[:-1], chosen[-1:]
+            if len(rejected) > 1:
+                rejected = rejected[-1:]
+        else:
+            raise DataError(f"{where}: missing key 'prompt'")
+    elif "gemini_corrected_answer" in rec or "original_answer" in rec:
+        pkey = "question" if "question" in rec else "prompt"
+        if pkey not in rec:
+            raise DataError(f"{where}: missing key 'question'")
+        for k in ("gemini_corrected_answer", "original_answer"):
+            if k not in rec:
+                raise DataError(f"{where}: missing key '{k}'")
+        prompt = _messages(rec[pkey], "user", where, pkey)
+        chosen = _messages(rec["gemini_corrected_answer"], "assistant", where,
+                           "gemini_corrected_answer")
+        rejected = _messages(rec["original_answer"], "assistant", where, "original_answer")
+    else:
+        raise DataError(f"{where}: missing key 'chosen' (TRL keys: prompt, chosen, rejected; "
+                        f"SPoT keys: question, gemini_corrected_answer, original_answer)")
+    return Pair(prompt, chosen, rejected)
+
+
+def read_pairs(path, skip_bad=False):
+    """``(pairs, skipped)``; raises :class:`DataError` at the first bad record unless
+    ``skip_bad``."""
+    pairs, skipped = [], 0
+    for where, rec in read_records(path):
+        try:
+            pairs.append(to_pair(rec, where))
+        except DataError:
+            if not skip_bad:
+                raise
+            skipped += 1
+    if not pairs:
+        raise DataError(f"{path}: no usable pairs" + (f" ({skipped} bad skipped)" if skipped else ""))
+    return pairs, skipped
+
+
+# ---------------------------------------------------------------- tokens
+
+def _render(tokenizer, messages, add_generation_prompt):
+    return tokenizer.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt,
+                                         enable_thinking=False)
+
+
+def _ids(tokenizer, text):
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_turns(tokenizer, prompt, response):
+    """``(prompt_ids, response_ids)`` through the chat template (see the module docstring)."""
+    if getattr(tokenizer, "chat_template", None):
+        p_text = _render(tokenizer, prompt, True)
+        full = _render(tokenizer, prompt + response, False)
+        if full.startswith(p_text):
+            r_text = full[len(p_text):]
+        else:  # a template that rewrites earlier turns: fall back to the raw content + EOS
+            r_text = "".join(m["content"] for m in response) + (tokenizer.eos_token or "")
+    else:
+        p_text = "".join(m["content"] + "\n" for m in prompt)
+        r_text = "".join(m["content"] for m in response) + (tokenizer.eos_token or "")
+    return _ids(tokenizer, p_text), _ids(tokenizer, r_text)
+
+
+def truncate(prompt_ids, response_ids, max_length):
+    """``(prompt, response, prompt_cut, response_cut)`` with ``len(prompt + response) <=
+    max_length``: the prompt loses tokens on the left but keeps ``max_length // 2`` if it has
+    them, then the response loses tokens on the right."""
+    if len(prompt_ids) + len(response_ids) <= max_length:
+        return prompt_ids, response_ids, False, False
+    keep_prompt = min(len(prompt_ids), max(max_length // 2, max_length - len(response_ids)))
+    p = prompt_ids[len(prompt_ids) - keep_prompt:]
+    r = response_ids[:max_length - keep_prompt]
+    return p, r, len(p) < len(prompt_ids), len(r) < len(response_ids)
+
+
+def encode_pairs(tokenizer, pairs, max_length):
+    """Tokenize pairs -> ``(examples, counts)``; ``counts`` has the truncation tallies."""
+    examples = []
+    counts = {"prompt_truncated": 0, "response_truncated": 0}
+    for pair in pairs:
+        seqs = []
+        for response in (pair.chosen, pair.rejected):
+            p, r = encode_turns(tokenizer, pair.prompt, response)
+            p, r, pc, rc = truncate(p, r, max_length)
+            counts["prompt_truncated"] += pc
+            counts["response_truncated"] += rc
+            seqs.append((p + r, len(p)))
+        examples.append(Example(seqs[0][0], seqs[1][0], seqs[0][1], seqs[1][1]))
+    return examples, counts
+
+
+def tokenizer_fingerprint(tokenizer):
+    """A string that changes when tokenization would: vocabulary size, template, special tokens."""
+    return json.dumps([type(tokenizer).__name__, len(tokenizer),
+                       getattr(tokenizer, "chat_template", None),
+                       tokenizer.eos_token, tokenizer.bos_token], sort_keys=True, default=str)
+
+
+# ---------------------------------------------------------------- packing
+
+def plan_batches(examples, order, tokens_per_batch):
+    """Greedy grouping of pair indices (in ``order``) into micro-batches within the budget."""
+    batches, cur, used = [], [], 0
+    for i in order:
+        n = examples[i].length
+        if cur and used + n > tokens_per_batch:
+            batches.append(cur)
+            cur, used = [], 0
+        cur.append(int(i))
+        used += n
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def pack(examples, indices):
+    """A packed micro-batch of the pairs ``indices`` (see the module docstring).
+
+    Returns a dict of tensors: ``input_ids``/``position_ids`` ``[1, N]``, ``cu_seqlens``
+    ``[S + 1]`` (int32), ``targets [N]``, ``rows`` and ``cu_rows`` (the scored positions),
+    ``labels [S]`` (float), ``seq_ids [S]`` (``2 * pair + 0/1``, the reference-cache index).
+    """
+    ids, pos, tgt, lens, labels, seq_ids = [], [], [], [], [], []
+    for i in indices:
+        ex = examples[i]
+        for k, (seq, plen) in enumerate(((ex.chosen, ex.chosen_prompt),
+                                         (ex.rejected, ex.rejected_prompt))):
+            n = len(seq)
+            ids += seq
+            pos += range(n)
+            # token j+1 is a response token iff j + 1 >= plen
+            tgt += [seq[j + 1] if j + 1 >= plen else -100 for j in range(n - 1)] + [-100]
+            lens.append(n)
+            labels.append(1.0 - k)
+            seq_ids.append(2 * i + k)
+    targets = torch.tensor(tgt, dtype=torch.long)
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lens), 0)
+    valid = targets != -100
+    seg = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+    counts = torch.bincount(seg[valid], minlength=len(lens))
+    cu_rows = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu_rows[1:] = torch.cumsum(counts, 0)
+    return {
+        "input_ids": torch.tensor(ids, dtype=torch.long).unsqueeze(0),
+        "position_ids": torch.tensor(pos, dtype=torch.long).unsqueeze(0),
+        "cu_seqlens": cu,
+        "targets": targets,
+        "rows": valid.nonzero().squeeze(-1),
+        "cu_rows": cu_rows,
+        "labels": torch.tensor(labels),
+        "seq_ids": torch.tensor(seq_ids, dtype=torch.long),
+    }

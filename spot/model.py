@@ -1,0 +1,122 @@
+"""The policy: a ``transformers`` causal LM whose LM head is never run.
+
+``Policy(model)(batch)`` runs the model's *body* on a packed micro-batch (``spot.data.pack``) and
+returns the per-sequence log-probs ``pi [S]`` of the responses, computed by
+``spot_kernels.token_logprobs`` straight from the last hidden states and
+``get_output_embeddings().weight``: the ``[tokens x vocab]`` logits never exist. Only the rows
+whose target counts (response tokens) go through the head.
+
+Attention: flash-attn varlen when it is installed and the model is on a GPU, SDPA otherwise.
+Sequences packed in one row must not attend to each other: transformers derives the
+block-diagonal causal mask from ``position_ids`` that restart at 0 (``find_packed_sequence_indices``
+for SDPA/eager; the varlen kernel for flash-attn). ``tests/test_spot_model.py`` checks that each
+sequence gives the same log-probs alone and packed.
+
+The log-probs are computed inside ``Policy.forward`` so that, under FSDP2, the root module's
+parameters (embeddings, final norm, LM head) are gathered for that call and their gradients
+reduce-scattered afterwards. Under bf16 autocast the head weight is cast to the hidden states'
+dtype (``spot_kernels`` wants equal dtypes); the cast is differentiable, so the float32 master
+weight gets its gradient.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+import spot_kernels as sk
+
+try:  # the shared helper (spot_kernels.hf) when this checkout has it
+    from spot_kernels import hf as _hf
+except ImportError:  # pragma: no cover - older spot_kernels
+    _hf = None
+
+
+def attn_implementation(device):
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn"):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(path, device="cpu", trust_remote_code=False):
+    """``AutoModelForCausalLM.from_pretrained(path)`` in float32 (the master weights)."""
+    from transformers import AutoModelForCausalLM
+    if not Path(path).exists():
+        raise FileNotFoundError(f"model: no such folder {path}")
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation=attn_implementation(device),
+        trust_remote_code=trust_remote_code).to(device)
+
+
+def model_fingerprint(path):
+    """Hash of ``config.json`` and the weight files (name, size, first and last MiB)."""
+    h = hashlib.sha256()
+    p = Path(path)
+    for f in sorted(p.iterdir()):
+        if f.name == "config.json":
+            h.update(f.read_bytes())
+        elif f.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+                if size > 2 << 20:
+                    fh.seek(size - (1 << 20))
+                    h.update(fh.read(1 << 20))
+    return h.hexdigest()
+
+
+def head_inputs(model, input_ids, position_ids, cu_seqlens):
+    """``(hidden [N, D], weight [V, D], bias | None, softcap | None, temperature)`` of a packed
+    row: the body's last hidden states and what the LM head would apply to them."""
+    if _hf is not None:
+        hi = _hf.head_inputs(model, input_ids, position_ids=position_ids, cu_seqlens=cu_seqlens)
+        return hi.hidden.reshape(-1, hi.hidden.shape[-1]), hi.weight, hi.bias, hi.softcap, \
+            hi.temperature
+    out = model.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    hidden = out.last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1]), head.weight, getattr(head, "bias", None), \
+        softcap, 1.0
+
+
+class Policy(torch.nn.Module):
+    """Wraps a causal LM; ``forward(batch) -> pi [S]`` (float32, differentiable)."""
+
+    def __init__(self, model, backend="auto"):
+        super().__init__()
+        self.model = model
+        self.backend = backend
+
+    def forward(self, batch):
+        hidden, weight, bias, softcap, temperature = head_inputs(
+            self.model, batch["input_ids"], batch["position_ids"], batch["cu_seqlens"])
+        rows = batch["rows"]
+        h = hidden.index_select(0, rows)
+        weight = weight.to(h.dtype)
+        bias = None if bias is None else bias.to(h.dtype)
+        logp = sk.token_logprobs(h, weight, batch["targets"].index_select(0, rows), bias=bias,
+                                 softcap=softcap, temperature=temperature, backend=self.backend)
+        return sk.sequence_logprobs(logp, batch["cu_rows"])
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def decoder_layers(model):
+    """The repeated blocks (the FSDP2 units): modules whose class is in ``_no_split_modules``."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        body = model.get_decoder()
+        layers = list(getattr(body, "layers", []))
+    return layers
+
+
+def config_json(model):
+    return json.dumps(model.config.to_dict(), sort_keys=True, default=str)

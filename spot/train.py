@@ -1,0 +1,456 @@
+"""The SPoT training loop, top to bottom (``train(cfg)``).
+
+1. Data: pairs -> chat-templated, truncated token sequences (``spot.data``).
+2. Model: ``AutoModelForCausalLM`` wrapped in :class:`spot.model.Policy`, which returns sequence
+   log-probs from the body's hidden states through the fused head (no logits). With ``torchrun``
+   each decoder layer and then the wrapper are sharded with FSDP2 (``fully_shard``) over NCCL,
+   or gloo on CPU.
+3. Reference: the same weights at step 0, one ``no_grad`` pass over every sequence, cached on disk
+   as ``ref-<fingerprint>.pt`` (fingerprint = model files, tokenizer, ``max_length`` and the token
+   ids themselves); no second model is kept in memory while training.
+4. Loss (DESIGN.md section 1): ``pi = sequence_logprobs(token_logprobs(h, W, t))`` per packed
+   micro-batch, then ``delta`` is updated with the batch-mean reward ``beta (pi - rho)`` *before*
+   ``bce_reward_loss(pi, rho, y, beta, delta)``, exactly as TRL's ``bco_pair`` does with
+   ``RunningMoments``. That ordering is why the loop calls the three public pieces of
+   ``spot_kernels.spot_loss`` instead of ``spot_loss`` itself: it needs ``pi`` before ``delta``
+   exists. ``--delta zero`` is the paper's SPoT-BCE, ``--delta ema`` an exponential average.
+   ``--loss dpo`` uses ``-log sigmoid(beta ((pi_c - rho_c) - (pi_r - rho_r)))`` instead.
+5. Step: AdamW (0.9, 0.95, weight decay on matrices only), cosine schedule with linear warmup,
+   gradient accumulation (each micro-batch loss divided by ``grad_accum``; FSDP averages over
+   ranks, so K ranks x A micro-batches equal one process with K*A), clipping, bf16 autocast on GPU.
+6. Checkpoints ``OUTPUT/checkpoint-STEP``: ``save_pretrained`` (safetensors) + ``trainer_state.pt``
+   (optimizer, scheduler, RNG, ``delta``, step, data position), written to ``.tmp-...`` and renamed
+   into place, so an interrupted write never looks complete. ``--resume`` restarts from the newest
+   one; the data order is a pure function of (seed, epoch), so resuming is exact.
+
+Data order: epoch ``e`` shuffles the pairs with seed ``seed + 7919 e`` and packs them greedily into
+micro-batches of at most ``tokens_per_batch`` tokens; the list is padded by wrapping to a multiple
+of ``world * grad_accum``; optimizer step ``s`` of the epoch gives rank ``r`` the micro-batches
+``s W A + k W + r`` (``k < A``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import spot_kernels as sk
+
+from . import data as D
+from .config import ConfigError, TrainConfig
+from .model import Policy, decoder_layers, load_model, model_fingerprint, to_device
+
+
+# ---------------------------------------------------------------- distributed helpers
+
+class Dist:
+    """Rank, world and the few collectives the loop needs (no-ops in one process)."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.on = self.world > 1
+        if self.on and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def sum(self, x):
+        if self.on:
+            dist.all_reduce(x)
+        return x
+
+    def barrier(self):
+        if self.on:
+            dist.barrier()
+
+
+# ---------------------------------------------------------------- delta
+
+class Delta:
+    """The reward shift ``delta``.
+
+    ``running``: TRL's ``RunningMoments`` mean: each update receives the batch-mean rewards of
+    all ranks (``W`` values), ``mean += (m - mean) * W / (count + W)``, ``count += W``, starting
+    from ``count = 1e-24`` as TRL does. ``ema``: ``delta = (1 - a) delta + a m`` (the first update
+    sets it). ``zero``: always 0.
+    """
+
+    def __init__(self, kind="running", alpha=0.1):
+        self.kind, self.alpha = kind, alpha
+        self.mean, self.count = 0.0, 1e-24
+
+    def update(self, batch_means):
+        """``batch_means``: the per-rank batch-mean rewards (a list of floats)."""
+        if self.kind == "zero":
+            return 0.0
+        m = sum(batch_means) / len(batch_means)
+        if self.kind == "running":
+            tot = self.count + len(batch_means)
+            self.mean += (m - self.mean) * len(batch_means) / tot
+            self.count = tot
+        else:
+            self.mean = m if self.count < 1 else (1 - self.alpha) * self.mean + self.alpha * m
+            self.count += 1
+        return self.mean
+
+    @property
+    def value(self):
+        return 0.0 if self.kind == "zero" else self.mean
+
+    def state_dict(self):
+        return {"kind": self.kind, "alpha": self.alpha, "mean": self.mean, "count": self.count}
+
+    def load_state_dict(self, state):
+        self.mean, self.count = float(state["mean"]), float(state["count"])
+
+
+def dpo_loss(pi, ref, labels, beta):
+    """Sigmoid DPO on pairs laid out chosen, rejected, chosen, ...: mean over pairs."""
+    logits = beta * ((pi[0::2] - ref[0::2]) - (pi[1::2] - ref[1::2]))
+    return -F.logsigmoid(logits).mean()
+
+
+def compute_loss(policy, batch, ref_logps, delta, cfg, dst=None):
+    """Forward one packed micro-batch; updates ``delta`` and returns ``(loss, stats)``."""
+    pi = policy(batch)
+    ref = ref_logps.to(pi.device)[batch["seq_ids"]]
+    labels = batch["labels"].to(pi.device)
+    with torch.no_grad():
+        m = (cfg.beta * (pi.detach() - ref)).mean().reshape(1)
+        if dst is not None and dst.on and cfg.delta != "zero":
+            ms = [torch.zeros_like(m) for _ in range(dst.world)]
+            dist.all_gather(ms, m)
+            means = [float(x) for x in ms]
+        else:
+            means = [float(m)]
+    d = delta.update(means)
+    loss, stats = sk.bce_reward_loss(pi, ref, labels, beta=cfg.beta, delta=d)
+    if cfg.loss == "dpo":
+        loss = dpo_loss(pi, ref, labels, cfg.beta)
+    stats = {k: float(v) for k, v in stats.items() if k != "rewards"}
+    stats["delta"] = d
+    stats["loss"] = float(loss.detach())
+    return loss, stats
+
+
+# ---------------------------------------------------------------- data plan
+
+def epoch_plan(examples, epoch, cfg, per_step):
+    """Micro-batches (lists of pair indices) of ``epoch``, padded by wrapping to ``per_step``."""
+    g = torch.Generator().manual_seed(cfg.seed + 7919 * epoch)
+    order = torch.randperm(len(examples), generator=g).tolist()
+    plan = D.plan_batches(examples, order, cfg.tokens_per_batch)
+    pad = (-len(plan)) % per_step
+    return plan + [plan[i % len(plan)] for i in range(pad)]
+
+
+def schedule_steps(examples, cfg, per_step):
+    """``[(epoch, step_in_epoch)]`` for every optimizer step of the run, and the plans."""
+    plans, steps, epoch = {}, [], 0
+    target = cfg.max_steps
+    while (target is None and epoch < cfg.epochs) or (target is not None and len(steps) < target):
+        plans[epoch] = epoch_plan(examples, epoch, cfg, per_step)
+        steps += [(epoch, s) for s in range(len(plans[epoch]) // per_step)]
+        epoch += 1
+    return (steps[:target] if target else steps), plans
+
+
+def lr_lambda(total, warmup_ratio):
+    warmup = math.ceil(warmup_ratio * total)
+
+    def f(step):
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+# ---------------------------------------------------------------- reference log-probs
+
+@torch.no_grad()
+def sequence_logps(policy, examples, cfg, device, dst=None):
+    """``pi`` of every sequence (index ``2 pair + 0/1``) under the current weights, float32.
+
+    Under ``torchrun`` rank ``r`` scores micro-batches ``r, r + W, ...``; the list is padded so
+    every rank runs as many forwards (FSDP's collectives), padding is not recorded, and a sum
+    over ranks assembles the whole vector (each sequence was scored by exactly one rank)."""
+    world, rank = (dst.world, dst.rank) if dst else (1, 0)
+    plan = D.plan_batches(examples, range(len(examples)), cfg.tokens_per_batch)
+    real = len(plan)
+    plan += [plan[0]] * ((-real) % world)
+    out = torch.zeros(2 * len(examples), dtype=torch.float32, device=device)
+    was_training = policy.training
+    policy.eval()
+    for j in range(rank, len(plan), world):
+        batch = to_device(D.pack(examples, plan[j]), device)
+        with autocast(cfg, device):
+            pi = policy(batch)
+        if j < real:
+            out[batch["seq_ids"]] = pi.float()
+    policy.train(was_training)
+    if dst is not None:
+        out = dst.sum(out)
+    return out.cpu()
+
+
+def autocast(cfg, device):
+    on = cfg.bf16 and torch.device(device).type == "cuda"
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=on)
+
+
+def data_fingerprint(cfg, tokenizer, examples):
+    h = hashlib.sha256()
+    h.update(model_fingerprint(cfg.model).encode())
+    h.update(D.tokenizer_fingerprint(tokenizer).encode())
+    h.update(f"{cfg.max_length}|{cfg.backend}|{cfg.bf16}".encode())
+    for ex in examples:
+        h.update(json.dumps([ex.chosen, ex.rejected, ex.chosen_prompt, ex.rejected_prompt]).encode())
+    return h.hexdigest()[:24]
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def _atomic_save(obj, path):
+    tmp = Path(str(path) + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def full_state(policy, optimizer):
+    """Full (unsharded, CPU) model and optimizer state dicts; collective under FSDP2."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(policy.model, options=opts),
+            get_optimizer_state_dict(policy, optimizer, options=opts))
+
+
+def save_checkpoint(folder, policy, tokenizer, optimizer, scheduler, delta, step, pos, cfg, dst):
+    """Writes ``folder`` atomically (``.tmp-NAME`` then rename); rank 0 writes."""
+    msd, osd = full_state(policy, optimizer)
+    if dst.main:
+        folder = Path(folder)
+        tmp = folder.parent / f".tmp-{folder.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy.model.save_pretrained(tmp, state_dict=msd, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"optimizer": osd, "scheduler": scheduler.state_dict(),
+                    "delta": delta.state_dict(), "step": step, "data_position": pos,
+                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                            else None},
+                    "config": cfg.to_dict()}, tmp / "trainer_state.pt")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    dst.barrier()
+
+
+def latest_checkpoint(output):
+    found = [(int(p.name.split("-")[1]), p) for p in Path(output).glob("checkpoint-*")
+             if p.name.split("-")[1].isdigit() and (p / "trainer_state.pt").exists()]
+    return max(found)[1] if found else None
+
+
+def save_final(output, policy, tokenizer, dst):
+    """The final model into ``output`` itself (each file renamed into place)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    msd = get_model_state_dict(policy.model,
+                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dst.main:
+        tmp = Path(output) / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy.model.save_pretrained(tmp, state_dict=msd, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            os.replace(f, Path(output) / f.name)
+        tmp.rmdir()
+    dst.barrier()
+
+
+# ---------------------------------------------------------------- the run
+
+def shard(policy, dst):
+    """FSDP2: each decoder layer, then the wrapper (embeddings, final norm, LM head)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(dst.device.type, (dst.world,))
+    for layer in decoder_layers(policy.model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(policy, mesh=mesh)
+    return policy
+
+
+def build_policy(path, cfg, dst):
+    model = load_model(path, dst.device, cfg.trust_remote_code)
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = Policy(model, cfg.backend)
+    return shard(policy, dst) if dst.on else policy
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train(cfg: TrainConfig, log=None):
+    """Runs ``cfg``; returns ``{"steps", "metrics" (last step), "output", "ref_logps"}``."""
+    cfg.validate()
+    dst = Dist()
+    log = log or (lambda msg: print(msg, file=sys.stderr) if dst.main else None)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    out = Path(cfg.output)
+    if dst.main:
+        out.mkdir(parents=True, exist_ok=True)
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+
+    pairs, skipped = D.read_pairs(cfg.data, cfg.skip_bad)
+    examples, cut = D.encode_pairs(tokenizer, pairs, cfg.max_length)
+    log(f"data: {len(pairs)} pairs from {cfg.data}" + (f", {skipped} bad skipped" if skipped else "")
+        + f"; truncated: {cut['prompt_truncated']} prompts (left), "
+          f"{cut['response_truncated']} responses (right) at max_length {cfg.max_length}")
+
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    cache = Path(cfg.cache_dir or out / ".cache") / f"ref-{data_fingerprint(cfg, tokenizer, examples)}.pt"
+    ref = torch.load(cache) if cache.exists() else None
+    policy = None
+    if ref is None:
+        policy = build_policy(cfg.model, cfg, dst)
+        t0 = time.perf_counter()
+        ref = sequence_logps(policy, examples, cfg, dst.device, dst)
+        log(f"reference log-probs: {ref.numel()} sequences in {time.perf_counter() - t0:.1f}s "
+            f"-> {cache}")
+        if dst.main:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_save(ref, cache)
+        if ckpt is not None:
+            del policy
+            policy = None
+    else:
+        log(f"reference log-probs: cached {cache}")
+    if policy is None:
+        policy = build_policy(str(ckpt) if ckpt else cfg.model, cfg, dst)
+    policy.train()
+
+    per_step = dst.world * cfg.grad_accum
+    steps, plans = schedule_steps(examples, cfg, per_step)
+    total = len(steps)
+    decay = [p for p in policy.parameters() if p.dim() >= 2]
+    no_decay = [p for p in policy.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, cfg.warmup_ratio))
+    delta = Delta(cfg.delta, cfg.ema_alpha)
+    start = 0
+    if ckpt is not None:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             set_optimizer_state_dict)
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        set_optimizer_state_dict(policy, optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        scheduler.load_state_dict(state["scheduler"])
+        delta.load_state_dict(state["delta"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        start = state["step"]
+        log(f"resumed from {ckpt} at step {start}")
+
+    metrics_file = open(out / "metrics.jsonl", "a") if dst.main else None
+    bar = None
+    if dst.main and cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=start, desc="spot", dynamic_ncols=True, file=sys.stderr)
+    last = {}
+    for step in range(start, total):
+        epoch, s = steps[step]
+        t0 = time.perf_counter()
+        sums, tokens = {}, 0
+        for k in range(cfg.grad_accum):
+            batch = to_device(D.pack(examples, plans[epoch][s * per_step + k * dst.world + dst.rank]),
+                              dst.device)
+            tokens += batch["input_ids"].numel()
+            with autocast(cfg, dst.device):
+                loss, stats = compute_loss(policy, batch, ref, delta, cfg, dst)
+            (loss / cfg.grad_accum).backward()
+            for key, v in stats.items():
+                sums[key] = sums.get(key, 0.0) + v / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        # metrics: mean over ranks (tokens summed)
+        keys = sorted(k for k in sums if k != "delta")
+        vec = dst.sum(torch.tensor([sums[k] for k in keys] + [float(tokens)], dtype=torch.float64))
+        row = {k: float(v) / dst.world for k, v in zip(keys, vec[:-1])}
+        elapsed = time.perf_counter() - t0
+        row.update(step=step + 1, epoch=epoch, delta=sums["delta"], lr=lr,
+                   grad_norm=float(grad_norm), tokens=int(vec[-1]),
+                   tokens_per_s=float(vec[-1]) / max(elapsed, 1e-9),
+                   peak_memory_mb=peak_memory_mb(dst.device))
+        last = row
+        if dst.main:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}")
+            if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+                line = (f"step {step + 1}/{total} loss {row['loss']:.4f} "
+                        f"rewards chosen {row['rewards_chosen']:+.4f} rejected "
+                        f"{row['rewards_rejected']:+.4f} acc {row['accuracy']:.3f} margin "
+                        f"{row['margin']:+.4f} delta {row['delta']:+.4f} logps "
+                        f"{row['logps_chosen']:.2f}/{row['logps_rejected']:.2f} sat "
+                        f"{row['saturated']:.2f} {row['tokens_per_s']:.0f} tok/s "
+                        f"mem {row['peak_memory_mb']:.0f} MB")
+                (bar.write if bar is not None else log)(line)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+            pos = {"epoch": epoch, "micro_batch": (s + 1) * per_step}
+            save_checkpoint(out / f"checkpoint-{step + 1}", policy, tokenizer, optimizer,
+                            scheduler, delta, step + 1, pos, cfg, dst)
+    if bar is not None:
+        bar.close()
+    if metrics_file is not None:
+        metrics_file.close()
+    save_final(out, policy, tokenizer, dst)
+    if dst.main:
+        with open(out / "spot_config.json", "w") as fh:
+            json.dump(cfg.to_dict(), fh, indent=1)
+    log(f"saved the final model to {out}")
+    return {"steps": total, "metrics": last, "output": str(out), "ref_logps": ref,
+            "policy": policy, "tokenizer": tokenizer, "examples": examples}
+
+
+__all__ = ["train", "compute_loss", "Delta", "dpo_loss", "sequence_logps", "ConfigError"]
