@@ -8,6 +8,7 @@ never materialising the ``[tokens x vocab]`` logits.
 
 Importing this package touches neither CUDA nor Triton; backends load on first use.
 """
+from . import hf, nn
 from ._registry import available_backends
 from .functional import (SpotLossOutput, bce_reward_loss, sequence_logprobs, spot_loss,
                          token_logprobs)
@@ -15,4 +16,4 @@ from .functional import (SpotLossOutput, bce_reward_loss, sequence_logprobs, spo
 __version__ = "0.1.0"
 
 __all__ = ["token_logprobs", "sequence_logprobs", "bce_reward_loss", "spot_loss",
-           "available_backends", "SpotLossOutput", "__version__"]
+           "available_backends", "SpotLossOutput", "nn", "hf", "__version__"]
