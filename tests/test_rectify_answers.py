@@ -26,6 +26,7 @@ TABLE = [
     (r"\boxed{1,000}", "1000", True),
     (r"\boxed{x = 7}", "7", True),
     ("no boxed answer here, it is 5", r"\boxed{6}", False),
+    ("garbled x0 LC 0 q", "0", False),                # a stray number is not an answer
     (r"\boxed{2}", r"The solution ... hence \boxed{2}.", True),
     (r"\boxed{2}", 2, True),
     (r"\boxed{2.0}", "2", True),
@@ -38,6 +39,7 @@ DIFFERENT = [
     (r"\boxed{12.}", "12", True, False),           # the fallback drops a trailing period
     (r"\boxed{\sqrt{4}}", "2", False, True),       # only sympy evaluates
     (r"\boxed{2x + x}", "3x", False, True),
+    ("The final answer is 7.", "7", False, True),   # math-verify also accepts this anchor
 ]
 
 

@@ -2,8 +2,9 @@
 
 Two checkers behind one function, :func:`check_answer`:
 
-* ``math-verify`` (HuggingFace's parser + sympy grader) when it is installed: it extracts the answer
-  from the whole response (a ``\\boxed{}`` first) and compares expressions symbolically.
+* ``math-verify`` (HuggingFace's parser + sympy grader) when it is installed: it extracts an
+  anchored answer from the response (a ``\\boxed{}`` first, else "the final answer is ...", never a
+  stray number) and compares expressions symbolically.
 * a dependency-free fallback: the answer is the content of the *last* ``\\boxed{...}`` (nested
   braces matched), both sides are normalised (spaces, ``$``, ``\\left``/``\\right``,
   ``\\dfrac``/``\\tfrac`` -> ``\\frac``, trailing ``.``, ``\\text{}`` units, ``^\\circ``, ``\\%``,
@@ -178,7 +179,11 @@ def check_answer(response, ground_truth, *, checker="auto"):
     if not gold:  # not LaTeX math: compare as a plain answer
         pred = extract_boxed(response)
         return pred is not None and answers_equal(pred, gt)
-    pred = mv.parse(response, parsing_timeout=tmo)
+    # anchored extraction only (a \boxed{} or "the answer is ..."): a stray number in a garbled
+    # response is not an answer
+    config = [mv.LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=False),
+              mv.ExprExtractionConfig(try_extract_without_anchor=False)]
+    pred = mv.parse(response, extraction_config=config, parsing_timeout=tmo)
     if not pred:
         return False
     return bool(mv.verify(gold, pred, timeout_seconds=tmo))

@@ -1,0 +1,227 @@
+"""``spot rectify elicit``: the student model answers problems with known answers; wrong answers are
+SPoT's ``y-``.
+
+Input: JSONL, one problem per line, the problem under ``prompt`` or ``question`` and the ground truth
+under ``ground_truth``, ``answer`` or ``solution`` (a solution's last ``\\boxed{}`` is its answer);
+an optional ``id`` (default: the line number). Each problem is sampled ``--samples`` times; sample
+``k`` of problem ``p`` has id ``"p:k"``.
+
+Generation applies the tokenizer's chat template (Qwen3 in non-thinking mode:
+``enable_thinking=False``; a leading ``<think>...</think>`` block is dropped from a response if one
+appears anyway) and runs in batches, with ``transformers``' ``generate`` (left padding) or with vLLM
+when it is installed and asked for (``--engine vllm``). Pending samples are sorted by prompt length
+so a batch pads little.
+
+Output folder: ``all.jsonl`` (every sample, with ``correct``) and ``errors.jsonl`` (the wrong
+ones). A sample is appended to ``all.jsonl`` and then, if wrong, to ``errors.jsonl`` as soon as its
+batch finishes. Resuming skips the ids already in ``all.jsonl`` and first re-adds to
+``errors.jsonl`` any wrong sample a kill left out of it, so neither file holds a duplicate.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from .answers import check_answer, checker_name, ground_truth_answer
+from .jsonl import Appender, done_ids, read_jsonl
+
+QUESTION_KEYS = ("prompt", "question", "problem")
+ANSWER_KEYS = ("ground_truth", "answer", "solution")
+
+
+def _first(rec, keys):
+    for k in keys:
+        if rec.get(k) is not None:
+            return k, rec[k]
+    return None, None
+
+
+def load_problems(path, limit=None):
+    """Problems as ``{"id", "question", "ground_truth"}`` dicts from a JSONL file."""
+    if not os.path.exists(path):
+        raise ValueError(f"data: {path} does not exist")
+    out, seen = [], set()
+    for k, rec in enumerate(read_jsonl(path)):
+        if limit is not None and len(out) >= limit:
+            break
+        qk, q = _first(rec, QUESTION_KEYS)
+        ak, a = _first(rec, ANSWER_KEYS)
+        if not isinstance(q, str) or not q.strip():
+            raise ValueError(f"data: record {k} has no problem text under any of {QUESTION_KEYS}")
+        if a is None:
+            raise ValueError(f"data: record {k} has no ground truth under any of {ANSWER_KEYS}")
+        pid = str(rec.get("id", k))
+        if pid in seen:
+            raise ValueError(f"data: duplicate id {pid!r} (record {k})")
+        seen.add(pid)
+        out.append({"id": pid, "question": q, "ground_truth": ground_truth_answer(a)})
+    return out
+
+
+def strip_thinking(text):
+    """Drop a ``<think>...</think>`` block (Qwen3's thinking) in front of the answer."""
+    if "</think>" in text:
+        return text.split("</think>", 1)[1].lstrip()
+    return text
+
+
+def chat_prompt(tokenizer, question, system=None):
+    """The model's chat-templated prompt text for one problem (Qwen3: non-thinking mode)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + \
+        [{"role": "user", "content": question}]
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("tokenizer has no chat template; elicit needs a chat model's tokenizer")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=False)
+
+
+class TransformersGenerator:
+    """Batched sampling with ``model.generate`` (left padding)."""
+
+    def __init__(self, model, tokenizer, *, seed=0):
+        import torch
+        self.model, self.tok, self.torch = model.eval(), tokenizer, torch
+        self.tok.padding_side = "left"
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        torch.manual_seed(seed)
+
+    def __call__(self, prompts, *, temperature, top_p, max_new_tokens):
+        torch = self.torch
+        enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(self.model.device) for k, v in enc.items()}
+        kw = dict(max_new_tokens=max_new_tokens, pad_token_id=self.tok.pad_token_id)
+        kw.update(dict(do_sample=True, temperature=temperature, top_p=top_p)
+                  if temperature > 0 else dict(do_sample=False))
+        with torch.inference_mode():
+            out = self.model.generate(**enc, **kw)
+        new = out[:, enc["input_ids"].shape[1]:].cpu()
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        eos.add(self.tok.eos_token_id)
+        results = []
+        for row in new.tolist():
+            stopped = any(t in eos for t in row)
+            results.append((self.tok.decode(row, skip_special_tokens=True),
+                            "stop" if stopped or len(row) < max_new_tokens else "length"))
+        return results
+
+
+class VLLMGenerator:
+    """Sampling with vLLM (only when installed and asked for with ``--engine vllm``)."""
+
+    def __init__(self, model_path, *, seed=0, dtype="auto"):
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError as e:
+            raise ValueError("engine: 'vllm' asked for but vllm is not installed "
+                             "(pip install vllm, or use --engine transformers)") from e
+        self.llm = LLM(model=model_path, seed=seed, dtype=dtype)
+        self.SamplingParams, self.seed = SamplingParams, seed
+
+    def __call__(self, prompts, *, temperature, top_p, max_new_tokens):
+        params = self.SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                                     max_tokens=max_new_tokens)
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [(o.outputs[0].text, o.outputs[0].finish_reason or "stop") for o in outs]
+
+
+def load_model(path, *, device=None, dtype="auto"):
+    """``(model, tokenizer)`` from a path or hub name, on ``device`` (default: cuda if present)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        dt = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    else:
+        dt = getattr(torch, dtype, None)
+        if not isinstance(dt, torch.dtype):
+            raise ValueError(f"dtype: unknown {dtype!r} (auto, bfloat16, float16, float32)")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt).to(device)
+    return model, tok
+
+
+def elicit(problems, generator, tokenizer, output_dir, *, samples=1, batch_size=8,
+           temperature=0.7, top_p=0.8, max_new_tokens=2048, system=None, model_name=None,
+           checker="auto", progress=True):
+    """Sample, check and write ``all.jsonl`` / ``errors.jsonl`` in ``output_dir`` (resumable).
+
+    ``generator(prompts, temperature=, top_p=, max_new_tokens=) -> [(text, finish_reason)]``.
+    Returns counts: ``{"done", "new", "correct", "wrong", "skipped"}`` over the whole folder.
+    """
+    for name, v in (("samples", samples), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    checker = checker_name(checker)
+    os.makedirs(output_dir, exist_ok=True)
+    all_path, err_path = os.path.join(output_dir, "all.jsonl"), os.path.join(output_dir, "errors.jsonl")
+
+    done = done_ids(all_path)
+    have_err = done_ids(err_path)
+    with Appender(err_path) as errs:  # a kill between the two appends: re-add the missing errors
+        if os.path.exists(all_path):
+            for rec in read_jsonl(all_path, strict=False):
+                if not rec.get("correct") and str(rec.get("id")) not in have_err:
+                    errs.write(rec)
+
+    work = []
+    for p in problems:
+        prompt = chat_prompt(tokenizer, p["question"], system)
+        for k in range(samples):
+            sid = f"{p['id']}:{k}"
+            if sid not in done:
+                work.append((sid, k, p, prompt))
+    work.sort(key=lambda w: -len(w[3]))  # longest first: similar lengths share a batch
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(work) + len(done), initial=len(done), desc="elicit", unit="answer",
+               disable=not progress, file=sys.stderr)
+    new = wrong = 0
+    with Appender(all_path) as out, Appender(err_path) as errs:
+        for s in range(0, len(work), batch_size):
+            chunk = work[s:s + batch_size]
+            results = generator([w[3] for w in chunk], temperature=temperature, top_p=top_p,
+                                max_new_tokens=max_new_tokens)
+            for (sid, k, p, _), (text, finish) in zip(chunk, results):
+                text = strip_thinking(text)
+                ok = check_answer(text, p["ground_truth"], checker=checker)
+                rec = {"id": sid, "problem_id": p["id"], "sample": k, "question": p["question"],
+                       "ground_truth": p["ground_truth"], "response": text, "correct": ok,
+                       "finish_reason": finish, "checker": checker, "model": model_name}
+                if system:
+                    rec["system"] = system
+                out.write(rec)
+                if not ok:
+                    errs.write(rec)
+                    wrong += 1
+                new += 1
+            bar.update(len(chunk))
+    bar.close()
+    recs = read_jsonl(all_path, strict=False)
+    n_ok = sum(1 for r in recs if r.get("correct"))
+    return {"done": len(recs), "new": new, "correct": n_ok, "wrong": len(recs) - n_ok,
+            "skipped": len(done)}
+
+
+def elicit_main(args):
+    problems = load_problems(args.data, args.limit)
+    if args.engine == "vllm":
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(args.model)
+        gen = VLLMGenerator(args.model, seed=args.seed, dtype=args.dtype)
+    else:
+        model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
+        gen = TransformersGenerator(model, tok, seed=args.seed)
+    stats = elicit(problems, gen, tok, args.output, samples=args.samples, batch_size=args.batch_size,
+                   temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                   system=args.system_prompt, model_name=args.model)
+    acc = stats["correct"] / max(1, stats["done"])
+    print(f"elicit: {stats['done']} answers ({stats['new']} new, {stats['skipped']} resumed), "
+          f"{stats['correct']} correct ({acc:.1%}), {stats['wrong']} wrong -> "
+          f"{os.path.join(args.output, 'errors.jsonl')}")
+    return 0

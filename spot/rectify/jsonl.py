@@ -1,0 +1,112 @@
+"""Crash-safe JSONL files: whole-line appends and resumption by record id.
+
+Every finished record is appended as one complete line with a single ``write`` system call on a
+file opened with ``O_APPEND``: a process killed at any moment leaves either the whole line or none
+of it (the kernel does not interrupt a regular-file write halfway for a signal). As a second line of
+defence, :func:`repair` cuts a trailing fragment without a newline (a full disk, a power loss)
+before a step resumes, and :func:`done_ids` then lists the records that are finished, so a restarted
+step neither redoes nor duplicates them.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+
+def read_jsonl(path, *, strict=True):
+    """Records of a JSONL file (blank lines skipped). ``strict=False`` skips undecodable lines
+    (a torn last line) instead of raising."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for k, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                if strict:
+                    raise ValueError(f"{path}:{k}: not valid JSON ({e.msg})") from None
+                continue
+            if not isinstance(rec, dict):
+                if strict:
+                    raise ValueError(f"{path}:{k}: expected a JSON object per line")
+                continue
+            out.append(rec)
+    return out
+
+
+def repair(path):
+    """Drop a trailing partial line (no final newline) from ``path``; returns the bytes removed."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb+") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if size == 0:
+            return 0
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        # find the last newline
+        pos, chunk = size, 1 << 16
+        while pos > 0:
+            start = max(0, pos - chunk)
+            f.seek(start)
+            buf = f.read(pos - start)
+            k = buf.rfind(b"\n")
+            if k >= 0:
+                keep = start + k + 1
+                break
+            pos = start
+        else:
+            keep = 0
+        f.truncate(keep)
+        return size - keep
+
+
+def done_ids(path, key="id"):
+    """Ids of the records already in ``path`` (after :func:`repair`)."""
+    if not os.path.exists(path):
+        return set()
+    repair(path)
+    return {str(r[key]) for r in read_jsonl(path, strict=False) if key in r}
+
+
+class Appender:
+    """Append records to a JSONL file, one complete line per ``write``."""
+
+    def __init__(self, path):
+        d = os.path.dirname(os.path.abspath(path))
+        os.makedirs(d, exist_ok=True)
+        repair(path)
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, record):
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        n = os.write(self.fd, data)
+        while n < len(data):  # only on exotic file systems; still appended in order
+            n += os.write(self.fd, data[n:])
+
+    def close(self):
+        if self.fd is not None:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def rewrite(path, records):
+    """Replace ``path`` with ``records`` atomically (temporary file + rename)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
