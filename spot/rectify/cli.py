@@ -74,6 +74,8 @@ def _oracle_args(p):
     p.add_argument("--prompt-template", default=None,
                    help="file replacing the correction prompt ({question}, {answer}, "
                         "{ground_truth} placeholders)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="redo the records a previous run recorded as failed")
     p.add_argument("--oracle-temperature", type=float, default=0.0)
     p.add_argument("--oracle-max-tokens", type=int, default=None)
 

@@ -1,0 +1,323 @@
+"""``spot rectify correct``: an Oracle rewrites each wrong answer minimally (SPoT's ``y+``).
+
+Any OpenAI-compatible chat-completions endpoint is the Oracle, reached through the ``openai``
+client. The correction prompt asks to keep the student's correct steps word for word, replace only
+the wrong reasoning, match the student's style and put the whole corrected solution, ending in a
+``\\boxed{}`` answer, between :data:`START` and :data:`END`. Two built-in variants: without the
+ground truth (the default) and with it (``--with-ground-truth``); ``--prompt-template FILE``
+replaces them (placeholders ``{question}``, ``{answer}``, ``{ground_truth}``, ``{start}``, ``{end}``,
+filled by plain substitution so LaTeX braces in the file need no escaping).
+
+Design:
+
+* Bounded concurrency: ``--workers`` threads send requests; the main thread alone verifies
+  answers (math-verify's timeout needs the main thread) and appends results, so the output file
+  has one writer. Each finished record is one complete JSON line (:mod:`spot.rectify.jsonl`); a
+  killed run resumes by skipping the ids already written: every record appears exactly once.
+* Retries: HTTP 429, 408/409/425, 5xx, timeouts and dropped connections are retried up to
+  ``--max-retries`` times with exponential backoff and "equal jitter" (delay ``d/2 + U(0, d/2)``,
+  ``d = min(max_backoff, backoff * 2^k)``, at least a 429's ``Retry-After`` when that is shorter
+  than ``max_backoff``). The client's own retries are off, so the counts are ours.
+  401/403/404 stop the run (every request would fail the same way); other 4xx fail the record.
+* Failures are recorded, never guessed: ``status`` is ``verified``, ``wrong_answer`` (the
+  correction's answer is not the ground truth), ``no_markers`` (the reply lacks the markers; its
+  text is not used), ``empty``, ``api_error`` (retries exhausted) or ``bad_request``.
+  ``--retry-failed`` drops the failed lines of a previous run and redoes those records.
+* The API key is read only from the environment variable ``--api-key-env`` and scrubbed from every
+  error message before it is printed or written.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+from .answers import check_answer, checker_name
+from .jsonl import Appender, done_ids, read_jsonl, repair, rewrite
+
+START, END = "<corrected_solution>", "</corrected_solution>"
+
+_RULES = """Rewrite the student's solution with the smallest possible changes:
+- keep every correct step exactly as the student wrote it, word for word;
+- replace only the wrong reasoning or calculations, and what follows from them;
+- match the student's style, wording, notation and level of detail;
+- do not comment on the mistakes, do not mention the student or the corrections;
+- end with the final answer in \\boxed{}.
+
+Put the complete corrected solution, and nothing else, between {start} and {end}."""
+
+PROMPT = ("You are an expert mathematics teacher. A student solved the problem below, but the "
+          "solution contains mistakes and its final answer is wrong.\n\n" + _RULES +
+          "\n\nProblem:\n{question}\n\nStudent's solution:\n{answer}\n")
+
+PROMPT_WITH_GROUND_TRUTH = (
+    "You are an expert mathematics teacher. A student solved the problem below, but the solution "
+    "contains mistakes and its final answer is wrong. The correct final answer is: {ground_truth}\n"
+    "The corrected solution must reach it through valid reasoning, not by only changing the last "
+    "line.\n\n" + _RULES + "\n\nProblem:\n{question}\n\nStudent's solution:\n{answer}\n")
+
+QUESTION_KEYS = ("question", "prompt", "problem")
+ANSWER_KEYS = ("response", "original_answer")
+GT_KEYS = ("ground_truth", "answer")
+FAILED = ("wrong_answer", "no_markers", "empty", "api_error", "bad_request")
+
+
+class OracleError(Exception):
+    """A request that failed for good: ``kind`` is a status, ``attempts`` how many were sent."""
+
+    def __init__(self, kind, message, attempts):
+        super().__init__(message)
+        self.kind, self.attempts = kind, attempts
+
+
+class OracleFatal(Exception):
+    """An error every request would hit (authentication, unknown model or URL): stop the run."""
+
+
+def fill(template, **values):
+    """One-pass ``{name}`` substitution of the known names (no ``str.format``: LaTeX braces stay
+    as they are, and a ``{answer}`` inside the question is not substituted again)."""
+    pat = re.compile(r"\{(" + "|".join(map(re.escape, values)) + r")\}")
+    return pat.sub(lambda m: str(values[m.group(1)]), template)
+
+
+def build_prompt(question, answer, ground_truth=None, *, template=None, with_ground_truth=False):
+    """The Oracle's user message for one record."""
+    if template is None:
+        template = PROMPT_WITH_GROUND_TRUTH if with_ground_truth else PROMPT
+    elif "{ground_truth}" in template and not with_ground_truth:
+        raise ValueError("prompt_template uses {ground_truth} but --with-ground-truth is not set")
+    return fill(template, question=question, answer=answer, start=START, end=END,
+                ground_truth=ground_truth if with_ground_truth else "")
+
+
+def load_template(path):
+    """A user prompt template; it must contain ``{question}`` and ``{answer}``."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    missing = [k for k in ("{question}", "{answer}") if k not in text]
+    if missing:
+        raise ValueError(f"prompt_template: {path} lacks the placeholder(s) {', '.join(missing)}")
+    return text
+
+
+def extract_marked(text):
+    """The text between the last :data:`START` and the :data:`END` after it, stripped; ``None``
+    when either marker is missing (such a reply is a failure, not a guess)."""
+    if not text:
+        return None
+    i = text.rfind(START)
+    if i < 0:
+        return None
+    j = text.find(END, i + len(START))
+    if j < 0:
+        return None
+    return text[i + len(START):j].strip()
+
+
+def redact(text, secret):
+    """``text`` with ``secret`` replaced by ``***``."""
+    text = str(text)
+    return text.replace(secret, "***") if secret else text
+
+
+class Oracle:
+    """Chat-completions calls with our own retry policy (see the module docstring)."""
+
+    def __init__(self, base_url, model, *, api_key=None, timeout=120.0, max_retries=5, backoff=1.0,
+                 max_backoff=60.0, temperature=0.0, max_tokens=None, seed=None):
+        import openai
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0, got {timeout}")
+        if not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+        if backoff < 0 or max_backoff < 0:
+            raise ValueError("backoff and max_backoff must be >= 0")
+        self.openai, self.model = openai, model
+        self._key = api_key or ""
+        self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY",
+                                    max_retries=0, timeout=timeout)
+        self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
+        self.temperature, self.max_tokens = temperature, max_tokens
+        self._rng, self._lock = random.Random(seed), threading.Lock()
+
+    def _delay(self, k, err):
+        d = min(self.max_backoff, self.backoff * 2 ** k)
+        with self._lock:
+            delay = d / 2 + self._rng.uniform(0, d / 2)
+        resp = getattr(err, "response", None)
+        try:
+            after = float(resp.headers.get("retry-after")) if resp is not None else None
+        except (TypeError, ValueError):
+            after = None
+        if after is not None and 0 <= after <= self.max_backoff:
+            delay = max(delay, after)
+        return delay
+
+    def _classify(self, e):
+        """``"retry"``, ``"fatal"`` or a record failure kind."""
+        o = self.openai
+        if isinstance(e, o.APIStatusError):
+            code = e.status_code
+            if code in (408, 409, 425, 429) or code >= 500:
+                return "retry"
+            if code in (401, 403, 404):
+                return "fatal"
+            return "bad_request"
+        if isinstance(e, o.APIConnectionError):  # includes APITimeoutError
+            return "retry"
+        return "api_error"
+
+    def ask(self, prompt):
+        """``(text, finish_reason, attempts)``; raises :class:`OracleError` or :class:`OracleFatal`."""
+        kw = dict(model=self.model, messages=[{"role": "user", "content": prompt}],
+                  temperature=self.temperature)
+        if self.max_tokens:
+            kw["max_tokens"] = self.max_tokens
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                resp = self.client.chat.completions.create(**kw)
+            except Exception as e:  # noqa: BLE001 - classified below, never swallowed silently
+                kind = self._classify(e)
+                msg = redact(f"{type(e).__name__}: {e}", self._key)[:1000]
+                if kind == "fatal":
+                    raise OracleFatal(msg) from None
+                if kind == "retry" and attempt <= self.max_retries:
+                    time.sleep(self._delay(attempt - 1, e))
+                    continue
+                raise OracleError("api_error" if kind == "retry" else kind, msg, attempt) from None
+            choices = getattr(resp, "choices", None) or []
+            text = choices[0].message.content if choices and choices[0].message else None
+            if not text:
+                raise OracleError("empty", "the reply had no content", attempt)
+            return text, choices[0].finish_reason, attempt
+
+
+def _field(rec, keys, what, k):
+    for key in keys:
+        if rec.get(key) is not None:
+            return rec[key]
+    raise ValueError(f"input: record {k} has no {what} (any of {keys})")
+
+
+def load_errors(path):
+    """Records to correct, each with ``id``, ``question``, ``original_answer``, ``ground_truth``."""
+    if not os.path.exists(path):
+        raise ValueError(f"input: {path} does not exist")
+    out, seen = [], set()
+    for k, rec in enumerate(read_jsonl(path)):
+        rid = str(rec.get("id", k))
+        if rid in seen:
+            raise ValueError(f"input: duplicate id {rid!r} (record {k})")
+        seen.add(rid)
+        item = {key: v for key, v in rec.items() if key not in ("response", "correct")}
+        item.update(id=rid, question=_field(rec, QUESTION_KEYS, "problem", k),
+                    original_answer=_field(rec, ANSWER_KEYS, "answer to correct", k),
+                    ground_truth=_field(rec, GT_KEYS, "ground truth", k))
+        out.append(item)
+    return out
+
+
+def correct(records, output, oracle, *, workers=16, template=None, with_ground_truth=False,
+            checker="auto", retry_failed=False, progress=True, log=None):
+    """Correct ``records`` (from :func:`load_errors`) into ``output`` (appended, resumable).
+
+    Returns the summary over the whole output file plus this run's ``new`` and ``retries``.
+    Raises :class:`OracleFatal` (after keeping what was finished) on authentication errors.
+    """
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    checker = checker_name(checker)
+    log = log or (lambda m: print(m, file=sys.stderr))
+    if retry_failed and os.path.exists(output):
+        repair(output)
+        kept = [r for r in read_jsonl(output, strict=False) if r.get("status") == "verified"]
+        rewrite(output, kept)
+    done = done_ids(output)
+    pending = [r for r in records if r["id"] not in done]
+
+    def work(rec):
+        prompt = build_prompt(rec["question"], rec["original_answer"], rec["ground_truth"],
+                              template=template, with_ground_truth=with_ground_truth)
+        try:
+            return oracle.ask(prompt)
+        except OracleError as e:
+            return e
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(records), initial=len(records) - len(pending), desc="correct",
+               unit="record", disable=not progress, file=sys.stderr)
+    new = retries = 0
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        with Appender(output) as out:
+            futures = {pool.submit(work, r): r for r in pending}
+            for fut in as_completed(futures):
+                rec = futures[fut]
+                res = fut.result()  # OracleFatal propagates from here
+                row = dict(rec, oracle_model=oracle.model, with_ground_truth=with_ground_truth,
+                           corrected_answer=None, verified=False)
+                if isinstance(res, OracleError):
+                    row.update(status=res.kind, attempts=res.attempts, error=str(res))
+                else:
+                    text, finish, attempts = res
+                    row.update(attempts=attempts, finish_reason=finish)
+                    body = extract_marked(text)
+                    if body is None:
+                        row.update(status="no_markers", oracle_reply=text)
+                    elif not body:
+                        row.update(status="empty", oracle_reply=text)
+                    else:
+                        ok = check_answer(body, rec["ground_truth"], checker=checker)
+                        row.update(corrected_answer=body, verified=ok, checker=checker,
+                                   status="verified" if ok else "wrong_answer")
+                retries += row["attempts"] - 1
+                out.write(row)
+                new += 1
+                bar.update(1)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        bar.close()
+    rows = read_jsonl(output, strict=False) if os.path.exists(output) else []
+    by = {}
+    for r in rows:
+        by[r.get("status", "?")] = by.get(r.get("status", "?"), 0) + 1
+    return {"done": len(rows), "verified": by.get("verified", 0),
+            "failed": {k: v for k, v in sorted(by.items()) if k != "verified"},
+            "new": new, "retries": retries}
+
+
+def format_summary(s):
+    failed = ", ".join(f"{k} {v}" for k, v in s["failed"].items()) or "none"
+    return (f"correct: {s['done']} done ({s['new']} this run, {s['retries']} retries), "
+            f"{s['verified']} corrected and verified; failed: {failed}")
+
+
+def oracle_from_args(args):
+    key = os.environ.get(args.api_key_env) or None
+    if key is None:
+        print(f"correct: ${args.api_key_env} is not set; sending no API key", file=sys.stderr)
+    return Oracle(args.oracle_url, args.oracle_model, api_key=key, timeout=args.timeout,
+                  max_retries=args.max_retries, backoff=args.backoff, max_backoff=args.max_backoff,
+                  temperature=args.oracle_temperature, max_tokens=args.oracle_max_tokens), key
+
+
+def correct_main(args, input_path=None, output_path=None):
+    template = load_template(args.prompt_template) if args.prompt_template else None
+    records = load_errors(input_path or args.input)
+    oracle, key = oracle_from_args(args)
+    try:
+        s = correct(records, output_path or args.output, oracle, workers=args.workers,
+                    template=template, with_ground_truth=args.with_ground_truth,
+                    retry_failed=getattr(args, "retry_failed", False))
+    except OracleFatal as e:
+        print(f"correct: stopped, the Oracle refused the request: {redact(e, key)}", file=sys.stderr)
+        return 1
+    print(format_summary(s))
+    return 0

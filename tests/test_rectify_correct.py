@@ -1,0 +1,292 @@
+"""``spot rectify correct`` against a real HTTP server on 127.0.0.1 speaking chat-completions,
+driven through the real ``openai`` client.
+
+The server is a small rule-based Oracle: it finds the student's solution in the prompt (it starts
+with "Let me compute." and ends at its ``\\boxed{}``), recomputes every ``a op b = c`` line of it and
+the boxed answer, and replies with the corrected text between the markers. A script per question
+tag (``Q7: ...``) makes it misbehave first: 429, 500, a reply slower than the client's timeout, a
+dropped connection, no markers, a wrong correction.
+"""
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from spot.rectify import correct as C
+from spot.rectify.jsonl import read_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+SECRET = "sk-test-7d1e2f9a-SECRET"
+
+
+def oracle_fix(prompt, wrong=False):
+    """The rule-based correction of the student solution inside ``prompt``."""
+    m = re.search(r"Let me compute\..*?\\boxed\{[^}]*\}\.?", prompt, re.S)
+    text = m.group(0)
+    last = None
+
+    def fix(mm):
+        nonlocal last
+        a, op, b = int(mm.group(1)), mm.group(2), int(mm.group(3))
+        last = OPS[op](a, b) + (1 if wrong else 0)
+        return f"{a} {op} {b} = {last}"
+    text = re.sub(r"(\d+) ([-+*]) (\d+) = (-?\d+)", fix, text)
+    return re.sub(r"\\boxed\{[^}]*\}", lambda _: f"\\\\boxed{{{last}}}", text)
+
+
+class OracleServer:
+    """A ThreadingHTTPServer with per-question scripts and request logs."""
+
+    def __init__(self, delay=0.0):
+        self.scripts, self.counts, self.prompts, self.auth = {}, {}, [], []
+        self.delay, self.lock = delay, threading.Lock()
+        oracle = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = body["messages"][-1]["content"]
+                tag = re.search(r"Q\d+", prompt).group(0)
+                with oracle.lock:
+                    oracle.prompts.append(prompt)
+                    oracle.auth.append(self.headers.get("Authorization"))
+                    n = oracle.counts[tag] = oracle.counts.get(tag, 0) + 1
+                    script = oracle.scripts.get(tag, [])
+                    action = script[n - 1] if n <= len(script) else (script[-1] if script and
+                                                                     script[-1] == "always500" else "ok")
+                if oracle.delay:
+                    time.sleep(oracle.delay)
+                try:
+                    self.act(action, body, prompt)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def act(self, action, body, prompt):
+                if action == "drop":
+                    self.close_connection = True
+                    return
+                if action == "slow":
+                    time.sleep(1.5)
+                if action in ("429", "500", "always500", "leak"):
+                    code = 429 if action == "429" else 500
+                    detail = f"saw {self.headers.get('Authorization')}" if action == "leak" else "busy"
+                    return self.send(code, {"error": {"message": detail, "type": "server_error"}},
+                                     {"Retry-After": "0"} if code == 429 else {})
+                if action == "401":
+                    return self.send(401, {"error": {"message": "bad key", "type": "auth"}})
+                fixed = oracle_fix(prompt, wrong=action == "wrong")
+                content = ("Here is the corrected solution.\n" + fixed if action == "nomarkers" else
+                           f"Here you go.\n{C.START}\n{fixed}\n{C.END}\n")
+                self.send(200, {"id": "x", "object": "chat.completion", "created": 0,
+                                "model": body["model"],
+                                "choices": [{"index": 0, "finish_reason": "stop",
+                                             "message": {"role": "assistant", "content": content}}],
+                                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+            def send(self, code, payload, headers=None):
+                data = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def oracle():
+    o = OracleServer()
+    yield o
+    o.close()
+
+
+def problem(i, rng, wrong=True):
+    a, b = rng.randint(2, 99), rng.randint(2, 99)
+    op = rng.choice("+-*")
+    c = OPS[op](a, b)
+    shown = c + rng.choice([-3, -1, 1, 2, 10]) if wrong else c
+    return {"id": f"p{i}:0", "question": f"Q{i}: What is {a} {op} {b}?", "ground_truth": str(c),
+            "response": f"Let me compute. First, {a} {op} {b} = {shown}. So the answer is \\boxed{{{shown}}}.",
+            "correct": not wrong}
+
+
+def write_errors(path, n, seed=0):
+    rng = random.Random(seed)
+    recs = [problem(i, rng) for i in range(n)]
+    with open(path, "w") as f:
+        for r in recs:
+            f.write(json.dumps(r) + "\n")
+    return recs
+
+
+def make_oracle(url, **kw):
+    kw = {"timeout": 0.6, "max_retries": 3, "backoff": 0.01, "max_backoff": 0.05, "seed": 0, **kw}
+    return C.Oracle(url, "rule-oracle", **kw)
+
+
+def test_oracle_rules_really_correct():
+    rng = random.Random(1)
+    for i in range(20):
+        p = problem(i, rng)
+        fixed = oracle_fix("x\n" + p["response"])
+        assert f"\\boxed{{{p['ground_truth']}}}" in fixed
+        assert fixed.startswith("Let me compute. First,")
+
+
+def test_correct_all_behaviours(tmp_path, oracle, capsys):
+    errors = tmp_path / "errors.jsonl"
+    recs = write_errors(errors, 10)
+    oracle.scripts = {"Q1": ["429", "ok"], "Q2": ["500", "500", "ok"], "Q3": ["slow", "ok"],
+                      "Q4": ["nomarkers"], "Q5": ["wrong"], "Q6": ["drop", "ok"],
+                      "Q7": ["always500"], "Q8": ["leak"] * 4}
+    out = tmp_path / "corrected.jsonl"
+    s = C.correct(C.load_errors(str(errors)), str(out), make_oracle(oracle.url, api_key=SECRET),
+                  workers=4, progress=False)
+    rows = {r["id"]: r for r in read_jsonl(str(out))}
+    assert sorted(rows) == sorted(r["id"] for r in recs)
+    status = {k[1:-2]: r["status"] for k, r in rows.items()}
+    attempts = {k[1:-2]: r["attempts"] for k, r in rows.items()}
+    assert status == {"0": "verified", "1": "verified", "2": "verified", "3": "verified",
+                      "4": "no_markers", "5": "wrong_answer", "6": "verified", "7": "api_error",
+                      "8": "api_error", "9": "verified"}
+    assert attempts == {"0": 1, "1": 2, "2": 3, "3": 2, "4": 1, "5": 1, "6": 2, "7": 4, "8": 4, "9": 1}
+    assert oracle.counts == {f"Q{i}": attempts[str(i)] for i in range(10)}
+    for k, r in rows.items():
+        src = recs[int(k[1:-2])]
+        assert r["original_answer"] == src["response"] and r["ground_truth"] == src["ground_truth"]
+        if r["status"] == "verified":
+            assert r["verified"] and f"\\boxed{{{src['ground_truth']}}}" in r["corrected_answer"]
+            assert C.START not in r["corrected_answer"] and "Here you go" not in r["corrected_answer"]
+            assert r["corrected_answer"] == oracle_fix(src["response"])
+        else:
+            assert not r["verified"]
+    assert rows["p4:0"]["corrected_answer"] is None  # no markers: recorded, not guessed
+    assert "ground_truth" in rows["p5:0"] and rows["p5:0"]["corrected_answer"] is not None
+    assert "InternalServerError" in rows["p7:0"]["error"]
+    assert "saw Bearer ***" in rows["p8:0"]["error"]  # the server echoed the key: scrubbed
+    assert s["done"] == 10 and s["verified"] == 6 and s["new"] == 10
+    assert s["failed"] == {"api_error": 2, "no_markers": 1, "wrong_answer": 1}
+    assert s["retries"] == sum(attempts.values()) - 10
+    # the key reached the server, and nothing we wrote or printed contains it
+    assert f"Bearer {SECRET}" in oracle.auth
+    assert SECRET not in out.read_text()
+    cap = capsys.readouterr()
+    assert SECRET not in cap.out + cap.err
+    # the prompt: without the ground truth unless asked for
+    assert all("correct final answer is" not in p for p in oracle.prompts)
+
+
+def test_correct_with_ground_truth_and_template(tmp_path, oracle):
+    errors = tmp_path / "errors.jsonl"
+    recs = write_errors(errors, 3, seed=2)
+    C.correct(C.load_errors(str(errors)), str(tmp_path / "a.jsonl"), make_oracle(oracle.url),
+              workers=2, with_ground_truth=True, progress=False)
+    for r in recs:
+        assert any(r["question"] in p and f"correct final answer is: {r['ground_truth']}" in p
+                   for p in oracle.prompts)
+    tpl = tmp_path / "tpl.txt"
+    tpl.write_text("Fix it, keep \\boxed{} style. {question}\n---\n{answer}\n---\nUse {start} {end}")
+    oracle.prompts.clear()
+    s = C.correct(C.load_errors(str(errors)), str(tmp_path / "b.jsonl"), make_oracle(oracle.url),
+                  workers=2, template=C.load_template(str(tpl)), progress=False)
+    assert s["verified"] == 3
+    assert all(p.startswith("Fix it, keep \\boxed{} style. Q") and C.END in p for p in oracle.prompts)
+    with pytest.raises(ValueError, match="prompt_template"):
+        C.build_prompt("q", "a", "1", template="{question}{answer}{ground_truth}")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("{question} only")
+    with pytest.raises(ValueError, match="answer"):
+        C.load_template(str(bad))
+
+
+def test_extract_marked():
+    s, e = C.START, C.END
+    assert C.extract_marked(f"intro {s} a {e} x {s}\n b \n{e}") == "b"
+    assert C.extract_marked(f"{s} never closed") is None
+    assert C.extract_marked(f"{e} {s}") is None
+    assert C.extract_marked("plain") is None and C.extract_marked(None) is None
+
+
+def test_auth_error_stops_and_resume(tmp_path, oracle):
+    errors = tmp_path / "errors.jsonl"
+    write_errors(errors, 4, seed=3)
+    oracle.scripts = {f"Q{i}": ["401"] for i in range(4)}
+    with pytest.raises(C.OracleFatal, match="401"):
+        C.correct(C.load_errors(str(errors)), str(tmp_path / "c.jsonl"),
+                  make_oracle(oracle.url, api_key=SECRET), workers=1, progress=False)
+    assert read_jsonl(str(tmp_path / "c.jsonl")) == []
+
+
+def test_retry_failed_and_torn_line(tmp_path, oracle):
+    errors, out = tmp_path / "errors.jsonl", tmp_path / "c.jsonl"
+    write_errors(errors, 4, seed=4)
+    oracle.scripts = {"Q1": ["nomarkers", "ok"]}
+    recs = C.load_errors(str(errors))
+    C.correct(recs, str(out), make_oracle(oracle.url), workers=2, progress=False)
+    with open(out, "a") as f:
+        f.write('{"id": "p9:0", "sta')  # a torn last line: dropped on resume
+    s = C.correct(recs, str(out), make_oracle(oracle.url), workers=2, progress=False)
+    assert s["new"] == 0 and s["failed"] == {"no_markers": 1}
+    s = C.correct(recs, str(out), make_oracle(oracle.url), workers=2, progress=False,
+                  retry_failed=True)
+    assert s["new"] == 1 and s["verified"] == 4 and s["failed"] == {}
+    ids = [r["id"] for r in read_jsonl(str(out))]
+    assert sorted(ids) == sorted(r["id"] for r in recs)
+
+
+def test_kill_and_resume_exactly_once(tmp_path):
+    oracle = OracleServer(delay=0.05)
+    try:
+        errors, out = tmp_path / "errors.jsonl", tmp_path / "corrected.jsonl"
+        recs = write_errors(errors, 40, seed=5)
+        cmd = [sys.executable, "-m", "spot.rectify.cli", "correct", "--input", str(errors),
+               "--output", str(out), "--oracle-url", oracle.url, "--oracle-model", "m",
+               "--workers", "3", "--api-key-env", "SPOT_TEST_ORACLE_KEY", "--backoff", "0.01"]
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   SPOT_TEST_ORACLE_KEY=SECRET)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if out.exists() and out.read_text().count("\n") >= 8:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        first = out.read_text()
+        assert first.endswith("\n")
+        n_first = len(read_jsonl(str(out)))  # every line complete JSON
+        assert 8 <= n_first < 40, n_first
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        rows = read_jsonl(str(out))
+        ids = [r["id"] for r in rows]
+        assert len(ids) == len(set(ids)) == 40 and set(ids) == {r["id"] for r in recs}
+        assert all(r["status"] == "verified" for r in rows)
+        assert "40 done (" in res.stdout and f"{40 - n_first} this run" in res.stdout
+        assert "40 corrected and verified" in res.stdout
+        assert SECRET not in res.stdout + res.stderr + out.read_text()
+        assert f"Bearer {SECRET}" in oracle.auth
+    finally:
+        oracle.close()
