@@ -1,0 +1,205 @@
+"""Triton backend: fused logits tiles, online log-sum-exp, recompute in the backward.
+
+Nothing of the ``[N, V]`` logits is ever stored. The forward (``fwd.py``) streams the
+vocabulary through ``tl.dot`` tiles per token tile, keeping an online ``(max, sum-exp)`` and the
+target logit; with few token tiles it splits the vocabulary across programs and ``merge.py``
+combines the partials deterministically. The backward recomputes each tile from the saved
+``lse`` and forms ``dA = g (onehot - p) / T * softcap'(a)`` in registers:
+
+* default: ``bwd.py``, one program per (token tile, vocabulary tile), float32 atomics into
+  ``dh``, ``dW``, ``db``; ``6 N D V`` FLOPs (``10 N D V`` for half inputs, see ``fast_grad``);
+  the summation order (last bits) varies between runs.
+* ``deterministic=True``: ``bwd_dh.py`` (one program per token tile) then
+  ``bwd_dw.py`` (one per vocabulary tile), each owning its output rows, no atomics,
+  bit-identical across runs; ``8 N D V`` FLOPs (``12 N D V`` for half inputs without
+  ``fast_grad``: the logits are recomputed twice) and less
+  parallelism, so expect it to be roughly 1.3-2x slower than the default.
+
+Tokens with ``g = 0`` (ignored, or zero weight) cost nothing in either backward mode: a tile
+whose rows all have ``g = 0`` skips everything, including the recompute.
+
+Memory beyond inputs and outputs: O(N) (``lse``; ``16 N splits`` bytes of split partials), and
+in the backward float32 accumulators for ``dh`` (``4 N D``), ``dW`` (``4 V D``) and ``db`` when
+the inputs are half precision (for float32 inputs the gradients themselves accumulate).
+
+``backend_options`` (all optional):
+
+* ``filter_eps`` (float >= 0, default 0 = off): skip a backward tile when every ``|dA|`` in it,
+  after scaling by ``g``, is below this; the gradient changes by at most ``filter_eps`` per
+  ``dA`` element of the skipped tiles.
+* ``deterministic`` (bool, default False): the atomic-free backward above.
+* ``fast_grad`` (bool, default False): with half inputs, round ``dA`` to the input dtype once
+  for the gradient dots (what autograd does in that dtype) instead of the default two-term
+  ``hi + lo`` split, which keeps ``dA`` float32-accurate at twice the gradient-GEMM cost
+  (backward ``6 N D V`` instead of ``10 N D V`` FLOPs). Rounding once can miss the project's
+  tolerance rule by an ulp or two at moderate sizes, hence off by default.
+* ``split_vocab`` (int >= 1): vocabulary splits of the forward; 1 disables, default automatic
+  (split when the token tiles do not cover the GPU's SMs twice).
+* ``block_m``, ``block_v``, ``block_d`` (powers of two >= 16), ``num_warps`` (1, 2, 4, 8, 16),
+  ``num_stages`` (>= 1): override ``configs.py`` for both passes.
+
+On CPU the kernels run through Triton's interpreter, only when ``TRITON_INTERPRET=1`` is set
+before the kernels are first used (that is how the tests run; it is slow: small shapes only).
+The kernel modules are imported on first use, so importing this module compiles nothing and
+touches no GPU.
+"""
+from __future__ import annotations
+
+import importlib
+import numbers
+import os
+
+import torch
+
+OPTIONS = ("filter_eps", "deterministic", "fast_grad", "split_vocab", "block_m", "block_v", "block_d",
+           "num_warps", "num_stages")
+
+
+def _interpret_env():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(device):
+    device = torch.device(device)
+    try:
+        importlib.import_module("triton")
+    except ImportError as exc:
+        return False, f"triton does not import ({exc}); pip install 'triton>=3.3'"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False, "CUDA is not available in this torch build or machine"
+        return True, ""
+    if device.type == "cpu":
+        if _interpret_env():
+            return True, ""
+        return False, "Triton runs on CPU only through its interpreter: set TRITON_INTERPRET=1"
+    return False, f"Triton kernels run on CUDA devices (or CPU when interpreted), not {device.type}"
+
+
+def _pow2(x):
+    return x >= 16 and x & (x - 1) == 0
+
+
+def check_options(options):
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"backend_options: unknown option(s) {unknown} for backend 'triton'; "
+                         f"it takes {list(OPTIONS)}")
+
+    def bad(key, want):
+        raise ValueError(f"backend_options: {key} must be {want}, got {options[key]!r}")
+
+    def is_int(x):
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if "filter_eps" in options:
+        x = options["filter_eps"]
+        if x is not None and (isinstance(x, bool) or not isinstance(x, numbers.Real)
+                              or not x >= 0 or x == float("inf")):
+            bad("filter_eps", "a finite number >= 0 (0 or None: off)")
+    for key in ("deterministic", "fast_grad"):
+        if key in options and not isinstance(options[key], bool):
+            bad(key, "True or False")
+    if "split_vocab" in options:
+        x = options["split_vocab"]
+        if x is not None and (not is_int(x) or x < 1):
+            bad("split_vocab", "an int >= 1 (1: no split) or None (automatic)")
+    for key in ("block_m", "block_v", "block_d"):
+        if key in options and not (is_int(options[key]) and _pow2(options[key])):
+            bad(key, "a power of two >= 16")
+    if "num_warps" in options and options["num_warps"] not in (1, 2, 4, 8, 16):
+        bad("num_warps", "one of 1, 2, 4, 8, 16")
+    if "num_stages" in options and not (is_int(options["num_stages"])
+                                        and options["num_stages"] >= 1):
+        bad("num_stages", "an int >= 1")
+
+
+def _kernels():
+    """The kernel modules, imported (not compiled) on first use."""
+    from . import bwd, bwd_dh, bwd_dw, configs, fwd, merge
+    return fwd, merge, bwd, bwd_dh, bwd_dw, configs
+
+
+def _precision(dtype, device):
+    """The ``tl.dot`` precision: IEEE float32 (no TF32) for float32 inputs; tensor cores for
+    half inputs ("tf32" is ignored there); "upcast" under the interpreter (see ``tiles.py``)."""
+    if dtype == torch.float32:
+        return "ieee"
+    return "upcast" if _interpreted(device) else "tf32"
+
+
+def _interpreted(device):
+    return torch.device(device).type != "cuda" or _interpret_env()
+
+
+def _splits(n, v, cfg, device, requested):
+    if requested is not None:
+        return requested
+    _, sms = _kernels()[5].device_info(device)
+    tiles = -(-n // cfg["block_m"])
+    if tiles >= sms:
+        return 1
+    # enough programs to cover the SMs twice, each split at least 8 vocabulary tiles wide
+    return max(1, min(-(-2 * sms // tiles), v // (8 * cfg["block_v"])))
+
+
+def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None,
+            ignore_index=-100, return_entropy=False, **options):
+    """Returns ``(logp, lse, entropy or None)``, float32 ``[N]`` each."""
+    fwd, merge, _, _, _, configs = _kernels()
+    n, d = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    logp, lse = torch.empty(n, **f32), torch.empty(n, **f32)
+    entropy = torch.empty(n, **f32) if return_entropy else None
+    if n == 0:
+        return logp, lse, entropy
+    targets = targets.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    cfg = configs.pick("forward", n, d, v, hidden.dtype, dev, _interpreted(dev), options)
+    splits = _splits(n, v, cfg, dev, options.get("split_vocab"))
+    parts = fwd.launch_forward(hidden, weight, targets, bias, logp, lse, entropy,
+                               temperature=temperature, softcap=softcap,
+                               ignore_index=ignore_index, splits=splits, cfg=cfg,
+                               precision=_precision(hidden.dtype, dev))
+    if parts is not None:
+        merge.launch_merge(parts, targets, logp, lse, entropy, ignore_index=ignore_index)
+    return logp, lse, entropy
+
+
+def backward(hidden, weight, targets, bias, lse, grad_logp, *, temperature=1.0, softcap=None,
+             ignore_index=-100, needs_input_grad=(True, True, True), **options):
+    """Returns ``(dh, dW, db)`` in the dtypes of ``hidden``, ``weight``, ``bias`` (None where
+    not needed)."""
+    _, _, bwd, bwd_dh, bwd_dw, configs = _kernels()
+    n, d = hidden.shape
+    v = weight.shape[0]
+    need_h, need_w, need_b = needs_input_grad
+    need_b = bool(need_b and bias is not None)
+    dev = hidden.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    dh = torch.zeros(n, d, **f32) if need_h else None
+    dw = torch.zeros(v, d, **f32) if need_w else None
+    db = torch.zeros(v, **f32) if need_b else None
+    if n and (need_h or need_w or need_b):
+        targets = targets.contiguous()
+        grad = grad_logp.float().contiguous()
+        lse = lse.float().contiguous()
+        bias = None if bias is None else bias.contiguous()
+        cfg = configs.pick("backward", n, d, v, hidden.dtype, dev, _interpreted(dev), options)
+        common = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index,
+                      filter_eps=options.get("filter_eps") or 0.0, cfg=cfg,
+                      split=hidden.dtype != torch.float32 and not options.get("fast_grad", False),
+                      precision=_precision(hidden.dtype, dev))
+        if options.get("deterministic", False):
+            if need_h:
+                bwd_dh.launch_backward_dh(hidden, weight, targets, bias, lse, grad, dh, **common)
+            if need_w or need_b:
+                bwd_dw.launch_backward_dw(hidden, weight, targets, bias, lse, grad, dw, db,
+                                          **common)
+        else:
+            bwd.launch_backward(hidden, weight, targets, bias, lse, grad, dh, dw, db, **common)
+    return (None if dh is None else dh.to(hidden.dtype),
+            None if dw is None else dw.to(weight.dtype),
+            None if db is None else db.to(bias.dtype))

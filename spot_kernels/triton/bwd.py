@@ -1,0 +1,104 @@
+"""Backward kernel (default mode): recompute each logits tile, form ``dA``, scatter ``dh``,
+``dW``, ``db`` with float32 atomics.
+
+Math (DESIGN.md section 1): with ``g_i = dL/dlogp_i`` (0 for ``ignore_index``) and the saved
+``lse``, for one ``[BLOCK_M, BLOCK_V]`` tile ``p = exp(z - lse)`` and::
+
+    dA = g (onehot(t) - p) / T * (1 - tanh^2(a / c))      (the last factor only with a softcap)
+    dh[rows] += dA W[cols];   dW[cols] += dA^T h[rows];   db[cols] += sum_rows dA
+
+A target outside ``[0, V)`` matches no column, so only its softmax term counts.
+
+Work split: grid ``(cdiv(N, BLOCK_M), cdiv(V, BLOCK_V))``, one program per (token tile,
+vocabulary tile). Each recomputes its logits tile (``tiles.logits_tile``, a loop over D), builds
+``dA`` in registers, then loops over D again in ``BLOCK_D`` chunks: ``dA W_chunk`` goes to
+``dh`` and ``dA^T h_chunk`` to ``dW`` with ``tl.atomic_add`` on float32 buffers. With half
+inputs ``dA`` enters the tensor-core dots as ``hi + lo`` (two dots, see ``tiles.py``) unless
+``fast_grad`` rounds it once.
+Skipping: a program whose token rows all have ``g = 0`` (ignored or zero-weight tokens) does
+nothing at all, not even the recompute. With ``filter_eps > 0`` a tile whose ``|dA|`` (after
+the ``g`` scaling) stays below ``filter_eps`` everywhere skips its two gradient GEMMs: the
+dropped contribution is at most ``filter_eps`` per element of ``dA``.
+
+Cost: ``6 N D V`` FLOPs (recompute, ``dh``, ``dW``) for the tiles that run, ``10 N D V`` with
+the default ``hi + lo`` split for half inputs; atomics
+``N V D (1 / BLOCK_V + 1 / BLOCK_M)`` float32 adds (L2 resident); memory beyond the gradients:
+float32 ``dh``/``dW``/``db`` buffers when the inputs are half precision. The summation order of
+the atomics varies between runs (results differ in the last bits); ``deterministic=True`` uses
+``bwd_dh.py`` + ``bwd_dw.py`` instead.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .tiles import dot2, grad_tile, logits_tile, split_half
+
+
+@triton.jit
+def _backward_kernel(H, W, B, T, LSE, G, DH, DW, DB, N, V, D, stride_hn, stride_hd,
+                     stride_wv, stride_wd, ignore_index, inv_temp, softcap, filter_eps,
+                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_H: tl.constexpr,
+                     NEED_W: tl.constexpr, NEED_B: tl.constexpr, FILTER: tl.constexpr,
+                     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < N
+    col_mask = cols < V
+    t = tl.load(T + rows, mask=row_mask, other=ignore_index)
+    g = tl.load(G + rows, mask=row_mask, other=0.0)
+    g = tl.where(t == ignore_index, 0.0, g)
+    if tl.max(tl.abs(g), axis=0) > 0:
+        lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+        z, th = logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd,
+                            stride_wv, stride_wd, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP,
+                            BLOCK_M, BLOCK_V, BLOCK_D, PRECISION)
+        da = grad_tile(z, th, lse, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP)
+        run = True
+        if FILTER:
+            run = tl.max(tl.max(tl.abs(da), axis=1), axis=0) >= filter_eps
+        if run:
+            if NEED_B:
+                tl.atomic_add(DB + cols, tl.sum(da, axis=0), mask=col_mask)
+            if NEED_H or NEED_W:
+                hi, lo = split_half(da, W.dtype.element_ty, SPLIT)
+                hi_t, lo_t = tl.trans(hi), tl.trans(lo)
+                rows64 = rows.to(tl.int64)
+                cols64 = cols.to(tl.int64)
+                for d0 in range(0, D, BLOCK_D):
+                    ds = d0 + tl.arange(0, BLOCK_D)
+                    d_mask = ds < D
+                    if NEED_H:
+                        w = tl.load(W + cols64[:, None] * stride_wv + ds[None, :] * stride_wd,
+                                    mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+                        dh = dot2(hi, lo, w, None, PRECISION, SPLIT)
+                        tl.atomic_add(DH + rows64[:, None] * D + ds[None, :], dh,
+                                      mask=row_mask[:, None] & d_mask[None, :])
+                    if NEED_W:
+                        h = tl.load(H + rows64[:, None] * stride_hn + ds[None, :] * stride_hd,
+                                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+                        dw = dot2(hi_t, lo_t, h, None, PRECISION, SPLIT)
+                        tl.atomic_add(DW + cols64[:, None] * D + ds[None, :], dw,
+                                      mask=col_mask[:, None] & d_mask[None, :])
+
+
+def launch_backward(hidden, weight, targets, bias, lse, grad, dh, dw, db, *, temperature,
+                    softcap, ignore_index, filter_eps, split, cfg, precision):
+    """Accumulates into the float32, contiguous, zero-filled ``dh``/``dw``/``db`` (None where
+    not needed)."""
+    n, d = hidden.shape
+    v = weight.shape[0]
+    bm, bv = cfg["block_m"], cfg["block_v"]
+    dummy = lse
+    grid = (triton.cdiv(n, bm), triton.cdiv(v, bv))
+    _backward_kernel[grid](
+        hidden, weight, bias if bias is not None else dummy, targets, lse, grad,
+        dh if dh is not None else dummy, dw if dw is not None else dummy,
+        db if db is not None else dummy, n, v, d, hidden.stride(0), hidden.stride(1),
+        weight.stride(0), weight.stride(1), ignore_index, 1.0 / temperature,
+        1.0 if softcap is None else softcap, float(filter_eps or 0.0),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, NEED_H=dh is not None,
+        NEED_W=dw is not None, NEED_B=db is not None, FILTER=bool(filter_eps),
+        SPLIT=split, BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=cfg["block_d"], PRECISION=precision,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

@@ -1,0 +1,108 @@
+"""Device helpers shared by every Triton kernel here (``@triton.jit`` functions, no kernels).
+
+``logits_tile`` builds one ``[BLOCK_M, BLOCK_V]`` tile of the transformed logits
+
+    a = h[rows] W[cols]^T + b[cols]        (tl.dot over D in BLOCK_D chunks, float32 accumulator)
+    z = softcap(a) / T,  softcap(a) = c tanh(a / c)
+
+and returns ``(z, th)`` with ``th = tanh(a / c)`` (the softcap derivative is ``1 - th^2``).
+Columns past the vocabulary come back as ``z = -inf`` so that ``exp(z - m) = 0`` there; rows
+past ``N`` read zeros and must be masked by the caller.
+
+Cost per tile: ``2 BLOCK_M BLOCK_V D`` FLOPs; it reads ``(BLOCK_M + BLOCK_V) D`` input
+elements (the ``h`` rows are re-read for every vocabulary tile, from L2 in practice).
+
+``tanh`` is written with ``exp`` (``tanh(x) = sign(x) (1 - e^{-2|x|}) / (1 + e^{-2|x|})``),
+which never overflows and exists in every Triton >= 3.3, also under the interpreter.
+fp32 inputs use ``input_precision="ieee"`` (no TF32): the results must match float32 torch.
+``PRECISION == "upcast"`` (only under the interpreter, whose ``tl.dot`` mishandles bfloat16
+operands in Triton 3.9) casts half operands to float32 first: the products of two half values
+are exact in float32, so this matches a tensor-core dot with float32 accumulation.
+
+Gradient dots with half inputs: rounding ``dA`` to bfloat16 once (what autograd does in that
+dtype) costs up to a few output ulps, enough to break the project's tolerance rule at moderate
+sizes. By default the backward therefore splits ``dA = hi + lo`` into two half values and runs
+two dots (``split_half``/``dot2``): float32-grade ``dA`` at twice the gradient-GEMM cost.
+``fast_grad=True`` keeps only ``hi``.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tanh(x):
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def dot(a, b, acc, PRECISION: tl.constexpr):
+    """``acc + a @ b`` in float32 (``acc`` may be None)."""
+    if PRECISION == "upcast":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def split_half(da, dtype: tl.constexpr, SPLIT: tl.constexpr):
+    """``dA`` as the input dtype for tensor-core dots: ``(hi, lo)`` with ``hi + lo = dA`` to
+    about 16 bits when ``SPLIT`` (``lo`` is ``hi`` and unused otherwise)."""
+    hi = da.to(dtype)
+    lo = hi
+    if SPLIT:
+        lo = (da - hi.to(tl.float32)).to(dtype)
+    return hi, lo
+
+
+@triton.jit
+def dot2(hi, lo, x, acc, PRECISION: tl.constexpr, SPLIT: tl.constexpr):
+    """``acc + (hi + lo) @ x`` (just ``hi`` without ``SPLIT``)."""
+    out = dot(hi, x, acc, PRECISION)
+    if SPLIT:
+        out = dot(lo, x, out, PRECISION)
+    return out
+
+
+@triton.jit
+def logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd, stride_wv,
+                stride_wd, inv_temp, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                PRECISION: tl.constexpr):
+    acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    h_rows = H + rows.to(tl.int64)[:, None] * stride_hn
+    w_rows = W + cols.to(tl.int64)[:, None] * stride_wv
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_mask = ds < D
+        h = tl.load(h_rows + ds[None, :] * stride_hd, mask=row_mask[:, None] & d_mask[None, :],
+                    other=0.0)
+        w = tl.load(w_rows + ds[None, :] * stride_wd, mask=col_mask[:, None] & d_mask[None, :],
+                    other=0.0)
+        acc = dot(h, tl.trans(w), acc, PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        th = tanh(acc / softcap)
+        z = th * (softcap * inv_temp)
+    else:
+        th = acc
+        z = acc * inv_temp
+    z = tl.where(col_mask[None, :], z, float("-inf"))
+    return z, th
+
+
+@triton.jit
+def grad_tile(z, th, lse, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP: tl.constexpr):
+    """``dA = g (onehot(t) - p) / T * softcap'(a)`` for one tile, float32, in registers.
+    Masked columns give 0 (a target outside ``[0, V)`` matches no real column)."""
+    p = tl.exp(z - lse[:, None])
+    onehot = ((cols[None, :] == t[:, None]) & col_mask[None, :]).to(tl.float32)
+    da = g[:, None] * (onehot - p) * inv_temp
+    if HAS_SOFTCAP:
+        da = da * (1.0 - th * th)
+    return da

@@ -1,0 +1,246 @@
+"""The Triton backend against the float64 reference (the tolerance rule of conftest), on CPU
+through ``TRITON_INTERPRET=1`` with tiny shapes, and on CUDA at real sizes (``gpu`` marker).
+
+The interpreter tiles are 16 x 32 x 16 (``configs.py``) unless a test sets them, so the shapes
+below reach several token, vocabulary and D tiles with a ragged last tile in each.
+"""
+import os
+
+import pytest
+import torch
+
+import spot_kernels as sk
+from spot_kernels import _registry, reference
+from conftest import assert_close, make_head, references
+
+HAS_TRITON = _registry.availability("triton", "cpu")[0] or _registry.availability("triton", "cuda")[0]
+
+
+def _device():
+    if torch.cuda.is_available() and _registry.availability("triton", "cuda")[0]:
+        return "cuda"
+    return "cpu"
+
+
+needs_triton = pytest.mark.skipif(
+    not (_registry.availability("triton", "cpu")[0] or torch.cuda.is_available()),
+    reason="triton backend unavailable here (on CPU set TRITON_INTERPRET=1)")
+
+
+def run(h, w, t, b=None, gout=None, options=None, **kw):
+    """Triton log-probs and the gradients of ``sum(logp * gout)``."""
+    leaves = [h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()]
+    if b is not None:
+        leaves.append(b.detach().clone().requires_grad_())
+    logp = sk.token_logprobs(leaves[0], leaves[1], t, bias=leaves[2] if b is not None else None,
+                             backend="triton", backend_options=options, **kw)
+    grads = torch.autograd.grad((logp.double() * gout).sum(), leaves)
+    for leaf, grad in zip(leaves, grads):
+        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
+    return logp, grads
+
+
+def check(h, w, t, b=None, options=None, **kw):
+    truth, same, gout = references(h, w, t, b, **kw)
+    logp, grads = run(h, w, t, b, gout, options, **kw)
+    assert_close(logp, same[0], truth[0], h.dtype, "logp")
+    for name, ours, s, tr in zip(("dh", "dW", "db"), grads, same[1], truth[1]):
+        assert_close(ours, s, tr, h.dtype, name)
+    return logp, grads
+
+
+# --- options and availability: no kernel runs ---------------------------------------------
+
+def test_check_options_rejects_bad_keys_and_values():
+    from spot_kernels import triton as tb
+    tb.check_options({"filter_eps": 1e-4, "deterministic": True, "split_vocab": 2,
+                      "block_m": 32, "block_v": 64, "block_d": 16, "num_warps": 4,
+                      "num_stages": 3})
+    bad = [{"chunk": 3}, {"filter_eps": -1.0}, {"filter_eps": "x"}, {"deterministic": 1},
+           {"split_vocab": 0}, {"split_vocab": 1.5}, {"block_m": 24}, {"block_v": 8},
+           {"num_warps": 3}, {"num_stages": 0}]
+    for opts in bad:
+        with pytest.raises(ValueError, match="backend_options"):
+            tb.check_options(opts)
+
+
+def test_available_on_cpu_needs_the_interpreter(monkeypatch):
+    from spot_kernels import triton as tb
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ok, why = tb.available(torch.device("cpu"))
+    assert not ok and "TRITON_INTERPRET" in why
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert tb.available(torch.device("cpu")) == (True, "")
+    assert sk.available_backends("cpu")[0] == "triton"
+
+
+# --- kernels, on CPU through the interpreter (or on CUDA when present) --------------------
+
+pytestmark_kernels = [needs_triton]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_ragged_tiles_bias_temperature_softcap(dtype):
+    # N = 19: two token tiles; V = 45: a ragged second vocabulary tile; D = 24 > block_d = 16
+    h, w, b, t = make_head(19, 24, 45, dtype, _device(), bias=True, scale=3.0, seed=1)
+    check(h, w, t, b, temperature=0.7, softcap=4.0)
+
+
+@needs_triton
+def test_plain_and_single_token():
+    h, w, _, t = make_head(19, 24, 45, torch.float32, _device(), seed=2)
+    check(h, w, t)
+    h1, w1, b1, t1 = make_head(1, 24, 45, torch.float32, _device(), bias=True, ignore_frac=0.0,
+                               seed=3)
+    check(h1, w1, t1, b1, temperature=1.5)
+
+
+@needs_triton
+def test_all_ignored_costs_nothing_and_gives_zeros():
+    h, w, b, t = make_head(19, 24, 45, torch.float32, _device(), bias=True, seed=4)
+    t = torch.full_like(t, -100)
+    logp, grads = run(h, w, t, b, torch.randn(19, dtype=torch.float64, device=t.device))
+    assert logp.abs().max() == 0
+    assert all(g.abs().max() == 0 for g in grads)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_split_vocab_forced(dtype):
+    from spot_kernels import triton as tb
+    h, w, b, t = make_head(19, 24, 100, dtype, _device(), bias=True, scale=2.0, seed=5)
+    kw = dict(temperature=0.8, softcap=6.0)
+    # 3 splits of 2 vocabulary tiles each (64 columns), the last one ragged (36 columns)
+    logp, ent = sk.token_logprobs(h, w, t, bias=b, backend="triton", return_entropy=True,
+                                  backend_options={"split_vocab": 3}, **kw)
+    tl_, te = reference.token_logprobs(h, w, t, b, compute_dtype=torch.float64,
+                                       return_entropy=True, **kw)
+    sl, se = reference.token_logprobs(h, w, t, b, return_entropy=True, **kw)
+    assert_close(logp, sl, tl_, dtype, "logp")
+    assert_close(ent, se, te, dtype, "entropy")
+    ref = tb.forward(h, w, t, b, ignore_index=-100, split_vocab=1, **kw)[1]
+    split = tb.forward(h, w, t, b, ignore_index=-100, split_vocab=3, **kw)[1]
+    assert_close(split, ref, te * 0 + ref.double(), torch.float32, "lse split vs not")
+
+
+@needs_triton
+def test_deterministic_is_bit_identical_and_right():
+    h, w, b, t = make_head(37, 24, 45, torch.float32, _device(), bias=True, scale=2.0, seed=6)
+    opts = {"deterministic": True}
+    _, first = check(h, w, t, b, options=opts, softcap=5.0)
+    truth, same, gout = references(h, w, t, b, softcap=5.0)
+    _, second = run(h, w, t, b, gout, opts, softcap=5.0)
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
+
+
+@needs_triton
+def test_filter_eps():
+    h, w, b, t = make_head(19, 24, 45, torch.float32, _device(), bias=True, seed=7)
+    truth, same, gout = references(h, w, t, b)
+    # off (0) is exact; a small threshold changes each gradient a little; a huge one drops all
+    _, exact = run(h, w, t, b, gout, {"filter_eps": 0.0})
+    for ours, s, tr in zip(exact, same[1], truth[1]):
+        assert_close(ours, s, tr, torch.float32)
+    eps = 1e-3
+    _, filt = run(h, w, t, b, gout, {"filter_eps": eps})
+    for ours, tr in zip(filt, truth[1]):
+        rel = (ours.double() - tr).norm() / tr.norm()
+        assert rel < 0.05, rel
+    _, none = run(h, w, t, b, gout, {"filter_eps": 1e6, "deterministic": True})
+    assert all(g.abs().max() == 0 for g in none)
+
+
+@needs_triton
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_targets_outside_vocab_contract(deterministic):
+    """Vocab-parallel shards: a target outside [0, V) that is not ignore_index gets
+    ``logp = -lse`` and only the softmax term in the backward."""
+    from spot_kernels import triton as tb
+    dev = _device()
+    h, w, b, t = make_head(19, 24, 45, torch.float32, dev, bias=True, ignore_frac=0.1, seed=8)
+    t[1::3] = 45 + t[1::3]  # another shard's ids
+    t[2::5] = -7            # below the shard, not ignore_index
+    kw = dict(temperature=0.9, softcap=None, ignore_index=-100)
+    logp, lse, _ = tb.forward(h, w, t, b, return_entropy=False, split_vocab=2, **kw)
+    z = (h.double() @ w.double().T + b.double()) / 0.9
+    lse64 = torch.logsumexp(z, 1)
+    valid, here = t != -100, (t >= 0) & (t < 45)
+    zt = z.gather(1, t.clamp(0, 44).unsqueeze(1)).squeeze(1)
+    expect = torch.where(valid, torch.where(here, zt, 0.0) - lse64, 0.0)
+    torch.testing.assert_close(logp.double(), expect, rtol=0, atol=1e-5)
+    g = torch.randn(19, device=dev)
+    dh, dw, db = tb.backward(h, w, t, b, lse, g, needs_input_grad=(True, True, True),
+                             deterministic=deterministic, **kw)
+    p = torch.softmax(z, 1)
+    onehot = torch.zeros_like(p)
+    onehot[here, t[here]] = 1.0
+    da = torch.where(valid, g.double(), 0.0).unsqueeze(1) * (onehot - p) / 0.9
+    torch.testing.assert_close(dh.double(), da @ w.double(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(dw.double(), da.T @ h.double(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(db.double(), da.sum(0), rtol=0, atol=1e-5)
+
+
+@needs_triton
+def test_spot_loss_matches_float64_reference():
+    dev = _device()
+    h, w, _, t = make_head(30, 24, 45, torch.float32, dev, scale=2.0, seed=9)
+    cu = torch.tensor([0, 6, 13, 21, 30], device=dev)
+    labels = torch.tensor([1.0, 1.0, 0.0, 0.0], device=dev)
+    ref_logps = torch.randn(4, device=dev) * 5 - 30
+    kw = dict(beta=0.3, delta=0.05, temperature=0.9, average=True)
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    out = sk.spot_loss(hh, ww, t, cu, ref_logps, labels, backend="triton", **kw)
+    out.loss.backward()
+    # float64 ground truth through the reference composition
+    h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+    logp = reference.token_logprobs(h64, w64, t, temperature=0.9, compute_dtype=torch.float64)
+    valid = t != -100
+    pi = reference.sequence_logprobs(logp, cu, valid, average=True)
+    u = 0.3 * (pi - ref_logps.double()) - 0.05
+    y = labels.double()
+    loss = (y * torch.nn.functional.softplus(-u) + (1 - y) * torch.nn.functional.softplus(u)).sum() / 2
+    loss.backward()
+    torch.testing.assert_close(out.loss.double(), loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.policy_logps.double(), pi.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hh.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ww.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+
+
+# --- real sizes on a GPU --------------------------------------------------------------------
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+compiled = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") == "1",
+                              reason="TRITON_INTERPRET=1 would interpret the real-size kernels; "
+                                     "run with TRITON_INTERPRET=0")
+
+
+@gpu
+@needs_cuda
+@compiled
+@pytest.mark.parametrize("options", [{}, {"deterministic": True}, {"split_vocab": 4}],
+                         ids=["default", "deterministic", "split"])
+def test_gpu_real_size_bf16(options):
+    n, d, v = 4096, 4096, 32768
+    h, w, b, t = make_head(n, d, v, torch.bfloat16, "cuda", bias=False, scale=2.0, seed=11)
+    check(h, w, t, options=options, softcap=30.0)
+    if options.get("deterministic"):
+        truth, same, gout = references(h, w, t, softcap=30.0)
+        _, a = run(h, w, t, None, gout, options, softcap=30.0)
+        _, c = run(h, w, t, None, gout, options, softcap=30.0)
+        assert all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+@gpu
+@needs_cuda
+@compiled
+def test_gpu_real_size_fp32_bias_and_filter():
+    n, d, v = 1024, 2048, 50000
+    h, w, b, t = make_head(n, d, v, torch.float32, "cuda", bias=True, seed=12)
+    check(h, w, t, b, temperature=0.8)
+    truth, same, gout = references(h, w, t, b, temperature=0.8)
+    _, filt = run(h, w, t, b, gout, {"filter_eps": 1e-6}, temperature=0.8)
+    for ours, tr in zip(filt, truth[1]):
+        assert ((ours.double() - tr).norm() / tr.norm()) < 1e-2
