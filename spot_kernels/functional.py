@@ -40,7 +40,7 @@ class _TokenLogprobs(torch.autograd.Function):
 
 def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, softcap=None,
                    ignore_index=-100, backend="auto", return_entropy=False,
-                   backend_options=None):
+                   backend_options=None, process_group=None):
     """Per-token ``log p(target)`` of ``softcap(hidden @ weight.T + bias) / temperature``.
 
     ``hidden`` is ``[..., D]``, ``weight`` ``[V, D]`` (same dtype), ``targets`` has hidden's
@@ -49,7 +49,19 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, softc
     gradient). Gradients flow to ``hidden``, ``weight`` and ``bias``. ``backend_options`` is a
     dict of backend-specific settings (chunk sizes, ``filter_eps``, ...) documented in each
     backend's module; an unknown key is an error.
+
+    Sharded heads (``spot_kernels.distributed``): with ``process_group`` the head is
+    vocab-parallel, ``weight``/``bias`` hold this rank's rows ``[start, stop)`` (ranks in order,
+    uneven splits allowed), ``hidden`` and the global ``targets`` are the same on every rank, and
+    every rank gets the full log-probs; ``dh`` is all-reduced in the backward. A ``DTensor``
+    ``weight`` (FSDP2) is gathered for the call and its gradient returned sharded.
     """
+    if process_group is not None or _sharded(weight) or _sharded(bias):
+        from . import distributed
+        return distributed.token_logprobs(
+            hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
+            ignore_index=ignore_index, backend=backend, return_entropy=return_entropy,
+            backend_options=backend_options, process_group=process_group)
     _checks.head(hidden, weight, targets, bias, temperature, softcap, ignore_index)
     name = _registry.resolve(backend, hidden.device)
     shape = targets.shape
@@ -73,6 +85,11 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, softc
     if return_entropy:
         return out[0].reshape(shape), out[1].reshape(shape)
     return out.reshape(shape)
+
+
+def _sharded(x):
+    """A ``DTensor`` (FSDP2 / tensor-parallel parameter): routed to ``spot_kernels.distributed``."""
+    return x is not None and type(x).__name__ == "DTensor" and hasattr(x, "device_mesh")
 
 
 def sequence_logprobs(token_logps, cu_seqlens, *, valid=None, average=False):
@@ -112,17 +129,19 @@ class SpotLossOutput:
 
 def spot_loss(hidden, weight, targets, cu_seqlens, ref_logps, labels, *, beta=0.1, delta=0.0,
               bias=None, temperature=1.0, softcap=None, ignore_index=-100, average=False,
-              reduction="pairs", backend="auto", backend_options=None):
+              reduction="pairs", backend="auto", backend_options=None, process_group=None):
     """The fused SPoT loss from hidden states: ``token_logprobs -> sequence_logprobs ->
     bce_reward_loss`` without ever holding ``[N, V]`` logits. ``hidden`` is ``[N, D]`` (or
-    ``[1, N, D]``) of packed sequences delimited by ``cu_seqlens``."""
+    ``[1, N, D]``) of packed sequences delimited by ``cu_seqlens``. ``process_group``: a
+    vocab-parallel head, as in ``token_logprobs`` (every rank computes the same loss)."""
     _checks.tensor("hidden", hidden)
     _checks.tensor("targets", targets)
     s = _checks.cu_seqlens(cu_seqlens, targets.numel(), hidden.device)
     _checks.bce_inputs(None, ref_logps, labels, beta, delta, reduction, s=s)
     logp = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                           softcap=softcap, ignore_index=ignore_index, backend=backend,
-                          backend_options=backend_options).reshape(-1)
+                          backend_options=backend_options,
+                          process_group=process_group).reshape(-1)
     valid = targets.reshape(-1) != ignore_index
     policy = losses.sequence_logprobs(logp, cu_seqlens, valid, average)
     loss, stats = losses.bce_reward_loss(policy, ref_logps, labels, beta, delta, reduction)

@@ -1,0 +1,196 @@
+"""Sharded LM heads: vocab-parallel rows across a process group, and FSDP2 ``DTensor`` weights.
+
+Reached through the public functions: ``token_logprobs(..., process_group=pg)`` /
+``spot_loss(..., process_group=pg)``, or any call whose ``weight`` (or ``bias``) is a ``DTensor``.
+
+Vocab-parallel (Megatron-style column-parallel head)
+----------------------------------------------------
+Rank ``r`` of ``process_group`` holds rows ``[start_r, stop_r)`` of ``W`` (and of ``b``); the
+splits may be uneven and are found by one ``all_gather`` of the local row counts (rank order).
+``hidden`` and the *global* ``targets`` are the same on every rank. Each rank runs the backend on
+its rows with local targets ``t - start_r``; a target another rank owns is passed as an index
+outside ``[0, V_r)``, which the backend contract turns into "no target logit, no one-hot term".
+From the local ``(logp_r, lse_r, H_r)``::
+
+    m   = allreduce_max(lse_r)
+    S   = allreduce_sum(exp(lse_r - m));              lse = m + log S
+    z_t = allreduce_sum(owner ? logp_r + lse_r : 0);  logp = z_t - lse
+    H   = lse - allreduce_sum(exp(lse_r - m) (lse_r - H_r)) / S
+
+(the three sums travel in one all-reduce). The backward runs the backend with the *global*
+``lse``, which makes its local softmax the global one restricted to this rank's rows, so ``dW_r``
+and ``db_r`` are exact locally; ``dh`` is a partial sum over this rank's rows and is all-reduced,
+as a column-parallel linear's input gradient is. Communication: ``3 N`` floats forward (plus
+``N`` with entropy), ``N D`` backward; never ``[N, V]``.
+
+FSDP2 / DTensor weights
+-----------------------
+A ``DTensor`` weight (e.g. ``fully_shard``'s ``Shard(0)`` parameter) is gathered with
+``full_tensor()`` for the forward and dropped right after it; the backward gathers it again
+(FSDP's reshard-after-forward trade: one more all-gather instead of a ``V x D`` tensor alive
+between the passes). The full ``dW`` is reduced back to the weight's placements (reduce-scatter
+over ``Shard`` dims, all-reduce over ``Replicate`` dims) and divided by the mesh size: the mean over
+data-parallel ranks, as FSDP2's default gradient reduction does. The gradient comes back as a
+``DTensor`` with the parameter's placements. FSDP1 (``use_orig_params``) and ZeRO-3 hold full
+parameters only inside the wrapped module's forward: call the fused function there (or under
+``deepspeed.zero.GatheredParameters``); outside it they are flat shards this module cannot see.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from . import _checks, _registry
+
+
+def is_dtensor(x):
+    if x is None:
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed
+        return False
+    return isinstance(x, DTensor)
+
+
+def _full(x):
+    return x.full_tensor() if is_dtensor(x) else x
+
+
+def _reduce_to(grad, like):
+    """Full gradient -> ``like``'s placements, averaged over its mesh (FSDP2's mean)."""
+    from torch.distributed.tensor import DTensor, Partial
+    mesh = like.device_mesh
+    part = DTensor.from_local(grad / mesh.size(), mesh, [Partial()] * mesh.ndim, run_check=False)
+    return part.redistribute(mesh, like.placements)
+
+
+def vocab_range(weight, group):
+    """``(start, stop, V_total)`` of this rank's rows of ``W`` in ``group`` (one all_gather)."""
+    mine = torch.tensor([weight.shape[0]], dtype=torch.long, device=weight.device)
+    counts = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(counts, mine, group=group)
+    counts = torch.cat(counts).tolist()
+    rank = dist.get_rank(group)
+    start = sum(counts[:rank])
+    return start, start + weight.shape[0], sum(counts)
+
+
+def _local_targets(t, start, stop, ignore_index):
+    """Global targets -> this rank's: ``t - start`` where owned, an index outside ``[0, V_r)``
+    (and not ``ignore_index``) where another rank owns it, ``ignore_index`` kept."""
+    v = stop - start
+    outside = -1 if ignore_index != -1 else v
+    own = (t >= start) & (t < stop)
+    local = torch.where(own, t - start, torch.full_like(t, outside))
+    return torch.where(t == ignore_index, torch.full_like(t, ignore_index), local), own
+
+
+class _ShardedHead(torch.autograd.Function):
+    """Token log-probs for a vocab-parallel and/or DTensor head; saves only shards and O(N)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, impl, cfg, options, return_entropy, group,
+                vrange):
+        w, b = _full(weight), _full(bias)
+        t = targets
+        if group is not None:
+            t, own = _local_targets(targets, vrange[0], vrange[1], cfg["ignore_index"])
+        logp, lse, ent = impl.forward(hidden, w, t, b, return_entropy=return_entropy, **cfg,
+                                      **options)
+        del w, b  # a gathered DTensor weight is freed here; the backward gathers it again
+        if group is not None:
+            m = lse.clone()
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+            e = torch.exp(lse - m)
+            parts = [e, torch.where(own, logp + lse, 0.0)]
+            if return_entropy:
+                parts.append(e * (lse - ent))
+            sums = torch.stack(parts)
+            dist.all_reduce(sums, group=group)
+            lse = m + torch.log(sums[0])
+            valid = targets != cfg["ignore_index"]
+            logp = torch.where(valid, sums[1] - lse, 0.0)
+            if return_entropy:
+                ent = lse - sums[2] / sums[0]
+        ctx.save_for_backward(hidden, weight, bias, t, lse)
+        ctx.impl, ctx.cfg, ctx.options, ctx.group = impl, cfg, options, group
+        if ent is None:
+            return logp
+        ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, *_):
+        hidden, weight, bias, t, lse = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        nothing = (None,) * 10
+        if grad_logp is None or not any(needs):
+            return nothing
+        w, b = _full(weight), _full(bias)
+        dh, dw, db = ctx.impl.backward(hidden, w, t, b, lse, grad_logp.float().contiguous(),
+                                       needs_input_grad=needs, **ctx.cfg, **ctx.options)
+        del w, b
+        if ctx.group is not None and dh is not None:
+            dist.all_reduce(dh, group=ctx.group)
+        if dw is not None and is_dtensor(weight):
+            dw = _reduce_to(dw, weight)
+        if db is not None and is_dtensor(bias):
+            db = _reduce_to(db, bias)
+        return (dh, dw, db) + nothing[3:]
+
+
+def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, softcap=None,
+                   ignore_index=-100, backend="auto", return_entropy=False, backend_options=None,
+                   process_group=None):
+    """``spot_kernels.token_logprobs`` for a sharded head (see the module docstring)."""
+    if process_group is not None and (is_dtensor(weight) or is_dtensor(bias)):
+        raise ValueError("process_group: give either a vocab-parallel local weight shard with "
+                         "process_group, or a DTensor weight without it, not both")
+    for name, x in (("hidden", hidden), ("targets", targets)):
+        if is_dtensor(x):
+            raise TypeError(f"{name} must be a plain tensor (only weight and bias may be DTensors)")
+    if process_group is not None and not dist.is_initialized():
+        raise ValueError("process_group: torch.distributed is not initialised")
+    if (bias is not None) and (is_dtensor(bias) != is_dtensor(weight)):
+        raise TypeError("bias must be a DTensor exactly when weight is one")
+    # dtype / shape / device checks on empty slices (the range check needs the global V, below)
+    _checks.tensor("hidden", hidden)
+    _checks.tensor("targets", targets)
+    if hidden.dim() < 1 or targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])} (hidden's leading "
+                         f"dims), got {tuple(targets.shape)}")
+    w_local = weight.to_local() if is_dtensor(weight) else weight
+    b_local = bias.to_local() if is_dtensor(bias) else bias
+    _checks.head(hidden.reshape(-1, hidden.shape[-1])[:0], w_local, targets.reshape(-1)[:0],
+                 b_local, temperature, softcap, ignore_index)
+    if is_dtensor(weight) and weight.shape[-1] != hidden.shape[-1]:
+        raise ValueError(f"weight is [V, D] = {tuple(weight.shape)} but hidden has last dim "
+                         f"{hidden.shape[-1]}")
+    name = _registry.resolve(backend, hidden.device)
+    if name == "reference":
+        raise ValueError("backend: 'reference' materialises whole logits and does not run "
+                         "sharded heads; use 'torch' (or 'auto')")
+    impl = _registry.module(name)
+    options = dict(backend_options or {})
+    impl.check_options(options)
+    shape = targets.shape
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    t1 = targets.reshape(-1).long()
+    vrange = None
+    if process_group is not None:
+        vrange = vocab_range(weight, process_group)
+        v_total = vrange[2]
+    else:
+        v_total = weight.shape[0]
+    bad = ((t1 < 0) | (t1 >= v_total)) & (t1 != ignore_index)
+    if t1.numel() and bool(bad.any()):
+        raise ValueError(f"targets must lie in [0, V) = [0, {v_total}) or equal ignore_index "
+                         f"({ignore_index}); found {t1[bad][0].item()}")
+    cfg = dict(temperature=float(temperature), softcap=None if softcap is None else float(softcap),
+               ignore_index=ignore_index)
+    out = _ShardedHead.apply(h2, weight, bias, t1, impl, cfg, options, return_entropy,
+                             process_group, vrange)
+    if return_entropy:
+        return out[0].reshape(shape), out[1].reshape(shape)
+    return out.reshape(shape)

@@ -1,0 +1,121 @@
+"""Sharded heads on CPU over gloo, in spawned processes, against the single-process float64
+reference: vocab-parallel rows (equal and uneven splits, 2 and 3 ranks) and an FSDP2
+``fully_shard`` LM head (2 ranks). Forward values and gradients are both checked.
+
+Spawning is the slow part (seconds per process), so each world size is one spawn that runs every
+check; a failing check raises in the worker and fails the test.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import assert_close, make_head, references
+
+import spot_kernels as sk
+from spot_kernels import reference
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
+
+SPLITS = {2: [19, 19], 3: [10, 20, 7]}  # rows of W per rank: equal and uneven
+
+
+def _vocab_parallel(rank, world):
+    sizes = SPLITS[world]
+    v = sum(sizes)
+    start = sum(sizes[:rank])
+    stop = start + sizes[rank]
+    kw = dict(temperature=0.8, softcap=4.0)
+    h, w, b, t = make_head(45, 16, v, torch.float32, "cpu", bias=True, seed=7)  # same on all ranks
+    bounds = torch.tensor(sizes).cumsum(0)  # every rank's first and last rows as targets
+    t[:2 * world] = torch.stack([bounds - torch.tensor(sizes), bounds - 1], 1).flatten()
+    t[2 * world] = -100
+    hh = h.clone().requires_grad_()
+    ws = w[start:stop].clone().requires_grad_()
+    bs = b[start:stop].clone().requires_grad_()
+    logp, ent = sk.token_logprobs(hh, ws, t, bias=bs, process_group=dist.group.WORLD,
+                                  return_entropy=True, backend="torch", **kw)
+    truth, same, gout = references(h, w, t, b, **kw)
+    assert_close(logp, same[0], truth[0], torch.float32, "logp")
+    _, ent64 = reference.token_logprobs(h.double(), w.double(), t, b.double(),
+                                        compute_dtype=torch.float64, return_entropy=True, **kw)
+    _, ent32 = reference.token_logprobs(h, w, t, b, return_entropy=True, **kw)
+    assert_close(ent, ent32, ent64, torch.float32, "entropy")
+    dh, dw, db = torch.autograd.grad((logp.double() * gout).sum(), (hh, ws, bs))
+    assert_close(dh, same[1][0], truth[1][0], torch.float32, "dh")
+    assert_close(dw, same[1][1][start:stop], truth[1][1][start:stop], torch.float32, "dW shard")
+    assert_close(db, same[1][2][start:stop], truth[1][2][start:stop], torch.float32, "db shard")
+
+    # spot_loss: the same loss on every rank as one process with the whole head
+    cu = torch.tensor([0, 10, 22, 30, 45])
+    ref = torch.randn(4, generator=torch.Generator().manual_seed(1)) - 30
+    labels = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    hh = h.clone().requires_grad_()
+    ws = w[start:stop].clone().requires_grad_()
+    out = sk.spot_loss(hh, ws, t, cu, ref, labels, process_group=dist.group.WORLD, **kw)
+    out.loss.backward()
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    one = sk.spot_loss(h1, w1, t, cu, ref, labels, backend="torch", **kw)
+    one.loss.backward()
+    torch.testing.assert_close(out.loss, one.loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(hh.grad, h1.grad, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(ws.grad, w1.grad[start:stop], atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="targets"):
+        sk.token_logprobs(h, w[start:stop], torch.full((45,), v), process_group=dist.group.WORLD)
+
+
+def _fsdp2(rank, world):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    v, d = 37, 16  # 37 rows: an uneven FSDP split
+    head = torch.nn.Linear(d, v, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(make_head(1, d, v, torch.float32, "cpu", seed=11)[1])
+    full_w = head.weight.detach().clone()
+    fully_shard(head)
+    assert isinstance(head.weight, DTensor)
+    data = [make_head(21, d, v, torch.float32, "cpu", seed=100 + r)  # each rank's own batch
+            for r in range(world)]
+    h, _, _, t = data[rank]
+    hh = h.clone().requires_grad_()
+    logp = sk.token_logprobs(hh, head.weight, t, softcap=3.0)
+    gout = torch.randn(t.shape, generator=torch.Generator().manual_seed(rank))
+    (logp * gout).sum().backward()
+    grad = head.weight.grad
+    assert isinstance(grad, DTensor) and grad.placements == head.weight.placements
+    # truth: this rank's log-probs and dh; dW is the mean of every rank's dW (FSDP2's reduction)
+    dws = []
+    for r, (hr, _, _, tr) in enumerate(data):
+        h64 = hr.double().requires_grad_()
+        w64 = full_w.double().requires_grad_()
+        lp = reference.token_logprobs(h64, w64, tr, softcap=3.0, compute_dtype=torch.float64)
+        g = torch.randn(tr.shape, generator=torch.Generator().manual_seed(r)).double()
+        dhr, dwr = torch.autograd.grad((lp * g).sum(), (h64, w64))
+        dws.append(dwr)
+        if r == rank:
+            torch.testing.assert_close(logp.double(), lp.detach(), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(hh.grad.double(), dhr, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grad.full_tensor().double(), sum(dws) / world, atol=1e-5, rtol=1e-4)
+
+
+def _worker(rank, world, init_file):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        _vocab_parallel(rank, world)
+        if world == 2:
+            _fsdp2(rank, world)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_heads(world, tmp_path):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.start_processes(_worker, args=(world, str(tmp_path / "init")), nprocs=world,
+                       start_method="spawn")
