@@ -1,0 +1,117 @@
+"""``spot rectify filter``: keep the corrections that stayed close to the student's answer.
+
+For every verified correction, both answers are tokenized with the training tokenizer (no special
+tokens) and the change ratio ``r = 1 - LCS(y-, y+) / |y+|`` is computed with the exact bit-parallel
+LCS of :mod:`spot.rectify.lcs`: ``r = 0`` means ``y+`` only deleted tokens of ``y-``; ``r = 1``
+means nothing of ``y-`` survived. Pairs with ``r <= gamma`` (SPoT: 0.6) are written in the
+trainer's format::
+
+    {"prompt": question, "chosen": y+, "rejected": y-, "id", "ground_truth", "change_ratio",
+     "lcs", "chosen_tokens", "rejected_tokens", provenance...}
+
+With ``--masks`` each pair also gets ``chosen_changed``: the positions (token indices into the
+tokenized ``chosen``) that one longest common subsequence does not match, i.e. the tokens the
+Oracle wrote, for per-token weighting later. The output is rewritten whole (atomically): the step
+is deterministic and fast, so it needs no resumption.
+"""
+from __future__ import annotations
+
+import os
+
+from .jsonl import read_jsonl, rewrite
+from .lcs import lcs_alignment, lcs_length
+
+PROVENANCE = ("problem_id", "sample", "model", "oracle_model", "with_ground_truth", "checker",
+              "system", "attempts")
+
+
+def _quantiles(xs, qs=(0.0, 0.25, 0.5, 0.75, 1.0)):
+    xs = sorted(xs)
+    if not xs:
+        return {}
+    out = {}
+    for q in qs:
+        pos = q * (len(xs) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(xs) - 1)
+        out[q] = xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+    return out
+
+
+def filter_pairs(records, tokenizer, *, gamma=0.6, masks=False):
+    """``(pairs, stats)`` from corrected records (see the module docstring)."""
+    if not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
+        raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
+    verified = [r for r in records if r.get("status") == "verified" and r.get("corrected_answer")]
+    stats = {"input": len(records), "verified": len(verified), "kept": 0, "over_gamma": 0,
+             "ratios": []}
+    if not verified:
+        return [], stats
+    enc = tokenizer([r["original_answer"] for r in verified] + [r["corrected_answer"] for r in verified],
+                    add_special_tokens=False)["input_ids"]
+    minus, plus = enc[:len(verified)], enc[len(verified):]
+    pairs = []
+    for r, ym, yp in zip(verified, minus, plus):
+        if masks:
+            align = lcs_alignment(ym, yp)
+            lcs = len(align)
+        else:
+            lcs = lcs_length(ym, yp)
+        ratio = 1.0 - lcs / len(yp) if yp else 1.0
+        stats["ratios"].append(ratio)
+        if ratio > gamma:
+            stats["over_gamma"] += 1
+            continue
+        pair = {"prompt": r["question"], "chosen": r["corrected_answer"],
+                "rejected": r["original_answer"], "id": r.get("id"),
+                "ground_truth": r.get("ground_truth"), "change_ratio": round(ratio, 6),
+                "lcs": lcs, "chosen_tokens": len(yp), "rejected_tokens": len(ym)}
+        pair.update({k: r[k] for k in PROVENANCE if k in r})
+        if masks:
+            matched = {j for _, j in align}
+            pair["chosen_changed"] = [j for j in range(len(yp)) if j not in matched]
+        pairs.append(pair)
+    stats["kept"] = len(pairs)
+    return pairs, stats
+
+
+def format_stats(stats, gamma):
+    lines = [f"filter: kept {stats['kept']} of {stats['verified']} verified corrections "
+             f"(change ratio <= {gamma}; {stats['over_gamma']} over; "
+             f"{stats['input'] - stats['verified']} not verified)"]
+    rs = stats["ratios"]
+    if rs:
+        q = _quantiles(rs)
+        lines.append("change ratio: min {:.3f}  p25 {:.3f}  median {:.3f}  p75 {:.3f}  max {:.3f}  "
+                     "mean {:.3f}".format(q[0.0], q[0.25], q[0.5], q[0.75], q[1.0], sum(rs) / len(rs)))
+        bins = [0] * 10
+        for r in rs:
+            bins[min(9, int(r * 10))] += 1
+        top = max(bins)
+        for k, n in enumerate(bins):
+            bar = "#" * (round(30 * n / top) if top else 0)
+            lines.append(f"  [{k / 10:.1f}, {(k + 1) / 10:.1f}{']' if k == 9 else ')'} {n:6d} {bar}")
+    return "\n".join(lines)
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)
+
+
+def filter_file(input_path, output_path, tokenizer, *, gamma=0.6, masks=False):
+    if not os.path.exists(input_path):
+        raise ValueError(f"input: {input_path} does not exist")
+    pairs, stats = filter_pairs(read_jsonl(input_path, strict=False), tokenizer, gamma=gamma, masks=masks)
+    d = os.path.dirname(os.path.abspath(output_path))
+    os.makedirs(d, exist_ok=True)
+    rewrite(output_path, pairs)
+    return pairs, stats
+
+
+def filter_main(args, input_path=None, output_path=None, tokenizer=None):
+    tok = load_tokenizer(tokenizer or args.tokenizer)
+    _, stats = filter_file(input_path or args.input, output_path or args.output, tok,
+                           gamma=args.gamma, masks=args.masks)
+    print(format_stats(stats, args.gamma))
+    return 0

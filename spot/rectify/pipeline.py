@@ -1,0 +1,28 @@
+"""``spot rectify run``: elicit, correct and filter into one output folder.
+
+``OUT/all.jsonl`` and ``OUT/errors.jsonl`` (elicit), ``OUT/corrected.jsonl`` (correct) and
+``OUT/pairs.jsonl`` (filter, the input of ``spot train``). Each step resumes on its own, so
+rerunning the same command after an interruption continues where it stopped; the tokenizer for the
+filter defaults to the model's.
+"""
+from __future__ import annotations
+
+import os
+
+
+def run_main(args):
+    from .correct import correct_main
+    from .elicit import elicit_main
+    from .filter import filter_main
+
+    out = args.output
+    rc = elicit_main(args)
+    if rc:
+        return rc
+    rc = correct_main(args, input_path=os.path.join(out, "errors.jsonl"),
+                      output_path=os.path.join(out, "corrected.jsonl"))
+    if rc:
+        return rc
+    return filter_main(args, input_path=os.path.join(out, "corrected.jsonl"),
+                       output_path=os.path.join(out, "pairs.jsonl"),
+                       tokenizer=args.tokenizer or args.model)

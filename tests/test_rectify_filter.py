@@ -1,0 +1,96 @@
+"""``spot rectify filter``: change ratios against a brute-force LCS on the real tokenizer's ids,
+gamma, the trainer's format, masks, and the command line with ``--tokenizer PATH``."""
+import argparse
+import json
+import random
+
+import pytest
+
+from spot.rectify import filter as F
+from spot.rectify.cli import add_parser
+from spot.rectify.jsonl import read_jsonl
+from spot.tiny import build_tokenizer
+
+
+def brute_lcs(a, b):
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def corrected_records(n, seed=0):
+    """Wrong answers and corrections with a spread of edit sizes, plus unverified ones."""
+    rng = random.Random(seed)
+    recs = []
+    for i in range(n):
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        wrong = a + b + rng.choice([1, 2, 11])
+        steps = " ".join(f"step {k}: carry the {rng.choice('abcdef')}." for k in range(rng.randint(0, 6)))
+        y_minus = f"We add {a} and {b}. {steps} So {a} + {b} = {wrong}. \\boxed{{{wrong}}}"
+        if i % 3 == 0:  # a heavy rewrite
+            y_plus = f"Adding the tens and units separately gives {a + b}, so \\boxed{{{a + b}}}"
+        else:
+            y_plus = y_minus.replace(str(wrong), str(a + b))
+        status = "verified" if i % 5 else rng.choice(["wrong_answer", "no_markers", "api_error"])
+        recs.append({"id": f"p{i}:0", "question": f"What is {a} + {b}?", "ground_truth": str(a + b),
+                     "original_answer": y_minus, "corrected_answer": y_plus if status != "no_markers" else None,
+                     "status": status, "verified": status == "verified", "oracle_model": "m",
+                     "problem_id": f"p{i}", "sample": 0})
+    return recs
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 0.6, 1.0])
+def test_filter_pairs_against_brute_force(gamma):
+    tok = build_tokenizer()
+    recs = corrected_records(30, seed=int(gamma * 10))
+    pairs, stats = F.filter_pairs(recs, tok, gamma=gamma, masks=True)
+    expected = {}
+    for r in recs:
+        if r["status"] != "verified":
+            continue
+        ym = tok(r["original_answer"], add_special_tokens=False)["input_ids"]
+        yp = tok(r["corrected_answer"], add_special_tokens=False)["input_ids"]
+        lcs = brute_lcs(ym, yp)
+        ratio = 1 - lcs / len(yp)
+        if ratio <= gamma:
+            expected[r["id"]] = (r, ratio, lcs, ym, yp)
+    assert stats["verified"] == sum(r["status"] == "verified" for r in recs)
+    assert stats["kept"] == len(pairs) == len(expected)
+    assert stats["over_gamma"] == stats["verified"] - stats["kept"]
+    for p in pairs:
+        r, ratio, lcs, ym, yp = expected[p["id"]]
+        assert p["prompt"] == r["question"] and p["chosen"] == r["corrected_answer"]
+        assert p["rejected"] == r["original_answer"]
+        assert p["change_ratio"] == pytest.approx(ratio, abs=1e-6) and p["lcs"] == lcs
+        assert p["oracle_model"] == "m" and p["problem_id"] == r["problem_id"]
+        changed = p["chosen_changed"]
+        assert len(changed) == len(yp) - lcs
+        kept = [t for j, t in enumerate(yp) if j not in set(changed)]
+        assert brute_lcs(kept, ym) == len(kept)  # the unchanged tokens are a subsequence of y-
+    if gamma == 1.0:
+        assert len(pairs) == stats["verified"]
+
+
+def test_filter_cli_with_tokenizer_path(tmp_path, capsys):
+    tok_dir = tmp_path / "tok"
+    build_tokenizer().save_pretrained(str(tok_dir))
+    src, out = tmp_path / "corrected.jsonl", tmp_path / "pairs.jsonl"
+    recs = corrected_records(12, seed=7)
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["rectify", "filter", "--input", str(src), "--output", str(out),
+                              "--tokenizer", str(tok_dir), "--gamma", "0.5"])
+    assert args.func(args) == 0
+    pairs = read_jsonl(str(out))
+    text = capsys.readouterr().out
+    _, stats = F.filter_pairs(recs, build_tokenizer(), gamma=0.5)
+    assert f"kept {len(pairs)} of {stats['verified']} verified" in text and "median" in text
+    assert len(pairs) == stats["kept"] and all("chosen_changed" not in p for p in pairs)
+    assert all(p["change_ratio"] <= 0.5 for p in pairs)
+    with pytest.raises(ValueError, match="gamma"):
+        F.filter_pairs(recs, build_tokenizer(), gamma=1.5)
