@@ -102,6 +102,8 @@ class BuildExt(build_ext):
             cmd = [nvcc, *NVCC_FLAGS, *includes, "-c", os.path.join(ROOT, src), "-o", obj]
             if src.endswith(".cu"):
                 cmd[1:1] = gencode_flags(archs)
+            else:  # the bindings report what was compiled
+                cmd[1:1] = [f'-DSPOT_CUDA_ARCHS="{";".join(archs)}"']
             self.announce(" ".join(cmd), level=2)
             subprocess.run(cmd, check=True)
             return obj

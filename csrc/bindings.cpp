@@ -69,5 +69,18 @@ PYBIND11_MODULE(_cuda, m) {
                 "bce_forward");
         },
         "SPoT reward BCE loss (sum / K) and per-sequence coefficients dloss/dpi.");
+  m.def("versions",
+        []() {
+          int driver = 0, runtime = 0;
+          cudaDriverGetVersion(&driver);  // 0 when no driver is installed
+          cudaRuntimeGetVersion(&runtime);
+          return pybind11::make_tuple(driver, runtime);
+        },
+        "(CUDA driver version, CUDA runtime version the module was linked with), e.g. 13000.");
   m.attr("DTYPES") = pybind11::make_tuple("float32", "float16", "bfloat16");
+#ifdef SPOT_CUDA_ARCHS
+  m.attr("ARCHS") = SPOT_CUDA_ARCHS;  // the SASS targets, e.g. "80;86;89;90" (PTX for the last)
+#else
+  m.attr("ARCHS") = "";
+#endif
 }

@@ -1,0 +1,402 @@
+"""CUDA backend: cuBLAS GEMMs on token chunks (through ``torch.mm``) and the CUDA C++ epilogues
+of ``csrc/`` (the extension ``spot_kernels._cuda``) for everything between the GEMMs.
+
+Math (DESIGN.md section 1): ``a = h W^T``, ``z = softcap(a + b) / T``, ``lse = logsumexp_v z``,
+``logp = z_t - lse``; backward ``dA = g (onehot - p) / T * softcap'``, ``dh = dA W``,
+``dW = dA^T h``, ``db = sum_i dA_i``.
+
+Work split, per chunk of ``rows`` tokens (one ``rows x V`` buffer in the input dtype, reused):
+
+* forward: ``buf = h_c W^T`` (cuBLAS, float32 accumulation, one rounding to the input dtype),
+  then ``lse_forward`` reads ``buf`` once: online logsumexp, target gather and entropy per row
+  (bias, softcap and temperature applied in float32 in the kernel).
+* backward: ``buf = h_c W^T`` again (recompute; nothing of the logits is kept between passes),
+  ``backward_epilogue`` overwrites it in place with ``dA``, then ``dh_c = dA W``,
+  ``dW += dA^T h_c`` (float32 accumulator across chunks, through cuBLAS with a float32 output
+  when torch offers it) and ``db += sum_i dA_i`` (float32).
+
+Cost: forward ``2 N D V`` FLOPs plus one read of the logits; backward ``6 N D V`` FLOPs plus a
+read and a write of them. Memory beyond inputs and gradients: the ``rows x V`` buffer, O(N)
+state, and a float32 ``dW`` (``4 V D`` bytes) when there is more than one chunk.
+
+Options (``backend_options=``): ``chunk_bytes`` (byte budget of the buffer, default 1 GiB;
+``rows = chunk_bytes // (V * itemsize)``, at least 1) and ``token_chunk`` (rows; wins over
+``chunk_bytes``).
+
+Also here, for the O(N) part of the SPoT loss on CUDA tensors: ``segment_sums`` (sums or means
+over ``cu_seqlens``) and ``bce_forward`` (the reward BCE and ``dL/dpi``).
+
+Every kernel call goes through a ``torch.library`` custom op (``spot_kernels::cuda_*``) with a
+fake implementation, so ``torch.compile`` traces through it. Kernels run on
+``torch.cuda.current_stream()``; nothing here synchronises with the host. The extension is
+imported on first use: importing this module never fails because it is missing, and
+``available()`` then says why.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+OPTIONS = ("chunk_bytes", "token_chunk")
+DEFAULT_CHUNK_BYTES = 1 << 30
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+_ext = None
+_ext_error = None
+
+
+def _load():
+    """The extension module, or None (the ImportError is kept for ``available``)."""
+    global _ext, _ext_error
+    if _ext is None and _ext_error is None:
+        try:
+            _ext = importlib.import_module("spot_kernels._cuda")
+        except ImportError as exc:
+            _ext_error = exc
+    return _ext
+
+
+def _extension():
+    ext = _load()
+    if ext is None:
+        raise RuntimeError(f"the CUDA extension spot_kernels._cuda is not built ({_ext_error}); "
+                           f"reinstall with nvcc available (README: Build for a GPU)")
+    return ext
+
+
+def _arch_ok(archs, major, minor):
+    """Whether a module with SASS for ``archs`` (PTX for the last) runs on ``major.minor``."""
+    cc = major * 10 + minor
+    built = [int(a[:2]) for a in archs.split(";") if a]
+    if not built:
+        return True  # unknown: let the launch report it
+    return any(b // 10 == major and b <= cc for b in built) or max(built) <= cc
+
+
+def available(device):
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False, f"the cuda backend runs on CUDA tensors only, got device {device.type!r}"
+    ext = _load()
+    if ext is None:
+        return False, (f"the CUDA extension spot_kernels._cuda is not built ({_ext_error}); "
+                       f"reinstall with nvcc available (README: Build for a GPU)")
+    if not torch.cuda.is_available():
+        return False, "torch.cuda.is_available() is False (no GPU or no CUDA build of torch)"
+    driver, runtime = ext.versions()
+    if driver // 1000 < runtime // 1000:
+        return False, (f"the CUDA driver supports CUDA {driver // 1000}.{driver % 1000 // 10} but "
+                       f"spot_kernels._cuda was built with CUDA {runtime // 1000}."
+                       f"{runtime % 1000 // 10}; rebuild with a matching toolkit")
+    major, minor = torch.cuda.get_device_capability(device)
+    if not _arch_ok(ext.ARCHS, major, minor):
+        return False, (f"spot_kernels._cuda was built for sm_{ext.ARCHS.replace(';', ', sm_')} "
+                       f"but this GPU is sm_{major}{minor}; rebuild with "
+                       f"SPOT_CUDA_ARCHS={major}{minor}")
+    return True, ""
+
+
+def check_options(options):
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"backend_options: unknown option(s) {unknown} for backend 'cuda'; "
+                         f"it takes {list(OPTIONS)}")
+    for key in OPTIONS:
+        if key in options:
+            val = options[key]
+            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+                raise ValueError(f"backend_options: {key} must be a positive int, got {val!r}")
+
+
+def chunk_rows(n, v, itemsize, chunk_bytes=None, token_chunk=None):
+    """Tokens per chunk: ``token_chunk``, else as many ``V``-wide rows as ``chunk_bytes`` holds."""
+    if token_chunk is None:
+        token_chunk = (DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // (v * itemsize)
+    return max(1, min(max(n, 1), token_chunk))
+
+
+# --- argument checks of the raw kernels (the ops below) -------------------------------------
+
+def _need(cond, exc, msg):
+    if not cond:
+        raise exc(msg)
+
+
+def _check_vec(name, x, n, dtype, device):
+    _need(isinstance(x, torch.Tensor), TypeError, f"{name} must be a tensor")
+    _need(x.dtype == dtype, TypeError, f"{name} must be {dtype}, got {x.dtype}")
+    _need(x.device == device, ValueError, f"{name} is on {x.device}, expected {device}")
+    _need(x.dim() == 1 and x.shape[0] == n, ValueError,
+          f"{name} must have shape [{n}], got {tuple(x.shape)}")
+    _need(x.is_contiguous(), ValueError, f"{name} must be contiguous")
+
+
+def _check_chunk(logits, bias, targets):
+    _need(logits.device.type == "cuda", ValueError,
+          f"logits must be a CUDA tensor, got device {logits.device}")
+    _need(logits.dtype in _DTYPE_CODE, TypeError,
+          f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    _need(logits.dim() == 2, ValueError, f"logits must be 2-D [rows, V], got {tuple(logits.shape)}")
+    rows, v = logits.shape
+    _need(v >= 1, ValueError, "logits must have V >= 1 columns")
+    _need(logits.stride(1) == 1 and logits.stride(0) >= v, ValueError,
+          f"logits must have unit column stride and row stride >= V, got {logits.stride()}")
+    if bias is not None:
+        _check_vec("bias", bias, v, logits.dtype, logits.device)
+    _check_vec("targets", targets, rows, torch.int64, logits.device)
+    return rows, v
+
+
+def _ptr(x):
+    return 0 if x is None else x.data_ptr()
+
+
+def _stream(device):
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+# --- custom ops: one per kernel --------------------------------------------------------------
+
+@torch.library.custom_op("spot_kernels::cuda_lse_forward", mutates_args=())
+def _lse_forward_op(logits: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+                    softcap: float, inv_temp: float, ignore_index: int,
+                    return_entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows, v = _check_chunk(logits, bias, targets)
+    logp = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(logp)
+    entropy = torch.empty(rows if return_entropy else 0, dtype=torch.float32,
+                          device=logits.device)
+    with torch.cuda.device(logits.device):
+        _extension().lse_forward(_DTYPE_CODE[logits.dtype], logits.data_ptr(), rows, v,
+                                 logits.stride(0), _ptr(bias), targets.data_ptr(), softcap,
+                                 inv_temp, ignore_index, logp.data_ptr(), lse.data_ptr(),
+                                 entropy.data_ptr() if return_entropy else 0,
+                                 _stream(logits.device))
+    return logp, lse, entropy
+
+
+@_lse_forward_op.register_fake
+def _(logits, bias, targets, softcap, inv_temp, ignore_index, return_entropy):
+    rows = logits.shape[0]
+    f = logits.new_empty(rows, dtype=torch.float32)
+    return f, torch.empty_like(f), logits.new_empty(rows if return_entropy else 0,
+                                                    dtype=torch.float32)
+
+
+@torch.library.custom_op("spot_kernels::cuda_backward_epilogue_", mutates_args=("logits",))
+def _backward_epilogue_op(logits: torch.Tensor, bias: Optional[torch.Tensor],
+                          targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
+                          softcap: float, inv_temp: float, ignore_index: int) -> None:
+    rows, v = _check_chunk(logits, bias, targets)
+    _check_vec("lse", lse, rows, torch.float32, logits.device)
+    _check_vec("grad", grad, rows, torch.float32, logits.device)
+    with torch.cuda.device(logits.device):
+        _extension().backward_epilogue(_DTYPE_CODE[logits.dtype], logits.data_ptr(), rows, v,
+                                       logits.stride(0), _ptr(bias), targets.data_ptr(),
+                                       lse.data_ptr(), grad.data_ptr(), softcap, inv_temp,
+                                       ignore_index, _stream(logits.device))
+
+
+@_backward_epilogue_op.register_fake
+def _(logits, bias, targets, lse, grad, softcap, inv_temp, ignore_index):
+    return None
+
+
+@torch.library.custom_op("spot_kernels::cuda_segment_sum", mutates_args=())
+def _segment_sum_op(x: torch.Tensor, valid: Optional[torch.Tensor], cu_seqlens: torch.Tensor,
+                    average: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    dev = x.device
+    _need(dev.type == "cuda", ValueError, f"token_logps must be a CUDA tensor, got {dev}")
+    _check_vec("token_logps", x, x.shape[0] if x.dim() == 1 else -1, torch.float32, dev)
+    if valid is not None:
+        _check_vec("valid", valid, x.shape[0], torch.bool, dev)
+    _need(cu_seqlens.dtype in (torch.int32, torch.int64), TypeError,
+          f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    _check_vec("cu_seqlens", cu_seqlens, cu_seqlens.shape[0] if cu_seqlens.dim() == 1 else -1,
+               cu_seqlens.dtype, dev)
+    s = cu_seqlens.shape[0] - 1
+    _need(s >= 0, ValueError, "cu_seqlens must have S + 1 >= 1 entries")
+    out = torch.empty(s, dtype=torch.float32, device=dev)
+    count = torch.empty(s, dtype=torch.float32, device=dev)
+    with torch.cuda.device(dev):
+        _extension().segment_sum(x.data_ptr(), _ptr(valid), cu_seqlens.data_ptr(),
+                                 int(cu_seqlens.dtype == torch.int64), s, int(average),
+                                 out.data_ptr(), count.data_ptr(), _stream(dev))
+    return out, count
+
+
+@_segment_sum_op.register_fake
+def _(x, valid, cu_seqlens, average):
+    s = cu_seqlens.shape[0] - 1
+    return x.new_empty(s, dtype=torch.float32), x.new_empty(s, dtype=torch.float32)
+
+
+@torch.library.custom_op("spot_kernels::cuda_bce_forward", mutates_args=())
+def _bce_op(pi: torch.Tensor, rho: torch.Tensor, labels: torch.Tensor,
+            delta: Optional[torch.Tensor], beta: float, delta_value: float,
+            inv_k: float) -> tuple[torch.Tensor, torch.Tensor]:
+    dev = pi.device
+    _need(dev.type == "cuda", ValueError, f"policy_logps must be a CUDA tensor, got {dev}")
+    s = pi.shape[0] if pi.dim() == 1 else -1
+    for name, x in (("policy_logps", pi), ("ref_logps", rho), ("labels", labels)):
+        _check_vec(name, x, s, torch.float32, dev)
+    if delta is not None:
+        _check_vec("delta", delta, 1, torch.float32, dev)
+    loss = torch.empty((), dtype=torch.float32, device=dev)
+    coef = torch.empty(s, dtype=torch.float32, device=dev)
+    with torch.cuda.device(dev):
+        _extension().bce_forward(pi.data_ptr(), rho.data_ptr(), labels.data_ptr(), s, beta,
+                                 delta_value, _ptr(delta), inv_k, loss.data_ptr(),
+                                 coef.data_ptr(), _stream(dev))
+    return loss, coef
+
+
+@_bce_op.register_fake
+def _(pi, rho, labels, delta, beta, delta_value, inv_k):
+    return pi.new_empty((), dtype=torch.float32), torch.empty_like(pi)
+
+
+# --- the backend contract ----------------------------------------------------------------------
+
+def _check_inputs(hidden, weight, targets, bias):
+    for name, x in (("hidden", hidden), ("weight", weight), ("targets", targets), ("bias", bias)):
+        if x is not None and x.device.type != "cuda":
+            raise ValueError(f"backend 'cuda' needs CUDA tensors; {name} is on {x.device}")
+        if x is not None and x.device != hidden.device:
+            raise ValueError(f"{name} is on {x.device} but hidden is on {hidden.device}")
+    if hidden.dtype not in _DTYPE_CODE:
+        raise TypeError(f"hidden must be float32, float16 or bfloat16, got {hidden.dtype}")
+    for name, x in (("weight", weight), ("bias", bias)):
+        if x is not None and x.dtype != hidden.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but hidden has {hidden.dtype}")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [N, D] and weight [V, D] do not match: "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+
+
+def _scalars(temperature, softcap):
+    return (0.0 if softcap is None else float(softcap)), 1.0 / float(temperature)
+
+
+@torch.no_grad()
+def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None,
+            ignore_index=-100, return_entropy=False, **options):
+    """Returns ``(logp, lse, entropy or None)``, float32 ``[N]`` each."""
+    _check_inputs(hidden, weight, targets, bias)
+    n, v = hidden.shape[0], weight.shape[0]
+    dev = hidden.device
+    cap, inv_temp = _scalars(temperature, softcap)
+    logp = torch.empty(n, dtype=torch.float32, device=dev)
+    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    entropy = torch.empty(n, dtype=torch.float32, device=dev) if return_entropy else None
+    if n == 0:
+        return logp, lse, entropy
+    rows = chunk_rows(n, v, hidden.element_size(), **options)
+    buf = torch.empty(rows, v, dtype=hidden.dtype, device=dev)
+    t = targets.to(torch.int64).contiguous()
+    b = None if bias is None else bias.contiguous()
+    wt = weight.t()
+    for i0 in range(0, n, rows):
+        h = hidden[i0:i0 + rows]
+        a = buf[:h.shape[0]]
+        torch.mm(h, wt, out=a)
+        lp, ls, en = _lse_forward_op(a, b, t[i0:i0 + rows], cap, inv_temp, ignore_index,
+                                     return_entropy)
+        logp[i0:i0 + rows] = lp
+        lse[i0:i0 + rows] = ls
+        if return_entropy:
+            entropy[i0:i0 + rows] = en
+    return logp, lse, entropy
+
+
+_fp32_out_mm = [True]  # cleared if this torch has no float32-output GEMM for half inputs
+
+
+def _accumulate(acc, x, y):
+    """``acc += x @ y`` into a float32 ``acc`` (cuBLAS with a float32 output when available)."""
+    if x.dtype == torch.float32:
+        acc.addmm_(x, y)
+        return
+    if _fp32_out_mm[0]:
+        try:
+            torch.addmm(acc, x, y, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _fp32_out_mm[0] = False
+    acc.add_(torch.mm(x, y))  # rounds each chunk's product once, then sums in float32
+
+
+@torch.no_grad()
+def backward(hidden, weight, targets, bias, lse, grad_logp, *, temperature=1.0, softcap=None,
+             ignore_index=-100, needs_input_grad=(True, True, True), **options):
+    """Returns ``(dh, dW, db)`` in the dtypes of ``hidden``, ``weight``, ``bias`` (None where
+    not needed)."""
+    _check_inputs(hidden, weight, targets, bias)
+    n, v = hidden.shape[0], weight.shape[0]
+    need_h, need_w, need_b = needs_input_grad
+    need_b = bool(need_b) and bias is not None
+    dev = hidden.device
+    cap, inv_temp = _scalars(temperature, softcap)
+    dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=dev) if need_h else None
+    rows = chunk_rows(n, v, hidden.element_size(), **options)
+    single = n <= rows
+    dw = None
+    if need_w and not (single and n > 0):
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=dev)
+    db = torch.zeros(v, dtype=torch.float32, device=dev) if need_b else None
+    if n > 0 and (need_h or need_w or need_b):
+        buf = torch.empty(rows, v, dtype=hidden.dtype, device=dev)
+        t = targets.to(torch.int64).contiguous()
+        b = None if bias is None else bias.contiguous()
+        ls = lse.float().contiguous()
+        g = grad_logp.float().contiguous()
+        wt = weight.t()
+        for i0 in range(0, n, rows):
+            h = hidden[i0:i0 + rows]
+            r = h.shape[0]
+            a = buf[:r]
+            torch.mm(h, wt, out=a)
+            _backward_epilogue_op(a, b, t[i0:i0 + r], ls[i0:i0 + r], g[i0:i0 + r], cap,
+                                  inv_temp, ignore_index)
+            if need_h:
+                torch.mm(a, weight, out=dh[i0:i0 + r])
+            if need_w:
+                if single:
+                    dw = torch.mm(a.t(), h)  # one chunk: cuBLAS rounds its float32 sum once
+                else:
+                    _accumulate(dw, a.t(), h)
+            if need_b:
+                db += a.sum(0, dtype=torch.float32)
+    return (dh,
+            None if dw is None else dw.to(weight.dtype),
+            None if db is None else db.to(bias.dtype))
+
+
+# --- the O(N) part of the SPoT loss --------------------------------------------------------------
+
+def segment_sums(token_logps, cu_seqlens, valid=None, average=False):
+    """Per-sequence sums (means over counted tokens with ``average``) of ``token_logps [N]``
+    over ``cu_seqlens [S + 1]`` and the counted tokens, float32 ``([S], [S])``. The caller
+    validates ``cu_seqlens`` (``spot_kernels._checks.cu_seqlens``): the kernel trusts it."""
+    x = token_logps.float().contiguous()
+    v = None if valid is None else valid.contiguous()
+    return _segment_sum_op(x, v, cu_seqlens.contiguous(), bool(average))
+
+
+def bce_forward(policy_logps, ref_logps, labels, *, beta=0.1, delta=0.0, reduction="pairs"):
+    """SPoT's reward BCE ``loss`` (float32 scalar) and ``coef = dloss/dpi`` ``[S]``.
+    ``delta`` may be a number or a one-element CUDA tensor (read on the device)."""
+    s = policy_logps.shape[0]
+    k = {"pairs": s / 2, "mean": s, "sum": 1}[reduction]
+    d_t = None
+    d_v = 0.0
+    if isinstance(delta, torch.Tensor):
+        d_t = delta.detach().reshape(1).float().contiguous()
+    else:
+        d_v = float(delta)
+    return _bce_op(policy_logps.detach().float().contiguous(),
+                   ref_logps.detach().float().contiguous(),
+                   labels.detach().float().contiguous(), d_t, float(beta), d_v,
+                   1.0 / max(k, 1))

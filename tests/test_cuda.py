@@ -1,0 +1,264 @@
+"""The ``cuda`` backend on a GPU, against the float64 reference with the tolerance rule
+(``|ours - truth| <= 2 |reference in the same dtype - truth| + atol``).
+
+Covers every option (bias, softcap, temperature, entropy, ignore_index), both kernel layouts
+(a warp per row for V <= 2048, a block per row above), 16-byte and scalar loads (V a multiple of
+8 or not), several token chunks, non-contiguous inputs, N = 0, large logits, targets outside
+[0, V) (vocab-parallel), the segment sums, the BCE kernel and the custom ops' fake impls
+(``torch.library.opcheck``). All tests are ``gpu``: they skip without CUDA. With a GPU but no
+built extension they fail, unless ``SPOT_KERNELS_BUILD_CUDA=0`` says the build was skipped.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import spot_kernels as sk
+from spot_kernels import cuda, reference
+
+from conftest import assert_close, make_head, references
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+DEV = "cuda"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def _backend_ready():
+    ok, why = cuda.available(torch.device(DEV))
+    if not ok:
+        if os.environ.get("SPOT_KERNELS_BUILD_CUDA", "") == "0":
+            pytest.skip(f"cuda backend unavailable (build skipped): {why}")
+        pytest.fail(f"a GPU is present but the cuda backend is unavailable: {why}")
+
+
+def poison(fn):
+    """Fill the caching allocator's free blocks with NaN first, so a value the kernels forget
+    to write shows up."""
+    junk = torch.full((1 << 22,), float("nan"), device=DEV)
+    del junk
+    return fn()
+
+
+def _run(h, w, t, b, *, options=None, return_entropy=False, **kw):
+    h = h.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    b = None if b is None else b.detach().clone().requires_grad_()
+    out = poison(lambda: sk.token_logprobs(h, w, t, bias=b, backend="cuda",
+                                           backend_options=options,
+                                           return_entropy=return_entropy, **kw))
+    logp, ent = out if return_entropy else (out, None)
+    return logp, ent, h, w, b
+
+
+def _check_against_reference(h, w, t, b, dtype, options=None, entropy=False, **kw):
+    truth, same, gout = references(h, w, t.long(), b, **kw)
+    logp, ent, hh, ww, bb = _run(h, w, t, b, options=options, return_entropy=entropy, **kw)
+    assert logp.dtype == torch.float32
+    assert_close(logp, same[0], truth[0], dtype, "logp")
+    (logp.double() * gout).sum().backward()
+    grads = [hh.grad, ww.grad] + ([bb.grad] if b is not None else [])
+    for name, ours, s, tr in zip(("dh", "dW", "db"), grads, same[1], truth[1]):
+        assert ours.dtype == dtype, name
+        assert_close(ours, s, tr, dtype, name)
+    if entropy:
+        _, ent_truth = reference.token_logprobs(h, w, t.long(), b, compute_dtype=torch.float64,
+                                                return_entropy=True, **kw)
+        _, ent_same = reference.token_logprobs(h, w, t.long(), b, return_entropy=True, **kw)
+        assert_close(ent, ent_same, ent_truth, dtype, "entropy")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d,v", [(1, 16, 37), (37, 96, 256), (199, 40, 2048),
+                                   (37, 64, 4099), (64, 32, 8192)])
+def test_matches_reference(dtype, n, d, v):
+    h, w, b, t = make_head(n, d, v, dtype, DEV, bias=True, seed=n + v)
+    _check_against_reference(h, w, t, None, dtype)
+    _check_against_reference(h, w, t, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("v", [300, 5000])
+@pytest.mark.parametrize("softcap,temperature", [(None, 0.7), (2.0, 1.0), (1.5, 1.3)])
+def test_softcap_temperature_entropy_bias(dtype, v, softcap, temperature):
+    h, w, b, t = make_head(53, 48, v, dtype, DEV, bias=True, scale=3.0, seed=v)
+    _check_against_reference(h, w, t, b, dtype, entropy=True, softcap=softcap,
+                             temperature=temperature)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", [{"token_chunk": 7}, {"token_chunk": 1},
+                                     {"chunk_bytes": 3000}])
+def test_several_chunks(dtype, options):
+    h, w, b, t = make_head(61, 32, 1000, dtype, DEV, bias=True, seed=7)
+    _check_against_reference(h, w, t, b, dtype, options=options, entropy=True, softcap=3.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous_inputs(dtype):
+    h, w, b, t = make_head(41, 64, 520, dtype, DEV, bias=True, seed=3)
+    h_nc = torch.empty(64, 41, dtype=dtype, device=DEV).t().copy_(h)   # column-major
+    w_nc = torch.empty(520, 128, dtype=dtype, device=DEV)[:, ::2].copy_(w)  # strided rows
+    b_nc = torch.empty(1040, dtype=dtype, device=DEV)[::2].copy_(b)
+    t_nc = torch.empty(82, dtype=torch.long, device=DEV)[::2].copy_(t)
+    assert not (h_nc.is_contiguous() or w_nc.is_contiguous() or b_nc.is_contiguous())
+    _check_against_reference(h_nc, w_nc, t_nc, b_nc, dtype, options={"token_chunk": 16})
+
+
+def test_int32_targets_and_ignore_index():
+    h, w, b, t = make_head(45, 32, 700, torch.bfloat16, DEV, seed=11)
+    t = t.to(torch.int32)
+    t[t == -100] = 5
+    t[::3] = -1
+    _check_against_reference(h, w, t, None, torch.bfloat16, ignore_index=-1)
+    t[:] = -1  # every token ignored: logp 0, zero gradients
+    logp, _, hh, ww, _ = _run(h, w, t, None, ignore_index=-1)
+    assert logp.abs().max() == 0
+    logp.sum().backward()
+    assert hh.grad.abs().max() == 0 and ww.grad.abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_batch(dtype):
+    h, w, b, t = make_head(0, 16, 33, dtype, DEV, bias=True)
+    logp, ent, hh, ww, bb = _run(h, w, t, b, return_entropy=True)
+    assert logp.shape == (0,) and ent.shape == (0,)
+    logp.sum().backward()
+    assert hh.grad.shape == (0, 16)
+    assert ww.grad.abs().max() == 0 and bb.grad.abs().max() == 0
+
+
+def test_large_logits_stay_finite():
+    h, w, b, t = make_head(29, 64, 3000, torch.float32, DEV, scale=2e3, seed=5)
+    a = h @ w.t()
+    assert a.abs().max() > 1e3
+    _check_against_reference(h, w, t, None, torch.float32, entropy=True)
+
+
+def _float64_oracle(h, w, t, b, lse_out, g, temperature, softcap, ignore_index):
+    """Vocab-parallel oracle: targets outside [0, V) get no target logit and no one-hot."""
+    a = h.double() @ w.double().t() + (0 if b is None else b.double())
+    th = None
+    if softcap is not None:
+        th = torch.tanh(a / softcap)
+        a = softcap * th
+    z = a / temperature
+    lse = torch.logsumexp(z, 1)
+    v = w.shape[0]
+    inside = (t >= 0) & (t < v)
+    zt = z.gather(1, t.clamp(0, v - 1).unsqueeze(1)).squeeze(1)
+    logp = torch.where(inside, zt - lse, -lse)
+    logp = torch.where(t == ignore_index, 0.0, logp)
+    gg = torch.where(t == ignore_index, 0.0, g.double())
+    dz = -torch.softmax(z, 1) * gg.unsqueeze(1)
+    dz[inside.nonzero().squeeze(1), t[inside]] += gg[inside]
+    da = dz / temperature * (1 if th is None else 1 - th * th)
+    return logp, lse, da @ w.double(), da.t() @ h.double(), da.sum(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_targets_outside_vocab_shard(dtype):
+    h, w, b, t = make_head(40, 32, 3001, dtype, DEV, bias=True, seed=9)
+    t[::4] = 3001 + 17   # lives on a later shard
+    t[1::4] = -5         # an earlier shard (not ignore_index)
+    g = torch.randn(40, device=DEV)
+    kw = dict(temperature=1.1, softcap=4.0, ignore_index=-100)
+    logp, lse, _ = cuda.forward(h, w, t, b, **kw)
+    dh, dw, db = cuda.backward(h, w, t, b, lse, g, **kw, token_chunk=9)
+    truth = _float64_oracle(h, w, t, b, lse, g, 1.1, 4.0, -100)
+    # the same dtype's error: the torch backend (chunked, float32 accumulation, same rounding)
+    from spot_kernels import torch_backend as tb
+    s_logp, s_lse, _ = tb.forward(h, w, t, b, **kw)
+    s_dh, s_dw, s_db = tb.backward(h, w, t, b, s_lse, g, **kw)
+    for name, ours, same, tr in zip(("logp", "lse", "dh", "dW", "db"),
+                                    (logp, lse, dh, dw, db),
+                                    (s_logp, s_lse, s_dh, s_dw, s_db), truth):
+        assert_close(ours, same, tr, dtype, name)
+
+
+@pytest.mark.parametrize("cu_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("average", [False, True])
+@pytest.mark.parametrize("with_valid", [False, True])
+def test_segment_sums(cu_dtype, average, with_valid):
+    g = torch.Generator().manual_seed(1)
+    lens = torch.tensor([0, 5, 1, 700, 0, 33, 260, 2])
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]).to(cu_dtype)
+    n = int(lens.sum())
+    x = torch.randn(n, generator=g, dtype=torch.float64)
+    valid = torch.rand(n, generator=g) > 0.3 if with_valid else None
+    if valid is not None:
+        valid[int(cu[5]):int(cu[6])] = False  # a sequence with no counted token -> 0
+    truth = reference.sequence_logprobs(x, cu, valid, average)
+    out, count = poison(lambda: cuda.segment_sums(x.float().to(DEV), cu.to(DEV),
+                                                  None if valid is None else valid.to(DEV),
+                                                  average))
+    same = reference.sequence_logprobs(x.float(), cu, valid, average)
+    assert_close(out, same, truth, torch.float32, "segment sums", atol=1e-6)
+    counted = lens if valid is None else torch.stack(
+        [valid[int(cu[s]):int(cu[s + 1])].sum() for s in range(len(lens))])
+    assert torch.equal(count.cpu(), counted.float())
+
+
+@pytest.mark.parametrize("reduction", ["pairs", "mean", "sum"])
+@pytest.mark.parametrize("delta_kind", ["number", "tensor"])
+def test_bce_forward(reduction, delta_kind):
+    g = torch.Generator().manual_seed(2)
+    s = 600
+    pi = torch.randn(s, generator=g, dtype=torch.float64) * 40 - 200
+    rho = pi + torch.randn(s, generator=g, dtype=torch.float64) * 30
+    y = torch.rand(s, generator=g, dtype=torch.float64)
+    y[: s // 2] = (y[: s // 2] > 0.5).double()
+    beta, delta = 0.3, 0.25
+    pi64 = pi.clone().requires_grad_()
+    u = beta * (pi64 - rho) - delta
+    k = {"pairs": s / 2, "mean": s, "sum": 1}[reduction]
+    loss64 = (y * F.softplus(-u) + (1 - y) * F.softplus(u)).sum() / k
+    (coef64,) = torch.autograd.grad(loss64, pi64)
+    d = delta if delta_kind == "number" else torch.tensor(delta, device=DEV)
+    loss, coef = poison(lambda: cuda.bce_forward(pi.float().to(DEV), rho.float().to(DEV),
+                                                 y.float().to(DEV), beta=beta, delta=d,
+                                                 reduction=reduction))
+    same_loss, _ = sk.bce_reward_loss(pi.float(), rho.float(), y.float(), beta=beta,
+                                      delta=delta, reduction=reduction)
+    pi32 = pi.float().requires_grad_()
+    l32, _ = sk.bce_reward_loss(pi32, rho.float(), y.float(), beta=beta, delta=delta,
+                                reduction=reduction)
+    (same_coef,) = torch.autograd.grad(l32, pi32)
+    assert_close(loss, same_loss, loss64.detach(), torch.float32, "loss")
+    assert_close(coef, same_coef, coef64, torch.float32, "coef")
+
+
+def test_custom_ops_opcheck():
+    h, w, b, t = make_head(9, 16, 72, torch.bfloat16, DEV, bias=True)
+    a = h @ w.t()
+    lse = torch.randn(9, device=DEV)
+    g = torch.randn(9, device=DEV)
+    cu = torch.tensor([0, 4, 9], device=DEV, dtype=torch.int32)
+    x = torch.randn(9, device=DEV)
+    ops = torch.ops.spot_kernels
+    torch.library.opcheck(ops.cuda_lse_forward, (a, b, t, 2.0, 0.5, -100, True))
+    torch.library.opcheck(ops.cuda_backward_epilogue_, (a.clone(), b, t, lse, g, 0.0, 1.0, -100))
+    torch.library.opcheck(ops.cuda_segment_sum, (x, None, cu, True))
+    torch.library.opcheck(ops.cuda_bce_forward, (x[:4], x[4:8], torch.rand(4, device=DEV), None,
+                                                 0.1, 0.0, 0.5))
+
+
+def test_raw_op_checks():
+    a = torch.randn(4, 10, device=DEV)
+    t = torch.zeros(4, dtype=torch.long, device=DEV)
+    with pytest.raises(TypeError, match="targets must be torch.int64"):
+        cuda._lse_forward_op(a, None, t.int(), 0.0, 1.0, -100, False)
+    with pytest.raises(ValueError, match="logits must have unit column stride"):
+        cuda._lse_forward_op(a.t(), None, torch.zeros(10, dtype=torch.long, device=DEV), 0.0,
+                             1.0, -100, False)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        cuda._lse_forward_op(a, torch.zeros(9, device=DEV), t, 0.0, 1.0, -100, False)
+    with pytest.raises(ValueError, match="backend_options"):
+        sk.token_logprobs(a[:, :4], torch.randn(6, 4, device=DEV), t, backend="cuda",
+                          backend_options={"block_bytes": 10})
+

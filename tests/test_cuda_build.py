@@ -1,0 +1,169 @@
+"""The CUDA extension's build, on a machine with ``nvcc`` and no GPU (CI).
+
+* The extension builds (``setup.py``, one arch), imports, links neither torch nor a shared CUDA
+  runtime, reports launch errors as exceptions, and the ``cuda`` backend says it is unavailable
+  on CPU (and a forced ``backend="cuda"`` on CPU tensors raises a clear error).
+* Every kernel compiles for sm_90 without register spills (``-Xptxas -v``).
+* Without ``nvcc``, ``setup.py`` installs pure Python with one clear line, and
+  ``SPOT_KERNELS_BUILD_CUDA=1`` turns that into an error.
+
+Tests that need ``nvcc`` skip with a reason when it is absent.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import spot_kernels as sk
+from spot_kernels import cuda
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+
+
+def find_nvcc():
+    """Like setup.py: ``$CUDA_HOME/bin/nvcc``, then ``PATH``."""
+    home = os.environ.get("CUDA_HOME")
+    if home and os.access(os.path.join(home, "bin", "nvcc"), os.X_OK):
+        return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+NVCC = find_nvcc()
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (CUDA_HOME, PATH)")
+
+
+@pytest.fixture(scope="module")
+def extension(tmp_path_factory):
+    """The installed ``spot_kernels._cuda``, or one built now into a temporary folder."""
+    try:
+        return importlib.import_module("spot_kernels._cuda")
+    except ImportError:
+        pass
+    if NVCC is None:
+        pytest.skip("nvcc not found (CUDA_HOME, PATH) and no installed spot_kernels._cuda")
+    out = tmp_path_factory.mktemp("cuda_build")
+    env = dict(os.environ, SPOT_CUDA_ARCHS="90", SPOT_KERNELS_BUILD_CUDA="1")
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "-b", str(out / "lib"),
+                           "-t", str(out / "tmp")], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, f"setup.py build_ext failed:\n{proc.stderr[-4000:]}"
+    [so] = list((out / "lib" / "spot_kernels").glob("_cuda*.so"))
+    spec = importlib.util.spec_from_file_location("spot_kernels._cuda", so)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def loaded(extension, monkeypatch):
+    """Make ``spot_kernels.cuda`` use ``extension`` (whether installed or built here)."""
+    monkeypatch.setitem(sys.modules, "spot_kernels._cuda", extension)
+    monkeypatch.setattr(cuda, "_ext", None)
+    monkeypatch.setattr(cuda, "_ext_error", None)
+    return extension
+
+
+def test_extension_imports_and_is_torch_free(loaded):
+    for name in ("lse_forward", "backward_epilogue", "segment_sum", "bce_forward", "versions"):
+        assert callable(getattr(loaded, name)), name
+    driver, runtime = loaded.versions()
+    assert runtime >= 11000, f"runtime version {runtime}"
+    assert loaded.ARCHS and all(a[:2].isdigit() for a in loaded.ARCHS.split(";"))
+    if shutil.which("ldd"):
+        deps = subprocess.run(["ldd", loaded.__file__], capture_output=True, text=True).stdout
+        for lib in ("libtorch", "libc10", "libcudart.so"):
+            assert lib not in deps, f"{loaded.__file__} links {lib}:\n{deps}"
+
+
+def test_launch_errors_raise(loaded):
+    # rows < 0 is refused before any launch: the error path works without a GPU.
+    with pytest.raises(RuntimeError, match="lse_forward: cudaErrorInvalidValue"):
+        loaded.lse_forward(2, 0, -1, 8, 8, 0, 0, 0.0, 1.0, -100, 0, 0, 0, 0)
+    with pytest.raises(RuntimeError, match="backward_epilogue: cudaErrorInvalidValue"):
+        loaded.backward_epilogue(7, 0, 1, 8, 8, 0, 0, 0, 0, 0.0, 1.0, -100, 0)
+
+
+def test_cuda_backend_not_available_on_cpu(loaded):
+    assert cuda._load() is loaded
+    assert "cuda" not in sk.available_backends("cpu")
+    ok, why = cuda.available(torch.device("cpu"))
+    assert not ok and "CUDA tensors" in why
+    h = torch.randn(5, 8)
+    w = torch.randn(11, 8)
+    t = torch.randint(0, 11, (5,))
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available on cpu"):
+        sk.token_logprobs(h, w, t, backend="cuda")
+    with pytest.raises(ValueError, match="needs CUDA tensors; hidden is on cpu"):
+        cuda.forward(h, w, t)
+    if not torch.cuda.is_available():
+        ok, why = cuda.available(torch.device("cuda"))
+        assert not ok and why
+
+
+def test_missing_extension_is_a_reason_not_an_import_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "spot_kernels._cuda", None)  # import raises ImportError
+    monkeypatch.setattr(cuda, "_ext", None)
+    monkeypatch.setattr(cuda, "_ext_error", None)
+    ok, why = cuda.available(torch.device("cuda"))
+    assert not ok and "spot_kernels._cuda is not built" in why
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+        sk.token_logprobs(torch.randn(2, 4), torch.randn(3, 4), torch.zeros(2, dtype=torch.long),
+                          backend="cuda")
+
+
+SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+ENTRY = re.compile(r"Compiling entry function '([^']+)' for 'sm_90'")
+
+
+@needs_nvcc
+@pytest.mark.parametrize("source", sorted(p.name for p in CSRC.glob("*.cu")))
+def test_no_register_spills_sm90(source, tmp_path):
+    proc = subprocess.run([NVCC, "-std=c++17", "-O3", "-arch=sm_90", "-Xptxas", "-v", "-c",
+                           str(CSRC / source), "-o", str(tmp_path / "k.o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    entry, spills, kernels = None, [], 0
+    for line in proc.stderr.splitlines():
+        if m := ENTRY.search(line):
+            entry = m.group(1)
+            kernels += 1
+        elif (m := SPILL.search(line)) and entry is not None:
+            if int(m.group(1)) or int(m.group(2)):
+                spills.append(f"{entry}: {line.strip()}")
+    assert kernels > 0, f"no kernels compiled from {source}:\n{proc.stderr[-2000:]}"
+    assert not spills, "register spills:\n" + "\n".join(spills)
+
+
+def _setup_env(**extra):
+    """An environment in which nvcc cannot be found."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "SPOT_KERNELS_BUILD_CUDA")}
+    env["PATH"] = os.path.dirname(sys.executable)
+    env.update(extra)
+    return env
+
+
+@pytest.mark.skipif(shutil.which("nvcc", path=os.path.dirname(sys.executable)) is not None,
+                    reason="nvcc sits beside python: cannot hide it")
+def test_setup_without_nvcc(tmp_path):
+    cmd = [sys.executable, "setup.py", "-q", "build_ext", "-b", str(tmp_path), "-t",
+           str(tmp_path / "t")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_setup_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "nvcc not found (CUDA_HOME, PATH): installing pure Python" in proc.stderr
+    assert not list(tmp_path.rglob("_cuda*.so"))
+    proc = subprocess.run(cmd, cwd=ROOT, env=_setup_env(SPOT_KERNELS_BUILD_CUDA="1"),
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "SPOT_KERNELS_BUILD_CUDA=1 but nvcc was found" in proc.stderr
+    proc = subprocess.run(cmd, cwd=ROOT, env=_setup_env(SPOT_KERNELS_BUILD_CUDA="0"),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "skipping the CUDA extension" in proc.stderr
