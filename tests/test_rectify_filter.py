@@ -32,7 +32,7 @@ def corrected_records(n, seed=0):
         steps = " ".join(f"step {k}: carry the {rng.choice('abcdef')}." for k in range(rng.randint(0, 6)))
         y_minus = f"We add {a} and {b}. {steps} So {a} + {b} = {wrong}. \\boxed{{{wrong}}}"
         if i % 3 == 0:  # a heavy rewrite
-            y_plus = f"Adding the tens and units separately gives {a + b}, so \\boxed{{{a + b}}}"
+            y_plus = f"Zzz, quixotic jazz: {a + b}; jinx! \\boxed{{{a + b}}}"
         else:
             y_plus = y_minus.replace(str(wrong), str(a + b))
         status = "verified" if i % 5 else rng.choice(["wrong_answer", "no_markers", "api_error"])
@@ -43,7 +43,7 @@ def corrected_records(n, seed=0):
     return recs
 
 
-@pytest.mark.parametrize("gamma", [0.0, 0.3, 0.6, 1.0])
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 0.55, 1.0])
 def test_filter_pairs_against_brute_force(gamma):
     tok = build_tokenizer()
     recs = corrected_records(30, seed=int(gamma * 10))
@@ -73,6 +73,8 @@ def test_filter_pairs_against_brute_force(gamma):
         assert brute_lcs(kept, ym) == len(kept)  # the unchanged tokens are a subsequence of y-
     if gamma == 1.0:
         assert len(pairs) == stats["verified"]
+    if 0 < gamma < 1:  # the table has pairs on both sides of these thresholds
+        assert 0 < len(pairs) < stats["verified"]
 
 
 def test_filter_cli_with_tokenizer_path(tmp_path, capsys):
