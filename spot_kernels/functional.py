@@ -62,6 +62,9 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, softc
             hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
             ignore_index=ignore_index, backend=backend, return_entropy=return_entropy,
             backend_options=backend_options, process_group=process_group)
+    if torch.compiler.is_compiling():
+        return _compiled_token_logprobs(hidden, weight, targets, bias, temperature, softcap,
+                                        ignore_index, backend, return_entropy, backend_options)
     _checks.head(hidden, weight, targets, bias, temperature, softcap, ignore_index)
     name = _registry.resolve(backend, hidden.device)
     shape = targets.shape
@@ -85,6 +88,30 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, softc
     if return_entropy:
         return out[0].reshape(shape), out[1].reshape(shape)
     return out.reshape(shape)
+
+
+def _compiled_token_logprobs(hidden, weight, targets, bias, temperature, softcap, ignore_index,
+                             backend, return_entropy, backend_options):
+    """``token_logprobs`` while ``torch.compile`` traces: the same checks, except the range check
+    on the targets' values, which the custom op (``_ops``) runs when it executes; the backend
+    runs as an opaque custom op with a fake implementation, so the graph does not break."""
+    _checks.tensor("hidden", hidden)
+    _checks.tensor("targets", targets)
+    if hidden.dim() < 1 or targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])} (hidden's leading "
+                         f"dims), got {tuple(targets.shape)}")
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    t1 = targets.reshape(-1)
+    _checks.head(h2[:0], weight, t1[:0], bias, temperature, softcap, ignore_index)
+    from . import _ops
+    name = _ops.resolve(backend, str(hidden.device))
+    options = dict(backend_options or {})
+    cfg = dict(temperature=float(temperature), softcap=None if softcap is None else float(softcap),
+               ignore_index=ignore_index)
+    out = _ops.token_logprobs(h2, weight, t1.long(), bias, name, cfg, options, return_entropy)
+    if return_entropy:
+        return out[0].reshape(targets.shape), out[1].reshape(targets.shape)
+    return out.reshape(targets.shape)
 
 
 def _sharded(x):

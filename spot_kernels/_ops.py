@@ -1,0 +1,132 @@
+"""``torch.library`` custom ops so ``torch.compile`` traces through the fused head without a
+graph break.
+
+Two ops, registered once at import (no CUDA or Triton touched):
+
+* ``spot_kernels::token_logprobs_fwd(hidden [N, D], weight [V, D], targets int64 [N], bias?,
+  backend, temperature, softcap?, ignore_index, return_entropy, options) -> (logp [N], lse [N],
+  entropy [N] or [0])``
+* ``spot_kernels::token_logprobs_bwd(hidden, weight, targets, bias?, lse, grad_logp, backend,
+  temperature, softcap?, ignore_index, need_h, need_w, need_b, options) -> (dh, dW, db)``, an
+  empty tensor standing for a gradient that is not needed (custom ops cannot return ``None``).
+
+Their real implementations call the chosen backend's ``forward`` / ``backward`` (the contract in
+``_registry``); their fake implementations only state output shapes and dtypes (float32 ``[N]``
+for the forward; the inputs' shapes and dtypes for the backward), which is all the compiler needs.
+``register_autograd`` wires the backward op in, so compiled graphs (forward and AOT backward) hold
+two opaque calls and everything around them (the loss, the sequence sums) is fused normally.
+
+The data-dependent check "targets lie in ``[0, V)`` or equal ``ignore_index``" cannot run while
+tracing (it needs the values), so the forward op performs it when it runs and raises the same
+``ValueError``. Backend options travel as a JSON string (the op schema has no dict type).
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import Tensor
+
+from . import _registry
+
+
+def check_targets(targets, v, ignore_index):
+    if targets.numel():
+        bad = ((targets < 0) | (targets >= v)) & (targets != ignore_index)
+        if bool(bad.any()):
+            raise ValueError(f"targets must lie in [0, V) = [0, {v}) or equal ignore_index "
+                             f"({ignore_index}); found {targets[bad][0].item()}")
+
+
+@torch.compiler.assume_constant_result
+def resolve(backend, device):
+    """The backend name, resolved once while tracing (the registry imports modules, which the
+    tracer must not step into); ``reference`` is plain autograd and has no op."""
+    name = _registry.resolve(backend, device)
+    if name == "reference":
+        raise ValueError("backend: 'reference' is plain autograd; under torch.compile use "
+                         "'auto' or a kernel backend")
+    return name
+
+
+@torch.library.custom_op("spot_kernels::token_logprobs_fwd", mutates_args=())
+def token_logprobs_fwd(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None,
+                       backend: str, temperature: float, softcap: float | None, ignore_index: int,
+                       return_entropy: bool, options: str) -> tuple[Tensor, Tensor, Tensor]:
+    check_targets(targets, weight.shape[0], ignore_index)
+    impl = _registry.module(backend)
+    impl.check_options(json.loads(options))
+    logp, lse, ent = impl.forward(hidden, weight, targets, bias, temperature=temperature,
+                                  softcap=softcap, ignore_index=ignore_index,
+                                  return_entropy=return_entropy, **json.loads(options))
+    if ent is None:
+        ent = logp.new_empty(0)
+    return logp, lse, ent
+
+
+@token_logprobs_fwd.register_fake
+def _(hidden, weight, targets, bias, backend, temperature, softcap, ignore_index, return_entropy,
+      options):
+    n = hidden.shape[0]
+    out = hidden.new_empty(n, dtype=torch.float32)
+    return out, torch.empty_like(out), hidden.new_empty(n if return_entropy else 0,
+                                                        dtype=torch.float32)
+
+
+@torch.library.custom_op("spot_kernels::token_logprobs_bwd", mutates_args=())
+def token_logprobs_bwd(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None,
+                       lse: Tensor, grad_logp: Tensor, backend: str, temperature: float,
+                       softcap: float | None, ignore_index: int, need_h: bool, need_w: bool,
+                       need_b: bool, options: str) -> tuple[Tensor, Tensor, Tensor]:
+    impl = _registry.module(backend)
+    dh, dw, db = impl.backward(hidden, weight, targets, bias, lse, grad_logp.float().contiguous(),
+                               temperature=temperature, softcap=softcap,
+                               ignore_index=ignore_index, needs_input_grad=(need_h, need_w, need_b),
+                               **json.loads(options))
+    dh = hidden.new_empty(0) if dh is None else dh
+    dw = weight.new_empty(0) if dw is None else dw
+    db = weight.new_empty(0) if db is None else db
+    return dh, dw, db
+
+
+@token_logprobs_bwd.register_fake
+def _(hidden, weight, targets, bias, lse, grad_logp, backend, temperature, softcap, ignore_index,
+      need_h, need_w, need_b, options):
+    return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
+            torch.empty_like(weight) if need_w else weight.new_empty(0),
+            torch.empty_like(bias) if need_b and bias is not None else weight.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, targets, bias, backend, temperature, softcap, ignore_index, _, options = inputs
+    ctx.save_for_backward(hidden, weight, targets, bias, output[1])
+    ctx.args = (backend, temperature, softcap, ignore_index)
+    ctx.options = options
+
+
+def _backward(ctx, grad_logp, grad_lse, grad_ent):
+    hidden, weight, targets, bias, lse = ctx.saved_tensors
+    need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
+    need_b = need_b and bias is not None
+    backend, temperature, softcap, ignore_index = ctx.args
+    dh, dw, db = token_logprobs_bwd(hidden, weight, targets, bias, lse, grad_logp, backend,
+                                    temperature, softcap, ignore_index, need_h, need_w, need_b,
+                                    ctx.options)
+    return (dh if need_h else None, dw if need_w else None, None, db if need_b else None,
+            None, None, None, None, None, None)
+
+
+token_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.compiler.assume_constant_result
+def _dumps(items):
+    return json.dumps(dict(items))
+
+
+def token_logprobs(h2, weight, t1, bias, name, cfg, options, return_entropy):
+    """The compiled path of ``functional.token_logprobs`` (inputs already checked and flat)."""
+    logp, _, ent = token_logprobs_fwd(h2, weight, t1, bias, name, cfg["temperature"],
+                                      cfg["softcap"], cfg["ignore_index"], return_entropy,
+                                      _dumps(tuple(sorted(options.items()))))
+    return (logp, ent) if return_entropy else logp
