@@ -1,0 +1,137 @@
+"""``spot rectify elicit`` against a tiny random ``transformers`` model (its answers are wrong,
+which is what the test needs), resumption, and ``spot rectify run`` end to end with the HTTP
+Oracle of test_rectify_correct."""
+import argparse
+import json
+import os
+
+import pytest
+
+from spot.rectify import elicit as E
+from spot.rectify.answers import check_answer
+from spot.rectify.cli import add_parser
+from spot.rectify.jsonl import read_jsonl
+from spot.tiny import build_model, build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    build_model(hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64).save_pretrained(str(d))
+    build_tokenizer().save_pretrained(str(d))
+    return str(d)
+
+
+def write_problems(path, n, keys=("question", "answer")):
+    with open(path, "w") as f:
+        for i in range(n):
+            qk = keys[0] if i % 2 else "prompt"
+            ak = keys[1] if i % 3 else ("solution" if i % 2 else "ground_truth")
+            gt = f"... so \\boxed{{{i + 7}}}" if ak == "solution" else str(i + 7)
+            f.write(json.dumps({"id": f"p{i}", qk: f"Q{i}: What is {i} + 7?", ak: gt}) + "\n")
+
+
+def cli(argv):
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["rectify", *argv])
+    return args.func(args)
+
+
+def test_load_problems_keys_and_errors(tmp_path):
+    p = tmp_path / "p.jsonl"
+    write_problems(p, 6)
+    probs = E.load_problems(str(p))
+    assert [x["id"] for x in probs] == [f"p{i}" for i in range(6)]
+    assert [x["ground_truth"] for x in probs] == [str(i + 7) for i in range(6)]
+    assert all(x["question"].startswith(f"Q{i}:") for i, x in enumerate(probs))
+    assert len(E.load_problems(str(p), limit=2)) == 2
+    p.write_text(json.dumps({"question": "no answer"}) + "\n")
+    with pytest.raises(ValueError, match="ground truth"):
+        E.load_problems(str(p))
+    with pytest.raises(ValueError, match="data"):
+        E.load_problems(str(tmp_path / "missing.jsonl"))
+
+
+def test_elicit_split_with_scripted_generator(tmp_path):
+    """The correct/wrong split and the two files, with answers we choose."""
+    tok = build_tokenizer()
+    probs = [{"id": f"p{i}", "question": f"Q{i}: What is {i} + 7?", "ground_truth": str(i + 7)}
+             for i in range(5)]
+
+    def gen(prompts, **kw):
+        outs = []
+        for p in prompts:
+            i = int(p.split("Q")[1].split(":")[0])
+            ans = i + 7 if i % 2 == 0 else i + 8
+            outs.append((f"<think>\n\n</think>\n\n{i} + 7 = {ans}, \\boxed{{{ans}}}", "stop"))
+        return outs
+    stats = E.elicit(probs, gen, tok, str(tmp_path), samples=2, batch_size=3, progress=False)
+    assert stats == {"done": 10, "new": 10, "correct": 6, "wrong": 4, "skipped": 0}
+    rows = read_jsonl(str(tmp_path / "all.jsonl"))
+    errs = read_jsonl(str(tmp_path / "errors.jsonl"))
+    assert sorted(r["id"] for r in rows) == sorted(f"p{i}:{k}" for i in range(5) for k in range(2))
+    assert sorted(r["id"] for r in errs) == sorted(f"p{i}:{k}" for i in (1, 3) for k in range(2))
+    assert all(not r["response"].startswith("<think>") for r in rows)
+
+
+def test_elicit_tiny_model_resumes_without_duplicates(tmp_path, tiny_dir, capsys):
+    data, out = tmp_path / "problems.jsonl", tmp_path / "out"
+    write_problems(data, 4)
+    base = ["elicit", "--model", tiny_dir, "--data", str(data), "--output", str(out),
+            "--samples", "2", "--max-new-tokens", "8", "--batch-size", "3", "--device", "cpu"]
+    assert cli(base + ["--limit", "2"]) == 0
+    first = (out / "all.jsonl").read_bytes()
+    assert len(read_jsonl(str(out / "all.jsonl"))) == 4
+    # a kill between the two appends: the last wrong answer is missing from errors.jsonl
+    errs = (out / "errors.jsonl").read_text().splitlines(keepends=True)
+    (out / "errors.jsonl").write_text("".join(errs[:-1]))
+    assert cli(base) == 0
+    assert (out / "all.jsonl").read_bytes().startswith(first)  # resumed, not redone
+    rows = read_jsonl(str(out / "all.jsonl"))
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)) == 8
+    assert set(ids) == {f"p{i}:{k}" for i in range(4) for k in range(2)}
+    for r in rows:  # the flags are the checker's verdicts on the recorded responses
+        assert r["correct"] == check_answer(r["response"], r["ground_truth"])
+        assert r["finish_reason"] in ("stop", "length") and r["model"] == tiny_dir
+    errs = read_jsonl(str(out / "errors.jsonl"))
+    assert sorted(r["id"] for r in errs) == sorted(r["id"] for r in rows if not r["correct"])
+    assert len(errs) >= 6  # a random model is (nearly) always wrong
+    assert "8 answers (4 new, 4 resumed)" in capsys.readouterr().out
+    assert cli(base) == 0  # nothing left to do
+    assert len(read_jsonl(str(out / "all.jsonl"))) == 8
+
+
+def test_run_end_to_end(tmp_path, tiny_dir, capsys):
+    from test_rectify_correct import OracleServer
+    from test_rectify_filter import brute_lcs
+    data, out = tmp_path / "problems.jsonl", tmp_path / "run"
+    write_problems(data, 3)
+    server = OracleServer()
+    try:
+        rc = cli(["run", "--model", tiny_dir, "--data", str(data), "--output", str(out),
+                  "--max-new-tokens", "40", "--batch-size", "3", "--device", "cpu",
+                  "--oracle-url", server.url, "--oracle-model", "rule", "--backoff", "0.01",
+                  "--workers", "2", "--masks"])
+    finally:
+        server.close()
+    assert rc == 0
+    text = capsys.readouterr().out
+    for name in ("all", "errors", "corrected", "pairs"):
+        assert os.path.exists(out / f"{name}.jsonl")
+    corrected = read_jsonl(str(out / "corrected.jsonl"))
+    errors = read_jsonl(str(out / "errors.jsonl"))
+    assert sorted(r["id"] for r in corrected) == sorted(r["id"] for r in errors)
+    assert all(r["status"] == "verified" for r in corrected)
+    tok = build_tokenizer()
+    expected = set()
+    for r in corrected:
+        ym = tok(r["original_answer"], add_special_tokens=False)["input_ids"]
+        yp = tok(r["corrected_answer"], add_special_tokens=False)["input_ids"]
+        if 1 - brute_lcs(ym, yp) / len(yp) <= 0.6:
+            expected.add(r["id"])
+    pairs = read_jsonl(str(out / "pairs.jsonl"))
+    assert {p["id"] for p in pairs} == expected and pairs
+    assert all(set(p) >= {"prompt", "chosen", "rejected", "chosen_changed"} for p in pairs)
+    assert f"kept {len(pairs)} of {len(corrected)} verified" in text
