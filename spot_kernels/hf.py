@@ -17,6 +17,10 @@ the body only and hands back what the head would have used::
 ``head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None, cu_seqlens=None,
 inputs_embeds=None, **model_kwargs) -> HeadInputs(hidden, weight, bias, softcap, temperature)``
 
+``next_token_targets(input_ids, *, attention_mask=None, completion_mask=None, prompt_lengths=None,
+position_ids=None, cu_seqlens=None, ignore_index=-100) -> targets`` (``input_ids``' shape) for
+``token_logprobs(hidden, weight, targets)`` / ``spot_loss``: the next token where it is scored.
+
 ``completion_logprobs(model, input_ids, *, attention_mask=None, completion_mask=None,
 prompt_lengths=None, position_ids=None, cu_seqlens=None, average=False, backend="auto",
 backend_options=None) -> Tensor [S]`` with ``S`` = rows (padded) or packed sequences.
@@ -55,7 +59,7 @@ import torch
 
 from . import functional as F
 
-__all__ = ["HeadInputs", "head_inputs", "completion_logprobs", "lm_head"]
+__all__ = ["HeadInputs", "head_inputs", "completion_logprobs", "next_token_targets", "lm_head"]
 
 
 @dataclass
@@ -310,6 +314,20 @@ def _completion_targets(ids, mask, seg, completion_mask, prompt_lengths):
     gseq = seg + offset[:, None]
     rows = scored.flatten().nonzero().squeeze(-1)
     return rows, targets.flatten()[rows], gseq.flatten()[rows], int(per_row.sum())
+
+
+def next_token_targets(input_ids, *, attention_mask=None, completion_mask=None,
+                       prompt_lengths=None, position_ids=None, cu_seqlens=None, ignore_index=-100):
+    """Targets for ``token_logprobs`` aligned with the hidden states: ``targets[..., i]`` is
+    ``input_ids[..., i + 1]`` where that token is scored (same sequence, attended, completion),
+    ``ignore_index`` elsewhere. Same shape as ``input_ids`` (``[B, L]`` or packed ``[N]``), int64.
+    The masks mean what they mean in :func:`completion_logprobs`."""
+    ids, _, mask, _, seg, _ = _prepare(None, input_ids, None, attention_mask, position_ids,
+                                       cu_seqlens)
+    rows, targets, _, _ = _completion_targets(ids, mask, seg, completion_mask, prompt_lengths)
+    out = torch.full((ids.numel(),), ignore_index, dtype=torch.long, device=ids.device)
+    out[rows] = targets.long()
+    return out.reshape(input_ids.shape)
 
 
 def completion_logprobs(model, input_ids, *, attention_mask=None, completion_mask=None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import spot_kernels as sk
 from spot.tiny import build_model
 from spot_kernels import hf, reference
 
@@ -107,6 +108,13 @@ def test_completion_logprobs_padded_and_packed(model):
     cu = torch.tensor([0] + LENS).cumsum(0)
     ours = hf.completion_logprobs(model, flat, cu_seqlens=cu, completion_mask=cm)
     torch.testing.assert_close(ours.double(), truth.detach(), atol=1e-4, rtol=1e-5)
+    # the same from hidden states: head_inputs + next_token_targets + the fused per-token call
+    hi = hf.head_inputs(model, flat, cu_seqlens=cu)
+    targets = hf.next_token_targets(flat, cu_seqlens=cu, completion_mask=cm)
+    assert targets.shape == flat.shape and int((targets != -100).sum()) == sum(LENS) - sum(prompts)
+    logp = sk.token_logprobs(hi.hidden[0], hi.weight, targets, **hi.head_kwargs())
+    torch.testing.assert_close(sk.sequence_logprobs(logp, cu).double(), truth.detach(),
+                               atol=1e-4, rtol=1e-5)
     mean = hf.completion_logprobs(model, flat, cu_seqlens=cu, completion_mask=cm, average=True)
     n_tok = torch.tensor([n - p for n, p in zip(LENS, prompts)], dtype=torch.float64)
     torch.testing.assert_close(mean.double(), truth.detach() / n_tok, atol=1e-4, rtol=1e-5)
