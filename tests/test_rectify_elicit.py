@@ -135,3 +135,10 @@ def test_run_end_to_end(tmp_path, tiny_dir, capsys):
     assert {p["id"] for p in pairs} == expected and pairs
     assert all(set(p) >= {"prompt", "chosen", "rejected", "chosen_changed"} for p in pairs)
     assert f"kept {len(pairs)} of {len(corrected)} verified" in text
+    try:  # the trainer's loader reads the pairs as they are
+        from spot.data import to_pair
+    except ImportError:
+        return
+    for k, p in enumerate(pairs):
+        pair = to_pair(p, f"pairs.jsonl:{k + 1}")
+        assert pair.chosen[-1]["content"] == p["chosen"] and pair.rejected[-1]["content"] == p["rejected"]

@@ -96,3 +96,11 @@ def test_filter_cli_with_tokenizer_path(tmp_path, capsys):
     assert all(p["change_ratio"] <= 0.5 for p in pairs)
     with pytest.raises(ValueError, match="gamma"):
         F.filter_pairs(recs, build_tokenizer(), gamma=1.5)
+
+
+def test_filter_keeps_the_system_message():
+    recs = [dict(r, system="Reason step by step.") for r in corrected_records(6, seed=1)]
+    pairs, _ = F.filter_pairs(recs, build_tokenizer(), gamma=1.0)
+    assert pairs and all(p["prompt"] == [{"role": "system", "content": "Reason step by step."},
+                                         {"role": "user", "content": p["prompt"][1]["content"]}]
+                         and p["prompt"][1]["content"].startswith("What is") for p in pairs)

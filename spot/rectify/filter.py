@@ -9,6 +9,8 @@ trainer's format::
     {"prompt": question, "chosen": y+, "rejected": y-, "id", "ground_truth", "change_ratio",
      "lcs", "chosen_tokens", "rejected_tokens", provenance...}
 
+(``prompt`` becomes a system + user message list when elicit ran with ``--system-prompt``.)
+
 With ``--masks`` each pair also gets ``chosen_changed``: the positions (token indices into the
 tokenized ``chosen``) that one longest common subsequence does not match, i.e. the tokens the
 Oracle wrote, for per-token weighting later. The output is rewritten whole (atomically): the step
@@ -62,7 +64,10 @@ def filter_pairs(records, tokenizer, *, gamma=0.6, masks=False):
         if ratio > gamma:
             stats["over_gamma"] += 1
             continue
-        pair = {"prompt": r["question"], "chosen": r["corrected_answer"],
+        prompt = r["question"]
+        if r.get("system"):  # elicited under a system message: train under the same one
+            prompt = [{"role": "system", "content": r["system"]}, {"role": "user", "content": prompt}]
+        pair = {"prompt": prompt, "chosen": r["corrected_answer"],
                 "rejected": r["original_answer"], "id": r.get("id"),
                 "ground_truth": r.get("ground_truth"), "change_ratio": round(ratio, 6),
                 "lcs": lcs, "chosen_tokens": len(yp), "rejected_tokens": len(ym)}
