@@ -2,12 +2,10 @@
 reference: vocab-parallel rows (equal and uneven splits, 2 and 3 ranks) and an FSDP2
 ``fully_shard`` LM head (2 ranks). Forward values and gradients are both checked.
 
-Spawning is the slow part (seconds per process), so each world size is one spawn that runs every
-check; a failing check raises in the worker and fails the test.
+Spawning is the slow part (seconds per process), so one spawn of 3 processes runs every check
+(the 2-rank ones on a subgroup); a failing check raises in a worker and fails the test.
 """
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -23,7 +21,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 SPLITS = {2: [19, 19], 3: [10, 20, 7]}  # rows of W per rank: equal and uneven
 
 
-def _vocab_parallel(rank, world):
+def _vocab_parallel(group):
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
     sizes = SPLITS[world]
     v = sum(sizes)
     start = sum(sizes[:rank])
@@ -36,7 +35,7 @@ def _vocab_parallel(rank, world):
     hh = h.clone().requires_grad_()
     ws = w[start:stop].clone().requires_grad_()
     bs = b[start:stop].clone().requires_grad_()
-    logp, ent = sk.token_logprobs(hh, ws, t, bias=bs, process_group=dist.group.WORLD,
+    logp, ent = sk.token_logprobs(hh, ws, t, bias=bs, process_group=group,
                                   return_entropy=True, backend="torch", **kw)
     truth, same, gout = references(h, w, t, b, **kw)
     assert_close(logp, same[0], truth[0], torch.float32, "logp")
@@ -55,7 +54,7 @@ def _vocab_parallel(rank, world):
     labels = torch.tensor([1.0, 1.0, 0.0, 0.0])
     hh = h.clone().requires_grad_()
     ws = w[start:stop].clone().requires_grad_()
-    out = sk.spot_loss(hh, ws, t, cu, ref, labels, process_group=dist.group.WORLD, **kw)
+    out = sk.spot_loss(hh, ws, t, cu, ref, labels, process_group=group, **kw)
     out.loss.backward()
     h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
     one = sk.spot_loss(h1, w1, t, cu, ref, labels, backend="torch", **kw)
@@ -64,19 +63,22 @@ def _vocab_parallel(rank, world):
     torch.testing.assert_close(hh.grad, h1.grad, atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(ws.grad, w1.grad[start:stop], atol=1e-6, rtol=1e-4)
     with pytest.raises(ValueError, match="targets"):
-        sk.token_logprobs(h, w[start:stop], torch.full((45,), v), process_group=dist.group.WORLD)
+        sk.token_logprobs(h, w[start:stop], torch.full((45,), v), process_group=group)
 
 
-def _fsdp2(rank, world):
+def _fsdp2(group):
+    from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
+
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
 
     v, d = 37, 16  # 37 rows: an uneven FSDP split
     head = torch.nn.Linear(d, v, bias=False)
     with torch.no_grad():
         head.weight.copy_(make_head(1, d, v, torch.float32, "cpu", seed=11)[1])
     full_w = head.weight.detach().clone()
-    fully_shard(head)
+    fully_shard(head, mesh=DeviceMesh.from_group(group, "cpu"))
     assert isinstance(head.weight, DTensor)
     data = [make_head(21, d, v, torch.float32, "cpu", seed=100 + r)  # each rank's own batch
             for r in range(world)]
@@ -106,16 +108,16 @@ def _worker(rank, world, init_file):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        _vocab_parallel(rank, world)
-        if world == 2:
-            _fsdp2(rank, world)
+        pair = dist.new_group([0, 1])  # every rank must take part in creating it
+        if rank < 2:
+            _vocab_parallel(pair)          # 2 ranks, equal split
+            _fsdp2(pair)                   # fully_shard over 2 ranks
+        _vocab_parallel(dist.group.WORLD)  # 3 ranks, uneven split
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_sharded_heads(world, tmp_path):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.start_processes(_worker, args=(world, str(tmp_path / "init")), nprocs=world,
-                       start_method="spawn")
+def test_sharded_heads(tmp_path):
+    """One spawn of 3 processes runs the 2-rank checks on a subgroup and the 3-rank ones on all."""
+    mp.start_processes(_worker, args=(3, str(tmp_path / "init")), nprocs=3, start_method="spawn")
