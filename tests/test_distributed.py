@@ -104,6 +104,48 @@ def _fsdp2(group):
     torch.testing.assert_close(grad.full_tensor().double(), sum(dws) / world, atol=1e-5, rtol=1e-4)
 
 
+def _fsdp2_hf(group):
+    """A fully_shard'ed tiny Llama through hf.completion_logprobs: each rank's sequence log-probs
+    equal the unsharded model's, and every parameter's gradient is the mean of the per-rank ones."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    from spot.tiny import build_model
+    from spot_kernels import hf
+
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    mesh = DeviceMesh.from_group(group, "cpu")
+    plain, model = build_model("llama", layers=1), build_model("llama", layers=1)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    names = ["lm_head.weight", "model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"]
+    grads, values = [], []
+    for r in range(world):
+        g = torch.Generator().manual_seed(200 + r)
+        lens = [6 + r, 9, 5]
+        ids = torch.randint(4, plain.config.vocab_size, (sum(lens),), generator=g)
+        cu = torch.tensor([0] + lens).cumsum(0)
+        cm = torch.cat([torch.arange(n) >= 2 for n in lens])
+        plain.zero_grad()
+        lp = hf.completion_logprobs(plain, ids, cu_seqlens=cu, completion_mask=cm)
+        lp.sum().backward()
+        values.append(lp.detach())
+        params = dict(plain.named_parameters())
+        grads.append([params[n].grad.clone() for n in names])
+        if r == rank:
+            mine = (ids, cu, cm)
+    ids, cu, cm = mine
+    lp = hf.completion_logprobs(model, ids, cu_seqlens=cu, completion_mask=cm)
+    lp.sum().backward()
+    torch.testing.assert_close(lp.detach(), values[rank], atol=1e-5, rtol=1e-5)
+    params = dict(model.named_parameters())
+    for i, n in enumerate(names):
+        truth = sum(gr[i] for gr in grads) / world
+        torch.testing.assert_close(params[n].grad.full_tensor(), truth, atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, n=n: f"{n}: {m}")
+
+
 def _worker(rank, world, init_file):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -112,6 +154,7 @@ def _worker(rank, world, init_file):
         if rank < 2:
             _vocab_parallel(pair)          # 2 ranks, equal split
             _fsdp2(pair)                   # fully_shard over 2 ranks
+            _fsdp2_hf(pair)                # a fully_shard'ed transformers model through hf
         _vocab_parallel(dist.group.WORLD)  # 3 ranks, uneven split
         dist.barrier()
     finally:
