@@ -88,21 +88,41 @@ def _filter_args(p, tokenizer_required=True):
                    help="also write the positions of y+ tokens that differ from y-")
 
 
+def _friendly(fn):
+    """Bad input (a ``ValueError`` naming the argument) ends the command with its message, not a
+    traceback."""
+    import functools
+    import sys
+
+    @functools.wraps(fn)
+    def run(args):
+        try:
+            return fn(args)
+        except ValueError as e:
+            print(f"spot rectify: error: {e}", file=sys.stderr)
+            return 2
+    return run
+
+
+@_friendly
 def _run_elicit(args):
     from .elicit import elicit_main
     return elicit_main(args)
 
 
+@_friendly
 def _run_correct(args):
     from .correct import correct_main
     return correct_main(args)
 
 
+@_friendly
 def _run_filter(args):
     from .filter import filter_main
     return filter_main(args)
 
 
+@_friendly
 def _run_all(args):
     from .pipeline import run_main
     return run_main(args)

@@ -40,10 +40,14 @@ def _quantiles(xs, qs=(0.0, 0.25, 0.5, 0.75, 1.0)):
     return out
 
 
+def check_gamma(gamma):
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
+        raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
+
+
 def filter_pairs(records, tokenizer, *, gamma=0.6, masks=False):
     """``(pairs, stats)`` from corrected records (see the module docstring)."""
-    if not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
-        raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
+    check_gamma(gamma)
     verified = [r for r in records if r.get("status") == "verified" and r.get("corrected_answer")]
     stats = {"input": len(records), "verified": len(verified), "kept": 0, "over_gamma": 0,
              "ratios": []}
@@ -115,6 +119,9 @@ def filter_file(input_path, output_path, tokenizer, *, gamma=0.6, masks=False):
 
 
 def filter_main(args, input_path=None, output_path=None, tokenizer=None):
+    check_gamma(args.gamma)
+    if not os.path.exists(input_path or args.input):
+        raise ValueError(f"input: {input_path or args.input} does not exist")
     tok = load_tokenizer(tokenizer or args.tokenizer)
     _, stats = filter_file(input_path or args.input, output_path or args.output, tok,
                            gamma=args.gamma, masks=args.masks)
