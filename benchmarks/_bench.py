@@ -1,0 +1,563 @@
+"""Shared machinery of the benchmark suites: the implementations under test, the cases, honest
+timing and peak memory.
+
+What is measured
+----------------
+Every implementation is reduced to one function ``logp(h [N, D], W [V, D], t [N]) -> float32
+[N]`` (peers that return a per-token cross-entropy are negated), and run in one of three modes:
+
+* ``fwd``       token log-probs under ``torch.no_grad()`` (the reference-model pass of SPoT);
+* ``fwd_bwd``   log-probs, then ``torch.autograd.grad`` to ``h`` and ``W`` with a random
+                per-token upstream gradient (the policy pass);
+* ``spot_loss`` SPoT's loss and its gradients: ``sk.spot_loss`` for our backends, the composition
+                ``logp -> sk.sequence_logprobs -> sk.bce_reward_loss`` for peers.
+
+FLOPs counted per mode (the useful work, the same for every implementation, so TFLOP/s compare
+like with like): forward ``2 N D V``; forward+backward ``6 N D V`` (logits, ``dh``, ``dW``). Our
+fused backends recompute the logits in the backward (``8 N D V`` done), which shows as a lower
+TFLOP/s, as it should. ``gemm_fraction`` divides the achieved rate by that of one ``[N, D] x
+[D, V]`` matrix product (cuBLAS on CUDA) timed in the same run on the same device and dtype.
+
+Timing: ``benchmark.pedantic`` with a setup step outside the clock. On CUDA the timed callable
+ends with ``torch.cuda.synchronize()``, so the clock sees the whole asynchronous work. One run
+before the clock starts checks the values (below) and warms up (allocator, cuBLAS handles,
+Triton/torch.compile compilation); on CUDA one more untimed warm-up follows. When all inputs
+together fit a few times into the last-level cache they are rotated between several copies, so
+repeated rounds don't time the cache.
+
+Memory: the peak above what was allocated before the call (the inputs), so it includes the
+outputs and gradients, which every implementation must produce alike. On CUDA that is
+``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``. On the CPU it is the
+process's peak resident set: before each timed round the setup frees what the C allocator holds
+(``malloc_trim``), reads ``VmRSS`` and resets the kernel's high-water mark (``VmHWM``, by writing
+5 to ``/proc/self/clear_refs``); the next setup reads ``VmHWM``. Unlike a tensor-tracking dispatch
+mode this also sees the allocations inside opaque custom ops (PyTorch's chunked
+``linear_cross_entropy`` is one), and unlike a subprocess per measurement it costs no extra run.
+The maximum over the timed rounds is reported.
+
+Correctness before speed: before timing, each implementation's per-token values on the first
+rows of the benchmark's own inputs are compared with the float64 reference; ours must agree
+within ``4 x`` the naive same-dtype error plus a dtype tolerance (else the test fails), a peer
+that disagrees is skipped with the numbers.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+import spot_kernels as sk
+from spot_kernels import _registry, reference
+
+IGNORE = -100
+OURS = ("triton", "cuda", "torch")                  # our fused backends, when available
+PEERS = ("naive", "naive_compile", "torch_lce", "liger", "cce")
+IMPLS = OURS + PEERS
+LABELS = {
+    "triton": "spot-kernels triton", "cuda": "spot-kernels cuda", "torch": "spot-kernels torch",
+    "naive": "naive (materialised logits)", "naive_compile": "torch.compile(naive)",
+    "torch_lce": "F.linear_cross_entropy chunked", "liger": "Liger fused linear CE",
+    "cce": "Apple cut-cross-entropy",
+}
+FLOPS = {"fwd": 2, "fwd_bwd": 6, "spot_loss": 6}    # times N D V
+HEADS = {  # real LM heads: (D, V)
+    "qwen3-8b": (4096, 151936),
+    "llama-3-8b": (4096, 128256),
+    "gemma-2-2b": (2304, 256000),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+CHECK_ROWS = 256
+
+
+class Unavailable(Exception):
+    """An implementation that cannot run here; the message says why (becomes a skip reason)."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark point: ``mode`` on an ``[n, d] x [v, d]`` head in ``dtype`` by ``impl``."""
+    mode: str
+    head: str
+    n: int
+    d: int
+    v: int
+    dtype: str
+    impl: str
+    priority: int = 0
+
+    @property
+    def id(self):
+        return f"{self.mode}-{self.head}-N{self.n}-{self.dtype}-{self.impl}"
+
+    @property
+    def group(self):
+        return f"{self.mode} {self.head} N={self.n} D={self.d} V={self.v} {self.dtype}"
+
+
+# ----------------------------------------------------------------------------- implementations
+
+def _ours(name, device):
+    def fn(h, w, t):
+        return sk.token_logprobs(h, w, t, backend=name)
+    if name in ("triton",) and torch.device(device).type == "cpu":
+        raise Unavailable("Triton on the CPU is its interpreter, a test tool: not benchmarked")
+    ok, why = _registry.availability(name, device)
+    if not ok:
+        raise Unavailable(f"backend {name!r} not available on {device}: {why}")
+    return fn
+
+
+def _naive(h, w, t):
+    return reference.token_logprobs(h, w, t, ignore_index=IGNORE)
+
+
+_COMPILED = {}
+
+
+def _naive_compile(device, full):
+    if torch.device(device).type == "cpu" and not full:
+        raise Unavailable("torch.compile on a small CPU compiles for minutes; runs with --full")
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(_naive, dynamic=False)
+    return _COMPILED["fn"]
+
+
+def _torch_lce(device):
+    import torch.nn.functional as F
+    if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        raise Unavailable(f"torch {torch.__version__} has no F.linear_cross_entropy with "
+                          "LinearCrossEntropyOptions (chunked path)")
+    cache = {}
+
+    def fn(h, w, t):
+        n, v = h.shape[0], w.shape[0]
+        if (n, v) not in cache:
+            cache[(n, v)] = lce_options(n, v, h.device)
+        return -F.linear_cross_entropy(h, w, t, reduction="none", ignore_index=IGNORE,
+                                       options=cache[(n, v)]).float()
+    return fn
+
+
+def lce_options(n, v, device):
+    """The chunking options given to ``F.linear_cross_entropy``.
+
+    On CUDA: ``LinearCrossEntropyOptions()``, PyTorch's own per-device pick. On the CPU that pick
+    (``aspect_ratio:2``: 8 to 32 rows per chunk at our shapes) runs 13x slower than a chunk of
+    512 rows (measured: 18.4 s against 1.4 s at N=512, D=256, V=8192), so there we give it the
+    memory budget of our ``torch`` backend instead: rows per chunk such that one float32 logits
+    chunk is at most 64 MB (a power of two, at most N).
+    """
+    if torch.device(device).type == "cuda":
+        return torch.nn.LinearCrossEntropyOptions()
+    rows = max(1, (64 * 2**20 // 4) // max(v, 1))
+    rows = min(1 << (rows.bit_length() - 1), max(n, 1))
+    return torch.nn.LinearCrossEntropyOptions(chunking_method=None, batch_chunk_size=rows)
+
+
+def _liger(device):
+    if torch.device(device).type != "cuda":
+        raise Unavailable("Liger-Kernel runs on CUDA only")
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError as exc:
+        raise Unavailable(f"liger-kernel not installed ({exc})") from None
+
+    def fn(h, w, t):
+        return -liger_fused_linear_cross_entropy(h, w, t, ignore_index=IGNORE,
+                                                 reduction="none").float()
+    return fn
+
+
+def _cce(device):
+    if torch.device(device).type != "cuda":
+        raise Unavailable("cut-cross-entropy's kernels run on CUDA only")
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError as exc:
+        raise Unavailable(f"cut-cross-entropy not installed ({exc})") from None
+
+    def fn(h, w, t):
+        return -linear_cross_entropy(h, w, t, ignore_index=IGNORE, reduction="none").float()
+    return fn
+
+
+def implementation(name, device, full=False):
+    """``logp(h, w, t)`` for implementation ``name`` on ``device``; raises ``Unavailable``."""
+    if name in OURS:
+        return _ours(name, device)
+    if name == "naive":
+        return _naive
+    if name == "naive_compile":
+        return _naive_compile(device, full)
+    if name == "torch_lce":
+        return _torch_lce(device)
+    if name == "liger":
+        return _liger(device)
+    if name == "cce":
+        return _cce(device)
+    raise ValueError(f"impl: unknown implementation {name!r}; known: {IMPLS}")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def make_inputs(n, d, v, dtype, device, seed=0, ignore_frac=0.1, seqlen=256):
+    """Fresh random head inputs (never zeros) plus the SPoT batch around them.
+
+    Returns a dict: ``h, w, t`` (about ``ignore_frac`` of the targets ignored), ``g`` (a random
+    upstream gradient per token), ``cu`` (packed sequences of about ``seqlen`` tokens, an even
+    number of them), ``ref`` and ``labels`` (first half chosen, second half rejected).
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    dev = torch.device(device)
+    # h, W ~ N(0, 1/sqrt(d)) keep logits O(1) like a trained head's
+    h = torch.randn(n, d, generator=gen, dtype=torch.float32).div_(d ** 0.25)
+    w = torch.randn(v, d, generator=gen, dtype=torch.float32).div_(d ** 0.25)
+    t = torch.randint(0, v, (n,), generator=gen)
+    t[torch.rand(n, generator=gen) < ignore_frac] = IGNORE
+    s = max(2, 2 * (n // (2 * seqlen)))
+    cuts = torch.linspace(0, n, s + 1).round().long()
+    labels = torch.cat([torch.ones(s // 2), torch.zeros(s - s // 2)])
+    ref = -float(seqlen) * (1.0 + 0.1 * torch.rand(s, generator=gen)) * math.log(v)
+    g = torch.randn(n, generator=gen)
+    dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    return dict(h=h.to(dev, dt), w=w.to(dev, dt), t=t.to(dev), g=g.to(dev), cu=cuts.to(dev),
+                ref=ref.to(dev), labels=labels.to(dev))
+
+
+def input_bytes(x):
+    return sum(v.numel() * v.element_size() for v in x.values())
+
+
+def cache_bytes(device):
+    """Size of the last cache the inputs might sit in: the GPU's L2, or 64 MB on a CPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        return int(getattr(props, "L2_cache_size", 50 * 2**20))
+    return 64 * 2**20
+
+
+# ----------------------------------------------------------------------------- running one mode
+
+def run_mode(mode, impl, name, x, need_out=False):
+    """Run ``mode`` once on inputs ``x``; returns logp (detached) when ``need_out``."""
+    h, w, t = x["h"], x["w"], x["t"]
+    if mode == "fwd":
+        with torch.no_grad():
+            out = impl(h, w, t)
+        return out if need_out else None
+    hg = h.detach().requires_grad_()
+    wg = w.detach().requires_grad_()
+    if mode == "fwd_bwd":
+        out = impl(hg, wg, t)
+        grads = torch.autograd.grad(out, (hg, wg), x["g"])
+    elif mode == "spot_loss":
+        if name in OURS:
+            res = sk.spot_loss(hg, wg, t, x["cu"], x["ref"], x["labels"], backend=name)
+            loss, out = res.loss, None
+        else:
+            out = impl(hg, wg, t)
+            policy = sk.sequence_logprobs(out, x["cu"], valid=t != IGNORE)
+            loss, _ = sk.bce_reward_loss(policy, x["ref"], x["labels"])
+        grads = torch.autograd.grad(loss, (hg, wg))
+    else:
+        raise ValueError(f"mode must be one of {list(FLOPS)}, got {mode!r}")
+    del grads
+    return None if out is None or not need_out else out.detach()
+
+
+def check_values(name, impl, x, rows=CHECK_ROWS):
+    """Forward on the full inputs; compare the first ``rows`` tokens with the float64 truth.
+
+    Returns ``(max_err, bound)``; the caller decides whether a miss fails or skips.
+    """
+    h, w, t = x["h"], x["w"], x["t"]
+    with torch.no_grad():
+        ours = impl(h, w, t).float()
+        k = min(rows, h.shape[0])
+        truth = reference.token_logprobs(h[:k], w, t[:k], compute_dtype=torch.float64)
+        same = reference.token_logprobs(h[:k], w, t[:k])
+    if ours.shape != t.shape:
+        return math.inf, 0.0
+    if not bool(torch.isfinite(ours).all()):
+        return math.inf, 0.0
+    err = (ours[:k].double() - truth).abs().max().item() if k else 0.0
+    scale = max(1.0, truth.abs().max().item()) if k else 1.0
+    bound = 4 * (same.double() - truth).abs().max().item() + ATOL[h.dtype] * scale if k else 0.0
+    return err, bound
+
+
+# ----------------------------------------------------------------------------- memory
+
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    return _LIBC
+
+
+def _proc_status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+class PeakMemory:
+    """Peak bytes allocated above a baseline, per round; see the module docstring."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.base = None
+        self.peaks = []
+        self.why = ""
+        if not self.cuda:
+            try:
+                self._reset_hwm()
+                if _proc_status("VmHWM") is None:
+                    raise OSError("no VmHWM in /proc/self/status")
+            except OSError as exc:
+                self.why = f"peak RSS unavailable: {exc}"
+
+    @staticmethod
+    def _reset_hwm():
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    def start(self):
+        """Close the previous round (if any) and open a new one."""
+        self.stop()
+        if self.why:
+            return
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            libc = _libc()
+            if libc:
+                libc.malloc_trim(0)
+            self.base = _proc_status("VmRSS")
+            self._reset_hwm()
+
+    def stop(self):
+        if self.base is None or self.why:
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = _proc_status("VmHWM")
+        self.peaks.append(max(0, peak - self.base))
+        self.base = None
+
+    @property
+    def peak(self):
+        return max(self.peaks) if self.peaks else None
+
+
+# ----------------------------------------------------------------------------- GEMM baseline
+
+_GEMM = {}
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn, device, reps=5, warmup=1):
+    """Median seconds of ``fn()`` (CUDA events on a GPU, the wall clock on a CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(reps):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def gemm_seconds(n, d, v, dtype, device):
+    """Median time of ``h [n, d] @ W[v, d].T`` (cuBLAS on CUDA), cached per shape."""
+    key = (n, d, v, str(dtype), str(device))
+    if key not in _GEMM:
+        x = make_inputs(n, d, v, dtype, device, seed=99)
+        h, w = x["h"], x["w"]
+        cpu = torch.device(device).type == "cpu"
+        _GEMM[key] = time_fn(lambda: h @ w.t(), device, reps=3 if cpu else 10,
+                             warmup=1 if cpu else 3)
+        del x, h, w
+    return _GEMM[key]
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+_NAIVE = {}   # (mode, n, d, v, dtype, device) -> (seconds, peak bytes) of the naive reference
+
+
+def bench(benchmark, case, device, *, rounds, full=False, gemm=True, deadline=None):
+    """Check, warm up, time and measure ``case`` on ``device`` with pytest-benchmark; fill
+    ``benchmark.extra_info``. Skips (with the reason) what cannot run here."""
+    import pytest
+
+    if deadline is not None and time.monotonic() > deadline:
+        pytest.skip("time budget (--budget-s) exhausted")
+    try:
+        impl = implementation(case.impl, device, full)
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    dtype = DTYPES[case.dtype]
+    cuda = torch.device(device).type == "cuda"
+    x0 = make_inputs(case.n, case.d, case.v, dtype, device, seed=0)
+    nsets = 1
+    if input_bytes(x0) * 3 <= cache_bytes(device) or (not cuda and input_bytes(x0) < 64 * 2**20):
+        nsets = 3
+    sets = [x0] + [make_inputs(case.n, case.d, case.v, dtype, device, seed=s)
+                   for s in range(1, nsets)]
+
+    try:
+        err, bound = check_values(case.impl, impl, x0)
+    except torch.OutOfMemoryError as exc:
+        pytest.skip(f"{case.impl}: out of memory at this shape ({str(exc).splitlines()[0]})")
+    except Exception as exc:  # a peer that rejects this dtype / shape / device
+        if case.impl in OURS:
+            raise
+        pytest.skip(f"{case.impl} failed on these inputs: {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}")
+    if not err <= bound:
+        msg = (f"{case.impl}: per-token log-probs disagree with the float64 reference: "
+               f"max err {err:.3e} > bound {bound:.3e}")
+        if case.impl in OURS:
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+    mem = PeakMemory(device)
+    state = {"i": 0}
+
+    def setup():
+        mem.start()
+        x = sets[state["i"] % len(sets)]
+        state["i"] += 1
+        return (x,), {}
+
+    def target(x):
+        run_mode(case.mode, impl, case.impl, x)
+        if cuda:
+            torch.cuda.synchronize()
+
+    try:
+        run_mode(case.mode, impl, case.impl, x0)  # warm-up (compilation, allocator, handles)
+        sync(device)
+        benchmark.pedantic(target, setup=setup, rounds=rounds, iterations=1,
+                           warmup_rounds=1 if cuda else 0)
+    except torch.OutOfMemoryError as exc:
+        mem.base = None
+        pytest.skip(f"{case.impl}: out of memory in {case.mode} ({str(exc).splitlines()[0]})")
+    mem.stop()
+
+    secs = benchmark.stats.stats.median
+    flops = FLOPS[case.mode] * case.n * case.d * case.v
+    info = dict(impl=case.impl, label=LABELS[case.impl], ours=case.impl in OURS, mode=case.mode,
+                head=case.head, n=case.n, d=case.d, v=case.v, dtype=case.dtype,
+                device=device_name(device), ms=secs * 1e3, tflops=flops / secs / 1e12,
+                peak_mb=None if mem.peak is None else mem.peak / 2**20,
+                check_err=err, check_bound=bound, rounds=rounds, input_sets=nsets)
+    if mem.why:
+        info["memory_note"] = mem.why
+    if gemm:
+        g = gemm_seconds(case.n, case.d, case.v, dtype, device)
+        info["gemm_ms"] = g * 1e3
+        info["gemm_tflops"] = 2 * case.n * case.d * case.v / g / 1e12
+        info["gemm_fraction"] = info["tflops"] / info["gemm_tflops"]
+    key = (case.mode, case.n, case.d, case.v, case.dtype, str(device))
+    if case.impl == "naive":
+        _NAIVE[key] = (secs, mem.peak)
+    if key in _NAIVE:
+        nt, nm = _NAIVE[key]
+        info["time_vs_naive"] = secs / nt
+        if nm and mem.peak is not None:
+            info["mem_vs_naive"] = mem.peak / nm
+    benchmark.extra_info.update(info)
+    return info
+
+
+def device_name(device):
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+# ----------------------------------------------------------------------------- the grids
+
+SMALL_D = 256
+
+
+def cases(mode, device, full):
+    """The benchmark points of one suite, most important first.
+
+    CPU default: a small head (D = 256) swept over N at V = 8192 and over V at N = 512, float32,
+    plus one bfloat16 point for the forward+backward. On a GPU or with ``--full``: the real heads
+    (Qwen3-8B, Llama-3-8B, Gemma-2-2B) at N in {2048, 8192, 16384} in bfloat16 (and one float32
+    point), ordered so that a time budget cuts the least important points: the Qwen3-8B head at
+    N = 16384 first, then the sweeps over N and over V.
+    """
+    out = []
+
+    def add(prio, head, n, d, v, dtype, impls=IMPLS):
+        order = ("naive",) + tuple(i for i in impls if i != "naive")
+        for impl in order:
+            out.append(Case(mode, head, n, d, v, dtype, impl, prio))
+
+    big = full or torch.device(device).type == "cuda"
+    if not big:
+        grid = [(512, 8192), (256, 8192), (1024, 8192), (512, 4096), (512, 16384)]
+        if mode == "spot_loss":
+            grid = grid[:3]
+        for n, v in grid:
+            add(0, "small", n, SMALL_D, v, "float32")
+        if mode == "fwd_bwd":
+            add(1, "small", 512, SMALL_D, 8192, "bfloat16")
+        return out
+    mode_rank = {"fwd_bwd": 0, "spot_loss": 1, "fwd": 2}[mode]
+    no_compile = tuple(i for i in IMPLS if i != "naive_compile")
+    d, v = HEADS["qwen3-8b"]
+    add(0 + mode_rank, "qwen3-8b", 16384, d, v, "bfloat16")
+    add(3 + mode_rank, "qwen3-8b", 8192, d, v, "bfloat16")
+    add(6 + mode_rank, "qwen3-8b", 2048, d, v, "bfloat16")
+    for head in ("llama-3-8b", "gemma-2-2b"):
+        d, v = HEADS[head]
+        add(9 + mode_rank, head, 8192, d, v, "bfloat16", no_compile)
+    for head in ("llama-3-8b", "gemma-2-2b"):
+        d, v = HEADS[head]
+        for n in (16384, 2048):
+            add(12 + mode_rank, head, n, d, v, "bfloat16", no_compile)
+    if mode == "fwd_bwd":
+        d, v = HEADS["qwen3-8b"]
+        add(15, "qwen3-8b", 8192, d, v, "float32", no_compile)
+    return out

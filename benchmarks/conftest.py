@@ -1,0 +1,91 @@
+"""pytest options and fixtures of the benchmark suites (``pytest benchmarks/``).
+
+``--full``      the real LM heads on any device (the default on a GPU; on a CPU it takes hours);
+``--budget-s``  wall-clock seconds for the whole run: points not started by then are skipped,
+                so a run cut short still ends cleanly and writes its ``--benchmark-json``;
+``--rounds``    timed rounds per point (default: 3 on a CPU, 5 on a GPU; the issue-2 benchmark
+                takes 1 on a CPU by default, its points cost seconds each).
+
+The suites run on CUDA when a GPU is present, else on the CPU. A results table is printed at the
+end (``benchmarks/report.py`` turns the JSON into markdown and plots).
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("spot-kernels benchmarks")
+    group.addoption("--full", action="store_true", default=False,
+                    help="benchmark the real LM heads (default on a GPU)")
+    group.addoption("--budget-s", type=float, default=None,
+                    help="skip points that would start after this many seconds")
+    group.addoption("--rounds", type=int, default=None, help="timed rounds per point")
+
+
+def pytest_configure(config):
+    config._bench_t0 = time.monotonic()
+    config._bench_rows = []
+
+
+def pytest_collection_modifyitems(config, items):
+    """Most important points first (stable), so a time budget cuts the least important."""
+    def prio(item):
+        spec = getattr(item, "callspec", None)
+        case = spec.params.get("case") if spec else None
+        return getattr(case, "priority", 50)  # points without a case (other suites) last
+    items.sort(key=prio)
+
+
+@pytest.fixture(scope="session")
+def device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="session")
+def full(request):
+    return bool(request.config.getoption("--full"))
+
+
+@pytest.fixture(scope="session")
+def deadline(request):
+    budget = request.config.getoption("--budget-s")
+    return None if budget is None else request.config._bench_t0 + budget
+
+
+@pytest.fixture(scope="session")
+def rounds(request, device):
+    r = request.config.getoption("--rounds")
+    return r if r else (5 if device == "cuda" else 3)
+
+
+@pytest.fixture
+def record(request):
+    """Call ``record(info)`` to add a row to the summary table printed at the end."""
+    return request.config._bench_rows.append
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    rows = getattr(config, "_bench_rows", [])
+    if not rows:
+        return
+    tr = terminalreporter
+    tr.section("spot-kernels benchmark summary")
+    tr.write_line(f"{'mode':<9} {'head':<11} {'N':>6} {'V':>7} {'dtype':<8} {'impl':<14} "
+                  f"{'ms':>10} {'TFLOP/s':>8} {'GEMM%':>6} {'peak MB':>9} {'t/naive':>7} "
+                  f"{'m/naive':>7}")
+
+    def f(x, fmt):
+        return format(x, fmt) if isinstance(x, (int, float)) else "-"
+    for r in rows:
+        gf = r.get("gemm_fraction")
+        tr.write_line(f"{r['mode']:<9} {r['head']:<11} {r['n']:>6} {r['v']:>7} {r['dtype']:<8} "
+                      f"{r['impl']:<14} {f(r['ms'], '10.2f')} {f(r['tflops'], '8.3f')} "
+                      f"{f(None if gf is None else 100 * gf, '6.1f')} "
+                      f"{f(r.get('peak_mb'), '9.1f')} {f(r.get('time_vs_naive'), '7.2f')} "
+                      f"{f(r.get('mem_vs_naive'), '7.3f')}")
+    for line in getattr(config, "_bench_notes", []):
+        tr.write_line(line)

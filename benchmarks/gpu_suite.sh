@@ -1,0 +1,217 @@
+#!/usr/bin/env bash
+# The one-shot GPU suite: everything worth knowing from a short lease on a GPU machine.
+#
+#   bash benchmarks/gpu_suite.sh [--out DIR] [--dry-run]
+#
+# Stages, each under `timeout` and a share of one wall-clock budget (SUITE_BUDGET_S seconds,
+# default 420, so the whole suite ends within 8 minutes on an H200):
+#   1. install: wheels from a git-ignored wheels/ folder if present (peers such as liger-kernel
+#      and cut-cross-entropy for a machine without network), then the package with its CUDA
+#      extension: pip install --no-build-isolation --no-deps -e .
+#   2. the device and measured ceilings: a large device-to-device copy (GB/s, bytes read plus
+#      written) and an 8192^3 bf16 GEMM (TFLOP/s), on random data after warm-up;
+#   3. pytest tests/ -m gpu;
+#   4. compute-sanitizer --tool memcheck on benchmarks/cuda_memcheck.py, when that script exists,
+#      the CUDA extension imports and compute-sanitizer is on the PATH;
+#   5. pytest benchmarks/ --full with --benchmark-json into DIR; points that would start after the
+#      budget are skipped by the suite itself (--budget-s), so a cut run still writes its JSON;
+#   6. benchmarks/report.py: DIR/results.md and plots; the compact summary table is printed LAST.
+# Everything printed is also written to DIR/suite.log. Exit status: 0 when every stage that ran
+# passed (a stage skipped for lack of time or tools counts as passed, and says so).
+#
+# --dry-run (a machine without a GPU): no installs; the ceilings on the CPU (small sizes), the
+# GPU-marked tests (they skip), and a few small CPU benchmark points, so the script stays tested
+# (tests/test_gpu_suite_dryrun.py).
+#
+# To bring peers to a machine without network, beforehand on one with it:
+#   python -m pip download --no-deps --only-binary=:all: -d wheels liger-kernel cut-cross-entropy
+set -u -o pipefail
+
+OUT_DIR=""
+DRY=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) OUT_DIR="${2:?--out needs a folder}"; shift 2 ;;
+    --out=*) OUT_DIR="${1#--out=}"; shift ;;
+    --dry-run) DRY=1; shift ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    *) echo "gpu_suite.sh: unknown argument '$1' (use --out DIR, --dry-run)" >&2; exit 2 ;;
+  esac
+done
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT" || exit 2
+PY="${PYTHON:-python3}"
+BUDGET="${SUITE_BUDGET_S:-420}"
+case "$BUDGET" in ''|*[!0-9]*) echo "gpu_suite.sh: SUITE_BUDGET_S must be whole seconds, got '$BUDGET'" >&2; exit 2 ;; esac
+[ -n "$OUT_DIR" ] || OUT_DIR="benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M%S)"
+mkdir -p "$OUT_DIR" || exit 2
+OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+LOG="$OUT_DIR/suite.log"
+: > "$LOG"
+exec > >(tee -a "$LOG") 2>&1
+export PYTHONUNBUFFERED=1
+if [ "$DRY" = 1 ]; then export TRITON_INTERPRET=1; else unset TRITON_INTERPRET; fi
+
+T0=$SECONDS
+STAGES=()
+FAILED=0
+left() { echo $(( BUDGET - (SECONDS - T0) )); }
+min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
+
+# stage NAME CAP_SECONDS RESERVE_SECONDS cmd...: run cmd under timeout min(CAP, left - RESERVE)
+stage() {
+  local name="$1" cap="$2" reserve="$3"; shift 3
+  local lim t1 rc
+  lim=$(min "$cap" $(( $(left) - reserve )))
+  if [ "$lim" -lt 5 ]; then
+    echo "== $name: skipped (time budget: $(left)s left)"
+    STAGES+=("$(printf '%-12s %-28s %5s' "$name" "skipped (budget)" "0")")
+    return 0
+  fi
+  echo "== $name (limit ${lim}s, $(left)s of ${BUDGET}s left)"
+  t1=$SECONDS
+  timeout --signal=INT --kill-after=15 "$lim" "$@"
+  rc=$?
+  local status="ok"
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then status="TIMEOUT after ${lim}s"; FAILED=1
+  elif [ "$rc" != 0 ]; then status="FAILED (exit $rc)"; FAILED=1; fi
+  STAGES+=("$(printf '%-12s %-28s %5s' "$name" "$status" "$(( SECONDS - t1 ))")")
+  return 0
+}
+
+note() {  # a stage that did not need to run
+  echo "== $1: $2"
+  STAGES+=("$(printf '%-12s %-28s %5s' "$1" "$2" "0")")
+}
+
+echo "spot-kernels GPU suite  $(date -u '+%Y-%m-%d %H:%M:%S UTC')  budget ${BUDGET}s  out $OUT_DIR$( [ "$DRY" = 1 ] && echo '  (dry run)')"
+echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')  python $($PY -c 'import sys; print(sys.version.split()[0])')"
+
+# 1. install --------------------------------------------------------------------------------
+install() {
+  set -e
+  if compgen -G "wheels/*.whl" > /dev/null; then
+    echo "installing wheels/: $(cd wheels && ls *.whl | tr '\n' ' ')"
+    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation wheels/*.whl
+  fi
+  "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+  "$PY" -c "import spot_kernels as sk; print('spot_kernels', sk.__version__, 'backends on cuda:', sk.available_backends('cuda'))"
+}
+export PY DRY OUT_DIR
+export -f install
+if [ "$DRY" = 1 ]; then
+  note install "skipped (dry run)"
+else
+  stage install 180 60 bash -c install
+fi
+
+# 2. device and ceilings ----------------------------------------------------------------------
+ceilings() {
+  "$PY" - "$DRY" "$OUT_DIR/ceilings.json" <<'EOF'
+import json, statistics, sys, time
+import torch
+
+dry, path = sys.argv[1] == "1", sys.argv[2]
+cuda = torch.cuda.is_available() and not dry
+out = {"torch": torch.__version__}
+if cuda:
+    p = torch.cuda.get_device_properties(0)
+    out.update(device=p.name, sms=p.multi_processor_count, memory_gb=round(p.total_memory / 1e9, 1),
+               l2_mb=round(getattr(p, "L2_cache_size", 0) / 2**20, 1),
+               cuda=torch.version.cuda, capability=f"{p.major}.{p.minor}")
+    try:
+        import triton
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    copy_bytes, gemm, dtype, dev = 4 * 2**30, 8192, torch.bfloat16, "cuda"
+else:
+    import os
+    out.update(device=f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
+    copy_bytes, gemm, dtype, dev = 64 * 2**20, 512, torch.float32, "cpu"
+
+def timed(fn, reps, warm):
+    for _ in range(warm):
+        fn()
+    ts = []
+    for _ in range(reps):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record(); fn(); b.record(); b.synchronize()
+            ts.append(a.elapsed_time(b) / 1e3)
+        else:
+            t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+src = torch.randn(copy_bytes // 4, device=dev)
+dst = torch.empty_like(src)
+s = timed(lambda: dst.copy_(src), 10 if cuda else 3, 3 if cuda else 1)
+out["copy_gbps"] = round(2 * copy_bytes / s / 1e9, 1)
+del src, dst
+a = torch.randn(gemm, gemm, device=dev, dtype=dtype)
+b = torch.randn(gemm, gemm, device=dev, dtype=dtype)
+s = timed(lambda: a @ b, 10 if cuda else 3, 3 if cuda else 1)
+out["gemm"] = f"{gemm}^3 {str(dtype).replace('torch.', '')}"
+out["gemm_tflops"] = round(2 * gemm**3 / s / 1e12, 3)
+print(" ".join(f"{k}={v}" for k, v in out.items()))
+with open(path, "w") as f:
+    json.dump(out, f, indent=1)
+EOF
+}
+export -f ceilings
+stage ceilings 60 30 bash -c ceilings
+if command -v nvidia-smi > /dev/null && [ "$DRY" = 0 ]; then
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader || true
+fi
+
+# 3. GPU tests ------------------------------------------------------------------------------
+if [ "$DRY" = 1 ]; then
+  stage gpu-tests 60 20 "$PY" -m pytest tests/test_cuda.py -m gpu -q -p no:cacheprovider -x
+else
+  stage gpu-tests 150 120 "$PY" -m pytest tests/ -m gpu -q -p no:cacheprovider
+fi
+
+# 4. CUDA memcheck --------------------------------------------------------------------------
+if [ ! -f benchmarks/cuda_memcheck.py ]; then
+  note memcheck "skipped (no cuda_memcheck.py)"
+elif [ "$DRY" = 1 ]; then
+  note memcheck "skipped (dry run)"
+elif ! command -v compute-sanitizer > /dev/null; then
+  note memcheck "skipped (no compute-sanitizer)"
+elif ! "$PY" -c "import spot_kernels._cuda" 2> /dev/null; then
+  note memcheck "skipped (CUDA extension not built)"
+else
+  stage memcheck 90 100 compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" benchmarks/cuda_memcheck.py
+fi
+
+# 5. benchmarks -----------------------------------------------------------------------------
+BENCH_JSON="$OUT_DIR/bench.json"
+rm -f "$BENCH_JSON"
+if [ "$DRY" = 1 ]; then
+  BENCH_ARGS=(benchmarks/test_bench_kernels.py -k "test_fwd and not bwd and N256 and (naive or torch) and not lce" --rounds 1)
+else
+  BENCH_ARGS=(benchmarks/ --full)
+fi
+BLEFT=$(( $(left) - 20 ))
+stage benchmarks "$BLEFT" 20 "$PY" -m pytest "${BENCH_ARGS[@]}" -q -rs -p no:cacheprovider \
+  --budget-s "$(( BLEFT > 60 ? BLEFT - 45 : BLEFT / 2 ))" --benchmark-json "$BENCH_JSON" \
+  --benchmark-columns=median,rounds
+
+# 6. report and summary ---------------------------------------------------------------------
+SUMMARY=""
+if [ -s "$BENCH_JSON" ]; then
+  timeout 60 "$PY" benchmarks/report.py "$BENCH_JSON" --output "$OUT_DIR" > /dev/null || echo "report.py failed"
+  SUMMARY="$(timeout 30 "$PY" benchmarks/report.py "$BENCH_JSON" --summary)"
+else
+  SUMMARY="no benchmark JSON was written"
+fi
+
+echo
+echo "================================ summary ================================"
+[ -s "$OUT_DIR/ceilings.json" ] && echo "ceilings: $(tr -d '\n ' < "$OUT_DIR/ceilings.json")"
+printf '%-12s %-28s %5s\n' stage status s
+for s in "${STAGES[@]}"; do echo "$s"; done
+echo "total $(( SECONDS - T0 ))s of ${BUDGET}s; files in $OUT_DIR"
+echo "$SUMMARY"
+exit $FAILED

@@ -1,0 +1,202 @@
+"""Turn pytest-benchmark JSON from ``pytest benchmarks/`` into a markdown table and plots.
+
+    python benchmarks/report.py RESULTS.json [MORE.json ...] [--output DIR] [--summary]
+
+Writes into ``DIR`` (default ``benchmarks/results/``):
+
+* ``results.md``: per mode (forward; forward+backward; SPoT loss forward+backward), one row per
+  shape and implementation: median ms, achieved TFLOP/s, the fraction of a same-shape GEMM timed
+  in the same run, peak MB above the inputs, and time and memory relative to the naive reference;
+  headed by the device, date and versions the JSON records;
+* ``vs_n.png`` and ``vs_v.png``: time (top) and peak memory (bottom) against the number of tokens
+  N and against the vocabulary V, one panel per mode and one line per implementation.
+
+``--summary`` prints a compact plain-text table instead of (or as well as, with ``--output``)
+writing files; the GPU suite prints it last. Only the points that carry our ``extra_info`` (the
+suites in this folder) are used; others (e.g. the trainer's benchmark) are listed by name.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+
+MODES = {"fwd": "token_logprobs forward", "fwd_bwd": "token_logprobs forward+backward",
+         "spot_loss": "spot_loss forward+backward"}
+ORDER = ("triton", "cuda", "torch", "naive", "naive_compile", "torch_lce", "liger", "cce")
+
+
+def load(paths):
+    """Rows (the ``extra_info`` of each point, plus its median) and the runs' metadata."""
+    rows, meta, other = [], [], []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        mi = data.get("machine_info", {})
+        meta.append(dict(date=data.get("datetime", "")[:10], host=mi.get("node", ""),
+                         cpu=(mi.get("cpu") or {}).get("brand_raw", ""),
+                         python=mi.get("python_version", ""),
+                         commit=(data.get("commit_info") or {}).get("id", "")[:10]))
+        for b in data.get("benchmarks", []):
+            info = dict(b.get("extra_info") or {})
+            if "impl" not in info or "mode" not in info:
+                other.append(b.get("name", "?"))
+                continue
+            info.setdefault("ms", b["stats"]["median"] * 1e3)
+            rows.append(info)
+    return rows, meta, other
+
+
+def _key(r):
+    return (list(MODES).index(r["mode"]) if r["mode"] in MODES else 9, r.get("head", ""),
+            r["dtype"], r["n"], r["v"],
+            ORDER.index(r["impl"]) if r["impl"] in ORDER else 99)
+
+
+def _fmt(x, spec, scale=1.0):
+    return format(x * scale, spec) if isinstance(x, (int, float)) and x == x else "-"
+
+
+def markdown(rows, meta, other=()):
+    devices = sorted({r.get("device", "?") for r in rows})
+    dates = sorted({m["date"] for m in meta if m["date"]})
+    lines = [f"Device: {', '.join(devices)}. Date: {', '.join(dates) or '?'}."]
+    commits = sorted({m["commit"] for m in meta if m["commit"]})
+    if commits:
+        lines[-1] += f" Commit: {', '.join(commits)}."
+    lines += ["", "Median time; TFLOP/s counts the useful work (forward `2NDV`, with backward "
+              "`6NDV`) for every implementation; GEMM % = that rate over a same-shape GEMM timed "
+              "in the same run; peak MB = memory above the inputs (outputs and gradients "
+              "included); x naive = ratio to the materialised-logits reference.", ""]
+    by_mode = defaultdict(list)
+    for r in sorted(rows, key=_key):
+        by_mode[r["mode"]].append(r)
+    for mode, rs in by_mode.items():
+        lines += [f"### {MODES.get(mode, mode)}", "",
+                  "| head | N | D | V | dtype | implementation | ms | TFLOP/s | GEMM % | peak MB "
+                  "| time x naive | memory x naive |",
+                  "| --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: "
+                  "| ---: |"]
+        for r in rs:
+            name = r.get("label", r["impl"])
+            if r.get("ours"):
+                name = f"**{name}**"
+            lines.append(
+                f"| {r.get('head', '')} | {r['n']} | {r['d']} | {r['v']} | {r['dtype']} | {name} "
+                f"| {_fmt(r['ms'], '.1f')} | {_fmt(r.get('tflops'), '.3f')} "
+                f"| {_fmt(r.get('gemm_fraction'), '.0f', 100)} | {_fmt(r.get('peak_mb'), '.1f')} "
+                f"| {_fmt(r.get('time_vs_naive'), '.2f')} | {_fmt(r.get('mem_vs_naive'), '.3f')} |")
+        lines.append("")
+    if other:
+        lines += ["Other benchmarks in the same JSON (not tabulated): " + ", ".join(other), ""]
+    return "\n".join(lines)
+
+
+def summary(rows):
+    """A compact plain-text table: one line per point."""
+    out = [f"{'mode':<9} {'head':<11} {'N':>6} {'V':>7} {'dtype':<8} {'impl':<14} {'ms':>10} "
+           f"{'TFLOP/s':>8} {'GEMM%':>6} {'peakMB':>9} {'t/naive':>7} {'m/naive':>7}"]
+    for r in sorted(rows, key=_key):
+        out.append(f"{r['mode']:<9} {r.get('head', ''):<11} {r['n']:>6} {r['v']:>7} "
+                   f"{r['dtype']:<8} {r['impl']:<14} {_fmt(r['ms'], '10.2f')} "
+                   f"{_fmt(r.get('tflops'), '8.3f')} {_fmt(r.get('gemm_fraction'), '6.1f', 100)} "
+                   f"{_fmt(r.get('peak_mb'), '9.1f')} {_fmt(r.get('time_vs_naive'), '7.2f')} "
+                   f"{_fmt(r.get('mem_vs_naive'), '7.3f')}")
+    return "\n".join(out)
+
+
+def _series(rows, axis):
+    """Per mode, the fixed setting with the most distinct values of ``axis`` ('n' or 'v'),
+    and its points per implementation: ``{mode: (title, {impl: [(x, ms, mb)]})}``."""
+    fixed = ("d", "v", "dtype") if axis == "n" else ("n", "dtype")
+    out = {}
+    for mode in MODES:
+        groups = defaultdict(list)
+        for r in rows:
+            if r["mode"] == mode:
+                groups[tuple(r[k] for k in fixed)].append(r)
+        best = max(groups.items(), key=lambda kv: len({r[axis] for r in kv[1]}), default=None)
+        if best is None or len({r[axis] for r in best[1]}) < 2:
+            continue
+        lines = defaultdict(list)
+        for r in best[1]:
+            lines[r["impl"]].append((r[axis], r["ms"], r.get("peak_mb"), r.get("head", "")))
+        title = ", ".join(f"{k}={v}" for k, v in zip(fixed, best[0]))
+        out[mode] = (title, {k: sorted(v) for k, v in lines.items()})
+    return out
+
+
+def plots(rows, outdir):
+    """``vs_n.png`` and ``vs_v.png``; returns the paths written (none without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        print(f"report: no plots ({exc})", file=sys.stderr)
+        return []
+    devices = ", ".join(sorted({r.get("device", "?") for r in rows}))
+    written = []
+    for axis, label in (("n", "tokens N"), ("v", "vocabulary V")):
+        series = _series(rows, axis)
+        if not series:
+            continue
+        fig, axes = plt.subplots(2, len(series), figsize=(5 * len(series), 7.5), squeeze=False)
+        for col, (mode, (title, lines)) in enumerate(series.items()):
+            for impl in sorted(lines, key=lambda i: ORDER.index(i) if i in ORDER else 99):
+                pts = lines[impl]
+                style = "-o" if impl in ("triton", "cuda", "torch") else "--s"
+                axes[0][col].plot([p[0] for p in pts], [p[1] for p in pts], style, label=impl)
+                mem = [(p[0], p[2]) for p in pts if p[2] is not None]
+                if mem:
+                    axes[1][col].plot([m[0] for m in mem], [m[1] for m in mem], style, label=impl)
+            axes[0][col].set_title(f"{MODES[mode]}\n{title}", fontsize=9)
+            axes[0][col].set_ylabel("median time (ms)")
+            axes[1][col].set_ylabel("peak memory above inputs (MB)")
+            for ax in axes[:, col]:
+                ax.set_xlabel(label)
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.grid(True, which="both", alpha=0.3)
+            axes[0][col].legend(fontsize=8)
+        fig.suptitle(f"spot-kernels vs peers against {label} ({devices})", fontsize=10)
+        fig.tight_layout()
+        path = os.path.join(outdir, f"vs_{axis}.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("results", nargs="+", help="pytest-benchmark JSON file(s)")
+    ap.add_argument("--output", default=None,
+                    help="folder for results.md and the plots (default benchmarks/results/)")
+    ap.add_argument("--summary", action="store_true", help="print a compact table")
+    args = ap.parse_args(argv)
+    for path in args.results:
+        if not os.path.isfile(path):
+            ap.error(f"results: no such file {path!r}")
+    rows, meta, other = load(args.results)
+    if args.summary:
+        print(summary(rows) if rows else "no benchmark points in " + ", ".join(args.results))
+        if args.output is None:
+            return 0
+    if not rows:
+        print(f"report: no spot-kernels benchmark points in {args.results}", file=sys.stderr)
+        return 1
+    outdir = args.output or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(outdir, exist_ok=True)
+    md = os.path.join(outdir, "results.md")
+    with open(md, "w") as f:
+        f.write(markdown(rows, meta, other) + "\n")
+    for path in [md] + plots(rows, outdir):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

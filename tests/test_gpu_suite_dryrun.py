@@ -1,0 +1,63 @@
+"""``benchmarks/gpu_suite.sh --dry-run`` runs end to end on a machine without a GPU, so the script
+that a short GPU lease depends on stays tested: its stages run under their time limits, the
+benchmark JSON, report and ceilings come out, the summary table is printed last, and a budget too
+small for anything still ends cleanly. (About 30-50 s on 2 cores.)"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_suite.sh"
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="needs bash and coreutils' timeout")
+
+
+def _run(tmp_path, budget, *args):
+    env = dict(os.environ, SUITE_BUDGET_S=str(budget), PYTHON=sys.executable)
+    return subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", str(tmp_path), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_dry_run_end_to_end(tmp_path):
+    res = _run(tmp_path, 110)
+    out = res.stdout
+    assert res.returncode == 0, out[-3000:] + res.stderr[-2000:]
+    # the ceilings were measured and saved
+    ceil = json.loads((tmp_path / "ceilings.json").read_text())
+    assert ceil["copy_gbps"] > 0 and ceil["gemm_tflops"] > 0
+    # benchmark points with our extra_info, and the report made from them
+    data = json.loads((tmp_path / "bench.json").read_text())
+    points = [b["extra_info"] for b in data["benchmarks"]]
+    impls = {p["impl"] for p in points}
+    assert {"naive", "torch"} <= impls, impls
+    for p in points:
+        assert p["ms"] > 0 and p["peak_mb"] is not None and p["check_err"] <= p["check_bound"]
+    assert "torch" in (tmp_path / "results.md").read_text()
+    # the summary table comes last: its header, every stage, then one line per point
+    tail = out[out.rindex("= summary ="):]
+    for stage in ("install", "ceilings", "gpu-tests", "memcheck", "benchmarks"):
+        assert stage in tail, tail
+    last = [line for line in tail.strip().splitlines()][-len(points):]
+    assert all(line.split()[0] == "fwd" for line in last), tail
+    assert (tmp_path / "suite.log").read_text().strip().endswith(out.strip().splitlines()[-1])
+
+
+def test_tiny_budget_stops_cleanly(tmp_path):
+    res = _run(tmp_path, 4)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    tail = res.stdout[res.stdout.rindex("= summary ="):]
+    assert "skipped (budget)" in tail and "no benchmark JSON was written" in tail
+
+
+def test_bad_argument(tmp_path):
+    res = subprocess.run(["bash", str(SCRIPT), "--frobnicate"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=30)
+    assert res.returncode == 2 and "--frobnicate" in res.stderr
