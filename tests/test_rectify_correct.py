@@ -300,3 +300,14 @@ def test_kill_and_resume_exactly_once(tmp_path, capsys, monkeypatch):
         assert f"Bearer {SECRET}" in oracle.auth
     finally:
         oracle.close()
+
+
+def test_load_errors_skips_correct_and_checks_fields(tmp_path):
+    p = tmp_path / "all.jsonl"
+    rng = random.Random(9)
+    recs = [problem(0, rng), problem(1, rng, wrong=False)]
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert [r["id"] for r in C.load_errors(str(p))] == ["p0:0"]
+    p.write_text(json.dumps({"id": "x", "question": "q", "ground_truth": "1"}) + "\n")
+    with pytest.raises(ValueError, match="answer to correct"):
+        C.load_errors(str(p))

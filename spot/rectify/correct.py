@@ -207,12 +207,15 @@ def _field(rec, keys, what, k):
 
 
 def load_errors(path):
-    """Records to correct, each with ``id``, ``question``, ``original_answer``, ``ground_truth``."""
+    """Records to correct, each with ``id``, ``question``, ``original_answer``, ``ground_truth``.
+    Records marked ``"correct": true`` (an ``all.jsonl`` given as input) are left out."""
     if not os.path.exists(path):
         raise ValueError(f"input: {path} does not exist")
     out, seen = [], set()
     for k, rec in enumerate(read_jsonl(path)):
         rid = str(rec.get("id", k))
+        if rec.get("correct") is True:
+            continue
         if rid in seen:
             raise ValueError(f"input: duplicate id {rid!r} (record {k})")
         seen.add(rid)

@@ -181,7 +181,7 @@ def elicit(problems, generator, tokenizer, output_dir, *, samples=1, batch_size=
     from tqdm.auto import tqdm
     bar = tqdm(total=len(work) + len(done), initial=len(done), desc="elicit", unit="answer",
                disable=not progress, file=sys.stderr)
-    new = wrong = 0
+    new = 0
     with Appender(all_path) as out, Appender(err_path) as errs:
         for s in range(0, len(work), batch_size):
             chunk = work[s:s + batch_size]
@@ -198,7 +198,6 @@ def elicit(problems, generator, tokenizer, output_dir, *, samples=1, batch_size=
                 out.write(rec)
                 if not ok:
                     errs.write(rec)
-                    wrong += 1
                 new += 1
             bar.update(len(chunk))
     bar.close()
