@@ -2,7 +2,8 @@
 
 A causal LM is ``logits = head(body(input_ids))``. Every fused call in this package wants the
 body's last hidden states and the head's parameters instead of the logits, so this module runs
-the body only and hands back what the head would have used::
+the model with its head cut out (the head's input is taken by a forward pre-hook and the head
+projects an empty slice) and hands back what the head would have used::
 
     from spot_kernels import hf
     hi = hf.head_inputs(model, input_ids, attention_mask=mask)     # padded batch
@@ -52,7 +53,6 @@ tokens cost no head FLOPs at all. Gradients flow to the model's parameters as us
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -90,20 +90,6 @@ def _unwrap(model):
             break
     raise TypeError(f"model must be a transformers causal LM (PreTrainedModel with an LM head), "
                     f"got {type(model).__name__}")
-
-
-def _body(model):
-    body = None
-    if hasattr(model, "get_decoder"):
-        try:
-            body = model.get_decoder()
-        except (AttributeError, NotImplementedError):
-            body = None
-    if body is None:
-        body = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    if body is None or body is model:
-        raise TypeError(f"model: cannot find the decoder body of {type(model).__name__}")
-    return body
 
 
 def _text_config(model):
@@ -234,15 +220,13 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
 
     ``hidden`` is ``[B, L, D]`` (``[1, N, D]`` for packed ``[N]`` input), the final norm applied,
     exactly what the LM head would multiply. ``model_kwargs`` go to the model (``use_cache`` is
-    off unless given). When the model's ``forward`` takes ``logits_to_keep`` (transformers >= 4.50)
-    the *root* model runs with an empty ``logits_to_keep``, so wrappers' hooks (FSDP2's unshard,
-    DDP, PEFT) see an ordinary call and the head projects zero rows; otherwise the body runs
-    alone. See the module docstring for padded and packed batches.
+    off unless given). The *root* model runs, so wrappers' hooks (FSDP2's unshard, DDP, PEFT) see
+    an ordinary call; a pre-hook on the LM head takes its input and lets it project zero rows.
+    See the module docstring for padded and packed batches.
     """
     inner = _unwrap(model)
     ids, embeds, mask, pos, seg, packed = _prepare(inner, input_ids, inputs_embeds,
                                                    attention_mask, position_ids, cu_seqlens)
-    body = _body(inner)
     impl = getattr(inner.config, "_attn_implementation", None) or "eager"
     if packed and not impl.startswith("flash") and (mask is not None
                                                    or not _transformers_detects_packing()):
@@ -261,20 +245,27 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
     model_kwargs.setdefault("use_cache", False)
     kwargs = dict(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
                   **model_kwargs)
-    if "logits_to_keep" in inspect.signature(inner.forward).parameters:
-        # Run the root (wrapper hooks such as FSDP's unshard, DDP's and PEFT's see the call) but
-        # keep no logits at all: the head multiplies a [B, 0, D] slice. The body's output is
-        # caught by a hook on its way to the head.
-        caught = []
-        handle = body.register_forward_hook(lambda mod, args, out: caught.append(out))
-        try:
-            model(**kwargs, logits_to_keep=torch.empty(0, dtype=torch.long, device=pos.device))
-        finally:
-            handle.remove()
-        out = caught[-1]
-    else:
-        out = body(**kwargs)
-    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    # Run the root model (so wrapper hooks, FSDP2's unshard, DDP's, PEFT's, see an ordinary
+    # call), catch the LM head's input on its way in and hand the head a [..., 0, D] slice
+    # instead: the head projects zero rows, and whatever the model does to the hidden states
+    # before its head (final norm, scaling) is already in what we caught.
+    head = inner.get_output_embeddings()
+    caught = []
+
+    def take_input(mod, args, kw):
+        x = args[0] if args else kw.pop("input")
+        caught.append(x)
+        return (x[..., :0, :],) + tuple(args[1:]), kw
+
+    handle = head.register_forward_pre_hook(take_input, with_kwargs=True)
+    try:
+        model(**kwargs)
+    finally:
+        handle.remove()
+    if not caught:
+        raise TypeError(f"model: {type(inner).__name__}.forward never called its LM head "
+                        f"(get_output_embeddings())")
+    hidden = caught[-1]
     weight, bias, softcap, temperature = lm_head(inner)
     return HeadInputs(hidden, weight, bias, softcap, temperature)
 
