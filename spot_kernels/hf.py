@@ -37,7 +37,7 @@ Batches
   - flash-attention (``attn_implementation="flash_attention_2/3"``): transformers runs the varlen
     kernel from the restarting ``position_ids``;
   - SDPA / eager / flex with a transformers that detects packing from ``position_ids``
-    (``masking_utils.find_packed_sequence_indices``, transformers >= 4.56): it builds the
+    (``masking_utils.find_packed_sequence_indices``, in recent releases): it builds the
     block-diagonal causal mask itself (sliding windows included);
   - otherwise (older transformers, or packing *and* an ``attention_mask`` in one call) this module
     builds a 4-D additive block-diagonal causal mask ``[B, 1, L, L]`` (``0`` where a query may see
