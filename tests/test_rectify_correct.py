@@ -92,6 +92,8 @@ class OracleServer:
                 if action == "401":
                     return self.send(401, {"error": {"message": "bad key", "type": "auth"}})
                 fixed = oracle_fix(prompt, wrong=action == "wrong")
+                if action == "echo":  # a reply quoting the key
+                    fixed += f"\n(auth was {self.headers.get('Authorization')})"
                 content = ("Here is the corrected solution.\n" + fixed if action == "nomarkers" else
                            f"Here you go.\n{C.START}\n{fixed}\n{C.END}\n")
                 self.send(200, {"id": "x", "object": "chat.completion", "created": 0,
@@ -166,7 +168,7 @@ def test_correct_all_behaviours(tmp_path, oracle, capsys):
     recs = write_errors(errors, 10)
     oracle.scripts = {"Q1": ["429", "ok"], "Q2": ["500", "500", "ok"], "Q3": ["slow", "ok"],
                       "Q4": ["nomarkers"], "Q5": ["wrong"], "Q6": ["drop", "ok"],
-                      "Q7": ["always500"], "Q8": ["leak"] * 4}
+                      "Q7": ["always500"], "Q8": ["leak"] * 4, "Q9": ["echo"]}
     out = tmp_path / "corrected.jsonl"
     s = C.correct(C.load_errors(str(errors)), str(out), make_oracle(oracle.url, api_key=SECRET),
                   workers=4, progress=False)
@@ -185,7 +187,8 @@ def test_correct_all_behaviours(tmp_path, oracle, capsys):
         if r["status"] == "verified":
             assert r["verified"] and f"\\boxed{{{src['ground_truth']}}}" in r["corrected_answer"]
             assert C.START not in r["corrected_answer"] and "Here you go" not in r["corrected_answer"]
-            assert r["corrected_answer"] == oracle_fix(src["response"])
+            tail = "\n(auth was Bearer ***)" if k == "p9:0" else ""  # the key scrubbed
+            assert r["corrected_answer"] == oracle_fix(src["response"]) + tail
         else:
             assert not r["verified"]
     assert rows["p4:0"]["corrected_answer"] is None  # no markers: recorded, not guessed

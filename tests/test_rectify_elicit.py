@@ -53,6 +53,17 @@ def test_load_problems_keys_and_errors(tmp_path):
         E.load_problems(str(tmp_path / "missing.jsonl"))
 
 
+def test_vllm_engine_needs_vllm():
+    pytest.importorskip("transformers")
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vllm is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ValueError, match="vllm"):
+        E.VLLMGenerator("some/model", build_tokenizer())
+
+
 def test_elicit_split_with_scripted_generator(tmp_path):
     """The correct/wrong split and the two files, with answers we choose."""
     tok = build_tokenizer()

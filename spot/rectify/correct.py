@@ -281,6 +281,9 @@ def correct(records, output, oracle, *, workers=16, template=None, with_ground_t
                         row.update(corrected_answer=body, verified=ok, checker=checker,
                                    status="verified" if ok else "wrong_answer")
                 retries += row["attempts"] - 1
+                if oracle._key:  # a reply or error that quotes the key is written without it
+                    row = {k: redact(v, oracle._key) if isinstance(v, str) else v
+                           for k, v in row.items()}
                 out.write(row)
                 new += 1
                 bar.update(1)

@@ -108,21 +108,24 @@ class TransformersGenerator:
 
 
 class VLLMGenerator:
-    """Sampling with vLLM (only when installed and asked for with ``--engine vllm``)."""
+    """Sampling with vLLM (only when installed and asked for with ``--engine vllm``). Prompts go
+    in as token ids, tokenized exactly as for ``transformers`` (no special tokens added on top of
+    the chat template's)."""
 
-    def __init__(self, model_path, *, seed=0, dtype="auto"):
+    def __init__(self, model_path, tokenizer, *, seed=0, dtype="auto"):
         try:
             from vllm import LLM, SamplingParams
         except ImportError as e:
             raise ValueError("engine: 'vllm' asked for but vllm is not installed "
                              "(pip install vllm, or use --engine transformers)") from e
         self.llm = LLM(model=model_path, seed=seed, dtype=dtype)
-        self.SamplingParams, self.seed = SamplingParams, seed
+        self.SamplingParams, self.tok = SamplingParams, tokenizer
 
     def __call__(self, prompts, *, temperature, top_p, max_new_tokens):
         params = self.SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
                                      max_tokens=max_new_tokens)
-        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        ids = self.tok(prompts, add_special_tokens=False)["input_ids"]
+        outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
         return [(o.outputs[0].text, o.outputs[0].finish_reason or "stop") for o in outs]
 
 
@@ -179,7 +182,8 @@ def elicit(problems, generator, tokenizer, output_dir, *, samples=1, batch_size=
     work.sort(key=lambda w: -len(w[3]))  # longest first: similar lengths share a batch
 
     from tqdm.auto import tqdm
-    bar = tqdm(total=len(work) + len(done), initial=len(done), desc="elicit", unit="answer",
+    total = len(problems) * samples
+    bar = tqdm(total=total, initial=total - len(work), desc="elicit", unit="answer",
                disable=not progress, file=sys.stderr)
     new = 0
     with Appender(all_path) as out, Appender(err_path) as errs:
@@ -212,7 +216,7 @@ def elicit_main(args):
     if args.engine == "vllm":
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(args.model)
-        gen = VLLMGenerator(args.model, seed=args.seed, dtype=args.dtype)
+        gen = VLLMGenerator(args.model, tok, seed=args.seed, dtype=args.dtype)
     else:
         model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
         gen = TransformersGenerator(model, tok, seed=args.seed)
