@@ -34,6 +34,10 @@ data-parallel ranks, as FSDP2's default gradient reduction does. The gradient co
 ``DTensor`` with the parameter's placements. FSDP1 (``use_orig_params``) and ZeRO-3 hold full
 parameters only inside the wrapped module's forward: call the fused function there (or under
 ``deepspeed.zero.GatheredParameters``); outside it they are flat shards this module cannot see.
+
+Both paths run eagerly (collectives inside an ``autograd.Function``); under ``torch.compile``
+they graph-break around the call rather than compile into it. With half-precision hidden states
+the partial ``dh`` is all-reduced in that dtype (the backend contract returns it so).
 """
 from __future__ import annotations
 
