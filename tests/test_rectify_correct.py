@@ -314,3 +314,23 @@ def test_load_errors_skips_correct_and_checks_fields(tmp_path):
     p.write_text(json.dumps({"id": "x", "question": "q", "ground_truth": "1"}) + "\n")
     with pytest.raises(ValueError, match="answer to correct"):
         C.load_errors(str(p))
+
+
+def test_backoff_is_exponential_jittered_and_capped():
+    o = C.Oracle("http://127.0.0.1:9/v1", "m", backoff=0.1, max_backoff=1.0, seed=3)
+    for k in range(8):
+        d = min(1.0, 0.1 * 2 ** k)
+        delays = [o._delay(k, None) for _ in range(200)]
+        assert all(d / 2 <= x <= d for x in delays)
+        assert max(delays) - min(delays) > d / 4  # jittered, not constant
+
+    class Err:  # a 429 carrying Retry-After
+        class response:
+            headers = {"retry-after": "0.7"}
+    assert all(0.7 <= o._delay(0, Err) <= 1.0 for _ in range(20))
+    Err.response.headers = {"retry-after": "30"}  # longer than max_backoff: ignored
+    assert all(o._delay(0, Err) <= 0.1 for _ in range(20))
+    with pytest.raises(ValueError, match="max_retries"):
+        C.Oracle("http://127.0.0.1:9/v1", "m", max_retries=-1)
+    with pytest.raises(ValueError, match="timeout"):
+        C.Oracle("http://127.0.0.1:9/v1", "m", timeout=0)
