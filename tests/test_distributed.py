@@ -7,6 +7,8 @@ Spawning is the slow part (seconds per process), so one spawn of 3 processes run
 """
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -163,4 +165,11 @@ def _worker(rank, world, init_file):
 
 def test_sharded_heads(tmp_path):
     """One spawn of 3 processes runs the 2-rank checks on a subgroup and the 3-rank ones on all."""
-    mp.start_processes(_worker, args=(3, str(tmp_path / "init")), nprocs=3, start_method="spawn")
+    ctx = mp.start_processes(_worker, args=(3, str(tmp_path / "init")), nprocs=3,
+                             start_method="spawn", join=False)
+    deadline = time.monotonic() + 600  # a hung collective must not hang the test run
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("distributed workers did not finish within 600 s")
