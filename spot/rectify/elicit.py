@@ -191,6 +191,8 @@ def elicit(problems, generator, tokenizer, output_dir, *, samples=1, batch_size=
             chunk = work[s:s + batch_size]
             results = generator([w[3] for w in chunk], temperature=temperature, top_p=top_p,
                                 max_new_tokens=max_new_tokens)
+            if len(results) != len(chunk):
+                raise RuntimeError(f"generator returned {len(results)} answers for {len(chunk)} prompts")
             for (sid, k, p, _), (text, finish) in zip(chunk, results):
                 text = strip_thinking(text)
                 ok = check_answer(text, p["ground_truth"], checker=checker)
