@@ -1,8 +1,8 @@
 """The Triton backend against the float64 reference (the tolerance rule of conftest), on CPU
 through ``TRITON_INTERPRET=1`` with tiny shapes, and on CUDA at real sizes (``gpu`` marker).
 
-The interpreter tiles are 16 x 32 x 16 (``configs.py``) unless a test sets them, so the shapes
-below reach several token, vocabulary and D tiles with a ragged last tile in each.
+The kernel tests force 16 x 32 x 16 tiles (``SMALL``), so the shapes below reach several
+token, vocabulary and D tiles with a ragged last tile in each, at interpreter-friendly sizes.
 """
 import os
 
@@ -13,7 +13,7 @@ import spot_kernels as sk
 from spot_kernels import _registry, reference
 from conftest import assert_close, make_head, references
 
-HAS_TRITON = _registry.availability("triton", "cpu")[0] or _registry.availability("triton", "cuda")[0]
+SMALL = {"block_m": 16, "block_v": 32, "block_d": 16}
 
 
 def _device():
@@ -28,12 +28,16 @@ needs_triton = pytest.mark.skipif(
 
 
 def run(h, w, t, b=None, gout=None, options=None, **kw):
-    """Triton log-probs and the gradients of ``sum(logp * gout)``."""
+    """Triton log-probs and the gradients of ``sum(logp * gout)``; small tiles unless
+    ``options`` has ``"config": "default"``."""
     leaves = [h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()]
     if b is not None:
         leaves.append(b.detach().clone().requires_grad_())
+    opts = dict(options or {})
+    if opts.pop("config", None) != "default":
+        opts = {**SMALL, **opts}
     logp = sk.token_logprobs(leaves[0], leaves[1], t, bias=leaves[2] if b is not None else None,
-                             backend="triton", backend_options=options, **kw)
+                             backend="triton", backend_options=opts, **kw)
     grads = torch.autograd.grad((logp.double() * gout).sum(), leaves)
     for leaf, grad in zip(leaves, grads):
         assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
@@ -76,9 +80,6 @@ def test_available_on_cpu_needs_the_interpreter(monkeypatch):
 
 # --- kernels, on CPU through the interpreter (or on CUDA when present) --------------------
 
-pytestmark_kernels = [needs_triton]
-
-
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_ragged_tiles_bias_temperature_softcap(dtype):
@@ -113,14 +114,14 @@ def test_split_vocab_forced(dtype):
     kw = dict(temperature=0.8, softcap=6.0)
     # 3 splits of 2 vocabulary tiles each (64 columns), the last one ragged (36 columns)
     logp, ent = sk.token_logprobs(h, w, t, bias=b, backend="triton", return_entropy=True,
-                                  backend_options={"split_vocab": 3}, **kw)
+                                  backend_options={"split_vocab": 3, **SMALL}, **kw)
     tl_, te = reference.token_logprobs(h, w, t, b, compute_dtype=torch.float64,
                                        return_entropy=True, **kw)
     sl, se = reference.token_logprobs(h, w, t, b, return_entropy=True, **kw)
     assert_close(logp, sl, tl_, dtype, "logp")
     assert_close(ent, se, te, dtype, "entropy")
-    ref = tb.forward(h, w, t, b, ignore_index=-100, split_vocab=1, **kw)[1]
-    split = tb.forward(h, w, t, b, ignore_index=-100, split_vocab=3, **kw)[1]
+    ref = tb.forward(h, w, t, b, ignore_index=-100, split_vocab=1, **SMALL, **kw)[1]
+    split = tb.forward(h, w, t, b, ignore_index=-100, split_vocab=3, **SMALL, **kw)[1]
     assert_close(split, ref, te * 0 + ref.double(), torch.float32, "lse split vs not")
 
 
@@ -163,7 +164,8 @@ def test_targets_outside_vocab_contract(deterministic):
     t[1::3] = 45 + t[1::3]  # another shard's ids
     t[2::5] = -7            # below the shard, not ignore_index
     kw = dict(temperature=0.9, softcap=None, ignore_index=-100)
-    logp, lse, _ = tb.forward(h, w, t, b, return_entropy=False, split_vocab=2, **kw)
+    logp, lse, _ = tb.forward(h, w, t, b, return_entropy=False, split_vocab=2, **SMALL,
+                              **kw)
     z = (h.double() @ w.double().T + b.double()) / 0.9
     lse64 = torch.logsumexp(z, 1)
     valid, here = t != -100, (t >= 0) & (t < 45)
@@ -172,7 +174,7 @@ def test_targets_outside_vocab_contract(deterministic):
     torch.testing.assert_close(logp.double(), expect, rtol=0, atol=1e-5)
     g = torch.randn(19, device=dev)
     dh, dw, db = tb.backward(h, w, t, b, lse, g, needs_input_grad=(True, True, True),
-                             deterministic=deterministic, **kw)
+                             deterministic=deterministic, **SMALL, **kw)
     p = torch.softmax(z, 1)
     onehot = torch.zeros_like(p)
     onehot[here, t[here]] = 1.0
@@ -191,7 +193,8 @@ def test_spot_loss_matches_float64_reference():
     ref_logps = torch.randn(4, device=dev) * 5 - 30
     kw = dict(beta=0.3, delta=0.05, temperature=0.9, average=True)
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-    out = sk.spot_loss(hh, ww, t, cu, ref_logps, labels, backend="triton", **kw)
+    out = sk.spot_loss(hh, ww, t, cu, ref_logps, labels, backend="triton",
+                       backend_options=SMALL, **kw)
     out.loss.backward()
     # float64 ground truth through the reference composition
     h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
@@ -200,7 +203,8 @@ def test_spot_loss_matches_float64_reference():
     pi = reference.sequence_logprobs(logp, cu, valid, average=True)
     u = 0.3 * (pi - ref_logps.double()) - 0.05
     y = labels.double()
-    loss = (y * torch.nn.functional.softplus(-u) + (1 - y) * torch.nn.functional.softplus(u)).sum() / 2
+    softplus = torch.nn.functional.softplus
+    loss = (y * softplus(-u) + (1 - y) * softplus(u)).sum() / 2
     loss.backward()
     torch.testing.assert_close(out.loss.double(), loss.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.policy_logps.double(), pi.detach(), rtol=1e-5, atol=1e-5)
@@ -220,10 +224,12 @@ compiled = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") == "1",
 @gpu
 @needs_cuda
 @compiled
-@pytest.mark.parametrize("options", [{}, {"deterministic": True}, {"split_vocab": 4}],
-                         ids=["default", "deterministic", "split"])
+@pytest.mark.parametrize("options", [{}, {"deterministic": True}, {"split_vocab": 4},
+                                     {"fast_grad": True}],
+                         ids=["default", "deterministic", "split", "fast_grad"])
 def test_gpu_real_size_bf16(options):
     n, d, v = 4096, 4096, 32768
+    options = {"config": "default", **options}
     h, w, b, t = make_head(n, d, v, torch.bfloat16, "cuda", bias=False, scale=2.0, seed=11)
     check(h, w, t, options=options, softcap=30.0)
     if options.get("deterministic"):
@@ -239,8 +245,8 @@ def test_gpu_real_size_bf16(options):
 def test_gpu_real_size_fp32_bias_and_filter():
     n, d, v = 1024, 2048, 50000
     h, w, b, t = make_head(n, d, v, torch.float32, "cuda", bias=True, seed=12)
-    check(h, w, t, b, temperature=0.8)
+    check(h, w, t, b, options={"config": "default"}, temperature=0.8)
     truth, same, gout = references(h, w, t, b, temperature=0.8)
-    _, filt = run(h, w, t, b, gout, {"filter_eps": 1e-6}, temperature=0.8)
+    _, filt = run(h, w, t, b, gout, {"config": "default", "filter_eps": 1e-6}, temperature=0.8)
     for ours, tr in zip(filt, truth[1]):
         assert ((ours.double() - tr).norm() / tr.norm()) < 1e-2

@@ -45,14 +45,15 @@ touches no GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import numbers
 import os
 
 import torch
 
-OPTIONS = ("filter_eps", "deterministic", "fast_grad", "split_vocab", "block_m", "block_v", "block_d",
-           "num_warps", "num_stages")
+OPTIONS = ("filter_eps", "deterministic", "fast_grad", "split_vocab", "block_m", "block_v",
+           "block_d", "num_warps", "num_stages")
 
 
 def _interpret_env():
@@ -143,9 +144,21 @@ def _splits(n, v, cfg, device, requested):
     return max(1, min(-(-2 * sms // tiles), v // (8 * cfg["block_v"])))
 
 
+def _on(device):
+    """Launch on the tensors' GPU, not the current one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None,
             ignore_index=-100, return_entropy=False, **options):
     """Returns ``(logp, lse, entropy or None)``, float32 ``[N]`` each."""
+    with _on(hidden.device):
+        return _forward(hidden, weight, targets, bias, temperature, softcap, ignore_index,
+                        return_entropy, options)
+
+
+def _forward(hidden, weight, targets, bias, temperature, softcap, ignore_index, return_entropy,
+             options):
     fwd, merge, _, _, _, configs = _kernels()
     n, d = hidden.shape
     v = weight.shape[0]
@@ -172,6 +185,13 @@ def backward(hidden, weight, targets, bias, lse, grad_logp, *, temperature=1.0, 
              ignore_index=-100, needs_input_grad=(True, True, True), **options):
     """Returns ``(dh, dW, db)`` in the dtypes of ``hidden``, ``weight``, ``bias`` (None where
     not needed)."""
+    with _on(hidden.device):
+        return _backward(hidden, weight, targets, bias, lse, grad_logp, temperature, softcap,
+                         ignore_index, needs_input_grad, options)
+
+
+def _backward(hidden, weight, targets, bias, lse, grad_logp, temperature, softcap, ignore_index,
+              needs_input_grad, options):
     _, _, bwd, bwd_dh, bwd_dw, configs = _kernels()
     n, d = hidden.shape
     v = weight.shape[0]

@@ -40,8 +40,8 @@ def _backward_kernel(H, W, B, T, LSE, G, DH, DW, DB, N, V, D, stride_hn, stride_
                      stride_wv, stride_wd, ignore_index, inv_temp, softcap, filter_eps,
                      HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_H: tl.constexpr,
                      NEED_W: tl.constexpr, NEED_B: tl.constexpr, FILTER: tl.constexpr,
-                     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < N

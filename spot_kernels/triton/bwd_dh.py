@@ -12,8 +12,9 @@ every thread sees the rows written by the others before the next read-modify-wri
 Token tiles whose ``g`` are all zero are skipped; ``filter_eps`` skips vocabulary tiles as in
 ``bwd.py``.
 
-Cost: ``4 N D V`` FLOPs (recompute + ``dh``; ``6 N D V`` with the ``hi + lo`` split); ``8 N D V / BLOCK_V`` bytes of ``dh``
-read-modify-write (mostly L2). Parallelism is only ``cdiv(N, BLOCK_M)`` programs.
+Cost: ``4 N D V`` FLOPs (recompute + ``dh``; ``6 N D V`` with the ``hi + lo`` split);
+``8 N D V / BLOCK_V`` bytes of ``dh`` read-modify-write (mostly L2). Parallelism is only
+``cdiv(N, BLOCK_M)`` programs.
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ from .tiles import dot2, grad_tile, logits_tile, split_half
 def _backward_dh_kernel(H, W, B, T, LSE, G, DH, N, V, D, stride_hn, stride_hd, stride_wv,
                         stride_wd, ignore_index, inv_temp, softcap, filter_eps,
                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                        FILTER: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                        FILTER: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
     t = tl.load(T + rows, mask=row_mask, other=ignore_index)
@@ -73,6 +74,7 @@ def launch_backward_dh(hidden, weight, targets, bias, lse, grad, dh, *, temperat
         hidden, weight, bias if bias is not None else lse, targets, lse, grad, dh, n, v, d,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), ignore_index,
         1.0 / temperature, 1.0 if softcap is None else softcap, float(filter_eps or 0.0),
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, FILTER=bool(filter_eps), SPLIT=split,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, FILTER=bool(filter_eps),
+        SPLIT=split,
         BLOCK_M=bm, BLOCK_V=cfg["block_v"], BLOCK_D=cfg["block_d"], PRECISION=precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

@@ -10,9 +10,10 @@ that exact), forms ``dA`` and, per ``BLOCK_D`` chunk, read-modify-writes its own
 float32 ``dW`` buffer; ``db`` stays in registers until the end. Fixed order, exclusive rows:
 bit-identical results across runs. A barrier closes each token tile (see ``bwd_dh.py``).
 
-Cost: ``4 N D V`` FLOPs (recompute + ``dW``; ``6 N D V`` with the ``hi + lo`` split); ``8 V D N / BLOCK_M`` bytes of ``dW``
-read-modify-write. Together with ``bwd_dh.py`` the deterministic backward does
-``8 N D V`` FLOPs instead of the default's ``6 N D V`` (one extra recompute of the logits),
+Cost: ``4 N D V`` FLOPs (recompute + ``dW``; ``6 N D V`` with the ``hi + lo`` split);
+``8 V D N / BLOCK_M`` bytes of ``dW`` read-modify-write. Together with ``bwd_dh.py`` the
+deterministic backward does ``8 N D V`` FLOPs instead of the default's ``6 N D V`` (one extra
+recompute of the logits; ``12`` vs ``10 N D V`` with the split),
 in exchange for no atomics.
 """
 from __future__ import annotations
@@ -85,6 +86,6 @@ def launch_backward_dw(hidden, weight, targets, bias, lse, grad, dw, db, *, temp
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), ignore_index,
         1.0 / temperature, 1.0 if softcap is None else softcap, float(filter_eps or 0.0),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, NEED_W=dw is not None,
-        NEED_B=db is not None, FILTER=bool(filter_eps), SPLIT=split, BLOCK_M=cfg["block_m"], BLOCK_V=bv,
-        BLOCK_D=cfg["block_d"], PRECISION=precision, num_warps=cfg["num_warps"],
+        NEED_B=db is not None, FILTER=bool(filter_eps), SPLIT=split, BLOCK_M=cfg["block_m"],
+        BLOCK_V=bv, BLOCK_D=cfg["block_d"], PRECISION=precision, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
