@@ -64,7 +64,8 @@ __all__ = ["HeadInputs", "head_inputs", "completion_logprobs", "next_token_targe
 
 @dataclass
 class HeadInputs:
-    """What the LM head would consume: ``logits = softcap(hidden @ weight.T + bias) / temperature``."""
+    """What the LM head would consume:
+    ``logits = softcap(hidden @ weight.T + bias) / temperature``."""
     hidden: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None
@@ -115,7 +116,8 @@ def lm_head(model):
     if softcap is not None and temperature != 1.0:
         raise ValueError("model: a config with both a logit softcap and a logit scale is not "
                          "supported (the order of the two is model-specific)")
-    return head.weight, getattr(head, "bias", None), (None if softcap is None else float(softcap)), temperature
+    softcap = None if softcap is None else float(softcap)
+    return head.weight, getattr(head, "bias", None), softcap, temperature
 
 
 def _positions_from_cu(cu, n, device):
@@ -289,7 +291,8 @@ def _completion_targets(ids, mask, seg, completion_mask, prompt_lengths):
         if seg[:, -1].max() > 0:
             raise ValueError("prompt_lengths: packed batches need completion_mask instead")
         if plen.numel() != b:
-            raise ValueError(f"prompt_lengths must have one entry per row ({b}), got {plen.numel()}")
+            raise ValueError(f"prompt_lengths must have one entry per row ({b}), got "
+                             f"{plen.numel()}")
         pos = torch.arange(length, device=ids.device)[None, :]
         if mask is not None:  # left padding: prompt length counts attended tokens only
             pos = mask.long().cumsum(-1) - 1
@@ -324,7 +327,7 @@ def next_token_targets(input_ids, *, attention_mask=None, completion_mask=None,
 def completion_logprobs(model, input_ids, *, attention_mask=None, completion_mask=None,
                         prompt_lengths=None, position_ids=None, cu_seqlens=None, average=False,
                         backend="auto", backend_options=None, **model_kwargs):
-    """Per-sequence ``sum`` (or ``average=True``: mean) of ``log p(completion token)`` -> float32 ``[S]``.
+    """Per-sequence sum (``average=True``: mean) of ``log p(completion token)``, float32 ``[S]``.
 
     Prompt tokens are masked by ``completion_mask`` (1 = completion token, ``input_ids``' shape)
     or ``prompt_lengths`` (``[B]``, padded batches; counted in attended tokens). With neither,

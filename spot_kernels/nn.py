@@ -68,7 +68,8 @@ class SPoTLoss(torch.nn.Module):
         super().__init__()
         self.beta, self.delta, self.temperature, self.softcap = beta, delta, temperature, softcap
         self.ignore_index, self.average, self.reduction = ignore_index, average, reduction
-        self.backend, self.backend_options, self.process_group = backend, backend_options, process_group
+        self.backend, self.backend_options = backend, backend_options
+        self.process_group = process_group
 
     def forward(self, hidden, weight, targets, cu_seqlens, ref_logps, labels, bias=None,
                 delta=None):

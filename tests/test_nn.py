@@ -37,7 +37,8 @@ def test_spot_loss_module(backend, device):
     pi = reference.sequence_logprobs(lp, cu, valid=t != -100)
     u = 0.2 * (pi - ref.double()) - 0.1
     y = labels.double()
-    loss = (y * torch.nn.functional.softplus(-u) + (1 - y) * torch.nn.functional.softplus(u)).sum() / 2
+    softplus = torch.nn.functional.softplus
+    loss = (y * softplus(-u) + (1 - y) * softplus(u)).sum() / 2
     loss.backward()
     torch.testing.assert_close(out.loss.double(), loss.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(hh.grad.double(), h64.grad, atol=1e-5, rtol=1e-4)
