@@ -129,3 +129,39 @@ def test_bad_input(model):
         hf.head_inputs(model, ids, cu_seqlens=torch.tensor([0, 6, 12]))
     with pytest.raises(TypeError, match="model"):
         hf.head_inputs(torch.nn.Linear(2, 2), ids)
+
+
+@pytest.mark.parametrize("arch, scale", [("granite", dict(logits_scaling=4.0)),
+                                         ("cohere", dict(logit_scale=0.25))])
+def test_logit_scale_configs(arch, scale):
+    """Configs that scale their logits: the scale reaches the fused head as a temperature."""
+    model = build_model(arch, layers=1, **scale).eval()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(4, model.config.vocab_size, (1, 9), generator=g)
+    assert hf.lm_head(model)[3] == 4.0
+    truth = _truth_completion(model, [ids[0]], [1])
+    ours = hf.completion_logprobs(model, ids)
+    torch.testing.assert_close(ours.double(), truth.detach(), atol=1e-4, rtol=1e-5)
+
+
+def test_packed_rows_with_padding(model):
+    """Two packed rows, right-padded: the 4-D block-diagonal mask this module builds."""
+    seqs = _seqs(model, seed=4)
+    width = 16
+    rows = [[seqs[0], seqs[1]], [seqs[2]]]
+    ids = torch.zeros(2, width, dtype=torch.long)
+    pos = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    where = []
+    for r, row in enumerate(rows):
+        at = 0
+        for s in row:
+            ids[r, at:at + len(s)], pos[r, at:at + len(s)], mask[r, at:at + len(s)] = \
+                s, torch.arange(len(s)), 1
+            where.append((r, at, len(s), s))
+            at += len(s)
+    with torch.no_grad():
+        hi = hf.head_inputs(model, ids, attention_mask=mask, position_ids=pos)
+    for r, at, n, s in where:
+        torch.testing.assert_close(_logits(hi, hi.hidden[r, at:at + n]), _alone_logits(model, s),
+                                   atol=2e-5, rtol=0)
