@@ -250,3 +250,15 @@ def test_gpu_real_size_fp32_bias_and_filter():
     _, filt = run(h, w, t, b, gout, {"config": "default", "filter_eps": 1e-6}, temperature=0.8)
     for ours, tr in zip(filt, truth[1]):
         assert ((ours.double() - tr).norm() / tr.norm()) < 1e-2
+
+
+def test_auto_split_vocab_only_when_token_tiles_are_few(monkeypatch):
+    from spot_kernels import triton as tb
+    from spot_kernels.triton import configs
+    monkeypatch.setattr(configs, "device_info", lambda device: ((9, 0), 132))
+    cfg = {"block_m": 128, "block_v": 128}
+    assert tb._splits(132 * 128, 151936, cfg, "cuda", None) == 1      # tiles cover the SMs
+    assert tb._splits(4 * 128, 151936, cfg, "cuda", None) == 66       # 4 tiles x 66 splits
+    assert tb._splits(128, 2048, cfg, "cuda", None) == 2              # >= 8 vocab tiles each
+    assert tb._splits(128, 512, cfg, "cuda", None) == 1
+    assert tb._splits(128, 151936, cfg, "cuda", 3) == 3               # forced
