@@ -1,0 +1,143 @@
+"""Exercise every CUDA kernel of ``spot_kernels._cuda`` once per code path on small shapes, for
+
+    compute-sanitizer --tool memcheck python benchmarks/cuda_memcheck.py
+
+Paths: float32 / float16 / bfloat16 logits; 16-byte and scalar loads (V a multiple of 8 or
+not); a warp per row (V <= 2048) and a block per row; with and without bias, softcap, entropy;
+ignored and out-of-shard targets; one and several token chunks in the backward; segment sums
+with int32 / int64 ``cu_seqlens``, ``valid`` and empty sequences; the BCE with a number and a
+device ``delta``. Each result is checked loosely against float64 torch so a wrong answer fails
+too. Exit code 0: all ran and matched; 1: a mismatch; 2: no GPU or no extension (nothing ran).
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+
+def close(name, ours, truth, tol):
+    err = (ours.double().cpu() - truth.double().cpu()).abs().max().item() if ours.numel() else 0.0
+    scale = max(1.0, truth.abs().max().item()) if truth.numel() else 1.0
+    ok = err <= tol * scale
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: max err {err:.2e} (tol {tol * scale:.1e})")
+    return ok
+
+
+def head_case(dtype, n, d, v, bias, softcap, temperature, token_chunk):
+    from spot_kernels import cuda
+    g = torch.Generator().manual_seed(n * 7 + v)
+    h = (torch.randn(n, d, generator=g) / d**0.25).to(dtype).cuda()
+    w = (torch.randn(v, d, generator=g) / d**0.25).to(dtype).cuda()
+    b = torch.randn(v, generator=g).to(dtype).cuda() if bias else None
+    t = torch.randint(0, v, (n,), generator=g)
+    t[::5] = -100
+    t[1::7] = v + 3  # another vocabulary shard
+    t = t.cuda()
+    gout = torch.randn(n, generator=g).cuda()
+    kw = dict(temperature=temperature, softcap=softcap, ignore_index=-100)
+    logp, lse, ent = cuda.forward(h, w, t, b, return_entropy=True, **kw)
+    dh, dw, db = cuda.backward(h, w, t, b, lse, gout, token_chunk=token_chunk, **kw)
+    torch.cuda.synchronize()
+    # float64 truth
+    a = h.double() @ w.double().t() + (0 if b is None else b.double())
+    th = None
+    if softcap is not None:
+        th = torch.tanh(a / softcap)
+        a = softcap * th
+    z = a / temperature
+    lse64 = torch.logsumexp(z, 1)
+    inside = (t >= 0) & (t < v)
+    lp64 = torch.where(inside, z.gather(1, t.clamp(0, v - 1)[:, None])[:, 0] - lse64, -lse64)
+    lp64 = torch.where(t == -100, 0.0, lp64)
+    p = torch.softmax(z, 1)
+    ent64 = lse64 - (p * z).sum(1)
+    gg = torch.where(t == -100, 0.0, gout.double())
+    dz = -p * gg[:, None]
+    rows = inside.nonzero()[:, 0]
+    dz[rows, t[rows]] += gg[rows]
+    da = dz / temperature * (1 if th is None else 1 - th * th)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    tag = (f"{str(dtype)[6:]} n={n} d={d} v={v} bias={bias} softcap={softcap} "
+           f"T={temperature} chunk={token_chunk}")
+    oks = [close(f"{tag} logp", logp, lp64, tol), close(f"{tag} lse", lse, lse64, tol),
+           close(f"{tag} entropy", ent, ent64, tol), close(f"{tag} dh", dh, da @ w.double(), tol),
+           close(f"{tag} dW", dw, da.t() @ h.double(), tol)]
+    if b is not None:
+        oks.append(close(f"{tag} db", db, da.sum(0), tol))
+    return all(oks)
+
+
+def segment_case(cu_dtype, average, with_valid):
+    from spot_kernels import cuda
+    lens = torch.tensor([3, 0, 300, 1, 17])
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]).to(cu_dtype)
+    n = int(lens.sum())
+    x = torch.randn(n, dtype=torch.float64)
+    valid = (torch.rand(n) > 0.3) if with_valid else torch.ones(n, dtype=torch.bool)
+    out, count = cuda.segment_sums(x.float().cuda(), cu.cuda(),
+                                   valid.cuda() if with_valid else None, average)
+    torch.cuda.synchronize()
+    truth, cnt = [], []
+    for s in range(len(lens)):
+        lo, hi = int(cu[s]), int(cu[s + 1])
+        m = valid[lo:hi]
+        tot, c = x[lo:hi][m].sum(), int(m.sum())
+        truth.append(tot / c if average and c else (tot * 0 if average else tot))
+        cnt.append(c)
+    tag = f"segment_sum cu={str(cu_dtype)[6:]} average={average} valid={with_valid}"
+    return (close(f"{tag} sums", out, torch.stack(truth), 1e-5)
+            and close(f"{tag} counts", count, torch.tensor(cnt, dtype=torch.float64), 0))
+
+
+def bce_case(device_delta):
+    from spot_kernels import cuda
+    s = 300
+    pi = torch.randn(s, dtype=torch.float64) * 30 - 100
+    rho = pi + torch.randn(s, dtype=torch.float64) * 20
+    y = (torch.arange(s) < s // 2).double()
+    beta, delta = 0.2, 0.1
+    pr = pi.clone().requires_grad_()
+    u = beta * (pr - rho) - delta
+    loss64 = (y * F.softplus(-u) + (1 - y) * F.softplus(u)).sum() / (s / 2)
+    (coef64,) = torch.autograd.grad(loss64, pr)
+    d = torch.tensor(delta, device="cuda") if device_delta else delta
+    loss, coef = cuda.bce_forward(pi.float().cuda(), rho.float().cuda(), y.float().cuda(),
+                                  beta=beta, delta=d, reduction="pairs")
+    torch.cuda.synchronize()
+    tag = f"bce device_delta={device_delta}"
+    return close(f"{tag} loss", loss, loss64.detach(), 1e-5) and close(f"{tag} coef", coef,
+                                                                        coef64, 1e-5)
+
+
+def main():
+    if not torch.cuda.is_available():
+        print("cuda_memcheck: no CUDA device; nothing ran")
+        return 2
+    from spot_kernels import cuda
+    ok, why = cuda.available(torch.device("cuda"))
+    if not ok:
+        print(f"cuda_memcheck: the cuda backend is unavailable: {why}")
+        return 2
+    results = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for v in (37, 256, 2051, 4096):  # scalar/vector loads x warp/block per row
+            results.append(head_case(dtype, 19, 24, v, bias=v % 2 == 0, softcap=None,
+                                     temperature=1.0, token_chunk=19))
+        results.append(head_case(dtype, 23, 40, 3000, bias=True, softcap=5.0, temperature=0.8,
+                                 token_chunk=6))
+        results.append(head_case(dtype, 1, 8, 9, bias=True, softcap=2.0, temperature=1.3,
+                                 token_chunk=1))
+    for cu_dtype in (torch.int32, torch.int64):
+        for average in (False, True):
+            for with_valid in (False, True):
+                results.append(segment_case(cu_dtype, average, with_valid))
+    results += [bce_case(False), bce_case(True)]
+    failed = results.count(False)
+    print(f"cuda_memcheck: {len(results) - failed}/{len(results)} cases matched")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
