@@ -21,11 +21,18 @@ the ``g`` scaling) stays below ``filter_eps`` everywhere skips its two gradient 
 dropped contribution is at most ``filter_eps`` per element of ``dA``.
 
 Cost: ``6 N D V`` FLOPs (recompute, ``dh``, ``dW``) for the tiles that run, ``10 N D V`` with
-the default ``hi + lo`` split for half inputs; atomics
-``N V D (1 / BLOCK_V + 1 / BLOCK_M)`` float32 adds (L2 resident); memory beyond the gradients:
-float32 ``dh``/``dW``/``db`` buffers when the inputs are half precision. The summation order of
-the atomics varies between runs (results differ in the last bits); ``deterministic=True`` uses
-``bwd_dh.py`` + ``bwd_dw.py`` instead.
+the default ``hi + lo`` split for half inputs; ``N V D (1 / BLOCK_V + 1 / BLOCK_M)`` float32
+atomic adds (L2 resident); memory beyond the gradients: float32 ``dh``/``dW``/``db`` buffers
+when the inputs are half precision. The summation order of the atomics varies between runs
+(results differ in the last bits); ``deterministic=True`` uses ``bwd_dh.py`` + ``bwd_dw.py``.
+
+Why it may not reach the GEMM floor: the atomics scale like the FLOPs. With 64 x 128 tiles and
+Qwen3-8B's head (``N=16384, D=4096, V=151936``) they are ``2.4e11`` adds (about 1 TB through
+L2) next to 61 TFLOP of dots, so on an H100/H200 the backward is likely bound by L2 atomic
+throughput rather than by the tensor cores. ``filter_eps`` removes both the dots and the atomics
+of skipped tiles (most of the vocabulary of a trained model), which is how this design is meant
+to win; without filtering the ``cuda`` backend (cuBLAS on a bounded ``dA`` block) may well
+be faster. None of this was measured yet: no GPU was available when it was written.
 """
 from __future__ import annotations
 
