@@ -209,6 +209,8 @@ def sequence_logps(policy, examples, cfg, device, dst=None):
         if j < real:
             out[batch["seq_ids"]] = pi.float()
     policy.train(was_training)
+    if hasattr(policy, "reshard"):  # FSDP2 keeps the root gathered after a forward: free it
+        policy.reshard()
     if dst is not None:
         out = dst.sum(out)
     return out.cpu()

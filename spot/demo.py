@@ -1,0 +1,160 @@
+"""``spot demo``: SPoT end to end on a laptop CPU, with nothing to download.
+
+* Model: a tiny random-init Qwen3 (``spot.tiny.build_model``, about 1.7M parameters) and the
+  character-level ChatML tokenizer of ``spot.tiny``.
+* Data: rectified pairs from :func:`make_pairs`, bundled in ``spot/data/`` (``demo_train.jsonl``,
+  ``demo_heldout.jsonl``; regenerate with ``python -m spot.demo --write-data``). Each problem is a
+  two-step arithmetic word problem; ``y-`` (``original_answer``) gets exactly one step wrong and
+  carries the error to the answer, ``y+`` (``gemini_corrected_answer``) is the minimal fix. The
+  held-out split uses other problems (same kind) and is never trained on.
+* Run: the same ``spot.train.train`` as ``spot train`` (SPoT loss, running ``delta``), then a
+  before/after table on the held-out pairs and ``demo.png`` (loss and rewards per step).
+
+Before training the policy *is* the reference, so every reward ``beta (pi - rho)`` is 0 and the
+reward accuracy (``r+ > r-``, strict, as TRL counts it) is 0; "prefers y+" counts the pairs where
+the model itself gives ``y+`` the higher log-probability (about chance for a random model).
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DATA_DIR = Path(__file__).parent / "data"
+NAMES = ["Mia", "Leo", "Ana", "Sam", "Ivy", "Tom", "Zoe", "Max", "Eva", "Ben", "Kai", "Liz"]
+ITEMS = ["apples", "pens", "coins", "books", "cards", "shells", "stamps", "marbles"]
+MODEL = dict(hidden_size=192, layers=4, heads=4, kv_heads=2, intermediate_size=512)
+
+
+def make_pair(rng):
+    """One problem: ``{question, gemini_corrected_answer (y+), original_answer (y-)}``."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    a, b = rng.randint(2, 9), rng.randint(1, 9)
+    c = rng.randint(1, a + b - 1)
+    question = f"{name} has {a} {item}, gets {b} more and gives away {c}. How many {item} now?"
+    s1, s2 = a + b, a + b - c
+
+    def answer(r1, r2):
+        return f"{a}+{b}={r1}. {r1}-{c}={r2}. Answer: {r2}"
+    if rng.random() < 0.5:  # the first step is wrong; the second is right given it
+        e = rng.choice([d for d in (-2, -1, 1, 2) if s1 + d - c >= 0])
+        bad = answer(s1 + e, s1 + e - c)
+    else:  # the second step is wrong
+        e = rng.choice([d for d in (-2, -1, 1, 2) if s2 + d >= 0])
+        bad = answer(s1, s2 + e)
+    return {"question": question, "gemini_corrected_answer": answer(s1, s2),
+            "original_answer": bad}
+
+
+def make_pairs(n, seed):
+    rng = random.Random(seed)
+    return [make_pair(rng) for _ in range(n)]
+
+
+def write_data(folder=DATA_DIR, n_train=480, n_heldout=96):
+    """The bundled splits; held-out questions never appear in the training split."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    train = make_pairs(n_train, seed=1)
+    seen = {p["question"] for p in train}
+    heldout = [p for p in make_pairs(4 * n_heldout, seed=2) if p["question"] not in seen]
+    for name, rows in (("demo_train.jsonl", train), ("demo_heldout.jsonl", heldout[:n_heldout])):
+        with open(folder / name, "w") as fh:
+            for r in rows:
+                fh.write(json.dumps(r) + "\n")
+    return folder / "demo_train.jsonl", folder / "demo_heldout.jsonl"
+
+
+def heldout_stats(pi, ref, beta):
+    """Reward statistics of interleaved (chosen, rejected) log-probs."""
+    r = beta * (pi - ref)
+    rc, rr = r[0::2], r[1::2]
+    return {"reward accuracy": float((rc > rr).float().mean()),
+            "prefers y+": float((pi[0::2] > pi[1::2]).float().mean()),
+            "reward chosen": float(rc.mean()), "reward rejected": float(rr.mean()),
+            "margin": float((rc - rr).mean())}
+
+
+def plot(metrics_path, png):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(metrics_path)]
+    steps = [r["step"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.plot(steps, [r["loss"] for r in rows], color="k")
+    ax1.set(xlabel="step", ylabel="SPoT loss", title="loss")
+    ax2.plot(steps, [r["rewards_chosen"] for r in rows], label="chosen y+")
+    ax2.plot(steps, [r["rewards_rejected"] for r in rows], label="rejected y-")
+    ax2.plot(steps, [r["margin"] for r in rows], label="margin", linestyle="--")
+    ax2.set(xlabel="step", ylabel="beta (logp - ref)", title="rewards (train batches)")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def run(output="runs/demo", steps=None, progress=True, n_train=None, n_heldout=None,
+        model_overrides=None, log=None):
+    """Trains the demo and returns ``{"before", "after", "metrics", "png"}``."""
+    from transformers.utils import logging as hf_logging
+
+    from . import data as D
+    from .config import TrainConfig
+    from .model import Policy, load_model
+    from .tiny import build_model, build_tokenizer
+    from .train import sequence_logps, train
+
+    hf_logging.disable_progress_bar()
+    log = log or (lambda m: print(m, file=sys.stderr))
+    torch.manual_seed(0)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    train_path, held_path = DATA_DIR / "demo_train.jsonl", DATA_DIR / "demo_heldout.jsonl"
+    if not train_path.exists() or n_train or n_heldout:
+        train_path, held_path = write_data(out / "data", n_train or 480, n_heldout or 96)
+    base = out / "base-model"
+    tok = build_tokenizer()
+    model = build_model("qwen3", **{**MODEL, **(model_overrides or {})})
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    n_params = sum(p.numel() for p in model.parameters())
+    del model
+
+    cfg = TrainConfig(model=str(base), data=str(train_path), output=str(out), beta=0.1,
+                      delta="running", lr=1e-3, epochs=1, max_steps=steps or 100,
+                      warmup_ratio=0.05, max_length=256, tokens_per_batch=800, grad_accum=1,
+                      log_every=10, progress=progress, seed=0)
+    pairs, _ = D.read_pairs(held_path)
+    held, _ = D.encode_pairs(tok, pairs, cfg.max_length)
+    policy = Policy(load_model(str(base)))
+    ref = sequence_logps(policy, held, cfg, "cpu")
+    before = heldout_stats(ref, ref, cfg.beta)
+    del policy
+    log(f"demo: tiny Qwen3 ({n_params / 1e6:.1f}M parameters, random init), "
+        f"{sum(1 for _ in open(train_path))} training pairs, {len(held)} held-out pairs")
+    t0 = time.perf_counter()
+    result = train(cfg, log=log)
+    seconds = time.perf_counter() - t0
+    after = heldout_stats(sequence_logps(result["policy"], held, cfg, "cpu"), ref, cfg.beta)
+
+    png = out / "demo.png"
+    plot(out / "metrics.jsonl", png)
+    lines = [f"held-out pairs ({len(held)}) after {result['steps']} steps in {seconds:.0f}s:",
+             f"{'':18}{'before':>10}{'after':>10}"]
+    for k in before:
+        lines.append(f"{k:18}{before[k]:>10.3f}{after[k]:>10.3f}")
+    lines.append(f"plot: {png}   metrics: {out / 'metrics.jsonl'}   model: {out}")
+    print("\n".join(lines))
+    return {"before": before, "after": after, "metrics": result["metrics"], "png": str(png)}
+
+
+if __name__ == "__main__":
+    if "--write-data" in sys.argv:
+        print(*write_data(), sep="\n")
+    else:
+        run(*(sys.argv[1:2] or []))

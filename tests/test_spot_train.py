@@ -1,0 +1,197 @@
+"""spot.train: one step against a plain unfused TRL ``bco_pair`` (and DPO), delta semantics,
+exact resume after an interruption, and a 2-process torchrun (gloo, FSDP2) against one process."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from spot import data as D
+from spot.config import TrainConfig
+from spot.demo import make_pairs
+from spot.model import Policy
+from spot.tiny import build_model, build_tokenizer
+from spot.train import Delta, compute_loss, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class TRLRunningMoments:
+    """TRL's RunningMoments update (mean/var/count), written out independently for the test."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-24
+
+    def update(self, xs):
+        xs = torch.as_tensor(xs, dtype=torch.float64)
+        n = xs.numel()
+        var, mean = torch.var_mean(xs, unbiased=False)
+        d = float(mean) - self.mean
+        tot = self.count + n
+        self.var = (self.var * self.count + d * d * self.count * n / tot + float(var) * n) / tot
+        self.mean += d * n / tot
+        self.count = tot
+
+
+def unfused_logps(model, ex):
+    """Each sequence alone through the full model; logits materialised."""
+    out = []
+    for seq, plen in ((ex.chosen, ex.chosen_prompt), (ex.rejected, ex.rejected_prompt)):
+        ids = torch.tensor(seq)[None]
+        logits = model(input_ids=ids).logits[0].float()
+        logp = torch.log_softmax(logits[:-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+        out.append(logp[plen - 1:].sum())
+    return out
+
+
+@pytest.mark.parametrize("loss_kind", ["spot", "dpo"])
+def test_one_step_equals_unfused_trl(loss_kind):
+    seed = random.randrange(1 << 30)
+    tok = build_tokenizer()
+    pairs = [D.to_pair(r, "x") for r in make_pairs(4, seed)]
+    ex, _ = D.encode_pairs(tok, pairs, 128)
+    policy_model = build_model("qwen3", seed=seed % 997)
+    ref_model = build_model("qwen3", seed=seed % 997 + 1)  # a different reference: rewards != 0
+    truth_model = copy.deepcopy(policy_model)
+    with torch.no_grad():
+        ref = torch.stack([x for e in ex for x in unfused_logps(ref_model, e)])
+    beta = 0.1
+    prior = [random.uniform(-0.5, 0.5) for _ in range(3)]  # delta has a history
+    delta, moments = Delta("running"), TRLRunningMoments()
+    for x in prior:
+        delta.update([x])
+        moments.update([x])
+    cfg = TrainConfig(model="m", data="d", output="o", beta=beta, loss=loss_kind)
+    batch = D.pack(ex, [0, 1, 2, 3])
+    loss, stats = compute_loss(Policy(policy_model, backend="torch"), batch, ref, delta, cfg)
+    loss.backward()
+
+    # TRL bco_pair (and DPO), unfused
+    logps = [unfused_logps(truth_model, e) for e in ex]
+    pc = torch.stack([c for c, _ in logps])
+    pr = torch.stack([r for _, r in logps])
+    rc = beta * (pc - ref[0::2])
+    rr = beta * (pr - ref[1::2])
+    moments.update(torch.cat([rc, rr]).mean().detach().reshape(1))
+    if loss_kind == "spot":
+        want = (-F.logsigmoid(rc - moments.mean) - F.logsigmoid(-(rr - moments.mean))).mean()
+    else:
+        want = -F.logsigmoid(rc - rr).mean()
+    want.backward()
+    assert abs(stats["delta"] - moments.mean) < 1e-6
+    torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-5, atol=1e-6)
+    assert abs(stats["accuracy"] - float((rc > rr).float().mean())) < 1e-6
+    named = dict(truth_model.named_parameters())
+    for name, p in policy_model.named_parameters():
+        g, t = p.grad, named[name].grad
+        assert t.abs().max() > 0, name
+        torch.testing.assert_close(g, t, rtol=1e-3, atol=1e-5 * t.abs().max().item(),
+                                   msg=f"{name} (seed {seed})")
+
+
+def test_delta_running_and_ema_semantics():
+    rng = random.Random()
+    d, m = Delta("running"), TRLRunningMoments()
+    for _ in range(6):  # updates merged over a random number of ranks
+        xs = [rng.uniform(-1, 1) for _ in range(rng.randint(1, 4))]
+        d.update(xs)
+        m.update(xs)
+        assert abs(d.value - m.mean) < 1e-12 and abs(d.count - m.count) < 1e-9
+    e = Delta("ema", alpha=0.25)
+    xs = [rng.uniform(-1, 1) for _ in range(4)]
+    want = xs[0]
+    e.update([xs[0]])
+    for x in xs[1:]:
+        want = 0.75 * want + 0.25 * x
+        e.update([x])
+    assert abs(e.value - want) < 1e-12
+    z = Delta("zero")
+    assert z.update([1.0]) == 0.0 and z.value == 0.0
+    r = Delta("running")
+    r.load_state_dict(d.state_dict())
+    assert (r.mean, r.count) == (d.mean, d.count)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny saved model + tokenizer and a JSONL of pairs."""
+    d = tmp_path_factory.mktemp("spot")
+    build_model("qwen3", seed=11).save_pretrained(d / "model")
+    build_tokenizer().save_pretrained(d / "model")
+    with open(d / "pairs.jsonl", "w") as fh:
+        for r in make_pairs(12, random.randrange(1 << 30)):
+            fh.write(json.dumps(r) + "\n")
+    return d
+
+
+def _cfg(workdir, out, **kw):
+    base = dict(model=str(workdir / "model"), data=str(workdir / "pairs.jsonl"), output=str(out),
+                lr=1e-3, max_steps=4, tokens_per_batch=300, progress=False, backend="torch")
+    return TrainConfig(**{**base, **kw})
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_is_exact(workdir, tmp_path):
+    full = train(_cfg(workdir, tmp_path / "full", save_every=2), log=lambda m: None)
+    assert full["steps"] == 4
+
+    def crash(msg):  # dies right after step 3: checkpoint-2 is the newest
+        if msg.startswith("step 3/"):
+            raise Interrupt
+
+    out = tmp_path / "cut"
+    with pytest.raises(Interrupt):
+        train(_cfg(workdir, out, save_every=2), log=crash)
+    (out / ".tmp-checkpoint-4").mkdir()  # a half-written checkpoint must be ignored
+    resumed = train(_cfg(workdir, out, save_every=2, resume=True), log=lambda m: None)
+    assert resumed["steps"] == 4
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(out / "model.safetensors")
+    init = load_file(workdir / "model" / "model.safetensors")
+    assert any(not torch.equal(a[k], init[k]) for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows_a = [json.loads(x) for x in open(tmp_path / "full" / "metrics.jsonl")]
+    rows_b = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    last_b = {r["step"]: r for r in rows_b}  # steps 1-3, then 3-4 again after the resume
+    for r in rows_a:
+        assert r["loss"] == last_b[r["step"]]["loss"] and r["delta"] == last_b[r["step"]]["delta"]
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "qwen3"
+
+
+def test_torchrun_two_processes_agree_with_one(workdir, tmp_path):
+    out2 = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(random.randint(20000, 40000)), "-m", "spot", "train",
+           "--model", str(workdir / "model"), "--data", str(workdir / "pairs.jsonl"),
+           "--output", str(out2), "--max-steps", "3", "--lr", "1e-3", "--delta", "zero",
+           "--tokens-per-batch", "300", "--backend", "torch", "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = train(_cfg(workdir, tmp_path / "one", max_steps=3, delta="zero", grad_accum=2),
+                log=lambda m: None)
+    a, b = load_file(out2 / "model.safetensors"), load_file(Path(one["output"]) / "model.safetensors")
+    init = load_file(workdir / "model" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert any((a[k] - init[k]).abs().max() > 1e-4 for k in a)
+    rows2 = [json.loads(x) for x in open(out2 / "metrics.jsonl")]
+    rows1 = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
+    for r2, r1 in zip(rows2, rows1, strict=True):
+        for key in ("loss", "accuracy", "rewards_chosen", "grad_norm"):
+            assert abs(r2[key] - r1[key]) < 1e-4 * max(1, abs(r1[key])), (key, r2, r1)
+        assert r2["tokens"] == r1["tokens"]
