@@ -11,12 +11,17 @@ combines the partials deterministically. The backward recomputes each tile from 
   the summation order (last bits) varies between runs.
 * ``deterministic=True``: ``bwd_dh.py`` (one program per token tile) then
   ``bwd_dw.py`` (one per vocabulary tile), each owning its output rows, no atomics,
-  bit-identical across runs; ``8 N D V`` FLOPs (``12 N D V`` for half inputs without
-  ``fast_grad``: the logits are recomputed twice) and less
-  parallelism, so expect it to be roughly 1.3-2x slower than the default.
+  bit-identical across runs. The logits are recomputed twice: ``8 N D V`` FLOPs (``12 N D V``
+  for half inputs without ``fast_grad``) and less parallelism, so expect roughly 1.3-2x the
+  default's time (not measured yet).
 
 Tokens with ``g = 0`` (ignored, or zero weight) cost nothing in either backward mode: a tile
 whose rows all have ``g = 0`` skips everything, including the recompute.
+
+The SPoT loss (``spot_kernels.spot_loss``) needs nothing more from this module: the sequence
+sums and the BCE are O(N + S) torch ops whose autograd hands each token its ``g_i`` (the
+sequence's ``dL/dpi_s``), which ``backward`` consumes with the ``lse`` saved by ``forward``:
+one forward, one backward, no ``N x V`` tensor.
 
 Memory beyond inputs and outputs: O(N) (``lse``; ``16 N splits`` bytes of split partials), and
 in the backward float32 accumulators for ``dh`` (``4 N D``), ``dW`` (``4 V D``) and ``db`` when
@@ -33,8 +38,9 @@ the inputs are half precision (for float32 inputs the gradients themselves accum
   ``hi + lo`` split, which keeps ``dA`` float32-accurate at twice the gradient-GEMM cost
   (backward ``6 N D V`` instead of ``10 N D V`` FLOPs). Rounding once can miss the project's
   tolerance rule by an ulp or two at moderate sizes, hence off by default.
-* ``split_vocab`` (int >= 1): vocabulary splits of the forward; 1 disables, default automatic
-  (split when the token tiles do not cover the GPU's SMs twice).
+* ``split_vocab`` (int >= 1): vocabulary splits of the forward; 1 disables. Default automatic:
+  with fewer token tiles than SMs, split up to about two programs per SM, keeping at least 8
+  vocabulary tiles per split (never on the interpreter).
 * ``block_m``, ``block_v``, ``block_d`` (powers of two >= 16), ``num_warps`` (1, 2, 4, 8, 16),
   ``num_stages`` (>= 1): override ``configs.py`` for both passes.
 
