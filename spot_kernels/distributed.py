@@ -80,14 +80,16 @@ def vocab_range(weight, group):
     return start, start + weight.shape[0], sum(counts)
 
 
+LOCAL_IGNORE, ELSEWHERE = -1, -2  # local targets for "ignored" and "another rank's row"
+
+
 def _local_targets(t, start, stop, ignore_index):
-    """Global targets -> this rank's: ``t - start`` where owned, an index outside ``[0, V_r)``
-    (and not ``ignore_index``) where another rank owns it, ``ignore_index`` kept."""
-    v = stop - start
-    outside = -1 if ignore_index != -1 else v
+    """Global targets -> this rank's: ``t - start`` where owned, ``ELSEWHERE`` (outside
+    ``[0, V_r)``) where another rank owns it, ``LOCAL_IGNORE`` for ignored tokens. Both markers
+    are negative, so they never collide with a local row even when ``ignore_index`` is one."""
     own = (t >= start) & (t < stop)
-    local = torch.where(own, t - start, torch.full_like(t, outside))
-    return torch.where(t == ignore_index, torch.full_like(t, ignore_index), local), own
+    local = torch.where(own, t - start, torch.full_like(t, ELSEWHERE))
+    return torch.where(t == ignore_index, torch.full_like(t, LOCAL_IGNORE), local), own
 
 
 class _ShardedHead(torch.autograd.Function):
@@ -100,6 +102,8 @@ class _ShardedHead(torch.autograd.Function):
         t = targets
         if group is not None:
             t, own = _local_targets(targets, vrange[0], vrange[1], cfg["ignore_index"])
+            valid = targets != cfg["ignore_index"]
+            cfg = dict(cfg, ignore_index=LOCAL_IGNORE)
         logp, lse, ent = impl.forward(hidden, w, t, b, return_entropy=return_entropy, **cfg,
                                       **options)
         del w, b  # a gathered DTensor weight is freed here; the backward gathers it again
@@ -113,7 +117,6 @@ class _ShardedHead(torch.autograd.Function):
             sums = torch.stack(parts)
             dist.all_reduce(sums, group=group)
             lse = m + torch.log(sums[0])
-            valid = targets != cfg["ignore_index"]
             logp = torch.where(valid, sums[1] - lse, 0.0)
             if return_entropy:
                 ent = lse - sums[2] / sums[0]

@@ -50,6 +50,18 @@ def _vocab_parallel(group):
     assert_close(dw, same[1][1][start:stop], truth[1][1][start:stop], torch.float32, "dW shard")
     assert_close(db, same[1][2][start:stop], truth[1][2][start:stop], torch.float32, "db shard")
 
+    # an ignore_index inside the vocabulary: a local row equal to it must still count
+    starts = (bounds - torch.tensor(sizes)).tolist()
+    t2 = torch.where(t == -100, 3, t)
+    t2[-world:] = torch.tensor([st + 3 for st in starts])
+    t2[-world - 2:-world] = 3
+    hh = h.clone().requires_grad_()
+    logp = sk.token_logprobs(hh, w[start:stop], t2, process_group=group, ignore_index=3)
+    truth, same, gout = references(h, w, t2, ignore_index=3)
+    assert_close(logp, same[0], truth[0], torch.float32, "logp, ignore_index=3")
+    (dh,) = torch.autograd.grad((logp.double() * gout).sum(), (hh,))
+    assert_close(dh, same[1][0], truth[1][0], torch.float32, "dh, ignore_index=3")
+
     # spot_loss: the same loss on every rank as one process with the whole head
     cu = torch.tensor([0, 10, 22, 30, 45])
     ref = torch.randn(4, generator=torch.Generator().manual_seed(1)) - 30
