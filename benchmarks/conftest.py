@@ -83,7 +83,7 @@ def pytest_terminal_summary(terminalreporter, config):
     for r in rows:
         gf = r.get("gemm_fraction")
         tr.write_line(f"{r['mode']:<9} {r['head']:<11} {r['n']:>6} {r['v']:>7} {r['dtype']:<8} "
-                      f"{r['impl']:<14} {f(r['ms'], '10.2f')} {f(r['tflops'], '8.3f')} "
+                      f"{r['impl']:<14} {f(r['ms'], '10.2f')} {f(r['tflops'], '8.3g')} "
                       f"{f(None if gf is None else 100 * gf, '6.1f')} "
                       f"{f(r.get('peak_mb'), '9.1f')} {f(r.get('time_vs_naive'), '7.2f')} "
                       f"{f(r.get('mem_vs_naive'), '7.3f')}")

@@ -85,7 +85,7 @@ def markdown(rows, meta, other=()):
                 name = f"**{name}**"
             lines.append(
                 f"| {r.get('head', '')} | {r['n']} | {r['d']} | {r['v']} | {r['dtype']} | {name} "
-                f"| {_fmt(r['ms'], '.1f')} | {_fmt(r.get('tflops'), '.3f')} "
+                f"| {_fmt(r['ms'], '.1f')} | {_fmt(r.get('tflops'), '.3g')} "
                 f"| {_fmt(r.get('gemm_fraction'), '.0f', 100)} | {_fmt(r.get('peak_mb'), '.1f')} "
                 f"| {_fmt(r.get('time_vs_naive'), '.2f')} | {_fmt(r.get('mem_vs_naive'), '.3f')} |")
         lines.append("")
@@ -101,7 +101,7 @@ def summary(rows):
     for r in sorted(rows, key=_key):
         out.append(f"{r['mode']:<9} {r.get('head', ''):<11} {r['n']:>6} {r['v']:>7} "
                    f"{r['dtype']:<8} {r['impl']:<14} {_fmt(r['ms'], '10.2f')} "
-                   f"{_fmt(r.get('tflops'), '8.3f')} {_fmt(r.get('gemm_fraction'), '6.1f', 100)} "
+                   f"{_fmt(r.get('tflops'), '8.3g')} {_fmt(r.get('gemm_fraction'), '6.1f', 100)} "
                    f"{_fmt(r.get('peak_mb'), '9.1f')} {_fmt(r.get('time_vs_naive'), '7.2f')} "
                    f"{_fmt(r.get('mem_vs_naive'), '7.3f')}")
     return "\n".join(out)
