@@ -9,7 +9,7 @@ export TRITON_INTERPRET ?= 1
 # torch first, pinned to the CPU build on disk: a bare `torch` would pull a multi-GB CUDA build.
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
+	SPOT_CUDA_ARCHS="$${SPOT_CUDA_ARCHS:-90}" $(PIP) install -q -e ".[dev]"  # one arch: ~4x faster nvcc
 
 test: install
 	$(PYTHON) -m pytest tests/ -q

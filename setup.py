@@ -15,6 +15,7 @@ Environment:
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -68,6 +69,24 @@ def gencode_flags(archs):
 
 
 NVCC_FLAGS = ["-std=c++17", "-O3", "-Xcompiler", "-fPIC,-fvisibility=hidden", "--threads", "0"]
+# Built modules are kept under build/ (git-ignored), keyed by everything that goes into them, so
+# the repeated `pip install -e .` of `make test` does not recompile unchanged kernels.
+CACHE = os.path.join(ROOT, "build", "spot_kernels_cuda")
+
+
+def build_key(nvcc, archs):
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(os.path.join(ROOT, CSRC))):
+        with open(os.path.join(ROOT, CSRC, name), "rb") as f:
+            digest.update(name.encode() + b"\0" + f.read() + b"\0")
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    import pybind11
+
+    for part in (version, ";".join(archs), " ".join(NVCC_FLAGS), sys.version, pybind11.__version__):
+        digest.update(part.encode() + b"\0")
+    with open(os.path.abspath(__file__), "rb") as f:
+        digest.update(f.read())
+    return digest.hexdigest()[:16]
 
 
 class BuildExt(build_ext):
@@ -108,14 +127,24 @@ class BuildExt(build_ext):
             subprocess.run(cmd, check=True)
             return obj
 
+        out = self.get_ext_fullpath(ext.name)
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        cached = os.path.join(CACHE, build_key(nvcc, archs), os.path.basename(out))
+        if os.path.isfile(cached):  # same sources, flags, archs and nvcc: reuse
+            shutil.copy2(cached, out)
+            say(f"reused the CUDA extension built earlier ({os.path.relpath(cached, ROOT)})")
+            return
         jobs = max(1, min(len(ext.sources), os.cpu_count() or 1))
         with ThreadPoolExecutor(jobs) as pool:
             objects = list(pool.map(compile_one, ext.sources))
-        out = self.get_ext_fullpath(ext.name)
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         # nvcc links the static CUDA runtime by default: the module needs only the driver.
         subprocess.run([nvcc, "-shared", "--cudart", "static", *objects, "-o", out], check=True)
         say(f"built the CUDA extension for sm_{', sm_'.join(archs)} with {nvcc}")
+        try:
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            shutil.copy2(out, cached)
+        except OSError:
+            pass  # a read-only tree: no cache, no harm
 
 
 def ext_modules():
