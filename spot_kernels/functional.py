@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _checks, _registry, losses, reference
+from . import _checks, _ops, _registry, losses, reference
 
 
 class _TokenLogprobs(torch.autograd.Function):
@@ -103,7 +103,6 @@ def _compiled_token_logprobs(hidden, weight, targets, bias, temperature, softcap
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = targets.reshape(-1)
     _checks.head(h2[:0], weight, t1[:0], bias, temperature, softcap, ignore_index)
-    from . import _ops
     name = _ops.resolve(backend, str(hidden.device))
     options = dict(backend_options or {})
     cfg = dict(temperature=float(temperature), softcap=None if softcap is None else float(softcap),
