@@ -15,6 +15,11 @@ Work split, per chunk of ``rows`` tokens (one ``rows x V`` buffer in the input d
   ``dW += dA^T h_c`` (float32 accumulator across chunks, through cuBLAS with a float32 output
   when torch offers it) and ``db += sum_i dA_i`` (float32).
 
+Precision: cuBLAS rounds the logits chunk once to the input dtype (as a naive ``h @ W.T`` does);
+bias, softcap, temperature, the logsumexp and ``dA`` are float32 in the kernels, and ``dA`` is
+rounded once to the input dtype for the tensor-core GEMMs that follow (float32 inputs stay
+float32 throughout). In bfloat16 with large ``|z|`` the logits rounding dominates the error.
+
 Cost: forward ``2 N D V`` FLOPs plus one read of the logits; backward ``6 N D V`` FLOPs plus a
 read and a write of them. Memory beyond inputs and gradients: the ``rows x V`` buffer, O(N)
 state, and a float32 ``dW`` (``4 V D`` bytes) when there is more than one chunk.
