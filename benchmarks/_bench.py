@@ -444,6 +444,9 @@ def bench(benchmark, case, device, *, rounds, full=False, gemm=True, deadline=No
 
     if deadline is not None and time.monotonic() > deadline:
         pytest.skip("time budget (--budget-s) exhausted")
+    if (case.impl == "naive_compile" and deadline is not None
+            and deadline - time.monotonic() < 120):
+        pytest.skip("too little of the time budget left to compile (needs about 2 minutes)")
     try:
         impl = implementation(case.impl, device, full)
     except Unavailable as exc:

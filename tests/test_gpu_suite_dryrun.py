@@ -39,7 +39,8 @@ def test_dry_run_end_to_end(tmp_path):
     impls = {p["impl"] for p in points}
     assert {"naive", "torch"} <= impls, impls
     for p in points:
-        assert p["ms"] > 0 and p["peak_mb"] is not None and p["check_err"] <= p["check_bound"]
+        assert p["ms"] > 0 and p["check_err"] <= p["check_bound"]
+        assert p["peak_mb"] is not None or "memory_note" in p  # no procfs peak RSS: says why
     assert "torch" in (tmp_path / "results.md").read_text()
     # the summary table comes last: its header, every stage, then one line per point
     tail = out[out.rindex("= summary ="):]
