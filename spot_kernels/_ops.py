@@ -30,6 +30,14 @@ from torch import Tensor
 from . import _registry
 
 
+def _constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without its ``import torch._dynamo``, which
+    costs seconds at ``import spot_kernels``; dynamo reads this marker when it traces (the
+    compile tests fail if a torch release renames it)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def check_targets(targets, v, ignore_index):
     if targets.numel():
         bad = ((targets < 0) | (targets >= v)) & (targets != ignore_index)
@@ -38,7 +46,7 @@ def check_targets(targets, v, ignore_index):
                              f"({ignore_index}); found {targets[bad][0].item()}")
 
 
-@torch.compiler.assume_constant_result
+@_constant_result
 def resolve(backend, device):
     """The backend name, resolved once while tracing (the registry imports modules, which the
     tracer must not step into); ``reference`` is plain autograd and has no op."""
@@ -119,7 +127,7 @@ def _backward(ctx, grad_logp, grad_lse, grad_ent):
 token_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.compiler.assume_constant_result
+@_constant_result
 def _dumps(items):
     return json.dumps(dict(items))
 

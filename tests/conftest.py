@@ -70,8 +70,10 @@ def references(h, w, t, b=None, **kw):
     gout = torch.randn(t.shape, generator=g, dtype=torch.float64).to(h.device)
     out = {}
     for key, cd in (("truth", torch.float64), ("same", None)):
-        leaves = [x.detach().clone().requires_grad_() for x in (h, w)]
-        bb = None if b is None else b.detach().clone().requires_grad_()
+        # the truth's leaves are float64 too, or its gradients would come back rounded
+        cast = (lambda x: x.detach().double()) if cd else (lambda x: x.detach().clone())
+        leaves = [cast(x).requires_grad_() for x in (h, w)]
+        bb = None if b is None else cast(b).requires_grad_()
         logp = reference.token_logprobs(leaves[0], leaves[1], t, bb, compute_dtype=cd, **kw)
         grads = torch.autograd.grad((logp.double() * gout).sum(),
                                     leaves + ([bb] if bb is not None else []), allow_unused=True)
