@@ -94,7 +94,7 @@ class Case:
 
     @property
     def id(self):
-        return f"{self.mode}-{self.head}-N{self.n}-{self.dtype}-{self.impl}"
+        return f"{self.mode}-{self.head}-N{self.n}-V{self.v}-{self.dtype}-{self.impl}"
 
     @property
     def group(self):
