@@ -1,6 +1,6 @@
 """``spot demo``: SPoT end to end on a laptop CPU, with nothing to download.
 
-* Model: a tiny random-init Qwen3 (``spot.tiny.build_model``, about 1.7M parameters) and the
+* Model: a tiny random-init Qwen3 (``spot.tiny.build_model``, about 0.8M parameters) and the
   character-level ChatML tokenizer of ``spot.tiny``.
 * Data: rectified pairs from :func:`make_pairs`, bundled in ``spot/data/`` (``demo_train.jsonl``,
   ``demo_heldout.jsonl``; regenerate with ``python -m spot.demo --write-data``). Each problem is a
@@ -27,7 +27,7 @@ import torch
 DATA_DIR = Path(__file__).parent / "data"
 NAMES = ["Mia", "Leo", "Ana", "Sam", "Ivy", "Tom", "Zoe", "Max", "Eva", "Ben", "Kai", "Liz"]
 ITEMS = ["apples", "pens", "coins", "books", "cards", "shells", "stamps", "marbles"]
-MODEL = dict(hidden_size=192, layers=4, heads=4, kv_heads=2, intermediate_size=512)
+MODEL = dict(hidden_size=128, layers=4, heads=4, kv_heads=2, intermediate_size=384)
 
 
 def make_pair(rng):
@@ -38,14 +38,18 @@ def make_pair(rng):
     question = f"{name} has {a} {item}, gets {b} more and gives away {c}. How many {item} now?"
     s1, s2 = a + b, a + b - c
 
-    def answer(r1, r2):
-        return f"{a}+{b}={r1}. {r1}-{c}={r2}. Answer: {r2}"
-    if rng.random() < 0.5:  # the first step is wrong; the second is right given it
+    def answer(r1, r2, final=None):
+        return f"{a}+{b}={r1}. {r1}-{c}={r2}. Answer: {r2 if final is None else final}"
+    kind = rng.randrange(3)
+    if kind == 0:  # the first step is wrong; the second is right given it
         e = rng.choice([d for d in (-2, -1, 1, 2) if s1 + d - c >= 0])
         bad = answer(s1 + e, s1 + e - c)
-    else:  # the second step is wrong
+    elif kind == 1:  # the second step is wrong
         e = rng.choice([d for d in (-2, -1, 1, 2) if s2 + d >= 0])
         bad = answer(s1, s2 + e)
+    else:  # both steps are right, the final answer is not the result
+        e = rng.choice([d for d in (-2, -1, 1, 2) if s2 + d >= 0])
+        bad = answer(s1, s2, s2 + e)
     return {"question": question, "gemini_corrected_answer": answer(s1, s2),
             "original_answer": bad}
 
@@ -55,7 +59,7 @@ def make_pairs(n, seed):
     return [make_pair(rng) for _ in range(n)]
 
 
-def write_data(folder=DATA_DIR, n_train=480, n_heldout=96):
+def write_data(folder=DATA_DIR, n_train=240, n_heldout=64):
     """The bundled splits; held-out questions never appear in the training split."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -116,7 +120,7 @@ def run(output="runs/demo", steps=None, progress=True, n_train=None, n_heldout=N
     out.mkdir(parents=True, exist_ok=True)
     train_path, held_path = DATA_DIR / "demo_train.jsonl", DATA_DIR / "demo_heldout.jsonl"
     if not train_path.exists() or n_train or n_heldout:
-        train_path, held_path = write_data(out / "data", n_train or 480, n_heldout or 96)
+        train_path, held_path = write_data(out / "data", n_train or 240, n_heldout or 64)
     base = out / "base-model"
     tok = build_tokenizer()
     model = build_model("qwen3", **{**MODEL, **(model_overrides or {})})
@@ -126,7 +130,7 @@ def run(output="runs/demo", steps=None, progress=True, n_train=None, n_heldout=N
     del model
 
     cfg = TrainConfig(model=str(base), data=str(train_path), output=str(out), beta=0.1,
-                      delta="running", lr=1e-3, epochs=1, max_steps=steps or 100,
+                      delta="running", lr=1e-3, epochs=1, max_steps=steps or 200,
                       warmup_ratio=0.05, max_length=256, tokens_per_batch=800, grad_accum=1,
                       log_every=10, progress=progress, seed=0)
     pairs, _ = D.read_pairs(held_path)

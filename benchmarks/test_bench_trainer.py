@@ -1,0 +1,102 @@
+"""One SPoT training step (forward + backward of a packed batch of pairs), two ways:
+
+* ``fused``    the trainer's path: ``spot.model.Policy`` (body hidden states ->
+               ``sk.token_logprobs`` on the response rows -> ``sk.sequence_logprobs``) then
+               ``sk.bce_reward_loss``; the ``[tokens x vocab]`` logits never exist;
+* ``unfused``  TRL-style: ``model(...).logits`` materialised, ``log_softmax`` in float32, gather,
+               per-sequence sums, the same BCE loss.
+
+Cases: the demo model (CPU and GPU); on a GPU a Qwen3-0.6B-shaped model (random weights,
+hidden 1024, 28 layers, vocabulary 151,936) at 8192 tokens per batch under bf16 autocast.
+Reports tokens/s and the peak memory above the inputs (``_bench.PeakMemory``: CUDA's allocator
+peak, or the process's peak RSS on a CPU) in ``extra_info`` and in the summary notes.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import _bench
+import spot_kernels as sk
+from spot import data as D
+from spot.demo import MODEL
+from spot.model import Policy
+from spot.tiny import build_model
+
+CUDA = torch.cuda.is_available()
+CASES = {
+    "demo": dict(arch=MODEL, tokens=2048, seq=128, gpu_only=False),
+    "qwen3-0.6b": dict(arch=dict(hidden_size=1024, layers=28, heads=16, kv_heads=8,
+                                 intermediate_size=3072, vocab_size=151936, head_dim=128),
+                       tokens=8192, seq=1024, gpu_only=True),
+}
+_SEEN = {}
+
+
+def synthetic_batch(vocab, tokens, seq, seed=0):
+    """Pairs of random sequences (a quarter prompt) packed up to ``tokens``."""
+    rng = random.Random(seed)
+    examples = []
+    while sum(e.length for e in examples) + 2 * seq <= tokens:
+        plen = seq // 4
+        examples.append(D.Example([rng.randrange(vocab) for _ in range(seq)],
+                                  [rng.randrange(vocab) for _ in range(seq)], plen, plen))
+    return D.pack(examples, list(range(len(examples))))
+
+
+def unfused_logps(model, batch):
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                   use_cache=False).logits[0]
+    rows = batch["rows"]
+    logp = torch.log_softmax(logits.index_select(0, rows).float(), -1)
+    logp = logp.gather(-1, batch["targets"].index_select(0, rows)[:, None])[:, 0]
+    return sk.sequence_logprobs(logp, batch["cu_rows"])
+
+
+@pytest.mark.parametrize("impl", ["unfused", "fused"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_trainer_step(benchmark, name, impl, request):
+    case = CASES[name]
+    if case["gpu_only"] and not CUDA:
+        pytest.skip("a GPU case (Qwen3-0.6B shape)")
+    device = "cuda" if CUDA else "cpu"
+    model = build_model("qwen3", **case["arch"]).to(device)
+    model.config.use_cache = False
+    vocab = model.config.vocab_size
+    batch = {k: v.to(device) for k, v in synthetic_batch(vocab, case["tokens"], case["seq"]).items()}
+    s = batch["labels"].numel()
+    ref = torch.randn(s, device=device) - 50.0
+    policy = Policy(model)
+
+    def step():
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=CUDA):
+            pi = policy(batch) if impl == "fused" else unfused_logps(model, batch)
+        loss, _ = sk.bce_reward_loss(pi, ref, batch["labels"], beta=0.1)
+        loss.backward()
+        _bench.sync(device)
+
+    mem = _bench.PeakMemory(device)
+
+    def setup():
+        model.zero_grad(set_to_none=True)
+        mem.start()
+
+    rounds = request.config.getoption("--rounds") or (5 if CUDA else 2)
+    benchmark.group = f"trainer step: {name}, {case['tokens']} tokens"
+    benchmark.pedantic(step, setup=setup, rounds=rounds, iterations=1, warmup_rounds=1)
+    mem.stop()
+    seconds = benchmark.stats.stats.median
+    tokens = batch["input_ids"].numel()
+    info = {"case": name, "impl": impl, "tokens": tokens, "tokens_per_s": tokens / seconds,
+            "peak_mb": None if mem.peak is None else mem.peak / 2**20,
+            "logits_mb_fp32": batch["rows"].numel() * vocab * 4 / 2**20}
+    benchmark.extra_info.update(info)
+    _SEEN[(name, impl)] = info
+    other = _SEEN.get((name, "unfused"))
+    if impl == "fused" and other:
+        note = (f"trainer step {name} ({tokens} tokens, V={vocab}, {device}): fused "
+                f"{info['tokens_per_s']:.0f} tok/s, {info['peak_mb'] or 0:.0f} MB peak; unfused "
+                f"{other['tokens_per_s']:.0f} tok/s, {other['peak_mb'] or 0:.0f} MB peak")
+        request.config.__dict__.setdefault("_bench_notes", []).append(note)
