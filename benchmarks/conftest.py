@@ -3,8 +3,8 @@
 ``--full``      the real LM heads on any device (the default on a GPU; on a CPU it takes hours);
 ``--budget-s``  wall-clock seconds for the whole run: points not started by then are skipped,
                 so a run cut short still ends cleanly and writes its ``--benchmark-json``;
-``--rounds``    timed rounds per point (default: 3 on a CPU, 5 on a GPU; the issue-2 benchmark
-                takes 1 on a CPU by default, its points cost seconds each).
+``--rounds``    timed rounds per point (default 3, after the untimed check and warm-up runs; the
+                torch-backend CPU benchmark takes 1 by default, its points cost seconds each).
 
 The suites run on CUDA when a GPU is present, else on the CPU. A results table is printed at the
 end (``benchmarks/report.py`` turns the JSON into markdown and plots).
@@ -71,7 +71,7 @@ def deadline(request):
 @pytest.fixture(scope="session")
 def rounds(request, device):
     r = request.config.getoption("--rounds")
-    return r if r else (5 if device == "cuda" else 3)
+    return r if r else 3
 
 
 @pytest.fixture
