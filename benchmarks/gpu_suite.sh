@@ -89,7 +89,7 @@ echo "spot-kernels GPU suite  $(date -u '+%Y-%m-%d %H:%M:%S UTC')  budget ${BUDG
 echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')  python $($PY -c 'import sys; print(sys.version.split()[0])')"
 
 # 1. install --------------------------------------------------------------------------------
-install() {
+do_install() {
   set -e
   if compgen -G "wheels/*.whl" > /dev/null; then
     echo "installing wheels/: $(cd wheels && ls *.whl | tr '\n' ' ')"
@@ -99,15 +99,15 @@ install() {
   "$PY" -c "import spot_kernels as sk; print('spot_kernels', sk.__version__, 'backends on cuda:', sk.available_backends('cuda'))"
 }
 export PY DRY OUT_DIR
-export -f install
+export -f do_install
 if [ "$DRY" = 1 ]; then
   note install "skipped (dry run)"
 else
-  stage install 180 60 bash -c install
+  stage install 180 60 bash -c do_install
 fi
 
 # 2. device and ceilings ----------------------------------------------------------------------
-ceilings() {
+do_ceilings() {
   "$PY" - "$DRY" "$OUT_DIR/ceilings.json" <<'EOF'
 import json, statistics, sys, time
 import torch
@@ -159,8 +159,8 @@ with open(path, "w") as f:
     json.dump(out, f, indent=1)
 EOF
 }
-export -f ceilings
-stage ceilings 60 30 bash -c ceilings
+export -f do_ceilings
+stage ceilings 60 30 bash -c do_ceilings
 if command -v nvidia-smi > /dev/null && [ "$DRY" = 0 ]; then
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader || true
 fi
@@ -209,7 +209,7 @@ fi
 
 echo
 echo "================================ summary ================================"
-[ -s "$OUT_DIR/ceilings.json" ] && echo "ceilings: $(tr -d '\n ' < "$OUT_DIR/ceilings.json")"
+[ -s "$OUT_DIR/ceilings.json" ] && echo "ceilings: $("$PY" -c 'import json, sys; print(" ".join(f"{k}={v}" for k, v in json.load(open(sys.argv[1])).items()))' "$OUT_DIR/ceilings.json")"
 printf '%-12s %-28s %5s\n' stage status s
 for s in "${STAGES[@]}"; do echo "$s"; done
 echo "total $(( SECONDS - T0 ))s of ${BUDGET}s; files in $OUT_DIR"
