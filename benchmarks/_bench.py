@@ -166,8 +166,8 @@ def _liger(device):
         raise Unavailable("Liger-Kernel runs on CUDA only")
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-    except ImportError as exc:
-        raise Unavailable(f"liger-kernel not installed ({exc})") from None
+    except Exception as exc:  # not installed, or an import that breaks on this stack
+        raise Unavailable(f"liger-kernel not importable: {type(exc).__name__}: {exc}") from None
 
     def fn(h, w, t):
         return -liger_fused_linear_cross_entropy(h, w, t, ignore_index=IGNORE,
@@ -180,8 +180,8 @@ def _cce(device):
         raise Unavailable("cut-cross-entropy's kernels run on CUDA only")
     try:
         from cut_cross_entropy import linear_cross_entropy
-    except ImportError as exc:
-        raise Unavailable(f"cut-cross-entropy not installed ({exc})") from None
+    except Exception as exc:  # not installed, or an import that breaks on this stack
+        raise Unavailable(f"cut-cross-entropy not importable: {type(exc).__name__}: {exc}") from None
 
     def fn(h, w, t):
         return -linear_cross_entropy(h, w, t, ignore_index=IGNORE, reduction="none").float()
