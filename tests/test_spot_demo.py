@@ -4,8 +4,21 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from spot.cli import build_parser
 from spot.demo import make_pairs, run
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU OpenMP barriers collapse."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):

@@ -12,6 +12,16 @@ from spot.model import Policy
 from spot.tiny import build_model, build_tokenizer
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU OpenMP barriers collapse."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 def _records(n, rng):
     def words(k):
         return " ".join("".join(rng.choice("abcdefgh ") for _ in range(rng.randint(1, 6)))
@@ -51,12 +61,20 @@ def test_packed_equals_alone(arch):
     assert (mixed[1:] - want[1:]).abs().max() > 1e-3
 
 
-def test_gradients_reach_body_and_head():
+def test_gradients_reach_body_and_head_with_and_without_checkpointing():
     tok = build_tokenizer()
-    model = build_model("qwen3", seed=3)
-    ex, _ = D.encode_pairs(tok, _records(2, random.Random(3)), 64)
-    pi = Policy(model, backend="torch")(D.pack(ex, [0, 1]))
-    pi.sum().backward()
-    head = model.get_output_embeddings().weight
-    assert head.grad is not None and head.grad.abs().sum() > 0
-    assert model.get_input_embeddings().weight.grad.abs().sum() > 0
+    ex, _ = D.encode_pairs(tok, _records(2, random.Random()), 64)
+    batch = D.pack(ex, [0, 1])
+    grads = []
+    for checkpointing in (False, True):
+        model = build_model("qwen3", seed=3).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        pi = Policy(model, backend="torch")(batch)
+        (pi * torch.randn(pi.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+        head = model.get_output_embeddings().weight
+        assert head.grad is not None and head.grad.abs().sum() > 0
+        assert model.get_input_embeddings().weight.grad.abs().sum() > 0
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-7, msg=n)
