@@ -13,8 +13,9 @@ passes) and forms ``dA = g (onehot - p) / T * softcap'(a)`` in place, then
 ``dh += dA W_chunk``, ``dW_chunk += dA^T h`` and ``db_chunk += sum_i dA``, all in float32.
 
 Cost: forward ``2 N D V`` FLOPs, backward ``6 N D V`` (recompute, ``dh``, ``dW``). Memory beyond
-inputs and gradients: one logits block (``block_bytes``, 64 MB by default) plus O(N) state and
-a float32 ``dW`` accumulator when ``W`` is not float32.
+inputs and gradients: one logits block (``block_bytes``, 64 MB by default; two in the backward
+with a softcap, whose derivative needs ``tanh(a / c)`` beside ``p``) plus O(N) state and float32
+``dh``/``dW`` accumulators when the inputs are half precision.
 
 Options (``backend_options=`` of the public functions): ``token_chunk``, ``vocab_chunk``
 (rows; each wins over ``block_bytes``) and ``block_bytes`` (default ``64 * 2**20``).
@@ -66,8 +67,17 @@ def _mm(x, y):
     return (x @ y).float()
 
 
-def _block(h, w, b, temperature, softcap):
-    """Float32 logits block ``z`` and, with a softcap, ``tanh(a / c)`` for the derivative."""
+def _acc(out, x, y):
+    """``out += x @ y`` in float32, in place (no temporary) when the operands are float32."""
+    if x.dtype == y.dtype == torch.float32:
+        out.addmm_(x, y)
+    else:
+        out += _mm(x, y)
+
+
+def _block(h, w, b, temperature, softcap, keep_tanh=False):
+    """Float32 logits block ``z`` and, with ``keep_tanh``, ``tanh(a / c)`` for the softcap's
+    derivative (a second block; otherwise everything happens in place in one)."""
     if h.device.type == "cpu" and h.dtype != torch.float32:
         a = h.float() @ w.float().t()  # CPU half matmuls are slow and round the output
     else:
@@ -76,8 +86,11 @@ def _block(h, w, b, temperature, softcap):
         a += b.float()
     th = None
     if softcap is not None:
-        th = a.div_(softcap).tanh_()
-        a = th * (softcap / temperature)
+        a.div_(softcap).tanh_()
+        if keep_tanh:
+            th, a = a, a * (softcap / temperature)
+        else:
+            a.mul_(softcap / temperature)
     elif temperature != 1.0:
         a.div_(temperature)
     return a, th
@@ -118,6 +131,7 @@ def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None
             if return_entropy:
                 zs += (e * z).sum(1)
             m = m_new
+            del z, e  # free the block before the next one is allocated
         out_lse = m + torch.log(s)
         lse[i0:i0 + tc] = out_lse
         valid = t != ignore_index
@@ -149,7 +163,8 @@ def backward(hidden, weight, targets, bias, lse, grad_logp, *, temperature=1.0, 
         lse_i = lse[i0:i0 + tc].unsqueeze(1)
         for v0 in range(0, v, vc):
             w = weight[v0:v0 + vc]
-            z, th = _block(h, w, None if bias is None else bias[v0:v0 + vc], temperature, softcap)
+            z, th = _block(h, w, None if bias is None else bias[v0:v0 + vc], temperature, softcap,
+                           keep_tanh=True)
             cols = z.shape[1]
             # dz = g (onehot - p), built in place in the block
             da = z.sub_(lse_i).exp_().mul_(gi).neg_()
@@ -162,11 +177,12 @@ def backward(hidden, weight, targets, bias, lse, grad_logp, *, temperature=1.0, 
             if temperature != 1.0:
                 da.div_(temperature)
             if need_h:
-                dh[i0:i0 + tc] += _mm(da, w)
+                _acc(dh[i0:i0 + tc], da, w)
             if need_w:
-                dw[v0:v0 + vc] += _mm(da.t(), hf)
+                _acc(dw[v0:v0 + vc], da.t(), hf)
             if need_b:
                 db[v0:v0 + vc] += da.sum(0)
+            del z, th, da  # free the block(s) before the next ones are allocated
     return (None if dh is None else dh.to(hidden.dtype),
             None if dw is None else dw.to(weight.dtype),
             None if db is None else db.to(bias.dtype))
