@@ -141,7 +141,7 @@ def _run(output, steps, progress, n_train, n_heldout, model_overrides, log):
     del model
 
     cfg = TrainConfig(model=str(base), data=str(train_path), output=str(out), beta=0.1,
-                      delta="running", lr=1e-3, epochs=1, max_steps=steps or 120,
+                      delta="running", lr=3e-3, epochs=1, max_steps=steps or 120,
                       warmup_ratio=0.05, max_length=256, tokens_per_batch=1600, grad_accum=1,
                       log_every=10, progress=progress, seed=0)
     pairs, _ = D.read_pairs(held_path)
