@@ -6,7 +6,8 @@
 * ``unfused``  TRL-style: ``model(...).logits`` materialised, ``log_softmax`` in float32, gather,
                per-sequence sums, the same BCE loss.
 
-Cases: the demo model (CPU and GPU); on a GPU a Qwen3-0.6B-shaped model (random weights,
+Cases: the demo model (CPU and GPU), the same body with a 32k vocabulary (where the logits start
+to matter); on a GPU a Qwen3-0.6B-shaped model (random weights,
 hidden 1024, 28 layers, vocabulary 151,936) at 8192 tokens per batch under bf16 autocast.
 Reports tokens/s and the peak memory above the inputs (``_bench.PeakMemory``: CUDA's allocator
 peak, or the process's peak RSS on a CPU) in ``extra_info`` and in the summary notes.
@@ -28,6 +29,7 @@ from spot.tiny import build_model
 CUDA = torch.cuda.is_available()
 CASES = {
     "demo": dict(arch=MODEL, tokens=2048, seq=128, gpu_only=False),
+    "demo-v32k": dict(arch={**MODEL, "vocab_size": 32768}, tokens=2048, seq=128, gpu_only=False),
     "qwen3-0.6b": dict(arch=dict(hidden_size=1024, layers=28, heads=16, kv_heads=8,
                                  intermediate_size=3072, vocab_size=151936, head_dim=128),
                        tokens=8192, seq=1024, gpu_only=True),
@@ -57,7 +59,7 @@ def unfused_logps(model, batch):
 
 @pytest.mark.parametrize("impl", ["unfused", "fused"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_trainer_step(benchmark, name, impl, request):
+def test_trainer_step(benchmark, name, impl, request, record):
     case = CASES[name]
     if case["gpu_only"] and not CUDA:
         pytest.skip("a GPU case (Qwen3-0.6B shape)")
@@ -93,6 +95,9 @@ def test_trainer_step(benchmark, name, impl, request):
             "peak_mb": None if mem.peak is None else mem.peak / 2**20,
             "logits_mb_fp32": batch["rows"].numel() * vocab * 4 / 2**20}
     benchmark.extra_info.update(info)
+    record({"mode": "train", "head": name, "n": tokens, "v": vocab,
+            "dtype": "bf16-amp" if CUDA else "float32", "impl": impl, "ms": 1e3 * seconds,
+            "tflops": None, "peak_mb": info["peak_mb"]})
     _SEEN[(name, impl)] = info
     other = _SEEN.get((name, "unfused"))
     if impl == "fused" and other:
