@@ -51,6 +51,14 @@ def load_model(path, device="cpu", trust_remote_code=False):
         trust_remote_code=trust_remote_code).to(device)
 
 
+def enable_checkpointing(model):
+    """Activation (gradient) checkpointing of every decoder layer, non-reentrant."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def model_fingerprint(path):
     """Hash of ``config.json`` and the weight files (name, size, first and last MiB)."""
     h = hashlib.sha256()

@@ -48,7 +48,8 @@ import spot_kernels as sk
 
 from . import data as D
 from .config import ConfigError, TrainConfig
-from .model import Policy, decoder_layers, load_model, model_fingerprint, to_device
+from .model import (Policy, decoder_layers, enable_checkpointing, load_model, model_fingerprint,
+                    to_device)
 
 
 # ---------------------------------------------------------------- distributed helpers
@@ -308,7 +309,7 @@ def build_policy(path, cfg, dst):
     model = load_model(path, dst.device, cfg.trust_remote_code)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     policy = Policy(model, cfg.backend)
     return shard(policy, dst) if dst.on else policy
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from spot import data as D
-from spot.model import Policy
+from spot.model import Policy, enable_checkpointing
 from spot.tiny import build_model, build_tokenizer
 
 
@@ -69,7 +69,7 @@ def test_gradients_reach_body_and_head_with_and_without_checkpointing():
     for checkpointing in (False, True):
         model = build_model("qwen3", seed=3).train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
         pi = Policy(model, backend="torch")(batch)
         (pi * torch.randn(pi.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
         head = model.get_output_embeddings().weight
