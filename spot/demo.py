@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parent / "data"  # package data; ``spot.data`` (data.py) is the module
 NAMES = ["Mia", "Leo", "Ana", "Sam", "Ivy", "Tom", "Zoe", "Max", "Eva", "Ben", "Kai", "Liz"]
 ITEMS = ["apples", "pens", "coins", "books", "cards", "shells", "stamps", "marbles"]
 MODEL = dict(hidden_size=128, layers=4, heads=4, kv_heads=2, intermediate_size=384)
