@@ -7,12 +7,10 @@ where ``truth`` is ``spot_kernels.reference`` in float64 on the same (rounded) i
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-import spot_kernels as sk
 from spot_kernels import _registry, reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -35,6 +33,15 @@ def backend(request, device):
     if not ok:
         pytest.skip(f"backend {request.param} on {device}: {why}")
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU OpenMP barriers collapse."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def assert_close(ours, same_dtype, truth, dtype, name="value", atol=None):

@@ -10,16 +10,7 @@ from spot.rectify import filter as F
 from spot.rectify.cli import add_parser
 from spot.rectify.jsonl import read_jsonl
 from spot.tiny import build_tokenizer
-
-
-def brute_lcs(a, b):
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
+from test_rectify_lcs import brute_lcs
 
 
 def corrected_records(n, seed=0):

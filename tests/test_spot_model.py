@@ -12,14 +12,7 @@ from spot.model import Policy, enable_checkpointing
 from spot.tiny import build_model, build_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU OpenMP barriers collapse."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _records(n, rng):
