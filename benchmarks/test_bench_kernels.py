@@ -8,7 +8,6 @@ skipped with the reason (``pytest -rs`` lists them).
 """
 from __future__ import annotations
 
-
 import _bench
 
 
