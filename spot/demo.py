@@ -27,29 +27,32 @@ import torch
 DATA_DIR = Path(__file__).parent / "data"  # package data; ``spot.data`` (data.py) is the module
 NAMES = ["Mia", "Leo", "Ana", "Sam", "Ivy", "Tom", "Zoe", "Max", "Eva", "Ben", "Kai", "Liz"]
 ITEMS = ["apples", "pens", "coins", "books", "cards", "shells", "stamps", "marbles"]
-MODEL = dict(hidden_size=128, layers=4, heads=4, kv_heads=2, intermediate_size=384)
+SUMS = [(a, b) for a in range(2, 9) for b in range(1, 10 - a)]  # the 28 sums the problems use
+MODEL = dict(hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate_size=192)
+TRAIN = dict(beta=0.1, delta="running", lr=6e-3, warmup_ratio=0.05, tokens_per_batch=1600,
+             max_steps=250)
 
 
 def make_pair(rng):
-    """One problem: ``{question, gemini_corrected_answer (y+), original_answer (y-)}``."""
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    a, b = rng.randint(2, 9), rng.randint(1, 9)
-    c = rng.randint(1, a + b - 1)
-    question = f"{name} has {a} {item}, gets {b} more and gives away {c}. How many {item} now?"
-    s1, s2 = a + b, a + b - c
+    """One problem: ``{question, gemini_corrected_answer (y+), original_answer (y-)}``.
 
-    def answer(r1, r2, final=None):
-        return f"{a}+{b}={r1}. {r1}-{c}={r2}. Answer: {r2 if final is None else final}"
-    kind = rng.choice((0, 1, 2, 2))  # half of the errors are in the final step
-    if kind == 0:  # the first step is wrong; the second is right given it
-        e = rng.choice([d for d in (-2, -1, 1, 2) if s1 + d - c >= 0])
-        bad = answer(s1 + e, s1 + e - c)
-    elif kind == 1:  # the second step is wrong
-        e = rng.choice([d for d in (-2, -1, 1, 2) if s2 + d >= 0])
-        bad = answer(s1, s2 + e)
-    else:  # both steps are right, the final answer is not the result
-        e = rng.choice([d for d in (-2, -1, 1, 2) if s2 + d >= 0])
-        bad = answer(s1, s2, s2 + e)
+    Every number is a single digit: ``a + b = s1 <= 9``, ``s1 - c = s2 >= 0``. ``y-`` has one slip:
+    the result of one step is written off by 1 or 2 (a false fact such as ``5+3=9``); the work goes
+    on from the true value, so ``y+`` fixes exactly one character. A slip in the second step is
+    also the final answer."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    a, b = rng.choice(SUMS)
+    s1 = a + b
+    c = rng.randint(1, s1)
+    s2 = s1 - c
+    question = f"{name} has {a} {item}, gets {b} more and gives away {c}. How many now?"
+
+    def answer(r1, r2):
+        return f"{a}+{b}={r1}. {s1}-{c}={r2}. Answer: {r2}"
+    if rng.random() < 0.5:  # the sum is written wrong
+        bad = answer(rng.choice([s1 + d for d in (-2, -1, 1, 2) if 0 <= s1 + d <= 9]), s2)
+    else:  # the difference is wrong, and so is the answer
+        bad = answer(s1, rng.choice([s2 + d for d in (-2, -1, 1, 2) if 0 <= s2 + d <= 9]))
     return {"question": question, "gemini_corrected_answer": answer(s1, s2),
             "original_answer": bad}
 
@@ -103,7 +106,7 @@ def plot(metrics_path, png):
 
 
 def run(output="runs/demo", steps=None, progress=True, n_train=None, n_heldout=None,
-        model_overrides=None, log=None):
+        model_overrides=None, log=None, train_overrides=None):
     """Trains the demo and returns ``{"before", "after", "metrics", "png"}``."""
     from transformers.utils import logging as hf_logging
 
@@ -113,12 +116,13 @@ def run(output="runs/demo", steps=None, progress=True, n_train=None, n_heldout=N
     # barriers make a 2-thread run tens of times slower: one thread is the robust choice
     torch.set_num_threads(1)
     try:
-        return _run(output, steps, progress, n_train, n_heldout, model_overrides, log)
+        return _run(output, steps, progress, n_train, n_heldout, model_overrides, log,
+                    train_overrides)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(output, steps, progress, n_train, n_heldout, model_overrides, log):
+def _run(output, steps, progress, n_train, n_heldout, model_overrides, log, train_overrides):
     from . import data as D
     from .config import TrainConfig
     from .model import Policy, load_model
@@ -140,10 +144,12 @@ def _run(output, steps, progress, n_train, n_heldout, model_overrides, log):
     n_params = sum(p.numel() for p in model.parameters())
     del model
 
-    cfg = TrainConfig(model=str(base), data=str(train_path), output=str(out), beta=0.1,
-                      delta="running", lr=3e-3, epochs=1, max_steps=steps or 120,
-                      warmup_ratio=0.05, max_length=256, tokens_per_batch=1600, grad_accum=1,
-                      log_every=10, progress=progress, seed=0)
+    settings = {**TRAIN, **(train_overrides or {})}
+    steps = steps or settings.pop("max_steps")
+    settings.pop("max_steps", None)
+    cfg = TrainConfig(model=str(base), data=str(train_path), output=str(out), max_steps=steps,
+                      epochs=1, max_length=256, grad_accum=1, log_every=10, progress=progress,
+                      seed=0, **settings)
     pairs, _ = D.read_pairs(held_path)
     held, _ = D.encode_pairs(tok, pairs, cfg.max_length)
     policy = Policy(load_model(str(base)))
