@@ -29,10 +29,7 @@ import torch
 
 import spot_kernels as sk
 
-try:  # the shared helper (spot_kernels.hf) when this checkout has it
-    from spot_kernels import hf as _hf
-except ImportError:  # pragma: no cover - older spot_kernels
-    _hf = None
+from spot_kernels import hf
 
 
 def attn_implementation(device):
@@ -80,36 +77,35 @@ def model_fingerprint(path):
 def head_inputs(model, input_ids, position_ids, cu_seqlens):
     """``(hidden [N, D], weight [V, D], bias | None, softcap | None, temperature)`` of a packed
     row: the body's last hidden states and what the LM head would apply to them."""
-    if _hf is not None:
-        hi = _hf.head_inputs(model, input_ids, position_ids=position_ids, cu_seqlens=cu_seqlens)
-        return hi.hidden.reshape(-1, hi.hidden.shape[-1]), hi.weight, hi.bias, hi.softcap, \
-            hi.temperature
-    out = model.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-    head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    hidden = out.last_hidden_state
-    return hidden.reshape(-1, hidden.shape[-1]), head.weight, getattr(head, "bias", None), \
-        softcap, 1.0
+    hi = hf.head_inputs(model, input_ids, position_ids=position_ids, cu_seqlens=cu_seqlens)
+    return hi.hidden.reshape(-1, hi.hidden.shape[-1]), hi.weight, hi.bias, hi.softcap, \
+        hi.temperature
 
 
 class Policy(torch.nn.Module):
-    """Wraps a causal LM; ``forward(batch) -> pi [S]`` (float32, differentiable)."""
+    """Wraps a causal LM. ``forward(batch) -> pi [S]`` (float32, differentiable); with
+    ``ref_logps`` and ``labels`` it returns ``spot_kernels.spot_loss``'s output instead
+    (``loss_kw``: ``beta``, ``delta``, ...)."""
 
     def __init__(self, model, backend="auto"):
         super().__init__()
         self.model = model
         self.backend = backend
 
-    def forward(self, batch):
+    def forward(self, batch, ref_logps=None, labels=None, **loss_kw):
         hidden, weight, bias, softcap, temperature = head_inputs(
             self.model, batch["input_ids"], batch["position_ids"], batch["cu_seqlens"])
-        rows = batch["rows"]
+        rows = batch["rows"]  # only the tokens whose target counts go through the head
         h = hidden.index_select(0, rows)
+        targets = batch["targets"].index_select(0, rows)
+        head = dict(bias=None if bias is None else bias.to(h.dtype), softcap=softcap,
+                    temperature=temperature, backend=self.backend)
         weight = weight.to(h.dtype)
-        bias = None if bias is None else bias.to(h.dtype)
-        logp = sk.token_logprobs(h, weight, batch["targets"].index_select(0, rows), bias=bias,
-                                 softcap=softcap, temperature=temperature, backend=self.backend)
-        return sk.sequence_logprobs(logp, batch["cu_rows"])
+        if ref_logps is None:
+            logp = sk.token_logprobs(h, weight, targets, **head)
+            return sk.sequence_logprobs(logp, batch["cu_rows"])
+        return sk.spot_loss(h, weight, targets, batch["cu_rows"], ref_logps, labels, **head,
+                            **loss_kw)
 
 
 def to_device(batch, device):

@@ -8,12 +8,10 @@
 3. Reference: the same weights at step 0, one ``no_grad`` pass over every sequence, cached on disk
    as ``ref-<fingerprint>.pt`` (fingerprint = model files, tokenizer, ``max_length`` and the token
    ids themselves); no second model is kept in memory while training.
-4. Loss (DESIGN.md section 1): ``pi = sequence_logprobs(token_logprobs(h, W, t))`` per packed
-   micro-batch, then ``delta`` is updated with the batch-mean reward ``beta (pi - rho)`` *before*
-   ``bce_reward_loss(pi, rho, y, beta, delta)``, exactly as TRL's ``bco_pair`` does with
-   ``RunningMoments``. That ordering is why the loop calls the three public pieces of
-   ``spot_kernels.spot_loss`` instead of ``spot_loss`` itself: it needs ``pi`` before ``delta``
-   exists. ``--delta zero`` is the paper's SPoT-BCE, ``--delta ema`` an exponential average.
+4. Loss (DESIGN.md section 1): ``spot_kernels.spot_loss`` per packed micro-batch, with ``delta``
+   passed as a callable, so it is updated with the batch-mean reward ``beta (pi - rho)`` (of all
+   ranks) *before* the loss uses it, exactly as TRL's ``bco_pair`` does with ``RunningMoments``.
+   ``--delta zero`` is the paper's SPoT-BCE, ``--delta ema`` an exponential average.
    ``--loss dpo`` uses ``-log sigmoid(beta ((pi_c - rho_c) - (pi_r - rho_r)))`` instead.
 5. Step: AdamW (0.9, 0.95, weight decay on matrices only), cosine schedule with linear warmup,
    gradient accumulation (each micro-batch loss divided by ``grad_accum``; FSDP averages over
@@ -132,24 +130,24 @@ def dpo_loss(pi, ref, labels, beta):
 
 
 def compute_loss(policy, batch, ref_logps, delta, cfg, dst=None):
-    """Forward one packed micro-batch; updates ``delta`` and returns ``(loss, stats)``."""
-    pi = policy(batch)
-    ref = ref_logps.to(pi.device)[batch["seq_ids"]]
-    labels = batch["labels"].to(pi.device)
-    with torch.no_grad():
-        m = (cfg.beta * (pi.detach() - ref)).mean().reshape(1)
+    """Forward one packed micro-batch through the fused ``spot_loss``; ``delta`` is updated with
+    this batch's mean reward (every rank's) before the loss uses it. Returns ``(loss, stats)``."""
+    device = batch["input_ids"].device
+    ref = ref_logps.to(device)[batch["seq_ids"]]
+    labels = batch["labels"].to(device)
+
+    def update_delta(batch_mean):
+        m = batch_mean.reshape(1)
         if dst is not None and dst.on and cfg.delta != "zero":
             ms = [torch.zeros_like(m) for _ in range(dst.world)]
             dist.all_gather(ms, m)
-            means = [float(x) for x in ms]
-        else:
-            means = [float(m)]
-    d = delta.update(means)
-    loss, stats = sk.bce_reward_loss(pi, ref, labels, beta=cfg.beta, delta=d)
-    if cfg.loss == "dpo":
-        loss = dpo_loss(pi, ref, labels, cfg.beta)
-    stats = {k: float(v) for k, v in stats.items() if k != "rewards"}
-    stats["delta"] = d
+            return delta.update([float(x) for x in ms])
+        return delta.update([float(m)])
+
+    out = policy(batch, ref, labels, beta=cfg.beta, delta=update_delta)
+    loss = dpo_loss(out.policy_logps, ref, labels, cfg.beta) if cfg.loss == "dpo" else out.loss
+    stats = {k: float(v) for k, v in out.stats.items() if k != "rewards"}
+    stats["delta"] = delta.value
     stats["loss"] = float(loss.detach())
     return loss, stats
 

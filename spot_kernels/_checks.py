@@ -118,7 +118,17 @@ def sequence_inputs(token_logps, cu, valid):
 REDUCTIONS = ("pairs", "mean", "sum")
 
 
-def bce_inputs(policy, ref, labels, beta, delta, reduction, s=None):
+def delta_value(delta):
+    if isinstance(delta, torch.Tensor):
+        if delta.numel() != 1:
+            raise ValueError(f"delta must be a number or a one-element tensor, got shape "
+                             f"{tuple(delta.shape)}")
+    elif isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not math.isfinite(delta):
+        raise ValueError(f"delta must be a finite number (or, for spot_loss, a callable), "
+                         f"got {delta!r}")
+
+
+def bce_inputs(policy, ref, labels, beta, delta, reduction, s=None, allow_callable_delta=False):
     """Checks the BCE inputs; ``policy`` may be None when ``s`` (the sequence count) is given."""
     named = (("policy_logps", policy), ("ref_logps", ref), ("labels", labels))
     for name, x in named:
@@ -140,12 +150,8 @@ def bce_inputs(policy, ref, labels, beta, delta, reduction, s=None):
             same_device(name, x, "policy_logps", policy)
     same_device("labels", labels, "ref_logps", ref)
     positive_number("beta", beta)
-    if isinstance(delta, torch.Tensor):
-        if delta.numel() != 1:
-            raise ValueError(f"delta must be a number or a one-element tensor, got shape "
-                             f"{tuple(delta.shape)}")
-    elif isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not math.isfinite(delta):
-        raise ValueError(f"delta must be a finite number, got {delta!r}")
+    if not (callable(delta) and allow_callable_delta):
+        delta_value(delta)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if reduction == "pairs" and s % 2:

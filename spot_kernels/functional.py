@@ -159,16 +159,25 @@ def spot_loss(hidden, weight, targets, cu_seqlens, ref_logps, labels, *, beta=0.
     """The fused SPoT loss from hidden states: ``token_logprobs -> sequence_logprobs ->
     bce_reward_loss`` without ever holding ``[N, V]`` logits. ``hidden`` is ``[N, D]`` (or
     ``[1, N, D]``) of packed sequences delimited by ``cu_seqlens``. ``process_group``: a
-    vocab-parallel head, as in ``token_logprobs`` (every rank computes the same loss)."""
+    vocab-parallel head, as in ``token_logprobs`` (every rank computes the same loss).
+
+    ``delta`` may be a callable instead of a number: it is called once the policy log-probs
+    exist with the batch-mean reward ``mean_s beta (pi_s - rho_s)`` (a detached 0-dim float32
+    tensor) and returns the ``delta`` to use. That is how a running estimate (TRL's
+    ``RunningMoments`` for ``bco_pair``) is updated with the current batch before the loss."""
     _checks.tensor("hidden", hidden)
     _checks.tensor("targets", targets)
     s = _checks.cu_seqlens(cu_seqlens, targets.numel(), hidden.device)
-    _checks.bce_inputs(None, ref_logps, labels, beta, delta, reduction, s=s)
+    _checks.bce_inputs(None, ref_logps, labels, beta, delta, reduction, s=s,
+                       allow_callable_delta=True)
     logp = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                           softcap=softcap, ignore_index=ignore_index, backend=backend,
                           backend_options=backend_options,
                           process_group=process_group).reshape(-1)
     valid = targets.reshape(-1) != ignore_index
     policy = losses.sequence_logprobs(logp, cu_seqlens, valid, average)
+    if callable(delta):
+        delta = delta((beta * (policy.detach() - ref_logps.detach().float())).mean())
+        _checks.delta_value(delta)
     loss, stats = losses.bce_reward_loss(policy, ref_logps, labels, beta, delta, reduction)
     return SpotLossOutput(loss, policy, stats["rewards"], stats)

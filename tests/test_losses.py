@@ -133,3 +133,26 @@ def test_spot_loss_equals_composition(backend, device, average):
     assert_close(out.loss, loss, loss64, torch.float32, "loss")
     for name, a, tr in zip(("dh", "dW"), grads, g64):
         assert_close(a, a, tr, torch.float32, name, atol=1e-5)
+
+
+def test_spot_loss_callable_delta_sees_the_batch_first():
+    """A callable ``delta`` receives this batch's mean reward before the loss uses its value,
+    as TRL's RunningMoments update does for ``bco_pair``."""
+    h, w, _, t = make_head(20, 16, 40, torch.float32, "cpu", seed=12)
+    cu = torch.tensor([0, 5, 10, 15, 20])
+    ref = torch.randn(4) - 20
+    labels = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    seen = []
+
+    def running(batch_mean):
+        seen.append(batch_mean)
+        return 0.5 * batch_mean  # any function of the current batch
+
+    out = sk.spot_loss(h, w, t, cu, ref, labels, beta=0.3, delta=running, backend="torch")
+    pi = out.policy_logps.detach()
+    assert len(seen) == 1 and not seen[0].requires_grad
+    torch.testing.assert_close(seen[0], (0.3 * (pi - ref)).mean())
+    expect, _ = sk.bce_reward_loss(pi, ref, labels, beta=0.3, delta=0.5 * seen[0].item())
+    torch.testing.assert_close(out.loss, expect)
+    with pytest.raises(ValueError, match="delta"):
+        sk.spot_loss(h, w, t, cu, ref, labels, delta=lambda m: float("nan"), backend="torch")
