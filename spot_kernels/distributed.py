@@ -31,9 +31,25 @@ A ``DTensor`` weight (e.g. ``fully_shard``'s ``Shard(0)`` parameter) is gathered
 between the passes). The full ``dW`` is reduced back to the weight's placements (reduce-scatter
 over ``Shard`` dims, all-reduce over ``Replicate`` dims) and divided by the mesh size: the mean over
 data-parallel ranks, as FSDP2's default gradient reduction does. The gradient comes back as a
-``DTensor`` with the parameter's placements. FSDP1 (``use_orig_params``) and ZeRO-3 hold full
-parameters only inside the wrapped module's forward: call the fused function there (or under
-``deepspeed.zero.GatheredParameters``); outside it they are flat shards this module cannot see.
+``DTensor`` with the parameter's placements.
+
+FSDP1 (``FullyShardedDataParallel``) and ZeRO-3
+-----------------------------------------------
+FSDP1 flattens a unit's parameters into one sharded ``FlatParameter``; a module's ``weight`` is a
+``[V, D]`` view of the gathered flat parameter only *inside* the unit's forward. Outside it, with
+``use_orig_params=True`` it is this rank's 1-D slice (often empty), and with ``False`` a stale
+view. Neither can be used (``token_logprobs`` rejects a 1-D ``weight`` with a ``ValueError``).
+The root unit keeps its gathered flat parameter from its forward until its backward, so an LM
+head in the root unit (the usual wrap policy: decoder layers wrapped, embeddings and head in the
+root) works through ``hf.head_inputs``: it takes the head's ``weight``/``bias`` views *inside*
+the root's forward (gradients flow into the flat parameter, which FSDP1 reduce-scatters as usual)
+and :func:`fsdp1_tie` ties the returned ``hidden`` to the model's (empty) logits with ``+ 0``,
+so the root's pre-backward hook fires and FSDP1's backward bookkeeping runs. An LM head in its
+own (non-root) unit is freed right after its forward and is rejected. Without ``hf``: compute the
+fused loss inside the root module's forward. ZeRO-3 (untested: DeepSpeed is not a dependency)
+leaves an empty partition outside the module's forward, rejected the same way; keep the head
+under ``deepspeed.zero.GatheredParameters([head.weight], modifier_rank=None)`` from the fused
+call through its backward.
 
 Both paths run eagerly (collectives inside an ``autograd.Function``); under ``torch.compile``
 they graph-break around the call rather than compile into it. With half-precision hidden states
@@ -55,6 +71,34 @@ def is_dtensor(x):
     except ImportError:  # torch without distributed
         return False
     return isinstance(x, DTensor)
+
+
+def is_fsdp1(model):
+    """Whether ``model`` is an FSDP1 ``FullyShardedDataParallel`` wrapper."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # torch without distributed
+        return False
+    return isinstance(model, FullyShardedDataParallel)
+
+
+def fsdp1_tie(hidden, weight, out):
+    """FSDP1, after the root's forward: check the head ``weight`` taken inside it and tie
+    ``hidden`` to the model output ``out`` (whose logits have zero rows) by adding ``0``.
+
+    FSDP1's root runs its pre-backward hook (training state, the final callback that waits for
+    the gradient reductions) from a hook on its outputs; a loss built from ``hidden`` and the
+    head's weight alone never reaches them, and the flat parameter's post-backward hook then
+    fails. The tie costs one copy of ``hidden`` and carries no gradient."""
+    if weight.dim() != 2 or weight.untyped_storage().size() == 0:
+        raise ValueError(f"weight: under FSDP1 the LM head's weight was not gathered when the "
+                         f"head ran (got shape {tuple(weight.shape)}); put the head in the root "
+                         f"FSDP unit (do not wrap it on its own) or use FSDP2 fully_shard")
+    logits = out.get("logits") if hasattr(out, "get") else out[0] if isinstance(
+        out, (tuple, list)) else out
+    if isinstance(logits, torch.Tensor) and logits.requires_grad and torch.is_grad_enabled():
+        hidden = hidden + logits.sum().to(hidden.dtype)
+    return hidden
 
 
 def _full(x):

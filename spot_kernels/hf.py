@@ -57,6 +57,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import distributed as _distributed
 from . import functional as F
 
 __all__ = ["HeadInputs", "head_inputs", "completion_logprobs", "next_token_targets", "lm_head"]
@@ -224,6 +225,8 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
     exactly what the LM head would multiply. ``model_kwargs`` go to the model (``use_cache`` is
     off unless given). The *root* model runs, so wrappers' hooks (FSDP2's unshard, DDP, PEFT) see
     an ordinary call; a pre-hook on the LM head takes its input and lets it project zero rows.
+    Under FSDP1 the head's weight is the view gathered inside the root's forward (see
+    ``spot_kernels.distributed``; the head must be in the root FSDP unit).
     See the module docstring for padded and packed batches.
     """
     inner = _unwrap(model)
@@ -252,16 +255,17 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
     # instead: the head projects zero rows, and whatever the model does to the hidden states
     # before its head (final norm, scaling) is already in what we caught.
     head = inner.get_output_embeddings()
-    caught = []
+    caught, inside = [], []
 
     def take_input(mod, args, kw):
         x = args[0] if args else kw.pop("input")
         caught.append(x)
+        inside.append(lm_head(inner)[:2])  # FSDP1: the gathered views, alive only in forward
         return (x[..., :0, :],) + tuple(args[1:]), kw
 
     handle = head.register_forward_pre_hook(take_input, with_kwargs=True)
     try:
-        model(**kwargs)
+        out = model(**kwargs)
     finally:
         handle.remove()
     if not caught:
@@ -269,6 +273,9 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
                         f"(get_output_embeddings())")
     hidden = caught[-1]
     weight, bias, softcap, temperature = lm_head(inner)
+    if _distributed.is_fsdp1(model):
+        weight, bias = inside[-1]
+        hidden = _distributed.fsdp1_tie(hidden, weight, out)
     return HeadInputs(hidden, weight, bias, softcap, temperature)
 
 

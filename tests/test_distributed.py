@@ -1,6 +1,8 @@
 """Sharded heads on CPU over gloo, in spawned processes, against the single-process float64
 reference: vocab-parallel rows (equal and uneven splits, 2 and 3 ranks) and an FSDP2
-``fully_shard`` LM head (2 ranks). Forward values and gradients are both checked.
+``fully_shard`` LM head and model (2 ranks), and FSDP1 ``FullyShardedDataParallel`` models
+(``use_orig_params`` True and False, 2 ranks) through ``hf.head_inputs``. Forward values and
+gradients are both checked.
 
 Spawning is the slow part (seconds per process), so one spawn of 3 processes runs every check
 (the 2-rank ones on a subgroup); a failing check raises in a worker and fails the test.
@@ -160,6 +162,97 @@ def _fsdp2_hf(group):
                                    msg=lambda m, n=n: f"{n}: {m}")
 
 
+def _fsdp1_flat_grads(fm):
+    """FSDP1 ``use_orig_params=False``: every flat parameter's gradient all-gathered and split
+    back into the wrapped model's parameter names (FSDP1 pads the flat parameter to equal
+    shards; the padding is at the end)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    names = {id(m): n for n, m in fm.named_modules()}
+    out = {}
+    for unit in FSDP.fsdp_modules(fm):
+        flat = unit._handle.flat_param
+        parts = [torch.empty_like(flat.grad) for _ in range(unit.world_size)]
+        dist.all_gather(parts, flat.grad, group=unit.process_group)
+        full = torch.cat(parts)
+        prefix = names[id(unit)].replace("_fsdp_wrapped_module.", "").replace(
+            "_fsdp_wrapped_module", "")
+        prefix = prefix + "." if prefix else ""
+        for fqn, shape, piece in zip(flat._fqns, flat._shapes,
+                                     full[:sum(flat._numels)].split(list(flat._numels))):
+            out[prefix + fqn] = piece.view(shape)
+    return out
+
+
+def _fsdp1(group, use_orig_params):
+    """FSDP1 (FullyShardedDataParallel) over a tiny Llama, decoder layers in their own units and
+    the LM head in the root: spot_loss through hf.head_inputs equals the unsharded model's loss
+    and every parameter's gradient is the mean of the per-rank ones (FSDP1's reduction)."""
+    import functools
+
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from spot.tiny import build_model
+    from spot_kernels import hf
+
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    # FSDP1 looks for an accelerator unless given device_id; on CPU it must be told "cpu"
+    wrap = functools.partial(FSDP, process_group=group, device_id=torch.device("cpu"),
+                             use_orig_params=use_orig_params)
+    plain, model = build_model("llama", layers=1), build_model("llama", layers=1)
+    fm = wrap(model, auto_wrap_policy=ModuleWrapPolicy({type(model.model.layers[0])}))
+    kw = dict(beta=0.1)
+    grads, losses = [], []
+    for r in range(world):
+        g = torch.Generator().manual_seed(300 + r + 10 * use_orig_params)
+        lens = [7 + r, 9, 6, 8]
+        ids = torch.randint(4, plain.config.vocab_size, (sum(lens),), generator=g)
+        cu = torch.tensor([0] + lens).cumsum(0)
+        cm = torch.cat([torch.arange(n) >= 3 for n in lens])
+        ref = torch.randn(4, generator=g) - 25
+        labels = torch.tensor([1.0, 0.0, 1.0, 0.0])
+        batch = (ids, cu, cm, ref, labels)
+        plain.zero_grad()
+        hi = hf.head_inputs(plain, ids, cu_seqlens=cu)
+        t = hf.next_token_targets(ids, cu_seqlens=cu, completion_mask=cm)
+        out = sk.spot_loss(hi.hidden[0], hi.weight, t, cu, ref, labels, **kw)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append({n: p.grad.clone() for n, p in plain.named_parameters()})
+        if r == rank:
+            mine = batch
+    ids, cu, cm, ref, labels = mine
+    hi = hf.head_inputs(fm, ids, cu_seqlens=cu)
+    assert hi.weight.shape == (plain.config.vocab_size, plain.config.hidden_size)
+    t = hf.next_token_targets(ids, cu_seqlens=cu, completion_mask=cm)
+    out = sk.spot_loss(hi.hidden[0], hi.weight, t, cu, ref, labels, **kw)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss.detach(), losses[rank], atol=1e-6, rtol=1e-5)
+    if use_orig_params:
+        with FSDP.summon_full_params(fm, with_grads=True):
+            got = {n.replace("_fsdp_wrapped_module.", ""): p.grad.clone()
+                   for n, p in fm.named_parameters()}
+    else:
+        got = _fsdp1_flat_grads(fm)
+    assert set(got) == set(grads[0]), sorted(set(got) ^ set(grads[0]))
+    for n, value in got.items():
+        truth = sum(gr[n] for gr in grads) / world
+        torch.testing.assert_close(value, truth, atol=1e-6, rtol=1e-4,
+                                   msg=lambda m, n=n: f"{n}: {m}")
+    if use_orig_params:
+        # outside the forward the head's weight is this rank's flat slice: rejected, naming it
+        shard = fm.module.lm_head.weight
+        assert shard.dim() == 1
+        with pytest.raises(ValueError, match="weight"):
+            sk.token_logprobs(hi.hidden[0].detach(), shard, t)
+        # a head in its own FSDP1 unit is freed after its forward: head_inputs refuses it
+        other = build_model("llama", layers=1)
+        other.lm_head = wrap(other.lm_head)
+        with pytest.raises(ValueError, match="weight"):
+            hf.head_inputs(wrap(other), ids, cu_seqlens=cu)
+
+
 def _worker(rank, world, init_file):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -169,6 +262,8 @@ def _worker(rank, world, init_file):
             _vocab_parallel(pair)          # 2 ranks, equal split
             _fsdp2(pair)                   # fully_shard over 2 ranks
             _fsdp2_hf(pair)                # a fully_shard'ed transformers model through hf
+            _fsdp1(pair, use_orig_params=True)   # FSDP1 FullyShardedDataParallel
+            _fsdp1(pair, use_orig_params=False)
         _vocab_parallel(dist.group.WORLD)  # 3 ranks, uneven split
         dist.barrier()
     finally:
