@@ -41,7 +41,12 @@ def head(hidden, weight, targets, bias, temperature, softcap, ignore_index):
     if hidden.dim() < 1:
         raise ValueError("hidden must have shape [..., D], got a 0-dim tensor")
     if weight.dim() != 2:
-        raise ValueError(f"weight must have shape [V, D], got {tuple(weight.shape)}")
+        hint = (" (a flat FSDP1 shard? call it inside the wrapped forward, or use "
+                "spot_kernels.hf.head_inputs)") if weight.dim() == 1 else ""
+        raise ValueError(f"weight must have shape [V, D], got {tuple(weight.shape)}{hint}")
+    if weight.numel() and weight.untyped_storage().nbytes() == 0 and weight.device.type != "meta":
+        raise ValueError("weight has no storage behind it (a freed FSDP1 / ZeRO-3 view used "
+                         "outside the wrapped forward?)")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight has dtype {weight.dtype} but hidden has {hidden.dtype}; "
                         f"they must match")

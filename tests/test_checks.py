@@ -111,3 +111,11 @@ def test_good_inputs_pass():
     call_sequence()
     call_bce()
     call_spot()
+
+
+def test_freed_storage_weight_is_named():
+    """A view whose storage was freed (what FSDP1 leaves outside its forward) is a ValueError."""
+    w = torch.randn(V, D)
+    w.untyped_storage().resize_(0)
+    with pytest.raises(ValueError, match="weight has no storage"):
+        call_logprobs(weight=w)
