@@ -1,18 +1,23 @@
 """``spot demo``: SPoT end to end on a laptop CPU, with nothing to download.
 
-* Model: a tiny random-init Qwen3 (``spot.tiny.build_model``, about 0.8M parameters) and the
-  character-level ChatML tokenizer of ``spot.tiny``.
+* Model: a tiny random-init Qwen3 (``spot.tiny.build_model``, 1 layer, width 64, about 0.05M
+  parameters) and the character-level ChatML tokenizer of ``spot.tiny``.
 * Data: rectified pairs from :func:`make_pairs`, bundled in ``spot/data/`` (``demo_train.jsonl``,
   ``demo_heldout.jsonl``; regenerate with ``python -m spot.demo --write-data``). Each problem is a
-  two-step arithmetic word problem; ``y-`` (``original_answer``) gets exactly one step wrong and
-  carries the error to the answer, ``y+`` (``gemini_corrected_answer``) is the minimal fix. The
-  held-out split uses other problems (same kind) and is never trained on.
+  two-step word problem on single digits (``a+b=s1. s1-c=s2. Answer: s2``); ``y-``
+  (``original_answer``) has one slip, a step whose result is off by 1 or 2 (a false fact such as
+  ``5+3=9``), and ``y+`` (``gemini_corrected_answer``) is the one-character fix. The held-out
+  problems never occur in training (other names, items or numbers), but they are built from the
+  same 28 sums and their differences: what can transfer is the arithmetic facts, which a random
+  character-level model can pick up in a minute. (Errors that must be spotted by copying or
+  comparing distant numbers are beyond it at this size and time.)
 * Run: the same ``spot.train.train`` as ``spot train`` (SPoT loss, running ``delta``), then a
   before/after table on the held-out pairs and ``demo.png`` (loss and rewards per step).
 
-Before training the policy *is* the reference, so every reward ``beta (pi - rho)`` is 0 and the
-reward accuracy (``r+ > r-``, strict, as TRL counts it) is 0; "prefers y+" counts the pairs where
-the model itself gives ``y+`` the higher log-probability (about chance for a random model).
+"before" is the untrained model, which is also the frozen reference: every reward
+``beta (pi - rho)`` is then 0, so the reward accuracy (``r+ > r-``, strict, as TRL counts it) is 0
+by construction. "prefers y+" is the share of pairs where the model itself gives ``y+`` the higher
+log-probability: chance-like for the random model, and what training should raise.
 """
 from __future__ import annotations
 
@@ -28,9 +33,9 @@ DATA_DIR = Path(__file__).parent / "data"  # package data; ``spot.data`` (data.p
 NAMES = ["Mia", "Leo", "Ana", "Sam", "Ivy", "Tom", "Zoe", "Max", "Eva", "Ben", "Kai", "Liz"]
 ITEMS = ["apples", "pens", "coins", "books", "cards", "shells", "stamps", "marbles"]
 SUMS = [(a, b) for a in range(2, 9) for b in range(1, 10 - a)]  # the 28 sums the problems use
-MODEL = dict(hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate_size=192)
-TRAIN = dict(beta=0.1, delta="running", lr=6e-3, warmup_ratio=0.05, tokens_per_batch=1600,
-             max_steps=250)
+MODEL = dict(hidden_size=64, layers=1, heads=4, kv_heads=2, intermediate_size=192)
+TRAIN = dict(beta=0.1, delta="running", lr=6e-3, warmup_ratio=0.05, tokens_per_batch=2400,
+             max_steps=200)
 
 
 def make_pair(rng):
@@ -45,7 +50,7 @@ def make_pair(rng):
     s1 = a + b
     c = rng.randint(1, s1)
     s2 = s1 - c
-    question = f"{name} has {a} {item}, gets {b} more and gives away {c}. How many now?"
+    question = f"{name} has {a} {item}, gets {b}, gives {c}. How many?"
 
     def answer(r1, r2):
         return f"{a}+{b}={r1}. {s1}-{c}={r2}. Answer: {r2}"
@@ -165,10 +170,13 @@ def _run(output, steps, progress, n_train, n_heldout, model_overrides, log, trai
 
     png = out / "demo.png"
     plot(out / "metrics.jsonl", png)
-    lines = [f"held-out pairs ({len(held)}) after {result['steps']} steps in {seconds:.0f}s:",
+    lines = [f"held-out pairs ({len(held)}, never trained on) after {result['steps']} steps "
+             f"in {seconds:.0f}s:",
              f"{'':18}{'before':>10}{'after':>10}"]
     for k in before:
         lines.append(f"{k:18}{before[k]:>10.3f}{after[k]:>10.3f}")
+    lines.append("before = the random model, which is also the reference: rewards are 0 by "
+                 "construction;\n'prefers y+' = log p(y+) > log p(y-) under the model itself.")
     lines.append(f"plot: {png}   metrics: {out / 'metrics.jsonl'}   model: {out}")
     print("\n".join(lines))
     return {"before": before, "after": after, "metrics": result["metrics"], "png": str(png)}
