@@ -1,5 +1,8 @@
-"""`spot demo`, shortened: trains end to end, prints the table, writes the plot; held-out reward
-accuracy rises from its step-0 value (0: the policy is the reference, every reward is 0)."""
+"""`spot demo`, shortened: trains end to end on the bundled pairs, prints the table, writes the
+plot, and the held-out numbers move the right way. Before training the policy is the reference
+(every reward 0, so the strict reward accuracy is 0, and "prefers y+" is the random model's own
+preference); a shortened run must lift both above where they start on pairs it never trained on.
+A loss with the wrong sign or swapped labels fails this (it drives both down)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +11,7 @@ import pytest
 import torch
 
 from spot.cli import build_parser
-from spot.demo import make_pairs, run
+from spot.demo import SUMS, make_pairs, run
 
 
 @pytest.fixture(autouse=True)
@@ -20,34 +23,45 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-
-def test_demo_runs_end_to_end(tmp_path, capsys):
+def test_demo_learns_on_heldout(tmp_path, capsys):
     out = tmp_path / "demo"
-    args = build_parser().parse_args(["demo", "--output", str(out), "--steps", "12",
+    args = build_parser().parse_args(["demo", "--output", str(out), "--steps", "80",
                                       "--no-progress"])
-    assert (args.output, args.steps, args.progress) == (str(out), 12, False)
-    run(args.output, steps=args.steps, progress=args.progress, n_train=48, n_heldout=32)
+    assert (args.output, args.steps, args.progress) == (str(out), 80, False)
+    result = run(args.output, steps=args.steps, progress=args.progress)
     text = capsys.readouterr().out
     assert "held-out pairs" in text and "reward accuracy" in text
     row = next(line for line in text.splitlines() if line.startswith("reward accuracy"))
-    before, after = map(float, row.split()[-2:])
-    assert before == 0.0 and after > before, row
+    assert list(map(float, row.split()[-2:])) == pytest.approx(
+        [result["before"]["reward accuracy"], result["after"]["reward accuracy"]], abs=1e-3)
+    before, after = result["before"], result["after"]
+    assert before["reward accuracy"] == 0.0 and before["margin"] == 0.0
+    # 80 of the demo's 200 steps (the full run reaches about 0.83); chance is 0.5
+    assert after["reward accuracy"] >= 0.6, after
+    assert after["prefers y+"] >= before["prefers y+"] + 0.05, (before, after)
+    assert after["margin"] > 0.15 and after["reward chosen"] > after["reward rejected"], after
     assert (out / "demo.png").stat().st_size > 1000
     rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert [r["step"] for r in rows] == list(range(1, 81))
     assert (out / "model.safetensors").exists()
 
 
-def test_generator_pairs_differ_by_one_step():
-    for p in make_pairs(200, seed=7):
+def test_generator_pairs_differ_by_one_false_fact():
+    for p in make_pairs(300, seed=7):
         good, bad = p["gemini_corrected_answer"], p["original_answer"]
-        assert good != bad
         g, b = good.split(". "), bad.split(". ")
         assert len(g) == len(b) == 3
-        first = next(i for i in range(3) if g[i] != b[i])  # one wrong step, carried forward
-        assert g[:first] == b[:first]
-        # the corrected answer is right: a+b=s1, s1-c=s2, Answer: s2
+        # y+ is right: a+b=s1, s1-c=s2, Answer: s2, single digits
         (ab, s1), (s1c, s2) = g[0].split("="), g[1].split("=")
         a, b_ = map(int, ab.split("+"))
-        assert int(s1) == a + b_ and int(s1c.split("-")[0]) - int(s1c.split("-")[1]) == int(s2)
+        x, c = map(int, s1c.split("-"))
+        assert (a, b_) in SUMS and int(s1) == a + b_ == x and int(s2) == x - c >= 0
         assert g[2] == f"Answer: {s2}"
+        # y- differs in one step's result, off by 1 or 2 (a slip in the last step reaches the answer)
+        diff = [i for i in range(2) if g[i] != b[i]]
+        assert len(diff) == 1 and b[:diff[0]] == g[:diff[0]], (good, bad)
+        i = diff[0]
+        lhs, wrong = b[i].split("=")
+        assert lhs == g[i].split("=")[0] and 1 <= abs(int(wrong) - int(g[i].split("=")[1])) <= 2
+        assert 0 <= int(wrong) <= 9
+        assert b[2] == (g[2] if i == 0 else f"Answer: {wrong}")
