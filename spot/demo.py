@@ -1,12 +1,12 @@
 """``spot demo``: SPoT end to end on a laptop CPU, with nothing to download.
 
-* Model: a tiny random-init Qwen3 (``spot.tiny.build_model``, 1 layer, width 64, about 0.05M
+* Model: a tiny random-init Qwen3 (``spot.tiny.build_model``, 1 layer, width 64, 62k
   parameters) and the character-level ChatML tokenizer of ``spot.tiny``.
 * Data: rectified pairs from :func:`make_pairs`, bundled in ``spot/data/`` (``demo_train.jsonl``,
   ``demo_heldout.jsonl``; regenerate with ``python -m spot.demo --write-data``). Each problem is a
   two-step word problem on single digits (``a+b=s1. s1-c=s2. Answer: s2``); ``y-``
   (``original_answer``) has one slip, a step whose result is off by 1 or 2 (a false fact such as
-  ``5+3=9``), and ``y+`` (``gemini_corrected_answer``) is the one-character fix. The held-out
+  ``5+3=9``), and ``y+`` (``gemini_corrected_answer``) is the minimal fix. The held-out
   problems never occur in training (other names, items or numbers), but they are built from the
   same 28 sums and their differences: what can transfer is the arithmetic facts, which a random
   character-level model can pick up in a minute. (Errors that must be spotted by copying or
@@ -43,8 +43,8 @@ def make_pair(rng):
 
     Every number is a single digit: ``a + b = s1 <= 9``, ``s1 - c = s2 >= 0``. ``y-`` has one slip:
     the result of one step is written off by 1 or 2 (a false fact such as ``5+3=9``); the work goes
-    on from the true value, so ``y+`` fixes exactly one character. A slip in the second step is
-    also the final answer."""
+    on from the true value, so ``y+`` fixes one result (and the final answer, where the slip is in
+    the second step)."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     a, b = rng.choice(SUMS)
     s1 = a + b
