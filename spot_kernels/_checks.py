@@ -44,7 +44,8 @@ def head(hidden, weight, targets, bias, temperature, softcap, ignore_index):
         hint = (" (a flat FSDP1 shard? call it inside the wrapped forward, or use "
                 "spot_kernels.hf.head_inputs)") if weight.dim() == 1 else ""
         raise ValueError(f"weight must have shape [V, D], got {tuple(weight.shape)}{hint}")
-    if weight.numel() and weight.untyped_storage().nbytes() == 0 and weight.device.type != "meta":
+    if (not torch.compiler.is_compiling() and weight.numel() and weight.device.type != "meta"
+            and weight.untyped_storage().nbytes() == 0):  # dynamo cannot trace storages
         raise ValueError("weight has no storage behind it (a freed FSDP1 / ZeRO-3 view used "
                          "outside the wrapped forward?)")
     if weight.dtype != hidden.dtype:
