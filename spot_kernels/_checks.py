@@ -22,6 +22,19 @@ def same_device(name, x, ref_name, ref):
                          f"put them on one device")
 
 
+def backend_options(backend, options, allowed, positive_ints=()):
+    """Rejects keys a backend does not take, and values of ``positive_ints`` that are not ints
+    > 0; each backend's ``check_options`` starts here."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"backend_options: unknown option(s) {unknown} for backend "
+                         f"{backend!r}; it takes {list(allowed)}")
+    for key in positive_ints:
+        val = options.get(key)
+        if key in options and (isinstance(val, bool) or not isinstance(val, int) or val <= 0):
+            raise ValueError(f"backend_options: {key} must be a positive int, got {val!r}")
+
+
 def positive_number(name, x, allow_none=False):
     if x is None and allow_none:
         return

@@ -44,6 +44,8 @@ from typing import Optional
 
 import torch
 
+from . import _checks
+
 OPTIONS = ("chunk_bytes", "token_chunk")
 DEFAULT_CHUNK_BYTES = 1 << 30
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -104,15 +106,7 @@ def available(device):
 
 
 def check_options(options):
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ValueError(f"backend_options: unknown option(s) {unknown} for backend 'cuda'; "
-                         f"it takes {list(OPTIONS)}")
-    for key in OPTIONS:
-        if key in options:
-            val = options[key]
-            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
-                raise ValueError(f"backend_options: {key} must be a positive int, got {val!r}")
+    _checks.backend_options("cuda", options, OPTIONS, positive_ints=OPTIONS)
 
 
 def chunk_rows(n, v, itemsize, chunk_bytes=None, token_chunk=None):

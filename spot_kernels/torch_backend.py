@@ -26,6 +26,8 @@ import math
 
 import torch
 
+from . import _checks
+
 OPTIONS = ("token_chunk", "vocab_chunk", "block_bytes")
 DEFAULT_BLOCK_BYTES = 64 * 2**20
 _MAX_VOCAB_CHUNK = 8192
@@ -36,13 +38,7 @@ def available(device):
 
 
 def check_options(options):
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ValueError(f"backend_options: unknown option(s) {unknown} for backend 'torch'; "
-                         f"it takes {list(OPTIONS)}")
-    for key in OPTIONS:
-        if key in options and (not isinstance(options[key], int) or options[key] <= 0):
-            raise ValueError(f"backend_options: {key} must be a positive int, got {options[key]!r}")
+    _checks.backend_options("torch", options, OPTIONS, positive_ints=OPTIONS)
 
 
 def chunk_sizes(n, v, token_chunk=None, vocab_chunk=None, block_bytes=None):

@@ -58,6 +58,8 @@ import os
 
 import torch
 
+from .. import _checks
+
 OPTIONS = ("filter_eps", "deterministic", "fast_grad", "split_vocab", "block_m", "block_v",
            "block_d", "num_warps", "num_stages")
 
@@ -88,10 +90,7 @@ def _pow2(x):
 
 
 def check_options(options):
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ValueError(f"backend_options: unknown option(s) {unknown} for backend 'triton'; "
-                         f"it takes {list(OPTIONS)}")
+    _checks.backend_options("triton", options, OPTIONS)
 
     def bad(key, want):
         raise ValueError(f"backend_options: {key} must be {want}, got {options[key]!r}")
