@@ -121,6 +121,16 @@ def lm_head(model):
     return head.weight, getattr(head, "bias", None), softcap, temperature
 
 
+def _rows(name, x, b, length):
+    """A per-token ``[N]`` or ``[B, L]`` tensor as ``[B, L]``; a ValueError naming it otherwise."""
+    if x.dim() == 1:
+        x = x.unsqueeze(0)
+    if tuple(x.shape) != (b, length):
+        raise ValueError(f"{name} must have input_ids' shape {(b, length)}, got "
+                         f"{tuple(x.shape)}")
+    return x
+
+
 def _positions_from_cu(cu, n, device):
     cu = cu.to(device=device, dtype=torch.long)
     lengths = cu[1:] - cu[:-1]
@@ -181,11 +191,7 @@ def _prepare(model, input_ids, inputs_embeds, attention_mask, position_ids, cu_s
         b, length = inputs_embeds.shape[:2]
         device = inputs_embeds.device
     if attention_mask is not None:
-        if attention_mask.dim() == 1:
-            attention_mask = attention_mask.unsqueeze(0)
-        if tuple(attention_mask.shape) != (b, length):
-            raise ValueError(f"attention_mask must have shape {(b, length)}, got "
-                             f"{tuple(attention_mask.shape)}")
+        attention_mask = _rows("attention_mask", attention_mask, b, length)
     if cu_seqlens is not None:
         if b != 1:
             raise ValueError(f"cu_seqlens: packed input must be one row [1, N] or [N], got "
@@ -287,12 +293,7 @@ def _completion_targets(ids, mask, seg, completion_mask, prompt_lengths):
     if mask is not None:
         count &= mask.bool()
     if completion_mask is not None:
-        if completion_mask.dim() == 1:
-            completion_mask = completion_mask.unsqueeze(0)
-        if tuple(completion_mask.shape) != (b, length):
-            raise ValueError(f"completion_mask must have input_ids' shape {(b, length)}, got "
-                             f"{tuple(completion_mask.shape)}")
-        count &= completion_mask.bool()
+        count &= _rows("completion_mask", completion_mask, b, length).bool()
     if prompt_lengths is not None:
         plen = torch.as_tensor(prompt_lengths, device=ids.device).reshape(-1)
         if seg[:, -1].max() > 0:
