@@ -59,10 +59,10 @@ def test_check_options_rejects_bad_keys_and_values():
     from spot_kernels import triton as tb
     tb.check_options({"filter_eps": 1e-4, "deterministic": True, "split_vocab": 2,
                       "block_m": 32, "block_v": 64, "block_d": 16, "num_warps": 4,
-                      "num_stages": 3})
+                      "num_stages": 3, "group_m": 4})
     bad = [{"chunk": 3}, {"filter_eps": -1.0}, {"filter_eps": "x"}, {"deterministic": 1},
            {"split_vocab": 0}, {"split_vocab": 1.5}, {"block_m": 24}, {"block_v": 8},
-           {"num_warps": 3}, {"num_stages": 0}]
+           {"num_warps": 3}, {"num_stages": 0}, {"group_m": 0}, {"group_m": 2.0}]
     for opts in bad:
         with pytest.raises(ValueError, match="backend_options"):
             tb.check_options(opts)
@@ -95,6 +95,15 @@ def test_plain_and_single_token():
     h1, w1, b1, t1 = make_head(1, 24, 45, torch.float32, _device(), bias=True, ignore_frac=0.0,
                                seed=3)
     check(h1, w1, t1, b1, temperature=1.5)
+
+
+@needs_triton
+@pytest.mark.parametrize("group_m", [1, 4, 64])
+def test_grouped_program_order_covers_every_tile_once(group_m):
+    # 6 token tiles x 4 vocabulary tiles: groups of 4 leave a ragged group of 2; 1 is plain
+    # vocabulary-major order, 64 (more than the tiles) plain token-major order
+    h, w, b, t = make_head(83, 24, 100, torch.float32, _device(), bias=True, scale=2.0, seed=15)
+    check(h, w, t, b, options={"group_m": group_m}, softcap=5.0)
 
 
 @needs_triton

@@ -42,7 +42,8 @@ the inputs are half precision (for float32 inputs the gradients themselves accum
   with fewer token tiles than SMs, split up to about two programs per SM, keeping at least 8
   vocabulary tiles per split (never on the interpreter).
 * ``block_m``, ``block_v``, ``block_d`` (powers of two >= 16), ``num_warps`` (1, 2, 4, 8, 16),
-  ``num_stages`` (>= 1): override ``configs.py`` for both passes.
+  ``num_stages`` (>= 1): override ``configs.py`` for both passes; ``group_m`` (>= 1): token
+  tiles per group in the default backward's program order (``bwd.py``).
 
 On CPU the kernels run through Triton's interpreter, only when ``TRITON_INTERPRET=1`` is set
 before the kernels are first used (that is how the tests run; it is slow: small shapes only).
@@ -61,7 +62,7 @@ import torch
 from .. import _checks
 
 OPTIONS = ("filter_eps", "deterministic", "fast_grad", "split_vocab", "block_m", "block_v",
-           "block_d", "num_warps", "num_stages")
+           "block_d", "num_warps", "num_stages", "group_m")
 
 
 def _interpret_env():
@@ -115,9 +116,9 @@ def check_options(options):
             bad(key, "a power of two >= 16")
     if "num_warps" in options and options["num_warps"] not in (1, 2, 4, 8, 16):
         bad("num_warps", "one of 1, 2, 4, 8, 16")
-    if "num_stages" in options and not (is_int(options["num_stages"])
-                                        and options["num_stages"] >= 1):
-        bad("num_stages", "an int >= 1")
+    for key in ("num_stages", "group_m"):
+        if key in options and not (is_int(options[key]) and options[key] >= 1):
+            bad(key, "an int >= 1")
 
 
 def _kernels():

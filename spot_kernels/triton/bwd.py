@@ -9,12 +9,22 @@ Math (DESIGN.md section 1): with ``g_i = dL/dlogp_i`` (0 for ``ignore_index``) a
 
 A target outside ``[0, V)`` matches no column, so only its softmax term counts.
 
-Work split: grid ``(cdiv(N, BLOCK_M), cdiv(V, BLOCK_V))``, one program per (token tile,
-vocabulary tile). Each recomputes its logits tile (``tiles.logits_tile``, a loop over D), builds
-``dA`` in registers, then loops over D again in ``BLOCK_D`` chunks: ``dA W_chunk`` goes to
-``dh`` and ``dA^T h_chunk`` to ``dW`` with ``tl.atomic_add`` on float32 buffers. With half
-inputs ``dA`` enters the tensor-core dots as ``hi + lo`` (two dots, see ``tiles.py``) unless
-``fast_grad`` rounds it once.
+Work split: one program per (token tile, vocabulary tile). Each recomputes its logits tile
+(``tiles.logits_tile``, a loop over D), builds ``dA`` in registers, then loops over D again in
+``BLOCK_D`` chunks: ``dA W_chunk`` goes to ``dh`` and ``dA^T h_chunk`` to ``dW`` with
+``tl.atomic_add`` on float32 buffers. With half inputs ``dA`` enters the tensor-core dots as
+``hi + lo`` (two dots, see ``tiles.py``) unless ``fast_grad`` rounds it once.
+
+Program order (the 1-D grid): programs ``0, 1, 2, ...`` walk ``group_m`` token tiles down the
+first vocabulary tile, then the same token tiles down the second, and so on through the
+vocabulary before the next group of token tiles starts. The programs resident at once share a
+few token tiles and a few vocabulary tiles, so the float32 rows they add into stay in L2: the
+group's ``h``/``dh`` rows (``6 BLOCK_M group_m D`` bytes, 25 MB at 64 x 16 x 4096) for the whole
+sweep, and ``W``/``dW`` stream once per group (``N / (BLOCK_M group_m)`` times ``6 V D``
+bytes). In plain token-major order every vocabulary tile would instead sweep all of ``dh``
+(``4 N D`` bytes, far beyond L2 at real sizes) through HBM: ``V / BLOCK_V`` times ``8 N D``
+bytes of read-modify-write, about 600 GB at Qwen3-8B's head.
+
 Skipping: a program whose token rows all have ``g = 0`` (ignored or zero-weight tokens) does
 nothing at all, not even the recompute. With ``filter_eps > 0`` a tile whose ``|dA|`` (after
 the ``g`` scaling) stays below ``filter_eps`` everywhere skips its two gradient GEMMs: the
@@ -44,13 +54,20 @@ from .tiles import dot2, grad_tile, logits_tile, split_half
 
 @triton.jit
 def _backward_kernel(H, W, B, T, LSE, G, DH, DW, DB, N, V, D, stride_hn, stride_hd,
-                     stride_wv, stride_wd, ignore_index, inv_temp, softcap, filter_eps,
+                     stride_wv, stride_wd, ignore_index, inv_temp, softcap, filter_eps, group_m,
                      HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_H: tl.constexpr,
                      NEED_W: tl.constexpr, NEED_B: tl.constexpr, FILTER: tl.constexpr,
                      SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
                      BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    # grouped order: consecutive programs cover group_m token tiles x successive vocabulary
+    # tiles, so the dh rows they add into stay in L2 while the vocabulary streams past
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(N, BLOCK_M)
+    per_group = group_m * tl.cdiv(V, BLOCK_V)
+    first_m = (pid // per_group) * group_m
+    size_m = tl.minimum(tiles_m - first_m, group_m)
+    rows = (first_m + (pid % per_group) % size_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = ((pid % per_group) // size_m) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < N
     col_mask = cols < V
     t = tl.load(T + rows, mask=row_mask, other=ignore_index)
@@ -98,13 +115,13 @@ def launch_backward(hidden, weight, targets, bias, lse, grad, dh, dw, db, *, tem
     v = weight.shape[0]
     bm, bv = cfg["block_m"], cfg["block_v"]
     dummy = lse
-    grid = (triton.cdiv(n, bm), triton.cdiv(v, bv))
+    grid = (triton.cdiv(n, bm) * triton.cdiv(v, bv),)
     _backward_kernel[grid](
         hidden, weight, bias if bias is not None else dummy, targets, lse, grad,
         dh if dh is not None else dummy, dw if dw is not None else dummy,
         db if db is not None else dummy, n, v, d, hidden.stride(0), hidden.stride(1),
         weight.stride(0), weight.stride(1), ignore_index, 1.0 / temperature,
-        1.0 if softcap is None else softcap, float(filter_eps or 0.0),
+        1.0 if softcap is None else softcap, float(filter_eps or 0.0), cfg["group_m"],
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, NEED_H=dh is not None,
         NEED_W=dw is not None, NEED_B=db is not None, FILTER=bool(filter_eps),
         SPLIT=split, BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=cfg["block_d"], PRECISION=precision,

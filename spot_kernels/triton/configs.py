@@ -1,7 +1,10 @@
 """Launch configurations: a small table per (D, V, dtype) and device, no autotuning.
 
 Each entry gives ``block_m`` (tokens per tile), ``block_v`` (vocabulary rows per tile),
-``block_d`` (the D chunk of each ``tl.dot``), ``num_warps`` and ``num_stages``. The Hopper
+``block_d`` (the D chunk of each ``tl.dot``), ``num_warps`` and ``num_stages``; the default
+backward also takes ``group_m`` (token tiles per group of its program order, ``bwd.py``;
+``GROUP_M`` = 16 everywhere: 16 tiles of 64 tokens keep ``h`` and the float32 ``dh`` of a group,
+24 MB at D = 4096, within the 50 MB L2 of an H100/H200). The Hopper
 (sm_90) rows use 128 x 128 half-precision forward tiles with 8 warps and a 3-4 deep software
 pipeline (3 x 32 KB of shared memory for the ``h``/``W`` chunks); the backward holds ``dA``
 (and its ``hi``/``lo`` halves) besides two accumulators, so it uses 64 x 128 tiles: compiled
@@ -39,6 +42,7 @@ _HOPPER = {  # (block_m, block_v, block_d, num_warps, num_stages)
     ("backward", "fp32", False): (64, 64, 32, 4, 2),
     ("backward", "fp32", True): (64, 64, 32, 4, 2),
 }
+GROUP_M = 16
 # Small vocabularies: a narrower vocabulary tile wastes less on the ragged last tile.
 _SMALL_V = 4096
 
@@ -73,5 +77,7 @@ def pick(kernel, n, d, v, dtype, device, interpreted, overrides):
     cfg["block_m"] = _clip(cfg["block_m"], n)
     cfg["block_v"] = _clip(cfg["block_v"], v)
     cfg["block_d"] = _clip(cfg["block_d"], d)
-    cfg.update({k: overrides[k] for k in FIELDS if k in overrides})
+    if kernel == "backward":
+        cfg["group_m"] = GROUP_M
+    cfg.update({k: overrides[k] for k in FIELDS + ("group_m",) if k in overrides})
     return cfg
