@@ -56,16 +56,29 @@ import spot_kernels as sk
 from spot_kernels import _registry, reference
 
 IGNORE = -100
-OURS = ("triton", "cuda", "torch")                  # our fused backends, when available
+BACKENDS = ("triton", "cuda", "torch")              # our fused backends, when available
+# our backends with backend_options: (backend, options); run at the main shape's fwd_bwd only
+VARIANTS = {
+    "triton_fast": ("triton", {"fast_grad": True}),
+    "triton_det": ("triton", {"deterministic": True}),
+    # 2^-12: below bfloat16's resolution of a gradient of size 1. On these random heads the
+    # softmax is near uniform (p ~ 1/V), so only the tiles holding a target survive: a best
+    # case; a trained model's peaked softmax keeps more tiles
+    "triton_filter": ("triton", {"filter_eps": 2.0 ** -12}),
+}
+OURS = BACKENDS + tuple(VARIANTS)
 PEERS = ("naive", "naive_compile", "torch_lce", "liger", "cce")
-IMPLS = OURS + PEERS
+IMPLS = BACKENDS + PEERS
 LABELS = {
     "triton": "spot-kernels triton", "cuda": "spot-kernels cuda", "torch": "spot-kernels torch",
+    "triton_fast": "spot-kernels triton fast_grad", "triton_det": "spot-kernels triton deterministic",
+    "triton_filter": "spot-kernels triton filter_eps=2^-12",
     "naive": "naive (materialised logits)", "naive_compile": "torch.compile(naive)",
     "torch_lce": "F.linear_cross_entropy chunked", "liger": "Liger fused linear CE",
     "cce": "Apple cut-cross-entropy",
 }
 FLOPS = {"fwd": 2, "fwd_bwd": 6, "spot_loss": 6}    # times N D V
+GEMMS = {"fwd": 1, "fwd_bwd": 4, "spot_loss": 4}    # the [N,D]x[D,V] GEMMs a fused kernel does
 HEADS = {  # real LM heads: (D, V)
     "qwen3-8b": (4096, 151936),
     "llama-3-8b": (4096, 128256),
@@ -103,14 +116,21 @@ class Case:
 
 # ----------------------------------------------------------------------------- implementations
 
+def backend_of(name):
+    """``(backend, backend_options)`` of one of ``OURS``."""
+    return VARIANTS.get(name, (name, {}))
+
+
 def _ours(name, device):
+    backend, options = backend_of(name)
+
     def fn(h, w, t):
-        return sk.token_logprobs(h, w, t, backend=name)
-    if name in ("triton",) and torch.device(device).type == "cpu":
+        return sk.token_logprobs(h, w, t, backend=backend, backend_options=options)
+    if backend == "triton" and torch.device(device).type == "cpu":
         raise Unavailable("Triton on the CPU is its interpreter, a test tool: not benchmarked")
-    ok, why = _registry.availability(name, device)
+    ok, why = _registry.availability(backend, device)
     if not ok:
-        raise Unavailable(f"backend {name!r} not available on {device}: {why}")
+        raise Unavailable(f"backend {backend!r} not available on {device}: {why}")
     return fn
 
 
@@ -278,7 +298,9 @@ def run_mode(mode, impl, name, x, need_out=False):
         grads = torch.autograd.grad(out, (hg, wg), x["g"])
     elif mode == "spot_loss":
         if name in OURS:
-            res = sk.spot_loss(hg, wg, t, x["cu"], x["ref"], x["labels"], backend=name)
+            backend, options = backend_of(name)
+            res = sk.spot_loss(hg, wg, t, x["cu"], x["ref"], x["labels"], backend=backend,
+                               backend_options=options)
             loss, out = res.loss, None
         else:
             out = impl(hg, wg, t)
@@ -512,10 +534,18 @@ def bench(benchmark, case, device, *, rounds, full=False, gemm=True, deadline=No
                 check_err=err, check_bound=bound, rounds=rounds, input_sets=nsets)
     if mem.why:
         info["memory_note"] = mem.why
+    if mem.peak is not None:
+        # what every implementation must hold at the end: logp, and the gradients of h and W
+        made = 4 * case.n + (0 if case.mode == "fwd" else
+                             (case.n + case.v) * case.d * dtype.itemsize)
+        info["extra_mb"] = (mem.peak - made) / 2**20
     if gemm:
         g = gemm_seconds(case.n, case.d, case.v, dtype, device)
         info["gemm_ms"] = g * 1e3
         info["gemm_tflops"] = 2 * case.n * case.d * case.v / g / 1e12
+        # the targets of the kernel issues: time over the GEMMs a fused kernel issues (1 for the
+        # forward; logits, recomputed logits, dh and dW for forward+backward)
+        info["x_gemms"] = secs / (GEMMS[case.mode] * g)
         info["gemm_fraction"] = info["tflops"] / info["gemm_tflops"]
     key = (case.mode, case.n, case.d, case.v, case.dtype, str(device))
     if case.impl == "naive":
@@ -554,7 +584,7 @@ def cases(mode, device, full):
     big = full or torch.device(device).type == "cuda"
 
     def add(prio, head, n, d, v, dtype, impls=IMPLS):
-        order = ("naive",) + tuple(i for i in impls if i != "naive")
+        order = sorted(impls, key=lambda i: i != "naive")  # naive (when present) first
         for impl in order:
             # torch.compile compiles per shape and mode (tens of seconds): after everything else
             p = prio + 30 if impl == "naive_compile" and big else prio
@@ -584,5 +614,6 @@ def cases(mode, device, full):
             add(12 + mode_rank, head, n, d, v, "bfloat16", no_compile)
     if mode == "fwd_bwd":
         d, v = HEADS["qwen3-8b"]
+        add(2, "qwen3-8b", 16384, d, v, "bfloat16", tuple(VARIANTS))
         add(15, "qwen3-8b", 8192, d, v, "float32", no_compile)
     return out

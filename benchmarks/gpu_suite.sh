@@ -10,9 +10,10 @@
 #      extension: pip install --no-build-isolation --no-deps -e .
 #   2. the device and measured ceilings: a large device-to-device copy (GB/s, bytes read plus
 #      written) and an 8192^3 bf16 GEMM (TFLOP/s), on random data after warm-up;
-#   3. pytest tests/ -m gpu;
+#   3. pytest tests/ -m "gpu and not sweep" (the dedicated GPU tests);
 #   4. compute-sanitizer --tool memcheck on benchmarks/cuda_memcheck.py, when that script exists,
-#      the CUDA extension imports and compute-sanitizer is on the PATH;
+#      the CUDA extension imports and compute-sanitizer is on the PATH; then pytest -m sweep,
+#      every test of the backend fixture again on device="cuda" (at most 90 s);
 #   5. pytest benchmarks/ --full with --benchmark-json into DIR; points that would start after the
 #      budget are skipped by the suite itself (--budget-s), so a cut run still writes its JSON;
 #   6. benchmarks/report.py: DIR/results.md and plots; the compact summary table is printed LAST.
@@ -170,7 +171,9 @@ fi
 if [ "$DRY" = 1 ]; then
   note gpu-tests "skipped (dry run: no GPU)"
 else
-  stage gpu-tests 150 120 "$PY" -m pytest tests/ -m gpu -q -p no:cacheprovider
+  # the dedicated GPU tests (real sizes, every CUDA kernel, the trainer) first; the sweep of the
+  # whole backend fixture on device="cuda" after memcheck, with what time is left
+  stage gpu-tests 150 150 "$PY" -m pytest tests/ -m "gpu and not sweep" -q -p no:cacheprovider
 fi
 
 # 4. CUDA memcheck --------------------------------------------------------------------------
@@ -184,6 +187,12 @@ elif ! "$PY" -c "import spot_kernels._cuda" 2> /dev/null; then
   note memcheck "skipped (CUDA extension not built)"
 else
   stage memcheck 90 100 compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" benchmarks/cuda_memcheck.py
+fi
+
+if [ "$DRY" = 1 ]; then
+  note gpu-sweep "skipped (dry run: no GPU)"
+else
+  stage gpu-sweep 90 150 "$PY" -m pytest tests/ -m sweep -q -p no:cacheprovider
 fi
 
 # 5. benchmarks -----------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from collections import defaultdict
 
 MODES = {"fwd": "token_logprobs forward", "fwd_bwd": "token_logprobs forward+backward",
          "spot_loss": "spot_loss forward+backward"}
-ORDER = ("triton", "cuda", "torch", "naive", "naive_compile", "torch_lce", "liger", "cce")
+OURS = ("triton", "triton_fast", "triton_filter", "triton_det", "cuda", "torch")
+ORDER = OURS + ("naive", "naive_compile", "torch_lce", "liger", "cce")
 
 
 def load(paths):
@@ -68,17 +69,20 @@ def markdown(rows, meta, other=()):
         lines[-1] += f" Commit: {', '.join(commits)}."
     lines += ["", "Median time; TFLOP/s counts the useful work (forward `2NDV`, with backward "
               "`6NDV`) for every implementation; GEMM % = that rate over a same-shape GEMM timed "
-              "in the same run; peak MB = memory above the inputs (outputs and gradients "
-              "included); x naive = ratio to the materialised-logits reference.", ""]
+              "in the same run; x GEMMs = time over the GEMMs a fused kernel issues (1 for the "
+              "forward, 4 with the backward: logits, recomputed logits, dh, dW), timed beside "
+              "it; peak MB = memory above the inputs (outputs and gradients included); extra MB "
+              "= peak MB less the log-probs and gradients every implementation returns; x naive "
+              "= ratio to the materialised-logits reference.", ""]
     by_mode = defaultdict(list)
     for r in sorted(rows, key=_key):
         by_mode[r["mode"]].append(r)
     for mode, rs in by_mode.items():
         lines += [f"### {MODES.get(mode, mode)}", "",
-                  "| head | N | D | V | dtype | implementation | ms | TFLOP/s | GEMM % | peak MB "
-                  "| time x naive | memory x naive |",
+                  "| head | N | D | V | dtype | implementation | ms | TFLOP/s | GEMM % | x GEMMs "
+                  "| peak MB | extra MB | time x naive | memory x naive |",
                   "| --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: "
-                  "| ---: |"]
+                  "| ---: | ---: | ---: |"]
         for r in rs:
             name = r.get("label", r["impl"])
             if r.get("ours"):
@@ -86,7 +90,8 @@ def markdown(rows, meta, other=()):
             lines.append(
                 f"| {r.get('head', '')} | {r['n']} | {r['d']} | {r['v']} | {r['dtype']} | {name} "
                 f"| {_fmt(r['ms'], '.1f')} | {_fmt(r.get('tflops'), '.3g')} "
-                f"| {_fmt(r.get('gemm_fraction'), '.0f', 100)} | {_fmt(r.get('peak_mb'), '.1f')} "
+                f"| {_fmt(r.get('gemm_fraction'), '.0f', 100)} | {_fmt(r.get('x_gemms'), '.2f')} "
+                f"| {_fmt(r.get('peak_mb'), '.1f')} | {_fmt(r.get('extra_mb'), '.1f')} "
                 f"| {_fmt(r.get('time_vs_naive'), '.2f')} | {_fmt(r.get('mem_vs_naive'), '.3f')} |")
         lines.append("")
     if other:
@@ -97,12 +102,15 @@ def markdown(rows, meta, other=()):
 def summary(rows):
     """A compact plain-text table: one line per point."""
     out = [f"{'mode':<9} {'head':<11} {'N':>6} {'V':>7} {'dtype':<8} {'impl':<14} {'ms':>10} "
-           f"{'TFLOP/s':>8} {'GEMM%':>6} {'peakMB':>9} {'t/naive':>7} {'m/naive':>7}"]
+           f"{'TFLOP/s':>8} {'GEMM%':>6} {'xGEMMs':>6} {'peakMB':>9} {'extraMB':>9} "
+           f"{'t/naive':>7} {'m/naive':>7}"]
     for r in sorted(rows, key=_key):
         out.append(f"{r['mode']:<9} {r.get('head', ''):<11} {r['n']:>6} {r['v']:>7} "
                    f"{r['dtype']:<8} {r['impl']:<14} {_fmt(r['ms'], '10.2f')} "
                    f"{_fmt(r.get('tflops'), '8.3g')} {_fmt(r.get('gemm_fraction'), '6.1f', 100)} "
-                   f"{_fmt(r.get('peak_mb'), '9.1f')} {_fmt(r.get('time_vs_naive'), '7.2f')} "
+                   f"{_fmt(r.get('x_gemms'), '6.2f')} "
+                   f"{_fmt(r.get('peak_mb'), '9.1f')} {_fmt(r.get('extra_mb'), '9.1f')} "
+                   f"{_fmt(r.get('time_vs_naive'), '7.2f')} "
                    f"{_fmt(r.get('mem_vs_naive'), '7.3f')}")
     return "\n".join(out)
 
@@ -147,7 +155,7 @@ def plots(rows, outdir):
         for col, (mode, (title, lines)) in enumerate(series.items()):
             for impl in sorted(lines, key=lambda i: ORDER.index(i) if i in ORDER else 99):
                 pts = lines[impl]
-                style = "-o" if impl in ("triton", "cuda", "torch") else "--s"
+                style = "-o" if impl in OURS else "--s"
                 axes[0][col].plot([p[0] for p in pts], [p[1] for p in pts], style, label=impl)
                 mem = [(p[0], p[2]) for p in pts if p[2] is not None]
                 if mem:

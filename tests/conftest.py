@@ -22,6 +22,17 @@ def interpreted(backend, device):
     return backend == "triton" and torch.device(device).type == "cpu"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test run on ``device="cuda"`` is a GPU test too: ``-m gpu`` selects the dedicated
+    GPU tests and this sweep of the whole backend fixture on CUDA, ``-m sweep`` only the sweep
+    (the GPU suite runs the dedicated tests first)."""
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        if spec is not None and spec.params.get("device") == "cuda":
+            item.add_marker(pytest.mark.gpu)
+            item.add_marker(pytest.mark.sweep)
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param

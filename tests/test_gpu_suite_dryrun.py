@@ -41,10 +41,11 @@ def test_dry_run_end_to_end(tmp_path):
     for p in points:
         assert p["ms"] > 0 and p["check_err"] <= p["check_bound"]
         assert p["peak_mb"] is not None or "memory_note" in p  # no procfs peak RSS: says why
+        assert p["x_gemms"] > 0 and ("extra_mb" in p or "memory_note" in p)
     assert "torch" in (tmp_path / "results.md").read_text()
     # the summary table comes last: its header, every stage, then one line per point
     tail = out[out.rindex("= summary ="):]
-    for stage in ("install", "ceilings", "gpu-tests", "memcheck", "benchmarks"):
+    for stage in ("install", "ceilings", "gpu-tests", "memcheck", "gpu-sweep", "benchmarks"):
         assert stage in tail, tail
     last = [line for line in tail.strip().splitlines()][-len(points):]
     assert all(line.split()[0] == "fwd" for line in last), tail
@@ -62,3 +63,26 @@ def test_bad_argument(tmp_path):
     res = subprocess.run(["bash", str(SCRIPT), "--frobnicate"], cwd=ROOT, capture_output=True,
                          text=True, timeout=30)
     assert res.returncode == 2 and "--frobnicate" in res.stderr
+
+
+def test_full_grid_runs_the_triton_variants_once_at_the_main_shape():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import _bench
+    finally:
+        sys.path.pop(0)
+    for mode in ("fwd", "fwd_bwd", "spot_loss"):
+        cases = _bench.cases(mode, "cpu", True)
+        ids = [c.id for c in cases]
+        assert len(ids) == len(set(ids)), mode
+        variants = [c for c in cases if c.impl in _bench.VARIANTS]
+        if mode != "fwd_bwd":
+            assert not variants
+            continue
+        assert sorted(c.impl for c in variants) == sorted(_bench.VARIANTS)
+        assert {(c.head, c.n, c.dtype) for c in variants} == {("qwen3-8b", 16384, "bfloat16")}
+        # after the main shape of every mode, before the sweeps over N and V
+        main = [c.priority for c in cases if c.head == "qwen3-8b" and c.n == 16384
+                and c.impl not in _bench.VARIANTS and c.impl != "naive_compile"]
+        assert all(v.priority >= max(main) for v in variants)
+        assert all(v.priority < c.priority for v in variants for c in cases if c.n == 2048)
