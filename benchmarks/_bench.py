@@ -65,6 +65,8 @@ VARIANTS = {
     # softmax is near uniform (p ~ 1/V), so only the tiles holding a target survive: a best
     # case; a trained model's peaked softmax keeps more tiles
     "triton_filter": ("triton", {"filter_eps": 2.0 ** -12}),
+    # float32 accumulators bounded to 32 MB a pass: the 64 MB memory target, one more recompute
+    "triton_bounded": ("triton", {"scratch_bytes": 32 << 20}),
 }
 OURS = BACKENDS + tuple(VARIANTS)
 PEERS = ("naive", "naive_compile", "torch_lce", "liger", "cce")
@@ -73,6 +75,7 @@ LABELS = {
     "triton": "spot-kernels triton", "cuda": "spot-kernels cuda", "torch": "spot-kernels torch",
     "triton_fast": "spot-kernels triton fast_grad", "triton_det": "spot-kernels triton deterministic",
     "triton_filter": "spot-kernels triton filter_eps=2^-12",
+    "triton_bounded": "spot-kernels triton scratch_bytes=32MB",
     "naive": "naive (materialised logits)", "naive_compile": "torch.compile(naive)",
     "torch_lce": "F.linear_cross_entropy chunked", "liger": "Liger fused linear CE",
     "cce": "Apple cut-cross-entropy",

@@ -107,6 +107,39 @@ def test_grouped_program_order_covers_every_tile_once(group_m):
 
 
 @needs_triton
+@pytest.mark.parametrize("scratch_rows", [32, 64, 10_000])
+def test_scratch_bytes_bounds_the_accumulators_in_two_passes(scratch_rows, monkeypatch):
+    # bfloat16, 32-row tiles: 32 rows of scratch give 4 vocabulary chunks (the last 4 columns)
+    # and 3 token chunks (the last 19 rows); 64 rounds to 2 tiles; 10_000 is one chunk each
+    from spot_kernels import triton as tb
+    n, d, v = 83, 24, 100
+    h, w, b, t = make_head(n, d, v, torch.bfloat16, _device(), bias=True, scale=2.0, seed=16)
+    t[5] = 7  # a real id, used as ignore_index below
+    opts = {"scratch_bytes": 4 * d * scratch_rows, "block_m": 32, "block_v": 32, "block_d": 16}
+    sizes = []
+    empty = torch.empty
+
+    def spy(*shape, **kw):
+        out = empty(*shape, **kw)
+        if kw.get("dtype") == torch.float32 and len(out.shape) == 2:
+            sizes.append(tuple(out.shape))
+        return out
+    monkeypatch.setattr(torch, "empty", spy)
+    for ignore in (-100, 7):
+        sizes.clear()
+        tt = torch.where(t == -100, ignore, t)
+        check(h, w, tt, b, options={"config": "default", **opts}, softcap=5.0,
+              ignore_index=ignore)
+        want = min(32 * max(1, scratch_rows // 32), n), min(32 * max(1, scratch_rows // 32), v)
+        assert sorted(sizes) == sorted([(want[1], d), (want[0], d)]), sizes
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="deterministic"):
+        tb.check_options({"scratch_bytes": 1024, "deterministic": True})
+    with pytest.raises(ValueError, match="scratch_bytes"):
+        tb.check_options({"scratch_bytes": 0})
+
+
+@needs_triton
 def test_all_ignored_costs_nothing_and_gives_zeros():
     h, w, b, t = make_head(19, 24, 45, torch.float32, _device(), bias=True, seed=4)
     t = torch.full_like(t, -100)
@@ -249,8 +282,9 @@ compiled = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") == "1",
 @gpu
 @needs_cuda
 @compiled
-@pytest.mark.parametrize("options", [{}, {"deterministic": True}, {"split_vocab": 4}],
-                         ids=["default", "deterministic", "split"])
+@pytest.mark.parametrize("options", [{}, {"deterministic": True}, {"split_vocab": 4},
+                                     {"scratch_bytes": 8 << 20}],
+                         ids=["default", "deterministic", "split", "scratch"])
 def test_gpu_real_size_bf16(options):
     n, d, v = 4096, 4096, 32768
     options = {"config": "default", **options}

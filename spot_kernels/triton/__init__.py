@@ -25,7 +25,13 @@ one forward, one backward, no ``N x V`` tensor.
 
 Memory beyond inputs and outputs: O(N) (``lse``; ``16 N splits`` bytes of split partials), and
 in the backward float32 accumulators for ``dh`` (``4 N D``), ``dW`` (``4 V D``) and ``db`` when
-the inputs are half precision (for float32 inputs the gradients themselves accumulate).
+the inputs are half precision (for float32 inputs the gradients themselves accumulate). With
+``scratch_bytes`` the default backward bounds those accumulators instead: a first pass over
+vocabulary chunks accumulates ``dW``/``db`` of one chunk at a time (the same kernel on the
+chunk's rows of ``W``, targets shifted into it), a second over token chunks accumulates ``dh``,
+each chunk's float32 sums rounded once into the gradient. That costs one more recompute of the
+logits (``2 N D V`` FLOPs) and no extra atomics: the first pass does only the ``dW`` atomics
+and the second only the ``dh`` ones.
 
 ``backend_options`` (all optional):
 
@@ -33,6 +39,10 @@ the inputs are half precision (for float32 inputs the gradients themselves accum
   after scaling by ``g``, is below this; the gradient changes by at most ``filter_eps`` per
   ``dA`` element of the skipped tiles.
 * ``deterministic`` (bool, default False): the atomic-free backward above.
+* ``scratch_bytes`` (int >= 1, default None = off): with half inputs, at most this many bytes
+  of float32 accumulators at a time (rounded up to one tile of rows), in two passes (above);
+  ``32 << 20`` keeps a Qwen3-8B-sized backward within 64 MB beyond its inputs and gradients.
+  No effect with float32 inputs; not combined with ``deterministic``.
 * ``fast_grad`` (bool, default False): with half inputs, round ``dA`` to the input dtype once
   for the gradient dots (what autograd does in that dtype) instead of the default two-term
   ``hi + lo`` split, which keeps ``dA`` float32-accurate at twice the gradient-GEMM cost
@@ -62,7 +72,7 @@ import torch
 from .. import _checks
 
 OPTIONS = ("filter_eps", "deterministic", "fast_grad", "split_vocab", "block_m", "block_v",
-           "block_d", "num_warps", "num_stages", "group_m")
+           "block_d", "num_warps", "num_stages", "group_m", "scratch_bytes")
 
 
 def _interpret_env():
@@ -119,6 +129,12 @@ def check_options(options):
     for key in ("num_stages", "group_m"):
         if key in options and not (is_int(options[key]) and options[key] >= 1):
             bad(key, "an int >= 1")
+    if options.get("scratch_bytes") is not None:
+        if not (is_int(options["scratch_bytes"]) and options["scratch_bytes"] >= 1):
+            bad("scratch_bytes", "an int >= 1 (bytes) or None (off)")
+        if options.get("deterministic"):
+            raise ValueError("backend_options: scratch_bytes bounds the default backward; it "
+                             "cannot be combined with deterministic=True")
 
 
 def _kernels():
@@ -205,6 +221,9 @@ def _backward(hidden, weight, targets, bias, lse, grad_logp, temperature, softca
     need_b = bool(need_b and bias is not None)
     dev = hidden.device
     f32 = dict(dtype=torch.float32, device=dev)
+    if n and options.get("scratch_bytes") and hidden.dtype != torch.float32:
+        return _backward_bounded(hidden, weight, targets, bias, lse, grad_logp, temperature,
+                                 softcap, ignore_index, need_h, need_w, need_b, options)
     dh = torch.zeros(n, d, **f32) if need_h else None
     dw = torch.zeros(v, d, **f32) if need_w else None
     db = torch.zeros(v, **f32) if need_b else None
@@ -214,10 +233,7 @@ def _backward(hidden, weight, targets, bias, lse, grad_logp, temperature, softca
         lse = lse.float().contiguous()
         bias = None if bias is None else bias.contiguous()
         cfg = configs.pick("backward", n, d, v, hidden.dtype, dev, _interpreted(dev), options)
-        common = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-                      filter_eps=options.get("filter_eps") or 0.0, cfg=cfg,
-                      split=hidden.dtype != torch.float32 and not options.get("fast_grad", False),
-                      precision=_precision(hidden.dtype, dev))
+        common = _backward_common(hidden, temperature, softcap, ignore_index, cfg, options)
         if options.get("deterministic", False):
             if need_h:
                 bwd_dh.launch_backward_dh(hidden, weight, targets, bias, lse, grad, dh, **common)
@@ -229,3 +245,69 @@ def _backward(hidden, weight, targets, bias, lse, grad_logp, temperature, softca
     return (None if dh is None else dh.to(hidden.dtype),
             None if dw is None else dw.to(weight.dtype),
             None if db is None else db.to(bias.dtype))
+
+
+def _backward_common(hidden, temperature, softcap, ignore_index, cfg, options):
+    return dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index,
+                filter_eps=options.get("filter_eps") or 0.0, cfg=cfg,
+                split=hidden.dtype != torch.float32 and not options.get("fast_grad", False),
+                precision=_precision(hidden.dtype, hidden.device))
+
+
+# a target id no shifted target can equal: ignored tokens are already carried by g = 0
+_NEVER = -(2**31) + 1
+
+
+def _backward_bounded(hidden, weight, targets, bias, lse, grad_logp, temperature, softcap,
+                      ignore_index, need_h, need_w, need_b, options):
+    """The default backward in two passes whose float32 accumulators hold at most
+    ``scratch_bytes`` (module docstring): ``dW``/``db`` over vocabulary chunks, then ``dh``
+    over token chunks; each chunk's sums are rounded once into the gradient."""
+    bwd, configs = _kernels()[2], _kernels()[5]
+    n, d = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    cfg = configs.pick("backward", n, d, v, hidden.dtype, dev, _interpreted(dev), options)
+    common = _backward_common(hidden, temperature, softcap, cfg=cfg, options=options,
+                              ignore_index=_NEVER)
+    rows_fit = max(1, options["scratch_bytes"] // (4 * d))
+    ignored = targets == ignore_index
+    grad = torch.where(ignored, 0.0, grad_logp.float()).contiguous()
+    lse = lse.float().contiguous()
+    bias = None if bias is None else bias.contiguous()
+    dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_h else None
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else None
+    db = torch.zeros(v, dtype=torch.float32, device=dev) if need_b else None
+    if need_w or need_b:
+        step = _round_to(rows_fit, cfg["block_v"], v)
+        acc = torch.empty(step, d, dtype=torch.float32, device=dev) if need_w else None
+        for v0 in range(0, v, step):
+            rows = min(step, v - v0)
+            # the chunk's own ids become 0..rows-1; every other target matches no column
+            shifted = torch.where(ignored, -1, targets - v0).contiguous()
+            part = None
+            if need_w:
+                part = acc[:rows].zero_()
+            bwd.launch_backward(hidden, weight[v0:v0 + rows], shifted,
+                                None if bias is None else bias[v0:v0 + rows], lse, grad, None,
+                                part, None if db is None else db[v0:v0 + rows], **common)
+            if need_w:
+                dw[v0:v0 + rows].copy_(part)
+        del acc
+    if need_h:
+        step = _round_to(rows_fit, cfg["block_m"], n)
+        acc = torch.empty(step, d, dtype=torch.float32, device=dev)
+        targets = targets.contiguous()
+        for n0 in range(0, n, step):
+            rows = min(step, n - n0)
+            part = acc[:rows].zero_()
+            sl = slice(n0, n0 + rows)
+            bwd.launch_backward(hidden[sl], weight, targets[sl], bias, lse[sl], grad[sl], part,
+                                None, None, **dict(common, ignore_index=ignore_index))
+            dh[sl].copy_(part)
+    return dh, dw, None if db is None else db.to(bias.dtype)
+
+
+def _round_to(rows, block, total):
+    """``rows`` rounded down to whole ``block``s (at least one block), at most ``total``."""
+    return min(max(block, rows // block * block), total)
