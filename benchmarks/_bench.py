@@ -59,7 +59,7 @@ IGNORE = -100
 BACKENDS = ("triton", "cuda", "torch")              # our fused backends, when available
 # our backends with backend_options: (backend, options); run at the main shape's fwd_bwd only
 VARIANTS = {
-    "triton_fast": ("triton", {"fast_grad": True}),
+    "triton_exact": ("triton", {"fast_grad": False}),
     "triton_det": ("triton", {"deterministic": True}),
     # 2^-12: below bfloat16's resolution of a gradient of size 1. On these random heads the
     # softmax is near uniform (p ~ 1/V), so only the tiles holding a target survive: a best
@@ -73,7 +73,7 @@ PEERS = ("naive", "naive_compile", "torch_lce", "liger", "cce")
 IMPLS = BACKENDS + PEERS
 LABELS = {
     "triton": "spot-kernels triton", "cuda": "spot-kernels cuda", "torch": "spot-kernels torch",
-    "triton_fast": "spot-kernels triton fast_grad", "triton_det": "spot-kernels triton deterministic",
+    "triton_exact": "spot-kernels triton fast_grad=False", "triton_det": "spot-kernels triton deterministic",
     "triton_filter": "spot-kernels triton filter_eps=2^-12",
     "triton_bounded": "spot-kernels triton scratch_bytes=32MB",
     "naive": "naive (materialised logits)", "naive_compile": "torch.compile(naive)",

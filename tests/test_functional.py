@@ -7,7 +7,7 @@ import torch
 
 import spot_kernels as sk
 from spot_kernels import reference
-from conftest import assert_close, interpreted, make_head, references
+from conftest import GRAD_ATOL, assert_close, interpreted, make_head, references
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -35,7 +35,7 @@ def check(backend, h, w, t, b=None, dtype=None, **kw):
     dtype = dtype or h.dtype
     assert_close(logp, same[0], truth[0], dtype, "logp")
     for name, ours, s, tr in zip(("dh", "dW", "db"), grads, same[1], truth[1]):
-        assert_close(ours, s, tr, dtype, name)
+        assert_close(ours, s, tr, dtype, name, atol=GRAD_ATOL.get(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

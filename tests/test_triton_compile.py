@@ -1,10 +1,12 @@
-"""Compile the Triton kernels for Hopper (sm_90) without a GPU.
+"""Compile the Triton kernels for Hopper (sm_90) and Ampere (sm_80) without a GPU.
 
 The CPU tests run the kernels through Triton's interpreter, which accepts code the real
-compiler rejects (and ignores layouts, shared memory and registers). This test compiles the
-forward, the merge and all three backward kernels with the Hopper configs of ``configs.py`` to
-cubin in a subprocess (the interpreter setting is fixed when the kernels are first imported)
-and checks that each fits in the H100/H200 shared memory (227 KB per block).
+compiler rejects (and ignores layouts, shared memory and registers). This test compiles every
+kernel with every launch configuration of ``configs.py`` (the Hopper table and the default for
+other devices, half and float32 inputs; the backward kernels with and without the ``hi + lo``
+split) to cubin in a subprocess (the interpreter setting is fixed when the kernels are first
+imported). Each must fit the device's shared memory, and, where Triton ships ``cuobjdump``,
+use no stack frame: a kernel that spills registers to local memory fails.
 """
 import os
 import subprocess
@@ -16,62 +18,90 @@ import pytest
 pytest.importorskip("triton")
 
 SCRIPT = textwrap.dedent('''
-    import torch
+    import os, re, shutil, subprocess, tempfile
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from spot_kernels.triton import bwd, bwd_dh, bwd_dw, configs, fwd, merge
 
-    PTR = {"H": "*bf16", "W": "*bf16", "B": "*bf16", "T": "*i64"}
-    PTR.update({n: "*fp32" for n in ("LOGP", "LSE", "ENT", "PM", "PS", "PT", "PQ", "G", "DH",
-                                      "DW", "DB")})
     FLOATS = {"inv_temp", "softcap", "filter_eps"}
+    POINTERS = {"H", "W", "B", "T", "LOGP", "LSE", "ENT", "PM", "PS", "PT", "PQ", "G", "DH", "DW",
+                "DB"}
+    SMEM = {90: 227 * 1024, 80: 163 * 1024}
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    CUOBJDUMP = (os.path.join(tools, "cuobjdump") if os.path.exists(os.path.join(tools, "cuobjdump"))
+                 else shutil.which("cuobjdump"))
 
-    def build(kernel, consts, cfg):
-        # stride 1 is what a contiguous launch specialises on
+    def build(kernel, consts, cfg, dtype, arch):
+        ptr = {"H": dtype, "W": dtype, "B": dtype, "T": "*i64"}
         consts = dict(consts, **{n: 1 for n in ("stride_hd", "stride_wd") if n in kernel.arg_names})
-        sig = {n: "constexpr" if n in consts else PTR[n] if n in PTR else
+        sig = {n: "constexpr" if n in consts else ptr.get(n, "*fp32") if n in POINTERS else
                "fp32" if n in FLOATS else "i32" for n in kernel.arg_names}
         idx = {n: i for i, n in enumerate(kernel.arg_names)}
         attrs = {(idx[n],): [["tt.divisibility", 16]] for n in kernel.arg_names
                  if sig[n].startswith("*")}
         src = ASTSource(fn=kernel, signature=sig,
                         constexprs={(idx[n],): v for n, v in consts.items()}, attrs=attrs)
-        out = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+        out = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                              options=dict(num_warps=cfg["num_warps"],
                                           num_stages=cfg["num_stages"]))
-        return out.metadata.shared
+        stack = None
+        if CUOBJDUMP:
+            with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+                f.write(out.asm["cubin"])
+            usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name],
+                                   capture_output=True, text=True).stdout
+            os.unlink(f.name)
+            stack = int(re.search(r"STACK:(\\d+)", usage).group(1))
+        return out.metadata.shared, stack
 
-    def cfg(kernel):
-        c = configs._HOPPER[(kernel, "half", True)]
-        return dict(zip(configs.FIELDS, c))
+    def blocks(c):
+        return dict(BLOCK_M=c["block_m"], BLOCK_V=c["block_v"], BLOCK_D=c["block_d"])
 
-    common = dict(HAS_BIAS=True, HAS_SOFTCAP=True, PRECISION="tf32")
-    f, b = cfg("forward"), cfg("backward")
-    blocks = lambda c: dict(BLOCK_M=c["block_m"], BLOCK_V=c["block_v"], BLOCK_D=c["block_d"])
-    shared = {
-        "forward": build(fwd._forward_kernel, dict(common, ENTROPY=True, SPLIT=True,
-                                                   **blocks(f)), f),
-        "merge": build(merge._merge_kernel, dict(ENTROPY=True, BLOCK=128),
-                       dict(num_warps=4, num_stages=1)),
-        "backward": build(bwd._backward_kernel, dict(common, NEED_H=True, NEED_W=True,
-                                                     NEED_B=True, FILTER=True, SPLIT=True,
-                                                     **blocks(b)), b),
-        "backward_dh": build(bwd_dh._backward_dh_kernel, dict(common, FILTER=False, SPLIT=True,
-                                                               **blocks(b)), b),
-        "backward_dw": build(bwd_dw._backward_dw_kernel, dict(common, NEED_W=True, NEED_B=True,
-                                                              FILTER=False, SPLIT=True,
-                                                              **blocks(b)), b),
-    }
-    for name, smem in shared.items():
-        print(name, smem)
-        assert smem <= 227 * 1024, (name, smem)
+    def jobs():
+        """(name, kernel, constexprs, config, pointer dtype, arch) of every entry."""
+        seen = set()
+        tables = [(90, kernel, kind, dict(zip(configs.FIELDS, c)))
+                  for (kernel, kind, _), c in configs._HOPPER.items()]
+        tables += [(80, kernel, kind, cfg) for (kernel, kind), cfg in configs._DEFAULT.items()]
+        for arch, kernel, kind, cfg in tables:
+            key = (arch, kernel, kind, tuple(sorted(cfg.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            dtype = "*bf16" if kind == "half" else "*fp32"
+            prec = "tf32" if kind == "half" else "ieee"
+            full = dict(HAS_BIAS=True, HAS_SOFTCAP=True, PRECISION=prec, **blocks(cfg))
+            plain = dict(full, HAS_BIAS=False, HAS_SOFTCAP=False)
+            tag = f"sm_{arch} {kind} {kernel} {tuple(cfg.values())}"
+            if kernel == "forward":
+                yield tag + " forward", fwd._forward_kernel, dict(full, ENTROPY=True, SPLIT=True), cfg, dtype, arch
+                yield tag + " forward plain", fwd._forward_kernel, dict(plain, ENTROPY=False, SPLIT=False), cfg, dtype, arch
+                continue
+            for split in ((False, True) if kind == "half" else (False,)):
+                s = f" split={split}"
+                yield tag + " backward" + s, bwd._backward_kernel, dict(full, NEED_H=True, NEED_W=True, NEED_B=True, FILTER=True, SPLIT=split), cfg, dtype, arch
+                yield tag + " backward_dh" + s, bwd_dh._backward_dh_kernel, dict(full, FILTER=True, SPLIT=split), cfg, dtype, arch
+                yield tag + " backward_dw" + s, bwd_dw._backward_dw_kernel, dict(full, NEED_W=True, NEED_B=True, FILTER=True, SPLIT=split), cfg, dtype, arch
+            yield tag + " backward plain", bwd._backward_kernel, dict(plain, NEED_H=True, NEED_W=True, NEED_B=False, FILTER=False, SPLIT=False), cfg, dtype, arch
+        yield "merge", merge._merge_kernel, dict(ENTROPY=True, BLOCK=128), dict(num_warps=4, num_stages=1), "*bf16", 90
+
+    bad = []
+    for name, kernel, consts, cfg, dtype, arch in jobs():
+        smem, stack = build(kernel, consts, cfg, dtype, arch)
+        print(name, "shared", smem, "stack", stack, flush=True)
+        if smem > SMEM[arch]:
+            bad.append(f"{name}: {smem} bytes of shared memory")
+        if stack:
+            bad.append(f"{name}: {stack} bytes of stack (register spills)")
+    print("cuobjdump:", CUOBJDUMP or "not found: spills not checked")
+    assert not bad, bad
     print("OK")
 ''')
 
 
 @pytest.mark.slow
-def test_kernels_compile_for_hopper():
+def test_every_config_compiles_for_hopper_and_ampere_without_spills():
     env = dict(os.environ, TRITON_INTERPRET="0")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -79,4 +109,5 @@ def test_kernels_compile_for_hopper():
                           text=True, timeout=600)
     if proc.returncode and ("ptxas" in proc.stderr and "not found" in proc.stderr.lower()):
         pytest.skip("no ptxas for the CUDA backend of triton on this machine")
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), \
+        proc.stdout[-3000:] + proc.stderr[-3000:]

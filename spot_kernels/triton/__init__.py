@@ -7,12 +7,12 @@ combines the partials deterministically. The backward recomputes each tile from 
 ``lse`` and forms ``dA = g (onehot - p) / T * softcap'(a)`` in registers:
 
 * default: ``bwd.py``, one program per (token tile, vocabulary tile), float32 atomics into
-  ``dh``, ``dW``, ``db``; ``6 N D V`` FLOPs (``10 N D V`` for half inputs, see ``fast_grad``);
-  the summation order (last bits) varies between runs.
+  ``dh``, ``dW``, ``db``; ``6 N D V`` FLOPs (``10 N D V`` for half inputs with
+  ``fast_grad=False``); the summation order (last bits) varies between runs.
 * ``deterministic=True``: ``bwd_dh.py`` (one program per token tile) then
   ``bwd_dw.py`` (one per vocabulary tile), each owning its output rows, no atomics,
   bit-identical across runs. The logits are recomputed twice: ``8 N D V`` FLOPs (``12 N D V``
-  for half inputs without ``fast_grad``) and less parallelism, so expect roughly 1.3-2x the
+  for half inputs with ``fast_grad=False``) and less parallelism, so expect roughly 1.3-2x the
   default's time (not measured yet).
 
 Tokens with ``g = 0`` (ignored, or zero weight) cost nothing in either backward mode: a tile
@@ -43,11 +43,13 @@ and the second only the ``dh`` ones.
   of float32 accumulators at a time (rounded up to one tile of rows), in two passes (above);
   ``32 << 20`` keeps a Qwen3-8B-sized backward within 64 MB beyond its inputs and gradients.
   No effect with float32 inputs; not combined with ``deterministic``.
-* ``fast_grad`` (bool, default False): with half inputs, round ``dA`` to the input dtype once
-  for the gradient dots (what autograd does in that dtype) instead of the default two-term
-  ``hi + lo`` split, which keeps ``dA`` float32-accurate at twice the gradient-GEMM cost
-  (backward ``6 N D V`` instead of ``10 N D V`` FLOPs). Rounding once can miss the project's
-  tolerance rule by an ulp or two at moderate sizes, hence off by default.
+* ``fast_grad`` (bool, default True): with half inputs, round ``dA`` to the input dtype once
+  for the gradient dots, as autograd in that dtype does and as the ``cuda`` backend does
+  (backward ``6 N D V`` FLOPs): gradients within one ulp of the dtype (at the output's scale)
+  of the tolerance rule. ``False`` splits ``dA = hi + lo`` into two half values and runs two
+  dots each, float32-grade ``dA`` that meets the rule with half an ulp, at twice the
+  gradient-GEMM cost (``10 N D V``). The four GEMMs' worth of work that the speed target
+  counts (``8 N D V`` with the forward) leaves no room for the split, hence on by default.
 * ``split_vocab`` (int >= 1): vocabulary splits of the forward; 1 disables. Default automatic:
   with fewer token tiles than SMs, split up to about two programs per SM, keeping at least 8
   vocabulary tiles per split (never on the interpreter).
@@ -250,7 +252,7 @@ def _backward(hidden, weight, targets, bias, lse, grad_logp, temperature, softca
 def _backward_common(hidden, temperature, softcap, ignore_index, cfg, options):
     return dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index,
                 filter_eps=options.get("filter_eps") or 0.0, cfg=cfg,
-                split=hidden.dtype != torch.float32 and not options.get("fast_grad", False),
+                split=hidden.dtype != torch.float32 and not options.get("fast_grad", True),
                 precision=_precision(hidden.dtype, hidden.device))
 
 

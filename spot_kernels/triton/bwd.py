@@ -12,8 +12,9 @@ A target outside ``[0, V)`` matches no column, so only its softmax term counts.
 Work split: one program per (token tile, vocabulary tile). Each recomputes its logits tile
 (``tiles.logits_tile``, a loop over D), builds ``dA`` in registers, then loops over D again in
 ``BLOCK_D`` chunks: ``dA W_chunk`` goes to ``dh`` and ``dA^T h_chunk`` to ``dW`` with
-``tl.atomic_add`` on float32 buffers. With half inputs ``dA`` enters the tensor-core dots as
-``hi + lo`` (two dots, see ``tiles.py``) unless ``fast_grad`` rounds it once.
+``tl.atomic_add`` on float32 buffers. With half inputs ``dA`` enters the tensor-core dots
+rounded once to the input dtype, or as ``hi + lo`` (two dots each, see ``tiles.py``) with
+``fast_grad=False``.
 
 Program order (the 1-D grid): programs ``0, 1, 2, ...`` walk ``group_m`` token tiles down the
 first vocabulary tile, then the same token tiles down the second, and so on through the
@@ -30,8 +31,8 @@ nothing at all, not even the recompute. With ``filter_eps > 0`` a tile whose ``|
 the ``g`` scaling) stays below ``filter_eps`` everywhere skips its two gradient GEMMs: the
 dropped contribution is at most ``filter_eps`` per element of ``dA``.
 
-Cost: ``6 N D V`` FLOPs (recompute, ``dh``, ``dW``) for the tiles that run, ``10 N D V`` with
-the default ``hi + lo`` split for half inputs; ``N V D (1 / BLOCK_V + 1 / BLOCK_M)`` float32
+Cost: ``6 N D V`` FLOPs (recompute, ``dh``, ``dW``) for the tiles that run (``10 N D V`` with
+the ``hi + lo`` split of ``fast_grad=False``); ``N V D (1 / BLOCK_V + 1 / BLOCK_M)`` float32
 atomic adds (L2 resident); memory beyond the gradients: float32 ``dh``/``dW``/``db`` buffers
 when the inputs are half precision. The summation order of the atomics varies between runs
 (results differ in the last bits); ``deterministic=True`` uses ``bwd_dh.py`` + ``bwd_dw.py``.

@@ -4,19 +4,24 @@ Each entry gives ``block_m`` (tokens per tile), ``block_v`` (vocabulary rows per
 ``block_d`` (the D chunk of each ``tl.dot``), ``num_warps`` and ``num_stages``; the default
 backward also takes ``group_m`` (token tiles per group of its program order, ``bwd.py``;
 ``GROUP_M`` = 16 everywhere: 16 tiles of 64 tokens keep ``h`` and the float32 ``dh`` of a group,
-24 MB at D = 4096, within the 50 MB L2 of an H100/H200). The Hopper
-(sm_90) rows use 128 x 128 half-precision forward tiles with 8 warps and a 3-4 deep software
-pipeline (3 x 32 KB of shared memory for the ``h``/``W`` chunks); the backward holds ``dA``
-(and its ``hi``/``lo`` halves) besides two accumulators, so it uses 64 x 128 tiles: compiled
-for sm_90a with Triton 3.9 that needs 197-252 registers per thread and no spills in the three
-backward kernels, where 128 x 128 spilled. Float32 (IEEE dots, no TF32) halves the tiles.
-Other CUDA devices get a conservative 64 x 64 tile that fits every architecture since Volta.
+24 MB at D = 4096, within the 50 MB L2 of an H100/H200).
+
+The rule that picked them: the largest tiles that compile without register spills. Compiled for
+sm_90a (Triton 3.9, stack frame read from the cubin with ``cuobjdump --dump-resource-usage``):
+the half-precision forward at 128 x 128 x 32 with 8 warps uses 241-250 registers and no stack,
+where a 64-wide D chunk spills 136-144 bytes a thread; the backward kernels (default with and
+without the ``hi + lo`` split, and both deterministic passes) at 64 x 128 x 32 with 8 warps use
+192-254 registers and no stack, where 64 x 128 x 64 spills about 200 bytes and 128 x 128 tiles
+spill in some of them. Float32 (IEEE dots, no TF32, operands in registers) needs 8 warps on
+64 x 64 tiles: with 4 warps the backward spills kilobytes. Other CUDA devices (checked for
+sm_80) get 64 x 64 x 32 tiles for half inputs (4 warps forward; 8 backward, where the
+deterministic passes spill a little with 4) and 64 x 64 x 16 with 8 warps for float32. ``tests/test_triton_compile.py`` keeps every entry spill-free.
 The interpreter (CPU) gets 32 x 64 x 64 tiles; tests that need several tiles with tiny shapes
 set smaller ones. Every block is clipped to the problem (never below 16, ``tl.dot``'s
 minimum) and any field can be overridden with ``backend_options``.
 
-These numbers are starting points chosen from the tile arithmetic above, not measured ones:
-no GPU was available when they were written (see the package docstring).
+Speed was not measured: no GPU was available when these were chosen; the one-shot GPU suite
+(``benchmarks/gpu_suite.sh``) measures them.
 """
 from __future__ import annotations
 
@@ -29,18 +34,23 @@ FIELDS = ("block_m", "block_v", "block_d", "num_warps", "num_stages")
 
 # the interpreter's cost grows with the number of programs and loop trips, not the tile size
 _INTERPRETER = dict(block_m=32, block_v=64, block_d=64, num_warps=1, num_stages=1)
-_DEFAULT = dict(block_m=64, block_v=64, block_d=32, num_warps=4, num_stages=2)
+_DEFAULT = {  # (kernel, dtype class) -> config on other CUDA devices
+    ("forward", "half"): dict(block_m=64, block_v=64, block_d=32, num_warps=4, num_stages=2),
+    ("backward", "half"): dict(block_m=64, block_v=64, block_d=32, num_warps=8, num_stages=2),
+    ("forward", "fp32"): dict(block_m=64, block_v=64, block_d=16, num_warps=8, num_stages=2),
+    ("backward", "fp32"): dict(block_m=64, block_v=64, block_d=16, num_warps=8, num_stages=2),
+}
 # (kernel, dtype class, D > 2048) -> config on sm_90 (one entry per D class so that D-specific
 # tuning has a place; measured values should replace these starting points)
 _HOPPER = {  # (block_m, block_v, block_d, num_warps, num_stages)
-    ("forward", "half", False): (128, 128, 64, 8, 3),
-    ("forward", "half", True): (128, 128, 64, 8, 4),
-    ("forward", "fp32", False): (64, 64, 32, 4, 3),
-    ("forward", "fp32", True): (64, 64, 32, 4, 3),
-    ("backward", "half", False): (64, 128, 64, 8, 2),
-    ("backward", "half", True): (64, 128, 64, 8, 2),
-    ("backward", "fp32", False): (64, 64, 32, 4, 2),
-    ("backward", "fp32", True): (64, 64, 32, 4, 2),
+    ("forward", "half", False): (128, 128, 32, 8, 3),
+    ("forward", "half", True): (128, 128, 32, 8, 4),
+    ("forward", "fp32", False): (64, 64, 32, 8, 3),
+    ("forward", "fp32", True): (64, 64, 32, 8, 3),
+    ("backward", "half", False): (64, 128, 32, 8, 2),
+    ("backward", "half", True): (64, 128, 32, 8, 2),
+    ("backward", "fp32", False): (64, 64, 32, 8, 2),
+    ("backward", "fp32", True): (64, 64, 32, 8, 2),
 }
 GROUP_M = 16
 # Small vocabularies: a narrower vocabulary tile wastes less on the ragged last tile.
@@ -71,7 +81,7 @@ def pick(kernel, n, d, v, dtype, device, interpreted, overrides):
         if capability == (9, 0):
             cfg = dict(zip(FIELDS, _HOPPER[(kernel, kind, d > 2048)]))
         else:
-            cfg = dict(_DEFAULT)
+            cfg = dict(_DEFAULT[(kernel, kind)])
         if v <= _SMALL_V:
             cfg["block_v"] = min(cfg["block_v"], 64)
     cfg["block_m"] = _clip(cfg["block_m"], n)

@@ -19,11 +19,10 @@ fp32 inputs use ``input_precision="ieee"`` (no TF32): the results must match flo
 operands in Triton 3.9) casts half operands to float32 first: the products of two half values
 are exact in float32, so this matches a tensor-core dot with float32 accumulation.
 
-Gradient dots with half inputs: rounding ``dA`` to bfloat16 once (what autograd does in that
-dtype) costs up to a few output ulps, enough to break the project's tolerance rule at moderate
-sizes. By default the backward therefore splits ``dA = hi + lo`` into two half values and runs
-two dots (``split_half``/``dot2``): float32-grade ``dA`` at twice the gradient-GEMM cost.
-``fast_grad=True`` keeps only ``hi``.
+Gradient dots with half inputs: by default ``dA`` is rounded to the input dtype once (what
+autograd does in that dtype), which costs up to an output ulp against the float64 truth. With
+``fast_grad=False`` the backward splits ``dA = hi + lo`` into two half values and runs two dots
+(``split_half``/``dot2``): float32-grade ``dA`` at twice the gradient-GEMM cost.
 """
 from __future__ import annotations
 
