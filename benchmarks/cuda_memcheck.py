@@ -5,16 +5,20 @@
 Paths: float32 / float16 / bfloat16 logits; 16-byte and scalar loads (V a multiple of 8 or
 not); a warp per row (V <= 2048) and a block per row; with and without bias, softcap, entropy;
 ignored and out-of-shard targets; one and several token chunks in the backward; segment sums
-with int32 / int64 ``cu_seqlens``, ``valid`` and empty sequences; the BCE with a number and a
+with int32 / int64 ``cu_seqlens``; rows padded past V (raw ops), ``valid`` and empty sequences; the BCE with a number and a
 device ``delta``. Each result is checked loosely against float64 torch so a wrong answer fails
 too. Exit code 0: all ran and matched; 1: a mismatch; 2: no GPU or no extension (nothing ran).
 """
 from __future__ import annotations
 
+import os
 import sys
 
-import torch
-import torch.nn.functional as F
+# each tensor its own cudaMalloc, so that the sanitizer sees a read past one
+os.environ.setdefault("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 
 def close(name, ours, truth, tol):
@@ -67,6 +71,31 @@ def head_case(dtype, n, d, v, bias, softcap, temperature, token_chunk):
     if b is not None:
         oks.append(close(f"{tag} db", db, da.sum(0), tol))
     return all(oks)
+
+
+def padded_case(dtype):
+    """The raw ops on rows whose stride exceeds V (not a multiple of the vector width): 16-byte
+    loads with a scalar tail per row; the padding must stay untouched."""
+    from spot_kernels import cuda
+    v, pad, rows = 1001, 7 if dtype == torch.float32 else 15, 5
+    g = torch.Generator().manual_seed(3)
+    full = torch.randn(rows, v + pad, generator=g).to(dtype).cuda()
+    a = full[:, :v]
+    t = torch.randint(0, v, (rows,), generator=g).cuda()
+    grad = torch.randn(rows, generator=g).cuda()
+    z = a.double()
+    lse64 = torch.logsumexp(z, 1)
+    _, lse, _ = cuda._lse_forward_op(a, None, t, 0.0, 1.0, -100, False)
+    before = full[:, v:].clone()
+    cuda._backward_epilogue_op(a, None, t, lse, grad, 0.0, 1.0, -100)
+    torch.cuda.synchronize()
+    da = -torch.softmax(z, 1) * grad.double()[:, None]
+    da[torch.arange(rows), t] += grad.double()
+    tag = f"padded rows {str(dtype)[6:]} v={v} stride={v + pad}"
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    same = bool(torch.equal(full[:, v:], before))
+    print(f"{'ok  ' if same else 'FAIL'} {tag} padding untouched")
+    return close(f"{tag} lse", lse, lse64, tol) and close(f"{tag} dA", a, da, tol) and same
 
 
 def segment_case(cu_dtype, average, with_valid):
@@ -129,6 +158,7 @@ def main():
                                  token_chunk=6))
         results.append(head_case(dtype, 1, 8, 9, bias=True, softcap=2.0, temperature=1.3,
                                  token_chunk=1))
+        results.append(padded_case(dtype))
     for cu_dtype in (torch.int32, torch.int64):
         for average in (False, True):
             for with_valid in (False, True):

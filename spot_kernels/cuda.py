@@ -152,6 +152,16 @@ def _ptr(x):
     return 0 if x is None else x.data_ptr()
 
 
+def _aligned(bias):
+    """``bias`` contiguous and 16-byte aligned (a copy, V elements, when it is a view at an odd
+    offset, e.g. a vocab-parallel slice): the kernels take 16-byte loads only when the logits
+    and the bias both allow them."""
+    if bias is None:
+        return None
+    bias = bias.contiguous()
+    return bias.clone() if bias.data_ptr() % 16 else bias
+
+
 def _stream(device):
     return torch.cuda.current_stream(device).cuda_stream
 
@@ -295,7 +305,7 @@ def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None
     rows = chunk_rows(n, v, hidden.element_size(), **options)
     buf = torch.empty(rows, v, dtype=hidden.dtype, device=dev)
     t = targets.to(torch.int64).contiguous()
-    b = None if bias is None else bias.contiguous()
+    b = _aligned(bias)
     wt = weight.t()
     for i0 in range(0, n, rows):
         h = hidden[i0:i0 + rows]
@@ -348,7 +358,7 @@ def backward(hidden, weight, targets, bias, lse, grad_logp, *, temperature=1.0, 
     if n > 0 and (need_h or need_w or need_b):
         buf = torch.empty(rows, v, dtype=hidden.dtype, device=dev)
         t = targets.to(torch.int64).contiguous()
-        b = None if bias is None else bias.contiguous()
+        b = _aligned(bias)
         ls = lse.float().contiguous()
         g = grad_logp.float().contiguous()
         wt = weight.t()

@@ -41,11 +41,19 @@ def _backend_ready():
 
 
 def poison(fn):
-    """Fill the caching allocator's free blocks with NaN first, so a value the kernels forget
-    to write shows up."""
-    junk = torch.full((1 << 22,), float("nan"), device=DEV)
-    del junk
-    return fn()
+    """Run ``fn`` with every new float tensor NaN-filled (torch's deterministic mode fills
+    ``torch.empty``), so a value the kernels forget to write shows up."""
+    from torch.utils import deterministic
+    mode, warn = (torch.are_deterministic_algorithms_enabled(),
+                  torch.is_deterministic_algorithms_warn_only_enabled())
+    fill = deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    deterministic.fill_uninitialized_memory = True
+    try:
+        return fn()
+    finally:
+        torch.use_deterministic_algorithms(mode, warn_only=warn)
+        deterministic.fill_uninitialized_memory = fill
 
 
 def _run(h, w, t, b, *, options=None, return_entropy=False, **kw):
@@ -215,7 +223,7 @@ def test_targets_outside_vocab_shard(dtype):
     t[1::4] = -5         # an earlier shard (not ignore_index)
     g = torch.randn(40, device=DEV)
     kw = dict(temperature=1.1, softcap=4.0, ignore_index=-100)
-    logp, lse, _ = cuda.forward(h, w, t, b, **kw)
+    logp, lse, _ = cuda.forward(h, w, t, b, **kw, token_chunk=9)
     dh, dw, db = cuda.backward(h, w, t, b, lse, g, **kw, token_chunk=9)
     truth = _float64_oracle(h, w, t, b, lse, g, 1.1, 4.0, -100)
     # the same dtype's error: the torch backend (chunked, float32 accumulation, same rounding)
@@ -227,6 +235,59 @@ def test_targets_outside_vocab_shard(dtype):
                                     (s_logp, s_lse, s_dh, s_dw, s_db), truth):
         assert_close(ours, same, tr, dtype, name,
                      atol=GRAD_ATOL.get(dtype) if name in ("dh", "dW", "db") else None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_padded_rows_take_the_vector_path_with_tails(dtype):
+    """Row stride > V with V not a multiple of the vector width: 16-byte loads with a scalar
+    tail on every row (cuda.py's own buffers have stride V, so only callers of the raw ops
+    reach this). The padding columns must stay untouched."""
+    v, pad, rows = 1001, 7 if dtype == torch.float32 else 15, 6   # row strides 4032 / 2032 B
+    g = torch.Generator().manual_seed(21)
+    full = (torch.randn(rows, v + pad, generator=g) * 3).to(dtype).to(DEV)
+    a = full[:, :v]
+    bias = (torch.randn(v, generator=g)).to(dtype).to(DEV)
+    t = torch.randint(0, v, (rows,), generator=g).to(DEV)
+    t[2] = -100
+    grad = torch.randn(rows, generator=g).to(DEV)
+    z = (a.double() + bias.double()) * 0.8
+    lse64 = torch.logsumexp(z, 1)
+    logp, lse, ent = cuda._lse_forward_op(a, bias, t, 0.0, 0.8, -100, True)
+    inside = t >= 0
+    lp64 = torch.where(inside, z.gather(1, t.clamp(min=0)[:, None])[:, 0] - lse64, 0.0)
+    p = torch.softmax(z, 1)
+    tol = 1e-5 if dtype == torch.float32 else 1e-3
+    torch.testing.assert_close(lse.double(), lse64, rtol=0, atol=tol * 10)
+    torch.testing.assert_close(logp.double(), lp64, rtol=0, atol=tol * 10)
+    torch.testing.assert_close(ent.double(), lse64 - (p * z).sum(1), rtol=0, atol=tol * 10)
+    before = full[:, v:].clone()
+    cuda._backward_epilogue_op(a, bias, t, lse, grad, 0.0, 0.8, -100)
+    gg = torch.where(inside, grad.double(), 0.0)
+    da = -p * gg[:, None]
+    da[inside.nonzero()[:, 0], t[inside]] += gg[inside]
+    da = da * 0.8
+    # dA is stored in the logits' dtype: half an ulp at its scale, plus float32 noise
+    scale = max(1.0, da.abs().max().item())
+    torch.testing.assert_close(a.double(), da, rtol=0,
+                               atol=(1e-5 if dtype == torch.float32 else 2.0**-8) * scale)
+    assert torch.equal(full[:, v:], before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bias_view_at_an_odd_offset(dtype):
+    """A bias that is a view at an odd offset (a vocab-parallel slice) gives what an aligned
+    copy gives: the backend copies it so the logits keep their 16-byte loads."""
+    h, w, b, t = make_head(33, 32, 3000, dtype, DEV, bias=True, seed=22)
+    view = torch.cat([b[:1], b])[1:]
+    assert view.data_ptr() % 16 and torch.equal(view, b)
+    g = torch.randn(33, device=DEV)
+    kw = dict(temperature=0.9, softcap=None, ignore_index=-100)
+    a = cuda.forward(h, w, t, view, return_entropy=True, **kw)
+    c = cuda.forward(h, w, t, b.clone(), return_entropy=True, **kw)
+    assert all(torch.equal(x, y) for x, y in zip(a, c))
+    ga = cuda.backward(h, w, t, view, a[1], g, **kw)
+    gc = cuda.backward(h, w, t, b.clone(), c[1], g, **kw)
+    assert all(torch.equal(x, y) for x, y in zip(ga, gc))
 
 
 @pytest.mark.parametrize("cu_dtype", [torch.int32, torch.int64])
