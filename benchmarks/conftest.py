@@ -29,6 +29,8 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config._bench_t0 = time.monotonic()
     config._bench_rows = []
+    config.addinivalue_line("markers", "bench_priority(p): run order of a point without a "
+                            "case (a number, lower first; kernel points use 0-45, the default is 50)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -36,7 +38,10 @@ def pytest_collection_modifyitems(config, items):
     def prio(item):
         spec = getattr(item, "callspec", None)
         case = spec.params.get("case") if spec else None
-        return getattr(case, "priority", 50)  # points without a case (other suites) last
+        if case is not None:
+            return case.priority
+        mark = item.get_closest_marker("bench_priority")
+        return mark.args[0] if mark else 50  # other points without a case last
     items.sort(key=prio)
 
 
