@@ -141,6 +141,19 @@ def test_scratch_bytes_bounds_the_accumulators_in_two_passes(scratch_rows, monke
 
 
 @needs_triton
+@pytest.mark.parametrize("options,dtype", [({}, torch.float32),
+                                           ({"deterministic": True}, torch.float32),
+                                           ({"scratch_bytes": 4 * 24 * 32}, torch.bfloat16)],
+                         ids=["default", "deterministic", "scratch"])
+def test_large_bias_with_a_ragged_token_tile_stays_finite(options, dtype):
+    # rows past N (19 = 16 + 3) read zero hidden states: their logits are the bias alone, and
+    # exp(100) overflows float32; those rows must not reach dW or db
+    h, w, b, t = make_head(19, 24, 45, dtype, _device(), bias=True, seed=17)
+    b[3] = 100.0
+    check(h, w, t, b, options=options)
+
+
+@needs_triton
 def test_all_ignored_costs_nothing_and_gives_zeros():
     h, w, b, t = make_head(19, 24, 45, torch.float32, _device(), bias=True, seed=4)
     t = torch.full_like(t, -100)
@@ -328,3 +341,4 @@ def test_auto_split_vocab_only_when_token_tiles_are_few(monkeypatch):
     assert tb._splits(128, 2048, cfg, "cuda", None) == 2              # >= 8 vocab tiles each
     assert tb._splits(128, 512, cfg, "cuda", None) == 1
     assert tb._splits(128, 151936, cfg, "cuda", 3) == 3               # forced
+    assert tb._splits(2**29, 151936, cfg, "cuda", 8) == 3             # int32 partial offsets

@@ -159,13 +159,19 @@ def _interpreted(device):
 
 def _splits(n, v, cfg, device, requested):
     if requested is not None:
-        return requested
+        return max(1, min(requested, (2**31 - 1) // max(n, 1)))  # int32 partial offsets
     _, sms = _kernels()[5].device_info(device)
     tiles = -(-n // cfg["block_m"])
     if tiles >= sms:
         return 1
     # enough programs to cover the SMs twice, each split at least 8 vocabulary tiles wide
     return max(1, min(-(-2 * sms // tiles), v // (8 * cfg["block_v"])))
+
+
+def _int32_columns(x):
+    """The kernels step along D with int32 ``d * stride``: a view whose column stride would
+    overflow that (a transposed ``[V, D]`` weight with huge ``V D``) is copied first."""
+    return x.contiguous() if x.stride(1) * max(x.shape[1] - 1, 0) >= 2**31 else x
 
 
 def _on(device):
@@ -176,6 +182,7 @@ def _on(device):
 def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None,
             ignore_index=-100, return_entropy=False, **options):
     """Returns ``(logp, lse, entropy or None)``, float32 ``[N]`` each."""
+    hidden, weight = _int32_columns(hidden), _int32_columns(weight)
     with _on(hidden.device):
         return _forward(hidden, weight, targets, bias, temperature, softcap, ignore_index,
                         return_entropy, options)
@@ -209,6 +216,7 @@ def backward(hidden, weight, targets, bias, lse, grad_logp, *, temperature=1.0, 
              ignore_index=-100, needs_input_grad=(True, True, True), **options):
     """Returns ``(dh, dW, db)`` in the dtypes of ``hidden``, ``weight``, ``bias`` (None where
     not needed)."""
+    hidden, weight = _int32_columns(hidden), _int32_columns(weight)
     with _on(hidden.device):
         return _backward(hidden, weight, targets, bias, lse, grad_logp, temperature, softcap,
                          ignore_index, needs_input_grad, options)

@@ -12,7 +12,8 @@ A target outside ``[0, V)`` matches no column, so only its softmax term counts.
 Work split: one program per (token tile, vocabulary tile). Each recomputes its logits tile
 (``tiles.logits_tile``, a loop over D), builds ``dA`` in registers, then loops over D again in
 ``BLOCK_D`` chunks: ``dA W_chunk`` goes to ``dh`` and ``dA^T h_chunk`` to ``dW`` with
-``tl.atomic_add`` on float32 buffers. With half inputs ``dA`` enters the tensor-core dots
+``tl.atomic_add`` on float32 buffers (relaxed: nothing reads the sums before the kernel ends, so
+no ordering is paid for). With half inputs ``dA`` enters the tensor-core dots
 rounded once to the input dtype, or as ``hi + lo`` (two dots each, see ``tiles.py``) with
 ``fast_grad=False``.
 
@@ -75,7 +76,9 @@ def _backward_kernel(H, W, B, T, LSE, G, DH, DW, DB, N, V, D, stride_hn, stride_
     g = tl.load(G + rows, mask=row_mask, other=0.0)
     g = tl.where(t == ignore_index, 0.0, g)
     if tl.max(tl.abs(g), axis=0) > 0:
-        lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+        # rows past N: lse = inf makes p = 0 there (their zero h still gives
+        # z = softcap(b) / T, whose exp can overflow to inf, and 0 * inf = NaN in dW / db)
+        lse = tl.load(LSE + rows, mask=row_mask, other=float("inf"))
         z, th = logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd,
                             stride_wv, stride_wd, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP,
                             BLOCK_M, BLOCK_V, BLOCK_D, PRECISION)
@@ -85,7 +88,7 @@ def _backward_kernel(H, W, B, T, LSE, G, DH, DW, DB, N, V, D, stride_hn, stride_
             run = tl.max(tl.max(tl.abs(da), axis=1), axis=0) >= filter_eps
         if run:
             if NEED_B:
-                tl.atomic_add(DB + cols, tl.sum(da, axis=0), mask=col_mask)
+                tl.atomic_add(DB + cols, tl.sum(da, axis=0), mask=col_mask, sem="relaxed")
             if NEED_H or NEED_W:
                 hi, lo = split_half(da, W.dtype.element_ty, SPLIT)
                 hi_t, lo_t = tl.trans(hi), tl.trans(lo)
@@ -99,13 +102,13 @@ def _backward_kernel(H, W, B, T, LSE, G, DH, DW, DB, N, V, D, stride_hn, stride_
                                     mask=col_mask[:, None] & d_mask[None, :], other=0.0)
                         dh = dot2(hi, lo, w, None, PRECISION, SPLIT)
                         tl.atomic_add(DH + rows64[:, None] * D + ds[None, :], dh,
-                                      mask=row_mask[:, None] & d_mask[None, :])
+                                      mask=row_mask[:, None] & d_mask[None, :], sem="relaxed")
                     if NEED_W:
                         h = tl.load(H + rows64[:, None] * stride_hn + ds[None, :] * stride_hd,
                                     mask=row_mask[:, None] & d_mask[None, :], other=0.0)
                         dw = dot2(hi_t, lo_t, h, None, PRECISION, SPLIT)
                         tl.atomic_add(DW + cols64[:, None] * D + ds[None, :], dw,
-                                      mask=col_mask[:, None] & d_mask[None, :])
+                                      mask=col_mask[:, None] & d_mask[None, :], sem="relaxed")
 
 
 def launch_backward(hidden, weight, targets, bias, lse, grad, dh, dw, db, *, temperature,

@@ -36,7 +36,9 @@ def _backward_dh_kernel(H, W, B, T, LSE, G, DH, N, V, D, stride_hn, stride_hd, s
     g = tl.load(G + rows, mask=row_mask, other=0.0)
     g = tl.where(t == ignore_index, 0.0, g)
     if tl.max(tl.abs(g), axis=0) > 0:
-        lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+        # rows past N: lse = inf makes p = 0 there (their zero h still gives
+        # z = softcap(b) / T, whose exp can overflow to inf, and 0 * inf = NaN in dW / db)
+        lse = tl.load(LSE + rows, mask=row_mask, other=float("inf"))
         rows64 = rows.to(tl.int64)
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)

@@ -42,7 +42,8 @@ def _backward_dw_kernel(H, W, B, T, LSE, G, DW, DB, N, V, D, stride_hn, stride_h
         g = tl.load(G + rows, mask=row_mask, other=0.0)
         g = tl.where(t == ignore_index, 0.0, g)
         if tl.max(tl.abs(g), axis=0) > 0:
-            lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+            # rows past N: lse = inf makes p = 0 there (see bwd.py)
+            lse = tl.load(LSE + rows, mask=row_mask, other=float("inf"))
             z, th = logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn,
                                 stride_hd, stride_wv, stride_wd, inv_temp, softcap, HAS_BIAS,
                                 HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_D, PRECISION)

@@ -6,16 +6,19 @@ backward also takes ``group_m`` (token tiles per group of its program order, ``b
 ``GROUP_M`` = 16 everywhere: 16 tiles of 64 tokens keep ``h`` and the float32 ``dh`` of a group,
 24 MB at D = 4096, within the 50 MB L2 of an H100/H200).
 
-The rule that picked them: the largest tiles that compile without register spills. Compiled for
-sm_90a (Triton 3.9, stack frame read from the cubin with ``cuobjdump --dump-resource-usage``):
-the half-precision forward at 128 x 128 x 32 with 8 warps uses 241-250 registers and no stack,
-where a 64-wide D chunk spills 136-144 bytes a thread; the backward kernels (default with and
-without the ``hi + lo`` split, and both deterministic passes) at 64 x 128 x 32 with 8 warps use
-192-254 registers and no stack, where 64 x 128 x 64 spills about 200 bytes and 128 x 128 tiles
-spill in some of them. Float32 (IEEE dots, no TF32, operands in registers) needs 8 warps on
-64 x 64 tiles: with 4 warps the backward spills kilobytes. Other CUDA devices (checked for
-sm_80) get 64 x 64 x 32 tiles for half inputs (4 warps forward; 8 backward, where the
-deterministic passes spill a little with 4) and 64 x 64 x 16 with 8 warps for float32. ``tests/test_triton_compile.py`` keeps every entry spill-free.
+The rule that picked them: the largest tiles that compile without register spills, checked
+for sm_90a with Triton 3.6 (the version of the GPU machine) and 3.9, both as odd sizes specialise
+the kernels and as real sizes do (N, V, D and row strides multiples of 16, which turns on
+software pipelining), with the stack frame read from the cubin (``cuobjdump
+--dump-resource-usage``). Half-precision forward: 128 x 128 x 32 with 8 warps (a 64-wide D chunk
+spills 136-144 bytes a thread). Backward kernels (default with and without the ``hi + lo``
+split, both deterministic passes): 64 x 128 x 32 with 8 warps (64 x 128 x 64 spills about 200
+bytes; 128 x 128 tiles spill in some). Float32 (IEEE dots, no TF32, operands in registers):
+64 x 64 x 16 with 8 warps (4 warps or a 32-wide D chunk spill). Other CUDA devices (checked for
+sm_80): 64 x 64 x 32 for half inputs (4 warps forward; 8 backward, where the deterministic
+passes spill a little with 4) and 64 x 64 x 16 with 8 warps and no pipelining for float32.
+``tests/test_triton_compile.py`` keeps every entry within a 64-byte stack frame (a few spilled
+values at most; Triton versions differ by that much).
 The interpreter (CPU) gets 32 x 64 x 64 tiles; tests that need several tiles with tiny shapes
 set smaller ones. Every block is clipped to the problem (never below 16, ``tl.dot``'s
 minimum) and any field can be overridden with ``backend_options``.
@@ -37,20 +40,20 @@ _INTERPRETER = dict(block_m=32, block_v=64, block_d=64, num_warps=1, num_stages=
 _DEFAULT = {  # (kernel, dtype class) -> config on other CUDA devices
     ("forward", "half"): dict(block_m=64, block_v=64, block_d=32, num_warps=4, num_stages=2),
     ("backward", "half"): dict(block_m=64, block_v=64, block_d=32, num_warps=8, num_stages=2),
-    ("forward", "fp32"): dict(block_m=64, block_v=64, block_d=16, num_warps=8, num_stages=2),
-    ("backward", "fp32"): dict(block_m=64, block_v=64, block_d=16, num_warps=8, num_stages=2),
+    ("forward", "fp32"): dict(block_m=64, block_v=64, block_d=16, num_warps=8, num_stages=1),
+    ("backward", "fp32"): dict(block_m=64, block_v=64, block_d=16, num_warps=8, num_stages=1),
 }
 # (kernel, dtype class, D > 2048) -> config on sm_90 (one entry per D class so that D-specific
 # tuning has a place; measured values should replace these starting points)
 _HOPPER = {  # (block_m, block_v, block_d, num_warps, num_stages)
     ("forward", "half", False): (128, 128, 32, 8, 3),
     ("forward", "half", True): (128, 128, 32, 8, 4),
-    ("forward", "fp32", False): (64, 64, 32, 8, 3),
-    ("forward", "fp32", True): (64, 64, 32, 8, 3),
+    ("forward", "fp32", False): (64, 64, 16, 8, 3),
+    ("forward", "fp32", True): (64, 64, 16, 8, 3),
     ("backward", "half", False): (64, 128, 32, 8, 2),
     ("backward", "half", True): (64, 128, 32, 8, 2),
-    ("backward", "fp32", False): (64, 64, 32, 8, 2),
-    ("backward", "fp32", True): (64, 64, 32, 8, 2),
+    ("backward", "fp32", False): (64, 64, 16, 8, 2),
+    ("backward", "fp32", True): (64, 64, 16, 8, 2),
 }
 GROUP_M = 16
 # Small vocabularies: a narrower vocabulary tile wastes less on the ragged last tile.

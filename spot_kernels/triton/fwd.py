@@ -69,7 +69,7 @@ def _forward_kernel(H, W, B, T, LOGP, LSE, ENT, PM, PS, PT, PQ,
         m = m_new
 
     if SPLIT:
-        off = pid_s * N + rows
+        off = pid_s.to(tl.int64) * N + rows
         tl.store(PM + off, m, mask=row_mask)
         tl.store(PS + off, s, mask=row_mask)
         tl.store(PT + off, zt, mask=row_mask)
@@ -92,6 +92,8 @@ def launch_forward(hidden, weight, targets, bias, logp, lse, entropy, *, tempera
     bm, bv, bd = cfg["block_m"], cfg["block_v"], cfg["block_d"]
     cols_per_split = triton.cdiv(triton.cdiv(v, splits), bv) * bv
     splits = triton.cdiv(v, cols_per_split)  # every split owns at least one column
+    # the merge indexes the [splits, N] partials in int32
+    assert splits * n < 2**31, "split_vocab * N must stay below 2^31"
     dummy = lse
     parts = None
     if splits > 1:
