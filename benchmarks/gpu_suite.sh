@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one-shot GPU suite: everything worth knowing from a short lease on a GPU machine.
 #
-#   bash benchmarks/gpu_suite.sh [--out DIR] [--dry-run]
+#   bash benchmarks/gpu_suite.sh [--out DIR] [--dry-run] [--tune]
 #
 # Stages, each under `timeout` and a share of one wall-clock budget (SUITE_BUDGET_S seconds,
 # default 420, so the whole suite ends within 8 minutes on an H200):
@@ -21,6 +21,10 @@
 # Everything printed is also written to DIR/suite.log. Exit status: 0 when every stage that ran
 # passed (a stage skipped for lack of time or tools counts as passed, and says so).
 #
+# --tune: install and ceilings, then only benchmarks/tune_triton.py (the Triton launch configs
+# timed at the Qwen3-8B head, JSON into DIR/tune.json) with the rest of the budget: for a second
+# call once the full suite has run.
+#
 # --dry-run (a machine without a GPU): no installs and no GPU tests; the ceilings on the CPU
 # (small sizes), two small CPU benchmark points, the report and the summary, so the script stays
 # tested (tests/test_gpu_suite_dryrun.py).
@@ -31,13 +35,15 @@ set -u -o pipefail
 
 OUT_DIR=""
 DRY=0
+TUNE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT_DIR="${2:?--out needs a folder}"; shift 2 ;;
     --out=*) OUT_DIR="${1#--out=}"; shift ;;
     --dry-run) DRY=1; shift ;;
+    --tune) TUNE=1; shift ;;
     -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
-    *) echo "gpu_suite.sh: unknown argument '$1' (use --out DIR, --dry-run)" >&2; exit 2 ;;
+    *) echo "gpu_suite.sh: unknown argument '$1' (use --out DIR, --dry-run, --tune)" >&2; exit 2 ;;
   esac
 done
 
@@ -166,6 +172,21 @@ export -f do_ceilings
 stage ceilings 60 30 bash -c do_ceilings
 if command -v nvidia-smi > /dev/null && [ "$DRY" = 0 ]; then
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader || true
+fi
+
+# --tune: only the launch-config timings -------------------------------------------------------
+if [ "$TUNE" = 1 ]; then
+  TUNE_ARGS=(--out "$OUT_DIR/tune.json")
+  [ "$DRY" = 1 ] && TUNE_ARGS+=(--dry-run)
+  TLEFT=$(( $(left) - 15 ))
+  stage tune "$TLEFT" 15 "$PY" benchmarks/tune_triton.py "${TUNE_ARGS[@]}" \
+    --budget-s "$(( TLEFT > 60 ? TLEFT - 40 : TLEFT / 2 ))"
+  echo
+  echo "================================ summary ================================"
+  printf '%-12s %-28s %5s\n' stage status s
+  for s in "${STAGES[@]}"; do echo "$s"; done
+  echo "total $(( SECONDS - T0 ))s of ${BUDGET}s; files in $OUT_DIR"
+  exit $FAILED
 fi
 
 # 3. GPU tests ------------------------------------------------------------------------------

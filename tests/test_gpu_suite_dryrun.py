@@ -59,6 +59,18 @@ def test_tiny_budget_stops_cleanly(tmp_path):
     assert "skipped (budget)" in tail and "no benchmark JSON was written" in tail
 
 
+def test_tune_dry_run(tmp_path):
+    res = _run(tmp_path, 120, "--tune")
+    out = res.stdout
+    assert res.returncode == 0, out[-3000:] + res.stderr[-2000:]
+    assert "fastest forward" in out and "fastest backward" in out, out[-3000:]
+    rows = json.loads((tmp_path / "tune.json").read_text())["rows"]
+    assert {r["kind"] for r in rows} == {"forward", "backward"}
+    assert all("ms" in r and r.get("max_diff", r.get("max_rel_diff")) < 1e-2 for r in rows), rows
+    tail = out[out.rindex("= summary ="):]
+    assert "tune" in tail and "benchmarks" not in tail
+
+
 def test_bad_argument(tmp_path):
     res = subprocess.run(["bash", str(SCRIPT), "--frobnicate"], cwd=ROOT, capture_output=True,
                          text=True, timeout=30)
