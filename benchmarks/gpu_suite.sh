@@ -10,13 +10,16 @@
 #      extension: pip install --no-build-isolation --no-deps -e .
 #   2. the device and measured ceilings: a large device-to-device copy (GB/s, bytes read plus
 #      written) and an 8192^3 bf16 GEMM (TFLOP/s), on random data after warm-up;
-#   3. pytest tests/ -m "gpu and not sweep" (the dedicated GPU tests);
+#   3. pytest tests/ -m "gpu and not sweep" (the dedicated GPU tests; at most 120 s, and never
+#      into the last 200 s, which are the benchmarks');
 #   4. compute-sanitizer --tool memcheck on benchmarks/cuda_memcheck.py (without torch's caching
-#      allocator), when that script exists, the CUDA extension imports, compute-sanitizer is on
-#      the PATH and the machine is not gVisor (whose sanitizer refuses the device); then pytest -m sweep,
-#      every test of the backend fixture again on device="cuda" (at most 90 s);
+#      allocator; at most 45 s), when that script exists, the CUDA extension imports,
+#      compute-sanitizer is on the PATH and the machine is not gVisor (whose sanitizer refuses
+#      the device);
 #   5. pytest benchmarks/ --full with --benchmark-json into DIR; points that would start after the
 #      budget are skipped by the suite itself (--budget-s), so a cut run still writes its JSON;
+#      then pytest -m sweep (every test of the backend fixture again on device="cuda") in what
+#      time is left, if any (a second call can run it: pytest tests/ -m sweep);
 #   6. benchmarks/report.py: DIR/results.md and plots; the compact summary table is printed LAST.
 # Everything printed is also written to DIR/suite.log. Exit status: 0 when every stage that ran
 # passed (a stage skipped for lack of time or tools counts as passed, and says so).
@@ -193,9 +196,10 @@ fi
 if [ "$DRY" = 1 ]; then
   note gpu-tests "skipped (dry run: no GPU)"
 else
-  # the dedicated GPU tests (real sizes, every CUDA kernel, the trainer) first; the sweep of the
-  # whole backend fixture on device="cuda" after memcheck, with what time is left
-  stage gpu-tests 150 150 "$PY" -m pytest tests/ -m "gpu and not sweep" -q -p no:cacheprovider
+  # the dedicated GPU tests (real sizes, every CUDA kernel, the trainer); the sweep of the whole
+  # backend fixture on device="cuda" runs last, with what time the benchmarks leave. At least
+  # 200 s stay for the benchmarks: the numbers this short lease exists for
+  stage gpu-tests 120 200 "$PY" -m pytest tests/ -m "gpu and not sweep" -q -p no:cacheprovider
 fi
 
 # 4. CUDA memcheck --------------------------------------------------------------------------
@@ -212,14 +216,8 @@ elif [ "$(uname -r)" = "4.4.0" ]; then
   note memcheck "skipped (gVisor: no sanitizer)"
 else
   # no caching allocator: each tensor its own cudaMalloc, so a read past one is seen
-  stage memcheck 90 100 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+  stage memcheck 45 200 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" benchmarks/cuda_memcheck.py
-fi
-
-if [ "$DRY" = 1 ]; then
-  note gpu-sweep "skipped (dry run: no GPU)"
-else
-  stage gpu-sweep 90 150 "$PY" -m pytest tests/ -m sweep -q -p no:cacheprovider
 fi
 
 # 5. benchmarks -----------------------------------------------------------------------------
@@ -234,6 +232,13 @@ BLEFT=$(( $(left) - 20 ))
 stage benchmarks "$BLEFT" 20 "$PY" -m pytest "${BENCH_ARGS[@]}" -q -rs -p no:cacheprovider \
   --budget-s "$(( BLEFT > 60 ? BLEFT - 45 : BLEFT / 2 ))" --benchmark-json "$BENCH_JSON" \
   --benchmark-columns=median,rounds
+
+# the sweep: every test of the backend fixture again on device="cuda", in what time is left
+if [ "$DRY" = 1 ]; then
+  note gpu-sweep "skipped (dry run: no GPU)"
+else
+  stage gpu-sweep 90 10 "$PY" -m pytest tests/ -m sweep -q -p no:cacheprovider
+fi
 
 # 6. report and summary ---------------------------------------------------------------------
 SUMMARY=""
