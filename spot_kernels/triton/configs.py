@@ -6,7 +6,8 @@ backward also takes ``group_m`` (token tiles per group of its program order, ``b
 ``GROUP_M`` = 16 everywhere: 16 tiles of 64 tokens keep ``h`` and the float32 ``dh`` of a group,
 24 MB at D = 4096, within the 50 MB L2 of an H100/H200).
 
-The rule that picked them: the largest tiles that compile without register spills, checked
+The rule that picked them: the largest tiles that compile without spilling registers (a stack
+frame of at most 64 bytes a thread, a few values; Triton versions differ by that much), checked
 for sm_90a with Triton 3.6 (the version of the GPU machine) and 3.9, both as odd sizes specialise
 the kernels and as real sizes do (N, V, D and row strides multiples of 16, which turns on
 software pipelining), with the stack frame read from the cubin (``cuobjdump
@@ -17,14 +18,13 @@ bytes; 128 x 128 tiles spill in some). Float32 (IEEE dots, no TF32, operands in 
 64 x 64 x 16 with 8 warps (4 warps or a 32-wide D chunk spill). Other CUDA devices (checked for
 sm_80): 64 x 64 x 32 for half inputs (4 warps forward; 8 backward, where the deterministic
 passes spill a little with 4) and 64 x 64 x 16 with 8 warps and no pipelining for float32.
-``tests/test_triton_compile.py`` keeps every entry within a 64-byte stack frame (a few spilled
-values at most; Triton versions differ by that much).
+``tests/test_triton_compile.py`` keeps every entry that way.
 The interpreter (CPU) gets 32 x 64 x 64 tiles; tests that need several tiles with tiny shapes
 set smaller ones. Every block is clipped to the problem (never below 16, ``tl.dot``'s
 minimum) and any field can be overridden with ``backend_options``.
 
-Speed was not measured: no GPU was available when these were chosen; the one-shot GPU suite
-(``benchmarks/gpu_suite.sh``) measures them.
+Speed was not measured: no GPU was available when these were chosen. ``benchmarks/tune_triton.py``
+(``benchmarks/gpu_suite.sh --tune``) times the candidates on a GPU and prints the fastest.
 """
 from __future__ import annotations
 
