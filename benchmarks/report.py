@@ -13,7 +13,8 @@ Writes into ``DIR`` (default ``benchmarks/results/``):
 
 ``--summary`` prints a compact plain-text table instead of (or as well as, with ``--output``)
 writing files; the GPU suite prints it last. Only the points that carry our ``extra_info`` (the
-suites in this folder) are used; others (e.g. the trainer's benchmark) are listed by name.
+suites in this folder) are tabulated; the others (the trainer step, the CUDA epilogues) follow
+as one line of numbers each.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def load(paths):
         for b in data.get("benchmarks", []):
             info = dict(b.get("extra_info") or {})
             if "impl" not in info or "mode" not in info:
-                other.append(b.get("name", "?"))
+                other.append((b.get("name", "?"), info))
                 continue
             info.setdefault("ms", b["stats"]["median"] * 1e3)
             rows.append(info)
@@ -96,12 +97,22 @@ def markdown(rows, meta, other=()):
                 f"| {_fmt(r.get('time_vs_naive'), '.2f')} | {_fmt(r.get('mem_vs_naive'), '.3f')} |")
         lines.append("")
     if other:
-        lines += ["Other benchmarks in the same JSON (not tabulated): " + ", ".join(other), ""]
+        lines += ["Other benchmarks in the same JSON:", ""]
+        lines += [f"* `{name}`: {_facts(info)}" for name, info in other]
+        lines.append("")
     return "\n".join(lines)
 
 
-def summary(rows):
-    """A compact plain-text table: one line per point."""
+def _facts(info):
+    """The numbers of a point outside the kernel table (trainer steps, epilogue bandwidth)."""
+    keep = {k: v for k, v in info.items() if isinstance(v, (int, float, str))
+            and k not in ("device", "rows", "v", "dtype")}
+    return " ".join(f"{k}={format(v, '.4g') if isinstance(v, float) else v}"
+                    for k, v in keep.items())
+
+
+def summary(rows, other=()):
+    """A compact plain-text table: one line per point; then the other points' numbers."""
     out = [f"{'mode':<9} {'head':<11} {'N':>6} {'V':>7} {'dtype':<8} {'impl':<14} {'ms':>10} "
            f"{'TFLOP/s':>8} {'GEMM%':>6} {'xGEMMs':>6} {'peakMB':>9} {'extraMB':>9} "
            f"{'t/naive':>7} {'m/naive':>7}"]
@@ -113,6 +124,7 @@ def summary(rows):
                    f"{_fmt(r.get('peak_mb'), '9.1f')} {_fmt(r.get('extra_mb'), '9.1f')} "
                    f"{_fmt(r.get('time_vs_naive'), '7.2f')} "
                    f"{_fmt(r.get('mem_vs_naive'), '7.3f')}")
+    out += [f"{name}: {_facts(info)}" for name, info in other if info]
     return "\n".join(out)
 
 
@@ -191,7 +203,8 @@ def main(argv=None):
             ap.error(f"results: no such file {path!r}")
     rows, meta, other = load(args.results)
     if args.summary:
-        print(summary(rows) if rows else "no benchmark points in " + ", ".join(args.results))
+        print(summary(rows, other) if rows or other
+              else "no benchmark points in " + ", ".join(args.results))
         if args.output is None:
             return 0
     if not rows:
