@@ -3,7 +3,10 @@
 
     |ours - truth| <= 2 * |reference in the same dtype - truth| + atol
 
-where ``truth`` is ``spot_kernels.reference`` in float64 on the same (rounded) inputs.
+where ``truth`` is ``spot_kernels.reference`` in float64 on the same (rounded) inputs, and
+``atol`` is ``ATOL`` (per dtype, times the truth's scale), or ``GRAD_ATOL`` for the gradients of
+half-precision inputs (one ulp: their GEMMs take ``dA`` rounded to the inputs' dtype). A test
+runs on ``device="cuda"`` too when a GPU is present; those items are marked ``gpu`` and ``sweep``.
 """
 from __future__ import annotations
 
