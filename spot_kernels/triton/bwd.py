@@ -51,7 +51,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import dot2, grad_tile, logits_tile, split_half
+from .tiles import dot2, grad_tile, logits_tile, row_inputs, split_half
 
 
 @triton.jit
@@ -72,13 +72,8 @@ def _backward_kernel(H, W, B, T, LSE, G, DH, DW, DB, N, V, D, stride_hn, stride_
     cols = ((pid % per_group) // size_m) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < N
     col_mask = cols < V
-    t = tl.load(T + rows, mask=row_mask, other=ignore_index)
-    g = tl.load(G + rows, mask=row_mask, other=0.0)
-    g = tl.where(t == ignore_index, 0.0, g)
+    t, g, lse = row_inputs(T, G, LSE, rows, row_mask, ignore_index)
     if tl.max(tl.abs(g), axis=0) > 0:
-        # rows past N: lse = inf makes p = 0 there (their zero h still gives
-        # z = softcap(b) / T, whose exp can overflow to inf, and 0 * inf = NaN in dW / db)
-        lse = tl.load(LSE + rows, mask=row_mask, other=float("inf"))
         z, th = logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd,
                             stride_wv, stride_wd, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP,
                             BLOCK_M, BLOCK_V, BLOCK_D, PRECISION)

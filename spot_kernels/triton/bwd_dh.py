@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import dot2, grad_tile, logits_tile, split_half
+from .tiles import dot2, grad_tile, logits_tile, row_inputs, split_half
 
 
 @triton.jit
@@ -32,13 +32,8 @@ def _backward_dh_kernel(H, W, B, T, LSE, G, DH, N, V, D, stride_hn, stride_hd, s
                         BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
-    t = tl.load(T + rows, mask=row_mask, other=ignore_index)
-    g = tl.load(G + rows, mask=row_mask, other=0.0)
-    g = tl.where(t == ignore_index, 0.0, g)
+    t, g, lse = row_inputs(T, G, LSE, rows, row_mask, ignore_index)
     if tl.max(tl.abs(g), axis=0) > 0:
-        # rows past N: lse = inf makes p = 0 there (their zero h still gives
-        # z = softcap(b) / T, whose exp can overflow to inf, and 0 * inf = NaN in dW / db)
-        lse = tl.load(LSE + rows, mask=row_mask, other=float("inf"))
         rows64 = rows.to(tl.int64)
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)

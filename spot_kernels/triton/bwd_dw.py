@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import dot2, grad_tile, logits_tile, split_half
+from .tiles import dot2, grad_tile, logits_tile, row_inputs, split_half
 
 
 @triton.jit
@@ -38,12 +38,8 @@ def _backward_dw_kernel(H, W, B, T, LSE, G, DW, DB, N, V, D, stride_hn, stride_h
     for m0 in range(0, N, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < N
-        t = tl.load(T + rows, mask=row_mask, other=ignore_index)
-        g = tl.load(G + rows, mask=row_mask, other=0.0)
-        g = tl.where(t == ignore_index, 0.0, g)
+        t, g, lse = row_inputs(T, G, LSE, rows, row_mask, ignore_index)
         if tl.max(tl.abs(g), axis=0) > 0:
-            # rows past N: lse = inf makes p = 0 there (see bwd.py)
-            lse = tl.load(LSE + rows, mask=row_mask, other=float("inf"))
             z, th = logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn,
                                 stride_hd, stride_wv, stride_wd, inv_temp, softcap, HAS_BIAS,
                                 HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_D, PRECISION)

@@ -96,6 +96,19 @@ def logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd
 
 
 @triton.jit
+def row_inputs(T, G, LSE, rows, row_mask, ignore_index):
+    """The backward's per-row inputs ``(t, g, lse)``: ``g = 0`` for ``ignore_index`` and for rows
+    past ``N``, which also get ``lse = inf`` so that ``p = exp(z - lse) = 0`` there (their zero
+    hidden states still give ``z = softcap(b) / T``, whose exp can overflow, and ``0 * inf`` would
+    put NaN into ``dW`` and ``db``)."""
+    t = tl.load(T + rows, mask=row_mask, other=ignore_index)
+    g = tl.load(G + rows, mask=row_mask, other=0.0)
+    g = tl.where(t == ignore_index, 0.0, g)
+    lse = tl.load(LSE + rows, mask=row_mask, other=float("inf"))
+    return t, g, lse
+
+
+@triton.jit
 def grad_tile(z, th, lse, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP: tl.constexpr):
     """``dA = g (onehot(t) - p) / T * softcap'(a)`` for one tile, float32, in registers.
     Masked columns give 0 (a target outside ``[0, V)`` matches no real column)."""
