@@ -48,8 +48,12 @@ def token_logprobs(hidden, weight, targets, bias=None, *, temperature=1.0, softc
                compute_dtype=compute_dtype)
     logp_all = torch.log_softmax(z, dim=-1)
     valid = targets != ignore_index
-    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    # the backends' contract for a vocabulary shard: a target outside [0, V) has no logit
+    # here, so its log-prob is -lse (z - lse at any column, less z there)
+    inside = valid & (targets >= 0) & (targets < z.shape[-1])
+    safe = torch.where(inside, targets, torch.zeros_like(targets))
     logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(inside, logp, logp_all[..., 0] - z[..., 0])
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     if not return_entropy:
         return logp

@@ -104,3 +104,20 @@ def references(h, w, t, b=None, **kw):
                                     leaves + ([bb] if bb is not None else []), allow_unused=True)
         out[key] = (logp, grads)
     return out["truth"], out["same"], gout
+
+
+def float64_truth(h, w, t, b=None, g=None, **kw):
+    """``(logp, lse, dh, dW, db)`` in float64: the reference on float64 copies of the inputs,
+    with the gradients of ``sum(logp * g)`` by autograd (``db`` None without a bias). Targets
+    outside ``[0, V)`` follow the backends' shard contract (``logp = -lse``, no one-hot)."""
+    leaves = [x.detach().double().requires_grad_() for x in (h, w)]
+    bb = None if b is None else b.detach().double().requires_grad_()
+    logp = reference.token_logprobs(leaves[0], leaves[1], t, bb, compute_dtype=torch.float64,
+                                    **kw)
+    kw.pop("ignore_index", None)
+    with torch.no_grad():
+        lse = torch.logsumexp(reference.logits(leaves[0], leaves[1], bb,
+                                               compute_dtype=torch.float64, **kw), -1)
+    grads = torch.autograd.grad((logp * g.double()).sum(), leaves + ([bb] if bb is not None
+                                                                     else []))
+    return (logp.detach(), lse) + tuple(grads) + ((None,) if bb is None else ())

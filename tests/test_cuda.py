@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import spot_kernels as sk
 from spot_kernels import cuda, reference
 
-from conftest import GRAD_ATOL, assert_close, make_head, references
+from conftest import GRAD_ATOL, assert_close, float64_truth, make_head, references
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -195,27 +195,6 @@ def test_large_logits_stay_finite():
     _check_against_reference(h, w, t, None, torch.float32, entropy=True)
 
 
-def _float64_oracle(h, w, t, b, lse_out, g, temperature, softcap, ignore_index):
-    """Vocab-parallel oracle: targets outside [0, V) get no target logit and no one-hot."""
-    a = h.double() @ w.double().t() + (0 if b is None else b.double())
-    th = None
-    if softcap is not None:
-        th = torch.tanh(a / softcap)
-        a = softcap * th
-    z = a / temperature
-    lse = torch.logsumexp(z, 1)
-    v = w.shape[0]
-    inside = (t >= 0) & (t < v)
-    zt = z.gather(1, t.clamp(0, v - 1).unsqueeze(1)).squeeze(1)
-    logp = torch.where(inside, zt - lse, -lse)
-    logp = torch.where(t == ignore_index, 0.0, logp)
-    gg = torch.where(t == ignore_index, 0.0, g.double())
-    dz = -torch.softmax(z, 1) * gg.unsqueeze(1)
-    dz[inside.nonzero().squeeze(1), t[inside]] += gg[inside]
-    da = dz / temperature * (1 if th is None else 1 - th * th)
-    return logp, lse, da @ w.double(), da.t() @ h.double(), da.sum(0)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_targets_outside_vocab_shard(dtype):
     h, w, b, t = make_head(40, 32, 3001, dtype, DEV, bias=True, seed=9)
@@ -225,7 +204,7 @@ def test_targets_outside_vocab_shard(dtype):
     kw = dict(temperature=1.1, softcap=4.0, ignore_index=-100)
     logp, lse, _ = cuda.forward(h, w, t, b, **kw, token_chunk=9)
     dh, dw, db = cuda.backward(h, w, t, b, lse, g, **kw, token_chunk=9)
-    truth = _float64_oracle(h, w, t, b, lse, g, 1.1, 4.0, -100)
+    truth = float64_truth(h, w, t, b, g, **kw)
     # the same dtype's error: the torch backend (chunked, float32 accumulation, same rounding)
     from spot_kernels import torch_backend as tb
     s_logp, s_lse, _ = tb.forward(h, w, t, b, **kw)
