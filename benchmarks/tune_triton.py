@@ -25,7 +25,6 @@ import os
 import sys
 import time
 
-FIELDS = ("block_m", "block_v", "block_d", "num_warps", "num_stages")
 # every candidate compiles within a 64-byte stack for sm_90 on Triton 3.6 and 3.9 (see
 # configs.py); the first of each list is the current default
 FORWARD = [(128, 128, 32, 8, 3), (128, 128, 32, 8, 4), (128, 128, 16, 8, 4), (128, 64, 32, 8, 3),
@@ -52,6 +51,7 @@ def main(argv=None):
         args.n, args.d, args.v = 40, 32, 100
     import torch
     from spot_kernels import triton as tb
+    from spot_kernels.triton.configs import FIELDS
 
     cuda = torch.cuda.is_available() and not args.dry_run
     if not cuda and not args.dry_run:

@@ -273,7 +273,7 @@ def _backward_bounded(hidden, weight, targets, bias, lse, grad_logp, temperature
     """The default backward in two passes whose float32 accumulators hold at most
     ``scratch_bytes`` (module docstring): ``dW``/``db`` over vocabulary chunks, then ``dh``
     over token chunks; each chunk's sums are rounded once into the gradient."""
-    bwd, configs = _kernels()[2], _kernels()[5]
+    _, _, bwd, _, _, configs = _kernels()
     n, d = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
