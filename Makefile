@@ -7,9 +7,16 @@ export TRITON_INTERPRET ?= 1
 .PHONY: test demo install bench
 
 # torch first, pinned to the CPU build on disk: a bare `torch` would pull a multi-GB CUDA build.
+# The oldest Triton the kernels support, installed apart (build/ is git-ignored) so that
+# tests/test_triton_compile.py compiles every kernel with it as well as with the newest.
+TRITON_OLDEST := 3.3.1
+export SPOT_TRITON_OLDEST ?= build/triton-$(TRITON_OLDEST)
+
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	SPOT_CUDA_ARCHS="$${SPOT_CUDA_ARCHS:-90}" $(PIP) install -q -e ".[dev]"  # one arch: ~4x faster nvcc
+	@[ -f "$(SPOT_TRITON_OLDEST)/triton/__init__.py" ] || \
+	  $(PIP) install -q --no-deps --target "$(SPOT_TRITON_OLDEST)" triton==$(TRITON_OLDEST)
 
 test: install
 	$(PYTHON) -m pytest tests/ -q

@@ -9,6 +9,13 @@ imported), both as odd sizes specialise it and as real sizes do (N, V, D and the
 multiples of 16, which turns on software pipelining). Each must fit the device's shared memory,
 and, where Triton ships ``cuobjdump``, keep its stack frame within 64 bytes a thread: a kernel
 that spills more than a few registers to local memory fails.
+
+The kernels promise Triton >= 3.3. ``make test`` installs the oldest supported release apart
+(``SPOT_TRITON_OLDEST``, a ``pip install --target`` folder) and every kernel is compiled with it
+too. The launch table is tuned for Triton >= 3.6 (the GPU machine's), so the stack limit holds
+there; older releases must compile every entry within shared memory, and their spills are
+printed, not failed (3.3 spills about 400-480 bytes in the deterministic ``dW`` pass at odd
+sizes: slower, still correct).
 """
 import os
 import subprocess
@@ -31,6 +38,8 @@ SCRIPT = textwrap.dedent('''
                 "DB"}
     SMEM = {90: 227 * 1024, 80: 163 * 1024}
     STACK_LIMIT = 64  # bytes a thread: a few spilled values (Triton versions differ by that)
+    TUNED = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 6)
+    print("triton", triton.__version__, "from", os.path.dirname(triton.__file__), flush=True)
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     CUOBJDUMP = (os.path.join(tools, "cuobjdump") if os.path.exists(os.path.join(tools, "cuobjdump"))
                  else shutil.which("cuobjdump"))
@@ -101,7 +110,7 @@ SCRIPT = textwrap.dedent('''
         print(name, "shared", smem, "stack", stack, flush=True)
         if smem > SMEM[arch]:
             bad.append(f"{name}: {smem} bytes of shared memory")
-        if stack and stack > STACK_LIMIT:
+        if stack and stack > STACK_LIMIT and TUNED:
             bad.append(f"{name}: {stack} bytes of stack (register spills)")
     print("cuobjdump:", CUOBJDUMP or "not found: spills not checked")
     assert not bad, bad
@@ -109,11 +118,23 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
+def _oldest():
+    path = os.environ.get("SPOT_TRITON_OLDEST")
+    if not path:
+        pytest.skip("SPOT_TRITON_OLDEST is not set (make test installs the oldest Triton there)")
+    path = os.path.abspath(path)
+    if not os.path.isfile(os.path.join(path, "triton", "__init__.py")):
+        pytest.skip(f"no Triton installed under SPOT_TRITON_OLDEST={path}")
+    return path
+
+
 @pytest.mark.slow
-def test_every_config_compiles_for_hopper_and_ampere_without_spills():
+@pytest.mark.parametrize("which", ["installed", "oldest"])
+def test_every_config_compiles_for_hopper_and_ampere_without_spills(which):
     env = dict(os.environ, TRITON_INTERPRET="0")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    path = [_oldest()] if which == "oldest" else []
+    env["PYTHONPATH"] = os.pathsep.join(path + [root, env.get("PYTHONPATH", "")])
     # the odd-size and the real-size specialisations, in two processes side by side
     procs = [subprocess.Popen([sys.executable, "-c", SCRIPT], env=dict(env, DIV16=div),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -123,3 +144,5 @@ def test_every_config_compiles_for_hopper_and_ampere_without_spills():
         if proc.returncode and ("ptxas" in err and "not found" in err.lower()):
             pytest.skip("no ptxas for the CUDA backend of triton on this machine")
         assert proc.returncode == 0 and out.strip().endswith("OK"), out[-3000:] + err[-3000:]
+        if which == "oldest":
+            assert out.startswith("triton") and path[0] in out.splitlines()[0], out[:300]

@@ -39,11 +39,16 @@ def tanh(x):
 
 @triton.jit
 def dot(a, b, acc, PRECISION: tl.constexpr):
-    """``acc + a @ b`` in float32 (``acc`` may be None)."""
+    """``acc + a @ b`` in float32 (``acc`` may be None: Triton 3.3's ``tl.dot`` rejects a
+    None that reaches it through a jit function's argument, so it is left out there)."""
     if PRECISION == "upcast":
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    prec: tl.constexpr = "ieee" if PRECISION == "upcast" else PRECISION
+    if acc is None:
+        out = tl.dot(a, b, input_precision=prec)
     else:
-        out = tl.dot(a, b, acc, input_precision=PRECISION)
+        out = tl.dot(a, b, acc, input_precision=prec)
     return out
 
 
