@@ -14,9 +14,10 @@ sequence gives the same log-probs alone and packed.
 
 The log-probs are computed inside ``Policy.forward`` so that, under FSDP2, the root module's
 parameters (embeddings, final norm, LM head) are gathered for that call and their gradients
-reduce-scattered afterwards. Under bf16 autocast the head weight is cast to the hidden states'
-dtype (``spot_kernels`` wants equal dtypes); the cast is differentiable, so the float32 master
-weight gets its gradient.
+reduce-scattered afterwards. Under bf16 autocast the body's last hidden states are float32 (the
+residual stream is), and ``spot_kernels`` casts them and the head weight to bf16 as the LM
+head's ``F.linear`` would; the cast is differentiable, so the float32 master weight gets its
+gradient.
 """
 from __future__ import annotations
 

@@ -55,7 +55,21 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, softc
     uneven splits allowed), ``hidden`` and the global ``targets`` are the same on every rank, and
     every rank gets the full log-probs; ``dh`` is all-reduced in the backward. A ``DTensor``
     ``weight`` (FSDP2) is gathered for the call and its gradient returned sharded.
+
+    Under ``torch.autocast`` (for the inputs' device type) the head runs as ``F.linear`` would
+    there: ``hidden``, ``weight`` and ``bias`` are cast to the autocast dtype (differentiably, so
+    float32 master weights get float32 gradients), and the result is exactly that of the same
+    call on the cast inputs outside autocast. Outputs stay float32.
     """
+    cast = _autocast_dtype(hidden)
+    if cast is not None:
+        hidden, weight, bias = (x.to(cast) if isinstance(x, torch.Tensor) and x.is_floating_point()
+                                else x for x in (hidden, weight, bias))
+        with torch.autocast(hidden.device.type, enabled=False):
+            return token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                                  softcap=softcap, ignore_index=ignore_index, backend=backend,
+                                  return_entropy=return_entropy, backend_options=backend_options,
+                                  process_group=process_group)
     if process_group is not None or _sharded(weight) or _sharded(bias):
         from . import distributed
         return distributed.token_logprobs(
@@ -111,6 +125,19 @@ def _compiled_token_logprobs(hidden, weight, targets, bias, temperature, softcap
     if return_entropy:
         return out[0].reshape(targets.shape), out[1].reshape(targets.shape)
     return out.reshape(targets.shape)
+
+
+def _autocast_dtype(hidden):
+    """The autocast dtype in force for ``hidden``'s device type, or None (autocast off, or
+    arguments that the checks will reject)."""
+    if not isinstance(hidden, torch.Tensor):
+        return None
+    kind = hidden.device.type
+    try:
+        on = torch.is_autocast_enabled(kind)
+    except (RuntimeError, TypeError, ValueError):  # a device type autocast does not know
+        return None
+    return torch.get_autocast_dtype(kind) if on else None
 
 
 def _sharded(x):

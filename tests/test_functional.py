@@ -152,3 +152,32 @@ def test_backend_selection(monkeypatch):
     assert sk.token_logprobs(*args, backend="torch").shape == (3,)
     monkeypatch.setenv("SPOT_KERNELS_BACKEND", "reference")
     assert sk.token_logprobs(*args).shape == (3,)
+
+
+def test_autocast_runs_the_head_in_the_autocast_dtype(backend, device):
+    """Under ``torch.autocast`` float32 inputs are cast to the autocast dtype as ``F.linear``
+    would cast them: the same values and float32 gradients as an explicit bfloat16 call, and not
+    the float32 head's values."""
+    h, w, b, t = make_head(37, 48, 131, torch.float32, device, bias=True, scale=3.0, seed=21)
+    gout = torch.randn(t.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    kw = dict(backend=backend, softcap=20.0, temperature=0.9)
+
+    def leaves():
+        return [x.detach().clone().requires_grad_() for x in (h, w, b)]
+
+    amp = leaves()
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        logp = sk.token_logprobs(amp[0], amp[1], t, bias=amp[2], **kw)
+        assert torch.is_autocast_enabled(torch.device(device).type)  # left as it was
+    (logp * gout).sum().backward()
+    plain = leaves()
+    cast = [x.to(torch.bfloat16) for x in plain]
+    logp_bf16 = sk.token_logprobs(cast[0], cast[1], t, bias=cast[2], **kw)
+    (logp_bf16 * gout).sum().backward()
+    assert logp.dtype == torch.float32
+    torch.testing.assert_close(logp, logp_bf16, rtol=0, atol=1e-6)
+    for a, e in zip(amp, plain):
+        assert a.grad.dtype == torch.float32
+        torch.testing.assert_close(a.grad, e.grad, rtol=0, atol=1e-6 * e.grad.abs().max().item())
+    logp_fp32 = sk.token_logprobs(h, w, t, bias=b, **kw)
+    assert (logp - logp_fp32).abs().max() > 1e-3  # the bfloat16 head, not the float32 one
