@@ -44,7 +44,7 @@ from typing import Optional
 
 import torch
 
-from . import _checks
+from . import _checks, _gemm
 
 OPTIONS = ("chunk_bytes", "token_chunk")
 DEFAULT_CHUNK_BYTES = 1 << 30
@@ -320,23 +320,6 @@ def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None
     return logp, lse, entropy
 
 
-_fp32_out_mm = [True]  # cleared if this torch has no float32-output GEMM for half inputs
-
-
-def _accumulate(acc, x, y):
-    """``acc += x @ y`` into a float32 ``acc`` (cuBLAS with a float32 output when available)."""
-    if x.dtype == torch.float32:
-        acc.addmm_(x, y)
-        return
-    if _fp32_out_mm[0]:
-        try:
-            torch.addmm(acc, x, y, out_dtype=torch.float32, out=acc)
-            return
-        except (RuntimeError, TypeError, NotImplementedError):
-            _fp32_out_mm[0] = False
-    acc.add_(torch.mm(x, y))  # rounds each chunk's product once, then sums in float32
-
-
 @torch.no_grad()
 def backward(hidden, weight, targets, bias, lse, grad_logp, *, temperature=1.0, softcap=None,
              ignore_index=-100, needs_input_grad=(True, True, True), **options):
@@ -375,7 +358,7 @@ def backward(hidden, weight, targets, bias, lse, grad_logp, *, temperature=1.0, 
                 if single:
                     dw = torch.mm(a.t(), h)  # one chunk: cuBLAS rounds its float32 sum once
                 else:
-                    _accumulate(dw, a.t(), h)
+                    _gemm.accumulate(dw, a.t(), h)
             if need_b:
                 db += a.sum(0, dtype=torch.float32)
     return (dh,

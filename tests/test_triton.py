@@ -141,10 +141,53 @@ def test_scratch_bytes_bounds_the_accumulators_in_two_passes(scratch_rows, monke
 
 
 @needs_triton
+@pytest.mark.parametrize("n,v", [(83, 100), (150, 70)], ids=["vocab-chunks", "token-chunks"])
+@pytest.mark.parametrize("cols", [32, 64, 10_000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_da_bytes_writes_bounded_da_blocks_for_cublas(n, v, cols, dtype, monkeypatch):
+    """``da_bytes``: dA blocks of at most that many bytes (rounded to whole tiles), over all
+    tokens and a vocabulary chunk when N <= V, else all the vocabulary and a token chunk; the
+    gradients through torch.mm against the float64 truth, with a real id as ignore_index."""
+    from spot_kernels import triton as tb
+    d = 24
+    h, w, b, t = make_head(n, d, v, dtype, _device(), bias=True, scale=2.0, seed=18)
+    t[5] = 7
+    size = dtype.itemsize
+    wide = min(n, v) == n  # vocabulary chunks: the block spans all n rows
+    span = n if wide else v
+    opts = {"da_bytes": size * span * cols, "block_m": 32, "block_v": 32, "block_d": 16}
+    blocks = []
+    empty = torch.empty
+
+    def spy(*shape, **kw):
+        out = empty(*shape, **kw)
+        if kw.get("dtype") == dtype and len(out.shape) == 2:
+            blocks.append(tuple(out.shape))
+        return out
+    monkeypatch.setattr(torch, "empty", spy)
+    for ignore in (-100, 7):
+        blocks.clear()
+        tt = torch.where(t == -100, ignore, t)
+        check(h, w, tt, b, options={"config": "default", **opts}, softcap=5.0,
+              temperature=0.9, ignore_index=ignore)
+        chunk = min(32 * max(1, cols // 32), v if wide else n)
+        want = (n, chunk) if wide else (chunk, v)
+        assert want in blocks, (want, blocks)
+    monkeypatch.undo()
+    for clash in ({"deterministic": True}, {"scratch_bytes": 64}, {"filter_eps": 1e-3},
+                  {"fast_grad": False}):
+        with pytest.raises(ValueError, match="da_bytes"):
+            tb.check_options({"da_bytes": 1024, **clash})
+    with pytest.raises(ValueError, match="da_bytes"):
+        tb.check_options({"da_bytes": 0})
+
+
+@needs_triton
 @pytest.mark.parametrize("options,dtype", [({}, torch.float32),
                                            ({"deterministic": True}, torch.float32),
-                                           ({"scratch_bytes": 4 * 24 * 32}, torch.bfloat16)],
-                         ids=["default", "deterministic", "scratch"])
+                                           ({"scratch_bytes": 4 * 24 * 32}, torch.bfloat16),
+                                           ({"da_bytes": 2 * 19 * 32}, torch.bfloat16)],
+                         ids=["default", "deterministic", "scratch", "da_bytes"])
 def test_large_bias_with_a_ragged_token_tile_stays_finite(options, dtype):
     # rows past N (19 = 16 + 3) read zero hidden states: their logits are the bias alone, and
     # exp(100) overflows float32; those rows must not reach dW or db
@@ -287,8 +330,8 @@ compiled = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") == "1",
 @needs_cuda
 @compiled
 @pytest.mark.parametrize("options", [{}, {"deterministic": True}, {"split_vocab": 4},
-                                     {"scratch_bytes": 8 << 20}],
-                         ids=["default", "deterministic", "split", "scratch"])
+                                     {"scratch_bytes": 8 << 20}, {"da_bytes": 64 << 20}],
+                         ids=["default", "deterministic", "split", "scratch", "da_bytes"])
 def test_gpu_real_size_bf16(options):
     n, d, v = 4096, 4096, 32768
     options = {"config": "default", **options}

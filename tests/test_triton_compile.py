@@ -31,11 +31,11 @@ SCRIPT = textwrap.dedent('''
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from spot_kernels.triton import bwd, bwd_dh, bwd_dw, configs, fwd, merge
+    from spot_kernels.triton import bwd, bwd_da, bwd_dh, bwd_dw, configs, fwd, merge
 
     FLOATS = {"inv_temp", "softcap", "filter_eps"}
     POINTERS = {"H", "W", "B", "T", "LOGP", "LSE", "ENT", "PM", "PS", "PT", "PQ", "G", "DH", "DW",
-                "DB"}
+                "DB", "DA"}
     SMEM = {90: 227 * 1024, 80: 163 * 1024}
     STACK_LIMIT = 64  # bytes a thread: a few spilled values (Triton versions differ by that)
     TUNED = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 6)
@@ -46,10 +46,10 @@ SCRIPT = textwrap.dedent('''
 
     # what a launch specialises on: pointers are 16-byte aligned, and at real sizes the ints
     # (N, V, D, row strides) are multiples of 16 too, which turns on software pipelining
-    INTS16 = {"N", "V", "D", "stride_hn", "stride_wv", "cols_per_split", "group_m"}
+    INTS16 = {"N", "V", "D", "stride_hn", "stride_wv", "stride_an", "cols_per_split", "group_m"}
 
     def build(kernel, consts, cfg, dtype, arch, div16):
-        ptr = {"H": dtype, "W": dtype, "B": dtype, "T": "*i64"}
+        ptr = {"H": dtype, "W": dtype, "B": dtype, "DA": dtype, "T": "*i64"}
         consts = dict(consts, **{n: 1 for n in ("stride_hd", "stride_wd") if n in kernel.arg_names})
         sig = {n: "constexpr" if n in consts else ptr.get(n, "*fp32") if n in POINTERS else
                "fp32" if n in FLOATS else "i32" for n in kernel.arg_names}
@@ -93,6 +93,9 @@ SCRIPT = textwrap.dedent('''
             if kernel == "forward":
                 yield tag + " forward", fwd._forward_kernel, dict(full, ENTROPY=True, SPLIT=True), cfg, dtype, arch
                 yield tag + " forward plain", fwd._forward_kernel, dict(plain, ENTROPY=False, SPLIT=False), cfg, dtype, arch
+                # the da_bytes backward's dA blocks take the forward's config
+                yield tag + " backward_da", bwd_da._backward_da_kernel, full, cfg, dtype, arch
+                yield tag + " backward_da plain", bwd_da._backward_da_kernel, plain, cfg, dtype, arch
                 continue
             for split in ((False, True) if kind == "half" else (False,)):
                 s = f" split={split}"

@@ -9,6 +9,8 @@ combines the partials deterministically. The backward recomputes each tile from 
 * default: ``bwd.py``, one program per (token tile, vocabulary tile), float32 atomics into
   ``dh``, ``dW``, ``db``; ``6 N D V`` FLOPs (``10 N D V`` for half inputs with
   ``fast_grad=False``); the summation order (last bits) varies between runs.
+* ``da_bytes``: ``bwd_da.py`` writes ``dA`` in bounded blocks and cuBLAS runs the gradient
+  GEMMs (below); no atomics.
 * ``deterministic=True``: ``bwd_dh.py`` (one program per token tile) then
   ``bwd_dw.py`` (one per vocabulary tile), each owning its output rows, no atomics,
   bit-identical across runs. The logits are recomputed twice: ``8 N D V`` FLOPs (``12 N D V``
@@ -43,6 +45,14 @@ and the second only the ``dh`` ones.
   of float32 accumulators at a time (rounded up to one tile of rows), in two passes (above);
   ``32 << 20`` keeps a Qwen3-8B-sized backward within 64 MB beyond its inputs and gradients.
   No effect with float32 inputs; not combined with ``deterministic``.
+* ``da_bytes`` (int >= 1, default None = off): the backward writes ``dA`` (rounded once to the
+  inputs' dtype) in blocks of at most this many bytes (``bwd_da.py``, rounded up to one tile)
+  and runs ``dh = dA W`` and ``dW = dA^T h`` through cuBLAS: no atomics, the GEMMs at cuBLAS
+  speed, for ``6 N V`` bytes of ``dA`` traffic. Blocks span all tokens and a vocabulary chunk
+  when ``N <= V`` (``dW`` rows in one GEMM each, ``dh`` summed in a float32 ``N x D`` buffer
+  when there is more than one chunk), else the reverse. ``256 << 20`` gives Qwen3-8B's head
+  (N = 16384) 19 chunks. Results are the same in every run. Not combined with
+  ``deterministic``, ``scratch_bytes``, ``filter_eps`` or ``fast_grad=False``.
 * ``fast_grad`` (bool, default True): with half inputs, round ``dA`` to the input dtype once
   for the gradient dots, as autograd in that dtype does and as the ``cuda`` backend does
   (backward ``6 N D V`` FLOPs): gradients within one ulp of the dtype (at the output's scale)
@@ -71,10 +81,10 @@ import os
 
 import torch
 
-from .. import _checks
+from .. import _checks, _gemm
 
 OPTIONS = ("filter_eps", "deterministic", "fast_grad", "split_vocab", "block_m", "block_v",
-           "block_d", "num_warps", "num_stages", "group_m", "scratch_bytes")
+           "block_d", "num_warps", "num_stages", "group_m", "scratch_bytes", "da_bytes")
 
 
 def _interpret_env():
@@ -137,12 +147,26 @@ def check_options(options):
         if options.get("deterministic"):
             raise ValueError("backend_options: scratch_bytes bounds the default backward; it "
                              "cannot be combined with deterministic=True")
+    if options.get("da_bytes") is not None:
+        if not (is_int(options["da_bytes"]) and options["da_bytes"] >= 1):
+            bad("da_bytes", "an int >= 1 (bytes) or None (off)")
+        clash = [k for k in ("deterministic", "scratch_bytes", "filter_eps") if options.get(k)]
+        if options.get("fast_grad") is False:
+            clash.append("fast_grad=False")
+        if clash:
+            raise ValueError(f"backend_options: da_bytes (dA blocks through cuBLAS) cannot be "
+                             f"combined with {', '.join(clash)}")
 
 
 def _kernels():
     """The kernel modules, imported (not compiled) on first use."""
     from . import bwd, bwd_dh, bwd_dw, configs, fwd, merge
     return fwd, merge, bwd, bwd_dh, bwd_dw, configs
+
+
+def _da_kernel():
+    from . import bwd_da
+    return bwd_da
 
 
 def _precision(dtype, device):
@@ -231,6 +255,9 @@ def _backward(hidden, weight, targets, bias, lse, grad_logp, temperature, softca
     need_b = bool(need_b and bias is not None)
     dev = hidden.device
     f32 = dict(dtype=torch.float32, device=dev)
+    if n and options.get("da_bytes") and (need_h or need_w or need_b):
+        return _backward_gemm(hidden, weight, targets, bias, lse, grad_logp, temperature,
+                              softcap, ignore_index, need_h, need_w, need_b, options)
     if n and options.get("scratch_bytes") and hidden.dtype != torch.float32:
         return _backward_bounded(hidden, weight, targets, bias, lse, grad_logp, temperature,
                                  softcap, ignore_index, need_h, need_w, need_b, options)
@@ -321,3 +348,81 @@ def _backward_bounded(hidden, weight, targets, bias, lse, grad_logp, temperature
 def _round_to(rows, block, total):
     """``rows`` rounded down to whole ``block``s (at least one block), at most ``total``."""
     return min(max(block, rows // block * block), total)
+
+
+def _backward_gemm(hidden, weight, targets, bias, lse, grad_logp, temperature, softcap,
+                   ignore_index, need_h, need_w, need_b, options):
+    """The backward with ``da_bytes`` (module docstring): ``bwd_da.py`` writes ``dA`` one block
+    at a time, in the inputs' dtype, and cuBLAS (``torch.mm``) runs the gradient GEMMs. The
+    blocks span all tokens and a chunk of the vocabulary when ``N <= V`` (then each chunk's
+    ``dW`` rows come from one GEMM over all tokens and ``dh`` accumulates in float32), else all
+    the vocabulary and a chunk of tokens (``dh`` rows in one GEMM, ``dW`` accumulates)."""
+    _, _, _, _, _, configs = _kernels()
+    bwd_da = _da_kernel()
+    n, d = hidden.shape
+    v = weight.shape[0]
+    dev, dtype = hidden.device, hidden.dtype
+    cfg = configs.pick("forward", n, d, v, dtype, dev, _interpreted(dev), options)
+    common = dict(temperature=temperature, softcap=softcap, cfg=cfg,
+                  precision=_precision(dtype, dev))
+    ignored = targets == ignore_index
+    grad = torch.where(ignored, 0.0, grad_logp.float()).contiguous()
+    lse = lse.float().contiguous()
+    bias = None if bias is None else bias.contiguous()
+    db = torch.zeros(v, dtype=torch.float32, device=dev) if need_b else None
+    budget = options["da_bytes"] // hidden.element_size()
+    f32 = dict(dtype=torch.float32, device=dev)
+    if n <= v:  # vocabulary chunks over all tokens
+        step = _round_to(budget // n, cfg["block_v"], v)
+        da = torch.empty(n, step, dtype=dtype, device=dev)
+        dh = None
+        if need_h:
+            dh = torch.zeros(n, d, **f32) if step < v else None
+        dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else None
+        out_h = None
+        for v0 in range(0, v, step):
+            cols = min(step, v - v0)
+            block = da[:, :cols]
+            shifted = torch.where(ignored, -1, targets - v0).contiguous()
+            bwd_da.launch_backward_da(hidden, weight[v0:v0 + cols], shifted,
+                                      None if bias is None else bias[v0:v0 + cols], lse, grad,
+                                      block, ignore_index=_NEVER, **common)
+            if need_w:
+                torch.mm(block.t(), hidden, out=dw[v0:v0 + cols])
+            if need_h:
+                if dh is None:  # one block: the GEMM is the gradient
+                    out_h = torch.mm(block, weight[v0:v0 + cols])
+                else:
+                    _gemm.accumulate(dh, block, weight[v0:v0 + cols])
+            if need_b:
+                db[v0:v0 + cols] = block.sum(0, dtype=torch.float32)
+        if need_h and out_h is None:
+            out_h = dh.to(dtype)
+        return out_h, dw, None if db is None else db.to(bias.dtype)
+    # token chunks over the whole vocabulary
+    step = _round_to(budget // v, cfg["block_m"], n)
+    da = torch.empty(step, v, dtype=dtype, device=dev)
+    dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_h else None
+    dw = None
+    if need_w:
+        dw = torch.zeros(v, d, **f32) if step < n else None
+    out_w = None
+    targets = targets.contiguous()
+    for n0 in range(0, n, step):
+        rows = min(step, n - n0)
+        block = da[:rows]
+        sl = slice(n0, n0 + rows)
+        bwd_da.launch_backward_da(hidden[sl], weight, targets[sl], bias, lse[sl], grad[sl],
+                                  block, ignore_index=ignore_index, **common)
+        if need_h:
+            torch.mm(block, weight, out=dh[sl])
+        if need_w:
+            if dw is None:
+                out_w = torch.mm(block.t(), hidden[sl])
+            else:
+                _gemm.accumulate(dw, block.t(), hidden[sl])
+        if need_b:
+            db += block.sum(0, dtype=torch.float32)
+    if need_w and out_w is None:
+        out_w = dw.to(weight.dtype)
+    return dh, out_w, None if db is None else db.to(bias.dtype)

@@ -1,0 +1,66 @@
+"""Backward with ``da_bytes``: write one block of ``dA`` so that cuBLAS runs the gradient GEMMs.
+
+Math (DESIGN.md section 1): for the block's rows and columns, recompute the logits tile, then
+
+    dA = g (onehot(t) - p) / T * (1 - tanh^2(a / c))      (the last factor only with a softcap)
+
+rounded once to the output's dtype (the inputs' dtype: what autograd and the ``cuda`` backend
+feed their gradient GEMMs). The caller then runs ``dh = dA W`` and ``dW = dA^T h`` as GEMMs
+(``triton/__init__.py``, ``_backward_gemm``) and ``db = sum_rows dA``.
+
+Why: the default backward (``bwd.py``) adds ``dh`` and ``dW`` tile by tile with float32 atomics,
+``N V D (1 / BLOCK_V + 1 / BLOCK_M)`` of them, which likely bounds it by L2 atomic throughput on
+a large head. Here the gradient GEMMs are cuBLAS's, with their full-size tiles and no atomics;
+the cost is writing ``dA`` once and reading it twice (``6 N V`` bytes in half precision, a few
+ms at Qwen3-8B's head, next to ``4 N D V`` FLOPs of GEMMs).
+
+Work split: grid ``(cdiv(cols, BLOCK_V), cdiv(rows, BLOCK_M))``, the vocabulary tile fastest, so
+the programs resident at once share a few token tiles and walk the block's columns of ``W``
+(which the caller keeps small enough to stay in L2). A token tile whose ``g`` are all zero
+writes zeros without recomputing anything.
+
+Cost: ``2 rows D cols`` FLOPs (the recompute) and ``rows cols`` elements written per block.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .tiles import grad_tile, logits_tile, row_inputs
+
+
+@triton.jit
+def _backward_da_kernel(H, W, B, T, LSE, G, DA, N, V, D, stride_hn, stride_hd, stride_wv,
+                        stride_wd, stride_an, ignore_index, inv_temp, softcap,
+                        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col_mask = cols < V
+    row_mask = rows < N
+    t, g, lse = row_inputs(T, G, LSE, rows, row_mask, ignore_index)
+    da = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    if tl.max(tl.abs(g), axis=0) > 0:
+        z, th = logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd,
+                            stride_wv, stride_wd, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP,
+                            BLOCK_M, BLOCK_V, BLOCK_D, PRECISION)
+        da = grad_tile(z, th, lse, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP)
+    ptr = DA + rows.to(tl.int64)[:, None] * stride_an + cols[None, :]
+    tl.store(ptr, da.to(DA.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+def launch_backward_da(hidden, weight, targets, bias, lse, grad, da, *, temperature, softcap,
+                       ignore_index, cfg, precision):
+    """Writes ``dA`` for ``hidden``'s rows and ``weight``'s rows (the block's columns) into
+    ``da`` ``[N, V]`` (unit column stride)."""
+    n, d = hidden.shape
+    v = weight.shape[0]
+    bm, bv = cfg["block_m"], cfg["block_v"]
+    _backward_da_kernel[(triton.cdiv(v, bv), triton.cdiv(n, bm))](
+        hidden, weight, bias if bias is not None else lse, targets, lse, grad, da, n, v, d,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), da.stride(0),
+        ignore_index, 1.0 / temperature, 1.0 if softcap is None else softcap,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, BLOCK_M=bm, BLOCK_V=bv,
+        BLOCK_D=cfg["block_d"], PRECISION=precision, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
