@@ -5,12 +5,16 @@
                 so a run cut short still ends cleanly and writes its ``--benchmark-json``;
 ``--rounds``    timed rounds per point (default 3, after the untimed check and warm-up runs; the
                 torch-backend CPU benchmark takes 1 by default, its points cost seconds each).
+``--points``    append each finished point to this file as one JSON line (its ``extra_info`` and
+                median), so a run killed before pytest-benchmark writes its JSON keeps them;
+                ``benchmarks/report.py`` reads such a file too.
 
 The suites run on CUDA when a GPU is present, else on the CPU. A results table is printed at the
 end (``benchmarks/report.py`` turns the JSON into markdown and plots).
 """
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -24,6 +28,8 @@ def pytest_addoption(parser):
     group.addoption("--budget-s", type=float, default=None,
                     help="skip points that would start after this many seconds")
     group.addoption("--rounds", type=int, default=None, help="timed rounds per point")
+    group.addoption("--points", default=None,
+                    help="append each finished point to this file as a JSON line")
 
 
 def pytest_configure(config):
@@ -55,6 +61,21 @@ def pytest_sessionfinish(session):
         bs.benchmarks[:] = [b for b in bs.benchmarks
                             if getattr(getattr(b, "stats", None), "data", None)]
     yield
+
+
+@pytest.fixture(autouse=True)
+def _save_point(request):
+    """``--points``: the finished point, appended as it ends (see the module docstring)."""
+    yield
+    path = request.config.getoption("--points")
+    bm = request.node.funcargs.get("benchmark") if path else None
+    stats = getattr(getattr(bm, "stats", None), "stats", None)
+    if stats is None or not getattr(stats, "data", None):
+        return
+    row = {"name": request.node.name, "extra_info": dict(bm.extra_info),
+           "stats": {"median": stats.median, "rounds": len(stats.data)}}
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,10 @@ def load(paths):
     rows, meta, other = [], [], []
     for path in paths:
         with open(path) as f:
-            data = json.load(f)
+            if path.endswith(".jsonl"):  # conftest's --points: one point a line, maybe cut short
+                data = {"benchmarks": [json.loads(x) for x in f if x.strip().endswith("}")]}
+            else:
+                data = json.load(f)
         mi = data.get("machine_info", {})
         meta.append(dict(date=data.get("datetime", "")[:10], host=mi.get("node", ""),
                          cpu=(mi.get("cpu") or {}).get("brand_raw", ""),
@@ -131,7 +134,7 @@ def summary(rows, other=()):
 def _series(rows, axis):
     """Per mode, the fixed setting with the most distinct values of ``axis`` ('n' or 'v'),
     and its points per implementation: ``{mode: (title, {impl: [(x, ms, mb)]})}``."""
-    fixed = ("d", "v", "dtype") if axis == "n" else ("n", "dtype")
+    fixed = ("d", "v", "dtype") if axis == "n" else ("n", "d", "dtype")
     out = {}
     for mode in MODES:
         groups = defaultdict(list)
@@ -193,7 +196,8 @@ def plots(rows, outdir):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("results", nargs="+", help="pytest-benchmark JSON file(s)")
+    ap.add_argument("results", nargs="+",
+                    help="pytest-benchmark JSON file(s), or the JSON lines of --points")
     ap.add_argument("--output", default=None,
                     help="folder for results.md and the plots (default benchmarks/results/)")
     ap.add_argument("--summary", action="store_true", help="print a compact table")

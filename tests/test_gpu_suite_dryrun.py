@@ -43,6 +43,17 @@ def test_dry_run_end_to_end(tmp_path):
         assert p["peak_mb"] is not None or "memory_note" in p  # no procfs peak RSS: says why
         assert p["x_gemms"] > 0 and ("extra_mb" in p or "memory_note" in p)
     assert "torch" in (tmp_path / "results.md").read_text()
+    # the same points, line by line as they finished (what a killed run would keep), and the
+    # report reads them as well, even with a last line cut short
+    lines = (tmp_path / "points.jsonl").read_text().splitlines()
+    assert sorted(json.loads(x)["extra_info"]["impl"] for x in lines) == sorted(
+        p["impl"] for p in points)
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("\n".join(lines) + "\n" + lines[-1][: len(lines[-1]) // 2])
+    rep = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), str(cut),
+                          "--summary"], capture_output=True, text=True, timeout=60)
+    assert rep.returncode == 0 and sum(" fwd " in f" {x} " for x in rep.stdout.splitlines()) \
+        == len(points), rep.stdout + rep.stderr
     # the summary table comes last: its header, every stage, then one line per point
     tail = out[out.rindex("= summary ="):]
     for stage in ("install", "ceilings", "gpu-tests", "memcheck", "gpu-sweep", "benchmarks"):
@@ -56,7 +67,7 @@ def test_tiny_budget_stops_cleanly(tmp_path):
     res = _run(tmp_path, 4)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     tail = res.stdout[res.stdout.rindex("= summary ="):]
-    assert "skipped (budget)" in tail and "no benchmark JSON was written" in tail
+    assert "skipped (budget)" in tail and "no benchmark points were written" in tail
 
 
 def test_tune_dry_run(tmp_path):
