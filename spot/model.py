@@ -33,19 +33,25 @@ import spot_kernels as sk
 from spot_kernels import hf
 
 
-def attn_implementation(device):
-    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn"):
-        return "flash_attention_2"
-    return "sdpa"
+def attn_implementation(device, bf16=True):
+    """flash-attn varlen on a GPU under bf16 autocast when it imports (it takes no float32);
+    SDPA otherwise."""
+    if torch.device(device).type != "cuda" or not bf16 or not importlib.util.find_spec("flash_attn"):
+        return "sdpa"
+    try:
+        importlib.import_module("flash_attn")
+    except Exception:  # installed but broken (e.g. built for another torch): SDPA
+        return "sdpa"
+    return "flash_attention_2"
 
 
-def load_model(path, device="cpu", trust_remote_code=False):
+def load_model(path, device="cpu", trust_remote_code=False, bf16=True):
     """``AutoModelForCausalLM.from_pretrained(path)`` in float32 (the master weights)."""
     from transformers import AutoModelForCausalLM
     if not Path(path).exists():
         raise FileNotFoundError(f"model: no such folder {path}")
     return AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation=attn_implementation(device),
+        path, dtype=torch.float32, attn_implementation=attn_implementation(device, bf16),
         trust_remote_code=trust_remote_code).to(device)
 
 

@@ -74,8 +74,12 @@ class Dist:
         return self.rank == 0
 
     def sum(self, x):
+        """``x`` summed over ranks, on ``x``'s device (the collective runs on this rank's
+        device: NCCL takes CUDA tensors only)."""
         if self.on:
-            dist.all_reduce(x)
+            y = x.to(self.device)
+            dist.all_reduce(y)
+            return y.to(x.device)
         return x
 
     def barrier(self):
@@ -220,11 +224,12 @@ def autocast(cfg, device):
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=on)
 
 
-def data_fingerprint(cfg, tokenizer, examples):
+def data_fingerprint(cfg, tokenizer, examples, device):
     h = hashlib.sha256()
     h.update(model_fingerprint(cfg.model).encode())
     h.update(D.tokenizer_fingerprint(tokenizer).encode())
-    h.update(f"{cfg.max_length}|{cfg.backend}|{cfg.bf16}".encode())
+    # what the reference pass computed in: bf16 autocast applies on a GPU only
+    h.update(f"{cfg.max_length}|{cfg.backend}|{cfg.bf16 and device.type == 'cuda'}".encode())
     for ex in examples:
         h.update(json.dumps([ex.chosen, ex.rejected, ex.chosen_prompt, ex.rejected_prompt]).encode())
     return h.hexdigest()[:24]
@@ -304,7 +309,7 @@ def shard(policy, dst):
 
 
 def build_policy(path, cfg, dst):
-    model = load_model(path, dst.device, cfg.trust_remote_code)
+    model = load_model(path, dst.device, cfg.trust_remote_code, bf16=cfg.bf16)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
@@ -339,7 +344,7 @@ def train(cfg: TrainConfig, log=None):
           f"{cut['response_truncated']} responses (right) at max_length {cfg.max_length}")
 
     ckpt = latest_checkpoint(out) if cfg.resume else None
-    cache = Path(cfg.cache_dir or out / ".cache") / f"ref-{data_fingerprint(cfg, tokenizer, examples)}.pt"
+    cache = Path(cfg.cache_dir or out / ".cache") / f"ref-{data_fingerprint(cfg, tokenizer, examples, dst.device)}.pt"
     ref = torch.load(cache) if cache.exists() else None
     policy = None
     if ref is None:
@@ -386,6 +391,7 @@ def train(cfg: TrainConfig, log=None):
         start = state["step"]
         log(f"resumed from {ckpt} at step {start}")
 
+    ref = ref.to(dst.device)  # once, not per micro-batch
     metrics_file = open(out / "metrics.jsonl", "a") if dst.main else None
     bar = None
     if dst.main and cfg.progress:

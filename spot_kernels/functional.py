@@ -195,6 +195,9 @@ def spot_loss(hidden, weight, targets, cu_seqlens, ref_logps, labels, *, beta=0.
     _checks.tensor("hidden", hidden)
     _checks.tensor("targets", targets)
     s = _checks.cu_seqlens(cu_seqlens, targets.numel(), hidden.device)
+    for name, x in (("ref_logps", ref_logps), ("labels", labels)):
+        if isinstance(x, torch.Tensor):
+            _checks.same_device(name, x, "hidden", hidden)
     _checks.bce_inputs(None, ref_logps, labels, beta, delta, reduction, s=s,
                        allow_callable_delta=True)
     logp = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,

@@ -258,8 +258,9 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
                   **model_kwargs)
     # Run the root model (so wrapper hooks, FSDP2's unshard, DDP's, PEFT's, see an ordinary
     # call), catch the LM head's input on its way in and hand the head a [..., 0, D] slice
-    # instead: the head projects zero rows, and whatever the model does to the hidden states
-    # before its head (final norm, scaling) is already in what we caught.
+    # instead, which it does not project (an empty [..., 0, V] output stands in), and whatever
+    # the model does to the hidden states before its head (final norm, scaling) is already in
+    # what we caught.
     head = inner.get_output_embeddings()
     caught, inside = [], []
 
@@ -269,11 +270,26 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
         inside.append(lm_head(inner)[:2])  # FSDP1: the gathered views, alive only in forward
         return (x[..., :0, :],) + tuple(args[1:]), kw
 
+    def no_projection(x, *args, **kw):
+        # the head's own forward would still touch the whole weight: under autocast F.linear
+        # casts it (a V x D copy, cached for the autocast region) even for zero rows
+        kind = x.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        # zero-sized, but part of the graph like real logits (FSDP1 hooks the model's outputs)
+        return x.sum(-1, keepdim=True).expand(*x.shape[:-1], vocab).to(dtype)
+
+    vocab = getattr(head, "out_features", None) or lm_head(inner)[0].shape[0]
     handle = head.register_forward_pre_hook(take_input, with_kwargs=True)
+    own = head.__dict__.get("forward")  # an instance-level wrapper (accelerate's hooks) stays
+    head.forward = no_projection
     try:
         out = model(**kwargs)
     finally:
         handle.remove()
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
     if not caught:
         raise TypeError(f"model: {type(inner).__name__}.forward never called its LM head "
                         f"(get_output_embeddings())")

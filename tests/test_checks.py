@@ -94,6 +94,9 @@ CASES = [
     (call_spot, dict(ref_logps=torch.randn(3)), ValueError, "ref_logps"),
     (call_spot, dict(labels=torch.tensor([1.0, 1.0, 0.0, 3.0])), ValueError, "labels"),
     (call_spot, dict(beta=0), ValueError, "beta"),
+    (call_spot, dict(ref_logps=torch.randn(4, device="meta")), ValueError, "ref_logps"),
+    (call_spot, dict(labels=torch.tensor([1.0, 1.0, 0.0, 0.0], device="meta")), ValueError,
+     "labels"),
     (call_spot, dict(targets=torch.full((N,), V + 3)), ValueError, "targets"),
 ]
 

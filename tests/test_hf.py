@@ -165,3 +165,28 @@ def test_packed_rows_with_padding(model):
     for r, at, n, s in where:
         torch.testing.assert_close(_logits(hi, hi.hidden[r, at:at + n]), _alone_logits(model, s),
                                    atol=2e-5, rtol=0)
+
+
+def test_the_head_projects_nothing_and_its_forward_is_restored(model, monkeypatch):
+    """``head_inputs`` never runs the LM head's own forward (under autocast it would cast the
+    whole weight, even for zero rows), and leaves the module as it found it, an instance-level
+    forward wrapper included."""
+    head = model.get_output_embeddings()
+    ids = _seqs(model)[0][None]
+    want = hf.head_inputs(model, ids).hidden
+
+    class Boom(type(head)):  # this one module's class, not every Linear's
+        def forward(self, *a, **k):
+            raise AssertionError("the LM head's forward ran")
+    monkeypatch.setattr(head, "__class__", Boom)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = hf.head_inputs(model, ids)
+    assert "forward" not in head.__dict__
+    torch.testing.assert_close(got.hidden.float(), want.float(), rtol=2e-2, atol=2e-2)
+    wrapper = []
+    head.forward = lambda x: wrapper.append(1)  # e.g. accelerate's hook
+    hf.head_inputs(model, ids)
+    assert head.__dict__["forward"] is not None and not wrapper
+    head.forward(ids)
+    assert wrapper == [1]
+    del head.forward
