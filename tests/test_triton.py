@@ -54,6 +54,20 @@ def check(h, w, t, b=None, options=None, **kw):
     return logp, grads
 
 
+def _buffers_made(monkeypatch, dtype):
+    """The shapes of the 2-D ``dtype`` buffers that ``torch.empty`` makes from now on."""
+    shapes = []
+    empty = torch.empty
+
+    def spy(*shape, **kw):
+        out = empty(*shape, **kw)
+        if kw.get("dtype") == dtype and len(out.shape) == 2:
+            shapes.append(tuple(out.shape))
+        return out
+    monkeypatch.setattr(torch, "empty", spy)
+    return shapes
+
+
 # --- options and availability: no kernel runs ---------------------------------------------
 
 def test_check_options_rejects_bad_keys_and_values():
@@ -117,15 +131,7 @@ def test_scratch_bytes_bounds_the_accumulators_in_two_passes(scratch_rows, monke
     h, w, b, t = make_head(n, d, v, torch.bfloat16, _device(), bias=True, scale=2.0, seed=16)
     t[5] = 7  # a real id, used as ignore_index below
     opts = {"scratch_bytes": 4 * d * scratch_rows, "block_m": 32, "block_v": 32, "block_d": 16}
-    sizes = []
-    empty = torch.empty
-
-    def spy(*shape, **kw):
-        out = empty(*shape, **kw)
-        if kw.get("dtype") == torch.float32 and len(out.shape) == 2:
-            sizes.append(tuple(out.shape))
-        return out
-    monkeypatch.setattr(torch, "empty", spy)
+    sizes = _buffers_made(monkeypatch, torch.float32)
     for ignore in (-100, 7):
         sizes.clear()
         tt = torch.where(t == -100, ignore, t)
@@ -156,15 +162,7 @@ def test_da_bytes_writes_bounded_da_blocks_for_cublas(n, v, cols, dtype, monkeyp
     wide = min(n, v) == n  # vocabulary chunks: the block spans all n rows
     span = n if wide else v
     opts = {"da_bytes": size * span * cols, "block_m": 32, "block_v": 32, "block_d": 16}
-    blocks = []
-    empty = torch.empty
-
-    def spy(*shape, **kw):
-        out = empty(*shape, **kw)
-        if kw.get("dtype") == dtype and len(out.shape) == 2:
-            blocks.append(tuple(out.shape))
-        return out
-    monkeypatch.setattr(torch, "empty", spy)
+    blocks = _buffers_made(monkeypatch, dtype)
     for ignore in (-100, 7):
         blocks.clear()
         tt = torch.where(t == -100, ignore, t)
