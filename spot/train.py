@@ -401,6 +401,8 @@ def train(cfg: TrainConfig, log=None):
     for step in range(start, total):
         epoch, s = steps[step]
         t0 = time.perf_counter()
+        if dst.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dst.device)  # the metric is this step's peak
         sums, tokens = {}, 0
         for k in range(cfg.grad_accum):
             batch = to_device(D.pack(examples, plans[epoch][s * per_step + k * dst.world + dst.rank]),
