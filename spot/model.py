@@ -22,7 +22,7 @@ gradient.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import importlib
 import json
 from pathlib import Path
 
@@ -36,11 +36,11 @@ from spot_kernels import hf
 def attn_implementation(device, bf16=True):
     """flash-attn varlen on a GPU under bf16 autocast when it imports (it takes no float32);
     SDPA otherwise."""
-    if torch.device(device).type != "cuda" or not bf16 or not importlib.util.find_spec("flash_attn"):
+    if torch.device(device).type != "cuda" or not bf16:
         return "sdpa"
     try:
         importlib.import_module("flash_attn")
-    except Exception:  # installed but broken (e.g. built for another torch): SDPA
+    except Exception:  # not installed, or broken (e.g. built for another torch): SDPA
         return "sdpa"
     return "flash_attention_2"
 

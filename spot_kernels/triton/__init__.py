@@ -164,10 +164,6 @@ def _kernels():
     return fwd, merge, bwd, bwd_dh, bwd_dw, configs
 
 
-def _da_kernel():
-    from . import bwd_da
-    return bwd_da
-
 
 def _precision(dtype, device):
     """The ``tl.dot`` precision: IEEE float32 (no TF32) for float32 inputs; tensor cores for
@@ -357,72 +353,61 @@ def _backward_gemm(hidden, weight, targets, bias, lse, grad_logp, temperature, s
     blocks span all tokens and a chunk of the vocabulary when ``N <= V`` (then each chunk's
     ``dW`` rows come from one GEMM over all tokens and ``dh`` accumulates in float32), else all
     the vocabulary and a chunk of tokens (``dh`` rows in one GEMM, ``dW`` accumulates)."""
-    _, _, _, _, _, configs = _kernels()
-    bwd_da = _da_kernel()
+    from . import bwd_da
+    configs = _kernels()[5]
     n, d = hidden.shape
     v = weight.shape[0]
     dev, dtype = hidden.device, hidden.dtype
     cfg = configs.pick("forward", n, d, v, dtype, dev, _interpreted(dev), options)
     common = dict(temperature=temperature, softcap=softcap, cfg=cfg,
-                  precision=_precision(dtype, dev))
+                  precision=_precision(dtype, dev), ignore_index=_NEVER)
     ignored = targets == ignore_index
     grad = torch.where(ignored, 0.0, grad_logp.float()).contiguous()
     lse = lse.float().contiguous()
     bias = None if bias is None else bias.contiguous()
-    db = torch.zeros(v, dtype=torch.float32, device=dev) if need_b else None
     budget = options["da_bytes"] // hidden.element_size()
-    f32 = dict(dtype=torch.float32, device=dev)
-    if n <= v:  # vocabulary chunks over all tokens
-        step = _round_to(budget // n, cfg["block_v"], v)
-        da = torch.empty(n, step, dtype=dtype, device=dev)
-        dh = None
-        if need_h:
-            dh = torch.zeros(n, d, **f32) if step < v else None
-        dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else None
-        out_h = None
-        for v0 in range(0, v, step):
-            cols = min(step, v - v0)
-            block = da[:, :cols]
-            shifted = torch.where(ignored, -1, targets - v0).contiguous()
-            bwd_da.launch_backward_da(hidden, weight[v0:v0 + cols], shifted,
-                                      None if bias is None else bias[v0:v0 + cols], lse, grad,
-                                      block, ignore_index=_NEVER, **common)
-            if need_w:
-                torch.mm(block.t(), hidden, out=dw[v0:v0 + cols])
+    if n <= v:
+        rows, cols = [slice(0, n)], _chunks(v, _round_to(budget // n, cfg["block_v"], v))
+    else:
+        rows, cols = _chunks(n, _round_to(budget // v, cfg["block_m"], n)), [slice(0, v)]
+    da = torch.empty(rows[0].stop, cols[0].stop, dtype=dtype, device=dev)
+    # a gradient that several blocks add into is summed in float32, else written by one GEMM
+    sum_h, sum_w = len(cols) > 1, len(rows) > 1
+    dh = _gemm_output(hidden, sum_h) if need_h else None
+    dw = _gemm_output(weight, sum_w) if need_w else None
+    db = torch.zeros(v, dtype=torch.float32, device=dev) if need_b else None
+    for cs in cols:
+        # the chunk's own ids become 0..; ignored tokens already carry g = 0
+        shifted = torch.where(ignored, -1, targets - cs.start).contiguous()
+        for rs in rows:
+            block = da[:rs.stop - rs.start, :cs.stop - cs.start]
+            bwd_da.launch_backward_da(hidden[rs], weight[cs], shifted[rs],
+                                      None if bias is None else bias[cs], lse[rs], grad[rs],
+                                      block, **common)
             if need_h:
-                if dh is None:  # one block: the GEMM is the gradient
-                    out_h = torch.mm(block, weight[v0:v0 + cols])
-                else:
-                    _gemm.accumulate(dh, block, weight[v0:v0 + cols])
+                _gemm_into(dh[rs], block, weight[cs], sum_h)
+            if need_w:
+                _gemm_into(dw[cs], block.t(), hidden[rs], sum_w)
             if need_b:
-                db[v0:v0 + cols] = block.sum(0, dtype=torch.float32)
-        if need_h and out_h is None:
-            out_h = dh.to(dtype)
-        return out_h, dw, None if db is None else db.to(bias.dtype)
-    # token chunks over the whole vocabulary
-    step = _round_to(budget // v, cfg["block_m"], n)
-    da = torch.empty(step, v, dtype=dtype, device=dev)
-    dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_h else None
-    dw = None
-    if need_w:
-        dw = torch.zeros(v, d, **f32) if step < n else None
-    out_w = None
-    targets = targets.contiguous()
-    for n0 in range(0, n, step):
-        rows = min(step, n - n0)
-        block = da[:rows]
-        sl = slice(n0, n0 + rows)
-        bwd_da.launch_backward_da(hidden[sl], weight, targets[sl], bias, lse[sl], grad[sl],
-                                  block, ignore_index=ignore_index, **common)
-        if need_h:
-            torch.mm(block, weight, out=dh[sl])
-        if need_w:
-            if dw is None:
-                out_w = torch.mm(block.t(), hidden[sl])
-            else:
-                _gemm.accumulate(dw, block.t(), hidden[sl])
-        if need_b:
-            db += block.sum(0, dtype=torch.float32)
-    if need_w and out_w is None:
-        out_w = dw.to(weight.dtype)
-    return dh, out_w, None if db is None else db.to(bias.dtype)
+                db[cs] += block.sum(0, dtype=torch.float32)
+    return (None if dh is None else dh.to(dtype), None if dw is None else dw.to(weight.dtype),
+            None if db is None else db.to(bias.dtype))
+
+
+def _chunks(total, step):
+    return [slice(i, min(i + step, total)) for i in range(0, total, step)]
+
+
+def _gemm_output(like, summed):
+    """Where a gradient's GEMMs go: float32 zeros when several blocks add into it, else a
+    buffer in its own dtype that one GEMM per block fills."""
+    if summed:
+        return torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+    return torch.empty_like(like, memory_format=torch.contiguous_format)
+
+
+def _gemm_into(out, x, y, summed):
+    if summed:
+        _gemm.accumulate(out, x, y)
+    else:
+        torch.mm(x, y, out=out)
