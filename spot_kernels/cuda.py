@@ -36,9 +36,14 @@ fake implementation, so ``torch.compile`` traces through it. Kernels run on
 ``torch.cuda.current_stream()``; nothing here synchronises with the host. The extension is
 imported on first use: importing this module never fails because it is missing, and
 ``available()`` then says why.
+
+Tests without a GPU set ``_ext`` to a host build of the same kernel sources (``tests/cuda_host``,
+a module whose ``HOST`` is True): everything here then runs on CPU tensors, with the kernels
+executed by that build and the GEMMs by torch on the CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 from typing import Optional
 
@@ -65,6 +70,15 @@ def _load():
     return _ext
 
 
+def _host():
+    """Whether the loaded extension is the host build that runs the kernels on CPU memory."""
+    return _ext is not None and bool(getattr(_ext, "HOST", False))
+
+
+def _kernel_device(device):
+    return device.type == "cuda" or (device.type == "cpu" and _host())
+
+
 def _extension():
     ext = _load()
     if ext is None:
@@ -84,6 +98,8 @@ def _arch_ok(archs, major, minor):
 
 def available(device):
     device = torch.device(device)
+    if device.type == "cpu" and _host():
+        return True, ""
     if device.type != "cuda":
         return False, f"the cuda backend runs on CUDA tensors only, got device {device.type!r}"
     ext = _load()
@@ -133,7 +149,7 @@ def _check_vec(name, x, n, dtype, device):
 
 
 def _check_chunk(logits, bias, targets):
-    _need(logits.device.type == "cuda", ValueError,
+    _need(_kernel_device(logits.device), ValueError,
           f"logits must be a CUDA tensor, got device {logits.device}")
     _need(logits.dtype in _DTYPE_CODE, TypeError,
           f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
@@ -163,7 +179,11 @@ def _aligned(bias):
 
 
 def _stream(device):
-    return torch.cuda.current_stream(device).cuda_stream
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def _on(device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 # --- custom ops: one per kernel --------------------------------------------------------------
@@ -177,7 +197,7 @@ def _lse_forward_op(logits: torch.Tensor, bias: Optional[torch.Tensor], targets:
     lse = torch.empty_like(logp)
     entropy = torch.empty(rows if return_entropy else 0, dtype=torch.float32,
                           device=logits.device)
-    with torch.cuda.device(logits.device):
+    with _on(logits.device):
         _extension().lse_forward(_DTYPE_CODE[logits.dtype], logits.data_ptr(), rows, v,
                                  logits.stride(0), _ptr(bias), targets.data_ptr(), softcap,
                                  inv_temp, ignore_index, logp.data_ptr(), lse.data_ptr(),
@@ -201,7 +221,7 @@ def _backward_epilogue_op(logits: torch.Tensor, bias: Optional[torch.Tensor],
     rows, v = _check_chunk(logits, bias, targets)
     _check_vec("lse", lse, rows, torch.float32, logits.device)
     _check_vec("grad", grad, rows, torch.float32, logits.device)
-    with torch.cuda.device(logits.device):
+    with _on(logits.device):
         _extension().backward_epilogue(_DTYPE_CODE[logits.dtype], logits.data_ptr(), rows, v,
                                        logits.stride(0), _ptr(bias), targets.data_ptr(),
                                        lse.data_ptr(), grad.data_ptr(), softcap, inv_temp,
@@ -217,7 +237,7 @@ def _(logits, bias, targets, lse, grad, softcap, inv_temp, ignore_index):
 def _segment_sum_op(x: torch.Tensor, valid: Optional[torch.Tensor], cu_seqlens: torch.Tensor,
                     average: bool) -> tuple[torch.Tensor, torch.Tensor]:
     dev = x.device
-    _need(dev.type == "cuda", ValueError, f"token_logps must be a CUDA tensor, got {dev}")
+    _need(_kernel_device(dev), ValueError, f"token_logps must be a CUDA tensor, got {dev}")
     _check_vec("token_logps", x, x.shape[0] if x.dim() == 1 else -1, torch.float32, dev)
     if valid is not None:
         _check_vec("valid", valid, x.shape[0], torch.bool, dev)
@@ -229,7 +249,7 @@ def _segment_sum_op(x: torch.Tensor, valid: Optional[torch.Tensor], cu_seqlens: 
     _need(s >= 0, ValueError, "cu_seqlens must have S + 1 >= 1 entries")
     out = torch.empty(s, dtype=torch.float32, device=dev)
     count = torch.empty(s, dtype=torch.float32, device=dev)
-    with torch.cuda.device(dev):
+    with _on(dev):
         _extension().segment_sum(x.data_ptr(), _ptr(valid), cu_seqlens.data_ptr(),
                                  int(cu_seqlens.dtype == torch.int64), s, int(average),
                                  out.data_ptr(), count.data_ptr(), _stream(dev))
@@ -247,7 +267,7 @@ def _bce_op(pi: torch.Tensor, rho: torch.Tensor, labels: torch.Tensor,
             delta: Optional[torch.Tensor], beta: float, delta_value: float,
             inv_k: float) -> tuple[torch.Tensor, torch.Tensor]:
     dev = pi.device
-    _need(dev.type == "cuda", ValueError, f"policy_logps must be a CUDA tensor, got {dev}")
+    _need(_kernel_device(dev), ValueError, f"policy_logps must be a CUDA tensor, got {dev}")
     s = pi.shape[0] if pi.dim() == 1 else -1
     for name, x in (("policy_logps", pi), ("ref_logps", rho), ("labels", labels)):
         _check_vec(name, x, s, torch.float32, dev)
@@ -255,7 +275,7 @@ def _bce_op(pi: torch.Tensor, rho: torch.Tensor, labels: torch.Tensor,
         _check_vec("delta", delta, 1, torch.float32, dev)
     loss = torch.empty((), dtype=torch.float32, device=dev)
     coef = torch.empty(s, dtype=torch.float32, device=dev)
-    with torch.cuda.device(dev):
+    with _on(dev):
         _extension().bce_forward(pi.data_ptr(), rho.data_ptr(), labels.data_ptr(), s, beta,
                                  delta_value, _ptr(delta), inv_k, loss.data_ptr(),
                                  coef.data_ptr(), _stream(dev))
@@ -271,7 +291,7 @@ def _(pi, rho, labels, delta, beta, delta_value, inv_k):
 
 def _check_inputs(hidden, weight, targets, bias):
     for name, x in (("hidden", hidden), ("weight", weight), ("targets", targets), ("bias", bias)):
-        if x is not None and x.device.type != "cuda":
+        if x is not None and not _kernel_device(x.device):
             raise ValueError(f"backend 'cuda' needs CUDA tensors; {name} is on {x.device}")
         if x is not None and x.device != hidden.device:
             raise ValueError(f"{name} is on {x.device} but hidden is on {hidden.device}")

@@ -7,6 +7,8 @@ where ``truth`` is ``spot_kernels.reference`` in float64 on the same (rounded) i
 ``atol`` is ``ATOL`` (per dtype, times the truth's scale), or ``GRAD_ATOL`` for the gradients of
 half-precision inputs (one ulp: their GEMMs take ``dA`` rounded to the inputs' dtype). A test
 runs on ``device="cuda"`` too when a GPU is present; those items are marked ``gpu`` and ``sweep``.
+On ``device="cpu"`` the ``cuda`` backend runs too, its kernels executed by the host build of
+``csrc/`` (``tests/cuda_host``).
 """
 from __future__ import annotations
 
@@ -45,8 +47,29 @@ def device(request):
     return request.param
 
 
+@pytest.fixture(scope="session")
+def cuda_host_module():
+    """The host build of ``csrc/`` (``tests/cuda_host``), built once per session."""
+    import cuda_host
+    why = cuda_host.why_not()
+    if why:
+        pytest.skip(f"host build of the CUDA kernels: {why}")
+    return cuda_host.build()
+
+
+@pytest.fixture
+def cuda_host(cuda_host_module, monkeypatch):
+    """For one test, the ``cuda`` backend runs on CPU tensors: its extension is the host build
+    of the same kernel sources (the GEMMs run in torch on the CPU)."""
+    from spot_kernels import cuda
+    monkeypatch.setattr(cuda, "_ext", cuda_host_module)
+    return cuda_host_module
+
+
 @pytest.fixture(params=list(_registry.NAMES))
 def backend(request, device):
+    if request.param == "cuda" and torch.device(device).type == "cpu":
+        request.getfixturevalue("cuda_host")
     ok, why = _registry.availability(request.param, device)
     if not ok:
         pytest.skip(f"backend {request.param} on {device}: {why}")

@@ -1,12 +1,16 @@
-"""The ``cuda`` backend on a GPU, against the float64 reference with the tolerance rule
-(``|ours - truth| <= 2 |reference in the same dtype - truth| + atol``).
+"""The ``cuda`` backend against the float64 reference with the tolerance rule
+(``|ours - truth| <= 2 |reference in the same dtype - truth| + atol``), on a GPU (``dev`` =
+"cuda", marked ``gpu``) and on the CPU through the host build of the same kernel sources
+(``dev`` = "cpu", ``tests/cuda_host``): there the kernels' logic (indexing, tails, the vector and
+scalar paths, the reductions and their barriers) runs in every CI run; what only a GPU shows
+(speed, the memory model, compute-sanitizer) waits for the "cuda" items.
 
 Covers every option (bias, softcap, temperature, entropy, ignore_index), both kernel layouts
 (a warp per row for V <= 2048, a block per row above), 16-byte and scalar loads (V a multiple of
 8 or not), several token chunks, non-contiguous inputs, N = 0, large logits, targets outside
 [0, V) (vocab-parallel), the segment sums, the BCE kernel and the custom ops' fake impls
-(``torch.library.opcheck``). All tests are ``gpu``: they skip without CUDA. With a GPU but no
-built extension they fail, unless ``SPOT_KERNELS_BUILD_CUDA=0`` says the build was skipped.
+(``torch.library.opcheck``). The "cuda" items skip without CUDA; with a GPU but no built
+extension they fail, unless ``SPOT_KERNELS_BUILD_CUDA=0`` says the build was skipped.
 """
 from __future__ import annotations
 
@@ -21,23 +25,26 @@ from spot_kernels import cuda, reference
 
 from conftest import GRAD_ATOL, assert_close, float64_truth, make_head, references
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-DEV = "cuda"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Gradients: dA is rounded once to the input dtype before the cuBLAS GEMMs. The same-dtype
 # reference rounds its dA too, but an independent realisation (it adds the bias in that dtype),
 # so the 2x factor alone is a coin flip at the largest outputs; hence conftest's GRAD_ATOL.
 
 
-@pytest.fixture(autouse=True)
-def _backend_ready():
-    ok, why = cuda.available(torch.device(DEV))
+@pytest.fixture(params=[
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device")]),
+    "cpu"])
+def dev(request):
+    """The device: a GPU with the built extension, or the CPU with the host build."""
+    if request.param == "cpu":
+        request.getfixturevalue("cuda_host")
+    ok, why = cuda.available(torch.device(request.param))
     if not ok:
         if os.environ.get("SPOT_KERNELS_BUILD_CUDA", "") == "0":
             pytest.skip(f"cuda backend unavailable (build skipped): {why}")
         pytest.fail(f"a GPU is present but the cuda backend is unavailable: {why}")
+    return request.param
 
 
 def poison(fn):
@@ -131,8 +138,8 @@ def _check_against_reference(h, w, t, b, dtype, options=None, entropy=False, **k
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,d,v", [(1, 16, 37), (37, 96, 256), (199, 40, 2048),
                                    (37, 64, 4099), (64, 32, 8192)])
-def test_matches_reference(dtype, n, d, v):
-    h, w, b, t = make_head(n, d, v, dtype, DEV, bias=True, seed=n + v)
+def test_matches_reference(dtype, n, d, v, dev):
+    h, w, b, t = make_head(n, d, v, dtype, dev, bias=True, seed=n + v)
     _check_against_reference(h, w, t, None, dtype)
     _check_against_reference(h, w, t, b, dtype)
 
@@ -140,8 +147,8 @@ def test_matches_reference(dtype, n, d, v):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("v", [300, 5000])
 @pytest.mark.parametrize("softcap,temperature", [(None, 0.7), (2.0, 1.0), (1.5, 1.3)])
-def test_softcap_temperature_entropy_bias(dtype, v, softcap, temperature):
-    h, w, b, t = make_head(53, 48, v, dtype, DEV, bias=True, scale=3.0, seed=v)
+def test_softcap_temperature_entropy_bias(dtype, v, softcap, temperature, dev):
+    h, w, b, t = make_head(53, 48, v, dtype, dev, bias=True, scale=3.0, seed=v)
     _check_against_reference(h, w, t, b, dtype, entropy=True, softcap=softcap,
                              temperature=temperature)
 
@@ -149,24 +156,24 @@ def test_softcap_temperature_entropy_bias(dtype, v, softcap, temperature):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("options", [{"token_chunk": 7}, {"token_chunk": 1},
                                      {"chunk_bytes": 3000}])
-def test_several_chunks(dtype, options):
-    h, w, b, t = make_head(61, 32, 1000, dtype, DEV, bias=True, seed=7)
+def test_several_chunks(dtype, options, dev):
+    h, w, b, t = make_head(61, 32, 1000, dtype, dev, bias=True, seed=7)
     _check_against_reference(h, w, t, b, dtype, options=options, entropy=True, softcap=3.0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_non_contiguous_inputs(dtype):
-    h, w, b, t = make_head(41, 64, 520, dtype, DEV, bias=True, seed=3)
-    h_nc = torch.empty(64, 41, dtype=dtype, device=DEV).t().copy_(h)   # column-major
-    w_nc = torch.empty(520, 128, dtype=dtype, device=DEV)[:, ::2].copy_(w)  # strided rows
-    b_nc = torch.empty(1040, dtype=dtype, device=DEV)[::2].copy_(b)
-    t_nc = torch.empty(82, dtype=torch.long, device=DEV)[::2].copy_(t)
+def test_non_contiguous_inputs(dtype, dev):
+    h, w, b, t = make_head(41, 64, 520, dtype, dev, bias=True, seed=3)
+    h_nc = torch.empty(64, 41, dtype=dtype, device=dev).t().copy_(h)   # column-major
+    w_nc = torch.empty(520, 128, dtype=dtype, device=dev)[:, ::2].copy_(w)  # strided rows
+    b_nc = torch.empty(1040, dtype=dtype, device=dev)[::2].copy_(b)
+    t_nc = torch.empty(82, dtype=torch.long, device=dev)[::2].copy_(t)
     assert not (h_nc.is_contiguous() or w_nc.is_contiguous() or b_nc.is_contiguous())
     _check_against_reference(h_nc, w_nc, t_nc, b_nc, dtype, options={"token_chunk": 16})
 
 
-def test_int32_targets_and_ignore_index():
-    h, w, b, t = make_head(45, 32, 700, torch.bfloat16, DEV, seed=11)
+def test_int32_targets_and_ignore_index(dev):
+    h, w, b, t = make_head(45, 32, 700, torch.bfloat16, dev, seed=11)
     t = t.to(torch.int32)
     t[t == -100] = 5
     t[::3] = -1
@@ -179,8 +186,8 @@ def test_int32_targets_and_ignore_index():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_empty_batch(dtype):
-    h, w, b, t = make_head(0, 16, 33, dtype, DEV, bias=True)
+def test_empty_batch(dtype, dev):
+    h, w, b, t = make_head(0, 16, 33, dtype, dev, bias=True)
     logp, ent, hh, ww, bb = _run(h, w, t, b, return_entropy=True)
     assert logp.shape == (0,) and ent.shape == (0,)
     logp.sum().backward()
@@ -188,19 +195,19 @@ def test_empty_batch(dtype):
     assert ww.grad.abs().max() == 0 and bb.grad.abs().max() == 0
 
 
-def test_large_logits_stay_finite():
-    h, w, b, t = make_head(29, 64, 3000, torch.float32, DEV, scale=2e3, seed=5)
+def test_large_logits_stay_finite(dev):
+    h, w, b, t = make_head(29, 64, 3000, torch.float32, dev, scale=2e3, seed=5)
     a = h @ w.t()
     assert a.abs().max() > 1e3
     _check_against_reference(h, w, t, None, torch.float32, entropy=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_targets_outside_vocab_shard(dtype):
-    h, w, b, t = make_head(40, 32, 3001, dtype, DEV, bias=True, seed=9)
+def test_targets_outside_vocab_shard(dtype, dev):
+    h, w, b, t = make_head(40, 32, 3001, dtype, dev, bias=True, seed=9)
     t[::4] = 3001 + 17   # lives on a later shard
     t[1::4] = -5         # an earlier shard (not ignore_index)
-    g = torch.randn(40, device=DEV)
+    g = torch.randn(40, device=dev)
     kw = dict(temperature=1.1, softcap=4.0, ignore_index=-100)
     logp, lse, _ = cuda.forward(h, w, t, b, **kw, token_chunk=9)
     dh, dw, db = cuda.backward(h, w, t, b, lse, g, **kw, token_chunk=9)
@@ -217,18 +224,18 @@ def test_targets_outside_vocab_shard(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_padded_rows_take_the_vector_path_with_tails(dtype):
+def test_padded_rows_take_the_vector_path_with_tails(dtype, dev):
     """Row stride > V with V not a multiple of the vector width: 16-byte loads with a scalar
     tail on every row (cuda.py's own buffers have stride V, so only callers of the raw ops
     reach this). The padding columns must stay untouched."""
     v, pad, rows = 1001, 7 if dtype == torch.float32 else 15, 6   # row strides 4032 / 2032 B
     g = torch.Generator().manual_seed(21)
-    full = (torch.randn(rows, v + pad, generator=g) * 3).to(dtype).to(DEV)
+    full = (torch.randn(rows, v + pad, generator=g) * 3).to(dtype).to(dev)
     a = full[:, :v]
-    bias = (torch.randn(v, generator=g)).to(dtype).to(DEV)
-    t = torch.randint(0, v, (rows,), generator=g).to(DEV)
+    bias = (torch.randn(v, generator=g)).to(dtype).to(dev)
+    t = torch.randint(0, v, (rows,), generator=g).to(dev)
     t[2] = -100
-    grad = torch.randn(rows, generator=g).to(DEV)
+    grad = torch.randn(rows, generator=g).to(dev)
     z = (a.double() + bias.double()) * 0.8
     lse64 = torch.logsumexp(z, 1)
     logp, lse, ent = cuda._lse_forward_op(a, bias, t, 0.0, 0.8, -100, True)
@@ -253,13 +260,13 @@ def test_padded_rows_take_the_vector_path_with_tails(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bias_view_at_an_odd_offset(dtype):
+def test_bias_view_at_an_odd_offset(dtype, dev):
     """A bias that is a view at an odd offset (a vocab-parallel slice) gives what an aligned
     copy gives: the backend copies it so the logits keep their 16-byte loads."""
-    h, w, b, t = make_head(33, 32, 3000, dtype, DEV, bias=True, seed=22)
+    h, w, b, t = make_head(33, 32, 3000, dtype, dev, bias=True, seed=22)
     view = torch.cat([b[:1], b])[1:]
     assert view.data_ptr() % 16 and torch.equal(view, b)
-    g = torch.randn(33, device=DEV)
+    g = torch.randn(33, device=dev)
     kw = dict(temperature=0.9, softcap=None, ignore_index=-100)
     a = cuda.forward(h, w, t, view, return_entropy=True, **kw)
     c = cuda.forward(h, w, t, b.clone(), return_entropy=True, **kw)
@@ -272,7 +279,7 @@ def test_bias_view_at_an_odd_offset(dtype):
 @pytest.mark.parametrize("cu_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("average", [False, True])
 @pytest.mark.parametrize("with_valid", [False, True])
-def test_segment_sums(cu_dtype, average, with_valid):
+def test_segment_sums(cu_dtype, average, with_valid, dev):
     g = torch.Generator().manual_seed(1)
     lens = torch.tensor([0, 5, 1, 700, 0, 33, 260, 2])
     cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]).to(cu_dtype)
@@ -282,8 +289,8 @@ def test_segment_sums(cu_dtype, average, with_valid):
     if valid is not None:
         valid[int(cu[5]):int(cu[6])] = False  # a sequence with no counted token -> 0
     truth = reference.sequence_logprobs(x, cu, valid, average)
-    out, count = poison(lambda: cuda.segment_sums(x.float().to(DEV), cu.to(DEV),
-                                                  None if valid is None else valid.to(DEV),
+    out, count = poison(lambda: cuda.segment_sums(x.float().to(dev), cu.to(dev),
+                                                  None if valid is None else valid.to(dev),
                                                   average))
     same = reference.sequence_logprobs(x.float(), cu, valid, average)
     assert_close(out, same, truth, torch.float32, "segment sums", atol=1e-6)
@@ -294,7 +301,7 @@ def test_segment_sums(cu_dtype, average, with_valid):
 
 @pytest.mark.parametrize("reduction", ["pairs", "mean", "sum"])
 @pytest.mark.parametrize("delta_kind", ["number", "tensor"])
-def test_bce_forward(reduction, delta_kind):
+def test_bce_forward(reduction, delta_kind, dev):
     g = torch.Generator().manual_seed(2)
     s = 600
     pi = torch.randn(s, generator=g, dtype=torch.float64) * 40 - 200
@@ -307,9 +314,9 @@ def test_bce_forward(reduction, delta_kind):
     k = {"pairs": s / 2, "mean": s, "sum": 1}[reduction]
     loss64 = (y * F.softplus(-u) + (1 - y) * F.softplus(u)).sum() / k
     (coef64,) = torch.autograd.grad(loss64, pi64)
-    d = delta if delta_kind == "number" else torch.tensor(delta, device=DEV)
-    loss, coef = poison(lambda: cuda.bce_forward(pi.float().to(DEV), rho.float().to(DEV),
-                                                 y.float().to(DEV), beta=beta, delta=d,
+    d = delta if delta_kind == "number" else torch.tensor(delta, device=dev)
+    loss, coef = poison(lambda: cuda.bce_forward(pi.float().to(dev), rho.float().to(dev),
+                                                 y.float().to(dev), beta=beta, delta=d,
                                                  reduction=reduction))
     same_loss, _ = sk.bce_reward_loss(pi.float(), rho.float(), y.float(), beta=beta,
                                       delta=delta, reduction=reduction)
@@ -321,32 +328,32 @@ def test_bce_forward(reduction, delta_kind):
     assert_close(coef, same_coef, coef64, torch.float32, "coef")
 
 
-def test_custom_ops_opcheck():
-    h, w, b, t = make_head(9, 16, 72, torch.bfloat16, DEV, bias=True)
+def test_custom_ops_opcheck(dev):
+    h, w, b, t = make_head(9, 16, 72, torch.bfloat16, dev, bias=True)
     a = h @ w.t()
-    lse = torch.randn(9, device=DEV)
-    g = torch.randn(9, device=DEV)
-    cu = torch.tensor([0, 4, 9], device=DEV, dtype=torch.int32)
-    x = torch.randn(9, device=DEV)
+    lse = torch.randn(9, device=dev)
+    g = torch.randn(9, device=dev)
+    cu = torch.tensor([0, 4, 9], device=dev, dtype=torch.int32)
+    x = torch.randn(9, device=dev)
     ops = torch.ops.spot_kernels
     torch.library.opcheck(ops.cuda_lse_forward, (a, b, t, 2.0, 0.5, -100, True))
     torch.library.opcheck(ops.cuda_backward_epilogue_, (a.clone(), b, t, lse, g, 0.0, 1.0, -100))
     torch.library.opcheck(ops.cuda_segment_sum, (x, None, cu, True))
-    torch.library.opcheck(ops.cuda_bce_forward, (x[:4], x[4:8], torch.rand(4, device=DEV), None,
+    torch.library.opcheck(ops.cuda_bce_forward, (x[:4], x[4:8], torch.rand(4, device=dev), None,
                                                  0.1, 0.0, 0.5))
 
 
-def test_raw_op_checks():
-    a = torch.randn(4, 10, device=DEV)
-    t = torch.zeros(4, dtype=torch.long, device=DEV)
+def test_raw_op_checks(dev):
+    a = torch.randn(4, 10, device=dev)
+    t = torch.zeros(4, dtype=torch.long, device=dev)
     with pytest.raises(TypeError, match="targets must be torch.int64"):
         cuda._lse_forward_op(a, None, t.int(), 0.0, 1.0, -100, False)
     with pytest.raises(ValueError, match="logits must have unit column stride"):
-        cuda._lse_forward_op(a.t(), None, torch.zeros(10, dtype=torch.long, device=DEV), 0.0,
+        cuda._lse_forward_op(a.t(), None, torch.zeros(10, dtype=torch.long, device=dev), 0.0,
                              1.0, -100, False)
     with pytest.raises(ValueError, match="bias must have shape"):
-        cuda._lse_forward_op(a, torch.zeros(9, device=DEV), t, 0.0, 1.0, -100, False)
+        cuda._lse_forward_op(a, torch.zeros(9, device=dev), t, 0.0, 1.0, -100, False)
     with pytest.raises(ValueError, match="backend_options"):
-        sk.token_logprobs(a[:, :4], torch.randn(6, 4, device=DEV), t, backend="cuda",
+        sk.token_logprobs(a[:, :4], torch.randn(6, 4, device=dev), t, backend="cuda",
                           backend_options={"block_bytes": 10})
 

@@ -1,0 +1,77 @@
+// Checks of the host emulation itself (tests/test_cuda_host.py builds and runs this): the warp
+// and block reductions of csrc/common.cuh give the right sums, a missing barrier shows up as a
+// wrong result, a shuffle that lanes never reach is reported as a launch failure, and launch
+// limits are a GPU's. Prints one "name value" line per check.
+#include <stdio.h>
+
+#include "common.cuh"
+
+namespace {
+
+__global__ void warp_sums(float* out) {  // lane i holds i: every lane ends with 0 + ... + 31
+  out[threadIdx.x] = spot::warp_sum(float(threadIdx.x));
+}
+
+__global__ void block_sums(float* out) {  // 256 threads: thread 0 gets 0 + ... + 255
+  __shared__ float smem[8];
+  const float s = spot::block_sum<256>(float(threadIdx.x), smem);
+  if (threadIdx.x == 0) out[0] = s;
+}
+
+template <bool BARRIER>
+__global__ void gather_warps(float* out) {  // lane 0 of warp w writes w + 1; thread 0 sums
+  __shared__ float smem[8];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (threadIdx.x == 0)
+    for (int w = 0; w < 8; ++w) smem[w] = 0.f;
+  __syncthreads();
+  if (lane == 0) smem[warp] = float(warp + 1);
+  if (BARRIER) __syncthreads();
+  if (threadIdx.x == 0) {
+    float s = 0.f;
+    for (int w = 0; w < 8; ++w) s += smem[w];
+    out[0] = s;
+  }
+}
+
+__global__ void exited_lanes(float* out) {  // half a warp leaves before a full-warp shuffle
+  if (threadIdx.x < 16) return;
+  out[0] = spot::warp_sum(1.f);
+}
+
+__global__ void nothing(float*) {}
+
+void report(const char* name, cudaError_t err, float value) {
+  printf("%s %s %g\n", name, cudaGetErrorName(err), value);
+}
+
+}  // namespace
+
+int main() {
+  float out[256] = {};
+  warp_sums<<<1, 32, 0, nullptr>>>(out);
+  cudaError_t err = cudaGetLastError();
+  float lanes_agree = 1.f;
+  for (int i = 1; i < 32; ++i) lanes_agree *= out[i] == out[0] ? 1.f : 0.f;
+  report("warp_sum", err, out[0] * lanes_agree);
+
+  block_sums<<<dim3(3), 256, 0, nullptr>>>(out);
+  report("block_sum", cudaGetLastError(), out[0]);
+
+  gather_warps<true><<<1, 256, 0, nullptr>>>(out);
+  report("with_barrier", cudaGetLastError(), out[0]);
+  gather_warps<false><<<1, 256, 0, nullptr>>>(out);
+  report("without_barrier", cudaGetLastError(), out[0]);
+
+  out[0] = -1.f;
+  exited_lanes<<<1, 32, 0, nullptr>>>(out);
+  report("exited_lanes", cudaGetLastError(), out[0]);
+
+  nothing<<<1, 2048, 0, nullptr>>>(out);
+  report("block_2048", cudaGetLastError(), 0.f);
+  nothing<<<dim3(1, 65536), 32, 0, nullptr>>>(out);
+  report("grid_y_65536", cudaGetLastError(), 0.f);
+  nothing<<<dim3(0), 32, 0, nullptr>>>(out);
+  report("grid_x_0", cudaGetLastError(), 0.f);
+  return 0;
+}

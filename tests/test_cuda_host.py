@@ -1,0 +1,44 @@
+"""The host emulation that runs ``csrc/`` on the CPU (``tests/cuda_host``): before its results
+vouch for the CUDA kernels, it must give right sums through the kernels' own warp and block
+reductions, expose a missing barrier, report a shuffle some lanes never reach, and refuse
+launches a GPU refuses."""
+from __future__ import annotations
+
+import pytest
+
+import cuda_host
+
+
+@pytest.fixture(scope="module")
+def checks(cuda_host_module):  # the fixture skips, with the reason, where nothing can build
+    return cuda_host.selftest()
+
+
+def test_reductions_of_common_cuh(checks):
+    assert checks["warp_sum"] == ("cudaSuccess", sum(range(32)))  # and every lane agrees
+    assert checks["block_sum"] == ("cudaSuccess", sum(range(256)))
+
+
+def test_a_missing_barrier_changes_the_result(checks):
+    assert checks["with_barrier"] == ("cudaSuccess", sum(range(1, 9)))
+    assert checks["without_barrier"][1] != sum(range(1, 9))
+
+
+def test_a_shuffle_with_exited_lanes_fails_the_launch(checks):
+    assert checks["exited_lanes"] == ("cudaErrorLaunchFailure", -1.0)
+
+
+@pytest.mark.parametrize("case", ["block_2048", "grid_y_65536", "grid_x_0"])
+def test_launch_limits(checks, case):
+    assert checks[case][0] == "cudaErrorInvalidConfiguration"
+
+
+def test_rewrite_launches():
+    src = ("  k<T, 4, true><<<dim3(unsigned(n)), dim3(32, R), 0, s>>>(\n      a, b);\n"
+           "  g<<<1, kThreads, 0, stream>>>(x);\n")
+    assert cuda_host.rewrite_launches(src) == (
+        "  ::emu::launch(k<T, 4, true>, ::emu::Config{dim3(unsigned(n)), dim3(32, R), 0, s}, \n"
+        "      a, b);\n"
+        "  ::emu::launch(g, ::emu::Config{1, kThreads, 0, stream}, x);\n")
+    with pytest.raises(ValueError, match="does not understand"):
+        cuda_host.rewrite_launches("f(k<<<1, 1>>>(x));")
