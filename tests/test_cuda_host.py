@@ -20,8 +20,12 @@ def test_reductions_of_common_cuh(checks):
 
 
 def test_a_missing_barrier_changes_the_result(checks):
-    assert checks["with_barrier"] == ("cudaSuccess", sum(range(1, 9)))
-    assert checks["without_barrier"][1] != sum(range(1, 9))
+    """Thread 0 reads too early when threads take turns from 0, thread 255 when from 255."""
+    for order in ("forward", "reverse"):
+        for reader in (0, 1):
+            assert checks[f"with_barrier_{order}_reader{reader}"] == ("cudaSuccess", 36.0)
+    assert checks["without_barrier_forward_reader0"][1] != 36.0
+    assert checks["without_barrier_reverse_reader1"][1] != 36.0
 
 
 def test_a_shuffle_with_exited_lanes_fails_the_launch(checks):

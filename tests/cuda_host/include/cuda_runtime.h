@@ -2,8 +2,10 @@
 // uses, so the kernels' own source runs on the CPU in tests (tests/cuda_host builds it).
 //
 // Execution model: a launch runs its blocks one after another on the calling thread. A block's
-// threads are cooperative fibers (ucontext), resumed in thread order until each finishes or
-// waits at a barrier:
+// threads are cooperative fibers (ucontext), each resumed in turn until it finishes or waits at
+// a barrier. The turn order alternates between launches, thread 0 first or last
+// (emu::reverse_order, flipped by every launch), so a missing barrier shows up whichever side
+// of it the reader sits:
 //   * __syncthreads() waits until every thread of the block that has not exited waits there;
 //   * __shfl_xor_sync(0xffffffff, ...) is two barriers of the thread's warp (write the value,
 //     read the partner's), so all 32 lanes must take part, as on a GPU.
@@ -75,6 +77,7 @@ inline dim3 block_idx, block_dim, grid_dim;
 inline ucontext_t scheduler;
 inline std::function<void()> body;
 inline uint32_t exchange[kMaxThreads / 32][32];  // one 4-byte slot per lane, for shuffles
+inline bool reverse_order = false;  // this launch's turn order; every launch flips it
 inline cudaError_t last_error = cudaSuccess;
 inline const char* last_message = "no error";
 
@@ -97,10 +100,11 @@ inline cudaError_t fail(cudaError_t err, const char* why) {
 }
 
 // Runs one block to completion; false (with last_error set) on a deadlock.
-inline bool run_block(std::vector<Thread>& threads) {
+inline bool run_block(std::vector<Thread>& threads, bool reverse) {
   const int n = int(threads.size());
   for (;;) {
-    for (Thread& t : threads) {
+    for (int i = 0; i < n; ++i) {
+      Thread& t = threads[size_t(reverse ? n - 1 - i : i)];
       if (t.state != State::kRun) continue;
       cur = &t;
       swapcontext(&scheduler, &t.ctx);
@@ -137,6 +141,8 @@ inline bool run_block(std::vector<Thread>& threads) {
 template <typename... P, typename... A>
 void launch(void (*kernel)(P...), Config c, A&&... args) {
   static_assert(sizeof...(P) == sizeof...(A), "kernel argument count");
+  const bool reverse = reverse_order;
+  reverse_order = !reverse_order;
   const long nthreads = long(c.block.x) * c.block.y * c.block.z;
   if (c.grid.x == 0 || c.grid.y == 0 || c.grid.z == 0 || nthreads == 0) {
     fail(cudaErrorInvalidConfiguration, "invalid configuration argument: an empty dimension");
@@ -173,7 +179,7 @@ void launch(void (*kernel)(P...), Config c, A&&... args) {
           t.ctx.uc_link = &scheduler;
           makecontext(&t.ctx, entry, 0);
         }
-        if (!run_block(threads)) return;
+        if (!run_block(threads, reverse)) return;
       }
 }
 
