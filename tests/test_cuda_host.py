@@ -1,8 +1,13 @@
 """The host emulation that runs ``csrc/`` on the CPU (``tests/cuda_host``): before its results
 vouch for the CUDA kernels, it must give right sums through the kernels' own warp and block
 reductions, expose a missing barrier, report a shuffle some lanes never reach, and refuse
-launches a GPU refuses."""
+launches a GPU refuses. The kernels themselves must stay inside their buffers."""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +51,16 @@ def test_rewrite_launches():
         "  ::emu::launch(g, ::emu::Config{1, kThreads, 0, stream}, x);\n")
     with pytest.raises(ValueError, match="does not understand"):
         cuda_host.rewrite_launches("f(k<<<1, 1>>>(x));")
+
+
+def test_kernels_stay_inside_their_buffers(cuda_host_module):
+    """``cuda_host/bounds.py`` runs every kernel path on buffers flush against inaccessible
+    pages; a byte past either end is a segmentation fault, so it runs in its own process."""
+    here = Path(__file__).parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(here),
+                                                                    os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "cuda_host.bounds"], cwd=here, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (f"exit {proc.returncode} (-11: a kernel touched a guard page)"
+                                  f"\n{proc.stdout}\n{proc.stderr[-3000:]}")
+    assert "stayed inside their buffers" in proc.stdout

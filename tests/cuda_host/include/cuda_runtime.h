@@ -13,8 +13,8 @@
 // missing lanes: a hang or undefined behaviour on a GPU), the launch fails and
 // cudaGetLastError() reports cudaErrorLaunchFailure with the reason. The launch limits are a
 // GPU's: at most 1024 threads per block, grid.y and grid.z at most 65535, no empty dimension.
-// Nothing here emulates the memory model, so data races and out-of-bounds accesses are for
-// compute-sanitizer on a GPU (benchmarks/cuda_memcheck.py).
+// Nothing here emulates the memory model: data races are for compute-sanitizer on a GPU
+// (benchmarks/cuda_memcheck.py). Out-of-bounds accesses: tests/cuda_host/bounds.py.
 //
 // Kernel launches `k<<<grid, block, shmem, stream>>>(args)` are not C++: the build rewrites
 // them to `::emu::launch(k, ::emu::Config{grid, block, shmem, stream}, args)`.
