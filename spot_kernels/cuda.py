@@ -1,32 +1,38 @@
-"""CUDA backend: cuBLAS GEMMs on token chunks (through ``torch.mm``) and the CUDA C++ epilogues
-of ``csrc/`` (the extension ``spot_kernels._cuda``) for everything between the GEMMs.
+"""CUDA backend: cuBLAS GEMMs on blocks of the logits (through ``torch.mm``) and the CUDA C++
+epilogues of ``csrc/`` (the extension ``spot_kernels._cuda``) for everything between the GEMMs.
 
 Math (DESIGN.md section 1): ``a = h W^T``, ``z = softcap(a + b) / T``, ``lse = logsumexp_v z``,
 ``logp = z_t - lse``; backward ``dA = g (onehot - p) / T * softcap'``, ``dh = dA W``,
 ``dW = dA^T h``, ``db = sum_i dA_i``.
 
-Work split, per chunk of ``rows`` tokens (one ``rows x V`` buffer in the input dtype, reused):
+Work split (one buffer in the input dtype of at most ``chunk_bytes``, reused):
 
-* forward: ``buf = h_c W^T`` (cuBLAS, float32 accumulation, one rounding to the input dtype),
-  then ``lse_forward`` reads ``buf`` once: online logsumexp, target gather and entropy per row
-  (bias, softcap and temperature applied in float32 in the kernel).
-* backward: ``buf = h_c W^T`` again (recompute; nothing of the logits is kept between passes),
-  ``backward_epilogue`` overwrites it in place with ``dA``, then ``dh_c = dA W``,
-  ``dW += dA^T h_c`` (float32 accumulator across chunks, through cuBLAS with a float32 output
-  when torch offers it) and ``db += sum_i dA_i`` (float32).
+* forward, per chunk of ``rows`` tokens: ``buf = h_c W^T`` (cuBLAS, float32 accumulation, one
+  rounding to the input dtype), then ``lse_forward`` reads ``buf`` once: online logsumexp,
+  target gather and entropy per row (bias, softcap and temperature applied in float32 in the
+  kernel).
+* backward, per block (``_gemm.blockwise_backward``): all tokens x a chunk of the vocabulary
+  when ``N <= V``, else a chunk of tokens x the whole vocabulary. ``buf = h W_c^T`` again
+  (recompute; nothing of the logits is kept between passes), ``backward_epilogue`` overwrites
+  it in place with ``dA`` (targets shifted into the chunk), then ``dW_c = dA^T h`` in one GEMM
+  and ``dh += dA W_c`` into a float32 ``N x D`` accumulator (the other orientation: ``dh_c``
+  in one GEMM, ``dW`` accumulated), and ``db += sum_i dA_i`` (float32). Accumulating GEMMs
+  take a float32 output when torch offers it.
 
-Precision: cuBLAS rounds the logits chunk once to the input dtype (as a naive ``h @ W.T`` does);
+Precision: cuBLAS rounds the logits block once to the input dtype (as a naive ``h @ W.T`` does);
 bias, softcap, temperature, the logsumexp and ``dA`` are float32 in the kernels, and ``dA`` is
 rounded once to the input dtype for the tensor-core GEMMs that follow (float32 inputs stay
 float32 throughout). In bfloat16 with large ``|z|`` the logits rounding dominates the error.
 
 Cost: forward ``2 N D V`` FLOPs plus one read of the logits; backward ``6 N D V`` FLOPs plus a
-read and a write of them. Memory beyond inputs and gradients: the ``rows x V`` buffer, O(N)
-state, and a float32 ``dW`` (``4 V D`` bytes) when there is more than one chunk.
+read and a write of them. Memory beyond inputs and gradients: the buffer, O(N) state, and,
+with more than one block, a float32 accumulator of ``4 min(N, V) D`` bytes (``dh`` for the
+usual ``N <= V``: 268 MB for 16k tokens at D = 4096, where a ``dW`` one would take 2.5 GB at
+V = 151936).
 
-Options (``backend_options=``): ``chunk_bytes`` (byte budget of the buffer, default 1 GiB;
-``rows = chunk_bytes // (V * itemsize)``, at least 1) and ``token_chunk`` (rows; wins over
-``chunk_bytes``).
+Options (``backend_options=``): ``chunk_bytes`` (byte budget of the buffer, default 1 GiB:
+forward ``rows = chunk_bytes // (V * itemsize)``, at least 1) and ``token_chunk`` (rows of
+token chunks in both passes; wins over ``chunk_bytes``).
 
 Also here, for the O(N) part of the SPoT loss on CUDA tensors: ``segment_sums`` (sums or means
 over ``cu_seqlens``) and ``bce_forward`` (the reward BCE and ``dL/dpi``).
@@ -344,46 +350,23 @@ def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None
 def backward(hidden, weight, targets, bias, lse, grad_logp, *, temperature=1.0, softcap=None,
              ignore_index=-100, needs_input_grad=(True, True, True), **options):
     """Returns ``(dh, dW, db)`` in the dtypes of ``hidden``, ``weight``, ``bias`` (None where
-    not needed)."""
+    not needed). ``dA`` blocks of ``chunk_bytes`` (all tokens x a vocabulary chunk when
+    ``N <= V``, else a token chunk x the vocabulary; ``token_chunk`` forces token chunks):
+    cuBLAS recomputes the block's logits, ``backward_epilogue`` turns them into ``dA`` in place,
+    and ``_gemm.blockwise_backward`` runs the gradient GEMMs."""
     _check_inputs(hidden, weight, targets, bias)
-    n, v = hidden.shape[0], weight.shape[0]
-    need_h, need_w, need_b = needs_input_grad
-    need_b = bool(need_b) and bias is not None
-    dev = hidden.device
     cap, inv_temp = _scalars(temperature, softcap)
-    dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=dev) if need_h else None
-    rows = chunk_rows(n, v, hidden.element_size(), **options)
-    single = n <= rows
-    dw = None
-    if need_w and not (single and n > 0):
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=dev)
-    db = torch.zeros(v, dtype=torch.float32, device=dev) if need_b else None
-    if n > 0 and (need_h or need_w or need_b):
-        buf = torch.empty(rows, v, dtype=hidden.dtype, device=dev)
-        t = targets.to(torch.int64).contiguous()
-        b = _aligned(bias)
-        ls = lse.float().contiguous()
-        g = grad_logp.float().contiguous()
-        wt = weight.t()
-        for i0 in range(0, n, rows):
-            h = hidden[i0:i0 + rows]
-            r = h.shape[0]
-            a = buf[:r]
-            torch.mm(h, wt, out=a)
-            _backward_epilogue_op(a, b, t[i0:i0 + r], ls[i0:i0 + r], g[i0:i0 + r], cap,
-                                  inv_temp, ignore_index)
-            if need_h:
-                torch.mm(a, weight, out=dh[i0:i0 + r])
-            if need_w:
-                if single:
-                    dw = torch.mm(a.t(), h)  # one chunk: cuBLAS rounds its float32 sum once
-                else:
-                    _gemm.accumulate(dw, a.t(), h)
-            if need_b:
-                db += a.sum(0, dtype=torch.float32)
-    return (dh,
-            None if dw is None else dw.to(weight.dtype),
-            None if db is None else db.to(bias.dtype))
+
+    def fill(block, h, w, b, t, ls, g):
+        torch.mm(h, w.t(), out=block)
+        _backward_epilogue_op(block, _aligned(b), t, ls, g, cap, inv_temp, _gemm.NEVER)
+
+    budget = (options.get("chunk_bytes") or DEFAULT_CHUNK_BYTES) // hidden.element_size()
+    # vocabulary chunks start at multiples of 8 columns: their bias slices and logits rows stay
+    # 16-byte aligned, so the epilogue keeps its vector loads
+    return _gemm.blockwise_backward(hidden, weight, targets.to(torch.int64), bias, lse,
+                                    grad_logp, ignore_index, needs_input_grad, budget, fill,
+                                    align=(1, 8), rows_per_block=options.get("token_chunk"))
 
 
 # --- the O(N) part of the SPoT loss --------------------------------------------------------------

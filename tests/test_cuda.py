@@ -161,6 +161,25 @@ def test_several_chunks(dtype, options, dev):
     _check_against_reference(h, w, t, b, dtype, options=options, entropy=True, softcap=3.0)
 
 
+@pytest.mark.parametrize("n,v", [(40, 600), (300, 72)], ids=["vocab-blocks", "token-blocks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_blocks_sum_the_smaller_gradient(n, v, dtype, dev, monkeypatch):
+    """With ``chunk_bytes`` the backward's dA blocks span all tokens and a vocabulary chunk when
+    N <= V, so the float32 accumulator is dh's (N x D), else the whole vocabulary and a token
+    chunk (dW's, V x D); results match the reference either way."""
+    from spot_kernels import _gemm
+    made = []
+    real = _gemm._output
+    monkeypatch.setattr(_gemm, "_output",
+                        lambda like, summed: made.append((tuple(like.shape), summed))
+                        or real(like, summed))
+    d = 24
+    h, w, b, t = make_head(n, d, v, dtype, dev, bias=True, seed=n)
+    _check_against_reference(h, w, t, b, dtype, options={"chunk_bytes": 64 * min(n, v) * 4})
+    summed = [shape for shape, s in made if s]
+    assert summed == [(n, d) if n <= v else (v, d)], made
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_non_contiguous_inputs(dtype, dev):
     h, w, b, t = make_head(41, 64, 520, dtype, dev, bias=True, seed=3)

@@ -287,10 +287,6 @@ def _backward_common(hidden, temperature, softcap, ignore_index, cfg, options):
                 precision=_precision(hidden.dtype, hidden.device))
 
 
-# a target id no shifted target can equal: ignored tokens are already carried by g = 0
-_NEVER = -(2**31) + 1
-
-
 def _backward_bounded(hidden, weight, targets, bias, lse, grad_logp, temperature, softcap,
                       ignore_index, need_h, need_w, need_b, options):
     """The default backward in two passes whose float32 accumulators hold at most
@@ -302,7 +298,7 @@ def _backward_bounded(hidden, weight, targets, bias, lse, grad_logp, temperature
     dev = hidden.device
     cfg = configs.pick("backward", n, d, v, hidden.dtype, dev, _interpreted(dev), options)
     common = _backward_common(hidden, temperature, softcap, cfg=cfg, options=options,
-                              ignore_index=_NEVER)
+                              ignore_index=_gemm.NEVER)
     rows_fit = max(1, options["scratch_bytes"] // (4 * d))
     ignored = targets == ignore_index
     grad = torch.where(ignored, 0.0, grad_logp.float()).contiguous()
@@ -312,7 +308,7 @@ def _backward_bounded(hidden, weight, targets, bias, lse, grad_logp, temperature
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else None
     db = torch.zeros(v, dtype=torch.float32, device=dev) if need_b else None
     if need_w or need_b:
-        step = _round_to(rows_fit, cfg["block_v"], v)
+        step = _gemm.round_to(rows_fit, cfg["block_v"], v)
         acc = torch.empty(step, d, dtype=torch.float32, device=dev) if need_w else None
         for v0 in range(0, v, step):
             rows = min(step, v - v0)
@@ -328,7 +324,7 @@ def _backward_bounded(hidden, weight, targets, bias, lse, grad_logp, temperature
                 dw[v0:v0 + rows].copy_(part)
         del acc
     if need_h:
-        step = _round_to(rows_fit, cfg["block_m"], n)
+        step = _gemm.round_to(rows_fit, cfg["block_m"], n)
         acc = torch.empty(step, d, dtype=torch.float32, device=dev)
         targets = targets.contiguous()
         for n0 in range(0, n, step):
@@ -341,18 +337,12 @@ def _backward_bounded(hidden, weight, targets, bias, lse, grad_logp, temperature
     return dh, dw, None if db is None else db.to(bias.dtype)
 
 
-def _round_to(rows, block, total):
-    """``rows`` rounded down to whole ``block``s (at least one block), at most ``total``."""
-    return min(max(block, rows // block * block), total)
-
-
 def _backward_gemm(hidden, weight, targets, bias, lse, grad_logp, temperature, softcap,
                    ignore_index, need_h, need_w, need_b, options):
     """The backward with ``da_bytes`` (module docstring): ``bwd_da.py`` writes ``dA`` one block
-    at a time, in the inputs' dtype, and cuBLAS (``torch.mm``) runs the gradient GEMMs. The
-    blocks span all tokens and a chunk of the vocabulary when ``N <= V`` (then each chunk's
-    ``dW`` rows come from one GEMM over all tokens and ``dh`` accumulates in float32), else all
-    the vocabulary and a chunk of tokens (``dh`` rows in one GEMM, ``dW`` accumulates)."""
+    at a time, in the inputs' dtype, and cuBLAS runs the gradient GEMMs
+    (``_gemm.blockwise_backward``: vocabulary chunks over all tokens when ``N <= V``, else
+    token chunks over the whole vocabulary)."""
     from . import bwd_da
     configs = _kernels()[5]
     n, d = hidden.shape
@@ -360,54 +350,12 @@ def _backward_gemm(hidden, weight, targets, bias, lse, grad_logp, temperature, s
     dev, dtype = hidden.device, hidden.dtype
     cfg = configs.pick("forward", n, d, v, dtype, dev, _interpreted(dev), options)
     common = dict(temperature=temperature, softcap=softcap, cfg=cfg,
-                  precision=_precision(dtype, dev), ignore_index=_NEVER)
-    ignored = targets == ignore_index
-    grad = torch.where(ignored, 0.0, grad_logp.float()).contiguous()
-    lse = lse.float().contiguous()
-    bias = None if bias is None else bias.contiguous()
-    budget = options["da_bytes"] // hidden.element_size()
-    if n <= v:
-        rows, cols = [slice(0, n)], _chunks(v, _round_to(budget // n, cfg["block_v"], v))
-    else:
-        rows, cols = _chunks(n, _round_to(budget // v, cfg["block_m"], n)), [slice(0, v)]
-    da = torch.empty(rows[0].stop, cols[0].stop, dtype=dtype, device=dev)
-    # a gradient that several blocks add into is summed in float32, else written by one GEMM
-    sum_h, sum_w = len(cols) > 1, len(rows) > 1
-    dh = _gemm_output(hidden, sum_h) if need_h else None
-    dw = _gemm_output(weight, sum_w) if need_w else None
-    db = torch.zeros(v, dtype=torch.float32, device=dev) if need_b else None
-    for cs in cols:
-        # the chunk's own ids become 0..; ignored tokens already carry g = 0
-        shifted = torch.where(ignored, -1, targets - cs.start).contiguous()
-        for rs in rows:
-            block = da[:rs.stop - rs.start, :cs.stop - cs.start]
-            bwd_da.launch_backward_da(hidden[rs], weight[cs], shifted[rs],
-                                      None if bias is None else bias[cs], lse[rs], grad[rs],
-                                      block, **common)
-            if need_h:
-                _gemm_into(dh[rs], block, weight[cs], sum_h)
-            if need_w:
-                _gemm_into(dw[cs], block.t(), hidden[rs], sum_w)
-            if need_b:
-                db[cs] += block.sum(0, dtype=torch.float32)
-    return (None if dh is None else dh.to(dtype), None if dw is None else dw.to(weight.dtype),
-            None if db is None else db.to(bias.dtype))
+                  precision=_precision(dtype, dev), ignore_index=_gemm.NEVER)
 
+    def fill(block, h, w, b, t, ls, g):
+        bwd_da.launch_backward_da(h, w, t, b, ls, g, block, **common)
 
-def _chunks(total, step):
-    return [slice(i, min(i + step, total)) for i in range(0, total, step)]
-
-
-def _gemm_output(like, summed):
-    """Where a gradient's GEMMs go: float32 zeros when several blocks add into it, else a
-    buffer in its own dtype that one GEMM per block fills."""
-    if summed:
-        return torch.zeros(like.shape, dtype=torch.float32, device=like.device)
-    return torch.empty_like(like, memory_format=torch.contiguous_format)
-
-
-def _gemm_into(out, x, y, summed):
-    if summed:
-        _gemm.accumulate(out, x, y)
-    else:
-        torch.mm(x, y, out=out)
+    return _gemm.blockwise_backward(
+        hidden, weight, targets, bias, lse, grad_logp, ignore_index, (need_h, need_w, need_b),
+        options["da_bytes"] // hidden.element_size(), fill,
+        align=(cfg["block_m"], cfg["block_v"]))
