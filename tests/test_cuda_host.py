@@ -33,6 +33,15 @@ def test_a_missing_barrier_changes_the_result(checks):
     assert checks["without_barrier_reverse_reader1"][1] != 36.0
 
 
+def test_a_warp_running_ahead_shows_a_write_after_read_hazard(checks):
+    """block_sum twice: without its first barrier, warps that run ahead overwrite the partial
+    sums warp 0 has not read yet (when warp 0 runs last)."""
+    want = sum(range(256))
+    assert checks["two_sums_forward"] == checks["two_sums_reverse"] == ("cudaSuccess", want)
+    assert checks["two_sums_forward_second"][1] == checks["two_sums_reverse_second"][1] == 256
+    assert checks["two_sums_no_first_barrier_reverse"][1] != want
+
+
 def test_a_shuffle_with_exited_lanes_fails_the_launch(checks):
     assert checks["exited_lanes"] == ("cudaErrorLaunchFailure", -1.0)
 

@@ -35,6 +35,30 @@ __global__ void gather_warps(float* out) {
   }
 }
 
+// block_sum (common.cuh) twice in a row, with or without its first barrier, which keeps a warp
+// that runs ahead from overwriting the partial sums warp 0 has yet to read.
+template <bool FIRST_BARRIER>
+__device__ float block_sum_256(float x, float* smem) {
+  x = spot::warp_sum(x);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (FIRST_BARRIER) __syncthreads();
+  if (lane == 0) smem[warp] = x;
+  __syncthreads();
+  if (warp == 0) x = spot::warp_sum(lane < 8 ? smem[lane] : 0.f);
+  return x;
+}
+
+template <bool FIRST_BARRIER>
+__global__ void two_sums(float* out) {  // 0 + ... + 255, then 256 ones
+  __shared__ float smem[8];
+  const float a = block_sum_256<FIRST_BARRIER>(float(threadIdx.x), smem);
+  const float b = block_sum_256<FIRST_BARRIER>(1.f, smem);
+  if (threadIdx.x == 0) {
+    out[0] = a;
+    out[1] = b;
+  }
+}
+
 __global__ void exited_lanes(float* out) {  // half a warp leaves before a full-warp shuffle
   if (threadIdx.x < 16) return;
   out[0] = spot::warp_sum(1.f);
@@ -80,6 +104,22 @@ int main() {
       snprintf(name, sizeof name, "without_barrier%s_reader%d", tag, reader);
       report(name, cudaGetLastError(), out[0]);
     }
+  }
+
+  // a write-after-read hazard: warps 7..1 overwrite smem before warp 0 has read it
+  for (int reverse = 0; reverse < 2; ++reverse) {
+    const char* tag = reverse ? "reverse" : "forward";
+    char name[64];
+    emu::reverse_order = reverse;
+    two_sums<true><<<1, 256, 0, nullptr>>>(out);
+    snprintf(name, sizeof name, "two_sums_%s", tag);
+    report(name, cudaGetLastError(), out[0]);
+    snprintf(name, sizeof name, "two_sums_%s_second", tag);
+    report(name, cudaSuccess, out[1]);
+    emu::reverse_order = reverse;
+    two_sums<false><<<1, 256, 0, nullptr>>>(out);
+    snprintf(name, sizeof name, "two_sums_no_first_barrier_%s", tag);
+    report(name, cudaGetLastError(), out[0]);
   }
 
   out[0] = -1.f;

@@ -2,10 +2,10 @@
 // uses, so the kernels' own source runs on the CPU in tests (tests/cuda_host builds it).
 //
 // Execution model: a launch runs its blocks one after another on the calling thread. A block's
-// threads are cooperative fibers (ucontext), each resumed in turn until it finishes or waits at
-// a barrier. The turn order alternates between launches, thread 0 first or last
-// (emu::reverse_order, flipped by every launch), so a missing barrier shows up whichever side
-// of it the reader sits:
+// threads are cooperative fibers (ucontext). Warps run one at a time, each as far as it can
+// before the next (see run_block), lanes in turn; the order alternates between launches, warp
+// and lane 0 first or last (emu::reverse_order, flipped by every launch), so a missing barrier
+// shows up whichever side of it the reader or the writer sits:
 //   * __syncthreads() waits until every thread of the block that has not exited waits there;
 //   * __shfl_xor_sync(0xffffffff, ...) is two barriers of the thread's warp (write the value,
 //     read the partner's), so all 32 lanes must take part, as on a GPU.
@@ -25,6 +25,7 @@
 #include <string.h>
 #include <ucontext.h>
 
+#include <algorithm>
 #include <functional>
 #include <tuple>
 #include <type_traits>
@@ -99,42 +100,43 @@ inline cudaError_t fail(cudaError_t err, const char* why) {
   return err;
 }
 
-// Runs one block to completion; false (with last_error set) on a deadlock.
+// Runs one block to completion; false (with last_error set) on a deadlock. Warp by warp, each
+// as far as it can go (through its shuffles, up to a __syncthreads() or its end) before the
+// next starts: warps drift apart as far as a GPU lets them, so a shared-memory read or write
+// that lacks a barrier meets the other warps' writes (or misses them).
 inline bool run_block(std::vector<Thread>& threads, bool reverse) {
-  const int n = int(threads.size());
+  const int n = int(threads.size()), warps = (n + 31) / 32;
   for (;;) {
-    for (int i = 0; i < n; ++i) {
-      Thread& t = threads[size_t(reverse ? n - 1 - i : i)];
-      if (t.state != State::kRun) continue;
-      cur = &t;
-      swapcontext(&scheduler, &t.ctx);
+    for (int wi = 0; wi < warps; ++wi) {
+      const int w = reverse ? warps - 1 - wi : wi;
+      const int lo = w * 32, hi = std::min(n, lo + 32);
+      for (;;) {
+        for (int li = 0; li < hi - lo; ++li) {
+          Thread& t = threads[size_t(reverse ? hi - 1 - li : lo + li)];
+          if (t.state != State::kRun) continue;
+          cur = &t;
+          swapcontext(&scheduler, &t.ctx);  // runs until it waits or ends
+        }
+        int waiting = 0;
+        for (int i = lo; i < hi; ++i) waiting += threads[size_t(i)].state == State::kWarpBarrier;
+        if (waiting != 32) break;  // a warp barrier opens when all 32 lanes wait at it
+        for (int i = lo; i < hi; ++i) threads[size_t(i)].state = State::kRun;
+      }
     }
     int done = 0, at_block = 0;
-    int at_warp[kMaxThreads / 32] = {};
     for (const Thread& t : threads) {
       done += t.state == State::kDone;
       at_block += t.state == State::kBlockBarrier;
-      at_warp[t.warp] += t.state == State::kWarpBarrier;
     }
     if (done == n) return true;
-    bool opened = false;
-    for (Thread& t : threads) {  // a warp barrier opens when all 32 lanes wait at it
-      if (t.state == State::kWarpBarrier && at_warp[t.warp] == 32) {
-        t.state = State::kRun;
-        opened = true;
-      }
-    }
-    if (!opened && at_block > 0 && at_block + done == n) {
-      for (Thread& t : threads)
-        if (t.state == State::kBlockBarrier) t.state = State::kRun;
-      opened = true;
-    }
-    if (!opened) {
+    if (at_block == 0 || at_block + done != n) {
       fail(cudaErrorLaunchFailure,
            "deadlock: a __syncthreads() or a warp shuffle that not every thread reaches "
            "(divergent barrier, exited lanes, or a partial warp)");
       return false;
     }
+    for (Thread& t : threads)
+      if (t.state == State::kBlockBarrier) t.state = State::kRun;
   }
 }
 
