@@ -150,9 +150,11 @@ def compute_loss(policy, batch, ref_logps, delta, cfg, dst=None):
 
     out = policy(batch, ref, labels, beta=cfg.beta, delta=update_delta)
     loss = dpo_loss(out.policy_logps, ref, labels, cfg.beta) if cfg.loss == "dpo" else out.loss
-    stats = {k: float(v) for k, v in out.stats.items() if k != "rewards"}
+    keys = [k for k in out.stats if k != "rewards"] + ["loss"]
+    values = [out.stats[k] for k in keys[:-1]] + [loss.detach()]
+    # one device-to-host copy for all of them (each float() of a GPU tensor waits for the GPU)
+    stats = dict(zip(keys, torch.stack([v.float().reshape(()) for v in values]).tolist()))
     stats["delta"] = delta.value
-    stats["loss"] = float(loss.detach())
     return loss, stats
 
 
