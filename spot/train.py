@@ -207,12 +207,22 @@ def sequence_logps(policy, examples, cfg, device, dst=None):
     out = torch.zeros(2 * len(examples), dtype=torch.float32, device=device)
     was_training = policy.training
     policy.eval()
-    for j in range(rank, len(plan), world):
+    mine = range(rank, len(plan), world)
+    bar = None
+    if cfg.progress and rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=len(mine), desc="reference", unit="batch", dynamic_ncols=True,
+                   file=sys.stderr)
+    for j in mine:
         batch = to_device(D.pack(examples, plan[j]), device)
         with autocast(cfg, device):
             pi = policy(batch)
         if j < real:
             out[batch["seq_ids"]] = pi.float()
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     policy.train(was_training)
     if hasattr(policy, "reshard"):  # FSDP2 keeps the root gathered after a forward: free it
         policy.reshard()

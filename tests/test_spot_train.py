@@ -198,3 +198,9 @@ def test_torchrun_two_processes_agree_with_one(workdir, tmp_path):
         for key in ("loss", "accuracy", "rewards_chosen", "grad_norm"):
             assert abs(r2[key] - r1[key]) < 1e-4 * max(1, abs(r1[key])), (key, r2, r1)
         assert r2["tokens"] == r1["tokens"]
+
+
+def test_progress_bars_for_the_reference_pass_and_the_steps(workdir, tmp_path, capfd):
+    train(_cfg(workdir, tmp_path / "bars", max_steps=1, progress=True), log=lambda m: None)
+    err = capfd.readouterr().err
+    assert "reference: 100%" in err and "spot: 100%" in err, err[-2000:]
