@@ -158,7 +158,7 @@ def _run(output, steps, progress, n_train, n_heldout, model_overrides, log, trai
     pairs, _ = D.read_pairs(held_path)
     held, _ = D.encode_pairs(tok, pairs, cfg.max_length)
     policy = Policy(load_model(str(base)))
-    ref = sequence_logps(policy, held, cfg, "cpu")
+    ref = sequence_logps(policy, held, cfg, "cpu", desc="held-out, before")
     before = heldout_stats(ref, ref, cfg.beta)
     del policy
     log(f"demo: tiny Qwen3 ({n_params / 1e6:.1f}M parameters, random init), "
@@ -166,7 +166,8 @@ def _run(output, steps, progress, n_train, n_heldout, model_overrides, log, trai
     t0 = time.perf_counter()
     result = train(cfg, log=log)
     seconds = time.perf_counter() - t0
-    after = heldout_stats(sequence_logps(result["policy"], held, cfg, "cpu"), ref, cfg.beta)
+    after = heldout_stats(sequence_logps(result["policy"], held, cfg, "cpu", desc="held-out, after"),
+                          ref, cfg.beta)
 
     png = out / "demo.png"
     plot(out / "metrics.jsonl", png)

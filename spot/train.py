@@ -194,8 +194,9 @@ def lr_lambda(total, warmup_ratio):
 # ---------------------------------------------------------------- reference log-probs
 
 @torch.no_grad()
-def sequence_logps(policy, examples, cfg, device, dst=None):
-    """``pi`` of every sequence (index ``2 pair + 0/1``) under the current weights, float32.
+def sequence_logps(policy, examples, cfg, device, dst=None, desc="reference"):
+    """``pi`` of every sequence (index ``2 pair + 0/1``) under the current weights, float32
+    (with a progress bar named ``desc`` on rank 0 when ``cfg.progress``).
 
     Under ``torchrun`` rank ``r`` scores micro-batches ``r, r + W, ...``; the list is padded so
     every rank runs as many forwards (FSDP's collectives), padding is not recorded, and a sum
@@ -211,7 +212,7 @@ def sequence_logps(policy, examples, cfg, device, dst=None):
     bar = None
     if cfg.progress and rank == 0:
         from tqdm import tqdm
-        bar = tqdm(total=len(mine), desc="reference", unit="batch", dynamic_ncols=True,
+        bar = tqdm(total=len(mine), desc=desc, unit="batch", dynamic_ncols=True,
                    file=sys.stderr)
     for j in mine:
         batch = to_device(D.pack(examples, plan[j]), device)
