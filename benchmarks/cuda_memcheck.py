@@ -6,8 +6,11 @@ Paths: float32 / float16 / bfloat16 logits; 16-byte and scalar loads (V a multip
 not); a warp per row (V <= 2048) and a block per row; with and without bias, softcap, entropy;
 ignored and out-of-shard targets; one and several token chunks in the backward; segment sums
 with int32 / int64 ``cu_seqlens``; rows padded past V (raw ops), ``valid`` and empty sequences; the BCE with a number and a
-device ``delta``. Each result is checked loosely against float64 torch so a wrong answer fails
-too. Exit code 0: all ran and matched; 1: a mismatch; 2: no GPU or no extension (nothing ran).
+device ``delta``; the backward in vocabulary blocks (``chunk_bytes``) and in token chunks. Each
+result is checked loosely against float64 torch so a wrong answer fails too. Exit code 0: all ran
+and matched; 1: a mismatch; 2: no GPU or no extension (nothing ran). ``main("cpu")`` runs the
+same cases on CPU tensors when ``spot_kernels.cuda`` holds the host build of the kernels
+(``tests/test_cuda_host.py`` does that, so this script stays tested without a GPU).
 """
 from __future__ import annotations
 
@@ -29,21 +32,29 @@ def close(name, ours, truth, tol):
     return ok
 
 
-def head_case(dtype, n, d, v, bias, softcap, temperature, token_chunk):
+DEV = "cuda"
+
+
+def sync():
+    if DEV == "cuda":
+        sync()
+
+
+def head_case(dtype, n, d, v, bias, softcap, temperature, **options):
     from spot_kernels import cuda
     g = torch.Generator().manual_seed(n * 7 + v)
-    h = (torch.randn(n, d, generator=g) / d**0.25).to(dtype).cuda()
-    w = (torch.randn(v, d, generator=g) / d**0.25).to(dtype).cuda()
-    b = torch.randn(v, generator=g).to(dtype).cuda() if bias else None
+    h = (torch.randn(n, d, generator=g) / d**0.25).to(dtype).to(DEV)
+    w = (torch.randn(v, d, generator=g) / d**0.25).to(dtype).to(DEV)
+    b = torch.randn(v, generator=g).to(dtype).to(DEV) if bias else None
     t = torch.randint(0, v, (n,), generator=g)
     t[::5] = -100
     t[1::7] = v + 3  # another vocabulary shard
-    t = t.cuda()
-    gout = torch.randn(n, generator=g).cuda()
+    t = t.to(DEV)
+    gout = torch.randn(n, generator=g).to(DEV)
     kw = dict(temperature=temperature, softcap=softcap, ignore_index=-100)
     logp, lse, ent = cuda.forward(h, w, t, b, return_entropy=True, **kw)
-    dh, dw, db = cuda.backward(h, w, t, b, lse, gout, token_chunk=token_chunk, **kw)
-    torch.cuda.synchronize()
+    dh, dw, db = cuda.backward(h, w, t, b, lse, gout, **options, **kw)
+    sync()
     # float64 truth: the reference (shard contract for targets outside [0, V)) and autograd
     from spot_kernels import reference
     leaves = [x.double().requires_grad_() for x in (h, w) + ((b,) if b is not None else ())]
@@ -55,7 +66,7 @@ def head_case(dtype, n, d, v, bias, softcap, temperature, token_chunk):
                                              softcap=softcap, compute_dtype=torch.float64), 1)
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     tag = (f"{str(dtype)[6:]} n={n} d={d} v={v} bias={bias} softcap={softcap} "
-           f"T={temperature} chunk={token_chunk}")
+           f"T={temperature} {options}")
     oks = [close(f"{tag} logp", logp, lp64.detach(), tol),
            close(f"{tag} lse", lse, lse64.detach(), tol),
            close(f"{tag} entropy", ent, ent64.detach(), tol), close(f"{tag} dh", dh, grads[0], tol),
@@ -71,16 +82,16 @@ def padded_case(dtype):
     from spot_kernels import cuda
     v, pad, rows = 1001, 7 if dtype == torch.float32 else 15, 5
     g = torch.Generator().manual_seed(3)
-    full = torch.randn(rows, v + pad, generator=g).to(dtype).cuda()
+    full = torch.randn(rows, v + pad, generator=g).to(dtype).to(DEV)
     a = full[:, :v]
-    t = torch.randint(0, v, (rows,), generator=g).cuda()
-    grad = torch.randn(rows, generator=g).cuda()
+    t = torch.randint(0, v, (rows,), generator=g).to(DEV)
+    grad = torch.randn(rows, generator=g).to(DEV)
     z = a.double()
     lse64 = torch.logsumexp(z, 1)
     _, lse, _ = cuda._lse_forward_op(a, None, t, 0.0, 1.0, -100, False)
     before = full[:, v:].clone()
     cuda._backward_epilogue_op(a, None, t, lse, grad, 0.0, 1.0, -100)
-    torch.cuda.synchronize()
+    sync()
     da = -torch.softmax(z, 1) * grad.double()[:, None]
     da[torch.arange(rows), t] += grad.double()
     tag = f"padded rows {str(dtype)[6:]} v={v} stride={v + pad}"
@@ -97,9 +108,9 @@ def segment_case(cu_dtype, average, with_valid):
     n = int(lens.sum())
     x = torch.randn(n, dtype=torch.float64)
     valid = (torch.rand(n) > 0.3) if with_valid else torch.ones(n, dtype=torch.bool)
-    out, count = cuda.segment_sums(x.float().cuda(), cu.cuda(),
-                                   valid.cuda() if with_valid else None, average)
-    torch.cuda.synchronize()
+    out, count = cuda.segment_sums(x.float().to(DEV), cu.to(DEV),
+                                   valid.to(DEV) if with_valid else None, average)
+    sync()
     truth, cnt = [], []
     for s in range(len(lens)):
         lo, hi = int(cu[s]), int(cu[s + 1])
@@ -123,21 +134,23 @@ def bce_case(device_delta):
     u = beta * (pr - rho) - delta
     loss64 = (y * F.softplus(-u) + (1 - y) * F.softplus(u)).sum() / (s / 2)
     (coef64,) = torch.autograd.grad(loss64, pr)
-    d = torch.tensor(delta, device="cuda") if device_delta else delta
-    loss, coef = cuda.bce_forward(pi.float().cuda(), rho.float().cuda(), y.float().cuda(),
+    d = torch.tensor(delta, device=DEV) if device_delta else delta
+    loss, coef = cuda.bce_forward(pi.float().to(DEV), rho.float().to(DEV), y.float().to(DEV),
                                   beta=beta, delta=d, reduction="pairs")
-    torch.cuda.synchronize()
+    sync()
     tag = f"bce device_delta={device_delta}"
     return close(f"{tag} loss", loss, loss64.detach(), 1e-5) and close(f"{tag} coef", coef,
                                                                         coef64, 1e-5)
 
 
-def main():
-    if not torch.cuda.is_available():
+def main(device="cuda"):
+    global DEV
+    DEV = device
+    if device == "cuda" and not torch.cuda.is_available():
         print("cuda_memcheck: no CUDA device; nothing ran")
         return 2
     from spot_kernels import cuda
-    ok, why = cuda.available(torch.device("cuda"))
+    ok, why = cuda.available(torch.device(device))
     if not ok:
         print(f"cuda_memcheck: the cuda backend is unavailable: {why}")
         return 2
@@ -148,6 +161,8 @@ def main():
                                      temperature=1.0, token_chunk=19))
         results.append(head_case(dtype, 23, 40, 3000, bias=True, softcap=5.0, temperature=0.8,
                                  token_chunk=6))
+        results.append(head_case(dtype, 23, 40, 3000, bias=True, softcap=5.0, temperature=0.8,
+                                 chunk_bytes=23 * 1000 * 4))  # vocabulary blocks
         results.append(head_case(dtype, 1, 8, 9, bias=True, softcap=2.0, temperature=1.3,
                                  token_chunk=1))
         results.append(padded_case(dtype))

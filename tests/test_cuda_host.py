@@ -73,3 +73,12 @@ def test_kernels_stay_inside_their_buffers(cuda_host_module):
     assert proc.returncode == 0, (f"exit {proc.returncode} (-11: a kernel touched a guard page)"
                                   f"\n{proc.stdout}\n{proc.stderr[-3000:]}")
     assert "stayed inside their buffers" in proc.stdout
+
+
+def test_the_gpu_memcheck_script_runs_on_the_host_build(cuda_host, monkeypatch, capsys):
+    """``benchmarks/cuda_memcheck.py`` (run under compute-sanitizer by the GPU suite) goes
+    through all its cases on CPU tensors, so a GPU lease never finds it broken."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))
+    import cuda_memcheck
+    assert cuda_memcheck.main("cpu") == 0, capsys.readouterr().out[-3000:]
+    assert "FAIL" not in capsys.readouterr().out
