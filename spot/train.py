@@ -17,8 +17,8 @@
    gradient accumulation (each micro-batch loss divided by ``grad_accum``; FSDP averages over
    ranks, so K ranks x A micro-batches equal one process with K*A), clipping, bf16 autocast on GPU.
 6. Checkpoints ``OUTPUT/checkpoint-STEP``: ``save_pretrained`` (safetensors) + ``trainer_state.pt``
-   (optimizer, scheduler, RNG, ``delta``, step, data position), written to ``.tmp-...`` and renamed
-   into place, so an interrupted write never looks complete. ``--resume`` restarts from the newest
+   (optimizer, scheduler, every rank's RNG states, ``delta``, step, data position), written to
+   ``.tmp-...`` and renamed into place, so an interrupted write never looks complete. ``--resume`` restarts from the newest
    one; the data order is a pure function of (seed, epoch), so resuming is exact.
 
 Data order: epoch ``e`` shuffles the pairs with seed ``seed + 7919 e`` and packs them greedily into
@@ -85,6 +85,14 @@ class Dist:
     def barrier(self):
         if self.on:
             dist.barrier()
+
+    def gather(self, obj):
+        """Every rank's picklable ``obj`` in rank order on rank 0 (None on the others)."""
+        if not self.on:
+            return [obj]
+        out = [None] * self.world if self.main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
 
 
 # ---------------------------------------------------------------- delta
@@ -265,9 +273,30 @@ def full_state(policy, optimizer):
             get_optimizer_state_dict(policy, optimizer, options=opts))
 
 
+def rng_state(device):
+    """This process's random number generators (CPU, Python, and its own GPU's)."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(saved, dst, log):
+    """Restore this rank's generators from a checkpoint's per-rank list (rank 0's for every
+    rank when the world size changed, with a line saying so)."""
+    if len(saved) != dst.world:
+        log(f"resume: the checkpoint has random states of {len(saved)} ranks, this run has "
+            f"{dst.world}: every rank takes rank 0's")
+    mine = saved[dst.rank] if len(saved) == dst.world else saved[0]
+    torch.set_rng_state(mine["torch"])
+    random.setstate(mine["python"])
+    if mine["cuda"] is not None and dst.device.type == "cuda":
+        torch.cuda.set_rng_state(mine["cuda"], dst.device)
+
+
 def save_checkpoint(folder, policy, tokenizer, optimizer, scheduler, delta, step, pos, cfg, dst):
-    """Writes ``folder`` atomically (``.tmp-NAME`` then rename); rank 0 writes."""
+    """Writes ``folder`` atomically (``.tmp-NAME`` then rename); rank 0 writes. Every rank's
+    random states are kept (a rank's dropout stream resumes where it was)."""
     msd, osd = full_state(policy, optimizer)
+    rngs = dst.gather(rng_state(dst.device))
     if dst.main:
         folder = Path(folder)
         tmp = folder.parent / f".tmp-{folder.name}"
@@ -276,9 +305,7 @@ def save_checkpoint(folder, policy, tokenizer, optimizer, scheduler, delta, step
         tokenizer.save_pretrained(tmp)
         torch.save({"optimizer": osd, "scheduler": scheduler.state_dict(),
                     "delta": delta.state_dict(), "step": step, "data_position": pos,
-                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
-                            else None},
+                    "rng": rngs,
                     "config": cfg.to_dict()}, tmp / "trainer_state.pt")
         if folder.exists():
             shutil.rmtree(folder)
@@ -397,10 +424,7 @@ def train(cfg: TrainConfig, log=None):
                                  options=StateDictOptions(full_state_dict=True))
         scheduler.load_state_dict(state["scheduler"])
         delta.load_state_dict(state["delta"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        set_rng_state(state["rng"], dst, log)
         start = state["step"]
         log(f"resumed from {ckpt} at step {start}")
 

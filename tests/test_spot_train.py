@@ -180,7 +180,8 @@ def test_torchrun_two_processes_agree_with_one(workdir, tmp_path):
            "--master_port", str(random.randint(20000, 40000)), "-m", "spot", "train",
            "--model", str(workdir / "model"), "--data", str(workdir / "pairs.jsonl"),
            "--output", str(out2), "--max-steps", "3", "--lr", "1e-3", "--delta", "zero",
-           "--tokens-per-batch", "300", "--backend", "torch", "--no-progress"]
+           "--tokens-per-batch", "300", "--backend", "torch", "--no-progress",
+           "--save-every", "2"]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
@@ -192,6 +193,9 @@ def test_torchrun_two_processes_agree_with_one(workdir, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
     assert any((a[k] - init[k]).abs().max() > 1e-4 for k in a)
+    state = torch.load(out2 / "checkpoint-2" / "trainer_state.pt", weights_only=False)
+    assert len(state["rng"]) == 2 and all(set(r) == {"torch", "python", "cuda"}
+                                          for r in state["rng"])  # each rank's generators
     rows2 = [json.loads(x) for x in open(out2 / "metrics.jsonl")]
     rows1 = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
     for r2, r1 in zip(rows2, rows1, strict=True):
@@ -204,3 +208,24 @@ def test_progress_bars_for_the_reference_pass_and_the_steps(workdir, tmp_path, c
     train(_cfg(workdir, tmp_path / "bars", max_steps=1, progress=True), log=lambda m: None)
     err = capfd.readouterr().err
     assert "reference: 100%" in err and "spot: 100%" in err, err[-2000:]
+
+
+def test_each_rank_resumes_its_own_random_state():
+    from spot.train import rng_state, set_rng_state
+
+    class Rank1:
+        world, rank, device = 2, 1, torch.device("cpu")
+
+    draws = []
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(rng_state(Rank1.device))
+        draws.append(torch.rand(3))
+    torch.manual_seed(3)
+    set_rng_state(states, Rank1, log=lambda m: None)
+    assert torch.equal(torch.rand(3), draws[1])
+    lines = []
+    Rank1.world = 3  # resumed on another world size: rank 0's states, and a line saying so
+    set_rng_state(states, Rank1, log=lines.append)
+    assert torch.equal(torch.rand(3), draws[0]) and "every rank takes rank 0's" in lines[0]
