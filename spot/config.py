@@ -35,6 +35,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     backend: str = "auto"
     bf16: bool = True
+    attn: str = "auto"
     gradient_checkpointing: bool = False
     seed: int = 0
     skip_bad: bool = False
@@ -62,7 +63,9 @@ class TrainConfig:
                   ("tokens_per_batch", self.tokens_per_batch >= 16, "must be >= 16"),
                   ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
                   ("max_grad_norm", self.max_grad_norm > 0, "must be > 0"),
-                  ("log_every", self.log_every >= 1, "must be >= 1")]
+                  ("log_every", self.log_every >= 1, "must be >= 1"),
+                  ("attn", self.attn in ("auto", "flash_attention_2", "sdpa", "eager"),
+                   "must be auto|flash_attention_2|sdpa|eager")]
         for name, ok, why in checks:
             if not ok:
                 raise ConfigError(f"{name}: {why}, got {getattr(self, name)!r}")
@@ -94,6 +97,9 @@ HELP = {
     "max_grad_norm": "gradient clipping norm",
     "backend": "spot_kernels backend: auto, torch, triton, cuda or reference",
     "bf16": "bf16 autocast on a GPU (ignored on CPU)",
+    "attn": "attention kernel: auto (flash-attn varlen on a GPU under bf16 when it imports, "
+            "else sdpa), flash_attention_2, sdpa or eager; packed sequences never attend to "
+            "each other with any of them",
     "gradient_checkpointing": "recompute activations in the backward to save memory",
     "seed": "seed of the data order and of torch",
     "skip_bad": "count and skip bad records instead of stopping at the first",

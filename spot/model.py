@@ -6,7 +6,8 @@ returns the per-sequence log-probs ``pi [S]`` of the responses, computed by
 ``get_output_embeddings().weight``: the ``[tokens x vocab]`` logits never exist. Only the rows
 whose target counts (response tokens) go through the head.
 
-Attention: flash-attn varlen when it is installed and the model is on a GPU, SDPA otherwise.
+Attention: flash-attn varlen when it is installed and the model is on a GPU, SDPA otherwise
+(``--attn`` picks one: flash_attention_2, sdpa or eager).
 Sequences packed in one row must not attend to each other: transformers derives the
 block-diagonal causal mask from ``position_ids`` that restart at 0 (``find_packed_sequence_indices``
 for SDPA/eager; the varlen kernel for flash-attn). ``tests/test_spot_model.py`` checks that each
@@ -32,10 +33,22 @@ import spot_kernels as sk
 
 from spot_kernels import hf
 
+from .config import ConfigError
 
-def attn_implementation(device, bf16=True):
-    """flash-attn varlen on a GPU under bf16 autocast when it imports (it takes no float32);
-    SDPA otherwise."""
+
+ATTENTION = ("auto", "flash_attention_2", "sdpa", "eager")
+
+
+def attn_implementation(device, bf16=True, requested="auto"):
+    """The attention kernel: ``requested`` as it is, or for ``auto`` flash-attn varlen on a GPU
+    under bf16 autocast when it imports (it takes no float32), SDPA otherwise."""
+    if requested not in ATTENTION:
+        raise ConfigError(f"attn: must be one of {'|'.join(ATTENTION)}, got {requested!r}")
+    if requested == "flash_attention_2" and (torch.device(device).type != "cuda" or not bf16):
+        raise ConfigError("attn: flash_attention_2 needs a GPU and bf16 (flash-attn takes no "
+                          "float32); use sdpa or eager")
+    if requested != "auto":
+        return requested
     if torch.device(device).type != "cuda" or not bf16:
         return "sdpa"
     try:
@@ -45,13 +58,14 @@ def attn_implementation(device, bf16=True):
     return "flash_attention_2"
 
 
-def load_model(path, device="cpu", trust_remote_code=False, bf16=True):
-    """``AutoModelForCausalLM.from_pretrained(path)`` in float32 (the master weights)."""
+def load_model(path, device="cpu", trust_remote_code=False, bf16=True, attn="auto"):
+    """``AutoModelForCausalLM.from_pretrained(path)`` in float32 (the master weights), with the
+    attention kernel ``attn_implementation(device, bf16, attn)``."""
     from transformers import AutoModelForCausalLM
     if not Path(path).exists():
         raise FileNotFoundError(f"model: no such folder {path}")
     return AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation=attn_implementation(device, bf16),
+        path, dtype=torch.float32, attn_implementation=attn_implementation(device, bf16, attn),
         trust_remote_code=trust_remote_code).to(device)
 
 

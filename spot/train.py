@@ -46,8 +46,8 @@ import spot_kernels as sk
 
 from . import data as D
 from .config import ConfigError, TrainConfig
-from .model import (Policy, decoder_layers, enable_checkpointing, load_model, model_fingerprint,
-                    to_device)
+from .model import (Policy, attn_implementation, decoder_layers, enable_checkpointing, load_model,
+                    model_fingerprint, to_device)
 
 
 # ---------------------------------------------------------------- distributed helpers
@@ -250,7 +250,8 @@ def data_fingerprint(cfg, tokenizer, examples, device):
     h.update(model_fingerprint(cfg.model).encode())
     h.update(D.tokenizer_fingerprint(tokenizer).encode())
     # what the reference pass computed in: bf16 autocast applies on a GPU only
-    h.update(f"{cfg.max_length}|{cfg.backend}|{cfg.bf16 and device.type == 'cuda'}".encode())
+    attn = attn_implementation(device, cfg.bf16, cfg.attn)
+    h.update(f"{cfg.max_length}|{cfg.backend}|{cfg.bf16 and device.type == 'cuda'}|{attn}".encode())
     for ex in examples:
         h.update(json.dumps([ex.chosen, ex.rejected, ex.chosen_prompt, ex.rejected_prompt]).encode())
     return h.hexdigest()[:24]
@@ -349,7 +350,7 @@ def shard(policy, dst):
 
 
 def build_policy(path, cfg, dst):
-    model = load_model(path, dst.device, cfg.trust_remote_code, bf16=cfg.bf16)
+    model = load_model(path, dst.device, cfg.trust_remote_code, bf16=cfg.bf16, attn=cfg.attn)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)

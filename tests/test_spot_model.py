@@ -33,12 +33,13 @@ def alone_logps(model, seq, plen):
     return logp[plen - 1:].sum()
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "llama"])
-def test_packed_equals_alone(arch):
+@pytest.mark.parametrize("arch,attn", [("qwen3", "sdpa"), ("llama", "sdpa"), ("qwen3", "eager")])
+def test_packed_equals_alone(arch, attn):
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     tok = build_tokenizer()
     model = build_model(arch, seed=seed % 1000).eval()
+    model.set_attn_implementation(attn)
     ex, _ = D.encode_pairs(tok, _records(3, rng), 96)
     batch = D.pack(ex, [0, 1, 2])
     with torch.no_grad():
@@ -71,3 +72,15 @@ def test_gradients_reach_body_and_head_with_and_without_checkpointing():
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_attention_choice(tmp_path):
+    from spot.config import ConfigError
+    from spot.model import attn_implementation, load_model
+    build_model("qwen3", seed=1).save_pretrained(tmp_path)
+    assert load_model(str(tmp_path), attn="eager").config._attn_implementation == "eager"
+    assert load_model(str(tmp_path)).config._attn_implementation == "sdpa"  # auto on CPU
+    with pytest.raises(ConfigError, match="flash_attention_2 needs a GPU and bf16"):
+        attn_implementation("cpu", True, "flash_attention_2")
+    with pytest.raises(ConfigError, match="attn: must be one of"):
+        attn_implementation("cpu", True, "flash")
