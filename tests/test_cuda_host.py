@@ -63,14 +63,17 @@ def test_rewrite_launches():
 
 
 def test_kernels_stay_inside_their_buffers(cuda_host_module):
-    """``cuda_host/bounds.py`` runs every kernel path on buffers flush against inaccessible
-    pages; a byte past either end is a segmentation fault, so it runs in its own process."""
+    """``cuda_host/bounds.py`` runs every kernel path, built under the undefined-behaviour
+    sanitizer, on buffers flush against inaccessible pages; a byte past either end is a
+    segmentation fault and a misaligned vector load or signed overflow an abort, so it runs in
+    its own process."""
     here = Path(__file__).parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(here),
                                                                     os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-m", "cuda_host.bounds"], cwd=here, env=env,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (f"exit {proc.returncode} (-11: a kernel touched a guard page)"
+    assert proc.returncode == 0, (f"exit {proc.returncode} (-11: a kernel touched a guard page; "
+                                  f"-6: undefined behaviour, see stderr)"
                                   f"\n{proc.stdout}\n{proc.stderr[-3000:]}")
     assert "stayed inside their buffers" in proc.stdout
 

@@ -56,7 +56,10 @@ def _key():
     return h.hexdigest()[:16]
 
 
-def _compile(sources, target, *, shared):
+UBSAN = ["-fsanitize=undefined", "-fno-sanitize-recover=all", "-static-libubsan"]
+
+
+def _compile(sources, target, *, shared, extra=()):
     """Each source (``.cu`` launches rewritten) compiled to an object in parallel, then linked
     into ``target`` (written atomically: a concurrent build never sees half a file)."""
     import pybind11
@@ -66,7 +69,7 @@ def _compile(sources, target, *, shared):
     work.mkdir(parents=True, exist_ok=True)
     flags = ["-std=c++20", "-O2", "-g0", "-fPIC", "-Wall", "-Wno-unknown-pragmas", "-Werror",
              f"-I{HERE / 'include'}", f"-I{CSRC}", f"-I{pybind11.get_include()}",
-             f"-I{sysconfig.get_paths()['include']}"]
+             f"-I{sysconfig.get_paths()['include']}", *extra]
     if shared:
         flags.append("-fvisibility=hidden")
     jobs, objects = [], []
@@ -78,7 +81,7 @@ def _compile(sources, target, *, shared):
         jobs.append((cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE,
                                            stderr=subprocess.STDOUT, text=True)))
         objects.append(str(obj))
-    link = [cxx, *(["-shared"] if shared else []), *objects, "-o",
+    link = [cxx, *(["-shared"] if shared else []), *extra, *objects, "-o",
             str(target.with_suffix(f".{os.getpid()}.tmp"))]
     for cmd, proc in jobs + [(link, None)]:
         if proc is None:
@@ -94,11 +97,15 @@ def _out(out_root):
     return Path(out_root or ROOT / "build") / f"cuda-host-{_key()}"
 
 
-def build(out_root: Path | None = None):
-    """The host module (built on first use, then cached by a hash of the sources)."""
-    lib = _out(out_root) / ("_cuda" + sysconfig.get_config_var("EXT_SUFFIX"))
+def build(out_root: Path | None = None, ubsan: bool = False):
+    """The host module (built on first use, then cached by a hash of the sources). ``ubsan``:
+    a separate build under the undefined-behaviour sanitizer (signed overflow, misaligned or
+    out-of-range accesses of the kernels' own arrays abort the process: run it in a subprocess,
+    as ``bounds.py`` is)."""
+    out = _out(out_root) / ("ubsan" if ubsan else "")
+    lib = out / ("_cuda" + sysconfig.get_config_var("EXT_SUFFIX"))
     if not lib.exists():
-        _compile(_sources(), lib, shared=True)
+        _compile(_sources(), lib, shared=True, extra=UBSAN if ubsan else ())
     spec = importlib.util.spec_from_file_location("_cuda", lib)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -1,6 +1,8 @@
 """Every kernel of the host build on buffers that touch an inaccessible page: one byte read or
-written past the end (or before the start) of any argument is a segmentation fault. A crash is
-the signal, so ``tests/test_cuda_host.py`` runs this in a subprocess:
+written past the end (or before the start) of any argument is a segmentation fault. The build is
+the undefined-behaviour sanitizer's (``cuda_host.build(ubsan=True)``), so signed overflow in the
+index math and misaligned vector loads abort too. A crash is the signal, so
+``tests/test_cuda_host.py`` runs this in a subprocess:
 
     python -m cuda_host.bounds        (from tests/; exit 0 when every launch stayed inside)
 
@@ -95,5 +97,5 @@ def run(ext):
 if __name__ == "__main__":
     import cuda_host
 
-    print(f"{run(cuda_host.build())} launches stayed inside their buffers")
+    print(f"{run(cuda_host.build(ubsan=True))} launches stayed inside their buffers")
     sys.exit(0)
