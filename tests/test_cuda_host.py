@@ -73,7 +73,7 @@ def test_kernels_stay_inside_their_buffers(cuda_host_module):
     proc = subprocess.run([sys.executable, "-m", "cuda_host.bounds"], cwd=here, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (f"exit {proc.returncode} (-11: a kernel touched a guard page; "
-                                  f"-6: undefined behaviour, see stderr)"
+                                  f"else the sanitizer's report below)"
                                   f"\n{proc.stdout}\n{proc.stderr[-3000:]}")
     assert "stayed inside their buffers" in proc.stdout
 
