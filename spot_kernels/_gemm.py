@@ -27,8 +27,9 @@ def accumulate(acc, x, y):
     acc.add_(torch.mm(x, y))
 
 
-# passed as ignore_index to the dA kernels of blockwise_backward: ignored tokens arrive with
-# g = 0 and target -1 instead (a real id may be the caller's ignore_index)
+# the ignore index of the dA kernels of blockwise_backward, and the target of ignored tokens
+# there: a target shifted into a vocabulary chunk lies in (-V, V), so it never equals this
+# (the caller's ignore_index, e.g. -1 or a real id, may)
 NEVER = -(2**31) + 1
 
 
@@ -47,8 +48,8 @@ def blockwise_backward(hidden, weight, targets, bias, lse, grad_logp, ignore_ind
 
     ``fill(block, h, w, b, t, lse, g)`` writes ``dA`` of tokens ``h`` against vocabulary rows
     ``w`` (``b``: their bias or None) into ``block`` ``[len(h), len(w)]`` (contiguous), in the
-    inputs' dtype, with ``t`` the targets shifted into ``w``'s rows (-1 for ignored tokens, whose
-    ``g`` is 0) and ``NEVER`` as the ignore index. The blocks span all tokens and a vocabulary
+    inputs' dtype, with ``t`` the targets shifted into ``w``'s rows and ``NEVER`` as the ignore
+    index (ignored tokens carry ``NEVER`` and ``g = 0``: the kernels may skip their rows). The blocks span all tokens and a vocabulary
     chunk when ``N <= V``, so each chunk's ``dW`` rows come from one GEMM over all tokens and
     ``dh`` sums in a float32 ``N x D`` buffer (when there is more than one chunk); else all the
     vocabulary and a token chunk (``dh`` rows in one GEMM, ``dW`` summed in float32). Chunks are
@@ -75,7 +76,7 @@ def blockwise_backward(hidden, weight, targets, bias, lse, grad_logp, ignore_ind
     if rows and cols and (need_h or need_w or need_b):
         buf = torch.empty(rows[0].stop, cols[0].stop, dtype=dtype, device=dev)
         for cs in cols:
-            shifted = torch.where(ignored, -1, targets - cs.start).contiguous()
+            shifted = torch.where(ignored, NEVER, targets - cs.start).contiguous()
             for rs in rows:
                 r, c = rs.stop - rs.start, cs.stop - cs.start
                 block = buf.view(-1)[:r * c].view(r, c)
