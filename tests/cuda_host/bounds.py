@@ -7,8 +7,8 @@ index math and misaligned vector loads abort too. A crash is the signal, so
     python -m cuda_host.bounds        (from tests/; exit 0 when every launch stayed inside)
 
 It covers each kernel's paths: float32 / float16 / bfloat16 logits, a warp per row (V <= 2048)
-and a block per row, 16-byte and scalar loads, bias and entropy or not, one and several rows;
-segment sums over int32 and int64 ``cu_seqlens`` with and without ``valid``; the BCE with and
+and a block per row, 16-byte and scalar loads, bias, softcap and entropy or not, one and
+several rows; segment sums over int32 and int64 ``cu_seqlens`` with and without ``valid``; the BCE with and
 without a device ``delta``; each buffer flush against the guard at its end, then at its start.
 """
 from __future__ import annotations
@@ -56,18 +56,21 @@ def run(ext):
                     t[-1] = v - 1  # the last column of the last row
                     t[0] = -100 if rows > 1 else t[0]
                     t = G(t)
-                    for bias in (None, G(torch.randn(v, generator=g).to(dtype))):
+                    biases = (None, G(torch.randn(v, generator=g).to(dtype)))
+                    # (bias, softcap, entropy): each kernel's capped and plain paths
+                    for bias, cap, with_ent in zip(biases + biases, (2.0, 0.0, 0.0, 2.0),
+                                                   (True, False, True, False)):
                         a = G((torch.randn(rows, v, generator=g) * 3).to(dtype))
                         logp, lse, ent = (G(torch.empty(rows)) for _ in range(3))
                         ext.lse_forward(code, a.data_ptr(), rows, v, v,
                                         0 if bias is None else bias.data_ptr(), t.data_ptr(),
-                                        2.0, 0.9, -100, logp.data_ptr(), lse.data_ptr(),
-                                        ent.data_ptr(), 0)
+                                        cap, 0.9, -100, logp.data_ptr(), lse.data_ptr(),
+                                        ent.data_ptr() if with_ent else 0, 0)
                         grad = G(torch.randn(rows, generator=g))
                         ext.backward_epilogue(code, a.data_ptr(), rows, v, v,
                                               0 if bias is None else bias.data_ptr(),
                                               t.data_ptr(), lse.data_ptr(), grad.data_ptr(),
-                                              2.0, 0.9, -100, 0)
+                                              cap, 0.9, -100, 0)
                         launches += 2
                         if not (torch.isfinite(lse).all() and torch.isfinite(a.float()).all()):
                             raise AssertionError(f"non-finite output: {dtype} V={v} rows={rows}")
