@@ -8,8 +8,9 @@ index math and misaligned vector loads abort too. A crash is the signal, so
 
 It covers each kernel's paths: float32 / float16 / bfloat16 logits, a warp per row (V <= 2048)
 and a block per row, 16-byte and scalar loads, bias, softcap and entropy or not, one and
-several rows; segment sums over int32 and int64 ``cu_seqlens`` with and without ``valid``; the BCE with and
-without a device ``delta``; each buffer flush against the guard at its end, then at its start.
+several rows; segment sums over int32 and int64 ``cu_seqlens`` with and without ``valid``; the
+BCE with and without a device ``delta``; each buffer flush against the guard at its end, then
+at its start.
 """
 from __future__ import annotations
 
