@@ -44,17 +44,21 @@ def attn_implementation(device, bf16=True, requested="auto"):
     under bf16 autocast when it imports (it takes no float32), SDPA otherwise."""
     if requested not in ATTENTION:
         raise ConfigError(f"attn: must be one of {'|'.join(ATTENTION)}, got {requested!r}")
-    if requested == "flash_attention_2" and (torch.device(device).type != "cuda" or not bf16):
+    if requested in ("sdpa", "eager"):
+        return requested
+    gpu_bf16 = torch.device(device).type == "cuda" and bf16
+    if not gpu_bf16:
+        if requested == "auto":
+            return "sdpa"
         raise ConfigError("attn: flash_attention_2 needs a GPU and bf16 (flash-attn takes no "
                           "float32); use sdpa or eager")
-    if requested != "auto":
-        return requested
-    if torch.device(device).type != "cuda" or not bf16:
-        return "sdpa"
     try:
         importlib.import_module("flash_attn")
-    except Exception:  # not installed, or broken (e.g. built for another torch): SDPA
-        return "sdpa"
+    except Exception as exc:  # not installed, or broken (e.g. built for another torch)
+        if requested == "auto":
+            return "sdpa"
+        raise ConfigError(f"attn: flash_attention_2 needs flash-attn, which does not import "
+                          f"({exc}); use sdpa") from None
     return "flash_attention_2"
 
 

@@ -84,3 +84,9 @@ def test_attention_choice(tmp_path):
         attn_implementation("cpu", True, "flash_attention_2")
     with pytest.raises(ConfigError, match="attn: must be one of"):
         attn_implementation("cpu", True, "flash")
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:  # the usual case here: asked for by name, its absence is an error
+        with pytest.raises(ConfigError, match="needs flash-attn, which does not import"):
+            attn_implementation("cuda", True, "flash_attention_2")
+        assert attn_implementation("cuda", True, "auto") == "sdpa"
