@@ -18,17 +18,16 @@ __global__ void block_sums(float* out) {  // 256 threads: thread 0 gets 0 + ... 
   if (threadIdx.x == 0) out[0] = s;
 }
 
-// Lane 0 of warp w writes w + 1; thread READER (0 or 255) sums what it sees.
-template <bool BARRIER, int READER>
-__global__ void gather_warps(float* out) {
+// Lane 0 of warp w writes w + 1; thread `reader` (0 or 255) sums what it sees.
+__global__ void gather_warps(float* out, bool barrier, int reader) {
   __shared__ float smem[8];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (threadIdx.x == READER)
+  if (int(threadIdx.x) == reader)
     for (int w = 0; w < 8; ++w) smem[w] = 0.f;
   __syncthreads();
   if (lane == 0) smem[warp] = float(warp + 1);
-  if (BARRIER) __syncthreads();
-  if (threadIdx.x == READER) {
+  if (barrier) __syncthreads();  // the same for the whole block
+  if (int(threadIdx.x) == reader) {
     float s = 0.f;
     for (int w = 0; w < 8; ++w) s += smem[w];
     out[0] = s;
@@ -86,23 +85,15 @@ int main() {
   // Each order hides a missing barrier from one reader and shows it to the other; launches
   // alternate the order, so a kernel's tests see both.
   for (int reverse = 0; reverse < 2; ++reverse) {
-    const char* tag = reverse ? "_reverse" : "_forward";
-    char name[64];
     for (int reader = 0; reader < 2; ++reader) {
-      emu::reverse_order = reverse;
-      if (reader == 0)
-        gather_warps<true, 0><<<1, 256, 0, nullptr>>>(out);
-      else
-        gather_warps<true, 255><<<1, 256, 0, nullptr>>>(out);
-      snprintf(name, sizeof name, "with_barrier%s_reader%d", tag, reader);
-      report(name, cudaGetLastError(), out[0]);
-      emu::reverse_order = reverse;
-      if (reader == 0)
-        gather_warps<false, 0><<<1, 256, 0, nullptr>>>(out);
-      else
-        gather_warps<false, 255><<<1, 256, 0, nullptr>>>(out);
-      snprintf(name, sizeof name, "without_barrier%s_reader%d", tag, reader);
-      report(name, cudaGetLastError(), out[0]);
+      for (int barrier = 1; barrier >= 0; --barrier) {
+        emu::reverse_order = reverse;
+        gather_warps<<<1, 256, 0, nullptr>>>(out, barrier, reader ? 255 : 0);
+        char name[64];
+        snprintf(name, sizeof name, "%s_%s_reader%d", barrier ? "with_barrier" : "without_barrier",
+                 reverse ? "reverse" : "forward", reader);
+        report(name, cudaGetLastError(), out[0]);
+      }
     }
   }
 
