@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import HELP, ConfigError, load_file, make_config
+from .config import ATTENTION, HELP, ConfigError, load_file, make_config
 from .data import DataError
 
 TRAIN_FLAGS = {  # name -> (type, metavar); booleans are store_true / --no-... pairs
@@ -20,7 +20,7 @@ TRAIN_FLAGS = {  # name -> (type, metavar); booleans are store_true / --no-... p
     "warmup_ratio": (float, None), "epochs": (int, None), "max_steps": (int, "N"),
     "save_every": (int, "N"), "max_length": (int, None), "tokens_per_batch": (int, None),
     "grad_accum": (int, None), "max_grad_norm": (float, None), "backend": (str, None),
-    "attn": (str, "{auto,flash_attention_2,sdpa,eager}"),
+    "attn": (str, "{" + ",".join(ATTENTION) + "}"),
     "seed": (int, None), "log_every": (int, None), "cache_dir": (str, "DIR"),
 }
 BOOL_FLAGS = ("bf16", "gradient_checkpointing", "skip_bad", "resume", "trust_remote_code",

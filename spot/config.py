@@ -10,6 +10,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 
+ATTENTION = ("auto", "flash_attention_2", "sdpa", "eager")  # the choices of --attn
+
+
 class ConfigError(ValueError):
     """A bad configuration value or file; the CLI prints it on one line and exits non-zero."""
 
@@ -64,8 +67,7 @@ class TrainConfig:
                   ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
                   ("max_grad_norm", self.max_grad_norm > 0, "must be > 0"),
                   ("log_every", self.log_every >= 1, "must be >= 1"),
-                  ("attn", self.attn in ("auto", "flash_attention_2", "sdpa", "eager"),
-                   "must be auto|flash_attention_2|sdpa|eager")]
+                  ("attn", self.attn in ATTENTION, f"must be {'|'.join(ATTENTION)}")]
         for name, ok, why in checks:
             if not ok:
                 raise ConfigError(f"{name}: {why}, got {getattr(self, name)!r}")

@@ -33,10 +33,7 @@ import spot_kernels as sk
 
 from spot_kernels import hf
 
-from .config import ConfigError
-
-
-ATTENTION = ("auto", "flash_attention_2", "sdpa", "eager")
+from .config import ATTENTION, ConfigError
 
 
 def attn_implementation(device, bf16=True, requested="auto"):

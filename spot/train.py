@@ -18,8 +18,9 @@
    ranks, so K ranks x A micro-batches equal one process with K*A), clipping, bf16 autocast on GPU.
 6. Checkpoints ``OUTPUT/checkpoint-STEP``: ``save_pretrained`` (safetensors) + ``trainer_state.pt``
    (optimizer, scheduler, every rank's RNG states, ``delta``, step, data position), written to
-   ``.tmp-...`` and renamed into place, so an interrupted write never looks complete. ``--resume`` restarts from the newest
-   one; the data order is a pure function of (seed, epoch), so resuming is exact.
+   ``.tmp-...`` and renamed into place, so an interrupted write never looks complete.
+   ``--resume`` restarts from the newest one; the data order is a pure function of
+   (seed, epoch), so resuming is exact.
 
 Data order: epoch ``e`` shuffles the pairs with seed ``seed + 7919 e`` and packs them greedily into
 micro-batches of at most ``tokens_per_batch`` tokens; the list is padded by wrapping to a multiple
@@ -158,10 +159,10 @@ def compute_loss(policy, batch, ref_logps, delta, cfg, dst=None):
 
     out = policy(batch, ref, labels, beta=cfg.beta, delta=update_delta)
     loss = dpo_loss(out.policy_logps, ref, labels, cfg.beta) if cfg.loss == "dpo" else out.loss
-    keys = [k for k in out.stats if k != "rewards"] + ["loss"]
-    values = [out.stats[k] for k in keys[:-1]] + [loss.detach()]
+    scalars = {k: v for k, v in out.stats.items() if k != "rewards"} | {"loss": loss.detach()}
     # one device-to-host copy for all of them (each float() of a GPU tensor waits for the GPU)
-    stats = dict(zip(keys, torch.stack([v.float().reshape(()) for v in values]).tolist()))
+    values = torch.stack([v.float().reshape(()) for v in scalars.values()]).tolist()
+    stats = dict(zip(scalars, values))
     stats["delta"] = delta.value
     return loss, stats
 
@@ -216,22 +217,14 @@ def sequence_logps(policy, examples, cfg, device, dst=None, desc="reference"):
     out = torch.zeros(2 * len(examples), dtype=torch.float32, device=device)
     was_training = policy.training
     policy.eval()
-    mine = range(rank, len(plan), world)
-    bar = None
-    if cfg.progress and rank == 0:
-        from tqdm import tqdm
-        bar = tqdm(total=len(mine), desc=desc, unit="batch", dynamic_ncols=True,
-                   file=sys.stderr)
-    for j in mine:
+    from tqdm import tqdm
+    for j in tqdm(range(rank, len(plan), world), desc=desc, unit="batch", dynamic_ncols=True,
+                  file=sys.stderr, disable=not (cfg.progress and rank == 0)):
         batch = to_device(D.pack(examples, plan[j]), device)
         with autocast(cfg, device):
             pi = policy(batch)
         if j < real:
             out[batch["seq_ids"]] = pi.float()
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
     policy.train(was_training)
     if hasattr(policy, "reshard"):  # FSDP2 keeps the root gathered after a forward: free it
         policy.reshard()

@@ -49,8 +49,9 @@ def blockwise_backward(hidden, weight, targets, bias, lse, grad_logp, ignore_ind
     ``fill(block, h, w, b, t, lse, g)`` writes ``dA`` of tokens ``h`` against vocabulary rows
     ``w`` (``b``: their bias or None) into ``block`` ``[len(h), len(w)]`` (contiguous), in the
     inputs' dtype, with ``t`` the targets shifted into ``w``'s rows and ``NEVER`` as the ignore
-    index (ignored tokens carry ``NEVER`` and ``g = 0``: the kernels may skip their rows). The blocks span all tokens and a vocabulary
-    chunk when ``N <= V``, so each chunk's ``dW`` rows come from one GEMM over all tokens and
+    index (ignored tokens carry ``NEVER`` and ``g = 0``: the kernels may skip their rows). The
+    blocks span all tokens and a vocabulary chunk when ``N <= V``, so each chunk's ``dW`` rows
+    come from one GEMM over all tokens and
     ``dh`` sums in a float32 ``N x D`` buffer (when there is more than one chunk); else all the
     vocabulary and a token chunk (``dh`` rows in one GEMM, ``dW`` summed in float32). Chunks are
     whole multiples of ``align`` (rows, columns). ``rows_per_block`` forces token chunks of that
@@ -73,7 +74,7 @@ def blockwise_backward(hidden, weight, targets, bias, lse, grad_logp, ignore_ind
     dh = _output(hidden, sum_h) if need_h else None
     dw = _output(weight, sum_w) if need_w else None
     db = torch.zeros(v, dtype=torch.float32, device=dev) if need_b else None
-    if rows and cols and (need_h or need_w or need_b):
+    if need_h or need_w or need_b:
         buf = torch.empty(rows[0].stop, cols[0].stop, dtype=dtype, device=dev)
         for cs in cols:
             shifted = torch.where(ignored, NEVER, targets - cs.start).contiguous()

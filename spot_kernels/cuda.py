@@ -359,12 +359,12 @@ def backward(hidden, weight, targets, bias, lse, grad_logp, *, temperature=1.0, 
 
     def fill(block, h, w, b, t, ls, g):
         torch.mm(h, w.t(), out=block)
-        _backward_epilogue_op(block, _aligned(b), t, ls, g, cap, inv_temp, _gemm.NEVER)
+        _backward_epilogue_op(block, b, t, ls, g, cap, inv_temp, _gemm.NEVER)
 
     budget = (options.get("chunk_bytes") or DEFAULT_CHUNK_BYTES) // hidden.element_size()
-    # vocabulary chunks start at multiples of 8 columns: their bias slices and logits rows stay
-    # 16-byte aligned, so the epilogue keeps its vector loads
-    return _gemm.blockwise_backward(hidden, weight, targets.to(torch.int64), bias, lse,
+    # vocabulary chunks start at multiples of 8 columns: slices of the aligned bias and the
+    # logits rows stay 16-byte aligned, so the epilogue keeps its vector loads
+    return _gemm.blockwise_backward(hidden, weight, targets.to(torch.int64), _aligned(bias), lse,
                                     grad_logp, ignore_index, needs_input_grad, budget, fill,
                                     align=(1, 8), rows_per_block=options.get("token_chunk"))
 
