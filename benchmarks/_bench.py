@@ -67,9 +67,12 @@ VARIANTS = {
     "triton_filter": ("triton", {"filter_eps": 2.0 ** -12}),
     # float32 accumulators bounded to 32 MB a pass: the 64 MB memory target, one more recompute
     "triton_bounded": ("triton", {"scratch_bytes": 32 << 20}),
-    # dA in 256 MB blocks, the gradient GEMMs through cuBLAS: no atomics (19 vocabulary chunks
-    # at Qwen3-8B's head, N = 16384; a float32 dh buffer of 4 N D bytes)
-    "triton_da": ("triton", {"da_bytes": 256 << 20}),
+    # dA blocks, the gradient GEMMs through cuBLAS, no atomics. 1 GiB as the cuda backend: a
+    # float32 dh sum (268 MB at Qwen3-8B's head, N = 16384) beside 7 vocabulary chunks
+    "triton_da": ("triton", {"da_bytes": 1 << 30}),
+    # 48 MB: no room for that sum, so two sweeps (dW over vocabulary chunks, dh over token
+    # chunks) with one more recompute: the 64 MB memory target
+    "triton_da48": ("triton", {"da_bytes": 48 << 20}),
 }
 OURS = BACKENDS + tuple(VARIANTS)
 PEERS = ("naive", "naive_compile", "torch_lce", "liger", "cce")
@@ -79,7 +82,8 @@ LABELS = {
     "triton_exact": "spot-kernels triton fast_grad=False", "triton_det": "spot-kernels triton deterministic",
     "triton_filter": "spot-kernels triton filter_eps=2^-12",
     "triton_bounded": "spot-kernels triton scratch_bytes=32MB",
-    "triton_da": "spot-kernels triton da_bytes=256MB (cuBLAS grads)",
+    "triton_da": "spot-kernels triton da_bytes=1GiB (cuBLAS grads)",
+    "triton_da48": "spot-kernels triton da_bytes=48MB (cuBLAS grads, two sweeps)",
     "naive": "naive (materialised logits)", "naive_compile": "torch.compile(naive)",
     "torch_lce": "F.linear_cross_entropy chunked", "liger": "Liger fused linear CE",
     "cce": "Apple cut-cross-entropy (filter_eps=None)",

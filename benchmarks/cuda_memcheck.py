@@ -6,7 +6,8 @@ Paths: float32 / float16 / bfloat16 logits; 16-byte and scalar loads (V a multip
 not); a warp per row (V <= 2048) and a block per row; with and without bias, softcap, entropy;
 ignored and out-of-shard targets; one and several token chunks in the backward; segment sums
 with int32 / int64 ``cu_seqlens``; rows padded past V (raw ops), ``valid`` and empty sequences; the BCE with a number and a
-device ``delta``; the backward in vocabulary blocks (``chunk_bytes``) and in token chunks. Each
+device ``delta``; the backward in vocabulary blocks (``chunk_bytes``), in token chunks, and in
+two sweeps (a ``chunk_bytes`` with no room for a float32 sum). Each
 result is checked loosely against float64 torch so a wrong answer fails too. Exit code 0: all ran
 and matched; 1: a mismatch; 2: no GPU or no extension (nothing ran). ``main("cpu")`` runs the
 same cases on CPU tensors when ``spot_kernels.cuda`` holds the host build of the kernels
@@ -163,6 +164,8 @@ def main(device="cuda"):
                                  token_chunk=6))
         results.append(head_case(dtype, 23, 40, 3000, bias=True, softcap=5.0, temperature=0.8,
                                  chunk_bytes=23 * 1000 * 4))  # vocabulary blocks
+        results.append(head_case(dtype, 23, 40, 3000, bias=True, softcap=5.0, temperature=0.8,
+                                 chunk_bytes=4 * 23 * 40))  # two sweeps: no room for a sum
         results.append(head_case(dtype, 1, 8, 9, bias=True, softcap=2.0, temperature=1.3,
                                  token_chunk=1))
         results.append(padded_case(dtype))

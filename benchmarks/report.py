@@ -26,8 +26,8 @@ from collections import defaultdict
 
 MODES = {"fwd": "token_logprobs forward", "fwd_bwd": "token_logprobs forward+backward",
          "spot_loss": "spot_loss forward+backward"}
-OURS = ("triton", "triton_da", "triton_exact", "triton_filter", "triton_bounded", "triton_det",
-        "cuda", "torch")
+OURS = ("triton", "triton_da", "triton_da48", "triton_exact", "triton_filter", "triton_bounded",
+        "triton_det", "cuda", "torch")
 ORDER = OURS + ("naive", "naive_compile", "torch_lce", "liger", "cce")
 
 

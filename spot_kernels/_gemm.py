@@ -1,6 +1,14 @@
 """The gradient GEMMs through cuBLAS, shared by the ``cuda`` backend and ``triton`` with
-``da_bytes``: ``accumulate`` (``acc += x @ y`` into float32) and ``blockwise_backward``, which
-turns ``dA`` blocks that a backend writes into ``dh``, ``dW`` and ``db``."""
+``da_bytes``: ``accumulate`` (``acc += x @ y`` into float32), ``plan`` (how the backward's
+``dA`` blocks sweep ``[N, V]`` within a byte budget) and ``blockwise_backward``, which turns the
+blocks that a backend writes into ``dh``, ``dW`` and ``db``.
+
+Memory beyond inputs and gradients is the budget (plus O(N) state): a block and, when the
+budget has room for it in half, the float32 sum of the smaller gradient side (``4 min(N, V) D``
+bytes). At Qwen3-8B's head (N = 16384, D = 4096, V = 151936, bfloat16) a 1 GiB budget sums
+``dh`` (268 MB) beside 805 MB blocks: 4 GEMMs of ``2 N D V`` FLOPs with the forward's. A 48 MB
+budget sweeps twice, blocks of 1,536 columns for ``dW``, then of 165 rows (128 with Triton's
+tile alignment) for ``dh``: 5 GEMMs in all, 48 MB."""
 from __future__ import annotations
 
 import torch
@@ -34,63 +42,112 @@ NEVER = -(2**31) + 1
 
 
 def chunks(total, step):
+    step = max(1, step)
     return [slice(i, min(i + step, total)) for i in range(0, total, step)]
 
 
 def round_to(count, block, total):
-    """``count`` rounded down to whole ``block``s (at least one block), at most ``total``."""
-    return min(max(block, count // block * block), total)
+    """``count`` rounded down to whole ``block``s (at least one block), at most ``total``
+    (all of it when ``count`` covers it)."""
+    return total if count >= total else min(max(block, count // block * block), total)
+
+
+def plan(n, v, d, itemsize, needs, budget, align=(1, 1), rows_per_block=None):
+    """The sweeps of ``blockwise_backward``: a list of ``(rows, cols, needs)``, where ``rows``
+    and ``cols`` are slices that tile ``[N, V]`` into ``dA`` blocks and ``needs`` says which of
+    ``(dh, dW, db)`` the sweep computes.
+
+    ``budget`` bytes hold one block (``itemsize`` bytes an element) and any float32 sum:
+
+    * all tokens x vocabulary chunks give each chunk's ``dW``/``db`` rows whole (one GEMM), and
+      token chunks x the whole vocabulary give each chunk's ``dh`` rows whole;
+    * with one gradient side needed (``dh`` alone, say, for a frozen head), or when all of
+      ``[N, V]`` fits in one block, one sweep in that orientation sums nothing;
+    * with both, one sweep sums the smaller side in float32 (``dh``, ``4 N D`` bytes, when
+      ``N <= V``) if that takes at most half the budget, the rest going to the blocks; else two
+      sweeps, ``dW``/``db`` over vocabulary chunks, then ``dh`` over token chunks: one more
+      recompute of the logits, no float32 ``N x D`` or ``V x D`` buffer at all.
+
+    Chunks are whole multiples of ``align`` (rows, columns), at least one (which may exceed the
+    budget). ``rows_per_block`` forces one sweep of token chunks of that many rows."""
+    need_h, need_w, need_b = needs
+    whole_n, whole_v = [slice(0, n)], [slice(0, v)]
+
+    def by_vocab(space):
+        return whole_n, chunks(v, round_to(space // (itemsize * max(n, 1)), align[1], v))
+
+    def by_token(space):
+        return chunks(n, round_to(space // (itemsize * v), align[0], n)), whole_v
+
+    if rows_per_block:
+        return [(chunks(n, rows_per_block), whole_v, needs)]
+    if n * v * itemsize <= budget or not (need_w or need_b):
+        return [(*by_token(budget), needs)]
+    if not need_h:
+        return [(*by_vocab(budget), needs)]
+    acc = 4 * d * min(n, v)
+    if 2 * acc <= budget:
+        return [(*(by_vocab if n <= v else by_token)(budget - acc), needs)]
+    return [(*by_vocab(budget), (False, need_w, need_b)),
+            (*by_token(budget), (True, False, False))]
 
 
 def blockwise_backward(hidden, weight, targets, bias, lse, grad_logp, ignore_index, needs,
                        budget, fill, align=(1, 1), rows_per_block=None):
-    """``(dh, dW, db)`` from ``dA`` blocks of at most ``budget`` elements, one at a time.
+    """``(dh, dW, db)`` from ``dA`` blocks written one at a time, in the sweeps of ``plan``
+    (``budget``: bytes for a block and any float32 sum; ``needs``: which of ``(dh, dW, db)``,
+    ``db`` only with a bias).
 
     ``fill(block, h, w, b, t, lse, g)`` writes ``dA`` of tokens ``h`` against vocabulary rows
     ``w`` (``b``: their bias or None) into ``block`` ``[len(h), len(w)]`` (contiguous), in the
     inputs' dtype, with ``t`` the targets shifted into ``w``'s rows and ``NEVER`` as the ignore
-    index (ignored tokens carry ``NEVER`` and ``g = 0``: the kernels may skip their rows). The
-    blocks span all tokens and a vocabulary chunk when ``N <= V``, so each chunk's ``dW`` rows
-    come from one GEMM over all tokens and
-    ``dh`` sums in a float32 ``N x D`` buffer (when there is more than one chunk); else all the
-    vocabulary and a token chunk (``dh`` rows in one GEMM, ``dW`` summed in float32). Chunks are
-    whole multiples of ``align`` (rows, columns). ``rows_per_block`` forces token chunks of that
-    many rows. ``needs``: which of ``(dh, dW, db)`` to compute (``db`` only with a bias)."""
-    need_h, need_w, need_b = needs
-    need_b = bool(need_b) and bias is not None
-    n, v = hidden.shape[0], weight.shape[0]
-    dev, dtype = hidden.device, hidden.dtype
-    if rows_per_block is None and n <= v:
-        rows, cols = [slice(0, n)], chunks(v, round_to(budget // max(n, 1), align[1], v))
-    else:
-        step = rows_per_block or round_to(budget // v, align[0], n)
-        rows, cols = chunks(n, max(1, min(step, n))), [slice(0, v)]
+    index (ignored tokens carry ``NEVER`` and ``g = 0``: the kernels may skip their rows). A
+    gradient that several blocks of a sweep add into is summed in float32 and rounded once;
+    otherwise each block's GEMM writes its rows in the gradient's dtype."""
+    needs = (bool(needs[0]), bool(needs[1]), bool(needs[2]) and bias is not None)
+    n, d = hidden.shape
+    v = weight.shape[0]
     ignored = targets == ignore_index
     grad = torch.where(ignored, 0.0, grad_logp.float()).contiguous()
     lse = lse.float().contiguous()
     bias = None if bias is None else bias.contiguous()
-    # a gradient that several blocks add into is summed in float32, else written by one GEMM
+    if not n:  # no tokens: zero gradients
+        return tuple(torch.zeros_like(x) if want else None
+                     for x, want in zip((hidden, weight, bias), needs))
+    out = [None, None, None]
+    if any(needs):
+        for rows, cols, wants in plan(n, v, d, hidden.element_size(), needs, budget, align,
+                                      rows_per_block):
+            done = _sweep(hidden, weight, targets, bias, lse, grad, ignored, rows, cols, wants,
+                          fill)
+            out = [new if want else old for old, new, want in zip(out, done, wants)]
+    dh, dw, db = out
+    return (None if dh is None else dh.to(hidden.dtype),
+            None if dw is None else dw.to(weight.dtype),
+            None if db is None else db.to(bias.dtype))
+
+
+def _sweep(hidden, weight, targets, bias, lse, grad, ignored, rows, cols, needs, fill):
+    need_h, need_w, need_b = needs
     sum_h, sum_w = len(cols) > 1, len(rows) > 1
     dh = _output(hidden, sum_h) if need_h else None
     dw = _output(weight, sum_w) if need_w else None
-    db = torch.zeros(v, dtype=torch.float32, device=dev) if need_b else None
-    if need_h or need_w or need_b:
-        buf = torch.empty(rows[0].stop, cols[0].stop, dtype=dtype, device=dev)
-        for cs in cols:
-            shifted = torch.where(ignored, NEVER, targets - cs.start).contiguous()
-            for rs in rows:
-                r, c = rs.stop - rs.start, cs.stop - cs.start
-                block = buf.view(-1)[:r * c].view(r, c)
-                fill(block, hidden[rs], weight[cs], None if bias is None else bias[cs],
-                     shifted[rs], lse[rs], grad[rs])
-                if need_h:
-                    _into(dh[rs], block, weight[cs], sum_h)
-                if need_w:
-                    _into(dw[cs], block.t(), hidden[rs], sum_w)
-                if need_b:
-                    db[cs] += block.sum(0, dtype=torch.float32)
-    return (None if dh is None else dh.to(dtype), None if dw is None else dw.to(weight.dtype),
-            None if db is None else db.to(bias.dtype))
+    db = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) if need_b else None
+    buf = torch.empty(rows[0].stop, cols[0].stop, dtype=hidden.dtype, device=hidden.device)
+    for cs in cols:
+        shifted = torch.where(ignored, NEVER, targets - cs.start).contiguous()
+        for rs in rows:
+            r, c = rs.stop - rs.start, cs.stop - cs.start
+            block = buf.view(-1)[:r * c].view(r, c)
+            fill(block, hidden[rs], weight[cs], None if bias is None else bias[cs],
+                 shifted[rs], lse[rs], grad[rs])
+            if need_h:
+                _into(dh[rs], block, weight[cs], sum_h)
+            if need_w:
+                _into(dw[cs], block.t(), hidden[rs], sum_w)
+            if need_b:
+                db[cs] += block.sum(0, dtype=torch.float32)
+    return dh, dw, db
 
 
 def _output(like, summed):

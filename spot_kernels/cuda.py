@@ -5,19 +5,23 @@ Math (DESIGN.md section 1): ``a = h W^T``, ``z = softcap(a + b) / T``, ``lse = l
 ``logp = z_t - lse``; backward ``dA = g (onehot - p) / T * softcap'``, ``dh = dA W``,
 ``dW = dA^T h``, ``db = sum_i dA_i``.
 
-Work split (one buffer in the input dtype of at most ``chunk_bytes``, reused):
+Work split (a buffer in the input dtype within ``chunk_bytes``, reused):
 
 * forward, per chunk of ``rows`` tokens: ``buf = h_c W^T`` (cuBLAS, float32 accumulation, one
   rounding to the input dtype), then ``lse_forward`` reads ``buf`` once: online logsumexp,
   target gather and entropy per row (bias, softcap and temperature applied in float32 in the
   kernel).
-* backward, per block (``_gemm.blockwise_backward``): all tokens x a chunk of the vocabulary
-  when ``N <= V``, else a chunk of tokens x the whole vocabulary. ``buf = h W_c^T`` again
-  (recompute; nothing of the logits is kept between passes), ``backward_epilogue`` overwrites
-  it in place with ``dA`` (targets shifted into the chunk), then ``dW_c = dA^T h`` in one GEMM
-  and ``dh += dA W_c`` into a float32 ``N x D`` accumulator (the other orientation: ``dh_c``
-  in one GEMM, ``dW`` accumulated), and ``db += sum_i dA_i`` (float32). Accumulating GEMMs
-  take a float32 output when torch offers it.
+* backward, per block (``_gemm.blockwise_backward``, its sweeps from ``_gemm.plan``): all
+  tokens x a chunk of the vocabulary when ``N <= V``, else a chunk of tokens x the whole
+  vocabulary. ``buf = h W_c^T`` again (recompute; nothing of the logits is kept between
+  passes), ``backward_epilogue`` overwrites it in place with ``dA`` (targets shifted into the
+  chunk), then ``dW_c = dA^T h`` in one GEMM and ``dh += dA W_c`` into a float32 ``N x D``
+  accumulator (the other orientation: ``dh_c`` in one GEMM, ``dW`` accumulated), and
+  ``db += sum_i dA_i`` (float32). Accumulating GEMMs take a float32 output when torch offers
+  it. When ``chunk_bytes`` has no room for that accumulator in half of it, two sweeps instead:
+  ``dW``/``db`` over vocabulary chunks, then ``dh`` over token chunks (one more recompute, no
+  accumulator); with one gradient side needed (a frozen head: ``dh`` only) one sweep in the
+  orientation that sums nothing.
 
 Precision: cuBLAS rounds the logits block once to the input dtype (as a naive ``h @ W.T`` does);
 bias, softcap, temperature, the logsumexp and ``dA`` are float32 in the kernels, and ``dA`` is
@@ -25,14 +29,15 @@ rounded once to the input dtype for the tensor-core GEMMs that follow (float32 i
 float32 throughout). In bfloat16 with large ``|z|`` the logits rounding dominates the error.
 
 Cost: forward ``2 N D V`` FLOPs plus one read of the logits; backward ``6 N D V`` FLOPs plus a
-read and a write of them. Memory beyond inputs and gradients: the buffer, O(N) state, and,
-with more than one block, a float32 accumulator of ``4 min(N, V) D`` bytes (``dh`` for the
-usual ``N <= V``: 268 MB for 16k tokens at D = 4096, where a ``dW`` one would take 2.5 GB at
-V = 151936).
+read and a write of them (with two sweeps ``8 N D V``, and each twice). Memory beyond inputs and
+gradients: ``chunk_bytes`` and O(N) state. In the backward the buffer shares it with the float32
+accumulator of ``4 min(N, V) D`` bytes when there is one (``dh`` for the usual ``N <= V``: 268
+MB for 16k tokens at D = 4096, where a ``dW`` one would take 2.5 GB at V = 151936).
 
-Options (``backend_options=``): ``chunk_bytes`` (byte budget of the buffer, default 1 GiB:
-forward ``rows = chunk_bytes // (V * itemsize)``, at least 1) and ``token_chunk`` (rows of
-token chunks in both passes; wins over ``chunk_bytes``).
+Options (``backend_options=``): ``chunk_bytes`` (byte budget, default 1 GiB: the forward's
+buffer of ``rows = chunk_bytes // (V * itemsize)`` token rows, at least 1; the backward's
+buffer and accumulator, above) and ``token_chunk`` (rows of token chunks in both passes, one
+backward sweep summing ``dW``; wins over ``chunk_bytes``).
 
 Also here, for the O(N) part of the SPoT loss on CUDA tensors: ``segment_sums`` (sums or means
 over ``cu_seqlens``) and ``bce_forward`` (the reward BCE and ``dL/dpi``).
@@ -350,8 +355,9 @@ def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None
 def backward(hidden, weight, targets, bias, lse, grad_logp, *, temperature=1.0, softcap=None,
              ignore_index=-100, needs_input_grad=(True, True, True), **options):
     """Returns ``(dh, dW, db)`` in the dtypes of ``hidden``, ``weight``, ``bias`` (None where
-    not needed). ``dA`` blocks of ``chunk_bytes`` (all tokens x a vocabulary chunk when
-    ``N <= V``, else a token chunk x the vocabulary; ``token_chunk`` forces token chunks):
+    not needed). ``dA`` blocks within ``chunk_bytes`` (``_gemm.plan``: all tokens x a
+    vocabulary chunk when ``N <= V``, else a token chunk x the vocabulary, or two sweeps;
+    ``token_chunk`` forces token chunks):
     cuBLAS recomputes the block's logits, ``backward_epilogue`` turns them into ``dA`` in place,
     and ``_gemm.blockwise_backward`` runs the gradient GEMMs."""
     _check_inputs(hidden, weight, targets, bias)
@@ -361,7 +367,7 @@ def backward(hidden, weight, targets, bias, lse, grad_logp, *, temperature=1.0, 
         torch.mm(h, w.t(), out=block)
         _backward_epilogue_op(block, b, t, ls, g, cap, inv_temp, _gemm.NEVER)
 
-    budget = (options.get("chunk_bytes") or DEFAULT_CHUNK_BYTES) // hidden.element_size()
+    budget = options.get("chunk_bytes") or DEFAULT_CHUNK_BYTES
     # vocabulary chunks start at multiples of 8 columns: slices of the aligned bias and the
     # logits rows stay 16-byte aligned, so the epilogue keeps its vector loads
     return _gemm.blockwise_backward(hidden, weight, targets.to(torch.int64), _aligned(bias), lse,

@@ -162,22 +162,34 @@ def test_several_chunks(dtype, options, dev):
 
 
 @pytest.mark.parametrize("n,v", [(40, 600), (300, 72)], ids=["vocab-blocks", "token-blocks"])
+@pytest.mark.parametrize("sweeps", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backward_blocks_sum_the_smaller_gradient(n, v, dtype, dev, monkeypatch):
-    """With ``chunk_bytes`` the backward's dA blocks span all tokens and a vocabulary chunk when
-    N <= V, so the float32 accumulator is dh's (N x D), else the whole vocabulary and a token
-    chunk (dW's, V x D); results match the reference either way."""
+def test_backward_blocks_within_chunk_bytes(n, v, sweeps, dtype, dev, monkeypatch):
+    """``chunk_bytes`` holds the backward's dA block and any float32 sum (``_gemm.plan``):
+    with room for the smaller gradient's sum in half of it, one sweep over all tokens x
+    vocabulary chunks when N <= V (summing dh, N x D), else token chunks x the vocabulary
+    (summing dW, V x D); with less, two sweeps and no float32 sum. Results match the
+    reference either way."""
     from spot_kernels import _gemm
-    made = []
-    real = _gemm._output
+    made, blocks = [], []
+    output, plan = _gemm._output, _gemm.plan
     monkeypatch.setattr(_gemm, "_output",
                         lambda like, summed: made.append((tuple(like.shape), summed))
-                        or real(like, summed))
+                        or output(like, summed))
+    monkeypatch.setattr(_gemm, "plan", lambda *a, **k: blocks.extend(plan(*a, **k)) or plan(*a, **k))
     d = 24
+    acc = 4 * d * min(n, v)
+    budget = 2 * acc + 16 * max(n, v) * dtype.itemsize if sweeps == 1 else acc
     h, w, b, t = make_head(n, d, v, dtype, dev, bias=True, seed=n)
-    _check_against_reference(h, w, t, b, dtype, options={"chunk_bytes": 64 * min(n, v) * 4})
+    _check_against_reference(h, w, t, b, dtype, options={"chunk_bytes": budget})
     summed = [shape for shape, s in made if s]
-    assert summed == [(n, d) if n <= v else (v, d)], made
+    assert len(blocks) == sweeps
+    if sweeps == 1:
+        assert summed == [(n, d) if n <= v else (v, d)], made
+        rows, cols, _ = blocks[0]
+        assert len(rows if n > v else cols) > 1
+    else:
+        assert summed == [] and [len(blocks[0][0]), len(blocks[1][1])] == [1, 1], blocks
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

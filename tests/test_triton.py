@@ -147,30 +147,43 @@ def test_scratch_bytes_bounds_the_accumulators_in_two_passes(scratch_rows, monke
 
 
 @needs_triton
-@pytest.mark.parametrize("n,v", [(83, 100), (150, 70)], ids=["vocab-chunks", "token-chunks"])
-@pytest.mark.parametrize("cols", [32, 64, 10_000])
+@pytest.mark.parametrize("n,v", [(83, 100), (150, 70)], ids=["n<v", "n>v"])
+@pytest.mark.parametrize("sweeps", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_da_bytes_writes_bounded_da_blocks_for_cublas(n, v, cols, dtype, monkeypatch):
-    """``da_bytes``: dA blocks of at most that many bytes (rounded to whole tiles), over all
-    tokens and a vocabulary chunk when N <= V, else all the vocabulary and a token chunk; the
-    gradients through torch.mm against the float64 truth, with a real id as ignore_index."""
-    from spot_kernels import triton as tb
-    d = 24
+def test_da_bytes_bounds_the_da_blocks_and_float32_sums(n, v, sweeps, dtype, monkeypatch):
+    """``da_bytes`` holds a dA block and any float32 sum (``_gemm.plan``). With room for the
+    smaller gradient's sum in half of it: one sweep, over all tokens x vocabulary chunks when
+    N <= V (dh summed), else token chunks x the whole vocabulary (dW summed). Without: two
+    sweeps (dW, db over vocabulary chunks, then dh over token chunks), no float32 sum at all.
+    The gradients through torch.mm against the float64 truth, a real id as ignore_index."""
+    from spot_kernels import _gemm, triton as tb
+    from spot_kernels.triton import bwd_da
+    d = 8
     h, w, b, t = make_head(n, d, v, dtype, _device(), bias=True, scale=2.0, seed=18)
     t[5] = 7
     size = dtype.itemsize
-    wide = min(n, v) == n  # vocabulary chunks: the block spans all n rows
-    span = n if wide else v
-    opts = {"da_bytes": size * span * cols, "block_m": 32, "block_v": 32, "block_d": 16}
-    blocks = _buffers_made(monkeypatch, dtype)
+    acc = 4 * d * min(n, v)
+    budget = 2 * acc + n * v * size // 3 if sweeps == 1 else 2 * acc - 1
+    opts = {"da_bytes": budget, "block_m": 32, "block_v": 32, "block_d": 16}
+    blocks, summed = [], []
+    launch, output = bwd_da.launch_backward_da, _gemm._output
+    monkeypatch.setattr(bwd_da, "launch_backward_da",
+                        lambda *a, **k: blocks.append(tuple(a[6].shape)) or launch(*a, **k))
+    monkeypatch.setattr(_gemm, "_output", lambda like, s: summed.append(s) or output(like, s))
     for ignore in (-100, 7):
-        blocks.clear()
+        blocks.clear(), summed.clear()
         tt = torch.where(t == -100, ignore, t)
         check(h, w, tt, b, options={"config": "default", **opts}, softcap=5.0,
               temperature=0.9, ignore_index=ignore)
-        chunk = min(32 * max(1, cols // 32), v if wide else n)
-        want = (n, chunk) if wide else (chunk, v)
-        assert want in blocks, (want, blocks)
+        by_vocab = {c for (r, c) in blocks if r == n}   # all tokens x a vocabulary chunk
+        by_token = {r for (r, c) in blocks if c == v}   # a token chunk x all the vocabulary
+        if sweeps == 1:
+            assert summed.count(True) == 1
+            assert (by_vocab and max(by_vocab) < v) if n <= v else (by_token and max(by_token) < n)
+            assert len(blocks) >= 2 and all(r * c * size <= budget - acc for r, c in blocks)
+        else:  # each block one 32-wide tile at most, the least a block can be
+            assert not any(summed) and max(by_vocab) == max(by_token) == 32, blocks
+            assert sum(r * c for r, c in blocks) == 2 * n * v
     monkeypatch.undo()
     for clash in ({"deterministic": True}, {"scratch_bytes": 64}, {"filter_eps": 1e-3},
                   {"fast_grad": False}):

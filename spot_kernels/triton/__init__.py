@@ -46,12 +46,15 @@ and the second only the ``dh`` ones.
   ``32 << 20`` keeps a Qwen3-8B-sized backward within 64 MB beyond its inputs and gradients.
   No effect with float32 inputs; not combined with ``deterministic``.
 * ``da_bytes`` (int >= 1, default None = off): the backward writes ``dA`` (rounded once to the
-  inputs' dtype) in blocks of at most this many bytes (``bwd_da.py``, rounded up to one tile)
-  and runs ``dh = dA W`` and ``dW = dA^T h`` through cuBLAS: no atomics, the GEMMs at cuBLAS
-  speed, for ``6 N V`` bytes of ``dA`` traffic. Blocks span all tokens and a vocabulary chunk
-  when ``N <= V`` (``dW`` rows in one GEMM each, ``dh`` summed in a float32 ``N x D`` buffer
-  when there is more than one chunk), else the reverse. ``256 << 20`` gives Qwen3-8B's head
-  (N = 16384) 19 chunks. Results are the same in every run. Not combined with
+  inputs' dtype) in blocks (``bwd_da.py``) and runs ``dh = dA W`` and ``dW = dA^T h`` through
+  cuBLAS: no atomics, the GEMMs at cuBLAS speed, for ``6 N V`` bytes of ``dA`` traffic.
+  ``da_bytes`` holds a block (at least one tile) and any float32 sum (``_gemm.plan``): blocks
+  span all tokens and a vocabulary chunk when ``N <= V`` (``dW`` rows in one GEMM each, ``dh``
+  summed in a float32 ``N x D`` buffer when there is more than one chunk), else the reverse,
+  provided that sum takes at most half of ``da_bytes``; otherwise two sweeps, ``dW`` over
+  vocabulary chunks then ``dh`` over token chunks, with one more recompute and no sum. At
+  Qwen3-8B's head (N = 16384) ``1 << 30`` sums ``dh`` (268 MB) beside 7 chunks; ``48 << 20``
+  sweeps twice within the 64 MB target. Results are the same in every run. Not combined with
   ``deterministic``, ``scratch_bytes``, ``filter_eps`` or ``fast_grad=False``.
 * ``fast_grad`` (bool, default True): with half inputs, round ``dA`` to the input dtype once
   for the gradient dots, as autograd in that dtype does and as the ``cuda`` backend does
@@ -341,8 +344,7 @@ def _backward_gemm(hidden, weight, targets, bias, lse, grad_logp, temperature, s
                    ignore_index, need_h, need_w, need_b, options):
     """The backward with ``da_bytes`` (module docstring): ``bwd_da.py`` writes ``dA`` one block
     at a time, in the inputs' dtype, and cuBLAS runs the gradient GEMMs
-    (``_gemm.blockwise_backward``: vocabulary chunks over all tokens when ``N <= V``, else
-    token chunks over the whole vocabulary)."""
+    (``_gemm.blockwise_backward``, in the sweeps of ``_gemm.plan``)."""
     from . import bwd_da
     configs = _kernels()[5]
     n, d = hidden.shape
@@ -357,5 +359,5 @@ def _backward_gemm(hidden, weight, targets, bias, lse, grad_logp, temperature, s
 
     return _gemm.blockwise_backward(
         hidden, weight, targets, bias, lse, grad_logp, ignore_index, (need_h, need_w, need_b),
-        options["da_bytes"] // hidden.element_size(), fill,
+        options["da_bytes"], fill,
         align=(cfg["block_m"], cfg["block_v"]))

@@ -1,0 +1,135 @@
+"""``spot_kernels._gemm``: the sweeps of the blockwise backward (``plan``) and the gradients
+``blockwise_backward`` builds from them, with a float64 torch ``fill`` standing in for the
+backends' dA kernels (whose own tests run the same code through their kernels)."""
+import random
+
+import pytest
+import torch
+
+from spot_kernels import _gemm
+from conftest import float64_truth, make_head
+
+
+def _covered(rows, cols, n, v):
+    """How often each (token, vocabulary) pair falls in one of the blocks ``rows x cols``."""
+    hits = torch.zeros(n, v, dtype=torch.int32)
+    for rs in rows:
+        for cs in cols:
+            hits[rs, cs] += 1
+    return hits
+
+
+def test_plan_tiles_every_pair_once_per_gradient_within_the_budget():
+    rng = random.Random(5)
+    seen = set()
+    for _ in range(400):
+        n, v, d = rng.randint(1, 90), rng.randint(1, 90), rng.randint(1, 40)
+        itemsize = rng.choice((2, 4))
+        align = (rng.choice((1, 4, 16)), rng.choice((1, 8, 16)))
+        needs = (rng.random() < 0.8, rng.random() < 0.8, rng.random() < 0.5)
+        if not any(needs):
+            continue
+        budget = rng.randint(1, 3 * (n * v * itemsize + 8 * d * min(n, v)))
+        sweeps = _gemm.plan(n, v, d, itemsize, needs, budget, align)
+        assert 1 <= len(sweeps) <= 2
+        for k, want in enumerate(needs):  # each gradient comes from exactly one sweep
+            assert sum(s[2][k] for s in sweeps) == want
+        for rows, cols, wants in sweeps:
+            assert (_covered(rows, cols, n, v) == 1).all()
+            # chunks are whole multiples of the alignment (the last may be ragged)
+            for chunk, a, total in ((rows, align[0], n), (cols, align[1], v)):
+                assert all(s.start % a == 0 for s in chunk)
+                assert all((s.stop - s.start) % a == 0 for s in chunk if s.stop != total)
+            # the float32 sums: dh (N x D) when a sweep has several vocabulary chunks, dW
+            # (V x D) when several token chunks; only the smaller side, only with both needed
+            summed = (4 * n * d if wants[0] and len(cols) > 1 else 0) + \
+                     (4 * v * d if wants[1] and len(rows) > 1 else 0)
+            block = (rows[0].stop - rows[0].start) * (cols[0].stop - cols[0].start) * itemsize
+            # the smallest block of the sweep's orientation (one aligned chunk)
+            least = (n * min(align[1], v) if len(cols) > 1 else
+                     min(align[0], n) * v if len(rows) > 1 else n * v) * itemsize
+            assert summed + block <= max(budget, summed + least), (n, v, d, budget, sweeps)
+            assert summed <= budget / 2
+            if summed:
+                assert wants[0] and (wants[1] or wants[2]) and summed == 4 * d * min(n, v)
+        if len(sweeps) == 2:
+            assert needs[0] and (needs[1] or needs[2]) and 8 * d * min(n, v) > budget
+        seen.add((len(sweeps), bool(summed)))
+    assert seen >= {(1, True), (1, False), (2, False)}, seen  # every regime was drawn
+
+
+def test_plan_forced_token_chunks():
+    sweeps = _gemm.plan(50, 30, 8, 2, (True, True, True), 10**9, rows_per_block=7)
+    assert len(sweeps) == 1
+    rows, cols, wants = sweeps[0]
+    assert [s.stop - s.start for s in rows] == [7] * 7 + [1] and cols == [slice(0, 30)]
+
+
+def _torch_fill(calls):
+    """A ``fill`` in float64 torch: ``dA = g (onehot(t) - p)``, no softcap or temperature."""
+    def fill(block, h, w, b, t, lse, g):
+        z = h.double() @ w.double().t() + (0 if b is None else b.double())
+        da = -torch.exp(z - lse.double()[:, None])
+        hit = (t >= 0) & (t < w.shape[0])
+        da[hit, t[hit]] += 1
+        block.copy_(g.double()[:, None] * da)
+        calls.append(tuple(block.shape))
+    return fill
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,v", [(40, 70), (70, 40)], ids=["n<v", "n>v"])
+@pytest.mark.parametrize("regime", ["one-block", "one-sweep", "two-sweeps", "dh-only",
+                                    "dW-only"])
+def test_blockwise_backward_matches_float64_in_every_regime(dtype, n, v, regime, monkeypatch):
+    d = 8  # small enough that one sweep with a float32 sum needs no more than the logits
+    h, w, b, t = make_head(n, d, v, dtype, "cpu", bias=True, scale=2.0, seed=n + v)
+    t[3] = 5
+    g = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    truth = float64_truth(h, w, t, b, g=g, ignore_index=5)
+    lse = truth[1]
+    size = dtype.itemsize
+    acc = 4 * d * min(n, v)
+    needs, budget = {
+        "one-block": ((True, True, True), n * v * size),
+        "one-sweep": ((True, True, True), 2 * acc + n * v * size // 2),
+        "two-sweeps": ((True, True, True), 2 * acc - 1),
+        "dh-only": ((True, False, False), 9 * v * size),
+        "dW-only": ((False, True, True), 9 * n * size),
+    }[regime]
+    summed = []
+    real = _gemm._output
+    monkeypatch.setattr(_gemm, "_output", lambda like, s: summed.append(s) or real(like, s))
+    calls = []
+    grads = _gemm.blockwise_backward(h, w, t, b, lse, g, 5, needs, budget, _torch_fill(calls))
+    blocks = {shape[0] * shape[1] * size for shape in calls}
+    for k, (ours, want, name) in enumerate(zip(grads, truth[2:], ("dh", "dW", "db"))):
+        if not needs[k]:
+            assert ours is None
+            continue
+        like = (h, w, b)[k]
+        assert ours.dtype == like.dtype and ours.shape == like.shape
+        # dA and the gradient each rounded once to the dtype, float32 sums in between
+        tol = (1e-6 if dtype == torch.float32 else 2.0**-7) * max(1.0, want.abs().max().item())
+        err = (ours.double() - want).abs().max().item()
+        assert err <= tol, (name, err, tol)
+    if regime == "one-block":
+        assert calls == [(n, v)] and not any(summed)
+    elif regime == "one-sweep":
+        assert summed.count(True) == 1 and len({c[0] == n for c in calls}) == 1
+    else:  # no float32 N x D or V x D sums; every block within the budget
+        assert not any(summed) and max(blocks) <= budget
+        full_rows = {c for c in calls if c[0] == n}
+        full_cols = {c for c in calls if c[1] == v}
+        assert full_rows if regime != "dh-only" else not full_rows - full_cols
+        assert full_cols if regime != "dW-only" else not full_cols - full_rows
+    if regime == "two-sweeps":  # each (token, vocabulary) pair recomputed once per sweep
+        assert sum(r * c for r, c in calls) == 2 * n * v
+
+
+def test_no_tokens_gives_zero_gradients():
+    h, w, b, t = make_head(0, 8, 30, torch.float32, "cpu", bias=True)
+    calls = []
+    dh, dw, db = _gemm.blockwise_backward(h, w, t, b, torch.zeros(0), torch.zeros(0), -100,
+                                          (True, True, True), 1 << 20, _torch_fill(calls))
+    assert calls == [] and dh.shape == (0, 8) and not dw.any() and not db.any()
