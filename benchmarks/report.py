@@ -12,7 +12,8 @@ Writes into ``DIR`` (default ``benchmarks/results/``):
   N and against the vocabulary V, one panel per mode and one line per implementation.
 
 ``--summary`` prints a compact plain-text table instead of (or as well as, with ``--output``)
-writing files; the GPU suite prints it last. Only the points that carry our ``extra_info`` (the
+writing files, then each speed and memory target of the issues as met, missed or without data
+(``targets``); the GPU suite prints it last. Only the points that carry our ``extra_info`` (the
 suites in this folder) are tabulated; the others (the trainer step, the CUDA epilogues) follow
 as one line of numbers each.
 """
@@ -131,6 +132,91 @@ def summary(rows, other=()):
     return "\n".join(out)
 
 
+MAIN = ("qwen3-8b", 16384, "bfloat16")  # the head, N and dtype the GPU targets are stated at
+TRITON_FWD_BWD = ("triton", "triton_da", "triton_da48", "triton_bounded", "triton_exact",
+                  "triton_det")
+
+
+def targets(rows, other=()):
+    """The issues' speed and memory targets checked against these points, one line each:
+    ``[met]``, ``[MISSED]`` or ``[no data]`` (the point did not run)."""
+    out = []
+
+    def check(ok, text):
+        out.append(f"  [{'no data' if ok is None else 'met' if ok else 'MISSED'}] {text}")
+
+    def at(mode, impl, head=MAIN):
+        return next((r for r in rows if (r["mode"], r.get("head"), r["n"], r["dtype"],
+                                         r["impl"]) == (mode, *head, impl)), None)
+
+    def x(r, key, spec=".2f"):
+        return _fmt(None if r is None else r.get(key), spec)
+
+    def val(r, key):
+        return None if r is None or r.get(key) is None else r[key]
+
+    def le(a, b):
+        return None if a is None or b is None else a <= b
+
+    if any(r.get("head") == MAIN[0] for r in rows):
+        out.append("targets at the {} head, N = {}, {} (issues 3, 4, 6):".format(*MAIN))
+        r = at("fwd", "triton")
+        check(le(val(r, "x_gemms"), 1.25), f"triton forward within 1.25x of a GEMM: "
+              f"{x(r, 'x_gemms')}x")
+        for impl in TRITON_FWD_BWD:
+            r = at("fwd_bwd", impl)
+            if r is None and impl != "triton":
+                continue
+            fast, small = le(val(r, "x_gemms"), 1.5), le(val(r, "extra_mb"), 64)
+            check(None if r is None else bool(fast and small),
+                  f"{impl} forward+backward within 1.5x of 4 GEMMs ({x(r, 'x_gemms')}x) and "
+                  f"64 MB beyond inputs and gradients ({x(r, 'extra_mb', '.0f')} MB)")
+        r, base = at("fwd_bwd", "triton_filter"), at("fwd_bwd", "triton")
+        fx, bx = val(r, "x_gemms"), val(base, "x_gemms")
+        check(None if fx is None or bx is None else fx < min(bx, 1.5),
+              f"triton_filter faster than the unfiltered and than 1.5x: {x(r, 'x_gemms')}x")
+        for peer in ("liger", "cce"):
+            p = at("fwd_bwd", peer)
+            if p is not None:
+                check(le(val(base, "ms"), p["ms"]), f"triton forward+backward faster than "
+                      f"{peer}: {x(base, 'ms')} vs {x(p, 'ms')} ms")
+        r = at("fwd_bwd", "cuda")
+        check(le(val(r, "x_gemms"), 1.15), f"cuda forward+backward within 1.15x of 4 GEMMs: "
+              f"{x(r, 'x_gemms')}x")
+        fracs = {i.get("kernel"): i.get("fraction_of_copy") for _, i in other
+                 if i.get("fraction_of_copy") is not None}
+        for kernel in ("lse_forward", "backward_epilogue"):
+            f = fracs.get(kernel)
+            check(None if f is None else f >= 0.8, f"cuda {kernel} at 80% or more of the copy's "
+                  f"bandwidth: {_fmt(f, '.0f', 100)}%")
+        ours = [r for r in rows if r.get("ours") and (r["mode"], r.get("head"), r["n"],
+                                                      r["dtype"]) == ("spot_loss", *MAIN)]
+        best = min(ours, key=lambda r: r["ms"], default=None)
+        for peer in ("naive", "naive_compile", "torch_lce", "liger", "cce"):
+            p = at("spot_loss", peer)
+            if p is not None:
+                ok = None if best is None else (best["ms"] < p["ms"] and le(
+                    val(best, "peak_mb"), val(p, "peak_mb")) is not False)
+                check(ok, f"spot_loss ({'-' if best is None else best['impl']}) ahead of {peer}:"
+                      f" {x(best, 'ms')} vs {x(p, 'ms')} ms, {x(best, 'peak_mb', '.0f')} vs "
+                      f"{x(p, 'peak_mb', '.0f')} MB")
+    # the CPU point of test_bench_torch_backend.py (N 4096, D 512, V 32768, float32)
+    small = [r for r in rows if r.get("head") == "issue2" and r["mode"] == "fwd_bwd"]
+    mine = [r for r in small if r["impl"] == "torch"]
+    if mine:
+        out.append("targets of the torch backend on the CPU (issue 4):")
+        worst = max(val(r, "time_vs_naive") or 0 for r in mine)
+        check(worst <= 1.4, f"forward+backward at most 1.4x the naive time: worst {worst:.2f}x")
+        worst = max(val(r, "mem_vs_naive") or 0 for r in mine)
+        check(worst <= 0.1, f"at most 10% of the naive peak memory: worst {100 * worst:.1f}%")
+        lce = {(r["n"], r["v"]): r["ms"] for r in small if r["impl"] == "torch_lce"}
+        pairs = [(r["ms"], lce[(r["n"], r["v"])]) for r in mine if (r["n"], r["v"]) in lce]
+        check(None if not pairs else all(a <= b for a, b in pairs),
+              "not slower than F.linear_cross_entropy chunked: worst "
+              + ("-" if not pairs else f"{max(a / b for a, b in pairs):.2f}x"))
+    return "\n".join(out)
+
+
 def _series(rows, axis):
     """Per mode, the fixed setting with the most distinct values of ``axis`` ('n' or 'v'),
     and its points per implementation: ``{mode: (title, {impl: [(x, ms, mb)]})}``."""
@@ -209,6 +295,9 @@ def main(argv=None):
     if args.summary:
         print(summary(rows, other) if rows or other
               else "no benchmark points in " + ", ".join(args.results))
+        goals = targets(rows, other)
+        if goals:
+            print(goals)
         if args.output is None:
             return 0
     if not rows:
