@@ -89,7 +89,10 @@ LABELS = {
     "cce": "Apple cut-cross-entropy (filter_eps=None)",
 }
 FLOPS = {"fwd": 2, "fwd_bwd": 6, "spot_loss": 6}    # times N D V
-GEMMS = {"fwd": 1, "fwd_bwd": 4, "spot_loss": 4}    # the [N,D]x[D,V] GEMMs a fused kernel does
+# the [N,D]x[D,V] GEMMs of the kernel issues' targets (x_gemms): a fused forward+backward that
+# recomputes the logits once does four; the variants that recompute twice (deterministic,
+# scratch_bytes, a two-sweep da_bytes) do five and are still held to four
+GEMMS = {"fwd": 1, "fwd_bwd": 4, "spot_loss": 4}
 HEADS = {  # real LM heads: (D, V)
     "qwen3-8b": (4096, 151936),
     "llama-3-8b": (4096, 128256),

@@ -119,7 +119,7 @@ def summary(rows, other=()):
     """A compact plain-text table: one line per point; then the other points' numbers."""
     out = [f"{'mode':<9} {'head':<11} {'N':>6} {'V':>7} {'dtype':<8} {'impl':<14} {'ms':>10} "
            f"{'TFLOP/s':>8} {'GEMM%':>6} {'xGEMMs':>6} {'peakMB':>9} {'extraMB':>9} "
-           f"{'t/naive':>7} {'m/naive':>7}"]
+           f"{'t/naive':>7} {'m/naive':>7}"] if rows else []
     for r in sorted(rows, key=_key):
         out.append(f"{r['mode']:<9} {r.get('head', ''):<11} {r['n']:>6} {r['v']:>7} "
                    f"{r['dtype']:<8} {r['impl']:<14} {_fmt(r['ms'], '10.2f')} "

@@ -3,7 +3,7 @@ move bytes at 80% or more of the HBM bandwidth measured by a device-to-device co
 run").
 
 On one ``[rows, V]`` logits chunk in the input dtype (4096 x 151936 bfloat16, 1.2 GB: the
-Qwen3-8B head, a chunk the size of the backend's default 1 GiB budget):
+Qwen3-8B head, a chunk about the size of the backend's default 1 GiB budget):
 
 * ``lse_forward`` reads the chunk once (online logsumexp, target gather, entropy);
 * ``backward_epilogue`` reads it and writes ``dA`` over it in place;

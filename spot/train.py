@@ -6,8 +6,9 @@
    each decoder layer and then the wrapper are sharded with FSDP2 (``fully_shard``) over NCCL,
    or gloo on CPU.
 3. Reference: the same weights at step 0, one ``no_grad`` pass over every sequence, cached on disk
-   as ``ref-<fingerprint>.pt`` (fingerprint = model files, tokenizer, ``max_length`` and the token
-   ids themselves); no second model is kept in memory while training.
+   as ``ref-<fingerprint>.pt`` (fingerprint = model files, tokenizer, ``max_length``, backend,
+   bf16 on a GPU, attention kernel and the token ids themselves); no second model is kept in
+   memory while training.
 4. Loss (DESIGN.md section 1): ``spot_kernels.spot_loss`` per packed micro-batch, with ``delta``
    passed as a callable, so it is updated with the batch-mean reward ``beta (pi - rho)`` (of all
    ranks) *before* the loss uses it, exactly as TRL's ``bco_pair`` does with ``RunningMoments``.

@@ -3,7 +3,7 @@
 ``dA`` blocks sweep ``[N, V]`` within a byte budget) and ``blockwise_backward``, which turns the
 blocks that a backend writes into ``dh``, ``dW`` and ``db``.
 
-Memory beyond inputs and gradients is the budget (plus O(N) state): a block and, when the
+Memory beyond inputs and gradients is the budget (plus O(N + V) state): a block and, when the
 budget has room for it in half, the float32 sum of the smaller gradient side (``4 min(N, V) D``
 bytes). At Qwen3-8B's head (N = 16384, D = 4096, V = 151936, bfloat16) a 1 GiB budget sums
 ``dh`` (268 MB) beside 805 MB blocks: 4 GEMMs of ``2 N D V`` FLOPs with the forward's. A 48 MB

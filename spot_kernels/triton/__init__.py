@@ -17,8 +17,10 @@ combines the partials deterministically. The backward recomputes each tile from 
   for half inputs with ``fast_grad=False``) and less parallelism, so expect roughly 1.3-2x the
   default's time (not measured yet).
 
-Tokens with ``g = 0`` (ignored, or zero weight) cost nothing in either backward mode: a tile
-whose rows all have ``g = 0`` skips everything, including the recompute.
+Tokens with ``g = 0`` (ignored, or zero weight) cost nothing in the default and deterministic
+backwards: a tile whose rows all have ``g = 0`` skips everything, including the recompute. With
+``da_bytes`` such a tile skips the recompute but is written as zeros, and its rows still pass
+through the cuBLAS GEMMs.
 
 The SPoT loss (``spot_kernels.spot_loss``) needs nothing more from this module: the sequence
 sums and the BCE are O(N + S) torch ops whose autograd hands each token its ``g_i`` (the
@@ -47,7 +49,8 @@ and the second only the ``dh`` ones.
   No effect with float32 inputs; not combined with ``deterministic``.
 * ``da_bytes`` (int >= 1, default None = off): the backward writes ``dA`` (rounded once to the
   inputs' dtype) in blocks (``bwd_da.py``) and runs ``dh = dA W`` and ``dW = dA^T h`` through
-  cuBLAS: no atomics, the GEMMs at cuBLAS speed, for ``6 N V`` bytes of ``dA`` traffic.
+  cuBLAS: no atomics, the GEMMs at cuBLAS speed, for ``6 N V`` bytes of ``dA`` traffic in half
+  precision (one sweep; ``8 N V`` in two).
   ``da_bytes`` holds a block (at least one tile) and any float32 sum (``_gemm.plan``): blocks
   span all tokens and a vocabulary chunk when ``N <= V`` (``dW`` rows in one GEMM each, ``dh``
   summed in a float32 ``N x D`` buffer when there is more than one chunk), else the reverse,

@@ -12,12 +12,14 @@ Why: the default backward (``bwd.py``) adds ``dh`` and ``dW`` tile by tile with 
 ``N V D (1 / BLOCK_V + 1 / BLOCK_M)`` of them, which likely bounds it by L2 atomic throughput on
 a large head. Here the gradient GEMMs are cuBLAS's, with their full-size tiles and no atomics;
 the cost is writing ``dA`` once and reading it twice (``6 N V`` bytes in half precision, a few
-ms at Qwen3-8B's head, next to ``4 N D V`` FLOPs of GEMMs).
+ms at Qwen3-8B's head, next to ``4 N D V`` FLOPs of GEMMs), or, when the caller's budget makes
+it sweep twice (``_gemm.plan``), writing and reading it twice (``8 N V`` bytes) with one more
+recompute.
 
 Work split: grid ``(cdiv(cols, BLOCK_V), cdiv(rows, BLOCK_M))``, the vocabulary tile fastest, so
-the programs resident at once share a few token tiles and walk the block's columns of ``W``
-(which the caller keeps small enough to stay in L2). A token tile whose ``g`` are all zero
-writes zeros without recomputing anything.
+the programs resident at once share a few token tiles (their ``h`` rows stay in L2) while they
+walk the block's columns of ``W``. A token tile whose ``g`` are all zero writes zeros without
+recomputing anything.
 
 Cost: ``2 rows D cols`` FLOPs (the recompute) and ``rows cols`` elements written per block.
 """
