@@ -341,9 +341,13 @@ compiled = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") == "1",
 @needs_cuda
 @compiled
 @pytest.mark.parametrize("options", [{}, {"deterministic": True}, {"split_vocab": 4},
-                                     {"scratch_bytes": 8 << 20}, {"da_bytes": 64 << 20}],
-                         ids=["default", "deterministic", "split", "scratch", "da_bytes"])
+                                     {"scratch_bytes": 8 << 20}, {"da_bytes": 64 << 20},
+                                     {"da_bytes": 192 << 20}],
+                         ids=["default", "deterministic", "split", "scratch", "da_bytes-2-sweeps",
+                              "da_bytes-dh-sum"])
 def test_gpu_real_size_bf16(options):
+    # da_bytes: the float32 dh sum (4 n d = 64 MiB) fits in half of 192 MiB (one sweep of
+    # vocabulary chunks), not in half of 64 MiB (two sweeps)
     n, d, v = 4096, 4096, 32768
     options = {"config": "default", **options}
     h, w, b, t = make_head(n, d, v, torch.bfloat16, "cuda", bias=False, scale=2.0, seed=11)
