@@ -61,8 +61,9 @@ def plan(n, v, d, itemsize, needs, budget, align=(1, 1), rows_per_block=None):
 
     * all tokens x vocabulary chunks give each chunk's ``dW``/``db`` rows whole (one GEMM), and
       token chunks x the whole vocabulary give each chunk's ``dh`` rows whole;
-    * with one gradient side needed (``dh`` alone, say, for a frozen head), or when all of
-      ``[N, V]`` fits in one block, one sweep in that orientation sums nothing;
+    * without ``dW`` (a frozen head), one sweep of token chunks: ``dh`` whole, ``db`` (``4 V``
+      bytes) summed; without ``dh``, one sweep of vocabulary chunks; either sums no ``N x D`` or
+      ``V x D`` buffer, nor does a single block holding all of ``[N, V]``;
     * with both, one sweep sums the smaller side in float32 (``dh``, ``4 N D`` bytes, when
       ``N <= V``) if that takes at most half the budget, the rest going to the blocks; else two
       sweeps, ``dW``/``db`` over vocabulary chunks, then ``dh`` over token chunks: one more
@@ -81,7 +82,7 @@ def plan(n, v, d, itemsize, needs, budget, align=(1, 1), rows_per_block=None):
 
     if rows_per_block:
         return [(chunks(n, rows_per_block), whole_v, needs)]
-    if n * v * itemsize <= budget or not (need_w or need_b):
+    if n * v * itemsize <= budget or not need_w:
         return [(*by_token(budget), needs)]
     if not need_h:
         return [(*by_vocab(budget), needs)]

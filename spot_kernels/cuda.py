@@ -20,8 +20,8 @@ Work split (a buffer in the input dtype within ``chunk_bytes``, reused):
   ``db += sum_i dA_i`` (float32). Accumulating GEMMs take a float32 output when torch offers
   it. When ``chunk_bytes`` has no room for that accumulator in half of it, two sweeps instead:
   ``dW``/``db`` over vocabulary chunks, then ``dh`` over token chunks (one more recompute, no
-  accumulator); with one gradient side needed (a frozen head: ``dh`` only) one sweep in the
-  orientation that sums nothing.
+  accumulator); without ``dW`` (a frozen head) one sweep of token chunks, summing only ``db``,
+  and without ``dh`` one of vocabulary chunks.
 
 Precision: cuBLAS rounds the logits block once to the input dtype (as a naive ``h @ W.T`` does);
 bias, softcap, temperature, the logsumexp and ``dA`` are float32 in the kernels, and ``dA`` is

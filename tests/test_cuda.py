@@ -192,6 +192,28 @@ def test_backward_blocks_within_chunk_bytes(n, v, sweeps, dtype, dev, monkeypatc
         assert summed == [] and [len(blocks[0][0]), len(blocks[1][1])] == [1, 1], blocks
 
 
+@pytest.mark.parametrize("trained", ["h", "h+b", "w+b"])
+def test_frozen_parts_get_no_gradient_and_the_rest_matches(trained, dev):
+    """Only the leaves that require grad get one (a frozen head: ``dh``, and ``db`` with a
+    trained bias, from one sweep of token chunks); with a ``chunk_bytes`` that forces several
+    blocks, against the float64 truth."""
+    h, w, b, t = make_head(40, 24, 600, torch.bfloat16, dev, bias=True, scale=2.0, seed=5)
+    leaves = {k: x.detach().clone().requires_grad_(k in trained)
+              for k, x in (("h", h), ("w", w), ("b", b))}
+    logp = sk.token_logprobs(leaves["h"], leaves["w"], t, bias=leaves["b"], backend="cuda",
+                             backend_options={"chunk_bytes": 6000})
+    g = torch.randn(40, generator=torch.Generator().manual_seed(2)).to(dev)
+    (logp * g).sum().backward()
+    truth = dict(zip("hwb", float64_truth(h, w, t, b, g=g)[2:]))
+    for k, x in leaves.items():
+        if k not in trained:
+            assert x.grad is None
+            continue
+        scale = max(1.0, truth[k].abs().max().item())
+        err = (x.grad.double() - truth[k]).abs().max().item()
+        assert x.grad.dtype == torch.bfloat16 and err <= 2.0**-7 * scale, (k, err, scale)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_non_contiguous_inputs(dtype, dev):
     h, w, b, t = make_head(41, 64, 520, dtype, dev, bias=True, seed=3)
