@@ -65,9 +65,10 @@ def plan(n, v, d, itemsize, needs, budget, align=(1, 1), rows_per_block=None):
       bytes) summed; without ``dh``, one sweep of vocabulary chunks; either sums no ``N x D`` or
       ``V x D`` buffer, nor does a single block holding all of ``[N, V]``;
     * with both, one sweep sums the smaller side in float32 (``dh``, ``4 N D`` bytes, when
-      ``N <= V``) if that takes at most half the budget, the rest going to the blocks; else two
-      sweeps, ``dW``/``db`` over vocabulary chunks, then ``dh`` over token chunks: one more
-      recompute of the logits, no float32 ``N x D`` or ``V x D`` buffer at all.
+      ``N <= V``; nothing extra for float32 inputs, whose gradient is that sum) if that takes
+      at most half the budget and leaves room for one aligned chunk, the rest going to the
+      blocks; else two sweeps, ``dW``/``db`` over vocabulary chunks, then ``dh`` over token
+      chunks: one more recompute of the logits, no float32 ``N x D`` or ``V x D`` buffer.
 
     Chunks are whole multiples of ``align`` (rows, columns), at least one (which may exceed the
     budget). ``rows_per_block`` forces one sweep of token chunks of that many rows."""
@@ -86,8 +87,10 @@ def plan(n, v, d, itemsize, needs, budget, align=(1, 1), rows_per_block=None):
         return [(*by_token(budget), needs)]
     if not need_h:
         return [(*by_vocab(budget), needs)]
-    acc = 4 * d * min(n, v)
-    if 2 * acc <= budget:
+    # the float32 sum of the smaller side; with float32 inputs it is the gradient itself
+    acc = 0 if itemsize == 4 else 4 * d * min(n, v)
+    least = itemsize * (n * min(align[1], v) if n <= v else min(align[0], n) * v)
+    if not acc or (2 * acc <= budget and least <= budget - acc):
         return [(*(by_vocab if n <= v else by_token)(budget - acc), needs)]
     return [(*by_vocab(budget), (False, need_w, need_b)),
             (*by_token(budget), (True, False, False))]

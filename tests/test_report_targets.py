@@ -78,3 +78,19 @@ def test_targets_without_their_points_say_so(report, tmp_path, capsys):
     assert got["triton forward within 1.25x of a GEMM"] == "no data"
     assert got["cuda forward+backward within 1.15x of 4 GEMMs"] == "no data"
     assert not any(k.startswith("spot_loss") for k in got)
+
+
+def test_a_missing_half_of_a_target_is_no_data_not_met(report, tmp_path, capsys):
+    got = _run(report, tmp_path, capsys, [
+        _point("fwd_bwd", "triton", 150.0, x_gemms=1.2),          # no extra_mb
+        _point("fwd_bwd", "triton_da", 150.0, x_gemms=1.7),       # too slow: missed anyway
+        _point("spot_loss", "cuda", 100.0),                       # no peak_mb
+        _point("spot_loss", "liger", 120.0, peak_mb=500.0),
+        _point("fwd_bwd", "torch", 6400.0, head="issue2", n=4096, v=32768, dtype="float32")])
+    assert got["triton forward+backward within 1.5x of 4 GEMMs (1.20x) and 64 MB beyond "
+               "inputs and gradients (- MB)"] == "no data"
+    assert got["triton_da forward+backward within 1.5x of 4 GEMMs (1.70x) and 64 MB beyond "
+               "inputs and gradients (- MB)"] == "MISSED"
+    assert got["spot_loss (cuda) ahead of liger"] == "no data"
+    assert got["forward+backward at most 1.4x the naive time"] == "no data"
+    assert got["at most 10% of the naive peak memory"] == "no data"

@@ -11,9 +11,9 @@ frame of at most 64 bytes a thread, a few values; Triton versions differ by that
 for sm_90a with Triton 3.6 (the version of the GPU machine) and 3.9, as real sizes specialise
 the kernels (N, V, D and row strides multiples of 16, which turns on software pipelining) and as
 ragged ones do (any N and V with a model's D and row strides: packed batches, vocabulary
-shards), with the stack frame read from the cubin (``cuobjdump --dump-resource-usage``). Sizes
-where nothing is a multiple of 16 (test shapes, never a real head) may spill a little: slower,
-still correct. Half-precision forward: 128 x 128 x 64 with 8 warps and 3 stages, the wgmma
+shards), with the stack frame read from the cubin (``cuobjdump --dump-resource-usage``). Where
+nothing is a multiple of 16 (test shapes, never a real head) they spill, up to about 600 bytes
+a thread in the deterministic ``dW`` pass: slower, still correct. Half-precision forward: 128 x 128 x 64 with 8 warps and 3 stages, the wgmma
 (``HGMMA``) main loop taking a 64-wide D chunk per stage as Hopper matmuls usually do (128 x
 256 tiles spill; 32-wide chunks halve the work between the loop's barriers). Backward kernels
 (default with and without the ``hi + lo`` split, both deterministic passes): 64 x 128 x 64 with
