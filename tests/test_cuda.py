@@ -176,7 +176,7 @@ def test_backward_blocks_within_chunk_bytes(n, v, sweeps, dtype, dev, monkeypatc
     monkeypatch.setattr(_gemm, "_output",
                         lambda like, summed: made.append((tuple(like.shape), summed))
                         or output(like, summed))
-    monkeypatch.setattr(_gemm, "plan", lambda *a, **k: blocks.extend(plan(*a, **k)) or plan(*a, **k))
+    monkeypatch.setattr(_gemm, "plan", lambda *a, **k: blocks.extend(got := plan(*a, **k)) or got)
     d = 24
     acc = 4 * d * min(n, v)
     budget = 2 * acc + 16 * max(n, v) * dtype.itemsize if sweeps == 1 else acc

@@ -33,6 +33,12 @@ def _run(report, tmp_path, capsys, points):
             for line in text.splitlines() if line.startswith("  [")}
 
 
+def _fwd_bwd(impl, x_gemms, extra_mb):
+    """The key of a Triton variant's forward+backward target line."""
+    return (f"{impl} forward+backward within 1.5x of 4 GEMMs ({x_gemms}x) and 64 MB beyond "
+            f"inputs and gradients ({extra_mb} MB)")
+
+
 def test_targets_read_from_the_points(report, tmp_path, capsys):
     points = [
         _point("fwd", "triton", 30.0, x_gemms=1.2),
@@ -56,10 +62,8 @@ def test_targets_read_from_the_points(report, tmp_path, capsys):
     ]
     got = _run(report, tmp_path, capsys, points)
     assert got["triton forward within 1.25x of a GEMM"] == "met"
-    assert got["triton forward+backward within 1.5x of 4 GEMMs (1.60x) and 64 MB beyond inputs "
-               "and gradients (2900 MB)"] == "MISSED"
-    assert got["triton_da48 forward+backward within 1.5x of 4 GEMMs (1.30x) and 64 MB beyond "
-               "inputs and gradients (50 MB)"] == "met"
+    assert got[_fwd_bwd("triton", "1.60", "2900")] == "MISSED"
+    assert got[_fwd_bwd("triton_da48", "1.30", "50")] == "met"
     assert got["triton_filter faster than the unfiltered and than 1.5x"] == "met"
     assert got["triton forward+backward faster than liger"] == "MISSED"
     assert "triton forward+backward faster than cce" not in got  # no cce point: no line
@@ -87,10 +91,8 @@ def test_a_missing_half_of_a_target_is_no_data_not_met(report, tmp_path, capsys)
         _point("spot_loss", "cuda", 100.0),                       # no peak_mb
         _point("spot_loss", "liger", 120.0, peak_mb=500.0),
         _point("fwd_bwd", "torch", 6400.0, head="issue2", n=4096, v=32768, dtype="float32")])
-    assert got["triton forward+backward within 1.5x of 4 GEMMs (1.20x) and 64 MB beyond "
-               "inputs and gradients (- MB)"] == "no data"
-    assert got["triton_da forward+backward within 1.5x of 4 GEMMs (1.70x) and 64 MB beyond "
-               "inputs and gradients (- MB)"] == "MISSED"
+    assert got[_fwd_bwd("triton", "1.20", "-")] == "no data"
+    assert got[_fwd_bwd("triton_da", "1.70", "-")] == "MISSED"
     assert got["spot_loss (cuda) ahead of liger"] == "no data"
     assert got["forward+backward at most 1.4x the naive time"] == "no data"
     assert got["at most 10% of the naive peak memory"] == "no data"

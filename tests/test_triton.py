@@ -353,8 +353,8 @@ def test_gpu_real_size_bf16(options, monkeypatch):
     # vocabulary chunks), not in half of 64 MiB (two sweeps)
     from spot_kernels import _gemm
     sweeps, plan = [], _gemm.plan
-    monkeypatch.setattr(_gemm, "plan", lambda *a, **k: sweeps.append(len(plan(*a, **k)))
-                        or plan(*a, **k))
+    monkeypatch.setattr(_gemm, "plan",
+                        lambda *a, **k: sweeps.append(len(got := plan(*a, **k))) or got)
     n, d, v = 4096, 4096, 32768
     options = {"config": "default", **options}
     h, w, b, t = make_head(n, d, v, torch.bfloat16, "cuda", bias=False, scale=2.0, seed=11)
