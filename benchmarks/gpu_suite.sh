@@ -11,7 +11,7 @@
 #   2. the device and measured ceilings: a large device-to-device copy (GB/s, bytes read plus
 #      written) and an 8192^3 bf16 GEMM (TFLOP/s), on random data after warm-up;
 #   3. pytest tests/ -m "gpu and not sweep" (the dedicated GPU tests; at most 120 s, and never
-#      into the last 200 s, which are the benchmarks');
+#      into the last 200 s, which are the benchmarks'), in parallel workers with pytest-xdist;
 #   4. compute-sanitizer --tool memcheck on benchmarks/cuda_memcheck.py (without torch's caching
 #      allocator; at most 45 s), when that script exists, the CUDA extension imports,
 #      compute-sanitizer is on the PATH and the machine is not gVisor (whose sanitizer refuses
@@ -201,13 +201,23 @@ if [ "$TUNE" = 1 ]; then
 fi
 
 # 3. GPU tests ------------------------------------------------------------------------------
+# With pytest-xdist (the GPU image has it) the tests run in parallel worker processes sharing
+# the one GPU: most of their time is Triton compiling each kernel specialisation on the CPU,
+# and a worker that a device fault kills is replaced instead of poisoning the CUDA context of
+# every later test. Half the cores, at most 8 (each worker holds a CUDA context and a few GB).
+XDIST=()
+if "$PY" -c "import xdist" 2> /dev/null; then
+  NW=$(( $(nproc 2> /dev/null || echo 2) / 2 ))
+  [ "$NW" -gt 8 ] && NW=8
+  [ "$NW" -ge 2 ] && XDIST=(-n "$NW")
+fi
 if [ "$DRY" = 1 ]; then
   note gpu-tests "skipped (dry run: no GPU)"
 else
   # the dedicated GPU tests (real sizes, every CUDA kernel, the trainer); the sweep of the whole
   # backend fixture on device="cuda" runs last, with what time the benchmarks leave. At least
   # 200 s stay for the benchmarks: the numbers this short lease exists for
-  MIN_S=60 stage gpu-tests 120 200 "$PY" -m pytest tests/ -m "gpu and not sweep" -q -p no:cacheprovider
+  MIN_S=60 stage gpu-tests 120 200 "$PY" -m pytest tests/ -m "gpu and not sweep" -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"}
 fi
 
 # 4. CUDA memcheck --------------------------------------------------------------------------
@@ -257,7 +267,7 @@ fi
 if [ "$DRY" = 1 ]; then
   note gpu-sweep "skipped (dry run: no GPU)"
 else
-  MIN_S=60 SOFT=1 stage gpu-sweep 90 10 "$PY" -m pytest tests/ -m sweep -q -p no:cacheprovider
+  MIN_S=60 SOFT=1 stage gpu-sweep 90 10 "$PY" -m pytest tests/ -m sweep -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"}
 fi
 
 echo

@@ -11,7 +11,8 @@ where N and V are multiples of 16 too, have spilled no more than these) and odd 
 multiple of 16: no pipelining). Each must fit the device's shared memory and, at ragged sizes,
 where Triton ships ``cuobjdump``, keep its stack frame within 64 bytes a thread: a kernel that
 spills more than a few registers to local memory fails. At odd sizes (test shapes, never a
-real head) spills are printed: slower, still correct.
+real head) spills are printed: slower, still correct. On sm_90 at ragged sizes the default
+backward's ``dh`` and ``dW`` atomic adds must be 4-wide vector reductions (read from the PTX).
 
 The kernels promise Triton >= 3.3. ``make test`` installs the oldest supported release apart
 (``SPOT_TRITON_OLDEST``, a ``pip install --target`` folder) and every kernel is compiled with it
@@ -77,7 +78,13 @@ SCRIPT = textwrap.dedent('''
                                    capture_output=True, text=True).stdout
             os.unlink(f.name)
             stack = int(re.search(r"STACK:(\\d+)", usage).group(1))
-        return out.metadata.shared, stack
+        return out.metadata.shared, stack, out.asm["ptx"]
+
+    def atomics(ptx):
+        """``{width: count}`` of the float32 atomic adds in ``ptx`` (1: scalar, 4: ``.v4``)."""
+        widths = [int(w or 1) for w in
+                  re.findall(r"\\b(?:red|atom)\\.global[\\w.]*?\\.add\\.(?:v(\\d)\\.)?f32\\b", ptx)]
+        return {w: widths.count(w) for w in sorted(set(widths))}
 
     def blocks(c):
         return dict(BLOCK_M=c["block_m"], BLOCK_V=c["block_v"], BLOCK_D=c["block_d"])
@@ -116,8 +123,16 @@ SCRIPT = textwrap.dedent('''
     bad = []
     for name, kernel, consts, cfg, dtype, arch in jobs():
         name = f"{name} sizes={SIZES}"
-        smem, stack = build(kernel, consts, cfg, dtype, arch)
+        smem, stack, ptx = build(kernel, consts, cfg, dtype, arch)
         print(name, "shared", smem, "stack", stack, flush=True)
+        if kernel is bwd._backward_kernel and arch == 90 and SIZES != "odd":
+            # Hopper's 4-wide float32 reductions (red.global.add.v4.f32): the dh and dW adds
+            # are the default backward's bottleneck, a quarter of the instructions this way;
+            # only db's one add a column stays scalar. Needs D and the row strides known to be
+            # multiples of 16 (odd sizes go scalar)
+            got = atomics(ptx)
+            if not got.get(4) or got.get(1, 0) > int(consts["NEED_B"]):
+                bad.append(f"{name}: float32 atomic adds by width {got}, want 4-wide for dh and dW")
         if smem > SMEM[arch]:
             bad.append(f"{name}: {smem} bytes of shared memory")
         if stack and stack > STACK_LIMIT and TUNED and SIZES != "odd":

@@ -61,11 +61,12 @@ UBSAN = ["-fsanitize=undefined", "-fno-sanitize-recover=all", "-static-libubsan"
 
 def _compile(sources, target, *, shared, extra=()):
     """Each source (``.cu`` launches rewritten) compiled to an object in parallel, then linked
-    into ``target`` (written atomically: a concurrent build never sees half a file)."""
+    into ``target`` (written atomically, from a work folder of this process's own: builds in
+    concurrent processes, such as ``pytest -n``'s workers, never see each other's files)."""
     import pybind11
 
     cxx = os.environ.get("CXX", "g++")
-    work = target.parent / "src"
+    work = target.parent / f"src.{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
     flags = ["-std=c++20", "-O2", "-g0", "-fPIC", "-Wall", "-Wno-unknown-pragmas", "-Werror",
              f"-I{HERE / 'include'}", f"-I{CSRC}", f"-I{pybind11.get_include()}",
@@ -91,6 +92,7 @@ def _compile(sources, target, *, shared, extra=()):
         if proc.returncode != 0:
             raise RuntimeError(f"host build failed:\n{' '.join(cmd)}\n{log[-8000:]}")
     os.replace(link[-1], target)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def _out(out_root):
