@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 # Triton kernels run on the CPU through Triton's interpreter in the tests.
 export TRITON_INTERPRET ?= 1
 
-.PHONY: test demo install bench
+.PHONY: test demo install bench wheels
 
 # torch first, pinned to the CPU build on disk: a bare `torch` would pull a multi-GB CUDA build.
 # The oldest Triton the kernels support, installed apart (build/ is git-ignored) so that
@@ -26,3 +26,8 @@ demo: install
 
 bench: install
 	$(PYTHON) -m pytest benchmarks/ -q
+
+# Peers for benchmarks/gpu_suite.sh on a GPU machine without network: their wheels into the
+# git-ignored wheels/ folder, which the suite installs first.
+wheels:
+	$(PIP) download -q --no-deps --only-binary=:all: -d wheels liger-kernel cut-cross-entropy

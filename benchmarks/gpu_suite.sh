@@ -37,8 +37,8 @@
 # (small sizes), two small CPU benchmark points, the report and the summary, so the script stays
 # tested (tests/test_gpu_suite_dryrun.py).
 #
-# To bring peers to a machine without network, beforehand on one with it:
-#   python -m pip download --no-deps --only-binary=:all: -d wheels liger-kernel cut-cross-entropy
+# To bring peers to a machine without network, beforehand on one with it: make wheels
+#   (python -m pip download --no-deps --only-binary=:all: -d wheels liger-kernel cut-cross-entropy)
 set -u -o pipefail
 
 OUT_DIR=""
