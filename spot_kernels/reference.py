@@ -47,6 +47,7 @@ def token_logprobs(hidden, weight, targets, bias=None, *, temperature=1.0, softc
     z = logits(hidden, weight, bias, temperature=temperature, softcap=softcap,
                compute_dtype=compute_dtype)
     logp_all = torch.log_softmax(z, dim=-1)
+    targets = targets.long()  # uint8 targets would compare with a wrapped ignore_index
     valid = targets != ignore_index
     # the backends' contract for a vocabulary shard: a target outside [0, V) has no logit
     # here, so its log-prob is -lse (z - lse at any column, less z there)
@@ -58,7 +59,7 @@ def token_logprobs(hidden, weight, targets, bias=None, *, temperature=1.0, softc
     if not return_entropy:
         return logp
     p = logp_all.exp()
-    entropy = -(p * logp_all).sum(-1)
+    entropy = -torch.where(p > 0, p * logp_all, 0.0).sum(-1)  # p log p = 0 at p = 0
     return logp, entropy
 
 

@@ -117,15 +117,18 @@ def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None
             here = (local >= 0) & (local < cols)
             zt += torch.where(here, z.gather(1, local.clamp(0, cols - 1).unsqueeze(1)).squeeze(1), 0.0)
             m_new = torch.maximum(m, z.amax(1))
-            scale = torch.exp(m - m_new)
-            z -= m_new.unsqueeze(1)
+            # a row whose logits so far are all -inf (a masked block of the vocabulary) shifts
+            # by 0, not by -inf: -inf - (-inf) would be NaN
+            shift = torch.where(m_new == -math.inf, 0.0, m_new)
+            scale = torch.exp(m - shift)
+            z -= shift.unsqueeze(1)
             if return_entropy:
                 # zs = sum exp(z - m) (z - m), moved to the new max (s = 0 on the first chunk)
-                zs = (zs + torch.where(s > 0, m - m_new, 0.0) * s) * scale
+                zs = (zs + torch.where(s > 0, m - shift, 0.0) * s) * scale
             e = z.exp_() if not return_entropy else z.exp()
             s = s * scale + e.sum(1)
             if return_entropy:
-                zs += (e * z).sum(1)
+                zs += torch.where(e > 0, e * z, 0.0).sum(1)  # 0 * -inf is 0 here, not NaN
             m = m_new
             del z, e  # free the block before the next one is allocated
         out_lse = m + torch.log(s)

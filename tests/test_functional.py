@@ -100,6 +100,35 @@ def test_large_logits_stay_finite(backend, device):
     check(backend, h, w, t)
 
 
+MASKED_OPTIONS = {"torch": [{"vocab_chunk": 16}], "triton": [{"block_v": 16},
+                                                          {"block_v": 16, "split_vocab": 3}]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_masked_vocabulary_blocks(backend, device, dtype):
+    """A -inf bias over whole blocks of the vocabulary (a masked or padded stretch) leaves every
+    logit a block or a vocabulary split has seen -inf: the online max must not shift by -inf
+    (-inf - -inf = NaN), and the entropy's p log p is 0 there."""
+    h, w, b, _ = make_head(21, 24, 97, dtype, device, bias=True, scale=2.0, seed=14)
+    b[:48] = float("-inf")  # the first of three vocabulary splits (48 columns) entirely
+    b[57:61] = float("-inf")
+    t = torch.randint(61, 97, (21,), generator=torch.Generator().manual_seed(1)).to(device)
+    t[::5] = -100
+    truth, same, gout = references(h, w, t, b)
+    _, te = reference.token_logprobs(h.double(), w.double(), t, b.double(),
+                                     compute_dtype=torch.float64, return_entropy=True)
+    _, se = reference.token_logprobs(h, w, t, b, return_entropy=True)
+    assert torch.isfinite(truth[0]).all() and torch.isfinite(te).all()
+    for opts in MASKED_OPTIONS.get(backend, [None]):
+        logp, grads = run(backend, h, w, t, b, gout, backend_options=opts)
+        assert_close(logp, same[0], truth[0], dtype, f"logp {opts}")
+        for name, ours, sd, tr in zip(("dh", "dW", "db"), grads, same[1], truth[1]):
+            assert_close(ours, sd, tr, dtype, f"{name} {opts}", atol=GRAD_ATOL.get(dtype))
+        _, ent = sk.token_logprobs(h, w, t, bias=b, backend=backend, return_entropy=True,
+                                   backend_options=opts)
+        assert_close(ent, se, te, dtype, f"entropy {opts}")
+
+
 def test_entropy(backend, device):
     h, w, b, t = make_head(29, 24, 83, torch.float32, device, bias=True, scale=2.0, seed=9)
     kw = dict(temperature=0.8, softcap=5.0)
@@ -110,6 +139,37 @@ def test_entropy(backend, device):
     assert_close(logp, sl, tl, torch.float32, "logp")
     assert_close(ent, se, te, torch.float32, "entropy")
     assert not ent.requires_grad
+
+
+def test_uint8_targets_count_like_int64(backend, device):
+    """Targets of any integer dtype mean the same ids: a uint8 156 (what -100 wraps to) is a
+    real token of a 200-word vocabulary, counted in the sequence sums, never ignored."""
+    h, w, _, t = make_head(12, 16, 200, torch.float32, device, ignore_frac=0.0, seed=15)
+    t[::3] = 156
+    cu = torch.tensor([0, 4, 8, 10, 12], device=device)
+    ref, labels = torch.zeros(4, device=device), torch.tensor([1.0, 1.0, 0.0, 0.0], device=device)
+    outs = [sk.spot_loss(h, w, tt, cu, ref, labels, backend=backend).policy_logps
+            for tt in (t, t.to(torch.uint8))]
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    truth = float64_truth(h, w, t, None, torch.ones(12, device=device))[0]
+    expect = torch.stack([truth[a:b].sum() for a, b in zip(cu[:-1], cu[1:])])
+    torch.testing.assert_close(outs[1].double(), expect, rtol=0, atol=1e-4)
+
+
+def test_second_derivative_is_an_error(backend, device):
+    """The fused backward has no derivative: differentiating its gradient (a gradient penalty)
+    fails loudly instead of treating the gradient as a constant; the first derivative under
+    create_graph=True is still right."""
+    if backend == "reference":
+        pytest.skip("the reference is plain autograd: twice differentiable")
+    h, w, _, t = make_head(10, 16, 37, torch.float32, device, seed=16)
+    hh = h.clone().requires_grad_()
+    logp = sk.token_logprobs(hh, w, t, backend=backend)
+    (gh,) = torch.autograd.grad(logp.sum(), hh, create_graph=True)
+    _, _, dh64, _ = float64_truth(h, w, t, None, torch.ones(10, device=device))[:4]
+    torch.testing.assert_close(gh.double(), dh64, rtol=0, atol=1e-4)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        gh.pow(2).sum().backward()
 
 
 def test_targets_outside_vocab_without_ignore(backend, device):

@@ -59,12 +59,15 @@ def _forward_kernel(H, W, B, T, LOGP, LSE, ENT, PM, PS, PT, PQ,
         hit = (cols[None, :] == t[:, None]) & col_mask[None, :]
         zt += tl.sum(tl.where(hit, z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))
-        scale = tl.exp(m - m_new)
-        zc = z - m_new[:, None]
+        # rows whose logits so far are all -inf (masked columns, a -inf bias) shift by 0:
+        # -inf - (-inf) would be NaN
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        scale = tl.exp(m - shift)
+        zc = z - shift[:, None]
         e = tl.exp(zc)
         if ENTROPY:
-            q = scale * (q + (tl.where(s > 0, m, m_new) - m_new) * s)
-            q += tl.sum(e * tl.where(col_mask[None, :], zc, 0.0), axis=1)
+            q = scale * (q + (tl.where(s > 0, m, shift) - shift) * s)
+            q += tl.sum(e * tl.where(e > 0, zc, 0.0), axis=1)  # e = 0 where zc = -inf
         s = s * scale + tl.sum(e, axis=1)
         m = m_new
 

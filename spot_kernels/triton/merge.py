@@ -37,7 +37,8 @@ def _merge_kernel(PM, PS, PT, PQ, T, LOGP, LSE, ENT, N, splits, ignore_index,
         zt += tl.load(PT + k * N + rows, mask=mask, other=0.0)
         if ENTROPY:
             qk = tl.load(PQ + k * N + rows, mask=mask, other=0.0)
-            q += scale * (qk + (mk - big_m) * sk)
+            # a split with no finite logit has mk = -inf and sk = 0: its term is 0, not -inf * 0
+            q += scale * (qk + tl.where(sk > 0, mk - big_m, 0.0) * sk)
     lse = big_m + tl.log(s)
     t = tl.load(T + rows, mask=mask, other=ignore_index)
     tl.store(LSE + rows, lse, mask=mask)
