@@ -38,7 +38,10 @@ def backend_options(backend, options, allowed, positive_ints=()):
 def positive_number(name, x, allow_none=False):
     if x is None and allow_none:
         return
-    if isinstance(x, torch.Tensor) and x.numel() == 1:
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1 or x.dim() > 1:  # a [1, 1] beta would broadcast [S] rewards to [1, S]
+            raise ValueError(f"{name} must be a number or a 0-dim tensor, got a tensor of shape "
+                             f"{tuple(x.shape)}")
         x = x.item()
     if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x) or x <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {x!r}")
@@ -68,6 +71,9 @@ def head(hidden, weight, targets, bias, temperature, softcap, ignore_index):
     v, d = weight.shape
     if v == 0:
         raise ValueError("weight must have at least one row (V >= 1)")
+    if d == 0:
+        raise ValueError("weight must have at least one column (D >= 1), got [V, D] = "
+                         f"{list(weight.shape)}")
     if hidden.shape[-1] != d:
         raise ValueError(f"hidden has last dim {hidden.shape[-1]} but weight is [V, D] with "
                          f"D = {d}")
@@ -89,9 +95,10 @@ def head(hidden, weight, targets, bias, temperature, softcap, ignore_index):
     positive_number("temperature", temperature)
     positive_number("softcap", softcap, allow_none=True)
     if targets.numel():
-        bad = ((targets < 0) | (targets >= v)) & (targets != ignore_index)
+        t = targets.long()  # uint8 targets would compare with a wrapped ignore_index (-100 -> 156)
+        bad = ((t < 0) | (t >= v)) & (t != ignore_index)
         if bool(bad.any()):
-            first = targets[bad][0].item()
+            first = t[bad][0].item()
             raise ValueError(f"targets must lie in [0, V) = [0, {v}) or equal ignore_index "
                              f"({ignore_index}); found {first}")
     n = targets.numel()
@@ -151,8 +158,8 @@ def bce_inputs(policy, ref, labels, beta, delta, reduction, s=None, allow_callab
     """Checks the BCE inputs; ``policy`` may be None when ``s`` (the sequence count) is given."""
     named = (("policy_logps", policy), ("ref_logps", ref), ("labels", labels))
     for name, x in named:
-        if x is None:
-            continue
+        if x is None and name == "policy_logps" and s is not None:
+            continue  # spot_loss: the policy log-probs are computed after the checks
         tensor(name, x)
         if x.dim() != 1:
             raise ValueError(f"{name} must be 1-D [S], got {tuple(x.shape)}")

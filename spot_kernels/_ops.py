@@ -108,6 +108,7 @@ def _(hidden, weight, targets, bias, lse, grad_logp, backend, temperature, softc
 def _setup_context(ctx, inputs, output):
     hidden, weight, targets, bias, backend, temperature, softcap, ignore_index, _, options = inputs
     ctx.save_for_backward(hidden, weight, targets, bias, output[1])
+    ctx.mark_non_differentiable(output[1], output[2])  # lse and the entropy: statistics
     ctx.args = (backend, temperature, softcap, ignore_index)
     ctx.options = options
 

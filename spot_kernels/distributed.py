@@ -61,6 +61,7 @@ import torch
 import torch.distributed as dist
 
 from . import _checks, _registry
+from .functional import _once_differentiable
 
 
 def is_dtensor(x):
@@ -172,6 +173,7 @@ class _ShardedHead(torch.autograd.Function):
         return logp, ent
 
     @staticmethod
+    @_once_differentiable
     def backward(ctx, grad_logp, *_):
         hidden, weight, bias, t, lse = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]

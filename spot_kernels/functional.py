@@ -5,11 +5,30 @@ No math lives here: the backends (``torch_backend``, ``triton``, ``cuda``) hold 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from . import _checks, _ops, _registry, losses, reference
+
+
+def _once_differentiable(backward):
+    """``torch.autograd.function.once_differentiable`` for the fused heads, stricter: under
+    ``create_graph=True`` the gradients always carry an error for a second backward, not only
+    when the incoming gradient requires grad. The fused backward has no derivative of its own,
+    so a gradient penalty through it must fail loudly instead of seeing a constant."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        if not torch.is_grad_enabled():  # create_graph=False: the usual case
+            return out
+        err = torch._C._functions.DelayedError(
+            b"spot_kernels: token_logprobs has no second derivative (its backward is a fused "
+            b"kernel); differentiate its gradient with backend='reference' instead", len(out))
+        return err(*[None if g is None else g.detach().requires_grad_() for g in out])
+    return wrapper
 
 
 class _TokenLogprobs(torch.autograd.Function):
@@ -27,6 +46,7 @@ class _TokenLogprobs(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
+    @_once_differentiable
     def backward(ctx, grad_logp, *_):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
@@ -204,7 +224,7 @@ def spot_loss(hidden, weight, targets, cu_seqlens, ref_logps, labels, *, beta=0.
                           softcap=softcap, ignore_index=ignore_index, backend=backend,
                           backend_options=backend_options,
                           process_group=process_group).reshape(-1)
-    valid = targets.reshape(-1) != ignore_index
+    valid = targets.reshape(-1).long() != ignore_index  # long: uint8 would wrap ignore_index
     policy = losses.sequence_logprobs(logp, cu_seqlens, valid, average)
     if callable(delta):
         delta = delta((beta * (policy.detach() - ref_logps.detach().float())).mean())

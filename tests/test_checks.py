@@ -51,11 +51,14 @@ CASES = [
     (call_logprobs, dict(weight=torch.randn(V, D + 1)), ValueError, "hidden"),
     (call_logprobs, dict(weight=torch.randn(V)), ValueError, "weight"),
     (call_logprobs, dict(weight=torch.randn(0, D)), ValueError, "weight"),
+    (call_logprobs, dict(hidden=torch.randn(N, 0), weight=torch.randn(V, 0)), ValueError, "D >= 1"),
     (call_logprobs, dict(targets=torch.randn(N)), TypeError, "targets"),
     (call_logprobs, dict(targets=torch.zeros(N + 1, dtype=torch.long)), ValueError, "targets"),
     (call_logprobs, dict(targets=torch.full((N,), V)), ValueError, "targets"),
     (call_logprobs, dict(targets=torch.full((N,), -1)), ValueError, "targets"),
     (call_logprobs, dict(targets=torch.full((N,), -100), ignore_index=-1), ValueError, "targets"),
+    # uint8 targets: 156 is -100 wrapped to 8 bits, still no id of a V = 11 vocabulary
+    (call_logprobs, dict(targets=torch.full((N,), 156, dtype=torch.uint8)), ValueError, "targets"),
     (call_logprobs, dict(bias=torch.randn(V + 1)), ValueError, "bias"),
     (call_logprobs, dict(bias=torch.randn(V).double()), TypeError, "bias"),
     (call_logprobs, dict(temperature=0.0), ValueError, "temperature"),
@@ -80,6 +83,10 @@ CASES = [
     # bce_reward_loss
     (call_bce, dict(beta=0.0), ValueError, "beta"),
     (call_bce, dict(beta=-0.1), ValueError, "beta"),
+    (call_bce, dict(beta=torch.tensor([[0.1]])), ValueError, "beta"),
+    (call_bce, dict(policy_logps=None), TypeError, "policy_logps"),
+    (call_bce, dict(ref_logps=None), TypeError, "ref_logps"),
+    (call_bce, dict(labels=None), TypeError, "labels"),
     (call_bce, dict(labels=torch.tensor([1.0, 2.0, 0.0, 0.0])), ValueError, "labels"),
     (call_bce, dict(labels=torch.tensor([1.0, -0.5, 0.0, 0.0])), ValueError, "labels"),
     (call_bce, dict(labels=torch.tensor([1.0, 0.0])), ValueError, "labels"),
@@ -94,6 +101,8 @@ CASES = [
     (call_spot, dict(ref_logps=torch.randn(3)), ValueError, "ref_logps"),
     (call_spot, dict(labels=torch.tensor([1.0, 1.0, 0.0, 3.0])), ValueError, "labels"),
     (call_spot, dict(beta=0), ValueError, "beta"),
+    (call_spot, dict(ref_logps=None), TypeError, "ref_logps"),
+    (call_spot, dict(labels=None), TypeError, "labels"),
     (call_spot, dict(ref_logps=torch.randn(4, device="meta")), ValueError, "ref_logps"),
     (call_spot, dict(labels=torch.tensor([1.0, 1.0, 0.0, 0.0], device="meta")), ValueError,
      "labels"),
@@ -113,6 +122,7 @@ def test_good_inputs_pass():
     call_logprobs()
     call_sequence()
     call_bce()
+    call_bce(beta=torch.tensor(0.1))
     call_spot()
 
 
