@@ -124,6 +124,14 @@ if [ "$DRY" = 1 ]; then
   note install "skipped (dry run)"
 else
   stage install 180 60 bash -c do_install
+  # setup.py falls back to pure Python when nvcc fails; then say so once, as a failed stage,
+  # and let the cuda tests skip with that reason instead of failing one by one
+  if ! CUDA_ERR="$("$PY" -c "import spot_kernels._cuda" 2>&1)"; then
+    echo "!! the CUDA extension was not built: $(echo "$CUDA_ERR" | tail -1)"
+    STAGES+=("$(printf '%-12s %-28s %5s' cuda-ext "NOT BUILT" "0")")
+    FAILED=1
+    export SPOT_KERNELS_BUILD_CUDA=0
+  fi
 fi
 
 # 2. device and ceilings ----------------------------------------------------------------------

@@ -72,7 +72,7 @@ def load_model(path, device="cpu", trust_remote_code=False, bf16=True, attn="aut
 
 def enable_checkpointing(model):
     """Activation (gradient) checkpointing of every decoder layer, non-reentrant."""
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+    if hasattr(model, "activation_checkpointing_enable"):  # newer transformers (5.24 has it)
         model.activation_checkpointing_enable({"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -390,6 +390,22 @@ def test_gpu_real_size_fp32_bias_and_filter():
         assert ((ours.double() - tr).norm() / tr.norm()) < 1e-2
 
 
+def test_interpreter_refused_where_numpy_breaks_it(monkeypatch):
+    """Triton < 3.7's interpreter calls int() on one-element arrays, which numpy >= 2.4 refuses:
+    the backend says so instead of failing inside the interpreter."""
+    import numpy
+    import triton
+    from spot_kernels import triton as tb
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for tv, nv, ok in [("3.6.0", "2.4.1", False), ("3.3.1", "2.5.0", False),
+                       ("3.7.0", "2.5.0", True), ("3.6.0", "2.3.5", True)]:
+        monkeypatch.setattr(triton, "__version__", tv)
+        monkeypatch.setattr(numpy, "__version__", nv)
+        got, why = tb.available("cpu")
+        assert got == ok, (tv, nv, why)
+        assert ok or ("numpy" in why and "3.7" in why)
+
+
 def test_auto_split_vocab_only_when_token_tiles_are_few(monkeypatch):
     from spot_kernels import triton as tb
     from spot_kernels.triton import configs

@@ -101,6 +101,10 @@ def _friendly(fn):
         except ValueError as e:
             print(f"spot rectify: error: {e}", file=sys.stderr)
             return 2
+        except ImportError as e:  # an optional client (openai, vllm) that is not installed
+            print(f"spot rectify: error: {e}; pip install {e.name or 'it'} (or "
+                  f"'spot-kernels[train]')", file=sys.stderr)
+            return 2
     return run
 
 

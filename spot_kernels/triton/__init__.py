@@ -97,6 +97,22 @@ def _interpret_env():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _version(text):
+    return tuple(int(x) for x in text.split("+")[0].split(".")[:2] if x.isdigit())
+
+
+def _interpreter_problem():
+    """Why Triton's interpreter cannot run here, or None. Before Triton 3.7 it converts
+    one-element arrays with ``int()``, which numpy >= 2.4 refuses (a TypeError in every kernel
+    with a loop over tensor bounds)."""
+    import numpy
+    import triton
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter does not run with numpy "
+                f"{numpy.__version__} (fixed in Triton 3.7); install triton>=3.7 or numpy<2.4")
+    return None
+
+
 def available(device):
     device = torch.device(device)
     try:
@@ -109,7 +125,8 @@ def available(device):
         return True, ""
     if device.type == "cpu":
         if _interpret_env():
-            return True, ""
+            why = _interpreter_problem()
+            return (False, why) if why else (True, "")
         return False, "Triton runs on CPU only through its interpreter: set TRITON_INTERPRET=1"
     return False, f"Triton kernels run on CUDA devices (or CPU when interpreted), not {device.type}"
 
