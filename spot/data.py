@@ -3,16 +3,22 @@
 Records
 -------
 A file is JSONL (one record a line), JSON (a list of records), Parquet, or a folder written by
-``datasets.Dataset.save_to_disk`` (a ``DatasetDict`` uses its ``train`` split). Two key sets:
+``datasets.Dataset.save_to_disk`` (a ``DatasetDict`` uses its ``train`` split), chosen by the
+suffix in any case (``.json``, ``.parquet``, anything else is JSONL). Text files are UTF-8 (a BOM
+is allowed; compressed files are not read). Two key sets:
 
 * SPoT: ``question`` (or ``prompt``), ``gemini_corrected_answer`` (the chosen ``y+``),
   ``original_answer`` (the rejected ``y-``);
 * TRL: ``prompt``, ``chosen``, ``rejected``, each a string or a list of chat messages
   (``{"role", "content"}``); without ``prompt`` the chosen conversation's leading turns are the
-  prompt (TRL's implicit-prompt form).
+  prompt (TRL's implicit-prompt form), and the rejected conversation must have the same ones.
 
-A missing or empty key raises :class:`DataError` naming the file, the line (or row) and the key;
-``skip_bad=True`` counts and skips such records instead.
+Roles: the prompt ends with a ``user`` turn and a response holds only ``assistant`` turns (with
+an explicit ``prompt``, ``chosen`` and ``rejected`` hold only the response).
+
+A missing or empty key, or a wrong role, raises :class:`DataError` naming the file, the line (or
+row) and the problem; ``skip_bad=True`` counts and skips such records instead (a file that
+cannot be read at all, e.g. not UTF-8, is always an error).
 
 Tokens
 ------
@@ -22,7 +28,8 @@ include the template's end-of-turn marker, so the model is also trained to stop.
 get ``enable_thinking=False``. Prompt and response are tokenized separately so the boundary is
 exact. Truncation to ``max_length`` tokens: the prompt is cut from the *left* (keeping its end,
 next to the answer) but keeps at least ``max_length // 2`` tokens if it has them; the response is
-then cut from the *right*. Both cuts are counted and logged.
+then cut from the *right*. Both cuts are counted (prompts once per pair, responses per
+sequence) and logged.
 
 Packing
 -------
@@ -71,6 +78,9 @@ class Example:
 
 # ---------------------------------------------------------------- reading records
 
+NOT_UTF8 = "not UTF-8 text (compressed files are not supported)"
+
+
 def read_records(path):
     """Yields ``(where, record)``; ``where`` is ``"FILE:LINE"`` or ``"FILE:row N"``."""
     p = Path(path)
@@ -78,7 +88,7 @@ def read_records(path):
         raise DataError(f"{path}: no such file or folder")
     if p.is_dir():
         yield from _read_dataset_dir(p)
-    elif p.suffix == ".parquet":
+    elif p.suffix.lower() == ".parquet":
         try:
             import pyarrow.parquet as pq
             rows = pq.read_table(p).to_pylist()
@@ -86,18 +96,28 @@ def read_records(path):
             raise DataError(f"{path}: cannot read Parquet: {str(e).splitlines()[0]}") from None
         for i, rec in enumerate(rows):
             yield f"{path}:row {i}", rec
-    elif p.suffix == ".json":
+    elif p.suffix.lower() == ".json":
+        raw = p.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM
         try:
-            rows = json.loads(p.read_text())
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            lineno = raw.count(b"\n", 0, e.start) + 1
+            raise DataError(f"{path}:{lineno}: {NOT_UTF8}") from None
+        try:
+            rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
         if not isinstance(rows, list):
             raise DataError(f"{path}: a .json file must hold a list of records")
         for i, rec in enumerate(rows):
             yield f"{path}:record {i}", rec
-    else:  # JSONL
-        with open(p, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
+    else:  # JSONL, read as bytes so that a non-UTF-8 line is reported with its number
+        with open(p, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError:
+                    raise DataError(f"{path}:{lineno}: {NOT_UTF8}") from None
                 if not line.strip():
                     continue
                 try:
@@ -141,40 +161,63 @@ def _messages(value, role, where, key):
 
 
 def to_pair(rec, where):
-    """One record (SPoT or TRL keys) -> :class:`Pair`, or :class:`DataError`."""
+    """One record (SPoT or TRL keys) -> :class:`Pair`, or :class:`DataError`.
+
+    Roles are checked: the prompt must end with a ``user`` turn and the responses hold only
+    ``assistant`` turns; with an explicit prompt, ``chosen``/``rejected`` hold only the response;
+    without one, their leading turns (the prompt) must be the same, as TRL's ``extract_prompt``
+    assumes (``rejected`` may also be the response alone).
+    """
     if isinstance(rec, DataError):
         raise rec
     if not isinstance(rec, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
     if "chosen" in rec or "rejected" in rec:
-        keys = ("prompt", "chosen", "rejected")
-        for k in keys[1:]:
+        rkeys = ("chosen", "rejected")
+        for k in rkeys:
             if k not in rec:
                 raise DataError(f"{where}: missing key '{k}'")
         chosen = _messages(rec["chosen"], "assistant", where, "chosen")
         rejected = _messages(rec["rejected"], "assistant", where, "rejected")
         if "prompt" in rec:
             prompt = _messages(rec.get("prompt"), "user", where, "prompt")
+            pname = "key 'prompt'"
+            rule = "with a 'prompt' key it must hold only the assistant response"
         elif len(chosen) > 1:  # implicit prompt: the shared leading turns
             prompt, chosen = chosen[:-1], chosen[-1:]
             if len(rejected) > 1:
+                if rejected[:-1] != prompt:
+                    raise DataError(f"{where}: keys 'chosen' and 'rejected' start with different "
+                                    f"turns; without a 'prompt' key their leading turns are the "
+                                    f"prompt and must be the same")
                 rejected = rejected[-1:]
+            pname = "the prompt (the turns of 'chosen' before its last)"
+            rule = "it must end with the 'assistant' response"
         else:
             raise DataError(f"{where}: missing key 'prompt'")
     elif "gemini_corrected_answer" in rec or "original_answer" in rec:
         pkey = "question" if "question" in rec else "prompt"
         if pkey not in rec:
             raise DataError(f"{where}: missing key 'question'")
-        for k in ("gemini_corrected_answer", "original_answer"):
+        rkeys = ("gemini_corrected_answer", "original_answer")
+        for k in rkeys:
             if k not in rec:
                 raise DataError(f"{where}: missing key '{k}'")
         prompt = _messages(rec[pkey], "user", where, pkey)
         chosen = _messages(rec["gemini_corrected_answer"], "assistant", where,
                            "gemini_corrected_answer")
         rejected = _messages(rec["original_answer"], "assistant", where, "original_answer")
+        pname, rule = f"key '{pkey}'", "it must hold only the assistant response"
     else:
         raise DataError(f"{where}: missing key 'chosen' (TRL keys: prompt, chosen, rejected; "
                         f"SPoT keys: question, gemini_corrected_answer, original_answer)")
+    if prompt[-1]["role"] != "user":
+        raise DataError(f"{where}: {pname} must end with a 'user' turn, not "
+                        f"'{prompt[-1]['role']}'")
+    for k, msgs in zip(rkeys, (chosen, rejected)):
+        for m in msgs:
+            if m["role"] != "assistant":
+                raise DataError(f"{where}: key '{k}' has a '{m['role']}' turn; {rule}")
     return Pair(prompt, chosen, rejected)
 
 
@@ -234,17 +277,20 @@ def truncate(prompt_ids, response_ids, max_length):
 
 
 def encode_pairs(tokenizer, pairs, max_length):
-    """Tokenize pairs -> ``(examples, counts)``; ``counts`` has the truncation tallies."""
+    """Tokenize pairs -> ``(examples, counts)``. ``counts["prompt_truncated"]`` is the number of
+    pairs whose prompt was cut (once per pair, in either sequence); ``counts["response_truncated"]``
+    the number of responses cut (a chosen and a rejected response per pair)."""
     examples = []
     counts = {"prompt_truncated": 0, "response_truncated": 0}
     for pair in pairs:
-        seqs = []
+        seqs, prompt_cut = [], False
         for response in (pair.chosen, pair.rejected):
             p, r = encode_turns(tokenizer, pair.prompt, response)
             p, r, pc, rc = truncate(p, r, max_length)
-            counts["prompt_truncated"] += pc
+            prompt_cut |= pc
             counts["response_truncated"] += rc
             seqs.append((p + r, len(p)))
+        counts["prompt_truncated"] += prompt_cut
         examples.append(Example(seqs[0][0], seqs[1][0], seqs[0][1], seqs[1][1]))
     return examples, counts
 

@@ -87,6 +87,11 @@ def test_filter_cli_with_tokenizer_path(tmp_path, capsys):
     assert all(p["change_ratio"] <= 0.5 for p in pairs)
     with pytest.raises(ValueError, match="gamma"):
         F.filter_pairs(recs, build_tokenizer(), gamma=1.5)
+    args = parser.parse_args(["rectify", "filter", "--input", str(src), "--output", str(out),
+                              "--tokenizer", str(tmp_path / "no-such-tokenizer")])
+    assert args.func(args) == 2  # one line, no traceback
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("spot rectify: error:"), err
 
 
 def test_filter_keeps_the_system_message():
@@ -95,3 +100,25 @@ def test_filter_keeps_the_system_message():
     assert pairs and all(p["prompt"] == [{"role": "system", "content": "Reason step by step."},
                                          {"role": "user", "content": p["prompt"][1]["content"]}]
                          and p["prompt"][1]["content"].startswith("What is") for p in pairs)
+
+
+@pytest.mark.parametrize("key", ["original_answer", "question"])
+def test_verified_record_without_a_key_is_a_value_error(tmp_path, capsys, key):
+    recs = corrected_records(6, seed=3)
+    k = next(i for i, r in enumerate(recs) if r["status"] == "verified" and i > 0)
+    del recs[k][key]
+    src, out = tmp_path / "corrected.jsonl", tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(ValueError, match=f"^{src}: record {k + 1} \\(id 'p{k}:0'\\): verified "
+                                         f"but missing key '{key}'$"):
+        F.filter_file(str(src), str(out), build_tokenizer())
+    tok_dir = tmp_path / "tok"
+    build_tokenizer().save_pretrained(str(tok_dir))
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["rectify", "filter", "--input", str(src), "--output", str(out),
+                              "--tokenizer", str(tok_dir)])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"missing key '{key}'" in err[0] and str(src) in err[0], err
+    assert not out.exists()

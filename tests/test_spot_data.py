@@ -1,6 +1,7 @@
 """spot.data and the CLI's handling of bad input: formats, keys, truncation, packing."""
 from __future__ import annotations
 
+import gzip
 import json
 import random
 
@@ -72,6 +73,24 @@ BAD = [  # (line content, expected fragment of the one-line error)
     ({"text": "q"}, "missing key 'chosen'"),
     ("not json {", "invalid JSON"),
     ([1, 2], "must be a JSON object"),
+    # roles: the explicit prompt must not be repeated in the response ("Qa<eos>" was trained)
+    ({"prompt": "Q", "chosen": [{"role": "user", "content": "Q"},
+                                {"role": "assistant", "content": "a"}], "rejected": "b"},
+     "key 'chosen' has a 'user' turn; with a 'prompt' key it must hold only the assistant"),
+    ({"prompt": "Q", "chosen": "a", "rejected": [{"role": "user", "content": "b"}]},
+     "key 'rejected' has a 'user' turn"),
+    ({"prompt": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "x"}],
+      "chosen": "a", "rejected": "b"}, "key 'prompt' must end with a 'user' turn, not 'assistant'"),
+    ({"chosen": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "b"}]},
+     "keys 'chosen' and 'rejected' start with different turns"),
+    ({"chosen": [{"role": "user", "content": "Q"}, {"role": "user", "content": "a"}],
+      "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "b"}]},
+     "key 'chosen' has a 'user' turn; it must end with the 'assistant' response"),
+    ({"chosen": [{"role": "system", "content": "S"}, {"role": "assistant", "content": "a"}],
+      "rejected": "b"}, "the prompt (the turns of 'chosen' before its last) must end with a 'user'"),
+    ({"question": "q", "gemini_corrected_answer": [{"role": "user", "content": "c"}],
+      "original_answer": "w"}, "key 'gemini_corrected_answer' has a 'user' turn"),
 ]
 
 
@@ -90,6 +109,59 @@ def test_bad_record_is_one_line_naming_file_line_key(tmp_path, tok_dir, capsys, 
     assert f"{path}:3:" in err[0] and fragment in err[0], err[0]
     pairs, skipped = D.read_pairs(path, skip_bad=True)
     assert (len(pairs), skipped) == (3, 1)
+
+
+def test_role_checks_keep_the_valid_chat_forms(tmp_path):
+    u, a, sys_ = ({"role": r, "content": c} for r, c in
+                  (("user", "Q2"), ("assistant", "a1"), ("system", "S")))
+    first = {"role": "user", "content": "Q1"}
+    rows = [  # system + user prompt; several assistant turns; multi-turn implicit prompt;
+        # an implicit prompt with the rejected response alone (as before)
+        {"prompt": [sys_, first], "chosen": "c", "rejected": [a, {"role": "assistant",
+                                                                   "content": "r"}]},
+        {"chosen": [first, a, u, {"role": "assistant", "content": "c"}],
+         "rejected": [first, a, u, {"role": "assistant", "content": "r"}]},
+        {"chosen": [sys_, first, {"role": "assistant", "content": "c"}], "rejected": "r"},
+    ]
+    pairs, skipped = D.read_pairs(_write_jsonl(tmp_path / "chat.jsonl", rows))
+    assert skipped == 0
+    assert [[m["role"] for m in p.prompt] for p in pairs] == [
+        ["system", "user"], ["user", "assistant", "user"], ["system", "user"]]
+    assert [[m["content"] for m in p.chosen + p.rejected] for p in pairs] == [
+        ["c", "a1", "r"], ["c", "r"], ["c", "r"]]
+
+
+def test_non_utf8_file_is_one_line_error_even_with_skip_bad(tmp_path, tok_dir, capsys):
+    lines = [json.dumps(r).encode() + b"\n" for r in _spot_records(4, seed=2)]
+    gz = tmp_path / "pairs.jsonl.gz"
+    gz.write_bytes(gzip.compress(b"".join(lines)))
+    latin = tmp_path / "latin.jsonl"  # line 3 has a Latin-1 byte
+    latin.write_bytes(b"".join(lines[:2]) + b'{"question": "caf\xe9?", "gemini_corrected_answer"'
+                      b': "c", "original_answer": "w"}\n' + lines[3])
+    js = tmp_path / "pairs.json"
+    js.write_bytes(b'[\n{"prompt": "q",\n "chosen": "\xff", "rejected": "r"}]')
+    for path, line in ((gz, 1), (latin, 3), (js, 3)):
+        with pytest.raises(D.DataError, match=f"^{path}:{line}: not UTF-8 text \\(compressed"):
+            D.read_pairs(path, skip_bad=True)
+        code = main(["train", "--model", str(tok_dir), "--data", str(path), "--output",
+                     str(tmp_path / "out"), "--no-progress", "--skip-bad"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and f"{path}:{line}: not UTF-8" in err[0], err
+
+
+def test_utf8_bom_and_suffix_case(tmp_path):
+    rows = _spot_records(3, seed=3)
+    want = [r["question"] for r in rows]
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "bom.jsonl").write_bytes(bom + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    (tmp_path / "bom.json").write_bytes(bom + json.dumps(rows).encode())
+    (tmp_path / "upper.JSON").write_text(json.dumps(rows, indent=1))  # not JSONL
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "upper.Parquet")
+    for name in ("bom.jsonl", "bom.json", "upper.JSON", "upper.Parquet"):
+        pairs, skipped = D.read_pairs(tmp_path / name)
+        assert ([p.prompt[-1]["content"] for p in pairs], skipped) == (want, 0), name
 
 
 def test_missing_file_and_config_errors(tmp_path, tok_dir, capsys):
@@ -153,6 +225,22 @@ def test_chat_template_and_truncation():
         if pl + rl > m:
             assert len(p2) + len(r2) == m
             assert len(p2) >= min(pl, m // 2)
+
+
+def test_truncation_counts_prompts_once_per_pair():
+    tok = build_tokenizer()
+    pairs = [D.Pair([{"role": "user", "content": "Q" * n}], [{"role": "assistant", "content": c}],
+                    [{"role": "assistant", "content": r}])
+             for n, c, r in ((60, "a" * 5, "b" * 30), (50, "a" * 40, "b" * 40), (2, "a", "b"),
+                             (3, "a" * 50, "b"))]
+    _, counts = D.encode_pairs(tok, pairs, 40)
+    cut = [[D.truncate(*D.encode_turns(tok, p.prompt, resp), 40)[2:] for resp in
+            (p.chosen, p.rejected)] for p in pairs]
+    # a pair's prompt is cut in both sequences, in one (next to the long response) or in none
+    assert [[pc for pc, _ in c] for c in cut] == [[True, True], [True, True], [False, False],
+                                                   [True, False]]
+    assert counts["prompt_truncated"] == 3  # prompts, once per pair (not 5 sequences)
+    assert counts["response_truncated"] == sum(rc for c in cut for _, rc in c) == 4
 
 
 def test_pack_layout():

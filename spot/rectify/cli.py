@@ -89,8 +89,8 @@ def _filter_args(p, tokenizer_required=True):
 
 
 def _friendly(fn):
-    """Bad input (a ``ValueError`` naming the argument) ends the command with its message, not a
-    traceback."""
+    """Bad input (a ``ValueError`` naming the argument), a missing optional client or a path that
+    does not load ends the command with one line and exit status 2, not a traceback."""
     import functools
     import sys
 
@@ -104,6 +104,10 @@ def _friendly(fn):
         except ImportError as e:  # an optional client (openai, vllm) that is not installed
             print(f"spot rectify: error: {e}; pip install {e.name or 'it'} (or "
                   f"'spot-kernels[train]')", file=sys.stderr)
+            return 2
+        except OSError as e:  # a missing file, or a model / tokenizer path that does not load
+            print(f"spot rectify: error: {str(e).splitlines()[0] if str(e) else e!r}",
+                  file=sys.stderr)
             return 2
     return run
 

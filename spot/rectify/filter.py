@@ -45,10 +45,23 @@ def check_gamma(gamma):
         raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
 
 
-def filter_pairs(records, tokenizer, *, gamma=0.6, masks=False):
-    """``(pairs, stats)`` from corrected records (see the module docstring)."""
+def filter_pairs(records, tokenizer, *, gamma=0.6, masks=False, source="records"):
+    """``(pairs, stats)`` from corrected records (see the module docstring); a verified record
+    without a string ``question`` or ``original_answer`` is a ``ValueError`` naming ``source``
+    (the input file), the record and the key."""
     check_gamma(gamma)
-    verified = [r for r in records if r.get("status") == "verified" and r.get("corrected_answer")]
+    verified = []
+    for k, r in enumerate(records, 1):
+        if r.get("status") != "verified" or not r.get("corrected_answer"):
+            continue
+        for key in ("question", "original_answer"):
+            if r.get(key) is None:
+                raise ValueError(f"{source}: record {k} (id {r.get('id')!r}): verified but "
+                                 f"missing key '{key}'")
+            if not isinstance(r[key], str):
+                raise ValueError(f"{source}: record {k} (id {r.get('id')!r}): key '{key}' must "
+                                 f"be a string, got {type(r[key]).__name__}")
+        verified.append(r)
     stats = {"input": len(records), "verified": len(verified), "kept": 0, "over_gamma": 0,
              "ratios": []}
     if not verified:
@@ -111,7 +124,8 @@ def load_tokenizer(path):
 def filter_file(input_path, output_path, tokenizer, *, gamma=0.6, masks=False):
     if not os.path.exists(input_path):
         raise ValueError(f"input: {input_path} does not exist")
-    pairs, stats = filter_pairs(read_jsonl(input_path, strict=False), tokenizer, gamma=gamma, masks=masks)
+    pairs, stats = filter_pairs(read_jsonl(input_path, strict=False), tokenizer, gamma=gamma,
+                                masks=masks, source=input_path)
     d = os.path.dirname(os.path.abspath(output_path))
     os.makedirs(d, exist_ok=True)
     rewrite(output_path, pairs)
