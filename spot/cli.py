@@ -41,8 +41,10 @@ def add_train_parser(sub):
                                                         else f" (default {default})"))
     for name in BOOL_FLAGS:
         flag = "--" + name.replace("_", "-")
+        on = getattr(defaults, name)
         p.add_argument(flag, dest=name, action="store_true", default=None,
-                       help=HELP[name] + f" (default {'on' if getattr(defaults, name) else 'off'})")
+                       help=HELP[name] + (f" (default on; --no-{flag[2:]} turns it off)" if on
+                                          else " (default off)"))
         p.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",
                        help=argparse.SUPPRESS)
     p.set_defaults(func=run_train)
@@ -58,6 +60,16 @@ def run_train(args):
     return 0
 
 
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
 def add_demo_parser(sub):
     p = sub.add_parser("demo", help="train a tiny Qwen3 on bundled pairs (CPU, about a minute)",
                        description="The embedded default: a tiny random-init Qwen3, a download-free "
@@ -65,7 +77,7 @@ def add_demo_parser(sub):
                                    "before/after table and writes a plot.")
     p.add_argument("--output", default="runs/demo", metavar="DIR",
                    help="output folder (default runs/demo)")
-    p.add_argument("--steps", type=int, default=None, metavar="N",
+    p.add_argument("--steps", type=_positive_int, default=None, metavar="N",
                    help="optimizer steps (default: the demo's own setting)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="hide the progress bar")

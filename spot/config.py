@@ -6,11 +6,18 @@ documented once, in ``HELP``, which the CLI reuses for ``--help``.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+import math
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 
 ATTENTION = ("auto", "flash_attention_2", "sdpa", "eager")  # the choices of --attn
+BACKENDS = ("auto", "torch", "triton", "cuda", "reference")  # spot_kernels' backends
+# what a checkpoint's run was made of: --resume refuses a checkpoint whose values differ, since
+# the data order, the schedule and the optimizer state all follow from them
+RUN_DEFINING = ("model", "data", "beta", "delta", "ema_alpha", "loss", "lr", "weight_decay",
+                "warmup_ratio", "epochs", "max_steps", "max_length", "tokens_per_batch",
+                "grad_accum", "max_grad_norm", "seed")
 
 
 class ConfigError(ValueError):
@@ -47,17 +54,22 @@ class TrainConfig:
     log_every: int = 1
     cache_dir: str | None = None
     progress: bool = True
-    extra: dict = field(default_factory=dict)  # unknown-to-the-trainer keys kept for the record
 
     def validate(self):
         for name in ("model", "data", "output"):
             if not getattr(self, name):
                 raise ConfigError(f"{name}: required (give --{name} or set it in the config)")
-        checks = [("beta", self.beta > 0, "must be > 0"),
+        if Path(self.output).exists() and not Path(self.output).is_dir():
+            raise ConfigError(f"output: {self.output} is a file, not a folder")
+        finite = {k: math.isfinite(getattr(self, k)) for k in
+                  ("beta", "lr", "weight_decay", "max_grad_norm", "ema_alpha", "warmup_ratio")}
+        checks = [("beta", finite["beta"] and self.beta > 0, "must be a finite number > 0"),
                   ("delta", self.delta in ("running", "zero", "ema"), "must be running|zero|ema"),
                   ("ema_alpha", 0 < self.ema_alpha <= 1, "must be in (0, 1]"),
                   ("loss", self.loss in ("spot", "dpo"), "must be spot|dpo"),
-                  ("lr", self.lr > 0, "must be > 0"),
+                  ("lr", finite["lr"] and self.lr > 0, "must be a finite number > 0"),
+                  ("weight_decay", finite["weight_decay"] and self.weight_decay >= 0,
+                   "must be a finite number >= 0"),
                   ("warmup_ratio", 0 <= self.warmup_ratio < 1, "must be in [0, 1)"),
                   ("epochs", self.epochs >= 1, "must be >= 1"),
                   ("max_steps", self.max_steps is None or self.max_steps >= 1, "must be >= 1"),
@@ -66,6 +78,8 @@ class TrainConfig:
                   ("tokens_per_batch", self.tokens_per_batch >= 16, "must be >= 16"),
                   ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
                   ("max_grad_norm", self.max_grad_norm > 0, "must be > 0"),
+                  ("seed", 0 <= self.seed < 2**63, "must be in [0, 2^63)"),
+                  ("backend", self.backend in BACKENDS, f"must be {'|'.join(BACKENDS)}"),
                   ("log_every", self.log_every >= 1, "must be >= 1"),
                   ("attn", self.attn in ATTENTION, f"must be {'|'.join(ATTENTION)}")]
         for name, ok, why in checks:
@@ -90,7 +104,8 @@ HELP = {
     "weight_decay": "AdamW weight decay",
     "warmup_ratio": "fraction of the steps with linear warmup before the cosine decay",
     "epochs": "passes over the pairs",
-    "max_steps": "stop after this many optimizer steps (also sets the schedule length)",
+    "max_steps": "train for exactly this many optimizer steps, in place of --epochs (the data "
+                 "repeats as needed); also the length of the schedule",
     "save_every": "write OUTPUT/checkpoint-STEP every N optimizer steps",
     "max_length": "tokens per sequence; the prompt is cut from the left (keeping at least half), "
                   "then the response from the right",
@@ -138,7 +153,7 @@ def load_file(path):
 
 def make_config(file_values=None, overrides=None):
     """``TrainConfig`` from defaults, then ``file_values``, then non-None ``overrides``."""
-    known = {f.name for f in fields(TrainConfig)} - {"extra"}
+    known = {f.name for f in fields(TrainConfig)}
     values, extra = {}, {}
     for k, v in (file_values or {}).items():
         (values if k in known else extra)[k] = v
@@ -153,10 +168,14 @@ def make_config(file_values=None, overrides=None):
         raise ConfigError(f"config: {e}") from None
     for f in fields(TrainConfig):  # coerce YAML/JSON scalars to the declared type
         v = getattr(cfg, f.name)
-        if v is None or f.name == "extra":
+        if v is None:
             continue
         t = f.type.split(" |")[0]
         try:
+            if isinstance(v, bool) and t != "bool":  # a YAML true is an int to Python
+                raise ValueError
+            if t == "str" and not isinstance(v, str):
+                raise ValueError
             if t == "float":
                 setattr(cfg, f.name, float(v))
             elif t == "int":

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -113,6 +114,8 @@ def plot(metrics_path, png):
 def run(output="runs/demo", steps=None, progress=True, n_train=None, n_heldout=None,
         model_overrides=None, log=None, train_overrides=None):
     """Trains the demo and returns ``{"before", "after", "metrics", "png"}``."""
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -149,8 +152,12 @@ def _run(output, steps, progress, n_train, n_heldout, model_overrides, log, trai
     n_params = sum(p.numel() for p in model.parameters())
     del model
 
+    # the demo's folder is its own: a rerun replaces the previous run's metrics and checkpoints
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    for old in out.glob("checkpoint-*"):
+        shutil.rmtree(old)
     settings = {**TRAIN, **(train_overrides or {})}
-    steps = steps or settings.pop("max_steps")
+    steps = settings.pop("max_steps") if steps is None else steps
     settings.pop("max_steps", None)
     cfg = TrainConfig(model=str(base), data=str(train_path), output=str(out), max_steps=steps,
                       epochs=1, max_length=256, grad_accum=1, log_every=10, progress=progress,
@@ -161,7 +168,7 @@ def _run(output, steps, progress, n_train, n_heldout, model_overrides, log, trai
     ref = sequence_logps(policy, held, cfg, "cpu", desc="held-out, before")
     before = heldout_stats(ref, ref, cfg.beta)
     del policy
-    log(f"demo: tiny Qwen3 ({n_params / 1e6:.1f}M parameters, random init), "
+    log(f"demo: tiny Qwen3 ({n_params / 1e3:.0f}k parameters, random init), "
         f"{sum(1 for _ in open(train_path))} training pairs, {len(held)} held-out pairs")
     t0 = time.perf_counter()
     result = train(cfg, log=log)

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -47,7 +48,7 @@ import torch.nn.functional as F
 import spot_kernels as sk
 
 from . import data as D
-from .config import ConfigError, TrainConfig
+from .config import RUN_DEFINING, ConfigError, TrainConfig
 from .model import (Policy, attn_implementation, decoder_layers, enable_checkpointing, load_model,
                     model_fingerprint, to_device)
 
@@ -308,10 +309,60 @@ def save_checkpoint(folder, policy, tokenizer, optimizer, scheduler, delta, step
     dst.barrier()
 
 
+def checkpoints(output):
+    """``[(step, folder)]`` of ``OUTPUT/checkpoint-STEP`` folders (complete ones: a write in
+    progress is ``.tmp-...`` until it is renamed)."""
+    found = [(int(m.group(1)), p) for p in Path(output).glob("checkpoint-*")
+             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir()
+             and (p / "trainer_state.pt").is_file()]
+    return sorted(found)
+
+
 def latest_checkpoint(output):
-    found = [(int(p.name.split("-")[1]), p) for p in Path(output).glob("checkpoint-*")
-             if p.name.split("-")[1].isdigit() and (p / "trainer_state.pt").exists()]
-    return max(found)[1] if found else None
+    found = checkpoints(output)
+    return found[-1][1] if found else None
+
+
+def load_trainer_state(ckpt, cfg):
+    """A checkpoint's ``trainer_state.pt``, refused (``ConfigError``) when it cannot be read or
+    its run differs from ``cfg`` in a value that defines the run (``config.RUN_DEFINING``)."""
+    try:
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file: one line, not a traceback
+        raise ConfigError(f"resume: cannot read {ckpt / 'trainer_state.pt'} "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); delete "
+                          f"{ckpt} to resume from an earlier checkpoint") from None
+    saved, now = state.get("config", {}), cfg.to_dict()
+    changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in RUN_DEFINING if saved.get(k) != now[k]]
+    if changed:
+        raise ConfigError(f"resume: {ckpt} belongs to a run with other settings "
+                          f"({', '.join(changed)}); resume with the same ones, or train into a "
+                          f"new --output")
+    return state
+
+
+def previous_run(output):
+    """What a finished or interrupted run left in ``output`` (metrics, checkpoints), if any."""
+    out = Path(output)
+    return ((["metrics.jsonl"] if (out / "metrics.jsonl").exists() else [])
+            + [p.name for _, p in checkpoints(out)])
+
+
+def keep_metrics_up_to(path, step):
+    """Drops the rows of ``metrics.jsonl`` after ``step`` (written past the checkpoint that a
+    resumed run restarts from, or by a run that restarts at 0), atomically."""
+    if not path.exists():
+        return
+
+    def step_of(line):
+        try:
+            return json.loads(line).get("step", 0)
+        except json.JSONDecodeError:  # a row torn by a crash mid-write
+            return math.inf
+    rows = [ln for ln in path.read_text().splitlines() if ln.strip() and step_of(ln) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    os.replace(tmp, path)
 
 
 def save_final(output, policy, tokenizer, dst):
@@ -364,21 +415,41 @@ def train(cfg: TrainConfig, log=None):
     cfg.validate()
     dst = Dist()
     log = log or (lambda msg: print(msg, file=sys.stderr) if dst.main else None)
+    if cfg.backend != "auto":
+        from spot_kernels._registry import availability
+        ok, why = availability(cfg.backend, dst.device)
+        if not ok:
+            raise ConfigError(f"backend: {cfg.backend} does not run on {dst.device}: {why}")
+    if not Path(cfg.model).is_dir():
+        raise ConfigError(f"model: no such folder {cfg.model} (a local transformers model: "
+                          f"config.json, weights and tokenizer files)")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out = Path(cfg.output)
-    if dst.main:
-        out.mkdir(parents=True, exist_ok=True)
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    if not cfg.resume and previous_run(out):
+        raise ConfigError(f"output: {out} already holds a run ({', '.join(previous_run(out))}); "
+                          f"pass --resume to continue it, or choose a new --output")
+    state = load_trainer_state(ckpt, cfg) if ckpt is not None else None
+    if cfg.resume and ckpt is None:
+        log(f"resume: no complete checkpoint in {out}; starting at step 0")
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model,
+                                                  trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model: cannot load a tokenizer from {cfg.model}: "
+                          f"{str(e).splitlines()[0]}") from None
 
     pairs, skipped = D.read_pairs(cfg.data, cfg.skip_bad)
     examples, cut = D.encode_pairs(tokenizer, pairs, cfg.max_length)
     log(f"data: {len(pairs)} pairs from {cfg.data}" + (f", {skipped} bad skipped" if skipped else "")
-        + f"; truncated: {cut['prompt_truncated']} prompts (left), "
-          f"{cut['response_truncated']} responses (right) at max_length {cfg.max_length}")
+        + f"; truncated: {cut['prompt_truncated']} of {len(pairs)} prompts (left), "
+          f"{cut['response_truncated']} of {2 * len(pairs)} responses (right) at max_length "
+          f"{cfg.max_length}")
 
-    ckpt = latest_checkpoint(out) if cfg.resume else None
+    if dst.main:
+        out.mkdir(parents=True, exist_ok=True)
     cache = Path(cfg.cache_dir or out / ".cache") / f"ref-{data_fingerprint(cfg, tokenizer, examples, dst.device)}.pt"
     ref = torch.load(cache) if cache.exists() else None
     policy = None
@@ -414,7 +485,6 @@ def train(cfg: TrainConfig, log=None):
     if ckpt is not None:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                              set_optimizer_state_dict)
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
         set_optimizer_state_dict(policy, optimizer, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
         scheduler.load_state_dict(state["scheduler"])
@@ -424,7 +494,10 @@ def train(cfg: TrainConfig, log=None):
         log(f"resumed from {ckpt} at step {start}")
 
     ref = ref.to(dst.device)  # once, not per micro-batch
-    metrics_file = open(out / "metrics.jsonl", "a") if dst.main else None
+    metrics_file = None
+    if dst.main:  # one row a step: none from an earlier attempt past where this one starts
+        keep_metrics_up_to(out / "metrics.jsonl", start)
+        metrics_file = open(out / "metrics.jsonl", "a")
     bar = None
     if dst.main and cfg.progress:
         from tqdm import tqdm

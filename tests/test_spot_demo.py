@@ -44,6 +44,10 @@ def test_demo_learns_on_heldout(tmp_path, capsys):
     rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == list(range(1, 81))
     assert (out / "model.safetensors").exists()
+    run(str(out), steps=2, progress=False)  # a rerun replaces the run, it does not append
+    assert [json.loads(x)["step"] for x in open(out / "metrics.jsonl")] == [1, 2]
+    with pytest.raises(ValueError, match="steps"):
+        run(str(out), steps=0)
 
 
 def test_generator_pairs_differ_by_one_false_fact():

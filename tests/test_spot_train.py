@@ -167,9 +167,10 @@ def test_resume_after_interruption_is_exact(workdir, tmp_path):
         assert torch.equal(a[k], b[k]), k
     rows_a = [json.loads(x) for x in open(tmp_path / "full" / "metrics.jsonl")]
     rows_b = [json.loads(x) for x in open(out / "metrics.jsonl")]
-    last_b = {r["step"]: r for r in rows_b}  # steps 1-3, then 3-4 again after the resume
-    for r in rows_a:
-        assert r["loss"] == last_b[r["step"]]["loss"] and r["delta"] == last_b[r["step"]]["delta"]
+    # step 3 ran twice (before the crash and after the resume from step 2): logged once
+    assert [r["step"] for r in rows_b] == [1, 2, 3, 4]
+    for r, rb in zip(rows_a, rows_b):
+        assert r["loss"] == rb["loss"] and r["delta"] == rb["delta"]
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "qwen3"
 
@@ -202,6 +203,63 @@ def test_torchrun_two_processes_agree_with_one(workdir, tmp_path):
         for key in ("loss", "accuracy", "rewards_chosen", "grad_norm"):
             assert abs(r2[key] - r1[key]) < 1e-4 * max(1, abs(r1[key])), (key, r2, r1)
         assert r2["tokens"] == r1["tokens"]
+
+
+def test_a_used_output_is_resumed_or_refused(workdir, tmp_path):
+    """A second run into the same folder must say --resume (no mixed metrics or checkpoints);
+    --resume refuses a checkpoint of other settings, ignores look-alike and torn folders with a
+    clear error, and restarts cleanly at step 0 when there is no checkpoint."""
+    from spot.config import ConfigError
+    out = tmp_path / "run"
+    train(_cfg(workdir, out, max_steps=3, save_every=2), log=lambda m: None)
+    with pytest.raises(ConfigError, match="already holds a run .*checkpoint-2.*--resume"):
+        train(_cfg(workdir, out, max_steps=3, save_every=2), log=lambda m: None)
+    with pytest.raises(ConfigError, match=r"other settings \(lr 0.001 -> 0.5, seed 0 -> 9\)"):
+        train(_cfg(workdir, out, max_steps=3, save_every=2, lr=0.5, seed=9, resume=True))
+    (out / "checkpoint-7-backup").mkdir()  # not a checkpoint name: ignored
+    (out / "checkpoint-7-backup" / "trainer_state.pt").write_bytes(b"")
+    lines = []
+    train(_cfg(workdir, out, max_steps=3, save_every=2, resume=True), log=lines.append)
+    assert any("resumed from" in ln and "checkpoint-2 at step 2" in ln for ln in lines), lines
+    assert [json.loads(x)["step"] for x in open(out / "metrics.jsonl")] == [1, 2, 3]
+    (out / "checkpoint-9").mkdir()  # a foreign or torn folder that looks complete
+    (out / "checkpoint-9" / "trainer_state.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match="cannot read .*checkpoint-9.*delete"):
+        train(_cfg(workdir, out, max_steps=3, save_every=2, resume=True))
+    fresh = tmp_path / "fresh"  # killed before its first checkpoint: --resume starts over
+    fresh.mkdir()
+    (fresh / "metrics.jsonl").write_text('{"step": 1, "loss": 9}\n{"step": 2, "lo')  # torn
+    lines = []
+    train(_cfg(workdir, fresh, max_steps=2, resume=True), log=lines.append)
+    assert any("no complete checkpoint" in ln for ln in lines), lines
+    rows = [json.loads(x) for x in open(fresh / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] != 9
+
+
+def test_bad_settings_are_one_line_errors(workdir, tmp_path, capsys):
+    from spot.cli import main
+    base = ["train", "--model", str(workdir / "model"), "--data", str(workdir / "pairs.jsonl"),
+            "--output", str(tmp_path / "o"), "--no-progress"]
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "c.yaml").write_text("output: 5\n")
+    (tmp_path / "b.yaml").write_text("max-steps: true\n")
+    cases = [(["--model", str(tmp_path / "nosuch")], "model: no such folder"),
+             (["--backend", "bogus"], "backend: must be"),
+             (["--backend", "cuda"], "backend: cuda does not run on cpu"),
+             (["--beta", "inf"], "beta: must be a finite number"),
+             (["--lr", "inf"], "lr: must be a finite number"),
+             (["--weight-decay", "-1"], "weight_decay: must be a finite number >= 0"),
+             (["--seed", str(2**70)], "seed: must be in"),
+             (["--output", str(tmp_path / "file")], "is a file, not a folder"),
+             (["--config", str(tmp_path / "c.yaml")], "output: expected str"),
+             (["--config", str(tmp_path / "b.yaml")], "max_steps: expected int, got True")]
+    for extra, fragment in cases:
+        # a config file's value is checked without flags (which would win over it)
+        argv = (base[:5] if extra[0] == "--config" else base) + extra
+        code = main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and fragment in err[0], (extra, code, err)
+    assert not (tmp_path / "o").exists()  # nothing made for a run that never started
 
 
 def test_progress_bars_for_the_reference_pass_and_the_steps(workdir, tmp_path, capfd):
