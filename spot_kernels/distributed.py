@@ -158,7 +158,8 @@ class _ShardedHead(torch.autograd.Function):
             e = torch.exp(lse - m)
             parts = [e, torch.where(own, logp + lse, 0.0)]
             if return_entropy:
-                parts.append(e * (lse - ent))
+                # a shard whose logits are all -inf (masked rows) has e = 0 and a NaN entropy
+                parts.append(torch.where(e > 0, e * (lse - ent), 0.0))
             sums = torch.stack(parts)
             dist.all_reduce(sums, group=group)
             lse = m + torch.log(sums[0])

@@ -81,6 +81,19 @@ def _vocab_parallel(group):
     with pytest.raises(ValueError, match="targets"):
         sk.token_logprobs(h, w[start:stop], torch.full((45,), v), process_group=group)
 
+    # rank 0's whole shard masked by a -inf bias: its partial lse is -inf, its entropy NaN
+    bm = b.clone()
+    bm[:sizes[0]] = float("-inf")
+    tm = torch.where(t < sizes[0], sizes[0], t)  # targets on the unmasked rows (or ignored)
+    logp, ent = sk.token_logprobs(h, w[start:stop], tm, bias=bm[start:stop], process_group=group,
+                                  return_entropy=True, backend="torch")
+    truth, same, _ = references(h, w, tm, bm)
+    assert_close(logp, same[0], truth[0], torch.float32, "logp, masked shard")
+    _, ent64 = reference.token_logprobs(h.double(), w.double(), tm, bm.double(),
+                                        compute_dtype=torch.float64, return_entropy=True)
+    _, ent32 = reference.token_logprobs(h, w, tm, bm, return_entropy=True)
+    assert_close(ent, ent32, ent64, torch.float32, "entropy, masked shard")
+
 
 def _fsdp2(group):
     from torch.distributed.device_mesh import DeviceMesh
