@@ -49,12 +49,12 @@ __device__ __forceinline__ void accumulate(LseState& st, const Vec<T, VEC>& x, c
     st.s *= sc;
     st.m = vmax;
   }
-  // every logit so far is -inf (a masked stretch of the vocabulary): nothing to add, and
-  // z - m would be -inf - (-inf) = NaN
-  if (st.m == -INFINITY) return;
+  // while every logit so far is -inf (a masked stretch of the vocabulary) shift by 0, not by
+  // -inf (-inf - -inf = NaN); a NaN logit still gives NaN (fmaxf skips it in vmax)
+  const float m = st.m == -INFINITY ? 0.f : st.m;
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
-    const float d = z[k] - st.m;
+    const float d = z[k] - m;
     const float e = fast_exp2(d);
     st.s += e;
     if (ENT) st.q += e > 0.f ? e * d : 0.f;  // 0 * -inf: a -inf logit adds nothing

@@ -13,21 +13,43 @@ import torch
 from . import _checks, _ops, _registry, losses, reference
 
 
+class _NoSecondDerivative(torch.autograd.Function):
+    """Passes the fused backward's gradients through, attached to what they depend on (the
+    saved inputs and the incoming gradient); differentiating them raises."""
+
+    @staticmethod
+    def forward(ctx, n, *tensors):  # tensors[:n]: the gradients; the rest: their inputs
+        return tuple(g.view_as(g) for g in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError("spot_kernels: token_logprobs has no second derivative (its backward "
+                           "is a fused kernel); differentiate its gradient with "
+                           "backend='reference' instead")
+
+
 def _once_differentiable(backward):
     """``torch.autograd.function.once_differentiable`` for the fused heads, stricter: under
-    ``create_graph=True`` the gradients always carry an error for a second backward, not only
-    when the incoming gradient requires grad. The fused backward has no derivative of its own,
-    so a gradient penalty through it must fail loudly instead of seeing a constant."""
+    ``create_graph=True`` the gradients are nodes of the graph that depend on the saved inputs
+    (``hidden``, ``weight``, ``bias``) and the incoming gradient, and whose derivative raises,
+    so a gradient penalty through the head fails loudly whether it is reached by
+    ``backward()`` or by ``autograd.grad(..., inputs)``, instead of seeing a constant."""
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
         with torch.no_grad():
             out = backward(ctx, *grads)
         if not torch.is_grad_enabled():  # create_graph=False: the usual case
             return out
-        err = torch._C._functions.DelayedError(
-            b"spot_kernels: token_logprobs has no second derivative (its backward is a fused "
-            b"kernel); differentiate its gradient with backend='reference' instead", len(out))
-        return err(*[None if g is None else g.detach().requires_grad_() for g in out])
+        deps = [x for x in (*ctx.saved_tensors, *grads)
+                if isinstance(x, torch.Tensor) and x.requires_grad]
+        live = [i for i, g in enumerate(out) if isinstance(g, torch.Tensor)]
+        if not deps or not live:
+            return out
+        wrapped = _NoSecondDerivative.apply(len(live), *(out[i] for i in live), *deps)
+        out = list(out)
+        for i, g in zip(live, wrapped):
+            out[i] = g
+        return tuple(out)
     return wrapper
 
 

@@ -59,7 +59,7 @@ def token_logprobs(hidden, weight, targets, bias=None, *, temperature=1.0, softc
     if not return_entropy:
         return logp
     p = logp_all.exp()
-    entropy = -torch.where(p > 0, p * logp_all, 0.0).sum(-1)  # p log p = 0 at p = 0
+    entropy = -torch.where(p == 0, 0.0, p * logp_all).sum(-1)  # p log p = 0 at p = 0; NaN stays
     return logp, entropy
 
 

@@ -128,7 +128,8 @@ def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None
             e = z.exp_() if not return_entropy else z.exp()
             s = s * scale + e.sum(1)
             if return_entropy:
-                zs += torch.where(e > 0, e * z, 0.0).sum(1)  # 0 * -inf is 0 here, not NaN
+                # e = 0 where z = -inf: clamped, that term is 0 * finite (a NaN z stays NaN)
+                zs += (e * z.clamp_min_(torch.finfo(z.dtype).min)).sum(1)
             m = m_new
             del z, e  # free the block before the next one is allocated
         out_lse = m + torch.log(s)

@@ -129,6 +129,17 @@ def test_masked_vocabulary_blocks(backend, device, dtype):
         assert_close(ent, se, te, dtype, f"entropy {opts}")
 
 
+@pytest.mark.parametrize("v", [5, 16, 37])
+def test_nan_logits_give_nan(backend, device, v):
+    """A NaN logit (here a NaN row of the head) must come out as NaN, never as a plausible
+    number: the -inf guards of the online max must not swallow it. V = 5 and 37 are not
+    multiples of the cuda epilogue's vector width, so the NaN reaches its scalar path."""
+    h, w, _, t = make_head(3, 4, v, torch.float32, device, ignore_frac=0.0, seed=17)
+    w[0] = float("nan")
+    logp, ent = sk.token_logprobs(h, w, t, backend=backend, return_entropy=True)
+    assert logp.isnan().all() and ent.isnan().all(), (logp, ent)
+
+
 def test_entropy(backend, device):
     h, w, b, t = make_head(29, 24, 83, torch.float32, device, bias=True, scale=2.0, seed=9)
     kw = dict(temperature=0.8, softcap=5.0)
@@ -170,6 +181,12 @@ def test_second_derivative_is_an_error(backend, device):
     torch.testing.assert_close(gh.double(), dh64, rtol=0, atol=1e-4)
     with pytest.raises(RuntimeError, match="no second derivative"):
         gh.pow(2).sum().backward()
+    # the same through autograd.grad with explicit inputs, the head fed by a function of x
+    x = h.clone().requires_grad_()
+    logp = sk.token_logprobs(torch.tanh(x), w, t, backend=backend)
+    (gx,) = torch.autograd.grad(logp.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(gx.pow(2).sum(), x)
 
 
 def test_targets_outside_vocab_without_ignore(backend, device):
