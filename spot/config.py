@@ -17,7 +17,7 @@ BACKENDS = ("auto", "torch", "triton", "cuda", "reference")  # spot_kernels' bac
 # the data order, the schedule and the optimizer state all follow from them
 RUN_DEFINING = ("model", "data", "beta", "delta", "ema_alpha", "loss", "lr", "weight_decay",
                 "warmup_ratio", "epochs", "max_steps", "max_length", "tokens_per_batch",
-                "grad_accum", "max_grad_norm", "seed")
+                "max_grad_norm", "seed")  # and world size x grad_accum (train.run_settings)
 
 
 class ConfigError(ValueError):
@@ -78,7 +78,7 @@ class TrainConfig:
                   ("tokens_per_batch", self.tokens_per_batch >= 16, "must be >= 16"),
                   ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
                   ("max_grad_norm", self.max_grad_norm > 0, "must be > 0"),
-                  ("seed", 0 <= self.seed < 2**63, "must be in [0, 2^63)"),
+                  ("seed", -2**63 <= self.seed < 2**64, "must be in [-2^63, 2^64)"),
                   ("backend", self.backend in BACKENDS, f"must be {'|'.join(BACKENDS)}"),
                   ("log_every", self.log_every >= 1, "must be >= 1"),
                   ("attn", self.attn in ATTENTION, f"must be {'|'.join(ATTENTION)}")]

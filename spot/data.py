@@ -13,8 +13,10 @@ is allowed; compressed files are not read). Two key sets:
   (``{"role", "content"}``); without ``prompt`` the chosen conversation's leading turns are the
   prompt (TRL's implicit-prompt form), and the rejected conversation must have the same ones.
 
-Roles: the prompt ends with a ``user`` turn and a response holds only ``assistant`` turns (with
-an explicit ``prompt``, ``chosen`` and ``rejected`` hold only the response).
+Roles: the prompt ends with a ``user`` (or, as TRL allows, a ``tool``) turn; a response starts and
+ends with an ``assistant`` turn and holds only those and ``tool`` results between them (with an
+explicit ``prompt``, ``chosen`` and ``rejected`` hold only the response). An assistant prefill
+(a prompt ending with an ``assistant`` turn) is refused.
 
 A missing or empty key, or a wrong role, raises :class:`DataError` naming the file, the line (or
 row) and the problem; ``skip_bad=True`` counts and skips such records instead (a file that
@@ -211,13 +213,17 @@ def to_pair(rec, where):
     else:
         raise DataError(f"{where}: missing key 'chosen' (TRL keys: prompt, chosen, rejected; "
                         f"SPoT keys: question, gemini_corrected_answer, original_answer)")
-    if prompt[-1]["role"] != "user":
-        raise DataError(f"{where}: {pname} must end with a 'user' turn, not "
+    if prompt[-1]["role"] not in ("user", "tool"):  # TRL's rule for a prompt's last turn
+        raise DataError(f"{where}: {pname} must end with a 'user' (or 'tool') turn, not "
                         f"'{prompt[-1]['role']}'")
     for k, msgs in zip(rkeys, (chosen, rejected)):
-        for m in msgs:
-            if m["role"] != "assistant":
+        for m in msgs:  # assistant turns, with tool results between them (an agentic answer)
+            if m["role"] not in ("assistant", "tool"):
                 raise DataError(f"{where}: key '{k}' has a '{m['role']}' turn; {rule}")
+        for end in (msgs[0], msgs[-1]):
+            if end["role"] != "assistant":
+                raise DataError(f"{where}: key '{k}' must start and end with an 'assistant' "
+                                f"turn, not '{end['role']}'")
     return Pair(prompt, chosen, rejected)
 
 

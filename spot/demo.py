@@ -135,7 +135,7 @@ def _run(output, steps, progress, n_train, n_heldout, model_overrides, log, trai
     from .config import TrainConfig
     from .model import Policy, load_model
     from .tiny import build_model, build_tokenizer
-    from .train import sequence_logps, train
+    from .train import checkpoints, sequence_logps, train
 
     log = log or (lambda m: print(m, file=sys.stderr))
     torch.manual_seed(0)
@@ -154,7 +154,7 @@ def _run(output, steps, progress, n_train, n_heldout, model_overrides, log, trai
 
     # the demo's folder is its own: a rerun replaces the previous run's metrics and checkpoints
     (out / "metrics.jsonl").unlink(missing_ok=True)
-    for old in out.glob("checkpoint-*"):
+    for _, old in checkpoints(out):
         shutil.rmtree(old)
     settings = {**TRAIN, **(train_overrides or {})}
     steps = settings.pop("max_steps") if steps is None else steps

@@ -301,6 +301,7 @@ def save_checkpoint(folder, policy, tokenizer, optimizer, scheduler, delta, step
         tokenizer.save_pretrained(tmp)
         torch.save({"optimizer": osd, "scheduler": scheduler.state_dict(),
                     "delta": delta.state_dict(), "step": step, "data_position": pos,
+                    "world": dst.world,
                     "rng": rngs,
                     "config": cfg.to_dict()}, tmp / "trainer_state.pt")
         if folder.exists():
@@ -323,17 +324,32 @@ def latest_checkpoint(output):
     return found[-1][1] if found else None
 
 
-def load_trainer_state(ckpt, cfg):
+def run_settings(config, world):
+    """The values that define a run's trajectory (``config.RUN_DEFINING``), comparable across
+    runs: paths resolved, ``epochs`` only where ``max_steps`` does not replace it, and the
+    micro-batches of one step (``world * grad_accum``) rather than either factor."""
+    out = {k: config.get(k) for k in RUN_DEFINING}
+    for k in ("model", "data"):
+        out[k] = str(Path(out[k]).resolve()) if out[k] else out[k]
+    if out["max_steps"] is not None:
+        out.pop("epochs")
+    out["micro-batches per step (processes x grad_accum)"] = world * config.get("grad_accum", 1)
+    return out
+
+
+def load_trainer_state(ckpt, cfg, world):
     """A checkpoint's ``trainer_state.pt``, refused (``ConfigError``) when it cannot be read or
-    its run differs from ``cfg`` in a value that defines the run (``config.RUN_DEFINING``)."""
+    its run differs from ``cfg`` in a value that defines the run (``run_settings``)."""
     try:
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     except Exception as e:  # noqa: BLE001 - a torn or foreign file: one line, not a traceback
         raise ConfigError(f"resume: cannot read {ckpt / 'trainer_state.pt'} "
                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); delete "
                           f"{ckpt} to resume from an earlier checkpoint") from None
-    saved, now = state.get("config", {}), cfg.to_dict()
-    changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in RUN_DEFINING if saved.get(k) != now[k]]
+    saved = run_settings(state.get("config", {}), state.get("world", 1))
+    now = run_settings(cfg.to_dict(), world)
+    changed = [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+               if saved.get(k) != now.get(k)]
     if changed:
         raise ConfigError(f"resume: {ckpt} belongs to a run with other settings "
                           f"({', '.join(changed)}); resume with the same ones, or train into a "
@@ -430,7 +446,7 @@ def train(cfg: TrainConfig, log=None):
     if not cfg.resume and previous_run(out):
         raise ConfigError(f"output: {out} already holds a run ({', '.join(previous_run(out))}); "
                           f"pass --resume to continue it, or choose a new --output")
-    state = load_trainer_state(ckpt, cfg) if ckpt is not None else None
+    state = load_trainer_state(ckpt, cfg, dst.world) if ckpt is not None else None
     if cfg.resume and ckpt is None:
         log(f"resume: no complete checkpoint in {out}; starting at step 0")
     from transformers import AutoTokenizer

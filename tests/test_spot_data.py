@@ -80,7 +80,11 @@ BAD = [  # (line content, expected fragment of the one-line error)
     ({"prompt": "Q", "chosen": "a", "rejected": [{"role": "user", "content": "b"}]},
      "key 'rejected' has a 'user' turn"),
     ({"prompt": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "x"}],
-      "chosen": "a", "rejected": "b"}, "key 'prompt' must end with a 'user' turn, not 'assistant'"),
+      "chosen": "a", "rejected": "b"},
+     "key 'prompt' must end with a 'user' (or 'tool') turn, not 'assistant'"),
+    ({"prompt": "Q", "chosen": [{"role": "assistant", "content": "call f()"},
+                                {"role": "tool", "content": "42"}], "rejected": "b"},
+     "key 'chosen' must start and end with an 'assistant' turn, not 'tool'"),
     ({"chosen": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "a"}],
       "rejected": [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "b"}]},
      "keys 'chosen' and 'rejected' start with different turns"),
@@ -122,13 +126,20 @@ def test_role_checks_keep_the_valid_chat_forms(tmp_path):
         {"chosen": [first, a, u, {"role": "assistant", "content": "c"}],
          "rejected": [first, a, u, {"role": "assistant", "content": "r"}]},
         {"chosen": [sys_, first, {"role": "assistant", "content": "c"}], "rejected": "r"},
+        # tool use (TRL accepts a prompt ending with a tool result, and agentic answers)
+        {"prompt": [first, {"role": "assistant", "content": "call f()"},
+                    {"role": "tool", "content": "42"}], "chosen": "c", "rejected": "r"},
+        {"prompt": "Q1", "chosen": [{"role": "assistant", "content": "call f()"},
+                                    {"role": "tool", "content": "42"},
+                                    {"role": "assistant", "content": "c"}], "rejected": "r"},
     ]
     pairs, skipped = D.read_pairs(_write_jsonl(tmp_path / "chat.jsonl", rows))
     assert skipped == 0
     assert [[m["role"] for m in p.prompt] for p in pairs] == [
-        ["system", "user"], ["user", "assistant", "user"], ["system", "user"]]
+        ["system", "user"], ["user", "assistant", "user"], ["system", "user"],
+        ["user", "assistant", "tool"], ["user"]]
     assert [[m["content"] for m in p.chosen + p.rejected] for p in pairs] == [
-        ["c", "a1", "r"], ["c", "r"], ["c", "r"]]
+        ["c", "a1", "r"], ["c", "r"], ["c", "r"], ["c", "r"], ["call f()", "42", "c", "r"]]
 
 
 def test_non_utf8_file_is_one_line_error_even_with_skip_bad(tmp_path, tok_dir, capsys):

@@ -236,6 +236,21 @@ def test_a_used_output_is_resumed_or_refused(workdir, tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] != 9
 
 
+def test_resume_compares_micro_batches_per_step_not_grad_accum(tmp_path):
+    """A step is world x grad_accum micro-batches: a 2-process checkpoint with grad_accum 1
+    resumes in one process with grad_accum 2 (the same trajectory), not with grad_accum 1."""
+    from spot.config import ConfigError
+    from spot.train import load_trainer_state
+    ckpt = tmp_path / "checkpoint-2"
+    ckpt.mkdir()
+    cfg = TrainConfig(model="m", data="d.jsonl", output=str(tmp_path), max_steps=4, grad_accum=1)
+    torch.save({"config": cfg.to_dict(), "world": 2, "step": 2}, ckpt / "trainer_state.pt")
+    same = TrainConfig(**{**cfg.to_dict(), "grad_accum": 2, "epochs": 5})  # epochs: max_steps rules
+    assert load_trainer_state(ckpt, same, world=1)["step"] == 2
+    with pytest.raises(ConfigError, match=r"micro-batches per step .* 2 -> 1"):
+        load_trainer_state(ckpt, cfg, world=1)
+
+
 def test_bad_settings_are_one_line_errors(workdir, tmp_path, capsys):
     from spot.cli import main
     base = ["train", "--model", str(workdir / "model"), "--data", str(workdir / "pairs.jsonl"),
