@@ -41,9 +41,9 @@ when the inputs are half precision. The summation order of the atomics varies be
 Why it may not reach the GEMM floor: the atomics scale like the FLOPs. With 64 x 128 tiles and
 Qwen3-8B's head (``N=16384, D=4096, V=151936``) they are ``2.4e11`` adds (about 1 TB through
 L2) next to 61 TFLOP of dots, so on an H100/H200 the backward is likely bound by L2 atomic
-throughput rather than by the tensor cores. On sm_90 Triton (3.3 to 3.9) issues the ``dh`` and
-``dW`` adds as 4-wide vector reductions (``red.global.add.v4.f32``, SASS
-``REDG.E.ADD.F32x4``) when D and the row strides are multiples of 16, as in every real head:
+throughput rather than by the tensor cores. On sm_90 Triton issues the ``dh`` and ``dW`` adds
+as 4-wide vector reductions (``red.global.add.v4.f32``, SASS ``REDG.E.ADD.F32x4``; seen with
+3.3.1, 3.6 and 3.9) when D and the row strides are multiples of 16, as in every real head:
 ``6e10`` instructions rather than ``2.4e11`` (``tests/test_triton_compile.py`` keeps it so;
 other sizes and older GPUs get scalar adds). ``filter_eps`` removes both the dots and the atomics
 of skipped tiles (most of the vocabulary of a trained model), which is how this design is meant
