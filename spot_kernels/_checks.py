@@ -145,6 +145,8 @@ REDUCTIONS = ("pairs", "mean", "sum")
 
 
 def delta_value(delta):
+    # a tensor's value is not read here (that would sync the host with the device): a NaN
+    # tensor gives a NaN loss, as any NaN input would
     if isinstance(delta, torch.Tensor):
         if delta.numel() != 1:
             raise ValueError(f"delta must be a number or a one-element tensor, got shape "

@@ -30,7 +30,7 @@ Batches
 -------
 * **Padded** ``[B, L]`` with ``attention_mask`` (left or right padding). Without ``position_ids``
   the positions are ``cumsum(mask) - 1``, so a left-padded row sees the same positions as the
-  sequence run alone.
+  sequence run alone; given ``position_ids``, what they hold at padding does not matter.
 * **Packed** several sequences per row, delimited by ``cu_seqlens`` (``[S + 1]``, flash-attn
   convention, for a single row ``[1, N]`` or ``[N]``) or by ``position_ids`` restarting at each
   sequence. Packed sequences never attend to each other:
@@ -38,7 +38,9 @@ Batches
     kernel from the restarting ``position_ids``;
   - SDPA / eager / flex with a transformers that detects packing from ``position_ids``
     (``masking_utils.find_packed_sequence_indices``, in recent releases): it builds the
-    block-diagonal causal mask itself (sliding windows included);
+    block-diagonal causal mask itself (sliding windows included), except for models that build
+    their mask without ``position_ids`` (OPT: this module's mask below; Bloom, whose ALiBi comes
+    from the 2-D mask: packing raises ``ValueError``);
   - otherwise (older transformers, or packing *and* an ``attention_mask`` in one call) this module
     builds a 4-D additive block-diagonal causal mask ``[B, 1, L, L]`` (``0`` where a query may see
     a key, the dtype's minimum elsewhere; every query sees itself, so no row is empty and padding
@@ -46,9 +48,9 @@ Batches
     that single mask and raises ``ValueError``.
 
 Shifting: the hidden state at token ``i`` predicts token ``i + 1``. ``completion_logprobs``
-scores token ``i + 1`` from hidden ``i`` only when both are in the same sequence, token ``i + 1``
-is attended (``attention_mask``) and is a completion token (``completion_mask`` or position
-``>= prompt_lengths``). Only those rows of the hidden states go through the fused head, so prompt
+scores token ``i + 1`` from hidden ``i`` only when both are in the same sequence, both are
+attended (``attention_mask``: padding predicts nothing) and token ``i + 1`` is a completion token
+(``completion_mask`` or position ``>= prompt_lengths``). Only those rows of the hidden states go through the fused head, so prompt
 tokens cost no head FLOPs at all. Gradients flow to the model's parameters as usual.
 """
 from __future__ import annotations
@@ -110,8 +112,13 @@ def lm_head(model):
     temperature = 1.0
     scaling = getattr(cfg, "logits_scaling", None)      # Granite: logits / logits_scaling
     scale = getattr(cfg, "logit_scale", None)            # Cohere: logits * logit_scale
+    if getattr(cfg, "output_multiplier", None) not in (None, 1, 1.0):
+        raise ValueError(f"model: {type(model).__name__} scales its logits by output_multiplier "
+                         f"before its softcap, which the fused head does not express")
     if scaling not in (None, 1, 1.0):
-        temperature = float(scaling)
+        # HyperCLOVAX (MuP) multiplies by the same-named field that Granite divides by
+        multiply = getattr(cfg, "model_type", "") == "hyperclovax"
+        temperature = 1.0 / float(scaling) if multiply else float(scaling)
     elif scale not in (None, 1, 1.0):
         temperature = 1.0 / float(scale)
     if softcap is not None and temperature != 1.0:
@@ -138,11 +145,23 @@ def _positions_from_cu(cu, n, device):
     return (torch.arange(n, device=device) - starts).unsqueeze(0)
 
 
-def _segment_ids(position_ids):
+def _segment_ids(position_ids, attention_mask=None):
     """Sequence index of each token, per row: a new sequence starts where positions do not
-    continue by +1 (the convention of flash-attn varlen and transformers' packing detection)."""
+    continue by +1 (the convention of flash-attn varlen and transformers' packing detection),
+    between two attended tokens: padding positions (whatever they hold) start nothing."""
     first = position_ids[:, :1] - 1
-    return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+    breaks = torch.diff(position_ids, prepend=first, dim=-1) != 1
+    if attention_mask is not None:
+        att = attention_mask.bool()
+        breaks &= att & torch.cat([att[:, :1], att[:, :-1]], dim=-1)
+    return breaks.cumsum(-1)
+
+
+# model types whose attention mask ignores position_ids: packing needs this module's 4-D mask
+# (OPT builds its causal mask without them) or cannot work at all (Bloom's ALiBi is built from
+# the 2-D attention mask and it rejects a 4-D one)
+_OWN_PACKING_MASK = {"opt"}
+_NO_PACKING = {"bloom"}
 
 
 def _transformers_detects_packing():
@@ -211,7 +230,7 @@ def _prepare(model, input_ids, inputs_embeds, attention_mask, position_ids, cu_s
             raise ValueError(f"position_ids must have {length} positions per row, got "
                              f"{tuple(position_ids.shape)}")
         position_ids = position_ids.expand(b, -1)
-        seg = _segment_ids(position_ids)
+        seg = _segment_ids(position_ids, attention_mask)
         packed = bool((seg[:, -1] > 0).any())
     else:
         if attention_mask is not None:
@@ -239,8 +258,14 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
     ids, embeds, mask, pos, seg, packed = _prepare(inner, input_ids, inputs_embeds,
                                                    attention_mask, position_ids, cu_seqlens)
     impl = getattr(inner.config, "_attn_implementation", None) or "eager"
+    kind = getattr(_text_config(inner), "model_type", "")
+    if packed and kind in _NO_PACKING:
+        raise ValueError(f"cu_seqlens / position_ids: {type(inner).__name__} cannot keep packed "
+                         f"sequences apart (its attention bias comes from the 2-D "
+                         f"attention_mask); pass a padded batch")
     if packed and not impl.startswith("flash") and (mask is not None
-                                                   or not _transformers_detects_packing()):
+                                                   or not _transformers_detects_packing()
+                                                   or kind in _OWN_PACKING_MASK):
         cfg = _text_config(inner)
         window = getattr(cfg, "sliding_window", None)
         longest = int(torch.bincount((seg + seg.shape[-1] * torch.arange(
@@ -301,9 +326,10 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
     return HeadInputs(hidden, weight, bias, softcap, temperature)
 
 
-def _completion_targets(ids, mask, seg, completion_mask, prompt_lengths):
-    """``(rows, targets, seq)``: for every scored position ``i`` (flat index into ``[B*L]``),
-    its target ``ids[i + 1]`` and global sequence number."""
+def _completion_targets(ids, mask, seg, completion_mask, prompt_lengths, n_seq=None):
+    """``(rows, targets, seq, S)``: for every scored position ``i`` (flat index into ``[B*L]``),
+    its target ``ids[i + 1]`` and global sequence number; ``S`` sequences in all (``n_seq`` when
+    given: ``cu_seqlens`` may end with empty sequences, which ``seg`` cannot show)."""
     b, length = ids.shape
     count = torch.ones_like(ids, dtype=torch.bool)
     if mask is not None:
@@ -321,9 +347,11 @@ def _completion_targets(ids, mask, seg, completion_mask, prompt_lengths):
         if mask is not None:  # left padding: prompt length counts attended tokens only
             pos = mask.long().cumsum(-1) - 1
         count &= pos >= plen[:, None]
-    # score position i with target i+1 when both are in one sequence and i+1 counts
+    # score position i with target i+1 when both are in one sequence, i is a real (attended)
+    # token and i+1 counts: padding's hidden state predicts nothing
+    att = mask.bool() if mask is not None else torch.ones_like(count)
     scored = torch.zeros_like(count)
-    scored[:, :-1] = count[:, 1:] & (seg[:, 1:] == seg[:, :-1])
+    scored[:, :-1] = count[:, 1:] & att[:, :-1] & (seg[:, 1:] == seg[:, :-1])
     targets = torch.zeros_like(ids)
     targets[:, :-1] = ids[:, 1:]
     # global sequence number, row-major
@@ -331,7 +359,8 @@ def _completion_targets(ids, mask, seg, completion_mask, prompt_lengths):
     offset = torch.cumsum(per_row, 0) - per_row
     gseq = seg + offset[:, None]
     rows = scored.flatten().nonzero().squeeze(-1)
-    return rows, targets.flatten()[rows], gseq.flatten()[rows], int(per_row.sum())
+    total = int(per_row.sum()) if n_seq is None else n_seq
+    return rows, targets.flatten()[rows], gseq.flatten()[rows], total
 
 
 def next_token_targets(input_ids, *, attention_mask=None, completion_mask=None,
@@ -363,7 +392,9 @@ def completion_logprobs(model, input_ids, *, attention_mask=None, completion_mas
                      cu_seqlens=cu_seqlens, **model_kwargs)
     ids, _, mask, _, seg, _ = _prepare(model, input_ids, None, attention_mask, position_ids,
                                        cu_seqlens)
-    rows, targets, seq, s = _completion_targets(ids, mask, seg, completion_mask, prompt_lengths)
+    rows, targets, seq, s = _completion_targets(
+        ids, mask, seg, completion_mask, prompt_lengths,
+        n_seq=None if cu_seqlens is None else cu_seqlens.numel() - 1)
     hidden = hi.hidden.reshape(-1, hi.hidden.shape[-1]).index_select(0, rows)
     logp = F.token_logprobs(hidden, hi.weight, targets, backend=backend,
                             backend_options=backend_options, **hi.head_kwargs())

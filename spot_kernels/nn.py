@@ -18,8 +18,9 @@ class TokenLogprobs(torch.nn.Module):
 
     Example::
 
-        head_logp = sk.nn.TokenLogprobs(softcap=model.config.final_logit_softcapping)
-        logp = head_logp(hidden, model.lm_head.weight, targets)   # float32, targets' shape
+        weight, bias, softcap, temperature = sk.hf.lm_head(model)  # Gemma-2 softcap, Granite...
+        head_logp = sk.nn.TokenLogprobs(softcap=softcap, temperature=temperature)
+        logp = head_logp(hidden, weight, targets, bias)          # float32, targets' shape
         (logp.sum() / (targets != -100).sum()).neg().backward()   # SFT-style NLL
 
     ``forward(hidden, weight, targets, bias=None)``; with ``return_entropy=True`` it returns

@@ -121,6 +121,47 @@ def test_completion_logprobs_padded_and_packed(model):
     torch.testing.assert_close(mean.double(), truth.detach() / n_tok, atol=1e-4, rtol=1e-5)
 
 
+def test_padding_predicts_nothing(model):
+    """With no prompt lengths (or zeros) every attended token after the first of its sequence
+    counts: the first real token of a left-padded row is not predicted from a padding position,
+    position_ids given with the padding do not turn the batch into a packed one, and a packed
+    batch whose cu_seqlens ends with empty sequences keeps them (as 0)."""
+    seqs = _seqs(model, seed=5)
+    truth = _truth_completion(model, seqs, [1, 1, 1]).detach()
+    for left in (False, True):
+        ids, mask = _padded(seqs, left)
+        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # the usual padded positions
+        for kw in ({}, {"prompt_lengths": [0, 0, 0]}, {"position_ids": pos}):
+            with torch.no_grad():
+                ours = hf.completion_logprobs(model, ids, attention_mask=mask, **kw)
+            assert ours.shape == (3,), (left, kw, ours.shape)
+            torch.testing.assert_close(ours.double(), truth, atol=1e-4, rtol=1e-5)
+    cu = torch.tensor([0] + LENS + [0, 0]).cumsum(0)  # two empty sequences at the end
+    with torch.no_grad():
+        ours = hf.completion_logprobs(model, torch.cat(seqs), cu_seqlens=cu)
+    assert ours.shape == (5,) and ours[3:].abs().max() == 0
+    torch.testing.assert_close(ours[:3].double(), truth, atol=1e-4, rtol=1e-5)
+
+
+def test_models_whose_mask_ignores_positions():
+    """OPT builds its causal mask without position_ids (packing needs this module's 4-D mask);
+    Bloom's ALiBi comes from the 2-D mask (packing is refused, not silently leaky)."""
+    from transformers import BloomConfig, BloomForCausalLM, OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    opt = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                   num_attention_heads=4, ffn_dim=64,
+                                   word_embed_proj_dim=32)).eval()
+    g = torch.Generator().manual_seed(6)
+    seqs = [torch.randint(4, 64, (n,), generator=g) for n in (6, 4)]
+    truth = _truth_completion(opt, seqs, [1, 1]).detach()
+    with torch.no_grad():
+        ours = hf.completion_logprobs(opt, torch.cat(seqs), cu_seqlens=torch.tensor([0, 6, 10]))
+    torch.testing.assert_close(ours.double(), truth, atol=1e-4, rtol=1e-5)
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=4))
+    with pytest.raises(ValueError, match="padded batch"):
+        hf.completion_logprobs(bloom, torch.cat(seqs), cu_seqlens=torch.tensor([0, 6, 10]))
+
+
 def test_bad_input(model):
     ids = torch.randint(4, 20, (2, 6))
     with pytest.raises(ValueError, match="attention_mask"):
@@ -142,6 +183,21 @@ def test_logit_scale_configs(arch, scale):
     truth = _truth_completion(model, [ids[0]], [1])
     ours = hf.completion_logprobs(model, ids)
     torch.testing.assert_close(ours.double(), truth.detach(), atol=1e-4, rtol=1e-5)
+
+
+def test_hyperclovax_multiplies_by_logits_scaling():
+    """HyperCLOVAX multiplies its logits by the logits_scaling that Granite divides by."""
+    from transformers import HyperCLOVAXConfig, HyperCLOVAXForCausalLM
+    torch.manual_seed(0)
+    model = HyperCLOVAXForCausalLM(HyperCLOVAXConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, logits_scaling=4.0)).eval()
+    assert hf.lm_head(model)[3] == 0.25
+    ids = torch.randint(4, 64, (1, 9), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ours = hf.completion_logprobs(model, ids)
+    torch.testing.assert_close(ours.double(), _truth_completion(model, [ids[0]], [1]),
+                               atol=1e-4, rtol=1e-5)
 
 
 def test_packed_rows_with_padding(model):
