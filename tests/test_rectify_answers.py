@@ -31,12 +31,21 @@ TABLE = [
     (r"\boxed{2}", 2, True),
     (r"\boxed{2.0}", "2", True),
     (r"\boxed{\{1, 2\}}", r"\{1,2\}", True),
+    # only the last \boxed{} is the answer (math-verify alone read the set {7, 14})
+    (r"First 3 + 4 = \boxed{7}. Then 7 * 2 = 14, so the answer is \boxed{14}.", "14", True),
+    (r"First 3 + 4 = \boxed{7}. Then 7 * 2 = 14, so the answer is \boxed{14}.", "7", False),
+    (r"\boxed{12.}", "12", True),                  # a trailing period is not part of it
+    (r"\boxed 5.", "5", True),
+    # intervals: the brackets count
+    (r"\boxed{(1,2]}", "(1,2)", False),
+    (r"\boxed{[1,2)}", "[1,2]", False),
+    (r"\boxed{(1, 2]}", "(1,2]", True),
+    (r"\boxed{[0, \infty)}", r"[0,\infty)", True),
 ]
 
 
 # Rows where the checkers differ: (response, ground truth, fallback, math-verify).
 DIFFERENT = [
-    (r"\boxed{12.}", "12", True, False),           # the fallback drops a trailing period
     (r"\boxed{\sqrt{4}}", "2", False, True),       # only sympy evaluates
     (r"\boxed{2x + x}", "3x", False, True),
     ("The final answer is 7.", "7", False, True),   # math-verify also accepts this anchor
@@ -68,6 +77,8 @@ def test_auto_checker_matches_installation():
     (r"\fbox{7}", "7"),
     (r"\boxed 5.", "5"),
     (r"\boxed{3} and a broken \boxed{4", "3"),
+    (r"\boxed{a} \boxed{b \{ c", "a"),
+    (r"} \boxed{ {x} } {", "{x}"),
     ("nothing", None),
     ("", None),
 ])
@@ -79,9 +90,28 @@ def test_extract_boxed(text, expected):
     ("0.5", "1/2", True), (r"\frac{1}{2}", "0.50", True), ("1e-3", "1/1000", True),
     ("3", "3.0001", False), ("a", "b", False), ("", "", False), (r"\text{yes}", "yes", True),
     ("50\\%", "50", True), (r"\$5", "5", False),
+    ("(1,2]", "(1,2)", False), ("[1,2)", "(1,2)", False), ("(1, 2]", "(1,2]", True),
+    ("(1,2)", "(1,2)", True), ("1,2", "(1,2)", False), (r"\{1,2\}", r"\{1, 2\}", True),
 ])
 def test_answers_equal(a, b, expected):
     assert A.answers_equal(a, b) is expected
+
+
+def test_math_verify_reads_only_the_last_boxed():
+    pytest.importorskip("math_verify")
+    r = r"First 3 + 4 = \boxed{7}. Then 7 * 2 = 14, so the answer is \boxed{14}."
+    assert A.check_answer(r, "14", checker="math-verify")
+    assert not A.check_answer(r, "7", checker="math-verify")
+    assert A.check_answer(r"\boxed{5.}", "5", checker="math-verify")
+
+
+def test_extract_boxed_is_linear():
+    import time
+    for text in ("\\boxed{3} " + "\\boxed{" * 30000, "\\boxed{3} " + "\\boxed$" * 30000):
+        t = time.perf_counter()
+        assert A.extract_boxed(text) == "3"
+        assert time.perf_counter() - t < 2  # was quadratic: 6,000 unclosed took 7 s
+    assert not A.check_answer("\\boxed{" * 30000, "1", checker="fallback")
 
 
 def test_fallback_is_exact_on_random_fractions():

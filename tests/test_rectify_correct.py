@@ -5,7 +5,8 @@ The server is a small rule-based Oracle: it finds the student's solution in the 
 with "Let me compute." and ends at its ``\\boxed{}``), recomputes every ``a op b = c`` line of it and
 the boxed answer, and replies with the corrected text between the markers. A script per question
 tag (``Q7: ...``) makes it misbehave first: 429, 500, a reply slower than the client's timeout, a
-dropped connection, no markers, a wrong correction.
+dropped connection, no markers, a wrong correction, a reply cut short or of an odd shape, a lone
+surrogate, a reply that never comes.
 """
 import json
 import os
@@ -71,6 +72,7 @@ class OracleServer:
                     script = oracle.scripts.get(tag, [])
                     action = script[n - 1] if n <= len(script) else (script[-1] if script and
                                                                      script[-1] == "always500" else "ok")
+
                 if oracle.delay:
                     time.sleep(oracle.delay)
                 try:
@@ -79,11 +81,14 @@ class OracleServer:
                     pass
 
             def act(self, action, body, prompt):
+                self.cut = action == "cut"
                 if action == "drop":
                     self.close_connection = True
                     return
                 if action == "slow":
                     time.sleep(1.5)
+                if action == "hang":  # longer than any test waits
+                    time.sleep(30)
                 if action in ("429", "500", "always500", "leak"):
                     code = 429 if action == "429" else 500
                     detail = f"saw {self.headers.get('Authorization')}" if action == "leak" else "busy"
@@ -91,11 +96,22 @@ class OracleServer:
                                      {"Retry-After": "0"} if code == 429 else {})
                 if action == "401":
                     return self.send(401, {"error": {"message": "bad key", "type": "auth"}})
+                odd = {"choices_str": ["x"], "message_str": [{"message": "hi"}],
+                       "choices_dict": {"a": 1},
+                       "content_int": [{"message": {"role": "assistant", "content": 5}}]}
+                if action in odd:
+                    return self.send(200, {"id": "x", "object": "chat.completion", "created": 0,
+                                           "model": body["model"], "choices": odd[action]})
                 fixed = oracle_fix(prompt, wrong=action == "wrong")
+                if action == "surrogate":  # json.dumps writes it as the escape "\\ud83d"
+                    fixed += " \ud83d"
                 if action == "echo":  # a reply quoting the key
                     fixed += f"\n(auth was {self.headers.get('Authorization')})"
                 content = ("Here is the corrected solution.\n" + fixed if action == "nomarkers" else
                            f"Here you go.\n{C.START}\n{fixed}\n{C.END}\n")
+                if action == "parts":  # content as a list of text parts
+                    content = [{"type": "text", "text": content[:20]},
+                               {"type": "text", "text": content[20:]}]
                 self.send(200, {"id": "x", "object": "chat.completion", "created": 0,
                                 "model": body["model"],
                                 "choices": [{"index": 0, "finish_reason": "stop",
@@ -104,6 +120,8 @@ class OracleServer:
 
             def send(self, code, payload, headers=None):
                 data = json.dumps(payload).encode()
+                if self.cut:  # the reply cut short: half of the JSON
+                    data = data[:len(data) // 2]
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -336,3 +354,119 @@ def test_backoff_is_exponential_jittered_and_capped():
         C.Oracle("http://127.0.0.1:9/v1", "m", max_retries=-1)
     with pytest.raises(ValueError, match="timeout"):
         C.Oracle("http://127.0.0.1:9/v1", "m", timeout=0)
+
+
+def test_odd_replies_are_recorded_and_the_run_goes_on(tmp_path, oracle):
+    """Replies of an unexpected shape fail their record (``empty``) instead of the run; text parts
+    are joined; a reply cut short is retried; a lone surrogate is written (as U+FFFD), so a rerun
+    asks nothing again. Elicit's finish_reason stays; the Oracle's is ``oracle_finish_reason``."""
+    errors, out = tmp_path / "errors.jsonl", tmp_path / "c.jsonl"
+    recs = write_errors(errors, 9, seed=6)
+    with open(errors, "w") as f:
+        for r in recs:
+            f.write(json.dumps(dict(r, finish_reason="length")) + "\n")
+    oracle.scripts = {"Q0": ["choices_str"], "Q1": ["message_str"], "Q2": ["choices_dict"],
+                      "Q3": ["content_int"], "Q4": ["parts"], "Q5": ["surrogate"],
+                      "Q6": ["cut", "ok"], "Q7": ["always500"]}
+    s = C.correct(C.load_errors(str(errors)), str(out), make_oracle(oracle.url, max_retries=1),
+                  workers=3, progress=False)
+    rows = {r["id"]: r for r in read_jsonl(str(out))}
+    status = {k[1:-2]: r["status"] for k, r in rows.items()}
+    assert status == {"0": "empty", "1": "empty", "2": "empty", "3": "empty", "4": "verified",
+                      "5": "verified", "6": "verified", "7": "api_error", "8": "verified"}
+    assert rows["p6:0"]["attempts"] == 2 and oracle.counts["Q6"] == 2  # cut short: retried
+    assert rows["p5:0"]["corrected_answer"].endswith(" \ufffd")
+    assert rows["p4:0"]["corrected_answer"] == oracle_fix(recs[4]["response"])
+    for k, r in rows.items():
+        assert r["finish_reason"] == "length"  # elicit's
+        assert r["oracle_finish_reason"] == ("stop" if r["status"] == "verified" else None)
+    assert s["new"] == 9 and s["verified"] == 4
+    counts = dict(oracle.counts)
+    s = C.correct(C.load_errors(str(errors)), str(out), make_oracle(oracle.url), workers=3,
+                  progress=False)
+    assert s["new"] == 0 and oracle.counts == counts  # every record was written: nothing redone
+
+
+def test_resume_keeps_a_whole_last_record_without_newline(tmp_path, oracle):
+    errors, out = tmp_path / "errors.jsonl", tmp_path / "c.jsonl"
+    write_errors(errors, 3, seed=7)
+    C.correct(C.load_errors(str(errors)), str(out), make_oracle(oracle.url), workers=1,
+              progress=False)
+    out.write_bytes(out.read_bytes().rstrip(b"\n"))  # e.g. an editor that drops it
+    s = C.correct(C.load_errors(str(errors)), str(out), make_oracle(oracle.url), workers=1,
+                  progress=False)
+    assert s["new"] == 0 and s["done"] == 3 and sum(oracle.counts.values()) == 3
+    assert out.read_text().endswith("}\n") and len(read_jsonl(str(out))) == 3
+
+
+def test_ctrl_c_stops_requests_and_retries(tmp_path, capsys, monkeypatch):
+    """SIGINT: no request or retry starts after it, a request that never returns does not hold
+    up the exit, finished records stay written once, and a rerun completes the rest."""
+    pytest.importorskip("openai")
+    oracle, proc = OracleServer(), None
+    try:
+        errors, out = tmp_path / "errors.jsonl", tmp_path / "corrected.jsonl"
+        recs = write_errors(errors, 9, seed=8)
+        oracle.scripts = {"Q4": ["hang"], **{f"Q{i}": ["always500"] for i in range(5, 9)}}
+        argv = ["correct", "--input", str(errors), "--output", str(out), "--oracle-url", oracle.url,
+                "--oracle-model", "m", "--workers", "5", "--backoff", "2", "--timeout", "60",
+                "--api-key-env", "SPOT_TEST_ORACLE_KEY"]
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.Popen([sys.executable, "-m", "spot.rectify.cli", *argv], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while time.time() < deadline and not (
+                len(oracle.counts) == 9 and out.exists() and out.read_text().count("\n") == 4):
+            time.sleep(0.02)
+        assert len(oracle.counts) == 9, oracle.counts
+        sent = sum(oracle.counts.values())
+        t = time.time()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert time.time() - t < 5, err  # was: until the hanging request and all retries ended
+        assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+        assert sum(oracle.counts.values()) - sent <= 1  # between the signal and the stop: at most one
+        rows = read_jsonl(str(out))
+        assert sorted(r["id"] for r in rows) == [f"p{i}:0" for i in range(4)]
+        assert all(r["status"] == "verified" for r in rows)
+        oracle.scripts = {}  # the Oracle is well again: the rerun finishes the other five
+        from spot.rectify.cli import main
+        assert main(argv) == 0
+        rows = read_jsonl(str(out))
+        ids = [r["id"] for r in rows]
+        assert len(ids) == len(set(ids)) == 9 and set(ids) == {r["id"] for r in recs}
+        assert all(oracle.counts[f"Q{i}"] == 1 for i in range(4))  # not asked again
+        assert "9 done (5 this run" in capsys.readouterr().out
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        oracle.close()
+
+
+def test_oracle_options_are_checked_before_any_request(tmp_path, oracle, capsys):
+    from spot.rectify.cli import main
+    errors, out = tmp_path / "errors.jsonl", tmp_path / "c.jsonl"
+    write_errors(errors, 2)
+    base = ["correct", "--input", str(errors), "--output", str(out), "--oracle-url", oracle.url,
+            "--oracle-model", "m"]
+    nostart = tmp_path / "nostart.txt"
+    nostart.write_text("{question} {answer} put it in tags")
+    gt = tmp_path / "gt.txt"
+    gt.write_text("{question} {answer} {ground_truth} {start} {end}")
+    for extra, msg in ((["--workers", "0"], "--workers"), (["--max-retries", "-1"], "--max-retries"),
+                       (["--timeout", "0"], "--timeout"), (["--backoff", "-1"], "--backoff"),
+                       (["--oracle-max-tokens", "0"], "--oracle-max-tokens"),
+                       (["--prompt-template", str(nostart)], "{start}, {end}"),
+                       (["--prompt-template", str(gt)], "--with-ground-truth"),
+                       (["--api-key-env", "sk-proj-REALKEY"], "NAME of an environment variable")):
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert msg in err and "REALKEY" not in err and len(err.splitlines()) == 1, err
+    assert oracle.counts == {} and not out.exists()
+    # a valid name that is not set: said without echoing a name that may be a key
+    assert main(base + ["--api-key-env", "ghp_abc123SECRET", "--max-retries", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "SECRET" not in err and "named by --api-key-env is not set" in err
+    assert main(base + ["--api-key-env", "SPOT_UNSET_TEST_KEY"]) == 0
+    assert "$SPOT_UNSET_TEST_KEY is not set" in capsys.readouterr().err

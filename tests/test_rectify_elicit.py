@@ -154,3 +154,42 @@ def test_run_end_to_end(tmp_path, tiny_dir, capsys):
     for k, p in enumerate(pairs):
         pair = to_pair(p, f"pairs.jsonl:{k + 1}")
         assert pair.chosen[-1]["content"] == p["chosen"] and pair.rejected[-1]["content"] == p["rejected"]
+
+
+def test_bad_problems_and_limit_are_one_line_errors(tmp_path, capsys):
+    """A ground truth that is not a string or number, a lone surrogate and a negative --limit end
+    with one line naming the file and line (exit 2), before any model loads."""
+    p = tmp_path / "p.jsonl"
+    base = ["elicit", "--model", str(tmp_path / "no-model"), "--data", str(p),
+            "--output", str(tmp_path / "out")]
+    good = json.dumps({"question": "q", "answer": "1"})
+    for bad, msg in (({"question": "q", "answer": [1, 2]}, "must be a string or a number, got list"),
+                     ({"question": "q", "answer": True}, "got bool"),
+                     ({"question": "q \ud83d", "answer": "1"}, "lone surrogate")):
+        p.write_text(good + "\n\n" + json.dumps(bad) + "\n")  # line 3: blank lines count
+        assert cli(base) == 2
+        err = capsys.readouterr().err
+        assert f"{p}:3:" in err and msg in err and len(err.splitlines()) == 1, err
+    p.write_text(good + "\n")
+    assert cli(base + ["--limit", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "limit must be an integer >= 0" in err and len(err.splitlines()) == 1
+    assert E.load_problems(str(p), limit=0) == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_checks_oracle_options_before_the_model_loads(tmp_path, capsys):
+    pytest.importorskip("openai")
+    data, out = tmp_path / "problems.jsonl", tmp_path / "run"
+    write_problems(data, 2)
+    gt = tmp_path / "gt.txt"
+    gt.write_text("{question} {answer} {ground_truth} {start} {end}")
+    base = ["run", "--model", str(tmp_path / "no-model"), "--data", str(data), "--output", str(out),
+            "--oracle-url", "http://127.0.0.1:9/v1", "--oracle-model", "m"]
+    for extra, msg in ((["--workers", "0"], "--workers"), (["--max-retries", "-1"], "--max-retries"),
+                       (["--timeout", "0"], "--timeout"),
+                       (["--prompt-template", str(gt)], "--with-ground-truth")):
+        assert cli(base + extra) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.splitlines()) == 1, err  # not the model's load error
+    assert not out.exists()

@@ -22,26 +22,29 @@ import threading
 from fractions import Fraction
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
+_BRACE = re.compile(r"(?<!\\)[{}]")
+_TAIL = re.compile(r"([^\s$]+)")
 
 
 def extract_boxed(text):
     """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` in ``text`` (nested braces matched),
-    also ``\\boxed 5``; ``None`` when there is none or its braces never close."""
+    also ``\\boxed 5``; ``None`` when there is none or its braces never close. Linear time: the
+    braces are matched in one pass."""
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
+    close, stack = {}, []  # close[i]: the "}" matching the "{" at i (not after a backslash)
+    for m in _BRACE.finditer(text):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif stack:
+            close[stack.pop()] = m.start()
     for m in reversed(list(_BOXED.finditer(text))):
         i = m.end()
         if i < len(text) and text[i] == "{":
-            depth = 0
-            for j in range(i, len(text)):
-                if text[j] == "{" and text[j - 1] != "\\":
-                    depth += 1
-                elif text[j] == "}" and text[j - 1] != "\\":
-                    depth -= 1
-                    if depth == 0:
-                        return text[i + 1:j].strip()
+            if i in close:
+                return text[i + 1:close[i]].strip()
             continue  # unbalanced: try an earlier one
-        tail = re.match(r"([^\s$]+)", text[i:])  # \boxed 5
+        tail = _TAIL.match(text, i)  # \boxed 5
         if tail:
             return tail.group(1).rstrip(".")
     return None
@@ -134,7 +137,8 @@ def answers_equal(a, b):
     if xa is not None and xb is not None:
         return xa == xb
     pa, pb = _split_top(na.strip("()[]{}")), _split_top(nb.strip("()[]{}"))
-    if len(pa) > 1 and len(pa) == len(pb) and na[:1] == nb[:1]:
+    # same brackets on both ends: (1,2] is not (1,2)
+    if len(pa) > 1 and len(pa) == len(pb) and (na[:1], na[-1:]) == (nb[:1], nb[-1:]):
         return all(answers_equal(x, y) for x, y in zip(pa, pb))
     return False
 
@@ -180,7 +184,11 @@ def check_answer(response, ground_truth, *, checker="auto"):
         pred = extract_boxed(response)
         return pred is not None and answers_equal(pred, gt)
     # anchored extraction only (a \boxed{} or "the answer is ..."): a stray number in a garbled
-    # response is not an answer
+    # response is not an answer. Only the last \boxed{} is the answer (given all of them,
+    # math-verify reads the set {7, 14}), less a trailing period, as in the fallback.
+    boxed = extract_boxed(response)
+    if boxed is not None:
+        response = "\\boxed{%s}" % re.sub(r"(?<![\\.])\.$", "", boxed)
     config = [mv.LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=False),
               mv.ExprExtractionConfig(try_extract_without_anchor=False)]
     pred = mv.parse(response, extraction_config=config, parsing_timeout=tmo)

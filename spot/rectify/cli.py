@@ -53,7 +53,7 @@ def _elicit_args(p, output_help):
     p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
                    help="generation engine (vllm only when installed)")
     p.add_argument("--system-prompt", default=None, help="optional system message")
-    p.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    p.add_argument("--limit", type=int, default=None, help="only the first N >= 0 problems")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
@@ -63,21 +63,29 @@ def _oracle_args(p):
     p.add_argument("--oracle-url", required=True, help="OpenAI-compatible base URL (.../v1)")
     p.add_argument("--oracle-model", required=True, help="model name at the endpoint")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                   help="environment variable holding the API key (default OPENAI_API_KEY)")
+                   help="NAME of the environment variable holding the API key (default "
+                        "OPENAI_API_KEY); never the key itself")
     p.add_argument("--workers", type=int, default=16, help="concurrent requests (default 16)")
-    p.add_argument("--max-retries", type=int, default=5)
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds")
-    p.add_argument("--max-backoff", type=float, default=60.0)
+    p.add_argument("--max-retries", type=int, default=5, help="retries per record (default 5)")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds the connection may stay idle (connecting, sending, or between "
+                        "two reads of the reply); not a total per-request deadline (default 120)")
+    p.add_argument("--backoff", type=float, default=1.0,
+                   help="base retry delay in seconds (default 1): the k-th retry waits a random "
+                        "0.5x-1x of backoff*2^(k-1), capped by --max-backoff")
+    p.add_argument("--max-backoff", type=float, default=60.0,
+                   help="largest retry delay in seconds (default 60)")
     p.add_argument("--with-ground-truth", action="store_true",
                    help="show the ground-truth answer to the Oracle")
     p.add_argument("--prompt-template", default=None,
-                   help="file replacing the correction prompt ({question}, {answer}, "
-                        "{ground_truth} placeholders)")
+                   help="file replacing the correction prompt; must contain {question}, "
+                        "{answer}, {start} and {end} (the markers around the corrected "
+                        "solution); {ground_truth} only with --with-ground-truth")
     p.add_argument("--retry-failed", action="store_true",
                    help="redo the records a previous run recorded as failed")
     p.add_argument("--oracle-temperature", type=float, default=0.0)
-    p.add_argument("--oracle-max-tokens", type=int, default=None)
+    p.add_argument("--oracle-max-tokens", type=int, default=None,
+                   help="reply length limit, >= 1 (default: the endpoint's)")
 
 
 def _filter_args(p, tokenizer_required=True):
@@ -90,7 +98,8 @@ def _filter_args(p, tokenizer_required=True):
 
 def _friendly(fn):
     """Bad input (a ``ValueError`` naming the argument), a missing optional client or a path that
-    does not load ends the command with one line and exit status 2, not a traceback."""
+    does not load ends the command with one line and exit status 2, not a traceback; Ctrl-C with
+    one line and status 130 (what was written stays; rerunning the command resumes)."""
     import functools
     import sys
 
@@ -109,6 +118,9 @@ def _friendly(fn):
             print(f"spot rectify: error: {str(e).splitlines()[0] if str(e) else e!r}",
                   file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            print("spot rectify: interrupted; rerun the same command to resume", file=sys.stderr)
+            return 130
     return run
 
 

@@ -5,8 +5,9 @@ client. The correction prompt asks to keep the student's correct steps word for 
 the wrong reasoning, match the student's style and put the whole corrected solution, ending in a
 ``\\boxed{}`` answer, between :data:`START` and :data:`END`. Two built-in variants: without the
 ground truth (the default) and with it (``--with-ground-truth``); ``--prompt-template FILE``
-replaces them (placeholders ``{question}``, ``{answer}``, ``{ground_truth}``, ``{start}``, ``{end}``,
-filled by plain substitution so LaTeX braces in the file need no escaping).
+replaces them (placeholders ``{question}``, ``{answer}``, ``{start}`` and ``{end}`` required,
+``{ground_truth}`` only with ``--with-ground-truth``; filled by plain substitution so LaTeX braces
+in the file need no escaping). All options are checked before any request (:func:`check_args`).
 
 Design:
 
@@ -14,27 +15,32 @@ Design:
   answers (math-verify's timeout needs the main thread) and appends results, so the output file
   has one writer. Each finished record is one complete JSON line (:mod:`spot.rectify.jsonl`); a
   killed run resumes by skipping the ids already written: every record appears exactly once.
-* Retries: HTTP 429, 408/409/425, 5xx, timeouts and dropped connections are retried up to
-  ``--max-retries`` times with exponential backoff and "equal jitter" (delay ``d/2 + U(0, d/2)``,
-  ``d = min(max_backoff, backoff * 2^k)``, at least a 429's ``Retry-After`` when that is shorter
-  than ``max_backoff``). The client's own retries are off, so the counts are ours.
+  The workers are daemon threads: on Ctrl-C (or a fatal error) no new request or retry starts,
+  requests in flight are abandoned, and what was written stays.
+* Retries: HTTP 429, 408/409/425, 5xx, timeouts (``--timeout`` bounds each wait for the
+  connection, not a whole request), dropped connections and replies cut short (malformed JSON)
+  are retried up to ``--max-retries`` times with exponential backoff and "equal jitter" (delay
+  ``d/2 + U(0, d/2)``, ``d = min(max_backoff, backoff * 2^k)``, at least a 429's ``Retry-After``
+  when that is shorter than ``max_backoff``). The client's own retries are off, so the counts are ours.
   401/403/404 stop the run (every request would fail the same way); other 4xx fail the record.
 * Failures are recorded, never guessed: ``status`` is ``verified``, ``wrong_answer`` (the
   correction's answer is not the ground truth), ``no_markers`` (the reply lacks the markers; its
-  text is not used), ``empty``, ``api_error`` (retries exhausted) or ``bad_request``.
+  text is not used), ``empty`` (no text in the reply, also a reply of an unexpected shape),
+  ``api_error`` (retries exhausted) or ``bad_request``. ``finish_reason`` is elicit's;
+  ``oracle_finish_reason`` is the Oracle's (``None`` when there was no reply).
   ``--retry-failed`` drops the failed lines of a previous run and redoes those records.
 * The API key is read only from the environment variable ``--api-key-env`` and scrubbed from every
   error message before it is printed or written.
 """
 from __future__ import annotations
 
+import json
 import os
+import queue
 import random
 import re
 import sys
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from .answers import check_answer, checker_name
 from .jsonl import Appender, done_ids, read_jsonl, repair, rewrite
@@ -64,6 +70,7 @@ QUESTION_KEYS = ("question", "prompt", "problem")
 ANSWER_KEYS = ("response", "original_answer")
 GT_KEYS = ("ground_truth", "answer")
 FAILED = ("wrong_answer", "no_markers", "empty", "api_error", "bad_request")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class OracleError(Exception):
@@ -76,6 +83,10 @@ class OracleError(Exception):
 
 class OracleFatal(Exception):
     """An error every request would hit (authentication, unknown model or URL): stop the run."""
+
+
+class Stopped(Exception):
+    """The run was stopped (Ctrl-C or a fatal error): no request or retry is started."""
 
 
 def fill(template, **values):
@@ -96,10 +107,11 @@ def build_prompt(question, answer, ground_truth=None, *, template=None, with_gro
 
 
 def load_template(path):
-    """A user prompt template; it must contain ``{question}`` and ``{answer}``."""
+    """A user prompt template; it must contain ``{question}``, ``{answer}``, ``{start}`` and
+    ``{end}`` (the markers the reply is cut at)."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    missing = [k for k in ("{question}", "{answer}") if k not in text]
+    missing = [k for k in ("{question}", "{answer}", "{start}", "{end}") if k not in text]
     if missing:
         raise ValueError(f"prompt_template: {path} lacks the placeholder(s) {', '.join(missing)}")
     return text
@@ -117,6 +129,21 @@ def extract_marked(text):
     if j < 0:
         return None
     return text[i + len(START):j].strip()
+
+
+def reply_text(resp):
+    """``(text, finish_reason)`` of a chat-completions reply; ``text`` is ``None`` when the reply
+    has no text, whatever its shape (content parts are joined)."""
+    choices = getattr(resp, "choices", None)
+    choice = choices[0] if isinstance(choices, list) and choices else None
+    content = getattr(getattr(choice, "message", None), "content", None)
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        parts = [getattr(p, "text", None) or (p.get("text") if isinstance(p, dict) else None)
+                 for p in content]
+        content = "".join(p for p in parts if isinstance(p, str))
+    finish = getattr(choice, "finish_reason", None)
+    return (content if isinstance(content, str) and content else None,
+            finish if isinstance(finish, str) else None)
 
 
 def redact(text, secret):
@@ -137,6 +164,8 @@ class Oracle:
             raise ValueError(f"max_retries must be an integer >= 0, got {max_retries!r}")
         if backoff < 0 or max_backoff < 0:
             raise ValueError("backoff and max_backoff must be >= 0")
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+            raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens!r}")
         self.openai, self.model = openai, model
         self._key = api_key or ""
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY",
@@ -168,18 +197,23 @@ class Oracle:
             if code in (401, 403, 404):
                 return "fatal"
             return "bad_request"
-        if isinstance(e, o.APIConnectionError):  # includes APITimeoutError
-            return "retry"
+        if isinstance(e, (o.APIConnectionError, json.JSONDecodeError)):  # timeouts, dropped
+            return "retry"  # connections, replies cut short
         return "api_error"
 
-    def ask(self, prompt):
-        """``(text, finish_reason, attempts)``; raises :class:`OracleError` or :class:`OracleFatal`."""
+    def ask(self, prompt, stop=None):
+        """``(text, finish_reason, attempts)``; raises :class:`OracleError` or :class:`OracleFatal`,
+        or :class:`Stopped` once the event ``stop`` is set (checked before each attempt and
+        during the backoff waits)."""
+        stop = stop or threading.Event()
         kw = dict(model=self.model, messages=[{"role": "user", "content": prompt}],
                   temperature=self.temperature)
-        if self.max_tokens:
+        if self.max_tokens is not None:
             kw["max_tokens"] = self.max_tokens
         attempt = 0
         while True:
+            if stop.is_set():
+                raise Stopped()
             attempt += 1
             try:
                 resp = self.client.chat.completions.create(**kw)
@@ -189,14 +223,13 @@ class Oracle:
                 if kind == "fatal":
                     raise OracleFatal(msg) from None
                 if kind == "retry" and attempt <= self.max_retries:
-                    time.sleep(self._delay(attempt - 1, e))
+                    stop.wait(self._delay(attempt - 1, e))
                     continue
                 raise OracleError("api_error" if kind == "retry" else kind, msg, attempt) from None
-            choices = getattr(resp, "choices", None) or []
-            text = choices[0].message.content if choices and choices[0].message else None
-            if not text:
-                raise OracleError("empty", "the reply had no content", attempt)
-            return text, choices[0].finish_reason, attempt
+            text, finish = reply_text(resp)
+            if text is None:
+                raise OracleError("empty", "the reply had no text content", attempt)
+            return text, finish, attempt
 
 
 def _field(rec, keys, what, k):
@@ -245,32 +278,45 @@ def correct(records, output, oracle, *, workers=16, template=None, with_ground_t
     done = done_ids(output)
     pending = [r for r in records if r["id"] not in done]
 
-    def work(rec):
-        prompt = build_prompt(rec["question"], rec["original_answer"], rec["ground_truth"],
-                              template=template, with_ground_truth=with_ground_truth)
-        try:
-            return oracle.ask(prompt)
-        except OracleError as e:
-            return e
+    stop, todo, results = threading.Event(), queue.SimpleQueue(), queue.SimpleQueue()
+    for r in pending:
+        todo.put(r)
+
+    def worker():  # a daemon thread: one that is stuck in a request does not hold up the exit
+        while not stop.is_set():
+            try:
+                rec = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                res = oracle.ask(build_prompt(rec["question"], rec["original_answer"],
+                                              rec["ground_truth"], template=template,
+                                              with_ground_truth=with_ground_truth), stop)
+            except Stopped:
+                return
+            except Exception as e:  # noqa: BLE001 - an OracleError is the record's; the main
+                res = e             # thread raises any other (OracleFatal, a bad template)
+            results.put((rec, res))
 
     from tqdm.auto import tqdm
     bar = tqdm(total=len(records), initial=len(records) - len(pending), desc="correct",
                unit="record", disable=not progress, file=sys.stderr)
     new = retries = 0
-    pool = ThreadPoolExecutor(max_workers=workers)
     try:
         with Appender(output) as out:
-            futures = {pool.submit(work, r): r for r in pending}
-            for fut in as_completed(futures):
-                rec = futures[fut]
-                res = fut.result()  # OracleFatal propagates from here
+            for _ in range(min(workers, len(pending))):
+                threading.Thread(target=worker, daemon=True).start()
+            for _ in pending:
+                rec, res = results.get()
+                if isinstance(res, Exception) and not isinstance(res, OracleError):
+                    raise res
                 row = dict(rec, oracle_model=oracle.model, with_ground_truth=with_ground_truth,
-                           corrected_answer=None, verified=False)
+                           corrected_answer=None, verified=False, oracle_finish_reason=None)
                 if isinstance(res, OracleError):
                     row.update(status=res.kind, attempts=res.attempts, error=str(res))
                 else:
                     text, finish, attempts = res
-                    row.update(attempts=attempts, finish_reason=finish)
+                    row.update(attempts=attempts, oracle_finish_reason=finish)
                     body = extract_marked(text)
                     if body is None:
                         row.update(status="no_markers", oracle_reply=text)
@@ -287,8 +333,8 @@ def correct(records, output, oracle, *, workers=16, template=None, with_ground_t
                 out.write(row)
                 new += 1
                 bar.update(1)
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+    finally:  # done, Ctrl-C or an error: no new request or retry starts; those in flight are
+        stop.set()  # abandoned (their daemon threads end with them or with the process)
         bar.close()
     rows = read_jsonl(output, strict=False) if os.path.exists(output) else []
     by = {}
@@ -305,17 +351,43 @@ def format_summary(s):
             f"{s['verified']} corrected and verified; failed: {failed}")
 
 
+def check_args(args):
+    """Check the Oracle options before any work (``run``: before the model loads); returns the
+    prompt template (``None``: the built-in one)."""
+    for opt, ok, need in (
+            ("--workers", args.workers >= 1, "an integer >= 1"),
+            ("--max-retries", args.max_retries >= 0, "an integer >= 0"),
+            ("--timeout", args.timeout > 0, "> 0 seconds"),
+            ("--backoff", args.backoff >= 0, ">= 0 seconds"),
+            ("--max-backoff", args.max_backoff >= 0, ">= 0 seconds"),
+            ("--oracle-max-tokens", args.oracle_max_tokens is None or args.oracle_max_tokens >= 1,
+             "an integer >= 1 (leave it out for the endpoint's default)")):
+        if not ok:
+            raise ValueError(f"{opt} must be {need}")
+    if not ENV_NAME.fullmatch(args.api_key_env):  # not echoed: it may be the key itself
+        raise ValueError("--api-key-env takes the NAME of an environment variable (such as "
+                         "OPENAI_API_KEY), not the key")
+    template = load_template(args.prompt_template) if args.prompt_template else None
+    if template and "{ground_truth}" in template and not args.with_ground_truth:
+        raise ValueError(f"prompt_template: {args.prompt_template} uses {{ground_truth}} but "
+                         "--with-ground-truth is not set")
+    return template
+
+
 def oracle_from_args(args):
     key = os.environ.get(args.api_key_env) or None
     if key is None:
-        print(f"correct: ${args.api_key_env} is not set; sending no API key", file=sys.stderr)
+        name = args.api_key_env
+        what = f"${name}" if re.fullmatch(r"[A-Z_][A-Z0-9_]*", name) else \
+            "the environment variable named by --api-key-env"
+        print(f"correct: {what} is not set; sending no API key", file=sys.stderr)
     return Oracle(args.oracle_url, args.oracle_model, api_key=key, timeout=args.timeout,
                   max_retries=args.max_retries, backoff=args.backoff, max_backoff=args.max_backoff,
                   temperature=args.oracle_temperature, max_tokens=args.oracle_max_tokens), key
 
 
 def correct_main(args, input_path=None, output_path=None):
-    template = load_template(args.prompt_template) if args.prompt_template else None
+    template = check_args(args)
     records = load_errors(input_path or args.input)
     oracle, key = oracle_from_args(args)
     try:

@@ -3,8 +3,10 @@ SPoT's ``y-``.
 
 Input: JSONL, one problem per line, the problem under ``prompt`` or ``question`` and the ground truth
 under ``ground_truth``, ``answer`` or ``solution`` (a solution's last ``\\boxed{}`` is its answer);
-an optional ``id`` (default: the line number). Each problem is sampled ``--samples`` times; sample
-``k`` of problem ``p`` has id ``"p:k"``.
+an optional ``id`` (default: the record's 0-based index). The ground truth must be a string or a
+number, and the text valid Unicode: a lone surrogate (a JSON ``"\\ud83d"`` escape) is refused
+with the file and line, not sanitised, since the problem would no longer be the one given. Each
+problem is sampled ``--samples`` times; sample ``k`` of problem ``p`` has id ``"p:k"``.
 
 Generation applies the tokenizer's chat template (Qwen3 in non-thinking mode:
 ``enable_thinking=False``; a leading ``<think>...</think>`` block is dropped from a response if one
@@ -23,7 +25,7 @@ import os
 import sys
 
 from .answers import check_answer, checker_name, ground_truth_answer
-from .jsonl import Appender, done_ids, read_jsonl
+from .jsonl import Appender, done_ids, iter_jsonl, read_jsonl
 
 QUESTION_KEYS = ("prompt", "question", "problem")
 ANSWER_KEYS = ("ground_truth", "answer", "solution")
@@ -36,23 +38,41 @@ def _first(rec, keys):
     return None, None
 
 
+def _valid_unicode(s):
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def load_problems(path, limit=None):
-    """Problems as ``{"id", "question", "ground_truth"}`` dicts from a JSONL file."""
+    """Problems as ``{"id", "question", "ground_truth"}`` dicts from a JSONL file; ``limit``:
+    only the first ``limit`` (>= 0) problems."""
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be an integer >= 0, got {limit!r}")
     if not os.path.exists(path):
         raise ValueError(f"data: {path} does not exist")
     out, seen = [], set()
-    for k, rec in enumerate(read_jsonl(path)):
+    for k, (line, rec) in enumerate(iter_jsonl(path)):
         if limit is not None and len(out) >= limit:
             break
+        where = f"data: {path}:{line}:"
         qk, q = _first(rec, QUESTION_KEYS)
         ak, a = _first(rec, ANSWER_KEYS)
         if not isinstance(q, str) or not q.strip():
-            raise ValueError(f"data: record {k} has no problem text under any of {QUESTION_KEYS}")
+            raise ValueError(f"{where} no problem text under any of {QUESTION_KEYS}")
         if a is None:
-            raise ValueError(f"data: record {k} has no ground truth under any of {ANSWER_KEYS}")
+            raise ValueError(f"{where} no ground truth under any of {ANSWER_KEYS}")
+        if isinstance(a, bool) or not isinstance(a, (str, int, float)):
+            raise ValueError(f"{where} the ground truth ({ak}) must be a string or a number, "
+                             f"got {type(a).__name__}")
+        if not _valid_unicode(q) or not _valid_unicode(str(a)):
+            raise ValueError(f"{where} the text holds a lone surrogate (an unpaired \\ud800-\\udfff "
+                             "escape), which is not valid Unicode")
         pid = str(rec.get("id", k))
         if pid in seen:
-            raise ValueError(f"data: duplicate id {pid!r} (record {k})")
+            raise ValueError(f"{where} duplicate id {pid!r}")
         seen.add(pid)
         out.append({"id": pid, "question": q, "ground_truth": ground_truth_answer(a)})
     return out

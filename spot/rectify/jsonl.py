@@ -4,19 +4,23 @@ Every finished record is appended as one complete line with a single ``write`` s
 file opened with ``O_APPEND``: a process killed at any moment leaves either the whole line or none
 of it (the kernel does not interrupt a regular-file write halfway for a signal). As a second line of
 defence, :func:`repair` cuts a trailing fragment without a newline (a full disk, a power loss)
-before a step resumes, and :func:`done_ids` then lists the records that are finished, so a restarted
-step neither redoes nor duplicates them.
+before a step resumes (a last line that is a complete record only lacks its newline and is
+kept), and :func:`done_ids` then lists the records that are finished, so a restarted step neither
+redoes nor duplicates them. Text that UTF-8 cannot encode (a lone surrogate such as ``"\\ud83d"``
+from a JSON ``\\u`` escape) is written as U+FFFD, so such a record is still written once.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def read_jsonl(path, *, strict=True):
-    """Records of a JSONL file (blank lines skipped). ``strict=False`` skips undecodable lines
-    (a torn last line) instead of raising."""
-    out = []
+def iter_jsonl(path, *, strict=True):
+    """``(line number, record)`` for each record of a JSONL file (blank lines skipped).
+    ``strict=False`` skips undecodable lines (a torn last line) instead of raising."""
     with open(path, encoding="utf-8") as f:
         for k, line in enumerate(f, 1):
             if not line.strip():
@@ -31,12 +35,26 @@ def read_jsonl(path, *, strict=True):
                 if strict:
                     raise ValueError(f"{path}:{k}: expected a JSON object per line")
                 continue
-            out.append(rec)
-    return out
+            yield k, rec
+
+
+def read_jsonl(path, *, strict=True):
+    """Records of a JSONL file (see :func:`iter_jsonl`)."""
+    return [rec for _, rec in iter_jsonl(path, strict=strict)]
+
+
+def dumps_line(record):
+    """One record as a UTF-8 JSON line; lone surrogates become U+FFFD."""
+    line = json.dumps(record, ensure_ascii=False) + "\n"
+    try:
+        return line.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", line).encode("utf-8")
 
 
 def repair(path):
-    """Drop a trailing partial line (no final newline) from ``path``; returns the bytes removed."""
+    """Drop a trailing partial line from ``path``; returns the bytes removed. A last line without
+    its newline that is a complete JSON record is kept and gets the newline."""
     if not os.path.exists(path):
         return 0
     with open(path, "rb+") as f:
@@ -60,6 +78,15 @@ def repair(path):
             pos = start
         else:
             keep = 0
+        f.seek(keep)
+        try:
+            whole = isinstance(json.loads(f.read()), dict)
+        except ValueError:  # a torn line (JSONDecodeError, or UTF-8 cut inside a character)
+            whole = False
+        if whole:
+            f.seek(size)
+            f.write(b"\n")
+            return 0
         f.truncate(keep)
         return size - keep
 
@@ -83,7 +110,7 @@ class Appender:
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, record):
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        data = dumps_line(record)
         n = os.write(self.fd, data)
         while n < len(data):  # only on exotic file systems; still appended in order
             n += os.write(self.fd, data[n:])
@@ -104,9 +131,9 @@ class Appender:
 def rewrite(path, records):
     """Replace ``path`` with ``records`` atomically (temporary file + rename)."""
     tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(tmp, "wb") as f:
         for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.write(dumps_line(r))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -15,12 +15,12 @@ def run_main(args):
     from .elicit import elicit_main
     from .filter import filter_main
 
-    from .correct import load_template
+    from .correct import check_args
     from .filter import check_gamma
 
     check_gamma(args.gamma)  # cheap checks before the model loads
-    if args.prompt_template:
-        load_template(args.prompt_template)
+    check_args(args)
+    import openai  # noqa: F401 - the correct step's client: missing, fail now, not after elicit
     out = args.output
     rc = elicit_main(args)
     if rc:
