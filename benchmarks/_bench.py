@@ -272,8 +272,10 @@ _INPUTS = {}
 
 
 def input_sets(n, d, v, dtype, device):
-    """The input sets of one shape (several when they fit in the cache, to rotate), kept for the
-    next points of the same shape; only the latest shape is kept."""
+    """The input sets of one shape, kept for the next points of the same shape (only the latest
+    shape is kept). One set when it is at least the cache's size; otherwise enough sets to span
+    twice the cache, rotated round by round, so no round finds its inputs left in the cache by
+    the previous ones (at most 16 sets)."""
     key = (n, d, v, str(dtype), str(device))
     if key not in _INPUTS:
         _INPUTS.clear()
@@ -281,7 +283,8 @@ def input_sets(n, d, v, dtype, device):
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()  # the previous shape's blocks: less fragmentation
         x0 = make_inputs(n, d, v, dtype, device, seed=0)
-        nsets = 3 if input_bytes(x0) * 3 <= cache_bytes(device) else 1
+        size, cache = input_bytes(x0), cache_bytes(device)
+        nsets = 1 if size >= cache else min(16, -(-2 * cache // max(size, 1)))
         _INPUTS[key] = [x0] + [make_inputs(n, d, v, dtype, device, seed=s)
                                for s in range(1, nsets)]
     return _INPUTS[key]
@@ -329,6 +332,19 @@ def run_mode(mode, impl, name, x, need_out=False):
         raise ValueError(f"mode must be one of {list(FLOPS)}, got {mode!r}")
     del grads
     return None if out is None or not need_out else out.detach()
+
+
+def out_of_memory(case, where, exc):
+    """A peer (or the naive reference) that runs out of memory at a shape is skipped with the
+    reason; one of ours failing that way is a finding, so its point fails. The cache is emptied
+    either way, so the points after it start clean."""
+    import pytest
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    msg = f"{case.impl}: out of memory in {where} ({str(exc).splitlines()[0]})"
+    if case.impl in OURS:
+        pytest.fail(msg)
+    pytest.skip(msg)
 
 
 def check_values(name, impl, x, rows=CHECK_ROWS):
@@ -504,7 +520,7 @@ def bench(benchmark, case, device, *, rounds, full=False, gemm=True, deadline=No
     try:
         err, bound = check_values(case.impl, impl, x0)
     except torch.OutOfMemoryError as exc:
-        pytest.skip(f"{case.impl}: out of memory at this shape ({str(exc).splitlines()[0]})")
+        out_of_memory(case, "the value check", exc)
     except Exception as exc:  # a peer that rejects this dtype / shape / device
         if case.impl in OURS:
             raise
@@ -541,7 +557,7 @@ def bench(benchmark, case, device, *, rounds, full=False, gemm=True, deadline=No
         benchmark.pedantic(target, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
     except torch.OutOfMemoryError as exc:
         mem.base = None
-        pytest.skip(f"{case.impl}: out of memory in {case.mode} ({str(exc).splitlines()[0]})")
+        out_of_memory(case, case.mode, exc)
     except Exception as exc:  # a peer whose backward rejects this dtype, or fails to compile
         mem.base = None
         if case.impl in OURS:

@@ -38,7 +38,7 @@ DEV = "cuda"
 
 def sync():
     if DEV == "cuda":
-        sync()
+        torch.cuda.synchronize()
 
 
 def head_case(dtype, n, d, v, bias, softcap, temperature, **options):

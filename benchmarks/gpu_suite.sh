@@ -263,7 +263,13 @@ stage benchmarks "$BLEFT" 20 "$PY" -m pytest "${BENCH_ARGS[@]}" -q -rs -p no:cac
 # 6. report and summary (before the sweep, so that a kill during the sweep keeps them) ----------
 SUMMARY=""
 SRC=""
-if [ -s "$BENCH_JSON" ]; then SRC="$BENCH_JSON"; elif [ -s "$POINTS" ]; then SRC="$POINTS"; fi
+# the JSON is written at the end of the run (a kill while writing leaves it cut short): it is
+# used only when it parses, else each point as it finished
+if [ -s "$BENCH_JSON" ] && "$PY" -c 'import json, sys; json.load(open(sys.argv[1]))' "$BENCH_JSON" 2> /dev/null; then
+  SRC="$BENCH_JSON"
+elif [ -s "$POINTS" ]; then
+  SRC="$POINTS"
+fi
 if [ -n "$SRC" ]; then
   timeout 20 "$PY" benchmarks/report.py "$SRC" --output "$OUT_DIR" > /dev/null || echo "report.py failed"
   SUMMARY="$(timeout 15 "$PY" benchmarks/report.py "$SRC" --summary)"

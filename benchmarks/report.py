@@ -38,7 +38,7 @@ def load(paths):
     for path in paths:
         with open(path) as f:
             if path.endswith(".jsonl"):  # conftest's --points: one point a line, maybe cut short
-                data = {"benchmarks": [json.loads(x) for x in f if x.strip().endswith("}")]}
+                data = {"benchmarks": [p for p in map(_point, f) if p is not None]}
             else:
                 data = json.load(f)
         mi = data.get("machine_info", {})
@@ -54,6 +54,15 @@ def load(paths):
             info.setdefault("ms", b["stats"]["median"] * 1e3)
             rows.append(info)
     return rows, meta, other
+
+
+def _point(line):
+    """One line of a points file, or None for a line cut short by a kill."""
+    try:
+        point = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return point if isinstance(point, dict) else None
 
 
 def _key(r):

@@ -1,0 +1,67 @@
+"""The benchmark tools' own logic, on the CPU: what the GPU suite relies on to report honestly
+(a failure of ours is a failure, a cut-short points file still reports, a wrong launch config is
+never the "fastest", memcheck's synchronisation, input rotation past the cache)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import _bench  # noqa: E402
+import cuda_memcheck  # noqa: E402
+import report  # noqa: E402
+import tune_triton  # noqa: E402
+
+
+def test_out_of_memory_fails_ours_and_skips_peers():
+    exc = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(pytest.fail.Exception, match="triton: out of memory in fwd_bwd"):
+        _bench.out_of_memory(_bench.Case("fwd_bwd", "qwen3-8b", 16384, 4096, 151936, "bfloat16",
+                                         "triton"), "fwd_bwd", exc)
+    with pytest.raises(pytest.skip.Exception, match="naive: out of memory"):
+        _bench.out_of_memory(_bench.Case("fwd_bwd", "qwen3-8b", 16384, 4096, 151936, "bfloat16",
+                                         "naive"), "fwd_bwd", exc)
+
+
+def test_memcheck_sync_synchronises_the_device(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append(a))
+    monkeypatch.setattr(cuda_memcheck, "DEV", "cuda")
+    cuda_memcheck.sync()
+    monkeypatch.setattr(cuda_memcheck, "DEV", "cpu")
+    cuda_memcheck.sync()
+    assert len(calls) == 1
+
+
+def test_report_reads_a_points_file_cut_short(tmp_path):
+    point = {"name": "p", "stats": {"median": 0.5},
+             "extra_info": {"impl": "torch", "mode": "fwd", "head": "h", "dtype": "float32",
+                            "n": 4, "v": 8, "ms": 500.0}}
+    line = json.dumps(point)
+    cut = line[:line.index('"extra_info"')] + '"extra_info": {"impl": "naive"}'  # ends in "}"
+    path = tmp_path / "points.jsonl"
+    path.write_text(line + "\n" + cut + "\n" + line[:30])
+    rows, _, _ = report.load([str(path)])
+    assert [r["impl"] for r in rows] == ["torch"]
+
+
+def test_tuning_never_picks_a_config_that_disagrees():
+    rows = [dict(kind="forward", ms=1.0, ok=False), dict(kind="forward", ms=2.0, ok=True),
+            dict(kind="forward", ms=0.5, ok=False), dict(kind="backward", error="OOM")]
+    assert tune_triton.fastest(rows, "forward")["ms"] == 2.0
+    assert tune_triton.fastest(rows, "backward") is None
+
+
+def test_inputs_rotate_past_the_cache():
+    _bench._INPUTS.clear()
+    sets = _bench.input_sets(64, 32, 256, "float32", "cpu")
+    size = _bench.input_bytes(sets[0])
+    assert len(sets) == 16 or len(sets) * size >= 2 * _bench.cache_bytes("cpu")
+    assert not torch.equal(sets[0]["h"], sets[1]["h"])
+    _bench._INPUTS.clear()
