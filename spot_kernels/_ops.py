@@ -87,10 +87,14 @@ def token_logprobs_bwd(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Te
                        softcap: float | None, ignore_index: int, need_h: bool, need_w: bool,
                        need_b: bool, options: str) -> tuple[Tensor, Tensor, Tensor]:
     impl = _registry.module(backend)
-    dh, dw, db = impl.backward(hidden, weight, targets, bias, lse, grad_logp.float().contiguous(),
-                               temperature=temperature, softcap=softcap,
-                               ignore_index=ignore_index, needs_input_grad=(need_h, need_w, need_b),
-                               **json.loads(options))
+    # a backward run inside the caller's autocast region: the kernels compute in the inputs'
+    # dtypes, as the forward (run with autocast off) did
+    with torch.autocast(hidden.device.type, enabled=False):
+        dh, dw, db = impl.backward(hidden, weight, targets, bias, lse,
+                                   grad_logp.float().contiguous(), temperature=temperature,
+                                   softcap=softcap, ignore_index=ignore_index,
+                                   needs_input_grad=(need_h, need_w, need_b),
+                                   **json.loads(options))
     dh = hidden.new_empty(0) if dh is None else dh
     dw = weight.new_empty(0) if dw is None else dw
     db = weight.new_empty(0) if db is None else db

@@ -36,7 +36,10 @@ def _once_differentiable(backward):
     ``backward()`` or by ``autograd.grad(..., inputs)``, instead of seeing a constant."""
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
-        with torch.no_grad():
+        # autocast off: a backward run inside the caller's autocast region computes in the
+        # inputs' dtypes, as the forward (run with autocast off) did
+        kind = ctx.saved_tensors[0].device.type
+        with torch.no_grad(), torch.autocast(kind, enabled=False):
             out = backward(ctx, *grads)
         if not torch.is_grad_enabled():  # create_graph=False: the usual case
             return out

@@ -247,6 +247,11 @@ def test_autocast_runs_the_head_in_the_autocast_dtype(backend, device):
         logp = sk.token_logprobs(amp[0], amp[1], t, bias=amp[2], **kw)
         assert torch.is_autocast_enabled(torch.device(device).type)  # left as it was
     (logp * gout).sum().backward()
+    inside = leaves()  # the backward run inside the autocast region: the same gradients
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        (sk.token_logprobs(inside[0], inside[1], t, bias=inside[2], **kw) * gout).sum().backward()
+    for a, i in zip(amp, inside):
+        torch.testing.assert_close(i.grad, a.grad, rtol=0, atol=0)
     plain = leaves()
     cast = [x.to(torch.bfloat16) for x in plain]
     logp_bf16 = sk.token_logprobs(cast[0], cast[1], t, bias=cast[2], **kw)
