@@ -6,10 +6,10 @@
   ``demo_heldout.jsonl``; regenerate with ``python -m spot.demo --write-data``). Each problem is a
   two-step word problem on single digits (``a+b=s1. s1-c=s2. Answer: s2``); ``y-``
   (``original_answer``) has one slip, a step whose result is off by 1 or 2 (a false fact such as
-  ``5+3=9``), and ``y+`` (``gemini_corrected_answer``) is the minimal fix. The held-out
-  problems never occur in training (other names, items or numbers), but they are built from the
-  same 28 sums and their differences: what can transfer is the arithmetic facts, which a random
-  character-level model can pick up in a minute. (Errors that must be spotted by copying or
+  ``5+3=9``), and ``y+`` (``gemini_corrected_answer``) is the minimal fix. A held-out
+  problem's numbers ``(a, b, c)`` never occur in training (nor, so, its ``y+`` and ``y-``
+  texts), but its two facts do, in other problems: what can transfer is the arithmetic facts,
+  which a random character-level model can pick up in a minute. (Errors that must be spotted by copying or
   comparing distant numbers are beyond it at this size and time.)
 * Run: the same ``spot.train.train`` as ``spot train`` (SPoT loss, running ``delta``), then a
   before/after table on the held-out pairs and ``demo.png`` (loss and rewards per step).
@@ -36,7 +36,7 @@ ITEMS = ["apples", "pens", "coins", "books", "cards", "shells", "stamps", "marbl
 SUMS = [(a, b) for a in range(2, 9) for b in range(1, 10 - a)]  # the 28 sums the problems use
 MODEL = dict(hidden_size=64, layers=1, heads=4, kv_heads=2, intermediate_size=192)
 TRAIN = dict(beta=0.1, delta="running", lr=6e-3, warmup_ratio=0.05, tokens_per_batch=2400,
-             max_steps=200)
+             max_steps=400)
 
 
 def make_pair(rng):
@@ -69,13 +69,16 @@ def make_pairs(n, seed):
 
 
 def write_data(folder=DATA_DIR, n_train=240, n_heldout=64):
-    """The bundled splits; held-out questions never appear in the training split."""
+    """The bundled splits. A held-out problem's numbers ``(a, b, c)`` never occur in training
+    (so neither its ``y+`` nor its ``y-`` text does: the answers do not name the person or the
+    item); its two facts ``a+b`` and ``s1-c`` do, in other problems."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    train = make_pairs(n_train, seed=1)
-    seen = {p["question"] for p in train}
-    heldout = [p for p in make_pairs(4 * n_heldout, seed=2) if p["question"] not in seen]
-    for name, rows in (("demo_train.jsonl", train), ("demo_heldout.jsonl", heldout[:n_heldout])):
+    heldout = make_pairs(n_heldout, seed=2)
+    held = {p["gemini_corrected_answer"] for p in heldout}  # one text per (a, b, c)
+    train = [p for p in make_pairs(8 * n_train, seed=1)
+             if p["gemini_corrected_answer"] not in held][:n_train]
+    for name, rows in (("demo_train.jsonl", train), ("demo_heldout.jsonl", heldout)):
         with open(folder / name, "w") as fh:
             for r in rows:
                 fh.write(json.dumps(r) + "\n")
