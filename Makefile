@@ -6,7 +6,9 @@ export TRITON_INTERPRET ?= 1
 
 .PHONY: test demo install bench wheels
 
-# torch first, pinned to the CPU build on disk: a bare `torch` would pull a multi-GB CUDA build.
+# torch first, only when it does not import: the CI machines' registry serves 2.13.0 as the CPU
+# build (a bare `torch` would pull a multi-GB CUDA build); elsewhere install the torch you want
+# first and this line is skipped.
 # The oldest Triton the kernels support, installed apart (build/ is git-ignored) so that
 # tests/test_triton_compile.py compiles every kernel with it as well as with the newest.
 TRITON_OLDEST := 3.3.1
