@@ -39,8 +39,9 @@ Batches
   - SDPA / eager / flex with a transformers that detects packing from ``position_ids``
     (``masking_utils.find_packed_sequence_indices``, in recent releases): it builds the
     block-diagonal causal mask itself (sliding windows included), except for models that build
-    their mask without ``position_ids`` (OPT: this module's mask below; Bloom, whose ALiBi comes
-    from the 2-D mask: packing raises ``ValueError``);
+    their mask without ``position_ids`` (OPT, MPT, XGLM, BioGPT: this module's mask below; Bloom,
+    whose ALiBi comes from the 2-D mask: packing raises ``ValueError``; other such models would
+    leak across packed sequences: check a new architecture against its sequences run alone);
   - otherwise (older transformers, or packing *and* an ``attention_mask`` in one call) this module
     builds a 4-D additive block-diagonal causal mask ``[B, 1, L, L]`` (``0`` where a query may see
     a key, the dtype's minimum elsewhere; every query sees itself, so no row is empty and padding
@@ -149,18 +150,23 @@ def _segment_ids(position_ids, attention_mask=None):
     """Sequence index of each token, per row: a new sequence starts where positions do not
     continue by +1 (the convention of flash-attn varlen and transformers' packing detection),
     between two attended tokens: padding positions (whatever they hold) start nothing."""
-    first = position_ids[:, :1] - 1
-    breaks = torch.diff(position_ids, prepend=first, dim=-1) != 1
-    if attention_mask is not None:
-        att = attention_mask.bool()
-        breaks &= att & torch.cat([att[:, :1], att[:, :-1]], dim=-1)
-    return breaks.cumsum(-1)
+    if attention_mask is None:
+        first = position_ids[:, :1] - 1
+        return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+    # with padding: each attended token continues from the previous *attended* one (padding
+    # between two packed sequences must not merge them, nor start one by itself)
+    att = attention_mask.bool()
+    idx = torch.arange(att.shape[-1], device=att.device).expand_as(att)
+    last = torch.where(att, idx, -1).cummax(-1).values          # last attended index up to i
+    prev = torch.cat([torch.full_like(last[:, :1], -1), last[:, :-1]], dim=-1)
+    prev_pos = position_ids.gather(-1, prev.clamp(min=0))
+    return (att & (prev >= 0) & (position_ids != prev_pos + 1)).cumsum(-1)
 
 
 # model types whose attention mask ignores position_ids: packing needs this module's 4-D mask
 # (OPT builds its causal mask without them) or cannot work at all (Bloom's ALiBi is built from
 # the 2-D attention mask and it rejects a 4-D one)
-_OWN_PACKING_MASK = {"opt"}
+_OWN_PACKING_MASK = {"opt", "mpt", "xglm", "biogpt"}
 _NO_PACKING = {"bloom"}
 
 

@@ -59,9 +59,13 @@ def test_tuning_never_picks_a_config_that_disagrees():
 
 
 def test_inputs_rotate_past_the_cache():
+    cache = _bench.cache_bytes("cpu")
     _bench._INPUTS.clear()
-    sets = _bench.input_sets(64, 32, 256, "float32", "cpu")
+    sets = _bench.input_sets(64, 256, 20000, "float32", "cpu")  # one set: about a third of it
     size = _bench.input_bytes(sets[0])
-    assert len(sets) == 16 or len(sets) * size >= 2 * _bench.cache_bytes("cpu")
+    assert cache / 4 < size < cache / 2
+    assert 2 * cache <= len(sets) * size < 2 * cache + size  # just enough sets to span 2x
     assert not torch.equal(sets[0]["h"], sets[1]["h"])
+    _bench._INPUTS.clear()
+    assert len(_bench.input_sets(64, 256, 80000, "float32", "cpu")) == 1  # past the cache
     _bench._INPUTS.clear()

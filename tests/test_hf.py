@@ -136,6 +136,16 @@ def test_padding_predicts_nothing(model):
                 ours = hf.completion_logprobs(model, ids, attention_mask=mask, **kw)
             assert ours.shape == (3,), (left, kw, ours.shape)
             torch.testing.assert_close(ours.double(), truth, atol=1e-4, rtol=1e-5)
+    # two packed sequences with a padding token between them: two sequences, not one or three
+    s0, s1 = seqs[0], seqs[2]
+    ids = torch.cat([s0, torch.zeros(1, dtype=torch.long), s1])[None]
+    mask = torch.ones_like(ids)
+    mask[0, len(s0)] = 0
+    pos = torch.cat([torch.arange(len(s0)), torch.zeros(1, dtype=torch.long),
+                     torch.arange(len(s1))])[None]
+    with torch.no_grad():
+        ours = hf.completion_logprobs(model, ids, attention_mask=mask, position_ids=pos)
+    torch.testing.assert_close(ours.double(), truth[[0, 2]], atol=1e-4, rtol=1e-5)
     cu = torch.tensor([0] + LENS + [0, 0]).cumsum(0)  # two empty sequences at the end
     with torch.no_grad():
         ours = hf.completion_logprobs(model, torch.cat(seqs), cu_seqlens=cu)
@@ -144,19 +154,33 @@ def test_padding_predicts_nothing(model):
 
 
 def test_models_whose_mask_ignores_positions():
-    """OPT builds its causal mask without position_ids (packing needs this module's 4-D mask);
-    Bloom's ALiBi comes from the 2-D mask (packing is refused, not silently leaky)."""
-    from transformers import BloomConfig, BloomForCausalLM, OPTConfig, OPTForCausalLM
+    """OPT, MPT, XGLM and BioGPT build their causal mask without position_ids (packing needs
+    this module's 4-D mask); Bloom's ALiBi comes from the 2-D mask (packing is refused, not
+    silently leaky)."""
+    import transformers as T
     torch.manual_seed(0)
-    opt = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
-                                   num_attention_heads=4, ffn_dim=64,
-                                   word_embed_proj_dim=32)).eval()
+    models = [
+        T.OPTForCausalLM(T.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32)),
+        T.MptForCausalLM(T.MptConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4,
+                                     max_seq_len=64)),
+        T.XGLMForCausalLM(T.XGLMConfig(vocab_size=64, d_model=32, num_layers=1,
+                                       attention_heads=4, ffn_dim=64,
+                                       max_position_embeddings=64)),
+        T.BioGptForCausalLM(T.BioGptConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                           num_attention_heads=4, intermediate_size=64,
+                                           max_position_embeddings=64))]
     g = torch.Generator().manual_seed(6)
     seqs = [torch.randint(4, 64, (n,), generator=g) for n in (6, 4)]
-    truth = _truth_completion(opt, seqs, [1, 1]).detach()
-    with torch.no_grad():
-        ours = hf.completion_logprobs(opt, torch.cat(seqs), cu_seqlens=torch.tensor([0, 6, 10]))
-    torch.testing.assert_close(ours.double(), truth, atol=1e-4, rtol=1e-5)
+    for model in models:
+        model.eval()
+        truth = _truth_completion(model, seqs, [1, 1]).detach()
+        with torch.no_grad():
+            ours = hf.completion_logprobs(model, torch.cat(seqs),
+                                          cu_seqlens=torch.tensor([0, 6, 10]))
+        torch.testing.assert_close(ours.double(), truth, atol=1e-4, rtol=1e-5,
+                                   msg=lambda m: f"{model.config.model_type}: {m}")
+    from transformers import BloomConfig, BloomForCausalLM
     bloom = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=4))
     with pytest.raises(ValueError, match="padded batch"):
         hf.completion_logprobs(bloom, torch.cat(seqs), cu_seqlens=torch.tensor([0, 6, 10]))

@@ -92,6 +92,7 @@ def test_extract_boxed(text, expected):
     ("50\\%", "50", True), (r"\$5", "5", False),
     ("(1,2]", "(1,2)", False), ("[1,2)", "(1,2)", False), ("(1, 2]", "(1,2]", True),
     ("(1,2)", "(1,2)", True), ("1,2", "(1,2)", False), (r"\{1,2\}", r"\{1, 2\}", True),
+    ("1,2", "1,2.0", True), ("2,3", "2.0,3.0", True), ("x=1,y=2", "x=1,y=2.0", True),
 ])
 def test_answers_equal(a, b, expected):
     assert A.answers_equal(a, b) is expected

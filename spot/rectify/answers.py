@@ -137,8 +137,10 @@ def answers_equal(a, b):
     if xa is not None and xb is not None:
         return xa == xb
     pa, pb = _split_top(na.strip("()[]{}")), _split_top(nb.strip("()[]{}"))
-    # same brackets on both ends: (1,2] is not (1,2)
-    if len(pa) > 1 and len(pa) == len(pb) and (na[:1], na[-1:]) == (nb[:1], nb[-1:]):
+
+    def brackets(s):  # the enclosing brackets, if any: (1,2] is not (1,2); 1,2 has none
+        return (s[:1] if s[:1] in "([{" else "", s[-1:] if s[-1:] in ")]}" else "")
+    if len(pa) > 1 and len(pa) == len(pb) and brackets(na) == brackets(nb):
         return all(answers_equal(x, y) for x, y in zip(pa, pb))
     return False
 

@@ -294,9 +294,9 @@ def correct(records, output, oracle, *, workers=16, template=None, with_ground_t
                                               with_ground_truth=with_ground_truth), stop)
             except Stopped:
                 return
-            except Exception as e:  # noqa: BLE001 - an OracleError is the record's; the main
-                res = e             # thread raises any other (OracleFatal, a bad template)
-            results.put((rec, res))
+            except BaseException as e:  # noqa: BLE001 - an OracleError is the record's; the
+                res = e  # main thread raises any other (OracleFatal, a bad template, a SystemExit
+            results.put((rec, res))  # in the client): it never waits on a worker that died
 
     from tqdm.auto import tqdm
     bar = tqdm(total=len(records), initial=len(records) - len(pending), desc="correct",
@@ -308,7 +308,7 @@ def correct(records, output, oracle, *, workers=16, template=None, with_ground_t
                 threading.Thread(target=worker, daemon=True).start()
             for _ in pending:
                 rec, res = results.get()
-                if isinstance(res, Exception) and not isinstance(res, OracleError):
+                if isinstance(res, BaseException) and not isinstance(res, OracleError):
                     raise res
                 row = dict(rec, oracle_model=oracle.model, with_ground_truth=with_ground_truth,
                            corrected_answer=None, verified=False, oracle_finish_reason=None)
