@@ -115,8 +115,8 @@ HELP = {
     "backend": "spot_kernels backend: auto, torch, triton, cuda or reference",
     "bf16": "bf16 autocast on a GPU (ignored on CPU)",
     "attn": "attention kernel: auto (flash-attn varlen on a GPU under bf16 when it imports, "
-            "else sdpa), flash_attention_2, sdpa or eager; packed sequences never attend to "
-            "each other with any of them",
+            "else sdpa, or eager for a model without sdpa), flash_attention_2, sdpa or eager; "
+            "packed sequences never attend to each other with any of them",
     "gradient_checkpointing": "recompute activations in the backward to save memory",
     "seed": "seed of the data order and of torch",
     "skip_bad": "count and skip bad records instead of stopping at the first",

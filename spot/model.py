@@ -61,13 +61,39 @@ def attn_implementation(device, bf16=True, requested="auto"):
 
 def load_model(path, device="cpu", trust_remote_code=False, bf16=True, attn="auto"):
     """``AutoModelForCausalLM.from_pretrained(path)`` in float32 (the master weights), with the
-    attention kernel ``attn_implementation(device, bf16, attn)``."""
+    attention kernel ``attn_implementation(device, bf16, attn)``; ``auto`` falls back to eager
+    for a model that has no SDPA path (Gemma-2, for its softcapped attention)."""
     from transformers import AutoModelForCausalLM
     if not Path(path).exists():
         raise FileNotFoundError(f"model: no such folder {path}")
-    return AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation=attn_implementation(device, bf16, attn),
-        trust_remote_code=trust_remote_code).to(device)
+    impl = attn_implementation(device, bf16, attn)
+
+    def load(kind):
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, attn_implementation=kind,
+            trust_remote_code=trust_remote_code).to(device)
+    try:
+        return load(impl)
+    except ValueError as exc:  # transformers: "... does not support ... sdpa / flash ..."
+        text = str(exc)
+        if "does not support" not in text or impl == "eager":
+            raise
+        if attn == "auto" and impl == "sdpa":
+            return load("eager")
+        raise ConfigError(f"attn: {impl} is not supported by this model "
+                          f"({text.splitlines()[0][:160]}); use --attn eager") from None
+
+
+def disable_dropout(model):
+    """Dropout off everywhere (``nn.Dropout`` modules and attention dropout), as TRL's
+    ``disable_dropout`` does: the reference pass runs in eval mode, so a policy with dropout would
+    start from nonzero rewards and train on noise."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model
 
 
 def enable_checkpointing(model):
@@ -79,15 +105,19 @@ def enable_checkpointing(model):
 
 
 def model_fingerprint(path):
-    """Hash of ``config.json`` and the weight files (name, size, first and last MiB)."""
+    """Hash of ``config.json`` and the weight files (name, size, modification time, first and
+    last MiB): a weight file written again, even with the same size and ends (a fine-tune that
+    changed a middle layer), gets a new modification time and so a new fingerprint. Reading
+    every byte would cost seconds per GB at every start."""
     h = hashlib.sha256()
     p = Path(path)
     for f in sorted(p.iterdir()):
         if f.name == "config.json":
             h.update(f.read_bytes())
         elif f.suffix in (".safetensors", ".bin", ".pt", ".pth"):
-            size = f.stat().st_size
-            h.update(f"{f.name}:{size}".encode())
+            st = f.stat()
+            size = st.st_size
+            h.update(f"{f.name}:{size}:{st.st_mtime_ns}".encode())
             with open(f, "rb") as fh:
                 h.update(fh.read(1 << 20))
                 if size > 2 << 20:

@@ -22,7 +22,8 @@ def build_tokenizer():
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL + list(CHARS))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    # every character, newlines included ("." would leave a run of them one <unk> piece)
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
                                    eos_token="<|im_end|>", pad_token="<|endoftext|>",

@@ -6,9 +6,10 @@
    each decoder layer and then the wrapper are sharded with FSDP2 (``fully_shard``) over NCCL,
    or gloo on CPU.
 3. Reference: the same weights at step 0, one ``no_grad`` pass over every sequence, cached on disk
-   as ``ref-<fingerprint>.pt`` (fingerprint = model files, tokenizer, ``max_length``, backend,
-   bf16 on a GPU, attention kernel and the token ids themselves); no second model is kept in
-   memory while training.
+   as ``ref-<fingerprint>.pt`` (fingerprint = model files (``model.model_fingerprint``),
+   tokenizer, ``max_length``, backend, bf16 on a GPU, attention kernel and the token ids
+   themselves); no second model is kept in memory while training. Dropout is off in the policy
+   (TRL's ``disable_dropout``), so the rewards start at 0.
 4. Loss (DESIGN.md section 1): ``spot_kernels.spot_loss`` per packed micro-batch, with ``delta``
    passed as a callable, so it is updated with the batch-mean reward ``beta (pi - rho)`` (of all
    ranks) *before* the loss uses it, exactly as TRL's ``bco_pair`` does with ``RunningMoments``.
@@ -49,8 +50,8 @@ import spot_kernels as sk
 
 from . import data as D
 from .config import RUN_DEFINING, ConfigError, TrainConfig
-from .model import (Policy, attn_implementation, decoder_layers, enable_checkpointing, load_model,
-                    model_fingerprint, to_device)
+from .model import (Policy, attn_implementation, decoder_layers, disable_dropout,
+                    enable_checkpointing, load_model, model_fingerprint, to_device)
 
 
 # ---------------------------------------------------------------- distributed helpers
@@ -412,6 +413,7 @@ def shard(policy, dst):
 
 def build_policy(path, cfg, dst):
     model = load_model(path, dst.device, cfg.trust_remote_code, bf16=cfg.bf16, attn=cfg.attn)
+    disable_dropout(model)  # as TRL: the reference pass has none, so step 0's rewards are 0
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)

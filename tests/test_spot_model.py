@@ -90,3 +90,44 @@ def test_attention_choice(tmp_path):
         with pytest.raises(ConfigError, match="needs flash-attn, which does not import"):
             attn_implementation("cuda", True, "flash_attention_2")
         assert attn_implementation("cuda", True, "auto") == "sdpa"
+
+
+def test_auto_attention_falls_back_for_models_without_sdpa(tmp_path):
+    """Gemma-2 has no SDPA path: auto loads it with eager; asking for sdpa is a one-line error."""
+    from spot.config import ConfigError
+    from spot.model import load_model
+    build_model("gemma2", layers=1).save_pretrained(tmp_path)
+    assert load_model(str(tmp_path)).config._attn_implementation == "eager"
+    with pytest.raises(ConfigError, match="attn: sdpa is not supported by this model"):
+        load_model(str(tmp_path), attn="sdpa")
+
+
+def test_dropout_is_off_and_the_fingerprint_sees_a_rewritten_middle(tmp_path):
+    """The policy trains without dropout (the reference pass has none); a weight file written
+    again with one middle tensor changed (same size, same first and last MiB) is a new model to
+    the reference cache."""
+    import time
+    from safetensors.torch import load_file, save_file
+    from spot.model import disable_dropout, model_fingerprint
+    model = build_model("llama", layers=1, attention_dropout=0.5).train()
+    ids = torch.randint(4, 50, (1, 12))
+    assert not torch.equal(model(ids).logits, model(ids).logits)  # dropout is on by default
+    disable_dropout(model)
+    assert torch.equal(model(ids).logits, model(ids).logits)
+    big = build_model("qwen3", layers=6, hidden_size=128, intermediate_size=384)
+    big.save_pretrained(tmp_path)
+    before = model_fingerprint(tmp_path)
+    path = tmp_path / "model.safetensors"
+    assert path.stat().st_size > 4 << 20  # a middle beyond the hashed first and last MiB
+    weights = load_file(path)
+    weights["model.layers.2.mlp.down_proj.weight"] *= 5
+    time.sleep(0.01)
+    save_file(weights, path, metadata={"format": "pt"})
+    assert model_fingerprint(tmp_path) != before
+
+
+def test_tiny_tokenizer_is_one_token_per_character():
+    tok = build_tokenizer()
+    text = "a\n\nb \n c"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and tok.unk_token_id not in ids and tok.decode(ids) == text
