@@ -61,8 +61,7 @@ class TrainConfig:
                 raise ConfigError(f"{name}: required (give --{name} or set it in the config)")
         if Path(self.output).exists() and not Path(self.output).is_dir():
             raise ConfigError(f"output: {self.output} is a file, not a folder")
-        finite = {k: math.isfinite(getattr(self, k)) for k in
-                  ("beta", "lr", "weight_decay", "max_grad_norm", "ema_alpha", "warmup_ratio")}
+        finite = {k: math.isfinite(getattr(self, k)) for k in ("beta", "lr", "weight_decay")}
         checks = [("beta", finite["beta"] and self.beta > 0, "must be a finite number > 0"),
                   ("delta", self.delta in ("running", "zero", "ema"), "must be running|zero|ema"),
                   ("ema_alpha", 0 < self.ema_alpha <= 1, "must be in (0, 1]"),

@@ -52,6 +52,7 @@ from . import data as D
 from .config import RUN_DEFINING, ConfigError, TrainConfig
 from .model import (Policy, attn_implementation, decoder_layers, disable_dropout,
                     enable_checkpointing, load_model, model_fingerprint, to_device)
+from .rectify.jsonl import read_jsonl, rewrite
 
 
 # ---------------------------------------------------------------- distributed helpers
@@ -368,18 +369,8 @@ def previous_run(output):
 def keep_metrics_up_to(path, step):
     """Drops the rows of ``metrics.jsonl`` after ``step`` (written past the checkpoint that a
     resumed run restarts from, or by a run that restarts at 0), atomically."""
-    if not path.exists():
-        return
-
-    def step_of(line):
-        try:
-            return json.loads(line).get("step", 0)
-        except json.JSONDecodeError:  # a row torn by a crash mid-write
-            return math.inf
-    rows = [ln for ln in path.read_text().splitlines() if ln.strip() and step_of(ln) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(r + "\n" for r in rows))
-    os.replace(tmp, path)
+    if path.exists():  # a row torn by a crash mid-write is dropped too
+        rewrite(path, [r for r in read_jsonl(path, strict=False) if r.get("step", 0) <= step])
 
 
 def save_final(output, policy, tokenizer, dst):
@@ -445,8 +436,9 @@ def train(cfg: TrainConfig, log=None):
     random.seed(cfg.seed)
     out = Path(cfg.output)
     ckpt = latest_checkpoint(out) if cfg.resume else None
-    if not cfg.resume and previous_run(out):
-        raise ConfigError(f"output: {out} already holds a run ({', '.join(previous_run(out))}); "
+    left = [] if cfg.resume else previous_run(out)
+    if left:
+        raise ConfigError(f"output: {out} already holds a run ({', '.join(left)}); "
                           f"pass --resume to continue it, or choose a new --output")
     state = load_trainer_state(ckpt, cfg, dst.world) if ckpt is not None else None
     if cfg.resume and ckpt is None:

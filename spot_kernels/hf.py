@@ -150,12 +150,10 @@ def _segment_ids(position_ids, attention_mask=None):
     """Sequence index of each token, per row: a new sequence starts where positions do not
     continue by +1 (the convention of flash-attn varlen and transformers' packing detection),
     between two attended tokens: padding positions (whatever they hold) start nothing."""
-    if attention_mask is None:
-        first = position_ids[:, :1] - 1
-        return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
-    # with padding: each attended token continues from the previous *attended* one (padding
-    # between two packed sequences must not merge them, nor start one by itself)
-    att = attention_mask.bool()
+    # each attended token continues from the previous *attended* one (padding between two
+    # packed sequences must not merge them, nor start one by itself)
+    att = (torch.ones_like(position_ids, dtype=torch.bool) if attention_mask is None
+           else attention_mask.bool())
     idx = torch.arange(att.shape[-1], device=att.device).expand_as(att)
     last = torch.where(att, idx, -1).cummax(-1).values          # last attended index up to i
     prev = torch.cat([torch.full_like(last[:, :1], -1), last[:, :-1]], dim=-1)
@@ -337,9 +335,8 @@ def _completion_targets(ids, mask, seg, completion_mask, prompt_lengths, n_seq=N
     its target ``ids[i + 1]`` and global sequence number; ``S`` sequences in all (``n_seq`` when
     given: ``cu_seqlens`` may end with empty sequences, which ``seg`` cannot show)."""
     b, length = ids.shape
-    count = torch.ones_like(ids, dtype=torch.bool)
-    if mask is not None:
-        count &= mask.bool()
+    att = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    count = att.clone()
     if completion_mask is not None:
         count &= _rows("completion_mask", completion_mask, b, length).bool()
     if prompt_lengths is not None:
@@ -355,7 +352,6 @@ def _completion_targets(ids, mask, seg, completion_mask, prompt_lengths, n_seq=N
         count &= pos >= plen[:, None]
     # score position i with target i+1 when both are in one sequence, i is a real (attended)
     # token and i+1 counts: padding's hidden state predicts nothing
-    att = mask.bool() if mask is not None else torch.ones_like(count)
     scored = torch.zeros_like(count)
     scored[:, :-1] = count[:, 1:] & att[:, :-1] & (seg[:, 1:] == seg[:, :-1])
     targets = torch.zeros_like(ids)

@@ -25,7 +25,7 @@ import os
 import sys
 
 from .answers import check_answer, checker_name, ground_truth_answer
-from .jsonl import Appender, done_ids, iter_jsonl, read_jsonl
+from .jsonl import Appender, done_ids, has_surrogate, iter_jsonl, read_jsonl
 
 QUESTION_KEYS = ("prompt", "question", "problem")
 ANSWER_KEYS = ("ground_truth", "answer", "solution")
@@ -36,14 +36,6 @@ def _first(rec, keys):
         if rec.get(k) is not None:
             return k, rec[k]
     return None, None
-
-
-def _valid_unicode(s):
-    try:
-        s.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def load_problems(path, limit=None):
@@ -67,7 +59,7 @@ def load_problems(path, limit=None):
         if isinstance(a, bool) or not isinstance(a, (str, int, float)):
             raise ValueError(f"{where} the ground truth ({ak}) must be a string or a number, "
                              f"got {type(a).__name__}")
-        if not _valid_unicode(q) or not _valid_unicode(str(a)):
+        if has_surrogate(q) or has_surrogate(str(a)):
             raise ValueError(f"{where} the text holds a lone surrogate (an unpaired \\ud800-\\udfff "
                              "escape), which is not valid Unicode")
         pid = str(rec.get("id", k))

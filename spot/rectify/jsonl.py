@@ -43,6 +43,11 @@ def read_jsonl(path, *, strict=True):
     return [rec for _, rec in iter_jsonl(path, strict=strict)]
 
 
+def has_surrogate(text):
+    """True when ``text`` holds a lone surrogate, which UTF-8 cannot encode."""
+    return _SURROGATE.search(text) is not None
+
+
 def dumps_line(record):
     """One record as a UTF-8 JSON line; lone surrogates become U+FFFD."""
     line = json.dumps(record, ensure_ascii=False) + "\n"

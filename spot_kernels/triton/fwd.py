@@ -66,7 +66,7 @@ def _forward_kernel(H, W, B, T, LOGP, LSE, ENT, PM, PS, PT, PQ,
         zc = z - shift[:, None]
         e = tl.exp(zc)
         if ENTROPY:
-            q = scale * (q + (tl.where(s > 0, m, shift) - shift) * s)
+            q = scale * (q + tl.where(s > 0, m - shift, 0.0) * s)
             q += tl.sum(e * tl.where(e > 0, zc, 0.0), axis=1)  # e = 0 where zc = -inf
         s = s * scale + tl.sum(e, axis=1)
         m = m_new
