@@ -14,8 +14,11 @@ passes) and forms ``dA = g (onehot - p) / T * softcap'(a)`` in place, then
 
 Cost: forward ``2 N D V`` FLOPs, backward ``6 N D V`` (recompute, ``dh``, ``dW``). Memory beyond
 inputs and gradients: one logits block (``block_bytes``, 64 MB by default; two in the backward
-with a softcap, whose derivative needs ``tanh(a / c)`` beside ``p``) plus O(N) state and float32
-``dh``/``dW`` accumulators when the inputs are half precision.
+with a softcap, whose derivative needs ``tanh(a / c)`` beside ``p``, and in the forward with the
+entropy, which needs ``exp(z - m)`` beside ``z - m``) plus O(N) state and float32 ``dh``/``dW``
+accumulators when the inputs are half precision. The blocks are allocated once per call and
+every block of the sweep is written into them (GEMMs with ``out=``): on the CPU, where large
+allocations are not cached, a fresh block each time cost its page faults, about 10% of the run.
 
 Options (``backend_options=`` of the public functions): ``token_chunk``, ``vocab_chunk``
 (rows; each wins over ``block_bytes``) and ``block_bytes`` (default ``64 * 2**20``).
@@ -71,11 +74,28 @@ def _acc(out, x, y):
         out += _mm(x, y)
 
 
-def _block(h, w, b, temperature, softcap, keep_tanh=False):
-    """Float32 logits block ``z`` and, with ``keep_tanh``, ``tanh(a / c)`` for the softcap's
-    derivative (a second block; otherwise everything happens in place in one)."""
-    if h.device.type == "cpu" and h.dtype != torch.float32:
-        a = h.float() @ w.float().t()  # CPU half matmuls are slow and round the output
+def _buffer(tc, vc, hidden, weight, wanted=True):
+    """A float32 block for every block of the sweep to be written into, or None where the
+    GEMM cannot write one (half operands on a GPU, whose allocator caches blocks anyway)."""
+    if wanted and (hidden.device.type == "cpu" or hidden.dtype == weight.dtype == torch.float32):
+        return torch.empty(tc * vc, dtype=torch.float32, device=hidden.device)
+    return None
+
+
+def _view(buf, rows, cols):
+    """The first ``rows x cols`` elements of ``buf`` as a contiguous matrix (None: a new one)."""
+    return None if buf is None else buf[:rows * cols].view(rows, cols)
+
+
+def _block(h, w, b, temperature, softcap, buf, keep_tanh=False, second=None):
+    """Float32 logits block ``z`` in ``buf`` (None: a new one) and, with ``keep_tanh``,
+    ``tanh(a / c)`` for the softcap's derivative (there; the logits then go to ``second``;
+    otherwise everything happens in place in one block)."""
+    if h.device.type == "cpu":
+        h, w = h.float(), w.float()  # CPU half matmuls are slow and round the output
+    rows, cols = h.shape[0], w.shape[0]
+    if buf is not None:
+        a = torch.mm(h, w.t(), out=_view(buf, rows, cols))
     else:
         a = _mm(h, w.t())
     if b is not None:
@@ -84,7 +104,7 @@ def _block(h, w, b, temperature, softcap, keep_tanh=False):
     if softcap is not None:
         a.div_(softcap).tanh_()
         if keep_tanh:
-            th, a = a, a * (softcap / temperature)
+            th, a = a, torch.mul(a, softcap / temperature, out=_view(second, rows, cols))
         else:
             a.mul_(softcap / temperature)
     elif temperature != 1.0:
@@ -101,6 +121,8 @@ def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None
     logp = torch.empty(n, dtype=torch.float32, device=dev)
     lse = torch.empty(n, dtype=torch.float32, device=dev)
     entropy = torch.empty(n, dtype=torch.float32, device=dev) if return_entropy else None
+    buf = _buffer(tc, vc, hidden, weight)
+    second = _buffer(tc, vc, hidden, weight, return_entropy)  # exp(z - m) beside z - m
     for i0 in range(0, n, tc):
         h = hidden[i0:i0 + tc]
         t = targets[i0:i0 + tc]
@@ -111,7 +133,7 @@ def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None
         zt = torch.zeros(rows, dtype=torch.float32, device=dev)
         for v0 in range(0, v, vc):
             z, _ = _block(h, weight[v0:v0 + vc], None if bias is None else bias[v0:v0 + vc],
-                          temperature, softcap)
+                          temperature, softcap, buf)
             cols = z.shape[1]
             local = t - v0
             here = (local >= 0) & (local < cols)
@@ -125,13 +147,13 @@ def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None
             if return_entropy:
                 # zs = sum exp(z - m) (z - m), moved to the new max (s = 0 on the first chunk)
                 zs = (zs + torch.where(s > 0, m - shift, 0.0) * s) * scale
-            e = z.exp_() if not return_entropy else z.exp()
+            e = z.exp_() if not return_entropy else torch.exp(z, out=_view(second, rows, cols))
             s = s * scale + e.sum(1)
             if return_entropy:
                 # e = 0 where z = -inf: clamped, that term is 0 * finite (a NaN z stays NaN)
-                zs += (e * z.clamp_min_(torch.finfo(z.dtype).min)).sum(1)
+                zs += e.mul_(z.clamp_min_(torch.finfo(z.dtype).min)).sum(1)
             m = m_new
-            del z, e  # free the block before the next one is allocated
+            del z, e  # no reference to the buffers outlives the block
         out_lse = m + torch.log(s)
         lse[i0:i0 + tc] = out_lse
         valid = t != ignore_index
@@ -155,6 +177,8 @@ def backward(hidden, weight, targets, bias, lse, grad_logp, *, temperature=1.0, 
     dh = torch.zeros(hidden.shape, dtype=torch.float32, device=dev) if need_h else None
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_w else None
     db = torch.zeros(v, dtype=torch.float32, device=dev) if need_b else None
+    buf = _buffer(tc, vc, hidden, weight)
+    second = _buffer(tc, vc, hidden, weight, softcap is not None)  # tanh(a / c) beside p
     for i0 in range(0, n, tc):
         h = hidden[i0:i0 + tc]
         hf = h.float() if h.device.type == "cpu" else h
@@ -164,8 +188,8 @@ def backward(hidden, weight, targets, bias, lse, grad_logp, *, temperature=1.0, 
         lse_i = lse[i0:i0 + tc].unsqueeze(1)
         for v0 in range(0, v, vc):
             w = weight[v0:v0 + vc]
-            z, th = _block(h, w, None if bias is None else bias[v0:v0 + vc], temperature, softcap,
-                           keep_tanh=True)
+            z, th = _block(hf, w, None if bias is None else bias[v0:v0 + vc], temperature,
+                           softcap, buf, True, second)
             cols = z.shape[1]
             # dz = g (onehot - p), built in place in the block
             da = z.sub_(lse_i).exp_().mul_(neg_gi)
@@ -183,7 +207,7 @@ def backward(hidden, weight, targets, bias, lse, grad_logp, *, temperature=1.0, 
                 _acc(dw[v0:v0 + vc], da.t(), hf)
             if need_b:
                 db[v0:v0 + vc] += da.sum(0)
-            del z, th, da  # free the block(s) before the next ones are allocated
+            del z, th, da  # no reference to the buffers outlives the block
     return (None if dh is None else dh.to(hidden.dtype),
             None if dw is None else dw.to(weight.dtype),
             None if db is None else db.to(bias.dtype))

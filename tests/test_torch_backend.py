@@ -7,7 +7,7 @@ from torch.utils._pytree import tree_leaves
 
 import spot_kernels as sk
 from spot_kernels import torch_backend
-from conftest import make_head
+from conftest import float64_truth, make_head
 
 
 class LargestOutput(TorchDispatchMode):
@@ -82,3 +82,29 @@ def test_frozen_head_and_no_grad():
     assert gh.shape == h.shape and w.grad is None
     with torch.no_grad():
         assert sk.token_logprobs(h, w, t, backend="torch").grad_fn is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fresh_blocks_match_reused_buffers(dtype, monkeypatch):
+    """Where the GEMM cannot write into the reused float32 buffers (half inputs on a GPU), each
+    block is a new tensor: both ways give the same values and gradients, entropy and softcap
+    (the backward's second block) included."""
+    h, w, b, t = make_head(37, 16, 300, dtype, "cpu", bias=True, seed=5)
+    opts = {"token_chunk": 16, "vocab_chunk": 128}
+
+    def run():
+        leaves = [x.clone().requires_grad_() for x in (h, w, b)]
+        logp, ent = sk.token_logprobs(leaves[0], leaves[1], t, bias=leaves[2], backend="torch",
+                                      temperature=0.8, softcap=3.0, return_entropy=True,
+                                      backend_options=opts)
+        return (logp, ent) + torch.autograd.grad(logp.sum(), leaves)
+
+    reused = run()
+    monkeypatch.setattr(torch_backend, "_buffer", lambda *args, **kwargs: None)
+    fresh = run()
+    for x, y in zip(reused, fresh):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    truth = float64_truth(h, w, t, b, torch.ones(t.shape), temperature=0.8, softcap=3.0)
+    tol = dict(rtol=0, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(fresh[0].double(), truth[0], **tol)
+    torch.testing.assert_close(fresh[2].double(), truth[2], **tol)
