@@ -18,7 +18,8 @@ with a softcap, whose derivative needs ``tanh(a / c)`` beside ``p``, and in the 
 entropy, which needs ``exp(z - m)`` beside ``z - m``) plus O(N) state and float32 ``dh``/``dW``
 accumulators when the inputs are half precision. The blocks are allocated once per call and
 every block of the sweep is written into them (GEMMs with ``out=``): on the CPU, where large
-allocations are not cached, a fresh block each time cost its page faults, about 10% of the run.
+allocations are not cached, a fresh block each time cost its page faults, a fifth of the run at
+N 4096, D 512, V 32768 (0.5 of 2.3 s).
 
 Options (``backend_options=`` of the public functions): ``token_chunk``, ``vocab_chunk``
 (rows; each wins over ``block_bytes``) and ``block_bytes`` (default ``64 * 2**20``).
