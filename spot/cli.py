@@ -57,6 +57,9 @@ def run_train(args):
     overrides = {k: getattr(args, k) for k in list(TRAIN_FLAGS) + list(BOOL_FLAGS)}
     cfg = make_config(values, overrides)
     train(cfg)
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():  # under torchrun: NCCL warns at exit
+        dist.destroy_process_group()                   # about a process group left open
     return 0
 
 

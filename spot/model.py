@@ -61,27 +61,31 @@ def attn_implementation(device, bf16=True, requested="auto"):
 
 def load_model(path, device="cpu", trust_remote_code=False, bf16=True, attn="auto"):
     """``AutoModelForCausalLM.from_pretrained(path)`` in float32 (the master weights), with the
-    attention kernel ``attn_implementation(device, bf16, attn)``; ``auto`` falls back to eager
-    for a model that has no SDPA path (Gemma-2, for its softcapped attention)."""
+    attention kernel ``attn_implementation(device, bf16, attn)``; ``auto`` falls back from
+    flash-attn to SDPA to eager for a model without that kernel (SDPA: Gemma-2, for its
+    softcapped attention; flash-attn: MPT, XGLM) or a flash-attn that transformers refuses."""
     from transformers import AutoModelForCausalLM
     if not Path(path).exists():
         raise FileNotFoundError(f"model: no such folder {path}")
     impl = attn_implementation(device, bf16, attn)
-
-    def load(kind):
-        return AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, attn_implementation=kind,
-            trust_remote_code=trust_remote_code).to(device)
-    try:
-        return load(impl)
-    except ValueError as exc:  # transformers: "... does not support ... sdpa / flash ..."
-        text = str(exc)
-        if "does not support" not in text or impl == "eager":
-            raise
-        if attn == "auto" and impl == "sdpa":
-            return load("eager")
-        raise ConfigError(f"attn: {impl} is not supported by this model "
-                          f"({text.splitlines()[0][:160]}); use --attn eager") from None
+    kinds = [impl]
+    if attn == "auto":
+        kinds += {"flash_attention_2": ["sdpa", "eager"], "sdpa": ["eager"]}.get(impl, [])
+    for kind in kinds:
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float32, attn_implementation=kind,
+                trust_remote_code=trust_remote_code).to(device)
+        except (ValueError, ImportError) as exc:
+            # transformers: "... does not support ... sdpa / Flash Attention ..." (ValueError),
+            # "FlashAttention2 has been toggled on, but it cannot be used ..." (ImportError)
+            text = str(exc)
+            if isinstance(exc, ValueError) and "does not support" not in text or kind == "eager":
+                raise
+            if kind != kinds[-1]:
+                continue
+            raise ConfigError(f"attn: {kind} does not load for this model "
+                              f"({text.splitlines()[0][:160]}); use --attn eager") from None
 
 
 def disable_dropout(model):

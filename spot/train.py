@@ -238,8 +238,12 @@ def sequence_logps(policy, examples, cfg, device, dst=None, desc="reference"):
 
 
 def autocast(cfg, device):
-    on = cfg.bf16 and torch.device(device).type == "cuda"
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=on)
+    """bf16 autocast on a GPU, without autocast's cache of cast weights: it would keep a bf16
+    copy of every weight alive until the forward ends, which undoes gradient checkpointing
+    (and FSDP2's resharding: a whole bf16 model on every rank)."""
+    dev = torch.device(device).type
+    return torch.autocast(device_type=dev, dtype=torch.bfloat16, enabled=cfg.bf16 and dev == "cuda",
+                          cache_enabled=False)
 
 
 def data_fingerprint(cfg, tokenizer, examples, device):
@@ -539,6 +543,8 @@ def train(cfg: TrainConfig, log=None):
         keys = sorted(k for k in sums if k != "delta")
         vec = dst.sum(torch.tensor([sums[k] for k in keys] + [float(tokens)], dtype=torch.float64))
         row = {k: float(v) / dst.world for k, v in zip(keys, vec[:-1])}
+        if dst.device.type == "cuda":  # one process has synchronised nothing: the step's
+            torch.cuda.synchronize(dst.device)  # backward and optimizer step may still run
         elapsed = time.perf_counter() - t0
         row.update(step=step + 1, epoch=epoch, delta=sums["delta"], lr=lr,
                    grad_norm=float(grad_norm), tokens=int(vec[-1]),

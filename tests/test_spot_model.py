@@ -98,8 +98,26 @@ def test_auto_attention_falls_back_for_models_without_sdpa(tmp_path):
     from spot.model import load_model
     build_model("gemma2", layers=1).save_pretrained(tmp_path)
     assert load_model(str(tmp_path)).config._attn_implementation == "eager"
-    with pytest.raises(ConfigError, match="attn: sdpa is not supported by this model"):
+    with pytest.raises(ConfigError, match="attn: sdpa does not load for this model"):
         load_model(str(tmp_path), attn="sdpa")
+
+
+def test_auto_attention_falls_back_from_flash_attn(tmp_path, monkeypatch):
+    """Where auto picks flash-attn (a GPU under bf16 with flash_attn importable) and the model
+    has no flash-attn path (MPT) or transformers refuses it (here: not installed, an
+    ImportError), auto loads SDPA, then eager; asked for by name it is a one-line error."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from spot import model as M
+    from spot.config import ConfigError
+    monkeypatch.setattr(M, "attn_implementation", lambda *args: "flash_attention_2")
+    build_model("qwen3", seed=1).save_pretrained(tmp_path / "qwen3")
+    mpt = AutoConfig.for_model("mpt", d_model=32, n_heads=2, n_layers=1, vocab_size=64)
+    AutoModelForCausalLM.from_config(mpt).save_pretrained(tmp_path / "mpt")
+    assert M.load_model(str(tmp_path / "qwen3")).config._attn_implementation == "sdpa"
+    assert M.load_model(str(tmp_path / "mpt")).config._attn_implementation == "eager"
+    with pytest.raises(ConfigError, match="attn: flash_attention_2 does not load"):
+        M.load_model(str(tmp_path / "qwen3"), attn="flash_attention_2")
 
 
 def test_dropout_is_off_and_the_fingerprint_sees_a_rewritten_middle(tmp_path):

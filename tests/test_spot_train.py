@@ -302,3 +302,13 @@ def test_each_rank_resumes_its_own_random_state():
     Rank1.world = 3  # resumed on another world size: rank 0's states, and a line saying so
     set_rng_state(states, Rank1, log=lines.append)
     assert torch.equal(torch.rand(3), draws[0]) and "every rank takes rank 0's" in lines[0]
+
+
+def test_autocast_keeps_no_cast_weights():
+    """The trainer's autocast caches no bf16 weight copies: cached, every weight's copy would
+    live until the forward ends (undoing gradient checkpointing and FSDP2's resharding)."""
+    from spot.train import autocast
+    cfg = TrainConfig(model="m", data="d", output="o")
+    assert torch.is_autocast_cache_enabled()  # torch's default, which the trainer turns off
+    with autocast(cfg, torch.device("cpu")):
+        assert not torch.is_autocast_cache_enabled()
