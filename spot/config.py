@@ -114,7 +114,7 @@ HELP = {
     "backend": "spot_kernels backend: auto, torch, triton, cuda or reference",
     "bf16": "bf16 autocast on a GPU (ignored on CPU)",
     "attn": "attention kernel: auto (flash-attn varlen on a GPU under bf16 when it imports, "
-            "else sdpa, or eager for a model without sdpa), flash_attention_2, sdpa or eager; "
+            "else sdpa, else eager: the first this model has), flash_attention_2, sdpa or eager; "
             "packed sequences never attend to each other with any of them",
     "gradient_checkpointing": "recompute activations in the backward to save memory",
     "seed": "seed of the data order and of torch",
