@@ -33,8 +33,9 @@ constexpr float kLn2 = 0.693147180559945309f;
 
 // 2^x with results below 2^-126 flushed to 0: one MUFU.EX2. expf costs seven more instructions
 // (range reduction) and exp2f a denormal fix-up; with bf16 logits at HBM speed the forward
-// epilogue has ~15 instructions per element to spend, so the kernels work in base 2
-// (2^(z log2 e) = e^z) and scale by ln 2 once per row. The host build of the tests has no PTX.
+// epilogue has ~15 instructions per element to spend, so the kernels take e^d = 2^(d log2 e)
+// of a difference d = z - m formed in natural units first (scaling z itself by log2 e would
+// round it by ulp(|z|), and a logp near 0 at |z| ~ 1e3 with it). The host build has no PTX.
 __device__ __forceinline__ float fast_exp2(float x) {
 #ifdef __CUDA_ARCH__
   float y;
@@ -45,17 +46,16 @@ __device__ __forceinline__ float fast_exp2(float x) {
 #endif
 }
 
-// Logit transform: z = softcap(a + b) * inv_temp, and z log2(e) for the base-2 exponentials.
-// cap_scale = softcap * inv_temp, inv_cap = 1 / softcap; softcap <= 0 (inv_cap == 0) means no
-// cap. The *2 fields carry the extra factor log2(e).
+// e^d for d <= 0 (a logit less the row max, or less the lse).
+__device__ __forceinline__ float fast_exp(float d) { return fast_exp2(d * kLog2e); }
+
+// Logit transform: z = softcap(a + b) * inv_temp. cap_scale = softcap * inv_temp,
+// inv_cap = 1 / softcap; softcap <= 0 (inv_cap == 0) means no cap.
 struct Transform {
-  float inv_temp, cap_scale, inv_cap, inv_temp2, cap_scale2;
+  float inv_temp, cap_scale, inv_cap;
   bool capped;
   __device__ __forceinline__ float operator()(float a) const {
     return capped ? cap_scale * tanhf(a * inv_cap) : a * inv_temp;
-  }
-  __device__ __forceinline__ float log2e(float a) const {  // z * log2(e)
-    return capped ? cap_scale2 * tanhf(a * inv_cap) : a * inv_temp2;
   }
 };
 
@@ -65,14 +65,12 @@ inline Transform make_transform(float softcap, float inv_temp) {
   t.capped = softcap > 0.f;
   t.cap_scale = t.capped ? softcap * inv_temp : 0.f;
   t.inv_cap = t.capped ? 1.f / softcap : 0.f;
-  t.inv_temp2 = inv_temp * kLog2e;
-  t.cap_scale2 = t.cap_scale * kLog2e;
   return t;
 }
 
-// Online logsumexp state over a set of x = z log2(e) (base 2): max m, s = sum 2^(x - m)
-// (= sum e^(z - max z)) and, for the entropy, q = sum 2^(x - m) (x - m). Then
-// lse = (m + log2 s) ln 2 and H = (log2 s - q / s) ln 2. The empty set is (-inf, 0, 0).
+// Online logsumexp state over a set of logits z: max m, s = sum e^(z - m) and, for the entropy,
+// q = sum e^(z - m) (z - m). Then lse = m + log s, logp = (z_t - m) - log s and
+// H = log s - q / s. The empty set is (-inf, 0, 0).
 struct LseState {
   float m, s, q;
 };
@@ -84,8 +82,8 @@ template <bool ENT>
 __device__ __forceinline__ LseState lse_merge(LseState x, LseState y) {
   float M = fmaxf(x.m, y.m);
   if (M == -INFINITY) return x;  // both empty
-  float ax = x.s > 0.f ? fast_exp2(x.m - M) : 0.f;
-  float ay = y.s > 0.f ? fast_exp2(y.m - M) : 0.f;
+  float ax = x.s > 0.f ? fast_exp(x.m - M) : 0.f;
+  float ay = y.s > 0.f ? fast_exp(y.m - M) : 0.f;
   LseState r;
   r.m = M;
   r.s = x.s * ax + y.s * ay;

@@ -1,7 +1,7 @@
 // Backward epilogue, in place: the chunk of raw logits a = h W^T (recomputed by cuBLAS from the
 // saved inputs) is overwritten with the gradient w.r.t. a, in the input dtype:
-//   z = softcap(a + b) / T,   p = exp(z - lse) = 2^(z log2 e - lse log2 e)   (lse saved by the
-//   forward; one MUFU.EX2 per element, common.cuh's fast_exp2)
+//   z = softcap(a + b) / T,   p = exp(z - lse)   (lse saved by the forward; one MUFU.EX2 per
+//   element of (z - lse) log2 e, common.cuh's fast_exp)
 //   dA_v = g (1[v == t] - p_v) / T * softcap'(a_v + b_v),   softcap'(x) = 1 - tanh^2(x / c)
 // with g = 0 for ignored tokens (t == ignore_index) and no one-hot term when t lies outside
 // [0, V) (vocab-parallel). Everything is float32 until the single rounding at the store, so the
@@ -20,23 +20,26 @@ constexpr int kThreads = 256;
 
 template <int VEC, typename T>
 __device__ __forceinline__ void grad_vec(T* out, const T* in, const T* bias, int64_t col,
-                                         int64_t t, float g, float l2, const Transform& tf) {
+                                         int64_t t, float g, float l, const Transform& tf) {
   Vec<T, VEC> x = *reinterpret_cast<const Vec<T, VEC>*>(in);
   Vec<T, VEC> b;
   if (bias != nullptr) b = *reinterpret_cast<const Vec<T, VEC>*>(bias + col);
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
     const float a = to_f(x.v[k]) + (bias != nullptr ? to_f(b.v[k]) : 0.f);
-    float z2, dcap;  // z2 = z log2(e)
+    float z, dcap;
     if (tf.capped) {
       const float th = tanhf(a * tf.inv_cap);
-      z2 = tf.cap_scale2 * th;
+      z = tf.cap_scale * th;
       dcap = 1.f - th * th;
     } else {
-      z2 = a * tf.inv_temp2;
+      z = a * tf.inv_temp;
       dcap = 1.f;
     }
-    const float p = fast_exp2(z2 - l2);
+    // at most 1: an lse from elsewhere (the vocab-parallel merge) may round below the row's
+    // max, and 1 - p_t < 0 would turn the sign of the target's gradient. A NaN stays NaN
+    const float e = fast_exp(z - l);
+    const float p = e > 1.f ? 1.f : e;
     const float onehot = (col + k == t) ? 1.f : 0.f;
     x.v[k] = from_f<T>(g * (onehot - p) * tf.inv_temp * dcap);
   }
@@ -66,11 +69,11 @@ backward_epilogue_kernel(T* __restrict__ logits, int64_t rows, int64_t V, int64_
       continue;
     }
     const float g = grad[row];
-    const float l2 = lse[row] * kLog2e;
+    const float l = lse[row];
     if (col0 + VEC <= V) {
-      grad_vec<VEC>(a + col0, a + col0, bias, col0, t, g, l2, tf);
+      grad_vec<VEC>(a + col0, a + col0, bias, col0, t, g, l, tf);
     } else {
-      for (int64_t c = col0; c < V; ++c) grad_vec<1>(a + c, a + c, bias, c, t, g, l2, tf);
+      for (int64_t c = col0; c < V; ++c) grad_vec<1>(a + c, a + c, bias, c, t, g, l, tf);
     }
   }
 }

@@ -4,11 +4,11 @@
 // Math, per row i (float32 throughout):
 //   z_v = softcap(a_v + b_v) / T,   softcap(x) = c tanh(x / c)   (no cap when c <= 0)
 //   lse = m + log s,  m = max_v z_v,  s = sum_v exp(z_v - m)
-//   logp = z_t - lse  (0 when t == ignore_index; -lse when t lies outside [0, V): the target
+//   logp = (z_t - m) - log s  (0 when t == ignore_index; -lse when t lies outside [0, V): the target
 //          lives on another vocabulary shard, so this shard contributes no target logit)
 //   H = lse - sum_v p_v z_v = log s - q / s,   q = sum_v exp(z_v - m) (z_v - m)
-// Keeping q relative to the running max keeps H exact when |z| ~ 1e4. The sums run in base 2
-// (x = z log2 e, one MUFU.EX2 per element: common.cuh's fast_exp2), converted once per row.
+// Keeping q relative to the running max keeps H exact when |z| ~ 1e4. Each e^(z - m) is one
+// MUFU.EX2 of (z - m) log2 e (common.cuh's fast_exp).
 //
 // Work split: one row per warp when V <= 2048 (8 rows per 256-thread block), one row per
 // 256-thread block otherwise. Each thread streams 16-byte vectors (8 bf16/fp16 or 4 fp32) with
@@ -18,8 +18,9 @@
 // kernel runs with scalar loads. The target logit is one extra scalar load by thread 0.
 //
 // Bytes: reads rows * V * sizeof(T) (+ V * sizeof(T) of bias, cached), writes 8-12 bytes per
-// row. Instructions (sm_90 SASS, bf16, no bias or cap): ~7 per element in the main loop
-// (unpack, scale, max, subtract, ex2, add), under the ~15 that HBM speed leaves. Memory-bound.
+// row. Instructions (sm_90 SASS, bf16, no bias or cap): ~8 per element in the main loop
+// (unpack, scale, max, subtract, scale, ex2, add), under the ~15 that HBM speed leaves.
+// Memory-bound.
 #include "common.cuh"
 
 namespace spot {
@@ -36,15 +37,15 @@ __device__ __forceinline__ void accumulate(LseState& st, const Vec<T, VEC>& x, c
   if (bias != nullptr) {
     const Vec<T, VEC> b = *reinterpret_cast<const Vec<T, VEC>*>(bias + col);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) z[k] = tf.log2e(to_f(x.v[k]) + to_f(b.v[k]));
+    for (int k = 0; k < VEC; ++k) z[k] = tf(to_f(x.v[k]) + to_f(b.v[k]));
   } else {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) z[k] = tf.log2e(to_f(x.v[k]));
+    for (int k = 0; k < VEC; ++k) z[k] = tf(to_f(x.v[k]));
   }
 #pragma unroll
   for (int k = 0; k < VEC; ++k) vmax = fmaxf(vmax, z[k]);
   if (vmax > st.m) {  // rescale once per vector; 2^-inf = 0 on the first one
-    const float sc = fast_exp2(st.m - vmax);
+    const float sc = fast_exp(st.m - vmax);
     if (ENT && st.s > 0.f) st.q = sc * (st.q + (st.m - vmax) * st.s);
     st.s *= sc;
     st.m = vmax;
@@ -55,7 +56,7 @@ __device__ __forceinline__ void accumulate(LseState& st, const Vec<T, VEC>& x, c
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
     const float d = z[k] - m;
-    const float e = fast_exp2(d);
+    const float e = fast_exp(d);
     st.s += e;
     if (ENT) st.q += e > 0.f ? e * d : 0.f;  // 0 * -inf: a -inf logit adds nothing
   }
@@ -106,21 +107,23 @@ lse_forward_kernel(const T* __restrict__ logits, int64_t rows, int64_t V, int64_
       __syncthreads();  // smem is rewritten for the next row
     }
     if (tid == 0) {
-      const float log2_s = log2f(st.s);
-      const float l = (st.m + log2_s) * kLn2;
+      const float log_s = log2f(st.s) * kLn2;
+      const float l = st.m + log_s;
       lse[row] = l;
       const int64_t t = targets[row];
       float lp;
       if (t == ignore_index) {
         lp = 0.f;
       } else if (t >= 0 && t < V) {
+        // relative to the max: z_t - m is exact near the max and never positive (z_t is one
+        // of the values m is the max of), where z_t - l loses ulp(|l|)
         const float at = to_f(a[t]) + (bias != nullptr ? to_f(bias[t]) : 0.f);
-        lp = tf(at) - l;
+        lp = (tf(at) - st.m) - log_s;
       } else {
         lp = -l;  // vocab-parallel: the target is on another shard
       }
       logp[row] = lp;
-      if (ENT) entropy[row] = (log2_s - st.q / st.s) * kLn2;
+      if (ENT) entropy[row] = log_s - st.q / st.s;
     }
   }
 }

@@ -92,6 +92,8 @@ def head(hidden, weight, targets, bias, temperature, softcap, ignore_index):
     same_device("targets", targets, "hidden", hidden)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64 (targets are int64), got {ignore_index}")
     positive_number("temperature", temperature)
     positive_number("softcap", softcap, allow_none=True)
     if targets.numel():

@@ -155,13 +155,15 @@ def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None
                 zs += e.mul_(z.clamp_min_(torch.finfo(z.dtype).min)).sum(1)
             m = m_new
             del z, e  # no reference to the buffers outlives the block
-        out_lse = m + torch.log(s)
-        lse[i0:i0 + tc] = out_lse
+        log_s = torch.log(s)
+        lse[i0:i0 + tc] = m + log_s
         valid = t != ignore_index
-        logp[i0:i0 + tc] = torch.where(valid, zt - out_lse, 0.0)
+        # (z_t - m) - log s, not z_t - lse: z_t - m is exact near the max, where z_t - lse
+        # would lose ulp(|lse|) (a logp of -1e-4 at |z| ~ 300 kept one digit)
+        logp[i0:i0 + tc] = torch.where(valid, (zt - m) - log_s, 0.0)
         if return_entropy:
-            # H = lse - sum p z = lse - (m + sum e (z - m) / s)
-            entropy[i0:i0 + tc] = out_lse - (m + zs / s)
+            # H = lse - sum p z = log s - sum e (z - m) / s: no |m|-sized terms to cancel
+            entropy[i0:i0 + tc] = log_s - zs / s
     return logp, lse, entropy
 
 

@@ -65,6 +65,8 @@ CASES = [
     (call_logprobs, dict(temperature=float("nan")), ValueError, "temperature"),
     (call_logprobs, dict(softcap=-1.0), ValueError, "softcap"),
     (call_logprobs, dict(ignore_index=1.5), TypeError, "ignore_index"),
+    (call_logprobs, dict(ignore_index=2**63), ValueError, "ignore_index"),
+    (call_logprobs, dict(ignore_index=-2**63 - 1), ValueError, "ignore_index"),
     (call_logprobs, dict(backend="nope"), ValueError, "backend"),
     (call_logprobs, dict(backend="torch", backend_options={"bogus": 1}), ValueError,
      "backend_options"),

@@ -64,6 +64,19 @@ def _vocab_parallel(group):
     (dh,) = torch.autograd.grad((logp.double() * gout).sum(), (hh,))
     assert_close(dh, same[1][0], truth[1][0], torch.float32, "dh, ignore_index=3")
 
+    # a dominant target on rank 0 and the runner-up on the last rank (D = 1: exact logits;
+    # logp = -1.2e-4 at |z| ~ 300): the merge forms every term relative to the max, where
+    # (logp_r + lse_r) - lse lost ulp(300), a quarter of that logp
+    w1 = torch.full((v, 1), -50.0)
+    w1[0], w1[-1] = 300.7, 291.7
+    one, t1 = torch.ones(1, 1), torch.tensor([0])
+    logp, ent = sk.token_logprobs(one, w1[start:stop], t1, process_group=group,
+                                  return_entropy=True)
+    truth, te = reference.token_logprobs(one.double(), w1.double(), t1,
+                                         compute_dtype=torch.float64, return_entropy=True)
+    assert abs(logp.item() - truth.item()) <= 1e-6, (logp, truth)  # off by ~ulp(300) before
+    assert abs(ent.item() - te.item()) <= 1e-6, (ent, te)
+
     # spot_loss: the same loss on every rank as one process with the whole head
     cu = torch.tensor([0, 10, 22, 30, 45])
     ref = torch.randn(4, generator=torch.Generator().manual_seed(1)) - 30

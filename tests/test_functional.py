@@ -100,6 +100,42 @@ def test_large_logits_stay_finite(backend, device):
     check(backend, h, w, t)
 
 
+def _dominant_heads(device):
+    """Heads (D = 1, so the logits are exact in float32) where logp or 1 - p_t is far below
+    ulp(|lse|): a near tie at |z| ~ 2e4, a target ahead by 9 at |z| ~ 300, and one ahead by
+    ~1300 at T = 0.3 (p_t = 1 - e^-1313)."""
+    one = torch.ones(1, 1, device=device)
+    return [(one, torch.tensor([[20000.0], [19999.5], [19999.0]], device=device), 1, 1.0),
+            (one, torch.tensor([[300.7], [291.7]], device=device), 0, 1.0),
+            (torch.full((1, 1), 393.8884582519531, device=device),
+             torch.tensor([[1.0], [0.0]], device=device), 0, 0.3)]
+
+
+def test_log_probs_near_the_max_keep_float32_precision(backend, device):
+    """logp and the entropy are formed relative to the row max ((z_t - m) - log s), not as
+    z_t - lse, which loses ulp(|lse|): 6e-4 at |z| = 2e4, a third of a logp of -1e-4 at
+    |z| = 300, and a logp above 0 from the cuda kernels' base-2 round trip."""
+    for h, w, target, temp in _dominant_heads(device):
+        t = torch.tensor([target], device=device)
+        truth, te = reference.token_logprobs(h.double(), w.double(), t, temperature=temp,
+                                             compute_dtype=torch.float64, return_entropy=True)
+        logp, ent = sk.token_logprobs(h, w, t, backend=backend, temperature=temp,
+                                      return_entropy=True)
+        assert (logp <= 0).all(), (logp, truth)
+        assert (logp.double() - truth).abs().max() <= 1e-6 * max(1.0, truth.abs().max()), \
+            (w.flatten().tolist(), logp.item(), truth.item())
+        assert (ent.double() - te).abs().max() <= 1e-5, (w.flatten().tolist(), ent.item(), te.item())
+
+
+def test_a_dominant_target_gets_no_reversed_gradient(backend, device):
+    """With p_t = 1 - e^-1313 every gradient is 0 to float32 precision; the cuda backward's
+    base-2 round trip of lse made p_t exceed 1 and gave dW[t] = -0.11."""
+    h, w, target, temp = _dominant_heads(device)[2]
+    t = torch.tensor([target], device=device)
+    _, (dh, dw) = run(backend, h, w, t, gout=torch.ones(1, dtype=torch.float64), temperature=temp)
+    assert dh.abs().max() <= 1e-6 and dw.abs().max() <= 1e-6, (dh, dw)
+
+
 MASKED_OPTIONS = {"torch": [{"vocab_chunk": 16}], "triton": [{"block_v": 16},
                                                           {"block_v": 16, "split_vocab": 3}]}
 

@@ -69,7 +69,7 @@ and the second only the ``dh`` ones.
 * ``split_vocab`` (int >= 1): vocabulary splits of the forward; 1 disables. Default automatic:
   with fewer token tiles than SMs, split up to about two programs per SM, keeping at least 8
   vocabulary tiles per split (never on the interpreter).
-* ``block_m``, ``block_v``, ``block_d`` (powers of two >= 16), ``num_warps`` (1, 2, 4, 8, 16),
+* ``block_m``, ``block_v``, ``block_d`` (powers of two, 16 to 1024), ``num_warps`` (1, 2, 4, 8, 16),
   ``num_stages`` (>= 1): override ``configs.py`` for both passes; ``group_m`` (>= 1): token
   tiles per group in the default backward's program order (``bwd.py``).
 
@@ -157,8 +157,9 @@ def check_options(options):
         if x is not None and (not is_int(x) or x < 1):
             bad("split_vocab", "an int >= 1 (1: no split) or None (automatic)")
     for key in ("block_m", "block_v", "block_d"):
-        if key in options and not (is_int(options[key]) and _pow2(options[key])):
-            bad(key, "a power of two >= 16")
+        if key in options and not (is_int(options[key]) and _pow2(options[key])
+                                   and options[key] <= 1024):
+            bad(key, "a power of two from 16 to 1024")  # Triton's tiles hold at most 2^20
     if "num_warps" in options and options["num_warps"] not in (1, 2, 4, 8, 16):
         bad("num_warps", "one of 1, 2, 4, 8, 16")
     for key in ("num_stages", "group_m"):

@@ -8,7 +8,8 @@ Math: for the token rows ``i`` of a tile and vocabulary tiles ``z = softcap(h W^
 plus the target logit ``z_t`` (picked from the tile whose columns hold ``t``; none for a target
 outside this program's columns) and, for the entropy, ``q = sum_v e^{z_v - m} (z_v - m)``,
 moved to each new max as ``q' = e^{m - m'} (q + (m - m') s) + sum_v e^{z_v - m'} (z_v - m')``.
-At the end ``lse = m + log s``, ``logp = z_t - lse`` (0 for ``ignore_index``) and
+At the end ``lse = m + log s``, ``logp = (z_t - m) - log s`` (0 for ``ignore_index``; not
+``z_t - lse``, which loses ``ulp(|lse|)`` near the max) and
 ``H = lse - sum_v p_v z_v = log s - q / s``.
 
 Work split: grid ``(cdiv(N, BLOCK_M), splits)``. Program ``(i, k)`` owns ``BLOCK_M`` tokens and
@@ -79,11 +80,12 @@ def _forward_kernel(H, W, B, T, LOGP, LSE, ENT, PM, PS, PT, PQ,
         if ENTROPY:
             tl.store(PQ + off, q, mask=row_mask)
     else:
-        lse = m + tl.log(s)
-        tl.store(LSE + rows, lse, mask=row_mask)
-        tl.store(LOGP + rows, tl.where(t == ignore_index, 0.0, zt - lse), mask=row_mask)
+        log_s = tl.log(s)
+        tl.store(LSE + rows, m + log_s, mask=row_mask)
+        # (z_t - m) - log s: exact near the max, where z_t - lse loses ulp(|lse|)
+        tl.store(LOGP + rows, tl.where(t == ignore_index, 0.0, (zt - m) - log_s), mask=row_mask)
         if ENTROPY:
-            tl.store(ENT + rows, tl.log(s) - q / s, mask=row_mask)
+            tl.store(ENT + rows, log_s - q / s, mask=row_mask)
 
 
 def launch_forward(hidden, weight, targets, bias, logp, lse, entropy, *, temperature, softcap,

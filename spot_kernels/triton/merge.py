@@ -5,6 +5,7 @@ Math: split ``k`` left ``(m_k, s_k, zt_k, q_k)`` with ``s_k = sum e^{z - m_k}`` 
 ``q_k = sum e^{z - m_k} (z - m_k)`` over its columns. With ``M = max_k m_k``::
 
     S = sum_k e^{m_k - M} s_k,   lse = M + log S,   z_t = sum_k zt_k  (one split holds t)
+    logp = (z_t - M) - log S
     Q = sum_k e^{m_k - M} (q_k + (m_k - M) s_k),   H = log S - Q / S
 
 Work split: one program per ``BLOCK`` tokens, two passes over the splits in index order (the
@@ -39,12 +40,12 @@ def _merge_kernel(PM, PS, PT, PQ, T, LOGP, LSE, ENT, N, splits, ignore_index,
             qk = tl.load(PQ + k * N + rows, mask=mask, other=0.0)
             # a split with no finite logit has mk = -inf and sk = 0: its term is 0, not -inf * 0
             q += scale * (qk + tl.where(sk > 0, mk - big_m, 0.0) * sk)
-    lse = big_m + tl.log(s)
+    log_s = tl.log(s)
     t = tl.load(T + rows, mask=mask, other=ignore_index)
-    tl.store(LSE + rows, lse, mask=mask)
-    tl.store(LOGP + rows, tl.where(t == ignore_index, 0.0, zt - lse), mask=mask)
+    tl.store(LSE + rows, big_m + log_s, mask=mask)
+    tl.store(LOGP + rows, tl.where(t == ignore_index, 0.0, (zt - big_m) - log_s), mask=mask)
     if ENTROPY:
-        tl.store(ENT + rows, tl.log(s) - q / s, mask=mask)
+        tl.store(ENT + rows, log_s - q / s, mask=mask)
 
 
 def launch_merge(parts, targets, logp, lse, entropy, *, ignore_index, block=128):
