@@ -28,7 +28,7 @@ PYBIND11_MODULE(_cuda, m) {
           check(spot::lse_forward(dtype, ptr(logits), rows, V, ld, ptr(bias),
                                   static_cast<const int64_t*>(ptr(targets)), softcap, inv_temp,
                                   ignore_index, static_cast<float*>(ptr(logp)),
-                                  static_cast<float*>(ptr(lse)), static_cast<float*>(ptr(entropy)),
+                                  static_cast<double*>(ptr(lse)), static_cast<float*>(ptr(entropy)),
                                   stream(s)),
                 "lse_forward");
         },
@@ -40,7 +40,7 @@ PYBIND11_MODULE(_cuda, m) {
             std::uintptr_t s) {
           check(spot::backward_epilogue(dtype, ptr(logits), rows, V, ld, ptr(bias),
                                         static_cast<const int64_t*>(ptr(targets)),
-                                        static_cast<const float*>(ptr(lse)),
+                                        static_cast<const double*>(ptr(lse)),
                                         static_cast<const float*>(ptr(grad)), softcap, inv_temp,
                                         ignore_index, stream(s)),
                 "backward_epilogue");

@@ -1,7 +1,8 @@
 // Backward epilogue, in place: the chunk of raw logits a = h W^T (recomputed by cuBLAS from the
 // saved inputs) is overwritten with the gradient w.r.t. a, in the input dtype:
-//   z = softcap(a + b) / T,   p = exp(z - lse)   (lse saved by the forward; one MUFU.EX2 per
-//   element of (z - lse) log2 e, common.cuh's fast_exp)
+//   z = softcap(a + b) / T,   p = exp(z - hi) exp(-lo)   (lse = hi + lo, float64 from the
+//   forward, split once per row into float32 hi and lo: z - hi is exact near the max, so 1 - p_t
+//   keeps float32 precision; one MUFU.EX2 per element, common.cuh's fast_exp)
 //   dA_v = g (1[v == t] - p_v) / T * softcap'(a_v + b_v),   softcap'(x) = 1 - tanh^2(x / c)
 // with g = 0 for ignored tokens (t == ignore_index) and no one-hot term when t lies outside
 // [0, V) (vocab-parallel). Everything is float32 until the single rounding at the store, so the
@@ -20,7 +21,8 @@ constexpr int kThreads = 256;
 
 template <int VEC, typename T>
 __device__ __forceinline__ void grad_vec(T* out, const T* in, const T* bias, int64_t col,
-                                         int64_t t, float g, float l, const Transform& tf) {
+                                         int64_t t, float g, float hi, float scale,
+                                         const Transform& tf) {
   Vec<T, VEC> x = *reinterpret_cast<const Vec<T, VEC>*>(in);
   Vec<T, VEC> b;
   if (bias != nullptr) b = *reinterpret_cast<const Vec<T, VEC>*>(bias + col);
@@ -36,9 +38,9 @@ __device__ __forceinline__ void grad_vec(T* out, const T* in, const T* bias, int
       z = a * tf.inv_temp;
       dcap = 1.f;
     }
-    // at most 1: an lse from elsewhere (the vocab-parallel merge) may round below the row's
-    // max, and 1 - p_t < 0 would turn the sign of the target's gradient. A NaN stays NaN
-    const float e = fast_exp(z - l);
+    // at most 1: 1 - p_t < 0 (a rounding) would turn the sign of the target's gradient. A NaN
+    // stays NaN
+    const float e = fast_exp(z - hi) * scale;
     const float p = e > 1.f ? 1.f : e;
     const float onehot = (col + k == t) ? 1.f : 0.f;
     x.v[k] = from_f<T>(g * (onehot - p) * tf.inv_temp * dcap);
@@ -50,7 +52,7 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
 backward_epilogue_kernel(T* __restrict__ logits, int64_t rows, int64_t V, int64_t ld,
                          const T* __restrict__ bias, const int64_t* __restrict__ targets,
-                         const float* __restrict__ lse, const float* __restrict__ grad,
+                         const double* __restrict__ lse, const float* __restrict__ grad,
                          Transform tf, int64_t ignore_index) {
   const int64_t col0 = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * VEC;
   if (col0 >= V) return;
@@ -69,18 +71,20 @@ backward_epilogue_kernel(T* __restrict__ logits, int64_t rows, int64_t V, int64_
       continue;
     }
     const float g = grad[row];
-    const float l = lse[row];
+    const double l = lse[row];
+    const float hi = float(l);
+    const float scale = isfinite(l) ? expf(-float(l - double(hi))) : 1.f;  // e^-lo; inf/NaN in hi
     if (col0 + VEC <= V) {
-      grad_vec<VEC>(a + col0, a + col0, bias, col0, t, g, l, tf);
+      grad_vec<VEC>(a + col0, a + col0, bias, col0, t, g, hi, scale, tf);
     } else {
-      for (int64_t c = col0; c < V; ++c) grad_vec<1>(a + c, a + c, bias, c, t, g, l, tf);
+      for (int64_t c = col0; c < V; ++c) grad_vec<1>(a + c, a + c, bias, c, t, g, hi, scale, tf);
     }
   }
 }
 
 template <typename T>
 cudaError_t dispatch(void* logits, int64_t rows, int64_t V, int64_t ld, const void* bias,
-                     const int64_t* targets, const float* lse, const float* grad, Transform tf,
+                     const int64_t* targets, const double* lse, const float* grad, Transform tf,
                      int64_t ignore_index, cudaStream_t stream) {
   constexpr int VEC = 16 / sizeof(T);
   T* a = static_cast<T*>(logits);
@@ -102,7 +106,7 @@ cudaError_t dispatch(void* logits, int64_t rows, int64_t V, int64_t ld, const vo
 }  // namespace
 
 cudaError_t backward_epilogue(int dtype, void* logits, int64_t rows, int64_t V, int64_t ld,
-                              const void* bias, const int64_t* targets, const float* lse,
+                              const void* bias, const int64_t* targets, const double* lse,
                               const float* grad, float softcap, float inv_temp,
                               int64_t ignore_index, cudaStream_t stream) {
   if (rows < 0 || V < 1 || ld < V || !(inv_temp > 0.f)) return cudaErrorInvalidValue;

@@ -17,7 +17,7 @@
 // When the row start is not 16-byte aligned (ld * sizeof(T) % 16 != 0, e.g. an odd V) the same
 // kernel runs with scalar loads. The target logit is one extra scalar load by thread 0.
 //
-// Bytes: reads rows * V * sizeof(T) (+ V * sizeof(T) of bias, cached), writes 8-12 bytes per
+// Bytes: reads rows * V * sizeof(T) (+ V * sizeof(T) of bias, cached), writes 12-16 bytes per
 // row. Instructions (sm_90 SASS, bf16, no bias or cap): ~8 per element in the main loop
 // (unpack, scale, max, subtract, scale, ex2, add), under the ~15 that HBM speed leaves.
 // Memory-bound.
@@ -68,7 +68,7 @@ template <typename T, int VEC, int NT, int ROWS, bool ENT>
 __global__ void __launch_bounds__(NT * ROWS)
 lse_forward_kernel(const T* __restrict__ logits, int64_t rows, int64_t V, int64_t ld,
                    const T* __restrict__ bias, const int64_t* __restrict__ targets, Transform tf,
-                   int64_t ignore_index, float* __restrict__ logp, float* __restrict__ lse,
+                   int64_t ignore_index, float* __restrict__ logp, double* __restrict__ lse,
                    float* __restrict__ entropy) {
   static_assert(NT == 32 || ROWS == 1, "a row is one warp or one whole block");
   __shared__ LseState smem[NT / 32 > 1 ? NT / 32 : 1];
@@ -109,7 +109,7 @@ lse_forward_kernel(const T* __restrict__ logits, int64_t rows, int64_t V, int64_
     if (tid == 0) {
       const float log_s = log2f(st.s) * kLn2;
       const float l = st.m + log_s;
-      lse[row] = l;
+      lse[row] = double(st.m) + double(log_s);  // unrounded: the backward splits it (hi + lo)
       const int64_t t = targets[row];
       float lp;
       if (t == ignore_index) {
@@ -131,7 +131,7 @@ lse_forward_kernel(const T* __restrict__ logits, int64_t rows, int64_t V, int64_
 template <typename T, int VEC, bool ENT>
 cudaError_t launch(const T* logits, int64_t rows, int64_t V, int64_t ld, const T* bias,
                    const int64_t* targets, Transform tf, int64_t ignore_index, float* logp,
-                   float* lse, float* entropy, cudaStream_t stream) {
+                   double* lse, float* entropy, cudaStream_t stream) {
   constexpr int64_t kMaxBlocks = 1 << 20;  // grid-stride beyond this
   if (V <= kWarpRowsMaxV) {
     constexpr int ROWS = kBlockThreads / 32;
@@ -149,7 +149,7 @@ cudaError_t launch(const T* logits, int64_t rows, int64_t V, int64_t ld, const T
 template <typename T>
 cudaError_t dispatch(const void* logits, int64_t rows, int64_t V, int64_t ld, const void* bias,
                      const int64_t* targets, Transform tf, int64_t ignore_index, float* logp,
-                     float* lse, float* entropy, cudaStream_t stream) {
+                     double* lse, float* entropy, cudaStream_t stream) {
   constexpr int VEC = 16 / sizeof(T);
   const T* a = static_cast<const T*>(logits);
   const T* b = static_cast<const T*>(bias);
@@ -167,7 +167,7 @@ cudaError_t dispatch(const void* logits, int64_t rows, int64_t V, int64_t ld, co
 
 cudaError_t lse_forward(int dtype, const void* logits, int64_t rows, int64_t V, int64_t ld,
                         const void* bias, const int64_t* targets, float softcap, float inv_temp,
-                        int64_t ignore_index, float* logp, float* lse, float* entropy,
+                        int64_t ignore_index, float* logp, double* lse, float* entropy,
                         cudaStream_t stream) {
   if (rows < 0 || V < 1 || ld < V || !(inv_temp > 0.f)) return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;

@@ -15,16 +15,17 @@ enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // Forward epilogue over a logits chunk a[rows, V] (row stride ld elements, unit column stride):
 //   z = softcap(a + bias) * inv_temp,  lse = logsumexp_v z,  logp = z[t] - lse (0 if t == ignore,
 //   -lse if t is outside [0, V)),  entropy = lse - sum_v softmax(z)_v z_v (only if entropy != null).
-// softcap <= 0 means no cap. bias may be null. Outputs are float32 [rows].
+// softcap <= 0 means no cap. bias may be null. Outputs are [rows]: logp and entropy float32, lse
+// float64 (m + log s unrounded, so that the backward's exp(z - lse) keeps float32 precision).
 cudaError_t lse_forward(int dtype, const void* logits, int64_t rows, int64_t V, int64_t ld,
                         const void* bias, const int64_t* targets, float softcap, float inv_temp,
-                        int64_t ignore_index, float* logp, float* lse, float* entropy,
+                        int64_t ignore_index, float* logp, double* lse, float* entropy,
                         cudaStream_t stream);
 
 // Backward epilogue, in place over the same chunk (recomputed raw logits a):
 //   dA = g (1[v == t] - exp(z - lse)) * inv_temp * softcap'(a + bias),  g = 0 if t == ignore.
 cudaError_t backward_epilogue(int dtype, void* logits, int64_t rows, int64_t V, int64_t ld,
-                              const void* bias, const int64_t* targets, const float* lse,
+                              const void* bias, const int64_t* targets, const double* lse,
                               const float* grad, float softcap, float inv_temp,
                               int64_t ignore_index, cudaStream_t stream);
 

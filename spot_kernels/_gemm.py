@@ -113,7 +113,7 @@ def blockwise_backward(hidden, weight, targets, bias, lse, grad_logp, ignore_ind
     v = weight.shape[0]
     ignored = targets == ignore_index
     grad = torch.where(ignored, 0.0, grad_logp.float()).contiguous()
-    lse = lse.float().contiguous()
+    lse = lse.double().contiguous()
     bias = None if bias is None else bias.contiguous()
     if not n:  # no tokens: zero gradients
         return tuple(torch.zeros_like(x) if want else None

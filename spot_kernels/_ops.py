@@ -77,8 +77,8 @@ def _(hidden, weight, targets, bias, backend, temperature, softcap, ignore_index
       options):
     n = hidden.shape[0]
     out = hidden.new_empty(n, dtype=torch.float32)
-    return out, torch.empty_like(out), hidden.new_empty(n if return_entropy else 0,
-                                                        dtype=torch.float32)
+    return out, hidden.new_empty(n, dtype=torch.float64), hidden.new_empty(
+        n if return_entropy else 0, dtype=torch.float32)
 
 
 @torch.library.custom_op("spot_kernels::token_logprobs_bwd", mutates_args=())

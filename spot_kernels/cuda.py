@@ -205,7 +205,7 @@ def _lse_forward_op(logits: torch.Tensor, bias: Optional[torch.Tensor], targets:
                     return_entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows, v = _check_chunk(logits, bias, targets)
     logp = torch.empty(rows, dtype=torch.float32, device=logits.device)
-    lse = torch.empty_like(logp)
+    lse = torch.empty(rows, dtype=torch.float64, device=logits.device)
     entropy = torch.empty(rows if return_entropy else 0, dtype=torch.float32,
                           device=logits.device)
     with _on(logits.device):
@@ -221,8 +221,8 @@ def _lse_forward_op(logits: torch.Tensor, bias: Optional[torch.Tensor], targets:
 def _(logits, bias, targets, softcap, inv_temp, ignore_index, return_entropy):
     rows = logits.shape[0]
     f = logits.new_empty(rows, dtype=torch.float32)
-    return f, torch.empty_like(f), logits.new_empty(rows if return_entropy else 0,
-                                                    dtype=torch.float32)
+    return f, logits.new_empty(rows, dtype=torch.float64), logits.new_empty(
+        rows if return_entropy else 0, dtype=torch.float32)
 
 
 @torch.library.custom_op("spot_kernels::cuda_backward_epilogue_", mutates_args=("logits",))
@@ -230,7 +230,7 @@ def _backward_epilogue_op(logits: torch.Tensor, bias: Optional[torch.Tensor],
                           targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
                           softcap: float, inv_temp: float, ignore_index: int) -> None:
     rows, v = _check_chunk(logits, bias, targets)
-    _check_vec("lse", lse, rows, torch.float32, logits.device)
+    _check_vec("lse", lse, rows, torch.float64, logits.device)
     _check_vec("grad", grad, rows, torch.float32, logits.device)
     with _on(logits.device):
         _extension().backward_epilogue(_DTYPE_CODE[logits.dtype], logits.data_ptr(), rows, v,
@@ -323,13 +323,13 @@ def _scalars(temperature, softcap):
 @torch.no_grad()
 def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None,
             ignore_index=-100, return_entropy=False, **options):
-    """Returns ``(logp, lse, entropy or None)``, float32 ``[N]`` each."""
+    """Returns ``(logp, lse, entropy or None)``, ``[N]`` each: float32, ``lse`` float64."""
     _check_inputs(hidden, weight, targets, bias)
     n, v = hidden.shape[0], weight.shape[0]
     dev = hidden.device
     cap, inv_temp = _scalars(temperature, softcap)
     logp = torch.empty(n, dtype=torch.float32, device=dev)
-    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    lse = torch.empty(n, dtype=torch.float64, device=dev)
     entropy = torch.empty(n, dtype=torch.float32, device=dev) if return_entropy else None
     if n == 0:
         return logp, lse, entropy

@@ -17,8 +17,8 @@ From the local ``(logp_r, lse_r, H_r)``::
     u   = allreduce_sum(owner ? logp_r - (m - lse_r) : 0);        logp = u - log S
     H   = log S + allreduce_sum(e_r (H_r - (lse_r - m))) / S
 
-(each term is a difference from the max, never of two |lse|-sized numbers, so a logp near 0
-keeps float32 precision)
+(in float64; each term is a difference from the max, never of two |lse|-sized numbers, so a
+logp near 0 keeps float32 precision)
 
 (the three sums travel in one all-reduce). The backward runs the backend with the *global*
 ``lse``, which makes its local softmax the global one restricted to this rank's rows, so ``dW_r``
@@ -156,20 +156,21 @@ class _ShardedHead(torch.autograd.Function):
                                       **options)
         del w, b  # a gathered DTensor weight is freed here; the backward gathers it again
         if group is not None:
+            lse = lse.double()  # the backends' float64 lse; the merge stays in float64
             m = lse.clone()
             dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
             e = torch.exp(lse - m)
-            parts = [e, torch.where(own, logp - (m - lse), 0.0)]
+            parts = [e, torch.where(own, logp.double() - (m - lse), 0.0)]
             if return_entropy:
                 # a shard whose logits are all -inf (masked rows) has e = 0 and a NaN entropy
-                parts.append(torch.where(e > 0, e * (ent - (lse - m)), 0.0))
+                parts.append(torch.where(e > 0, e * (ent.double() - (lse - m)), 0.0))
             sums = torch.stack(parts)
             dist.all_reduce(sums, group=group)
             log_s = torch.log(sums[0])
             lse = m + log_s
-            logp = torch.where(valid, sums[1] - log_s, 0.0)
+            logp = torch.where(valid, sums[1] - log_s, 0.0).float()
             if return_entropy:
-                ent = log_s + sums[2] / sums[0]
+                ent = (log_s + sums[2] / sums[0]).float()
         ctx.save_for_backward(hidden, weight, bias, t, lse)
         ctx.impl, ctx.cfg, ctx.options, ctx.group = impl, cfg, options, group
         if ent is None:

@@ -113,14 +113,24 @@ def _block(h, w, b, temperature, softcap, buf, keep_tanh=False, second=None):
     return a, th
 
 
+def split_lse(lse):
+    """The float64 ``lse`` as float32 ``(hi, e^-lo)``: ``p = e^(z - hi) e^-lo``. ``z - hi`` is
+    exact near the max, so ``1 - p_t`` keeps float32 precision where ``e^(z - lse)`` with a
+    float32 ``lse`` kept ``ulp(|lse|)`` (a 1e-4 at |z| ~ 300 lost a quarter). Rows with an
+    infinite or NaN ``lse`` keep it in ``hi`` (scale 1)."""
+    hi = lse.float()
+    lo = torch.where(torch.isfinite(lse), lse - hi.double(), 0.0)
+    return hi, torch.exp(-lo).float()
+
+
 def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None,
             ignore_index=-100, return_entropy=False, **options):
-    """Returns ``(logp, lse, entropy or None)``, float32 ``[N]`` each."""
+    """Returns ``(logp, lse, entropy or None)``, ``[N]`` each: float32, ``lse`` float64."""
     n, v = hidden.shape[0], weight.shape[0]
     tc, vc = chunk_sizes(n, v, **options)
     dev = hidden.device
     logp = torch.empty(n, dtype=torch.float32, device=dev)
-    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    lse = torch.empty(n, dtype=torch.float64, device=dev)
     entropy = torch.empty(n, dtype=torch.float32, device=dev) if return_entropy else None
     buf = _buffer(tc, vc, hidden, weight)
     second = _buffer(tc, vc, hidden, weight, return_entropy)  # exp(z - m) beside z - m
@@ -156,7 +166,7 @@ def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None
             m = m_new
             del z, e  # no reference to the buffers outlives the block
         log_s = torch.log(s)
-        lse[i0:i0 + tc] = m + log_s
+        lse[i0:i0 + tc] = m.double() + log_s.double()  # float64: m + log s without rounding
         valid = t != ignore_index
         # (z_t - m) - log s, not z_t - lse: z_t - m is exact near the max, where z_t - lse
         # would lose ulp(|lse|) (a logp of -1e-4 at |z| ~ 300 kept one digit)
@@ -177,6 +187,7 @@ def backward(hidden, weight, targets, bias, lse, grad_logp, *, temperature=1.0, 
     tc, vc = chunk_sizes(n, v, **options)
     dev = hidden.device
     g = torch.where(targets != ignore_index, grad_logp.float(), 0.0)
+    lse_hi, lse_scale = split_lse(lse)
     dh = torch.zeros(hidden.shape, dtype=torch.float32, device=dev) if need_h else None
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_w else None
     db = torch.zeros(v, dtype=torch.float32, device=dev) if need_b else None
@@ -187,8 +198,9 @@ def backward(hidden, weight, targets, bias, lse, grad_logp, *, temperature=1.0, 
         hf = h.float() if h.device.type == "cpu" else h
         t = targets[i0:i0 + tc]
         gi = g[i0:i0 + tc].unsqueeze(1)
-        neg_gi = -gi  # -g p in one multiply: a pass over the block fewer than p * g, then -
-        lse_i = lse[i0:i0 + tc].unsqueeze(1)
+        # -g p = -g e^(-lo) e^(z - hi) in one multiply: a pass over the block fewer than p * g
+        neg_gi = -gi * lse_scale[i0:i0 + tc].unsqueeze(1)
+        lse_i = lse_hi[i0:i0 + tc].unsqueeze(1)
         for v0 in range(0, v, vc):
             w = weight[v0:v0 + vc]
             z, th = _block(hf, w, None if bias is None else bias[v0:v0 + vc], temperature,

@@ -384,7 +384,7 @@ def test_bce_forward(reduction, delta_kind, dev):
 def test_custom_ops_opcheck(dev):
     h, w, b, t = make_head(9, 16, 72, torch.bfloat16, dev, bias=True)
     a = h @ w.t()
-    lse = torch.randn(9, device=dev)
+    lse = torch.randn(9, device=dev, dtype=torch.float64)
     g = torch.randn(9, device=dev)
     cu = torch.tensor([0, 4, 9], device=dev, dtype=torch.int32)
     x = torch.randn(9, device=dev)

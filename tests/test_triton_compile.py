@@ -58,7 +58,7 @@ SCRIPT = textwrap.dedent('''
               "ragged": INTS16 - {"N", "V", "cols_per_split", "stride_an"}}[SIZES]
 
     def build(kernel, consts, cfg, dtype, arch):
-        ptr = {"H": dtype, "W": dtype, "B": dtype, "DA": dtype, "T": "*i64"}
+        ptr = {"H": dtype, "W": dtype, "B": dtype, "DA": dtype, "T": "*i64", "LSE": "*fp64"}
         consts = dict(consts, **{n: 1 for n in ("stride_hd", "stride_wd") if n in kernel.arg_names})
         sig = {n: "constexpr" if n in consts else ptr.get(n, "*fp32") if n in POINTERS else
                "fp32" if n in FLOATS else "i32" for n in kernel.arg_names}

@@ -225,7 +225,7 @@ def _on(device):
 
 def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None,
             ignore_index=-100, return_entropy=False, **options):
-    """Returns ``(logp, lse, entropy or None)``, float32 ``[N]`` each."""
+    """Returns ``(logp, lse, entropy or None)``, ``[N]`` each: float32, ``lse`` float64."""
     hidden, weight = _int32_columns(hidden), _int32_columns(weight)
     with _on(hidden.device):
         return _forward(hidden, weight, targets, bias, temperature, softcap, ignore_index,
@@ -239,7 +239,7 @@ def _forward(hidden, weight, targets, bias, temperature, softcap, ignore_index, 
     v = weight.shape[0]
     dev = hidden.device
     f32 = dict(dtype=torch.float32, device=dev)
-    logp, lse = torch.empty(n, **f32), torch.empty(n, **f32)
+    logp, lse = torch.empty(n, **f32), torch.empty(n, dtype=torch.float64, device=dev)
     entropy = torch.empty(n, **f32) if return_entropy else None
     if n == 0:
         return logp, lse, entropy
@@ -287,7 +287,7 @@ def _backward(hidden, weight, targets, bias, lse, grad_logp, temperature, softca
     if n and (need_h or need_w or need_b):
         targets = targets.contiguous()
         grad = grad_logp.float().contiguous()
-        lse = lse.float().contiguous()
+        lse = lse.double().contiguous()
         bias = None if bias is None else bias.contiguous()
         cfg = configs.pick("backward", n, d, v, hidden.dtype, dev, _interpreted(dev), options)
         common = _backward_common(hidden, temperature, softcap, ignore_index, cfg, options)
@@ -326,7 +326,7 @@ def _backward_bounded(hidden, weight, targets, bias, lse, grad_logp, temperature
     rows_fit = max(1, options["scratch_bytes"] // (4 * d))
     ignored = targets == ignore_index
     grad = torch.where(ignored, 0.0, grad_logp.float()).contiguous()
-    lse = lse.float().contiguous()
+    lse = lse.double().contiguous()
     bias = None if bias is None else bias.contiguous()
     dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_h else None
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else None

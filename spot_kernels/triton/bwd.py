@@ -76,12 +76,12 @@ def _backward_kernel(H, W, B, T, LSE, G, DH, DW, DB, N, V, D, stride_hn, stride_
     cols = ((pid % per_group) // size_m) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < N
     col_mask = cols < V
-    t, g, lse = row_inputs(T, G, LSE, rows, row_mask, ignore_index)
+    t, g, lse_hi, lse_scale = row_inputs(T, G, LSE, rows, row_mask, ignore_index)
     if tl.max(tl.abs(g), axis=0) > 0:
         z, th = logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd,
                             stride_wv, stride_wd, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP,
                             BLOCK_M, BLOCK_V, BLOCK_D, PRECISION)
-        da = grad_tile(z, th, lse, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP)
+        da = grad_tile(z, th, lse_hi, lse_scale, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP)
         run = True
         if FILTER:
             run = tl.max(tl.max(tl.abs(da), axis=1), axis=0) >= filter_eps

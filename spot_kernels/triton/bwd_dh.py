@@ -32,7 +32,7 @@ def _backward_dh_kernel(H, W, B, T, LSE, G, DH, N, V, D, stride_hn, stride_hd, s
                         BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
-    t, g, lse = row_inputs(T, G, LSE, rows, row_mask, ignore_index)
+    t, g, lse_hi, lse_scale = row_inputs(T, G, LSE, rows, row_mask, ignore_index)
     if tl.max(tl.abs(g), axis=0) > 0:
         rows64 = rows.to(tl.int64)
         for v0 in range(0, V, BLOCK_V):
@@ -41,7 +41,7 @@ def _backward_dh_kernel(H, W, B, T, LSE, G, DH, N, V, D, stride_hn, stride_hd, s
             z, th = logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn,
                                 stride_hd, stride_wv, stride_wd, inv_temp, softcap, HAS_BIAS,
                                 HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_D, PRECISION)
-            da = grad_tile(z, th, lse, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP)
+            da = grad_tile(z, th, lse_hi, lse_scale, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP)
             run = True
             if FILTER:
                 run = tl.max(tl.max(tl.abs(da), axis=1), axis=0) >= filter_eps

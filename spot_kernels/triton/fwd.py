@@ -81,7 +81,7 @@ def _forward_kernel(H, W, B, T, LOGP, LSE, ENT, PM, PS, PT, PQ,
             tl.store(PQ + off, q, mask=row_mask)
     else:
         log_s = tl.log(s)
-        tl.store(LSE + rows, m + log_s, mask=row_mask)
+        tl.store(LSE + rows, m.to(tl.float64) + log_s.to(tl.float64), mask=row_mask)  # unrounded
         # (z_t - m) - log s: exact near the max, where z_t - lse loses ulp(|lse|)
         tl.store(LOGP + rows, tl.where(t == ignore_index, 0.0, (zt - m) - log_s), mask=row_mask)
         if ENTROPY:

@@ -42,7 +42,7 @@ def _merge_kernel(PM, PS, PT, PQ, T, LOGP, LSE, ENT, N, splits, ignore_index,
             q += scale * (qk + tl.where(sk > 0, mk - big_m, 0.0) * sk)
     log_s = tl.log(s)
     t = tl.load(T + rows, mask=mask, other=ignore_index)
-    tl.store(LSE + rows, big_m + log_s, mask=mask)
+    tl.store(LSE + rows, big_m.to(tl.float64) + log_s.to(tl.float64), mask=mask)  # unrounded
     tl.store(LOGP + rows, tl.where(t == ignore_index, 0.0, (zt - big_m) - log_s), mask=mask)
     if ENTROPY:
         tl.store(ENT + rows, log_s - q / s, mask=mask)

@@ -102,22 +102,28 @@ def logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd
 
 @triton.jit
 def row_inputs(T, G, LSE, rows, row_mask, ignore_index):
-    """The backward's per-row inputs ``(t, g, lse)``: ``g = 0`` for ``ignore_index`` and for rows
-    past ``N``, which also get ``lse = inf`` so that ``p = exp(z - lse) = 0`` there (their zero
-    hidden states still give ``z = softcap(b) / T``, whose exp can overflow, and ``0 * inf`` would
-    put NaN into ``dW`` and ``db``)."""
+    """The backward's per-row inputs ``(t, g, hi, scale)``: ``g = 0`` for ``ignore_index`` and
+    for rows past ``N``, which also get ``lse = inf`` so that ``p = 0`` there (their zero hidden
+    states still give ``z = softcap(b) / T``, whose exp can overflow, and ``0 * inf`` would put
+    NaN into ``dW`` and ``db``). The float64 ``lse`` comes apart as ``hi + lo`` (float32 each),
+    ``p = e^(z - hi) e^-lo`` with ``scale = e^-lo``: ``z - hi`` is exact near the max, so
+    ``1 - p_t`` keeps float32 precision (an infinite or NaN ``lse`` stays in ``hi``)."""
     t = tl.load(T + rows, mask=row_mask, other=ignore_index)
     g = tl.load(G + rows, mask=row_mask, other=0.0)
     g = tl.where(t == ignore_index, 0.0, g)
     lse = tl.load(LSE + rows, mask=row_mask, other=float("inf"))
-    return t, g, lse
+    hi = lse.to(tl.float32)
+    finite = tl.where(tl.abs(lse) < float("inf"), lse, 0.0)
+    lo = (finite - finite.to(tl.float32).to(tl.float64)).to(tl.float32)
+    return t, g, hi, tl.exp(-lo)
 
 
 @triton.jit
-def grad_tile(z, th, lse, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP: tl.constexpr):
-    """``dA = g (onehot(t) - p) / T * softcap'(a)`` for one tile, float32, in registers.
-    Masked columns give 0 (a target outside ``[0, V)`` matches no real column)."""
-    p = tl.exp(z - lse[:, None])
+def grad_tile(z, th, hi, scale, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP: tl.constexpr):
+    """``dA = g (onehot(t) - p) / T * softcap'(a)`` for one tile, float32, in registers, with
+    ``p = e^(z - hi) scale`` (``row_inputs``). Masked columns give 0 (a target outside
+    ``[0, V)`` matches no real column)."""
+    p = tl.exp(z - hi[:, None]) * scale[:, None]
     onehot = ((cols[None, :] == t[:, None]) & col_mask[None, :]).to(tl.float32)
     da = g[:, None] * (onehot - p) * inv_temp
     if HAS_SOFTCAP:
