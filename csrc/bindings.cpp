@@ -78,6 +78,9 @@ PYBIND11_MODULE(_cuda, m) {
         },
         "(CUDA driver version, CUDA runtime version the module was linked with), e.g. 13000.");
   m.attr("DTYPES") = pybind11::make_tuple("float32", "float16", "bfloat16");
+  // Raised whenever a launcher's pointer types change, so that a module built from older
+  // sources is refused instead of misreading buffers (2: lse is float64).
+  m.attr("ABI") = 2;
 #ifdef SPOT_CUDA_ARCHS
   m.attr("ARCHS") = SPOT_CUDA_ARCHS;  // the SASS targets, e.g. "80;86;89;90" (PTX for the last)
 #else

@@ -11,8 +11,9 @@ Two ops, registered once at import (no CUDA or Triton touched):
   empty tensor standing for a gradient that is not needed (custom ops cannot return ``None``).
 
 Their real implementations call the chosen backend's ``forward`` / ``backward`` (the contract in
-``_registry``); their fake implementations only state output shapes and dtypes (float32 ``[N]``
-for the forward; the inputs' shapes and dtypes for the backward), which is all the compiler needs.
+``_registry``); their fake implementations only state output shapes and dtypes (``[N]`` for the
+forward: float32, ``lse`` float64; the inputs' shapes and dtypes for the backward), which is all
+the compiler needs.
 ``register_autograd`` wires the backward op in, so compiled graphs (forward and AOT backward) hold
 two opaque calls and everything around them (the loss, the sequence sums) is fused normally.
 
@@ -27,7 +28,7 @@ import json
 import torch
 from torch import Tensor
 
-from . import _registry
+from . import _registry, torch_backend
 
 
 def _constant_result(fn):
@@ -77,7 +78,7 @@ def _(hidden, weight, targets, bias, backend, temperature, softcap, ignore_index
       options):
     n = hidden.shape[0]
     out = hidden.new_empty(n, dtype=torch.float32)
-    return out, hidden.new_empty(n, dtype=torch.float64), hidden.new_empty(
+    return out, hidden.new_empty(n, dtype=torch_backend.lse_dtype(hidden.device)), hidden.new_empty(
         n if return_entropy else 0, dtype=torch.float32)
 
 

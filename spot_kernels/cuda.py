@@ -68,6 +68,16 @@ _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 _ext = None
 _ext_error = None
+ABI = 2  # csrc/bindings.cpp's ABI: the pointer types this module passes (2: lse float64)
+
+
+def _stale(ext):
+    """Why ``ext`` cannot serve this module (built from older sources), or ''."""
+    abi = getattr(ext, "ABI", 1)
+    if abi == ABI:
+        return ""
+    return (f"spot_kernels._cuda was built from other sources (ABI {abi}, this package needs "
+            f"{ABI}); rebuild it: pip install -e . (README: Build for a GPU)")
 
 
 def _load():
@@ -95,6 +105,8 @@ def _extension():
     if ext is None:
         raise RuntimeError(f"the CUDA extension spot_kernels._cuda is not built ({_ext_error}); "
                            f"reinstall with nvcc available (README: Build for a GPU)")
+    if _stale(ext):
+        raise RuntimeError(_stale(ext))
     return ext
 
 
@@ -110,13 +122,15 @@ def _arch_ok(archs, major, minor):
 def available(device):
     device = torch.device(device)
     if device.type == "cpu" and _host():
-        return True, ""
+        return (False, _stale(_ext)) if _stale(_ext) else (True, "")
     if device.type != "cuda":
         return False, f"the cuda backend runs on CUDA tensors only, got device {device.type!r}"
     ext = _load()
     if ext is None:
         return False, (f"the CUDA extension spot_kernels._cuda is not built ({_ext_error}); "
                        f"reinstall with nvcc available (README: Build for a GPU)")
+    if _stale(ext):
+        return False, _stale(ext)
     if not torch.cuda.is_available():
         return False, "torch.cuda.is_available() is False (no GPU or no CUDA build of torch)"
     driver, runtime = ext.versions()

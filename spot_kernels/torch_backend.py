@@ -113,12 +113,20 @@ def _block(h, w, b, temperature, softcap, buf, keep_tanh=False, second=None):
     return a, th
 
 
+def lse_dtype(device):
+    """float64, or float32 where the device has no float64 (MPS): there ``p = e^(z - lse)``
+    keeps ``ulp(|lse|)``."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def split_lse(lse):
     """The float64 ``lse`` as float32 ``(hi, e^-lo)``: ``p = e^(z - hi) e^-lo``. ``z - hi`` is
     exact near the max, so ``1 - p_t`` keeps float32 precision where ``e^(z - lse)`` with a
     float32 ``lse`` kept ``ulp(|lse|)`` (a 1e-4 at |z| ~ 300 lost a quarter). Rows with an
     infinite or NaN ``lse`` keep it in ``hi`` (scale 1)."""
     hi = lse.float()
+    if lse.dtype != torch.float64:  # lse_dtype's float32 (MPS): nothing below hi
+        return hi, torch.ones_like(hi)
     lo = torch.where(torch.isfinite(lse), lse - hi.double(), 0.0)
     return hi, torch.exp(-lo).float()
 
@@ -130,7 +138,7 @@ def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None
     tc, vc = chunk_sizes(n, v, **options)
     dev = hidden.device
     logp = torch.empty(n, dtype=torch.float32, device=dev)
-    lse = torch.empty(n, dtype=torch.float64, device=dev)
+    lse = torch.empty(n, dtype=lse_dtype(dev), device=dev)
     entropy = torch.empty(n, dtype=torch.float32, device=dev) if return_entropy else None
     buf = _buffer(tc, vc, hidden, weight)
     second = _buffer(tc, vc, hidden, weight, return_entropy)  # exp(z - m) beside z - m
@@ -166,7 +174,7 @@ def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None
             m = m_new
             del z, e  # no reference to the buffers outlives the block
         log_s = torch.log(s)
-        lse[i0:i0 + tc] = m.double() + log_s.double()  # float64: m + log s without rounding
+        lse[i0:i0 + tc] = m.to(lse.dtype) + log_s.to(lse.dtype)  # float64: without rounding
         valid = t != ignore_index
         # (z_t - m) - log s, not z_t - lse: z_t - m is exact near the max, where z_t - lse
         # would lose ulp(|lse|) (a logp of -1e-4 at |z| ~ 300 kept one digit)

@@ -110,6 +110,18 @@ def test_cuda_backend_not_available_on_cpu(loaded):
         assert not ok and why
 
 
+def test_an_extension_from_older_sources_is_refused(loaded, monkeypatch):
+    """The raw-pointer bindings cannot check buffer types: a module built before a launcher's
+    pointer types changed (lse float32 -> float64) would misread them silently, so its ABI
+    number must match (an editable install not rebuilt after a pull)."""
+    assert loaded.ABI == cuda.ABI
+    monkeypatch.setattr(loaded, "ABI", cuda.ABI - 1)
+    ok, why = cuda.available(torch.device("cuda"))
+    assert not ok and "built from other sources" in why and "pip install -e ." in why
+    with pytest.raises(RuntimeError, match="built from other sources"):
+        cuda._extension()
+
+
 def test_missing_extension_is_a_reason_not_an_import_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "spot_kernels._cuda", None)  # import raises ImportError
     monkeypatch.setattr(cuda, "_ext", None)

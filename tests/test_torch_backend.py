@@ -108,3 +108,22 @@ def test_fresh_blocks_match_reused_buffers(dtype, monkeypatch):
     tol = dict(rtol=0, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(fresh[0].double(), truth[0], **tol)
     torch.testing.assert_close(fresh[2].double(), truth[2], **tol)
+
+
+def test_split_lse_keeps_what_float32_rounds_off():
+    """``split_lse``: hi + lo recovers a float64 lse to ~1e-7 where hi alone is off by up to
+    ulp(300) / 2 = 1.5e-5; infinite rows keep their value in hi; a device without float64
+    (MPS) keeps a float32 lse, split into itself and 1."""
+    lse = 300.0 + torch.rand(1000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    hi, scale = torch_backend.split_lse(lse)
+    assert hi.dtype == scale.dtype == torch.float32
+    assert (hi.double() - lse).abs().max() > 1e-6  # what a float32 lse loses
+    assert (hi.double() - scale.double().log() - lse).abs().max() < 2e-7
+    hi, scale = torch_backend.split_lse(torch.tensor([float("inf"), float("nan")],
+                                                     dtype=torch.float64))
+    assert hi[0] == float("inf") and hi[1].isnan() and torch.equal(scale, torch.ones(2))
+    assert torch_backend.lse_dtype("mps") == torch.float32
+    assert torch_backend.lse_dtype("cpu") == torch_backend.lse_dtype("cuda") == torch.float64
+    lse32 = torch.tensor([1.5, -2.0])
+    hi, scale = torch_backend.split_lse(lse32)
+    assert torch.equal(hi, lse32) and torch.equal(scale, torch.ones(2))

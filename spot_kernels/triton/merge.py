@@ -11,7 +11,7 @@ Math: split ``k`` left ``(m_k, s_k, zt_k, q_k)`` with ``s_k = sum e^{z - m_k}`` 
 Work split: one program per ``BLOCK`` tokens, two passes over the splits in index order (the
 max, then the sums), so the result does not depend on scheduling: deterministic, no atomics.
 
-Cost: reads ``16 N splits`` bytes, writes ``12 N``; negligible next to the forward.
+Cost: reads ``16 N splits`` bytes, writes ``16 N``; negligible next to the forward.
 """
 from __future__ import annotations
 

@@ -121,9 +121,10 @@ def row_inputs(T, G, LSE, rows, row_mask, ignore_index):
 @triton.jit
 def grad_tile(z, th, hi, scale, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP: tl.constexpr):
     """``dA = g (onehot(t) - p) / T * softcap'(a)`` for one tile, float32, in registers, with
-    ``p = e^(z - hi) scale`` (``row_inputs``). Masked columns give 0 (a target outside
+    ``p = e^(z - hi) scale`` (``row_inputs``), at most 1. Masked columns give 0 (a target outside
     ``[0, V)`` matches no real column)."""
     p = tl.exp(z - hi[:, None]) * scale[:, None]
+    p = tl.where(p > 1.0, 1.0, p)  # a rounding above 1 would turn the target's sign; NaN stays
     onehot = ((cols[None, :] == t[:, None]) & col_mask[None, :]).to(tl.float32)
     da = g[:, None] * (onehot - p) * inv_temp
     if HAS_SOFTCAP:
