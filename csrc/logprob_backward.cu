@@ -1,8 +1,8 @@
 // Backward epilogue, in place: the chunk of raw logits a = h W^T (recomputed by cuBLAS from the
 // saved inputs) is overwritten with the gradient w.r.t. a, in the input dtype:
 //   z = softcap(a + b) / T,   p = exp(z - hi) exp(-lo)   (lse = hi + lo, float64 from the
-//   forward, split once per row into float32 hi and lo: z - hi is exact near the max, so 1 - p_t
-//   keeps float32 precision; one MUFU.EX2 per element, common.cuh's fast_exp)
+//   forward, given per row as float32 hi and scale = exp(-lo), split in torch: z - hi is exact
+//   near the max, so 1 - p_t keeps float32 precision; one MUFU.EX2 per element, fast_exp)
 //   dA_v = g (1[v == t] - p_v) / T * softcap'(a_v + b_v),   softcap'(x) = 1 - tanh^2(x / c)
 // with g = 0 for ignored tokens (t == ignore_index) and no one-hot term when t lies outside
 // [0, V) (vocab-parallel). Everything is float32 until the single rounding at the store, so the
@@ -10,7 +10,7 @@
 // The GEMMs that follow (dh = dA W, dW += dA^T h, db += sum_i dA_i) run in cuBLAS.
 //
 // Work split: a 2-D grid; blockIdx.x covers 256 * VEC columns of a row (one 16-byte vector per
-// thread), blockIdx.y strides over rows. Per-row scalars (t, g, lse) are broadcast loads.
+// thread), blockIdx.y strides over rows. Per-row scalars (t, g, hi, scale) are broadcast loads.
 // Bytes: reads and writes rows * V * sizeof(T); one exp (+ one tanh) per element. Memory-bound.
 #include "common.cuh"
 
@@ -52,7 +52,8 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
 backward_epilogue_kernel(T* __restrict__ logits, int64_t rows, int64_t V, int64_t ld,
                          const T* __restrict__ bias, const int64_t* __restrict__ targets,
-                         const double* __restrict__ lse, const float* __restrict__ grad,
+                         const float* __restrict__ lse_hi, const float* __restrict__ lse_scale,
+                         const float* __restrict__ grad,
                          Transform tf, int64_t ignore_index) {
   const int64_t col0 = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * VEC;
   if (col0 >= V) return;
@@ -71,9 +72,7 @@ backward_epilogue_kernel(T* __restrict__ logits, int64_t rows, int64_t V, int64_
       continue;
     }
     const float g = grad[row];
-    const double l = lse[row];
-    const float hi = float(l);
-    const float scale = isfinite(l) ? expf(-float(l - double(hi))) : 1.f;  // e^-lo; inf/NaN in hi
+    const float hi = lse_hi[row], scale = lse_scale[row];
     if (col0 + VEC <= V) {
       grad_vec<VEC>(a + col0, a + col0, bias, col0, t, g, hi, scale, tf);
     } else {
@@ -84,7 +83,8 @@ backward_epilogue_kernel(T* __restrict__ logits, int64_t rows, int64_t V, int64_
 
 template <typename T>
 cudaError_t dispatch(void* logits, int64_t rows, int64_t V, int64_t ld, const void* bias,
-                     const int64_t* targets, const double* lse, const float* grad, Transform tf,
+                     const int64_t* targets, const float* lse_hi, const float* lse_scale,
+                     const float* grad, Transform tf,
                      int64_t ignore_index, cudaStream_t stream) {
   constexpr int VEC = 16 / sizeof(T);
   T* a = static_cast<T*>(logits);
@@ -96,9 +96,9 @@ cudaError_t dispatch(void* logits, int64_t rows, int64_t V, int64_t ld, const vo
   if (gx > 0x7fffffff) return cudaErrorInvalidValue;
   const dim3 grid(unsigned(gx), unsigned(std::min<int64_t>(rows, 65535)));
   if (vec) {
-    backward_epilogue_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(a, rows, V, ld, b, targets, lse, grad, tf, ignore_index);
+    backward_epilogue_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(a, rows, V, ld, b, targets, lse_hi, lse_scale, grad, tf, ignore_index);
   } else {
-    backward_epilogue_kernel<T, 1><<<grid, kThreads, 0, stream>>>(a, rows, V, ld, b, targets, lse, grad, tf, ignore_index);
+    backward_epilogue_kernel<T, 1><<<grid, kThreads, 0, stream>>>(a, rows, V, ld, b, targets, lse_hi, lse_scale, grad, tf, ignore_index);
   }
   return cudaGetLastError();
 }
@@ -106,21 +106,23 @@ cudaError_t dispatch(void* logits, int64_t rows, int64_t V, int64_t ld, const vo
 }  // namespace
 
 cudaError_t backward_epilogue(int dtype, void* logits, int64_t rows, int64_t V, int64_t ld,
-                              const void* bias, const int64_t* targets, const double* lse,
+                              const void* bias, const int64_t* targets, const float* lse_hi,
+                              const float* lse_scale,
                               const float* grad, float softcap, float inv_temp,
                               int64_t ignore_index, cudaStream_t stream) {
   if (rows < 0 || V < 1 || ld < V || !(inv_temp > 0.f)) return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;
-  if (logits == nullptr || targets == nullptr || lse == nullptr || grad == nullptr)
+  if (logits == nullptr || targets == nullptr || lse_hi == nullptr || lse_scale == nullptr ||
+      grad == nullptr)
     return cudaErrorInvalidValue;
   const Transform tf = make_transform(softcap, inv_temp);
   switch (dtype) {
     case kFloat32:
-      return dispatch<float>(logits, rows, V, ld, bias, targets, lse, grad, tf, ignore_index, stream);
+      return dispatch<float>(logits, rows, V, ld, bias, targets, lse_hi, lse_scale, grad, tf, ignore_index, stream);
     case kFloat16:
-      return dispatch<__half>(logits, rows, V, ld, bias, targets, lse, grad, tf, ignore_index, stream);
+      return dispatch<__half>(logits, rows, V, ld, bias, targets, lse_hi, lse_scale, grad, tf, ignore_index, stream);
     case kBFloat16:
-      return dispatch<__nv_bfloat16>(logits, rows, V, ld, bias, targets, lse, grad, tf, ignore_index, stream);
+      return dispatch<__nv_bfloat16>(logits, rows, V, ld, bias, targets, lse_hi, lse_scale, grad, tf, ignore_index, stream);
     default:
       return cudaErrorInvalidValue;
   }

@@ -23,10 +23,12 @@ cudaError_t lse_forward(int dtype, const void* logits, int64_t rows, int64_t V, 
                         cudaStream_t stream);
 
 // Backward epilogue, in place over the same chunk (recomputed raw logits a):
-//   dA = g (1[v == t] - exp(z - lse)) * inv_temp * softcap'(a + bias),  g = 0 if t == ignore.
+//   dA = g (1[v == t] - exp(z - lse)) * inv_temp * softcap'(a + bias),  g = 0 if t == ignore,
+// with the forward's float64 lse given as float32 lse_hi = float(lse) and
+// lse_scale = exp(-(lse - lse_hi)) per row: exp(z - lse) = exp(z - lse_hi) * lse_scale.
 cudaError_t backward_epilogue(int dtype, void* logits, int64_t rows, int64_t V, int64_t ld,
-                              const void* bias, const int64_t* targets, const double* lse,
-                              const float* grad, float softcap, float inv_temp,
+                              const void* bias, const int64_t* targets, const float* lse_hi,
+                              const float* lse_scale, const float* grad, float softcap, float inv_temp,
                               int64_t ignore_index, cudaStream_t stream);
 
 // Segment sums over cu_seqlens [S + 1] (int32 if cu_is_int64 == 0, else int64):

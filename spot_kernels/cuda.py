@@ -60,7 +60,7 @@ from typing import Optional
 
 import torch
 
-from . import _checks, _gemm
+from . import _checks, _gemm, torch_backend
 
 OPTIONS = ("chunk_bytes", "token_chunk")
 DEFAULT_CHUNK_BYTES = 1 << 30
@@ -68,7 +68,8 @@ _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 _ext = None
 _ext_error = None
-ABI = 2  # csrc/bindings.cpp's ABI: the pointer types this module passes (2: lse float64)
+ABI = 3  # csrc/bindings.cpp's ABI: the pointer types this module passes (3: the forward's lse
+# float64, the backward's as float32 hi and e^-lo)
 
 
 def _stale(ext):
@@ -241,20 +242,23 @@ def _(logits, bias, targets, softcap, inv_temp, ignore_index, return_entropy):
 
 @torch.library.custom_op("spot_kernels::cuda_backward_epilogue_", mutates_args=("logits",))
 def _backward_epilogue_op(logits: torch.Tensor, bias: Optional[torch.Tensor],
-                          targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
-                          softcap: float, inv_temp: float, ignore_index: int) -> None:
+                          targets: torch.Tensor, lse_hi: torch.Tensor, lse_scale: torch.Tensor,
+                          grad: torch.Tensor, softcap: float, inv_temp: float,
+                          ignore_index: int) -> None:
     rows, v = _check_chunk(logits, bias, targets)
-    _check_vec("lse", lse, rows, torch.float64, logits.device)
+    _check_vec("lse_hi", lse_hi, rows, torch.float32, logits.device)
+    _check_vec("lse_scale", lse_scale, rows, torch.float32, logits.device)
     _check_vec("grad", grad, rows, torch.float32, logits.device)
     with _on(logits.device):
         _extension().backward_epilogue(_DTYPE_CODE[logits.dtype], logits.data_ptr(), rows, v,
                                        logits.stride(0), _ptr(bias), targets.data_ptr(),
-                                       lse.data_ptr(), grad.data_ptr(), softcap, inv_temp,
+                                       lse_hi.data_ptr(), lse_scale.data_ptr(),
+                                       grad.data_ptr(), softcap, inv_temp,
                                        ignore_index, _stream(logits.device))
 
 
 @_backward_epilogue_op.register_fake
-def _(logits, bias, targets, lse, grad, softcap, inv_temp, ignore_index):
+def _(logits, bias, targets, lse_hi, lse_scale, grad, softcap, inv_temp, ignore_index):
     return None
 
 
@@ -379,7 +383,8 @@ def backward(hidden, weight, targets, bias, lse, grad_logp, *, temperature=1.0, 
 
     def fill(block, h, w, b, t, ls, g):
         torch.mm(h, w.t(), out=block)
-        _backward_epilogue_op(block, b, t, ls, g, cap, inv_temp, _gemm.NEVER)
+        hi, scale = torch_backend.split_lse(ls)  # O(rows), once per row, not per thread
+        _backward_epilogue_op(block, b, t, hi, scale, g, cap, inv_temp, _gemm.NEVER)
 
     budget = options.get("chunk_bytes") or DEFAULT_CHUNK_BYTES
     # vocabulary chunks start at multiples of 8 columns: slices of the aligned bias and the

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import spot_kernels as sk
-from spot_kernels import cuda, reference
+from spot_kernels import cuda, reference, torch_backend
 
 from conftest import GRAD_ATOL, assert_close, float64_truth, make_head, references
 
@@ -300,7 +300,7 @@ def test_padded_rows_take_the_vector_path_with_tails(dtype, dev):
     torch.testing.assert_close(logp.double(), lp64, rtol=0, atol=tol * 10)
     torch.testing.assert_close(ent.double(), lse64 - (p * z).sum(1), rtol=0, atol=tol * 10)
     before = full[:, v:].clone()
-    cuda._backward_epilogue_op(a, bias, t, lse, grad, 0.0, 0.8, -100)
+    cuda._backward_epilogue_op(a, bias, t, *torch_backend.split_lse(lse), grad, 0.0, 0.8, -100)
     gg = torch.where(inside, grad.double(), 0.0)
     da = -p * gg[:, None]
     da[inside.nonzero()[:, 0], t[inside]] += gg[inside]
@@ -384,13 +384,14 @@ def test_bce_forward(reduction, delta_kind, dev):
 def test_custom_ops_opcheck(dev):
     h, w, b, t = make_head(9, 16, 72, torch.bfloat16, dev, bias=True)
     a = h @ w.t()
-    lse = torch.randn(9, device=dev, dtype=torch.float64)
+    hi, scale = torch.randn(9, device=dev), torch.rand(9, device=dev) + 0.5
     g = torch.randn(9, device=dev)
     cu = torch.tensor([0, 4, 9], device=dev, dtype=torch.int32)
     x = torch.randn(9, device=dev)
     ops = torch.ops.spot_kernels
     torch.library.opcheck(ops.cuda_lse_forward, (a, b, t, 2.0, 0.5, -100, True))
-    torch.library.opcheck(ops.cuda_backward_epilogue_, (a.clone(), b, t, lse, g, 0.0, 1.0, -100))
+    torch.library.opcheck(ops.cuda_backward_epilogue_,
+                          (a.clone(), b, t, hi, scale, g, 0.0, 1.0, -100))
     torch.library.opcheck(ops.cuda_segment_sum, (x, None, cu, True))
     torch.library.opcheck(ops.cuda_bce_forward, (x[:4], x[4:8], torch.rand(4, device=dev), None,
                                                  0.1, 0.0, 0.5))

@@ -69,10 +69,12 @@ def run(ext):
                                         cap, 0.9, -100, logp.data_ptr(), lse.data_ptr(),
                                         ent.data_ptr() if with_ent else 0, 0)
                         grad = G(torch.randn(rows, generator=g))
+                        hi = G(lse.float())
+                        scale = G(torch.exp(-(lse - hi.double())).float())
                         ext.backward_epilogue(code, a.data_ptr(), rows, v, v,
                                               0 if bias is None else bias.data_ptr(),
-                                              t.data_ptr(), lse.data_ptr(), grad.data_ptr(),
-                                              cap, 0.9, -100, 0)
+                                              t.data_ptr(), hi.data_ptr(), scale.data_ptr(),
+                                              grad.data_ptr(), cap, 0.9, -100, 0)
                         launches += 2
                         if not (torch.isfinite(lse).all() and torch.isfinite(a.float()).all()):
                             raise AssertionError(f"non-finite output: {dtype} V={v} rows={rows}")
