@@ -144,6 +144,32 @@ def test_gradients_near_the_max_keep_float32_precision(backend, device):
         check(backend, h, w, torch.tensor([target], device=device), temperature=temp)
 
 
+def test_confident_targets_at_a_real_width(backend, device):
+    """A real D (4096, float32), each row's target its argmax raised further, at |z| up to ~200
+    (1 - p_t from 0 to 0.3):
+    the backward recomputes the logits, and where its GEMMs have other shapes than the
+    forward's (the cuda backend's memory plan; token_chunk forces more of it) their last bits
+    may differ, which 1 - p_t would show. The float32 naive head is the yardstick (CPU: only
+    the torch backend, whose blocks repeat the forward's; the interpreter is too slow here)."""
+    if interpreted(backend, device):
+        pytest.skip("D = 4096 is too slow for Triton's interpreter")
+    g = torch.Generator().manual_seed(21)
+    n, d, v = 96, 4096, 1000
+    h = torch.randn(n, d, generator=g)
+    w = torch.randn(v, d, generator=g) / d ** 0.5
+    z = (h.double() @ w.double().t())
+    t = z.argmax(1)
+    w[t] += 5.0 * h / (h * h).sum(1, keepdim=True)  # a row's target up by 5 (shared: the last)
+    h = h * (100.0 / z.abs().max()).float()
+    h, w, t = h.to(device), w.to(device), t.to(device)
+    options = {"cuda": {"token_chunk": 40}}.get(backend)
+    truth, same, gout = references(h, w, t)
+    logp, grads = run(backend, h, w, t, None, gout, backend_options=options)
+    assert_close(logp, same[0], truth[0], torch.float32, "logp")
+    for name, ours, sd, tr in zip(("dh", "dW"), grads, same[1], truth[1]):
+        assert_close(ours, sd, tr, torch.float32, name)
+
+
 MASKED_OPTIONS = {"torch": [{"vocab_chunk": 16}], "triton": [{"block_v": 16},
                                                           {"block_v": 16, "split_vocab": 3}]}
 
