@@ -149,8 +149,8 @@ def test_confident_targets_at_a_real_width(backend, device):
     (1 - p_t from 0 to 0.3):
     the backward recomputes the logits, and where its GEMMs have other shapes than the
     forward's (the cuda backend's memory plan; token_chunk forces more of it) their last bits
-    may differ, which 1 - p_t would show. The float32 naive head is the yardstick (CPU: only
-    the torch backend, whose blocks repeat the forward's; the interpreter is too slow here)."""
+    may differ, which 1 - p_t would show. The float32 naive head is the yardstick. On the CPU
+    the torch backend and the CUDA host build run it; Triton's interpreter is too slow here."""
     if interpreted(backend, device):
         pytest.skip("D = 4096 is too slow for Triton's interpreter")
     g = torch.Generator().manual_seed(21)
