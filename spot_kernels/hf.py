@@ -35,7 +35,8 @@ Batches
   convention, for a single row ``[1, N]`` or ``[N]``) or by ``position_ids`` restarting at each
   sequence. Packed sequences never attend to each other:
   - flash-attention (``attn_implementation="flash_attention_2/3"``): transformers runs the varlen
-    kernel from the restarting ``position_ids``;
+    kernel; this module hands it ``cu_seq_lens_q/k`` and ``max_length_q/k`` made once per batch
+    (else it derives them from ``position_ids`` in every layer, two device synchronisations each);
   - SDPA / eager / flex with a transformers that detects packing from ``position_ids``
     (``masking_utils.find_packed_sequence_indices``, in recent releases): it builds the
     block-diagonal causal mask itself (sliding windows included), except for models that build
@@ -56,6 +57,7 @@ tokens cost no head FLOPs at all. Gradients flow to the model's parameters as us
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -246,6 +248,24 @@ def _prepare(model, input_ids, inputs_embeds, attention_mask, position_ids, cu_s
     return input_ids, inputs_embeds, attention_mask, position_ids.to(device), seg, packed
 
 
+def _takes_kwargs(model):
+    return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+
+
+def _flash_varlen(seg):
+    """flash-attn's varlen arguments for one packed row ``seg`` (segment ids), made once per
+    batch: given them, transformers no longer derives them from ``position_ids`` in every layer
+    (two device synchronisations a layer, and again in checkpointed recomputes). One
+    synchronisation here, for the longest sequence."""
+    counts = torch.bincount(seg[0])
+    counts = counts[counts > 0]
+    if not counts.numel():
+        return {}
+    cu = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+    longest = int(counts.max())
+    return dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+
+
 def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None, cu_seqlens=None,
                 inputs_embeds=None, **model_kwargs):
     """Runs ``model``'s body (not its head); returns :class:`HeadInputs`.
@@ -282,6 +302,8 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
         mask = _block_causal_mask(seg, mask, dtype)
     elif packed:
         mask = None  # transformers (or flash varlen) derives the block-diagonal mask from positions
+        if impl.startswith("flash") and seg.shape[0] == 1 and _takes_kwargs(inner):
+            model_kwargs = {**_flash_varlen(seg), **model_kwargs}
     model_kwargs.setdefault("use_cache", False)
     kwargs = dict(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
                   **model_kwargs)

@@ -270,3 +270,39 @@ def test_the_head_projects_nothing_and_its_forward_is_restored(model, monkeypatc
     head.forward(ids)
     assert wrapper == [1]
     del head.forward
+
+
+@pytest.mark.parametrize("how", ["cu_seqlens", "position_ids"])
+def test_flash_attention_gets_the_packing_once(how, monkeypatch):
+    """Under flash-attn a packed row carries flash's varlen arguments (cu_seq_lens_q/k,
+    max_length_q/k), made once per batch, so transformers does not derive them from
+    position_ids in every layer. No flash-attn here: the model records what it was given and
+    runs with SDPA."""
+    model = build_model("qwen3", layers=1).eval()
+    seqs = _seqs(model, seed=4)
+    flat = torch.cat(seqs)
+    cu = torch.tensor([0, 5, 5, 14, 17])  # LENS with an empty sequence in the middle
+    kw = {"cu_seqlens": cu} if how == "cu_seqlens" else {
+        "position_ids": torch.cat([torch.arange(n) for n in LENS])[None]}
+    seen, forward = {}, model.forward
+    flash = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+    def recording(*args, **kwargs):
+        seen.update(kwargs)
+        model.config._attn_implementation = "sdpa"
+        try:
+            return forward(*args, **{k: v for k, v in kwargs.items() if k not in flash})
+        finally:
+            model.config._attn_implementation = "flash_attention_2"
+
+    monkeypatch.setattr(model, "forward", recording)
+    monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2")
+    with torch.no_grad():
+        hi = hf.head_inputs(model, flat[None], **kw)
+    want = torch.tensor([0, 5, 14, 17], dtype=torch.int32)
+    assert torch.equal(seen["cu_seq_lens_q"], want) and torch.equal(seen["cu_seq_lens_k"], want)
+    assert seen["max_length_q"] == seen["max_length_k"] == 9
+    assert seen["attention_mask"] is None
+    for i, s in enumerate(seqs):
+        rows = hi.hidden[0, want[i]:want[i + 1]]
+        torch.testing.assert_close(_logits(hi, rows), _alone_logits(model, s), atol=2e-5, rtol=0)
