@@ -87,6 +87,14 @@ class Dist:
             return y.to(x.device)
         return x
 
+    def max(self, x):
+        """``x``'s elementwise maximum over ranks, on ``x``'s device."""
+        if self.on:
+            y = x.to(self.device)
+            dist.all_reduce(y, op=dist.ReduceOp.MAX)
+            return y.to(x.device)
+        return x
+
     def barrier(self):
         if self.on:
             dist.barrier()
@@ -549,7 +557,7 @@ def train(cfg: TrainConfig, log=None):
         row.update(step=step + 1, epoch=epoch, delta=sums["delta"], lr=lr,
                    grad_norm=float(grad_norm), tokens=int(vec[-1]),
                    tokens_per_s=float(vec[-1]) / max(elapsed, 1e-9),
-                   peak_memory_mb=peak_memory_mb(dst.device))
+                   peak_memory_mb=float(dst.max(torch.tensor(peak_memory_mb(dst.device)))))
         last = row
         if dst.main:
             metrics_file.write(json.dumps(row) + "\n")
