@@ -80,7 +80,7 @@ def load_model(path, device="cpu", trust_remote_code=False, bf16=True, attn="aut
             # transformers: "... does not support ... sdpa / Flash Attention ..." (ValueError),
             # "FlashAttention2 has been toggled on, but it cannot be used ..." (ImportError)
             text = str(exc)
-            if isinstance(exc, ValueError) and "does not support" not in text or kind == "eager":
+            if (isinstance(exc, ValueError) and "does not support" not in text) or kind == "eager":
                 raise
             if kind != kinds[-1]:
                 continue

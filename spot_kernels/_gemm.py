@@ -96,16 +96,18 @@ def plan(n, v, d, itemsize, needs, budget, align=(1, 1), rows_per_block=None):
             (*by_token(budget), (True, False, False))]
 
 
-def blockwise_backward(hidden, weight, targets, bias, lse, grad_logp, ignore_index, needs,
+def blockwise_backward(hidden, weight, targets, bias, rowwise, grad_logp, ignore_index, needs,
                        budget, fill, align=(1, 1), rows_per_block=None):
     """``(dh, dW, db)`` from ``dA`` blocks written one at a time, in the sweeps of ``plan``
     (``budget``: bytes for a block and any float32 sum; ``needs``: which of ``(dh, dW, db)``,
     ``db`` only with a bias).
 
-    ``fill(block, h, w, b, t, lse, g)`` writes ``dA`` of tokens ``h`` against vocabulary rows
-    ``w`` (``b``: their bias or None) into ``block`` ``[len(h), len(w)]`` (contiguous), in the
-    inputs' dtype, with ``t`` the targets shifted into ``w``'s rows and ``NEVER`` as the ignore
-    index (ignored tokens carry ``NEVER`` and ``g = 0``: the kernels may skip their rows). A
+    ``fill(block, h, w, b, t, rowwise, g)`` writes ``dA`` of tokens ``h`` against vocabulary
+    rows ``w`` (``b``: their bias or None) into ``block`` ``[len(h), len(w)]`` (contiguous), in
+    the inputs' dtype, with ``t`` the targets shifted into ``w``'s rows and ``NEVER`` as the
+    ignore index (ignored tokens carry ``NEVER`` and ``g = 0``: the kernels may skip their
+    rows); ``rowwise`` is the caller's tuple of per-token tensors (the forward's ``lse`` in the
+    form its kernel reads), sliced to the block's tokens. A
     gradient that several blocks of a sweep add into is summed in float32 and rounded once;
     otherwise each block's GEMM writes its rows in the gradient's dtype."""
     needs = (bool(needs[0]), bool(needs[1]), bool(needs[2]) and bias is not None)
@@ -113,7 +115,7 @@ def blockwise_backward(hidden, weight, targets, bias, lse, grad_logp, ignore_ind
     v = weight.shape[0]
     ignored = targets == ignore_index
     grad = torch.where(ignored, 0.0, grad_logp.float()).contiguous()
-    lse = lse.double().contiguous()
+    rowwise = tuple(x.contiguous() for x in rowwise)
     bias = None if bias is None else bias.contiguous()
     if not n:  # no tokens: zero gradients
         return tuple(torch.zeros_like(x) if want else None
@@ -122,8 +124,8 @@ def blockwise_backward(hidden, weight, targets, bias, lse, grad_logp, ignore_ind
     if any(needs):
         for rows, cols, wants in plan(n, v, d, hidden.element_size(), needs, budget, align,
                                       rows_per_block):
-            done = _sweep(hidden, weight, targets, bias, lse, grad, ignored, rows, cols, wants,
-                          fill)
+            done = _sweep(hidden, weight, targets, bias, rowwise, grad, ignored, rows, cols,
+                          wants, fill)
             out = [new if want else old for old, new, want in zip(out, done, wants)]
     dh, dw, db = out
     return (None if dh is None else dh.to(hidden.dtype),
@@ -131,7 +133,7 @@ def blockwise_backward(hidden, weight, targets, bias, lse, grad_logp, ignore_ind
             None if db is None else db.to(bias.dtype))
 
 
-def _sweep(hidden, weight, targets, bias, lse, grad, ignored, rows, cols, needs, fill):
+def _sweep(hidden, weight, targets, bias, rowwise, grad, ignored, rows, cols, needs, fill):
     need_h, need_w, need_b = needs
     sum_h, sum_w = len(cols) > 1, len(rows) > 1
     dh = _output(hidden, sum_h) if need_h else None
@@ -144,7 +146,7 @@ def _sweep(hidden, weight, targets, bias, lse, grad, ignored, rows, cols, needs,
             r, c = rs.stop - rs.start, cs.stop - cs.start
             block = buf.view(-1)[:r * c].view(r, c)
             fill(block, hidden[rs], weight[cs], None if bias is None else bias[cs],
-                 shifted[rs], lse[rs], grad[rs])
+                 shifted[rs], tuple(x[rs] for x in rowwise), grad[rs])
             if need_h:
                 _into(dh[rs], block, weight[cs], sum_h)
             if need_w:

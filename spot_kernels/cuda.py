@@ -106,8 +106,9 @@ def _extension():
     if ext is None:
         raise RuntimeError(f"the CUDA extension spot_kernels._cuda is not built ({_ext_error}); "
                            f"reinstall with nvcc available (README: Build for a GPU)")
-    if _stale(ext):
-        raise RuntimeError(_stale(ext))
+    why = _stale(ext)
+    if why:
+        raise RuntimeError(why)
     return ext
 
 
@@ -123,15 +124,17 @@ def _arch_ok(archs, major, minor):
 def available(device):
     device = torch.device(device)
     if device.type == "cpu" and _host():
-        return (False, _stale(_ext)) if _stale(_ext) else (True, "")
+        why = _stale(_ext)
+        return not why, why
     if device.type != "cuda":
         return False, f"the cuda backend runs on CUDA tensors only, got device {device.type!r}"
     ext = _load()
     if ext is None:
         return False, (f"the CUDA extension spot_kernels._cuda is not built ({_ext_error}); "
                        f"reinstall with nvcc available (README: Build for a GPU)")
-    if _stale(ext):
-        return False, _stale(ext)
+    why = _stale(ext)
+    if why:
+        return False, why
     if not torch.cuda.is_available():
         return False, "torch.cuda.is_available() is False (no GPU or no CUDA build of torch)"
     driver, runtime = ext.versions()
@@ -381,16 +384,17 @@ def backward(hidden, weight, targets, bias, lse, grad_logp, *, temperature=1.0, 
     _check_inputs(hidden, weight, targets, bias)
     cap, inv_temp = _scalars(temperature, softcap)
 
-    def fill(block, h, w, b, t, ls, g):
+    def fill(block, h, w, b, t, rowwise, g):
         torch.mm(h, w.t(), out=block)
-        hi, scale = torch_backend.split_lse(ls)  # O(rows), once per row, not per thread
-        _backward_epilogue_op(block, b, t, hi, scale, g, cap, inv_temp, _gemm.NEVER)
+        _backward_epilogue_op(block, b, t, *rowwise, g, cap, inv_temp, _gemm.NEVER)
 
     budget = options.get("chunk_bytes") or DEFAULT_CHUNK_BYTES
     # vocabulary chunks start at multiples of 8 columns: slices of the aligned bias and the
     # logits rows stay 16-byte aligned, so the epilogue keeps its vector loads
-    return _gemm.blockwise_backward(hidden, weight, targets.to(torch.int64), _aligned(bias), lse,
-                                    grad_logp, ignore_index, needs_input_grad, budget, fill,
+    # lse as (hi, e^-lo), split once per token here, not in every thread of the epilogue
+    return _gemm.blockwise_backward(hidden, weight, targets.to(torch.int64), _aligned(bias),
+                                    torch_backend.split_lse(lse.double()), grad_logp,
+                                    ignore_index, needs_input_grad, budget, fill,
                                     align=(1, 8), rows_per_block=options.get("token_chunk"))
 
 

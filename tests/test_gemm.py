@@ -76,7 +76,8 @@ def test_plan_forced_token_chunks():
 
 def _torch_fill(calls):
     """A ``fill`` in float64 torch: ``dA = g (onehot(t) - p)``, no softcap or temperature."""
-    def fill(block, h, w, b, t, lse, g):
+    def fill(block, h, w, b, t, rowwise, g):
+        (lse,) = rowwise
         z = h.double() @ w.double().t() + (0 if b is None else b.double())
         da = -torch.exp(z - lse.double()[:, None])
         hit = (t >= 0) & (t < w.shape[0])
@@ -111,7 +112,7 @@ def test_blockwise_backward_matches_float64_in_every_regime(dtype, n, v, regime,
     real = _gemm._output
     monkeypatch.setattr(_gemm, "_output", lambda like, s: summed.append(s) or real(like, s))
     calls = []
-    grads = _gemm.blockwise_backward(h, w, t, b, lse, g, 5, needs, budget, _torch_fill(calls))
+    grads = _gemm.blockwise_backward(h, w, t, b, (lse,), g, 5, needs, budget, _torch_fill(calls))
     blocks = {shape[0] * shape[1] * size for shape in calls}
     for k, (ours, want, name) in enumerate(zip(grads, truth[2:], ("dh", "dW", "db"))):
         if not needs[k]:
@@ -144,6 +145,6 @@ def test_blockwise_backward_matches_float64_in_every_regime(dtype, n, v, regime,
 def test_no_tokens_gives_zero_gradients():
     h, w, b, t = make_head(0, 8, 30, torch.float32, "cpu", bias=True)
     calls = []
-    dh, dw, db = _gemm.blockwise_backward(h, w, t, b, torch.zeros(0), torch.zeros(0), -100,
+    dh, dw, db = _gemm.blockwise_backward(h, w, t, b, (torch.zeros(0),), torch.zeros(0), -100,
                                           (True, True, True), 1 << 20, _torch_fill(calls))
     assert calls == [] and dh.shape == (0, 8) and not dw.any() and not db.any()

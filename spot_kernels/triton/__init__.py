@@ -375,10 +375,11 @@ def _backward_gemm(hidden, weight, targets, bias, lse, grad_logp, temperature, s
     common = dict(temperature=temperature, softcap=softcap, cfg=cfg,
                   precision=_precision(dtype, dev), ignore_index=_gemm.NEVER)
 
-    def fill(block, h, w, b, t, ls, g):
-        bwd_da.launch_backward_da(h, w, t, b, ls, g, block, **common)
+    def fill(block, h, w, b, t, rowwise, g):
+        bwd_da.launch_backward_da(h, w, t, b, rowwise[0], g, block, **common)
 
     return _gemm.blockwise_backward(
-        hidden, weight, targets, bias, lse, grad_logp, ignore_index, (need_h, need_w, need_b),
+        hidden, weight, targets, bias, (lse.double(),), grad_logp, ignore_index,
+        (need_h, need_w, need_b),
         options["da_bytes"], fill,
         align=(cfg["block_m"], cfg["block_v"]))
