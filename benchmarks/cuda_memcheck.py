@@ -54,7 +54,7 @@ def head_case(dtype, n, d, v, bias, softcap, temperature, **options):
     gout = torch.randn(n, generator=g).to(DEV)
     kw = dict(temperature=temperature, softcap=softcap, ignore_index=-100)
     logp, lse, ent = cuda.forward(h, w, t, b, return_entropy=True, **kw)
-    dh, dw, db = cuda.backward(h, w, t, b, lse, gout, **options, **kw)
+    dh, dw, db = cuda.backward(h, w, t, b, lse, logp, gout, **options, **kw)
     sync()
     # float64 truth: the reference (shard contract for targets outside [0, V)) and autograd
     from spot_kernels import reference
@@ -89,10 +89,10 @@ def padded_case(dtype):
     grad = torch.randn(rows, generator=g).to(DEV)
     z = a.double()
     lse64 = torch.logsumexp(z, 1)
-    _, lse, _ = cuda._lse_forward_op(a, None, t, 0.0, 1.0, -100, False)
+    logp, lse, _ = cuda._lse_forward_op(a, None, t, 0.0, 1.0, -100, False)
     before = full[:, v:].clone()
-    cuda._backward_epilogue_op(a, None, t, *cuda.torch_backend.split_lse(lse), grad, 0.0, 1.0,
-                               -100)
+    cuda._backward_epilogue_op(a, None, t, *cuda.torch_backend.split_lse(lse),
+                               cuda.torch_backend.target_complement(logp), grad, 0.0, 1.0, -100)
     sync()
     da = -torch.softmax(z, 1) * grad.double()[:, None]
     da[torch.arange(rows), t] += grad.double()

@@ -45,8 +45,9 @@ def test_cuda_epilogue_bandwidth(benchmark, kernel, dtype, deadline, request):
     buf = (torch.randn(ROWS, V, device="cuda", generator=gen) * 3).to(dt)
     t = torch.randint(0, V, (ROWS,), device="cuda", generator=gen)
     g = torch.randn(ROWS, device="cuda", generator=gen)
-    _, lse, _ = cuda._lse_forward_op(buf, None, t, 0.0, 1.0, -100, False)
+    logp, lse, _ = cuda._lse_forward_op(buf, None, t, 0.0, 1.0, -100, False)
     hi, scale = cuda.torch_backend.split_lse(lse)
+    q = cuda.torch_backend.target_complement(logp)
     nbytes = buf.numel() * buf.element_size()
     if kernel == "copy":
         dst = torch.empty_like(buf)
@@ -62,7 +63,7 @@ def test_cuda_epilogue_bandwidth(benchmark, kernel, dtype, deadline, request):
         work = buf.clone()
 
         def fn():  # in place: after the first call it rewrites dA, the same traffic
-            cuda._backward_epilogue_op(work, None, t, hi, scale, g, 0.0, 1.0, -100)
+            cuda._backward_epilogue_op(work, None, t, hi, scale, q, g, 0.0, 1.0, -100)
         moved = 2 * nbytes
 
     times = []

@@ -36,12 +36,13 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("backward_epilogue",
         [=](int dtype, std::uintptr_t logits, int64_t rows, int64_t V, int64_t ld,
             std::uintptr_t bias, std::uintptr_t targets, std::uintptr_t lse_hi,
-            std::uintptr_t lse_scale, std::uintptr_t grad, float softcap, float inv_temp,
-            int64_t ignore_index, std::uintptr_t s) {
+            std::uintptr_t lse_scale, std::uintptr_t target_q, std::uintptr_t grad,
+            float softcap, float inv_temp, int64_t ignore_index, std::uintptr_t s) {
           check(spot::backward_epilogue(dtype, ptr(logits), rows, V, ld, ptr(bias),
                                         static_cast<const int64_t*>(ptr(targets)),
                                         static_cast<const float*>(ptr(lse_hi)),
                                         static_cast<const float*>(ptr(lse_scale)),
+                                        static_cast<const float*>(ptr(target_q)),
                                         static_cast<const float*>(ptr(grad)), softcap, inv_temp,
                                         ignore_index, stream(s)),
                 "backward_epilogue");
@@ -81,8 +82,8 @@ PYBIND11_MODULE(_cuda, m) {
   m.attr("DTYPES") = pybind11::make_tuple("float32", "float16", "bfloat16");
   // Raised whenever a launcher's pointer types change, so that a module built from older
   // sources is refused instead of misreading buffers (2: the forward's lse is float64; 3: the
-  // backward takes it as float32 hi and e^-lo).
-  m.attr("ABI") = 3;
+  // backward takes it as float32 hi and e^-lo; 4: and the target's 1 - p_t per row).
+  m.attr("ABI") = 4;
 #ifdef SPOT_CUDA_ARCHS
   m.attr("ARCHS") = SPOT_CUDA_ARCHS;  // the SASS targets, e.g. "80;86;89;90" (PTX for the last)
 #else

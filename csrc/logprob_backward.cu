@@ -2,15 +2,18 @@
 // saved inputs) is overwritten with the gradient w.r.t. a, in the input dtype:
 //   z = softcap(a + b) / T,   p = exp(z - hi) exp(-lo)   (lse = hi + lo, float64 from the
 //   forward, given per row as float32 hi and scale = exp(-lo), split in torch: z - hi is exact
-//   near the max, so 1 - p_t keeps float32 precision; one MUFU.EX2 per element, fast_exp)
+//   near the max, so p keeps float32 precision; one MUFU.EX2 per element, fast_exp)
 //   dA_v = g (1[v == t] - p_v) / T * softcap'(a_v + b_v),   softcap'(x) = 1 - tanh^2(x / c)
 // with g = 0 for ignored tokens (t == ignore_index) and no one-hot term when t lies outside
-// [0, V) (vocab-parallel). Everything is float32 until the single rounding at the store, so the
-// target column's 1 - p_t does not cancel in bf16 when p_t is near 1.
+// [0, V) (vocab-parallel). The target column's 1 - p_t is q, per row from the forward's logp
+// (-expm1(logp), in torch): the recompute's GEMMs have other shapes than the forward's and may
+// round z_t differently, which 1 - exp(z_t - lse) would carry absolutely. Everything is
+// float32 until the single rounding at the store, so nothing cancels in bf16 when p_t is near 1.
 // The GEMMs that follow (dh = dA W, dW += dA^T h, db += sum_i dA_i) run in cuBLAS.
 //
 // Work split: a 2-D grid; blockIdx.x covers 256 * VEC columns of a row (one 16-byte vector per
-// thread), blockIdx.y strides over rows. Per-row scalars (t, g, hi, scale) are broadcast loads.
+// thread), blockIdx.y strides over rows. Per-row scalars (t, g, hi, scale, q) are broadcast
+// loads.
 // Bytes: reads and writes rows * V * sizeof(T); one exp (+ one tanh) per element. Memory-bound.
 #include "common.cuh"
 
@@ -21,7 +24,7 @@ constexpr int kThreads = 256;
 
 template <int VEC, typename T>
 __device__ __forceinline__ void grad_vec(T* out, const T* in, const T* bias, int64_t col,
-                                         int64_t t, float g, float hi, float scale,
+                                         int64_t t, float g, float hi, float scale, float q,
                                          const Transform& tf) {
   Vec<T, VEC> x = *reinterpret_cast<const Vec<T, VEC>*>(in);
   Vec<T, VEC> b;
@@ -38,12 +41,8 @@ __device__ __forceinline__ void grad_vec(T* out, const T* in, const T* bias, int
       z = a * tf.inv_temp;
       dcap = 1.f;
     }
-    // at most 1: 1 - p_t < 0 (a rounding) would turn the sign of the target's gradient. A NaN
-    // stays NaN
-    const float e = fast_exp(z - hi) * scale;
-    const float p = e > 1.f ? 1.f : e;
-    const float onehot = (col + k == t) ? 1.f : 0.f;
-    x.v[k] = from_f<T>(g * (onehot - p) * tf.inv_temp * dcap);
+    const float p = fast_exp(z - hi) * scale;
+    x.v[k] = from_f<T>(g * ((col + k == t) ? q : -p) * tf.inv_temp * dcap);
   }
   *reinterpret_cast<Vec<T, VEC>*>(out) = x;
 }
@@ -53,7 +52,7 @@ __global__ void __launch_bounds__(kThreads)
 backward_epilogue_kernel(T* __restrict__ logits, int64_t rows, int64_t V, int64_t ld,
                          const T* __restrict__ bias, const int64_t* __restrict__ targets,
                          const float* __restrict__ lse_hi, const float* __restrict__ lse_scale,
-                         const float* __restrict__ grad,
+                         const float* __restrict__ target_q, const float* __restrict__ grad,
                          Transform tf, int64_t ignore_index) {
   const int64_t col0 = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * VEC;
   if (col0 >= V) return;
@@ -72,11 +71,12 @@ backward_epilogue_kernel(T* __restrict__ logits, int64_t rows, int64_t V, int64_
       continue;
     }
     const float g = grad[row];
-    const float hi = lse_hi[row], scale = lse_scale[row];
+    const float hi = lse_hi[row], scale = lse_scale[row], q = target_q[row];
     if (col0 + VEC <= V) {
-      grad_vec<VEC>(a + col0, a + col0, bias, col0, t, g, hi, scale, tf);
+      grad_vec<VEC>(a + col0, a + col0, bias, col0, t, g, hi, scale, q, tf);
     } else {
-      for (int64_t c = col0; c < V; ++c) grad_vec<1>(a + c, a + c, bias, c, t, g, hi, scale, tf);
+      for (int64_t c = col0; c < V; ++c)
+        grad_vec<1>(a + c, a + c, bias, c, t, g, hi, scale, q, tf);
     }
   }
 }
@@ -84,7 +84,7 @@ backward_epilogue_kernel(T* __restrict__ logits, int64_t rows, int64_t V, int64_
 template <typename T>
 cudaError_t dispatch(void* logits, int64_t rows, int64_t V, int64_t ld, const void* bias,
                      const int64_t* targets, const float* lse_hi, const float* lse_scale,
-                     const float* grad, Transform tf,
+                     const float* target_q, const float* grad, Transform tf,
                      int64_t ignore_index, cudaStream_t stream) {
   constexpr int VEC = 16 / sizeof(T);
   T* a = static_cast<T*>(logits);
@@ -96,9 +96,9 @@ cudaError_t dispatch(void* logits, int64_t rows, int64_t V, int64_t ld, const vo
   if (gx > 0x7fffffff) return cudaErrorInvalidValue;
   const dim3 grid(unsigned(gx), unsigned(std::min<int64_t>(rows, 65535)));
   if (vec) {
-    backward_epilogue_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(a, rows, V, ld, b, targets, lse_hi, lse_scale, grad, tf, ignore_index);
+    backward_epilogue_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(a, rows, V, ld, b, targets, lse_hi, lse_scale, target_q, grad, tf, ignore_index);
   } else {
-    backward_epilogue_kernel<T, 1><<<grid, kThreads, 0, stream>>>(a, rows, V, ld, b, targets, lse_hi, lse_scale, grad, tf, ignore_index);
+    backward_epilogue_kernel<T, 1><<<grid, kThreads, 0, stream>>>(a, rows, V, ld, b, targets, lse_hi, lse_scale, target_q, grad, tf, ignore_index);
   }
   return cudaGetLastError();
 }
@@ -107,22 +107,22 @@ cudaError_t dispatch(void* logits, int64_t rows, int64_t V, int64_t ld, const vo
 
 cudaError_t backward_epilogue(int dtype, void* logits, int64_t rows, int64_t V, int64_t ld,
                               const void* bias, const int64_t* targets, const float* lse_hi,
-                              const float* lse_scale,
+                              const float* lse_scale, const float* target_q,
                               const float* grad, float softcap, float inv_temp,
                               int64_t ignore_index, cudaStream_t stream) {
   if (rows < 0 || V < 1 || ld < V || !(inv_temp > 0.f)) return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;
   if (logits == nullptr || targets == nullptr || lse_hi == nullptr || lse_scale == nullptr ||
-      grad == nullptr)
+      target_q == nullptr || grad == nullptr)
     return cudaErrorInvalidValue;
   const Transform tf = make_transform(softcap, inv_temp);
   switch (dtype) {
     case kFloat32:
-      return dispatch<float>(logits, rows, V, ld, bias, targets, lse_hi, lse_scale, grad, tf, ignore_index, stream);
+      return dispatch<float>(logits, rows, V, ld, bias, targets, lse_hi, lse_scale, target_q, grad, tf, ignore_index, stream);
     case kFloat16:
-      return dispatch<__half>(logits, rows, V, ld, bias, targets, lse_hi, lse_scale, grad, tf, ignore_index, stream);
+      return dispatch<__half>(logits, rows, V, ld, bias, targets, lse_hi, lse_scale, target_q, grad, tf, ignore_index, stream);
     case kBFloat16:
-      return dispatch<__nv_bfloat16>(logits, rows, V, ld, bias, targets, lse_hi, lse_scale, grad, tf, ignore_index, stream);
+      return dispatch<__nv_bfloat16>(logits, rows, V, ld, bias, targets, lse_hi, lse_scale, target_q, grad, tf, ignore_index, stream);
     default:
       return cudaErrorInvalidValue;
   }

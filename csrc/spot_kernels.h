@@ -25,11 +25,13 @@ cudaError_t lse_forward(int dtype, const void* logits, int64_t rows, int64_t V, 
 // Backward epilogue, in place over the same chunk (recomputed raw logits a):
 //   dA = g (1[v == t] - exp(z - lse)) * inv_temp * softcap'(a + bias),  g = 0 if t == ignore,
 // with the forward's float64 lse given as float32 lse_hi = float(lse) and
-// lse_scale = exp(-(lse - lse_hi)) per row: exp(z - lse) = exp(z - lse_hi) * lse_scale.
+// lse_scale = exp(-(lse - lse_hi)) per row: exp(z - lse) = exp(z - lse_hi) * lse_scale; the
+// target column's 1 - p_t is target_q per row (the forward's: -expm1(logp_t)).
 cudaError_t backward_epilogue(int dtype, void* logits, int64_t rows, int64_t V, int64_t ld,
                               const void* bias, const int64_t* targets, const float* lse_hi,
-                              const float* lse_scale, const float* grad, float softcap, float inv_temp,
-                              int64_t ignore_index, cudaStream_t stream);
+                              const float* lse_scale, const float* target_q, const float* grad,
+                              float softcap, float inv_temp, int64_t ignore_index,
+                              cudaStream_t stream);
 
 // Segment sums over cu_seqlens [S + 1] (int32 if cu_is_int64 == 0, else int64):
 //   out[s] = sum of x[i] over s's tokens with valid[i] (valid may be null: every token counts),

@@ -6,7 +6,7 @@ Two ops, registered once at import (no CUDA or Triton touched):
 * ``spot_kernels::token_logprobs_fwd(hidden [N, D], weight [V, D], targets int64 [N], bias?,
   backend, temperature, softcap?, ignore_index, return_entropy, options) -> (logp [N], lse [N],
   entropy [N] or [0])``
-* ``spot_kernels::token_logprobs_bwd(hidden, weight, targets, bias?, lse, grad_logp, backend,
+* ``spot_kernels::token_logprobs_bwd(hidden, weight, targets, bias?, lse, logp, grad_logp, backend,
   temperature, softcap?, ignore_index, need_h, need_w, need_b, options) -> (dh, dW, db)``, an
   empty tensor standing for a gradient that is not needed (custom ops cannot return ``None``).
 
@@ -84,14 +84,15 @@ def _(hidden, weight, targets, bias, backend, temperature, softcap, ignore_index
 
 @torch.library.custom_op("spot_kernels::token_logprobs_bwd", mutates_args=())
 def token_logprobs_bwd(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None,
-                       lse: Tensor, grad_logp: Tensor, backend: str, temperature: float,
+                       lse: Tensor, logp: Tensor, grad_logp: Tensor, backend: str,
+                       temperature: float,
                        softcap: float | None, ignore_index: int, need_h: bool, need_w: bool,
                        need_b: bool, options: str) -> tuple[Tensor, Tensor, Tensor]:
     impl = _registry.module(backend)
     # a backward run inside the caller's autocast region: the kernels compute in the inputs'
     # dtypes, as the forward (run with autocast off) did
     with torch.autocast(hidden.device.type, enabled=False):
-        dh, dw, db = impl.backward(hidden, weight, targets, bias, lse,
+        dh, dw, db = impl.backward(hidden, weight, targets, bias, lse, logp,
                                    grad_logp.float().contiguous(), temperature=temperature,
                                    softcap=softcap, ignore_index=ignore_index,
                                    needs_input_grad=(need_h, need_w, need_b),
@@ -103,8 +104,8 @@ def token_logprobs_bwd(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Te
 
 
 @token_logprobs_bwd.register_fake
-def _(hidden, weight, targets, bias, lse, grad_logp, backend, temperature, softcap, ignore_index,
-      need_h, need_w, need_b, options):
+def _(hidden, weight, targets, bias, lse, logp, grad_logp, backend, temperature, softcap,
+      ignore_index, need_h, need_w, need_b, options):
     return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
             torch.empty_like(weight) if need_w else weight.new_empty(0),
             torch.empty_like(bias) if need_b and bias is not None else weight.new_empty(0))
@@ -112,18 +113,19 @@ def _(hidden, weight, targets, bias, lse, grad_logp, backend, temperature, softc
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, targets, bias, backend, temperature, softcap, ignore_index, _, options = inputs
-    ctx.save_for_backward(hidden, weight, targets, bias, output[1])
+    # the forward's logp copied: the caller may change the returned tensor in place
+    ctx.save_for_backward(hidden, weight, targets, bias, output[1], output[0].clone())
     ctx.mark_non_differentiable(output[1], output[2])  # lse and the entropy: statistics
     ctx.args = (backend, temperature, softcap, ignore_index)
     ctx.options = options
 
 
 def _backward(ctx, grad_logp, grad_lse, grad_ent):
-    hidden, weight, targets, bias, lse = ctx.saved_tensors
+    hidden, weight, targets, bias, lse, logp = ctx.saved_tensors
     need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
     need_b = need_b and bias is not None
     backend, temperature, softcap, ignore_index = ctx.args
-    dh, dw, db = token_logprobs_bwd(hidden, weight, targets, bias, lse, grad_logp, backend,
+    dh, dw, db = token_logprobs_bwd(hidden, weight, targets, bias, lse, logp, grad_logp, backend,
                                     temperature, softcap, ignore_index, need_h, need_w, need_b,
                                     ctx.options)
     return (dh if need_h else None, dw if need_w else None, None, db if need_b else None,

@@ -27,6 +27,9 @@ Precision: cuBLAS rounds the logits block once to the input dtype (as a naive ``
 bias, softcap, temperature, the logsumexp and ``dA`` are float32 in the kernels, and ``dA`` is
 rounded once to the input dtype for the tensor-core GEMMs that follow (float32 inputs stay
 float32 throughout). In bfloat16 with large ``|z|`` the logits rounding dominates the error.
+The backward's block GEMMs have other shapes than the forward's and may round a logit
+differently in the last bits; the target column's ``1 - p_t`` therefore comes from the forward's
+``logp`` (``torch_backend.target_complement``), not from the recomputed logit.
 
 Cost: forward ``2 N D V`` FLOPs plus one read of the logits; backward ``6 N D V`` FLOPs plus a
 read and a write of them (with two sweeps ``8 N D V``, and each twice). Memory beyond inputs and
@@ -68,8 +71,8 @@ _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 _ext = None
 _ext_error = None
-ABI = 3  # csrc/bindings.cpp's ABI: the pointer types this module passes (3: the forward's lse
-# float64, the backward's as float32 hi and e^-lo)
+ABI = 4  # csrc/bindings.cpp's ABI: the pointer types this module passes (3: the forward's lse
+# float64, the backward's as float32 hi and e^-lo; 4: and the target's 1 - p_t per row)
 
 
 def _stale(ext):
@@ -246,22 +249,24 @@ def _(logits, bias, targets, softcap, inv_temp, ignore_index, return_entropy):
 @torch.library.custom_op("spot_kernels::cuda_backward_epilogue_", mutates_args=("logits",))
 def _backward_epilogue_op(logits: torch.Tensor, bias: Optional[torch.Tensor],
                           targets: torch.Tensor, lse_hi: torch.Tensor, lse_scale: torch.Tensor,
-                          grad: torch.Tensor, softcap: float, inv_temp: float,
-                          ignore_index: int) -> None:
+                          target_q: torch.Tensor, grad: torch.Tensor, softcap: float,
+                          inv_temp: float, ignore_index: int) -> None:
     rows, v = _check_chunk(logits, bias, targets)
     _check_vec("lse_hi", lse_hi, rows, torch.float32, logits.device)
     _check_vec("lse_scale", lse_scale, rows, torch.float32, logits.device)
+    _check_vec("target_q", target_q, rows, torch.float32, logits.device)
     _check_vec("grad", grad, rows, torch.float32, logits.device)
     with _on(logits.device):
         _extension().backward_epilogue(_DTYPE_CODE[logits.dtype], logits.data_ptr(), rows, v,
                                        logits.stride(0), _ptr(bias), targets.data_ptr(),
                                        lse_hi.data_ptr(), lse_scale.data_ptr(),
-                                       grad.data_ptr(), softcap, inv_temp,
+                                       target_q.data_ptr(), grad.data_ptr(), softcap, inv_temp,
                                        ignore_index, _stream(logits.device))
 
 
 @_backward_epilogue_op.register_fake
-def _(logits, bias, targets, lse_hi, lse_scale, grad, softcap, inv_temp, ignore_index):
+def _(logits, bias, targets, lse_hi, lse_scale, target_q, grad, softcap, inv_temp,
+      ignore_index):
     return None
 
 
@@ -373,10 +378,10 @@ def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None
 
 
 @torch.no_grad()
-def backward(hidden, weight, targets, bias, lse, grad_logp, *, temperature=1.0, softcap=None,
-             ignore_index=-100, needs_input_grad=(True, True, True), **options):
+def backward(hidden, weight, targets, bias, lse, logp, grad_logp, *, temperature=1.0,
+             softcap=None, ignore_index=-100, needs_input_grad=(True, True, True), **options):
     """Returns ``(dh, dW, db)`` in the dtypes of ``hidden``, ``weight``, ``bias`` (None where
-    not needed). ``dA`` blocks within ``chunk_bytes`` (``_gemm.plan``: all tokens x a
+    not needed); ``lse`` and ``logp`` are the forward's. ``dA`` blocks within ``chunk_bytes`` (``_gemm.plan``: all tokens x a
     vocabulary chunk when ``N <= V``, else a token chunk x the vocabulary, or two sweeps;
     ``token_chunk`` forces token chunks):
     cuBLAS recomputes the block's logits, ``backward_epilogue`` turns them into ``dA`` in place,
@@ -391,9 +396,11 @@ def backward(hidden, weight, targets, bias, lse, grad_logp, *, temperature=1.0, 
     budget = options.get("chunk_bytes") or DEFAULT_CHUNK_BYTES
     # vocabulary chunks start at multiples of 8 columns: slices of the aligned bias and the
     # logits rows stay 16-byte aligned, so the epilogue keeps its vector loads
-    # lse as (hi, e^-lo), split once per token here, not in every thread of the epilogue
+    # lse as (hi, e^-lo), split once per token here, not in every thread of the epilogue; the
+    # target's 1 - p_t from the forward's logp
+    rowwise = (*torch_backend.split_lse(lse.double()), torch_backend.target_complement(logp))
     return _gemm.blockwise_backward(hidden, weight, targets.to(torch.int64), _aligned(bias),
-                                    torch_backend.split_lse(lse.double()), grad_logp,
+                                    rowwise, grad_logp,
                                     ignore_index, needs_input_grad, budget, fill,
                                     align=(1, 8), rows_per_block=options.get("token_chunk"))
 

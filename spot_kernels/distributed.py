@@ -171,7 +171,7 @@ class _ShardedHead(torch.autograd.Function):
             logp = torch.where(valid, sums[1] - log_s, 0.0).float()
             if return_entropy:
                 ent = (log_s + sums[2] / sums[0]).float()
-        ctx.save_for_backward(hidden, weight, bias, t, lse)
+        ctx.save_for_backward(hidden, weight, bias, t, lse, logp.clone())
         ctx.impl, ctx.cfg, ctx.options, ctx.group = impl, cfg, options, group
         if ent is None:
             return logp
@@ -181,13 +181,13 @@ class _ShardedHead(torch.autograd.Function):
     @staticmethod
     @_once_differentiable
     def backward(ctx, grad_logp, *_):
-        hidden, weight, bias, t, lse = ctx.saved_tensors
+        hidden, weight, bias, t, lse, logp = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         nothing = (None,) * 10
         if grad_logp is None or not any(needs):
             return nothing
         w, b = _full(weight), _full(bias)
-        dh, dw, db = ctx.impl.backward(hidden, w, t, b, lse, grad_logp.float().contiguous(),
+        dh, dw, db = ctx.impl.backward(hidden, w, t, b, lse, logp, grad_logp.float().contiguous(),
                                        needs_input_grad=needs, **ctx.cfg, **ctx.options)
         del w, b
         if ctx.group is not None and dh is not None:

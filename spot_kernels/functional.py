@@ -57,13 +57,15 @@ def _once_differentiable(backward):
 
 
 class _TokenLogprobs(torch.autograd.Function):
-    """``logp = f(hidden, weight, bias)``; saves only the inputs and ``lse`` (O(N))."""
+    """``logp = f(hidden, weight, bias)``; saves only the inputs, ``lse`` and a copy of ``logp``
+    (O(N): the backward's target column, ``torch_backend.target_complement``; a copy, so that
+    the caller may change the returned tensor in place)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, impl, cfg, options, return_entropy):
         logp, lse, entropy = impl.forward(hidden, weight, targets, bias,
                                           return_entropy=return_entropy, **cfg, **options)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, logp.clone())
         ctx.impl, ctx.cfg, ctx.options = impl, cfg, options
         if entropy is None:
             return logp
@@ -73,11 +75,11 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     @_once_differentiable
     def backward(ctx, grad_logp, *_):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, logp = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         if grad_logp is None or not any(needs):
             return (None,) * 8
-        dh, dw, db = ctx.impl.backward(hidden, weight, targets, bias, lse,
+        dh, dw, db = ctx.impl.backward(hidden, weight, targets, bias, lse, logp,
                                        grad_logp.float().contiguous(),
                                        needs_input_grad=needs, **ctx.cfg, **ctx.options)
         return dh, dw, db, None, None, None, None, None

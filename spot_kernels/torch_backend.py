@@ -9,7 +9,8 @@ entropy), and picks up the target logit from the chunk that owns it::
     m' = max(m, max_v z_v);   s' = s exp(m - m') + sum_v exp(z_v - m');   lse = m + log s
 
 The backward recomputes each block from the saved ``lse`` (no logits are kept between the
-passes) and forms ``dA = g (onehot - p) / T * softcap'(a)`` in place, then
+passes) and forms ``dA = g (onehot - p) / T * softcap'(a)`` in place (the target's ``1 - p_t``
+from the forward's ``logp``, ``target_complement``), then
 ``dh += dA W_chunk``, ``dW_chunk += dA^T h`` and ``db_chunk += sum_i dA``, all in float32.
 
 Cost: forward ``2 N D V`` FLOPs, backward ``6 N D V`` (recompute, ``dh``, ``dW``). Memory beyond
@@ -121,14 +122,26 @@ def lse_dtype(device):
 
 def split_lse(lse):
     """The float64 ``lse`` as float32 ``(hi, e^-lo)``: ``p = e^(z - hi) e^-lo``. ``z - hi`` is
-    exact near the max, so ``1 - p_t`` keeps float32 precision where ``e^(z - lse)`` with a
-    float32 ``lse`` kept ``ulp(|lse|)`` (a 1e-4 at |z| ~ 300 lost a quarter). Rows with an
-    infinite or NaN ``lse`` keep it in ``hi`` (scale 1)."""
+    exact near the max, so ``p`` keeps float32 precision where ``e^(z - lse)`` with a
+    float32 ``lse`` kept ``ulp(|lse|)`` (a ``1 - p`` of 1e-4 at |z| ~ 300 lost a quarter).
+    Rows with an infinite or NaN ``lse`` keep it in ``hi`` (scale 1)."""
     hi = lse.float()
     if lse.dtype != torch.float64:  # lse_dtype's float32 (MPS): nothing below hi
         return hi, torch.ones_like(hi)
     lo = torch.where(torch.isfinite(lse), lse - hi.double(), 0.0)
     return hi, torch.exp(-lo).float()
+
+
+def target_complement(logp):
+    """``1 - p_t = -expm1(logp_t)`` from the forward's float32 ``logp``, at least 0 (NaN stays).
+
+    The backward's target column ``g (1 - p_t)`` takes it from here rather than from its own
+    recomputed logit: where the backward's GEMMs have other shapes than the forward's their last
+    bits may differ, and ``1 - e^(z_t - lse)`` would carry that difference (``|z| 2^-24`` and
+    more) absolutely: a shift of 2e-4 (float32's ulp at |z| ~ 2e3) turns a confident token's
+    ``1 - p_t`` of 5e-5 negative. ``-expm1(logp)`` keeps it relatively, and is the gradient of
+    the very log-prob the caller was given."""
+    return torch.special.expm1(logp.float()).neg_().clamp_min_(0.0)
 
 
 def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None,
@@ -185,10 +198,10 @@ def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None
     return logp, lse, entropy
 
 
-def backward(hidden, weight, targets, bias, lse, grad_logp, *, temperature=1.0, softcap=None,
-             ignore_index=-100, needs_input_grad=(True, True, True), **options):
+def backward(hidden, weight, targets, bias, lse, logp, grad_logp, *, temperature=1.0,
+             softcap=None, ignore_index=-100, needs_input_grad=(True, True, True), **options):
     """Returns ``(dh, dW, db)`` in the dtypes of ``hidden``, ``weight``, ``bias`` (None where
-    not needed)."""
+    not needed). ``lse`` and ``logp`` are the forward's."""
     n, v = hidden.shape[0], weight.shape[0]
     need_h, need_w, need_b = needs_input_grad
     need_b = need_b and bias is not None
@@ -196,6 +209,7 @@ def backward(hidden, weight, targets, bias, lse, grad_logp, *, temperature=1.0, 
     dev = hidden.device
     g = torch.where(targets != ignore_index, grad_logp.float(), 0.0)
     lse_hi, lse_scale = split_lse(lse)
+    g_q = g * target_complement(logp)  # the target column's g (1 - p_t)
     dh = torch.zeros(hidden.shape, dtype=torch.float32, device=dev) if need_h else None
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_w else None
     db = torch.zeros(v, dtype=torch.float32, device=dev) if need_b else None
@@ -206,6 +220,7 @@ def backward(hidden, weight, targets, bias, lse, grad_logp, *, temperature=1.0, 
         hf = h.float() if h.device.type == "cpu" else h
         t = targets[i0:i0 + tc]
         gi = g[i0:i0 + tc].unsqueeze(1)
+        gq = g_q[i0:i0 + tc].unsqueeze(1)
         # -g p = -g e^(-lo) e^(z - hi) in one multiply: a pass over the block fewer than p * g
         neg_gi = -gi * lse_scale[i0:i0 + tc].unsqueeze(1)
         lse_i = lse_hi[i0:i0 + tc].unsqueeze(1)
@@ -214,12 +229,13 @@ def backward(hidden, weight, targets, bias, lse, grad_logp, *, temperature=1.0, 
             z, th = _block(hf, w, None if bias is None else bias[v0:v0 + vc], temperature,
                            softcap, buf, True, second)
             cols = z.shape[1]
-            # dz = g (onehot - p), built in place in the block
+            # dz = g (onehot - p), built in place in the block: -g p, then the target's column
+            # (in this chunk) set to g (1 - p_t)
             da = z.sub_(lse_i).exp_().mul_(neg_gi)
-            local = t - v0
+            local = (t - v0).unsqueeze(1)
             here = (local >= 0) & (local < cols)
-            idx = local.clamp(0, cols - 1).unsqueeze(1)
-            da.scatter_add_(1, idx, torch.where(here, gi.squeeze(1), 0.0).unsqueeze(1))
+            idx = local.clamp(0, cols - 1)
+            da.scatter_(1, idx, torch.where(here, gq, da.gather(1, idx)))
             if softcap is not None:
                 da.mul_(th.square_().neg_().add_(1.0))
             if temperature != 1.0:

@@ -263,12 +263,12 @@ def test_targets_outside_vocab_shard(dtype, dev):
     g = torch.randn(40, device=dev)
     kw = dict(temperature=1.1, softcap=4.0, ignore_index=-100)
     logp, lse, _ = cuda.forward(h, w, t, b, **kw, token_chunk=9)
-    dh, dw, db = cuda.backward(h, w, t, b, lse, g, **kw, token_chunk=9)
+    dh, dw, db = cuda.backward(h, w, t, b, lse, logp, g, **kw, token_chunk=9)
     truth = float64_truth(h, w, t, b, g, **kw)
     # the same dtype's error: the torch backend (chunked, float32 accumulation, same rounding)
     from spot_kernels import torch_backend as tb
     s_logp, s_lse, _ = tb.forward(h, w, t, b, **kw)
-    s_dh, s_dw, s_db = tb.backward(h, w, t, b, s_lse, g, **kw)
+    s_dh, s_dw, s_db = tb.backward(h, w, t, b, s_lse, s_logp, g, **kw)
     for name, ours, same, tr in zip(("logp", "lse", "dh", "dW", "db"),
                                     (logp, lse, dh, dw, db),
                                     (s_logp, s_lse, s_dh, s_dw, s_db), truth):
@@ -300,7 +300,8 @@ def test_padded_rows_take_the_vector_path_with_tails(dtype, dev):
     torch.testing.assert_close(logp.double(), lp64, rtol=0, atol=tol * 10)
     torch.testing.assert_close(ent.double(), lse64 - (p * z).sum(1), rtol=0, atol=tol * 10)
     before = full[:, v:].clone()
-    cuda._backward_epilogue_op(a, bias, t, *torch_backend.split_lse(lse), grad, 0.0, 0.8, -100)
+    cuda._backward_epilogue_op(a, bias, t, *torch_backend.split_lse(lse),
+                               torch_backend.target_complement(logp), grad, 0.0, 0.8, -100)
     gg = torch.where(inside, grad.double(), 0.0)
     da = -p * gg[:, None]
     da[inside.nonzero()[:, 0], t[inside]] += gg[inside]
@@ -324,8 +325,8 @@ def test_bias_view_at_an_odd_offset(dtype, dev):
     a = cuda.forward(h, w, t, view, return_entropy=True, **kw)
     c = cuda.forward(h, w, t, b.clone(), return_entropy=True, **kw)
     assert all(torch.equal(x, y) for x, y in zip(a, c))
-    ga = cuda.backward(h, w, t, view, a[1], g, **kw)
-    gc = cuda.backward(h, w, t, b.clone(), c[1], g, **kw)
+    ga = cuda.backward(h, w, t, view, a[1], a[0], g, **kw)
+    gc = cuda.backward(h, w, t, b.clone(), c[1], c[0], g, **kw)
     assert all(torch.equal(x, y) for x, y in zip(ga, gc))
 
 
@@ -385,13 +386,14 @@ def test_custom_ops_opcheck(dev):
     h, w, b, t = make_head(9, 16, 72, torch.bfloat16, dev, bias=True)
     a = h @ w.t()
     hi, scale = torch.randn(9, device=dev), torch.rand(9, device=dev) + 0.5
+    q = torch.rand(9, device=dev)
     g = torch.randn(9, device=dev)
     cu = torch.tensor([0, 4, 9], device=dev, dtype=torch.int32)
     x = torch.randn(9, device=dev)
     ops = torch.ops.spot_kernels
     torch.library.opcheck(ops.cuda_lse_forward, (a, b, t, 2.0, 0.5, -100, True))
     torch.library.opcheck(ops.cuda_backward_epilogue_,
-                          (a.clone(), b, t, hi, scale, g, 0.0, 1.0, -100))
+                          (a.clone(), b, t, hi, scale, q, g, 0.0, 1.0, -100))
     torch.library.opcheck(ops.cuda_segment_sum, (x, None, cu, True))
     torch.library.opcheck(ops.cuda_bce_forward, (x[:4], x[4:8], torch.rand(4, device=dev), None,
                                                  0.1, 0.0, 0.5))

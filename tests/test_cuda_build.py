@@ -90,7 +90,7 @@ def test_launch_errors_raise(loaded):
     with pytest.raises(RuntimeError, match="lse_forward: cudaErrorInvalidValue"):
         loaded.lse_forward(2, 0, -1, 8, 8, 0, 0, 0.0, 1.0, -100, 0, 0, 0, 0)
     with pytest.raises(RuntimeError, match="backward_epilogue: cudaErrorInvalidValue"):
-        loaded.backward_epilogue(7, 0, 1, 8, 8, 0, 0, 0, 0, 0, 0.0, 1.0, -100, 0)
+        loaded.backward_epilogue(7, 0, 1, 8, 8, 0, 0, 0, 0, 0, 0, 0.0, 1.0, -100, 0)
 
 
 def test_cuda_backend_not_available_on_cpu(loaded):

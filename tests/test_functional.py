@@ -170,6 +170,56 @@ def test_confident_targets_at_a_real_width(backend, device):
         assert_close(ours, sd, tr, torch.float32, name)
 
 
+def test_the_target_gradient_survives_a_recompute_that_rounds_differently(backend, device):
+    """The backward recomputes the logits, and on a GPU its GEMMs (other shapes than the
+    forward's) may round them differently in the last bits. Emulated here: the backward gets
+    ``hidden`` moved so that each target logit is 2e-4 higher than the forward saw (float32's
+    ulp at |z| ~ 2e3). Each target is its row's argmax by 16, so 1 - p_t ~ 5e-5: taken from the
+    recomputed logit it would turn negative (or be capped to 0), the target's gradient lost;
+    the backward takes it from the forward's logp and stays at the float64 truth of the
+    forward's inputs, to the relative size of the shift."""
+    if backend == "reference":
+        pytest.skip("the reference has no separate backward to hand other inputs")
+    from spot_kernels import _registry
+    impl = _registry.module(backend)
+    g = torch.Generator().manual_seed(5)
+    n, d, v = 8, 64, 300
+    h = torch.randn(n, d, generator=g)
+    w = torch.randn(v, d, generator=g) / d ** 0.5
+    t = torch.randint(0, v, (n,), generator=g)
+    z = h @ w.t()
+    others = z.scatter(1, t[:, None], float("-inf")).amax(1)
+    w_t = w[t]
+    h = h + ((others + 16.0 - z.gather(1, t[:, None])[:, 0]) / (w_t * w_t).sum(1))[:, None] * w_t
+    shifted = h + (2e-4 / (w_t * w_t).sum(1))[:, None] * w_t
+    gout = torch.randn(n, generator=g)
+    h, w, t, shifted, gout = (x.to(device) for x in (h, w, t, shifted, gout))
+    kw = dict(temperature=1.0, softcap=None, ignore_index=-100)
+    logp, lse, _ = impl.forward(h, w, t, None, return_entropy=False, **kw)
+    truth = float64_truth(h, w, t, None, gout, **kw)
+    q64 = -torch.special.expm1(truth[0])
+    assert ((q64 > 1e-5) & (q64 < 2e-4)).all(), q64   # confident, and below the shift
+    dh, dw, _ = impl.backward(shifted, w, t, None, lse, logp, gout,
+                              needs_input_grad=(True, True, False), **kw)
+    for name, ours, want in (("dh", dh, truth[2]), ("dW", dw, truth[3])):
+        err = ((ours.double() - want).norm() / want.norm()).item()
+        assert err < 1e-2, (name, err)
+
+
+def test_the_log_probs_may_change_in_place(backend, device):
+    """The backward keeps a copy of the forward's ``logp`` (the target column's ``1 - p_t``):
+    the caller may scale or mask the returned tensor in place before the backward."""
+    h, w, _, t = make_head(11, 16, 50, torch.float32, device, seed=12)
+    leaf = h.clone().requires_grad_()
+    logp = sk.token_logprobs(leaf, w, t, backend=backend)
+    logp.mul_(3.0)
+    (got,) = torch.autograd.grad(logp.sum(), leaf)
+    leaf = h.clone().requires_grad_()
+    (want,) = torch.autograd.grad(sk.token_logprobs(leaf, w, t, backend=backend).sum() * 3.0,
+                                  leaf)
+    torch.testing.assert_close(got, want)
+
+
 MASKED_OPTIONS = {"torch": [{"vocab_chunk": 16}], "triton": [{"block_v": 16},
                                                           {"block_v": 16, "split_vocab": 3}]}
 
@@ -274,7 +324,7 @@ def test_targets_outside_vocab_without_ignore(backend, device):
     expect, lse64, dh64, dw64, _ = float64_truth(h, w, t, None, g)
     torch.testing.assert_close(lse.double(), lse64, rtol=0, atol=1e-4)
     torch.testing.assert_close(logp.double(), expect, rtol=0, atol=1e-4)
-    dh, dw, _ = impl.backward(h, w, t, None, lse, g, temperature=1.0, softcap=None,
+    dh, dw, _ = impl.backward(h, w, t, None, lse, logp, g, temperature=1.0, softcap=None,
                               ignore_index=-100, needs_input_grad=(True, True, False))
     torch.testing.assert_close(dh.double(), dh64, rtol=0, atol=1e-4)
     torch.testing.assert_close(dw.double(), dw64, rtol=0, atol=1e-4)

@@ -172,7 +172,7 @@ def test_da_bytes_bounds_the_da_blocks_and_float32_sums(n, v, sweeps, dtype, mon
     blocks, summed = [], []
     launch, output = bwd_da.launch_backward_da, _gemm._output
     monkeypatch.setattr(bwd_da, "launch_backward_da",
-                        lambda *a, **k: blocks.append(tuple(a[6].shape)) or launch(*a, **k))
+                        lambda *a, **k: blocks.append(tuple(a[7].shape)) or launch(*a, **k))
     monkeypatch.setattr(_gemm, "_output", lambda like, s: summed.append(s) or output(like, s))
     for ignore in (-100, 7):
         blocks.clear(), summed.clear()
@@ -297,7 +297,7 @@ def test_targets_outside_vocab_contract(deterministic):
     g = torch.randn(19, device=dev)
     expect, _, dh64, dw64, db64 = float64_truth(h, w, t, b, g, **kw)
     torch.testing.assert_close(logp.double(), expect, rtol=0, atol=1e-5)
-    dh, dw, db = tb.backward(h, w, t, b, lse, g, needs_input_grad=(True, True, True),
+    dh, dw, db = tb.backward(h, w, t, b, lse, logp, g, needs_input_grad=(True, True, True),
                              deterministic=deterministic, **SMALL, **kw)
     torch.testing.assert_close(dh.double(), dh64, rtol=0, atol=1e-5)
     torch.testing.assert_close(dw.double(), dw64, rtol=0, atol=1e-5)

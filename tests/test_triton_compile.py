@@ -38,8 +38,8 @@ SCRIPT = textwrap.dedent('''
     from spot_kernels.triton import bwd, bwd_da, bwd_dh, bwd_dw, configs, fwd, merge
 
     FLOATS = {"inv_temp", "softcap", "filter_eps"}
-    POINTERS = {"H", "W", "B", "T", "LOGP", "LSE", "ENT", "PM", "PS", "PT", "PQ", "G", "DH", "DW",
-                "DB", "DA"}
+    POINTERS = {"H", "W", "B", "T", "LOGP", "LSE", "Q", "ENT", "PM", "PS", "PT", "PQ", "G", "DH",
+                "DW", "DB", "DA"}
     SMEM = {90: 227 * 1024, 80: 163 * 1024}
     STACK_LIMIT = 64  # bytes a thread: a few spilled values (Triton versions differ by that)
     TUNED = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 6)

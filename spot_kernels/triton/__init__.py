@@ -4,7 +4,8 @@ Nothing of the ``[N, V]`` logits is ever stored. The forward (``fwd.py``) stream
 vocabulary through ``tl.dot`` tiles per token tile, keeping an online ``(max, sum-exp)`` and the
 target logit; with few token tiles it splits the vocabulary across programs and ``merge.py``
 combines the partials deterministically. The backward recomputes each tile from the saved
-``lse`` and forms ``dA = g (onehot - p) / T * softcap'(a)`` in registers:
+``lse`` and forms ``dA = g (onehot - p) / T * softcap'(a)`` in registers (the target's
+``1 - p_t`` from the forward's ``logp``, ``torch_backend.target_complement``):
 
 * default: ``bwd.py``, one program per (token tile, vocabulary tile), float32 atomics into
   ``dh``, ``dW``, ``db``; ``6 N D V`` FLOPs (``10 N D V`` for half inputs with
@@ -87,7 +88,7 @@ import os
 
 import torch
 
-from .. import _checks, _gemm
+from .. import _checks, _gemm, torch_backend
 
 OPTIONS = ("filter_eps", "deterministic", "fast_grad", "split_vocab", "block_m", "block_v",
            "block_d", "num_warps", "num_stages", "group_m", "scratch_bytes", "da_bytes")
@@ -256,18 +257,19 @@ def _forward(hidden, weight, targets, bias, temperature, softcap, ignore_index, 
     return logp, lse, entropy
 
 
-def backward(hidden, weight, targets, bias, lse, grad_logp, *, temperature=1.0, softcap=None,
-             ignore_index=-100, needs_input_grad=(True, True, True), **options):
+def backward(hidden, weight, targets, bias, lse, logp, grad_logp, *, temperature=1.0,
+             softcap=None, ignore_index=-100, needs_input_grad=(True, True, True), **options):
     """Returns ``(dh, dW, db)`` in the dtypes of ``hidden``, ``weight``, ``bias`` (None where
-    not needed)."""
+    not needed). ``lse`` and ``logp`` are the forward's."""
     hidden, weight = _int32_columns(hidden), _int32_columns(weight)
+    q = torch_backend.target_complement(logp).contiguous()
     with _on(hidden.device):
-        return _backward(hidden, weight, targets, bias, lse, grad_logp, temperature, softcap,
+        return _backward(hidden, weight, targets, bias, lse, q, grad_logp, temperature, softcap,
                          ignore_index, needs_input_grad, options)
 
 
-def _backward(hidden, weight, targets, bias, lse, grad_logp, temperature, softcap, ignore_index,
-              needs_input_grad, options):
+def _backward(hidden, weight, targets, bias, lse, q, grad_logp, temperature, softcap,
+              ignore_index, needs_input_grad, options):
     _, _, bwd, bwd_dh, bwd_dw, configs = _kernels()
     n, d = hidden.shape
     v = weight.shape[0]
@@ -276,10 +278,10 @@ def _backward(hidden, weight, targets, bias, lse, grad_logp, temperature, softca
     dev = hidden.device
     f32 = dict(dtype=torch.float32, device=dev)
     if n and options.get("da_bytes") and (need_h or need_w or need_b):
-        return _backward_gemm(hidden, weight, targets, bias, lse, grad_logp, temperature,
+        return _backward_gemm(hidden, weight, targets, bias, lse, q, grad_logp, temperature,
                               softcap, ignore_index, need_h, need_w, need_b, options)
     if n and options.get("scratch_bytes") and hidden.dtype != torch.float32:
-        return _backward_bounded(hidden, weight, targets, bias, lse, grad_logp, temperature,
+        return _backward_bounded(hidden, weight, targets, bias, lse, q, grad_logp, temperature,
                                  softcap, ignore_index, need_h, need_w, need_b, options)
     dh = torch.zeros(n, d, **f32) if need_h else None
     dw = torch.zeros(v, d, **f32) if need_w else None
@@ -293,12 +295,14 @@ def _backward(hidden, weight, targets, bias, lse, grad_logp, temperature, softca
         common = _backward_common(hidden, temperature, softcap, ignore_index, cfg, options)
         if options.get("deterministic", False):
             if need_h:
-                bwd_dh.launch_backward_dh(hidden, weight, targets, bias, lse, grad, dh, **common)
+                bwd_dh.launch_backward_dh(hidden, weight, targets, bias, lse, q, grad, dh,
+                                          **common)
             if need_w or need_b:
-                bwd_dw.launch_backward_dw(hidden, weight, targets, bias, lse, grad, dw, db,
+                bwd_dw.launch_backward_dw(hidden, weight, targets, bias, lse, q, grad, dw, db,
                                           **common)
         else:
-            bwd.launch_backward(hidden, weight, targets, bias, lse, grad, dh, dw, db, **common)
+            bwd.launch_backward(hidden, weight, targets, bias, lse, q, grad, dh, dw, db,
+                                **common)
     return (None if dh is None else dh.to(hidden.dtype),
             None if dw is None else dw.to(weight.dtype),
             None if db is None else db.to(bias.dtype))
@@ -311,7 +315,7 @@ def _backward_common(hidden, temperature, softcap, ignore_index, cfg, options):
                 precision=_precision(hidden.dtype, hidden.device))
 
 
-def _backward_bounded(hidden, weight, targets, bias, lse, grad_logp, temperature, softcap,
+def _backward_bounded(hidden, weight, targets, bias, lse, q, grad_logp, temperature, softcap,
                       ignore_index, need_h, need_w, need_b, options):
     """The default backward in two passes whose float32 accumulators hold at most
     ``scratch_bytes`` (module docstring): ``dW``/``db`` over vocabulary chunks, then ``dh``
@@ -342,7 +346,7 @@ def _backward_bounded(hidden, weight, targets, bias, lse, grad_logp, temperature
             if need_w:
                 part = acc[:rows].zero_()
             bwd.launch_backward(hidden, weight[v0:v0 + rows], shifted,
-                                None if bias is None else bias[v0:v0 + rows], lse, grad, None,
+                                None if bias is None else bias[v0:v0 + rows], lse, q, grad, None,
                                 part, None if db is None else db[v0:v0 + rows], **common)
             if need_w:
                 dw[v0:v0 + rows].copy_(part)
@@ -355,13 +359,13 @@ def _backward_bounded(hidden, weight, targets, bias, lse, grad_logp, temperature
             rows = min(step, n - n0)
             part = acc[:rows].zero_()
             sl = slice(n0, n0 + rows)
-            bwd.launch_backward(hidden[sl], weight, targets[sl], bias, lse[sl], grad[sl], part,
-                                None, None, **dict(common, ignore_index=ignore_index))
+            bwd.launch_backward(hidden[sl], weight, targets[sl], bias, lse[sl], q[sl], grad[sl],
+                                part, None, None, **dict(common, ignore_index=ignore_index))
             dh[sl].copy_(part)
     return dh, dw, None if db is None else db.to(bias.dtype)
 
 
-def _backward_gemm(hidden, weight, targets, bias, lse, grad_logp, temperature, softcap,
+def _backward_gemm(hidden, weight, targets, bias, lse, q, grad_logp, temperature, softcap,
                    ignore_index, need_h, need_w, need_b, options):
     """The backward with ``da_bytes`` (module docstring): ``bwd_da.py`` writes ``dA`` one block
     at a time, in the inputs' dtype, and cuBLAS runs the gradient GEMMs
@@ -376,10 +380,10 @@ def _backward_gemm(hidden, weight, targets, bias, lse, grad_logp, temperature, s
                   precision=_precision(dtype, dev), ignore_index=_gemm.NEVER)
 
     def fill(block, h, w, b, t, rowwise, g):
-        bwd_da.launch_backward_da(h, w, t, b, rowwise[0], g, block, **common)
+        bwd_da.launch_backward_da(h, w, t, b, *rowwise, g, block, **common)
 
     return _gemm.blockwise_backward(
-        hidden, weight, targets, bias, (lse.double(),), grad_logp, ignore_index,
+        hidden, weight, targets, bias, (lse.double(), q), grad_logp, ignore_index,
         (need_h, need_w, need_b),
         options["da_bytes"], fill,
         align=(cfg["block_m"], cfg["block_v"]))

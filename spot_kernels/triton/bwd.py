@@ -59,7 +59,7 @@ from .tiles import dot2, grad_tile, logits_tile, row_inputs, split_half
 
 
 @triton.jit
-def _backward_kernel(H, W, B, T, LSE, G, DH, DW, DB, N, V, D, stride_hn, stride_hd,
+def _backward_kernel(H, W, B, T, LSE, Q, G, DH, DW, DB, N, V, D, stride_hn, stride_hd,
                      stride_wv, stride_wd, ignore_index, inv_temp, softcap, filter_eps, group_m,
                      HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_H: tl.constexpr,
                      NEED_W: tl.constexpr, NEED_B: tl.constexpr, FILTER: tl.constexpr,
@@ -76,12 +76,12 @@ def _backward_kernel(H, W, B, T, LSE, G, DH, DW, DB, N, V, D, stride_hn, stride_
     cols = ((pid % per_group) // size_m) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < N
     col_mask = cols < V
-    t, g, lse_hi, lse_scale = row_inputs(T, G, LSE, rows, row_mask, ignore_index)
+    t, g, lse_hi, lse_scale, q = row_inputs(T, G, LSE, Q, rows, row_mask, ignore_index)
     if tl.max(tl.abs(g), axis=0) > 0:
         z, th = logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd,
                             stride_wv, stride_wd, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP,
                             BLOCK_M, BLOCK_V, BLOCK_D, PRECISION)
-        da = grad_tile(z, th, lse_hi, lse_scale, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP)
+        da = grad_tile(z, th, lse_hi, lse_scale, q, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP)
         run = True
         if FILTER:
             run = tl.max(tl.max(tl.abs(da), axis=1), axis=0) >= filter_eps
@@ -110,7 +110,7 @@ def _backward_kernel(H, W, B, T, LSE, G, DH, DW, DB, N, V, D, stride_hn, stride_
                                       mask=col_mask[:, None] & d_mask[None, :], sem="relaxed")
 
 
-def launch_backward(hidden, weight, targets, bias, lse, grad, dh, dw, db, *, temperature,
+def launch_backward(hidden, weight, targets, bias, lse, q, grad, dh, dw, db, *, temperature,
                     softcap, ignore_index, filter_eps, split, cfg, precision):
     """Accumulates into the float32, contiguous, zero-filled ``dh``/``dw``/``db`` (None where
     not needed)."""
@@ -120,7 +120,7 @@ def launch_backward(hidden, weight, targets, bias, lse, grad, dh, dw, db, *, tem
     dummy = lse
     grid = (triton.cdiv(n, bm) * triton.cdiv(v, bv),)
     _backward_kernel[grid](
-        hidden, weight, bias if bias is not None else dummy, targets, lse, grad,
+        hidden, weight, bias if bias is not None else dummy, targets, lse, q, grad,
         dh if dh is not None else dummy, dw if dw is not None else dummy,
         db if db is not None else dummy, n, v, d, hidden.stride(0), hidden.stride(1),
         weight.stride(0), weight.stride(1), ignore_index, 1.0 / temperature,

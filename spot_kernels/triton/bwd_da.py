@@ -32,7 +32,7 @@ from .tiles import grad_tile, logits_tile, row_inputs
 
 
 @triton.jit
-def _backward_da_kernel(H, W, B, T, LSE, G, DA, N, V, D, stride_hn, stride_hd, stride_wv,
+def _backward_da_kernel(H, W, B, T, LSE, Q, G, DA, N, V, D, stride_hn, stride_hd, stride_wv,
                         stride_wd, stride_an, ignore_index, inv_temp, softcap,
                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -41,18 +41,18 @@ def _backward_da_kernel(H, W, B, T, LSE, G, DA, N, V, D, stride_hn, stride_hd, s
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     col_mask = cols < V
     row_mask = rows < N
-    t, g, lse_hi, lse_scale = row_inputs(T, G, LSE, rows, row_mask, ignore_index)
+    t, g, lse_hi, lse_scale, q = row_inputs(T, G, LSE, Q, rows, row_mask, ignore_index)
     da = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
     if tl.max(tl.abs(g), axis=0) > 0:
         z, th = logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd,
                             stride_wv, stride_wd, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP,
                             BLOCK_M, BLOCK_V, BLOCK_D, PRECISION)
-        da = grad_tile(z, th, lse_hi, lse_scale, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP)
+        da = grad_tile(z, th, lse_hi, lse_scale, q, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP)
     ptr = DA + rows.to(tl.int64)[:, None] * stride_an + cols[None, :]
     tl.store(ptr, da.to(DA.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-def launch_backward_da(hidden, weight, targets, bias, lse, grad, da, *, temperature, softcap,
+def launch_backward_da(hidden, weight, targets, bias, lse, q, grad, da, *, temperature, softcap,
                        ignore_index, cfg, precision):
     """Writes ``dA`` for ``hidden``'s rows and ``weight``'s rows (the block's columns) into
     ``da`` ``[N, V]`` (unit column stride)."""
@@ -60,7 +60,7 @@ def launch_backward_da(hidden, weight, targets, bias, lse, grad, da, *, temperat
     v = weight.shape[0]
     bm, bv = cfg["block_m"], cfg["block_v"]
     _backward_da_kernel[(triton.cdiv(v, bv), triton.cdiv(n, bm))](
-        hidden, weight, bias if bias is not None else lse, targets, lse, grad, da, n, v, d,
+        hidden, weight, bias if bias is not None else lse, targets, lse, q, grad, da, n, v, d,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), da.stride(0),
         ignore_index, 1.0 / temperature, 1.0 if softcap is None else softcap,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, BLOCK_M=bm, BLOCK_V=bv,

@@ -25,14 +25,14 @@ from .tiles import dot2, grad_tile, logits_tile, row_inputs, split_half
 
 
 @triton.jit
-def _backward_dh_kernel(H, W, B, T, LSE, G, DH, N, V, D, stride_hn, stride_hd, stride_wv,
+def _backward_dh_kernel(H, W, B, T, LSE, Q, G, DH, N, V, D, stride_hn, stride_hd, stride_wv,
                         stride_wd, ignore_index, inv_temp, softcap, filter_eps,
                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                         FILTER: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
-    t, g, lse_hi, lse_scale = row_inputs(T, G, LSE, rows, row_mask, ignore_index)
+    t, g, lse_hi, lse_scale, q = row_inputs(T, G, LSE, Q, rows, row_mask, ignore_index)
     if tl.max(tl.abs(g), axis=0) > 0:
         rows64 = rows.to(tl.int64)
         for v0 in range(0, V, BLOCK_V):
@@ -41,7 +41,7 @@ def _backward_dh_kernel(H, W, B, T, LSE, G, DH, N, V, D, stride_hn, stride_hd, s
             z, th = logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn,
                                 stride_hd, stride_wv, stride_wd, inv_temp, softcap, HAS_BIAS,
                                 HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_D, PRECISION)
-            da = grad_tile(z, th, lse_hi, lse_scale, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP)
+            da = grad_tile(z, th, lse_hi, lse_scale, q, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP)
             run = True
             if FILTER:
                 run = tl.max(tl.max(tl.abs(da), axis=1), axis=0) >= filter_eps
@@ -61,14 +61,14 @@ def _backward_dh_kernel(H, W, B, T, LSE, G, DH, N, V, D, stride_hn, stride_hd, s
             tl.debug_barrier()
 
 
-def launch_backward_dh(hidden, weight, targets, bias, lse, grad, dh, *, temperature, softcap,
+def launch_backward_dh(hidden, weight, targets, bias, lse, q, grad, dh, *, temperature, softcap,
                        ignore_index, filter_eps, split, cfg, precision):
     """Accumulates into the float32, contiguous, zero-filled ``dh``."""
     n, d = hidden.shape
     v = weight.shape[0]
     bm = cfg["block_m"]
     _backward_dh_kernel[(triton.cdiv(n, bm),)](
-        hidden, weight, bias if bias is not None else lse, targets, lse, grad, dh, n, v, d,
+        hidden, weight, bias if bias is not None else lse, targets, lse, q, grad, dh, n, v, d,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), ignore_index,
         1.0 / temperature, 1.0 if softcap is None else softcap, float(filter_eps or 0.0),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, FILTER=bool(filter_eps),

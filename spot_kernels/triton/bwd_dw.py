@@ -25,7 +25,7 @@ from .tiles import dot2, grad_tile, logits_tile, row_inputs, split_half
 
 
 @triton.jit
-def _backward_dw_kernel(H, W, B, T, LSE, G, DW, DB, N, V, D, stride_hn, stride_hd, stride_wv,
+def _backward_dw_kernel(H, W, B, T, LSE, Q, G, DW, DB, N, V, D, stride_hn, stride_hd, stride_wv,
                         stride_wd, ignore_index, inv_temp, softcap, filter_eps,
                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_W: tl.constexpr,
                         NEED_B: tl.constexpr, FILTER: tl.constexpr, SPLIT: tl.constexpr,
@@ -38,12 +38,12 @@ def _backward_dw_kernel(H, W, B, T, LSE, G, DW, DB, N, V, D, stride_hn, stride_h
     for m0 in range(0, N, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < N
-        t, g, lse_hi, lse_scale = row_inputs(T, G, LSE, rows, row_mask, ignore_index)
+        t, g, lse_hi, lse_scale, q = row_inputs(T, G, LSE, Q, rows, row_mask, ignore_index)
         if tl.max(tl.abs(g), axis=0) > 0:
             z, th = logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn,
                                 stride_hd, stride_wv, stride_wd, inv_temp, softcap, HAS_BIAS,
                                 HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_D, PRECISION)
-            da = grad_tile(z, th, lse_hi, lse_scale, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP)
+            da = grad_tile(z, th, lse_hi, lse_scale, q, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP)
             run = True
             if FILTER:
                 run = tl.max(tl.max(tl.abs(da), axis=1), axis=0) >= filter_eps
@@ -69,7 +69,7 @@ def _backward_dw_kernel(H, W, B, T, LSE, G, DW, DB, N, V, D, stride_hn, stride_h
         tl.store(DB + cols, db, mask=col_mask)
 
 
-def launch_backward_dw(hidden, weight, targets, bias, lse, grad, dw, db, *, temperature,
+def launch_backward_dw(hidden, weight, targets, bias, lse, q, grad, dw, db, *, temperature,
                        softcap, ignore_index, filter_eps, split, cfg, precision):
     """Accumulates into the float32, contiguous, zero-filled ``dw`` and writes ``db`` (either
     may be None)."""
@@ -78,7 +78,7 @@ def launch_backward_dw(hidden, weight, targets, bias, lse, grad, dw, db, *, temp
     bv = cfg["block_v"]
     dummy = lse
     _backward_dw_kernel[(triton.cdiv(v, bv),)](
-        hidden, weight, bias if bias is not None else dummy, targets, lse, grad,
+        hidden, weight, bias if bias is not None else dummy, targets, lse, q, grad,
         dw if dw is not None else dummy, db if db is not None else dummy, n, v, d,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), ignore_index,
         1.0 / temperature, 1.0 if softcap is None else softcap, float(filter_eps or 0.0),

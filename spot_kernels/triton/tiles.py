@@ -101,13 +101,14 @@ def logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd
 
 
 @triton.jit
-def row_inputs(T, G, LSE, rows, row_mask, ignore_index):
-    """The backward's per-row inputs ``(t, g, hi, scale)``: ``g = 0`` for ``ignore_index`` and
+def row_inputs(T, G, LSE, Q, rows, row_mask, ignore_index):
+    """The backward's per-row inputs ``(t, g, hi, scale, q)``: ``g = 0`` for ``ignore_index`` and
     for rows past ``N``, which also get ``lse = inf`` so that ``p = 0`` there (their zero hidden
     states still give ``z = softcap(b) / T``, whose exp can overflow, and ``0 * inf`` would put
     NaN into ``dW`` and ``db``). The float64 ``lse`` comes apart as ``hi + lo`` (float32 each),
     ``p = e^(z - hi) e^-lo`` with ``scale = e^-lo``: ``z - hi`` is exact near the max, so
-    ``1 - p_t`` keeps float32 precision (an infinite or NaN ``lse`` stays in ``hi``)."""
+    ``p`` keeps float32 precision (an infinite or NaN ``lse`` stays in ``hi``). ``q = 1 - p_t``
+    is the forward's (``torch_backend.target_complement``), float32 per row."""
     t = tl.load(T + rows, mask=row_mask, other=ignore_index)
     g = tl.load(G + rows, mask=row_mask, other=0.0)
     g = tl.where(t == ignore_index, 0.0, g)
@@ -115,18 +116,19 @@ def row_inputs(T, G, LSE, rows, row_mask, ignore_index):
     hi = lse.to(tl.float32)
     finite = tl.where(tl.abs(lse) < float("inf"), lse, 0.0)
     lo = (finite - finite.to(tl.float32).to(tl.float64)).to(tl.float32)
-    return t, g, hi, tl.exp(-lo)
+    q = tl.load(Q + rows, mask=row_mask, other=0.0)
+    return t, g, hi, tl.exp(-lo), q
 
 
 @triton.jit
-def grad_tile(z, th, hi, scale, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP: tl.constexpr):
+def grad_tile(z, th, hi, scale, q, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP: tl.constexpr):
     """``dA = g (onehot(t) - p) / T * softcap'(a)`` for one tile, float32, in registers, with
-    ``p = e^(z - hi) scale`` (``row_inputs``), at most 1. Masked columns give 0 (a target outside
-    ``[0, V)`` matches no real column)."""
+    ``p = e^(z - hi) scale`` and the target's ``1 - p_t = q`` (``row_inputs``: the forward's,
+    not the recomputed logit's). Masked columns give 0 (a target outside ``[0, V)`` matches no
+    real column)."""
     p = tl.exp(z - hi[:, None]) * scale[:, None]
-    p = tl.where(p > 1.0, 1.0, p)  # a rounding above 1 would turn the target's sign; NaN stays
-    onehot = ((cols[None, :] == t[:, None]) & col_mask[None, :]).to(tl.float32)
-    da = g[:, None] * (onehot - p) * inv_temp
+    target = (cols[None, :] == t[:, None]) & col_mask[None, :]
+    da = g[:, None] * tl.where(target, q[:, None], -p) * inv_temp
     if HAS_SOFTCAP:
         da = da * (1.0 - th * th)
     return da

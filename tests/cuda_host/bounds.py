@@ -71,10 +71,11 @@ def run(ext):
                         grad = G(torch.randn(rows, generator=g))
                         hi = G(lse.float())
                         scale = G(torch.exp(-(lse - hi.double())).float())
+                        q = G(torch.special.expm1(logp).neg())
                         ext.backward_epilogue(code, a.data_ptr(), rows, v, v,
                                               0 if bias is None else bias.data_ptr(),
                                               t.data_ptr(), hi.data_ptr(), scale.data_ptr(),
-                                              grad.data_ptr(), cap, 0.9, -100, 0)
+                                              q.data_ptr(), grad.data_ptr(), cap, 0.9, -100, 0)
                         launches += 2
                         if not (torch.isfinite(lse).all() and torch.isfinite(a.float()).all()):
                             raise AssertionError(f"non-finite output: {dtype} V={v} rows={rows}")
