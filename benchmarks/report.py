@@ -41,6 +41,8 @@ def load(paths):
                 data = {"benchmarks": [p for p in map(_point, f) if p is not None]}
             else:
                 data = json.load(f)
+        if not isinstance(data, dict):
+            raise json.JSONDecodeError("a JSON object was expected", "", 0)
         mi = data.get("machine_info", {})
         meta.append(dict(date=data.get("datetime", "")[:10], host=mi.get("node", ""),
                          cpu=(mi.get("cpu") or {}).get("brand_raw", ""),
@@ -307,7 +309,11 @@ def main(argv=None):
     for path in args.results:
         if not os.path.isfile(path):
             ap.error(f"results: no such file {path!r}")
-    rows, meta, other = load(args.results)
+    try:
+        rows, meta, other = load(args.results)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        ap.error(f"results: not pytest-benchmark JSON ({type(e).__name__}: "
+                 f"{str(e).splitlines()[0] if str(e) else ''})")
     if args.summary:
         print(summary(rows, other) if rows or other
               else "no benchmark points in " + ", ".join(args.results))

@@ -18,7 +18,8 @@ TRAIN_FLAGS = {  # name -> (type, metavar); booleans are store_true / --no-... p
     "beta": (float, None), "delta": (str, "{running,zero,ema}"), "ema_alpha": (float, None),
     "loss": (str, "{spot,dpo}"), "lr": (float, None), "weight_decay": (float, None),
     "warmup_ratio": (float, None), "epochs": (int, None), "max_steps": (int, "N"),
-    "save_every": (int, "N"), "max_length": (int, None), "tokens_per_batch": (int, None),
+    "save_every": (int, "N"), "keep_checkpoints": (int, "N"), "max_length": (int, None),
+    "tokens_per_batch": (int, None),
     "grad_accum": (int, None), "max_grad_norm": (float, None), "backend": (str, None),
     "attn": (str, "{" + ",".join(ATTENTION) + "}"),
     "seed": (int, None), "log_every": (int, None), "cache_dir": (str, "DIR"),
@@ -56,11 +57,11 @@ def run_train(args):
     values = load_file(args.config) if args.config else {}
     overrides = {k: getattr(args, k) for k in list(TRAIN_FLAGS) + list(BOOL_FLAGS)}
     cfg = make_config(values, overrides)
-    train(cfg)
+    result = train(cfg)
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():  # under torchrun: NCCL warns at exit
         dist.destroy_process_group()                   # about a process group left open
-    return 0
+    return 130 if result.get("interrupted") else 0  # stopped by a signal, checkpoint saved
 
 
 def _positive_int(text):

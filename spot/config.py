@@ -38,7 +38,8 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     epochs: int = 2
     max_steps: int | None = None
-    save_every: int | None = None
+    save_every: int = 500
+    keep_checkpoints: int | None = None
     max_length: int = 1024
     tokens_per_batch: int = 8192
     grad_accum: int = 1
@@ -72,7 +73,9 @@ class TrainConfig:
                   ("warmup_ratio", 0 <= self.warmup_ratio < 1, "must be in [0, 1)"),
                   ("epochs", self.epochs >= 1, "must be >= 1"),
                   ("max_steps", self.max_steps is None or self.max_steps >= 1, "must be >= 1"),
-                  ("save_every", self.save_every is None or self.save_every >= 1, "must be >= 1"),
+                  ("save_every", self.save_every >= 0, "must be >= 0 (0: never)"),
+                  ("keep_checkpoints",
+                   self.keep_checkpoints is None or self.keep_checkpoints >= 1, "must be >= 1"),
                   ("max_length", self.max_length >= 8, "must be >= 8"),
                   ("tokens_per_batch", self.tokens_per_batch >= 16, "must be >= 16"),
                   ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
@@ -105,7 +108,9 @@ HELP = {
     "epochs": "passes over the pairs",
     "max_steps": "train for exactly this many optimizer steps, in place of --epochs (the data "
                  "repeats as needed); also the length of the schedule",
-    "save_every": "write OUTPUT/checkpoint-STEP every N optimizer steps",
+    "save_every": "write OUTPUT/checkpoint-STEP every N optimizer steps (0: never); an "
+                  "interrupted run (Ctrl-C, SIGTERM) also writes one at the step it stops after",
+    "keep_checkpoints": "keep only the newest N checkpoint-STEP folders (default: all)",
     "max_length": "tokens per sequence; the prompt is cut from the left (keeping at least half), "
                   "then the response from the right",
     "tokens_per_batch": "token budget of one packed micro-batch (chosen + rejected) per process",

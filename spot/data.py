@@ -255,8 +255,10 @@ def _ids(tokenizer, text):
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def encode_turns(tokenizer, prompt, response):
-    """``(prompt_ids, response_ids)`` through the chat template (see the module docstring)."""
+def encode_turns(tokenizer, prompt, response, counts=None):
+    """``(prompt_ids, response_ids)`` through the chat template (see the module docstring);
+    ``counts["template_fallback"]`` (when given) counts responses that the template could not
+    separate from their prompt."""
     if getattr(tokenizer, "chat_template", None):
         p_text = _render(tokenizer, prompt, True)
         full = _render(tokenizer, prompt + response, False)
@@ -264,6 +266,8 @@ def encode_turns(tokenizer, prompt, response):
             r_text = full[len(p_text):]
         else:  # a template that rewrites earlier turns: fall back to the raw content + EOS
             r_text = "".join(m["content"] for m in response) + (tokenizer.eos_token or "")
+            if counts is not None:
+                counts["template_fallback"] = counts.get("template_fallback", 0) + 1
     else:
         p_text = "".join(m["content"] + "\n" for m in prompt)
         r_text = "".join(m["content"] for m in response) + (tokenizer.eos_token or "")
@@ -291,7 +295,7 @@ def encode_pairs(tokenizer, pairs, max_length):
     for pair in pairs:
         seqs, prompt_cut = [], False
         for response in (pair.chosen, pair.rejected):
-            p, r = encode_turns(tokenizer, pair.prompt, response)
+            p, r = encode_turns(tokenizer, pair.prompt, response, counts)
             p, r, pc, rc = truncate(p, r, max_length)
             prompt_cut |= pc
             counts["response_truncated"] += rc
@@ -299,6 +303,29 @@ def encode_pairs(tokenizer, pairs, max_length):
         counts["prompt_truncated"] += prompt_cut
         examples.append(Example(seqs[0][0], seqs[1][0], seqs[0][1], seqs[1][1]))
     return examples, counts
+
+
+def data_warnings(tokenizer, examples, counts, tokens_per_batch):
+    """Lines worth a user's attention about the encoded pairs (none when all is well): no chat
+    template, template fallbacks (``encode_turns``), pairs whose chosen and rejected sequences
+    are the same tokens (no signal: often truncation), pairs above the micro-batch budget."""
+    out = []
+    if not getattr(tokenizer, "chat_template", None):
+        out.append("the tokenizer has no chat template: a prompt is its text and a newline, a "
+                   "response its text and EOS")
+    elif counts.get("template_fallback"):
+        out.append(f"{counts['template_fallback']} of {2 * len(examples)} responses: the chat "
+                   f"template rewrites the prompt once a response follows, so those responses "
+                   f"are their text and EOS")
+    same = sum(ex.chosen == ex.rejected for ex in examples)
+    if same:
+        out.append(f"{same} of {len(examples)} pairs have identical chosen and rejected tokens "
+                   f"(no preference to learn; truncation at max_length can do that)")
+    long = sum(ex.length > tokens_per_batch for ex in examples)
+    if long:
+        out.append(f"{long} of {len(examples)} pairs are longer than tokens_per_batch "
+                   f"({tokens_per_batch}): each runs alone, above the budget")
+    return out
 
 
 def tokenizer_fingerprint(tokenizer):

@@ -121,6 +121,7 @@ def run(output="runs/demo", steps=None, progress=True, n_train=None, n_heldout=N
         raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
     from transformers.utils import logging as hf_logging
 
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     threads = torch.get_num_threads()
     # the tiny model's ops are too small to gain from threads, and on a busy CPU OpenMP's
@@ -131,11 +132,13 @@ def run(output="runs/demo", steps=None, progress=True, n_train=None, n_heldout=N
                     train_overrides)
     finally:
         torch.set_num_threads(threads)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _run(output, steps, progress, n_train, n_heldout, model_overrides, log, train_overrides):
     from . import data as D
-    from .config import TrainConfig
+    from .config import ConfigError, TrainConfig
     from .model import Policy, load_model
     from .tiny import build_model, build_tokenizer
     from .train import checkpoints, sequence_logps, train
@@ -143,7 +146,16 @@ def _run(output, steps, progress, n_train, n_heldout, model_overrides, log, trai
     log = log or (lambda m: print(m, file=sys.stderr))
     torch.manual_seed(0)
     out = Path(output)
+    # the demo replaces its own previous run in ``out`` (metrics, checkpoints, model): only in
+    # a folder it made (marked), never in one that holds anything else
+    marker = out / ".spot-demo"
+    if out.is_dir() and any(out.iterdir()) and not marker.exists():
+        raise ConfigError(f"output: {out} is not empty and not a spot demo folder; give a new "
+                          f"or empty --output")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output: {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     train_path, held_path = DATA_DIR / "demo_train.jsonl", DATA_DIR / "demo_heldout.jsonl"
     if not train_path.exists() or n_train or n_heldout:
         train_path, held_path = write_data(out / "data", n_train or 240, n_heldout or 64)

@@ -76,16 +76,20 @@ def load_model(path, device="cpu", trust_remote_code=False, bf16=True, attn="aut
             return AutoModelForCausalLM.from_pretrained(
                 path, dtype=torch.float32, attn_implementation=kind,
                 trust_remote_code=trust_remote_code).to(device)
-        except (ValueError, ImportError) as exc:
+        except (ValueError, ImportError, OSError) as exc:
             # transformers: "... does not support ... sdpa / Flash Attention ..." (ValueError),
             # "FlashAttention2 has been toggled on, but it cannot be used ..." (ImportError)
             text = str(exc)
-            if (isinstance(exc, ValueError) and "does not support" not in text) or kind == "eager":
-                raise
+            first = (text.splitlines() or [type(exc).__name__])[0][:200]
+            if (isinstance(exc, OSError) or (isinstance(exc, ValueError)
+                                             and "does not support" not in text)
+                    or kind == "eager"):
+                # not a model folder, no weights, an unknown architecture: one line
+                raise ConfigError(f"model: cannot load {path}: {first}") from None
             if kind != kinds[-1]:
                 continue
-            raise ConfigError(f"attn: {kind} does not load for this model "
-                              f"({text.splitlines()[0][:160]}); use --attn eager") from None
+            raise ConfigError(f"attn: {kind} does not load for this model ({first[:160]}); "
+                              f"use --attn eager") from None
 
 
 def disable_dropout(model):

@@ -20,9 +20,10 @@
    ranks, so K ranks x A micro-batches equal one process with K*A), clipping, bf16 autocast on GPU.
 6. Checkpoints ``OUTPUT/checkpoint-STEP``: ``save_pretrained`` (safetensors) + ``trainer_state.pt``
    (optimizer, scheduler, every rank's RNG states, ``delta``, step, data position), written to
-   ``.tmp-...`` and renamed into place, so an interrupted write never looks complete.
-   ``--resume`` restarts from the newest one; the data order is a pure function of
-   (seed, epoch), so resuming is exact.
+   ``.tmp-...`` and renamed into place, so an interrupted write never looks complete. Ctrl-C
+   or SIGTERM stops the run after the step in progress with a checkpoint of it (a second
+   Ctrl-C stops at once). ``--resume`` restarts from the newest one; the data order is a pure
+   function of (seed, epoch), so resuming is exact.
 
 Data order: epoch ``e`` shuffles the pairs with seed ``seed + 7919 e`` and packs them greedily into
 micro-batches of at most ``tokens_per_batch`` tokens; the list is padded by wrapping to a multiple
@@ -38,7 +39,9 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -46,7 +49,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import spot_kernels as sk
+from spot_kernels._registry import resolve as resolve_backend
 
 from . import data as D
 from .config import RUN_DEFINING, ConfigError, TrainConfig
@@ -374,8 +377,46 @@ def load_trainer_state(ckpt, cfg, world):
 def previous_run(output):
     """What a finished or interrupted run left in ``output`` (metrics, checkpoints), if any."""
     out = Path(output)
-    return ((["metrics.jsonl"] if (out / "metrics.jsonl").exists() else [])
-            + [p.name for _, p in checkpoints(out)])
+    found = checkpoints(out)
+    names = [p.name for _, p in found]
+    if len(names) > 3:
+        names = [f"{len(names)} checkpoints ({names[0]} .. {names[-1]})"]
+    return (["metrics.jsonl"] if (out / "metrics.jsonl").exists() else []) + names
+
+
+def prune_checkpoints(output, keep):
+    """Deletes all but the newest ``keep`` complete checkpoints (None: keeps them all)."""
+    if keep:
+        for _, old in checkpoints(output)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) and SIGTERM while the loop runs ask it to stop after the step in
+    progress (it then saves a checkpoint); a second Ctrl-C raises ``KeyboardInterrupt`` at
+    once. Outside the main thread (no signal handlers there) it does nothing."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\nspot: {signal.Signals(signum).name}: stopping after this step with a "
+              f"checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
 
 
 def keep_metrics_up_to(path, step):
@@ -432,8 +473,21 @@ def peak_memory_mb(device):
 
 
 def train(cfg: TrainConfig, log=None):
-    """Runs ``cfg``; returns ``{"steps", "metrics" (last step), "output", "ref_logps"}``."""
+    """Runs ``cfg``; returns ``{"steps", "metrics" (last step), "output", "ref_logps", ...}``
+    with ``"interrupted": STEP`` when a signal stopped it after that step (``StopRequest``)."""
     cfg.validate()
+    from transformers.utils import logging as hf_logging
+    bars = hf_logging.is_progress_bar_enabled()
+    if not cfg.progress:  # transformers' own bars (loading, writing shards) too
+        hf_logging.disable_progress_bar()
+    try:
+        return _train(cfg, log)
+    finally:
+        if bars and not cfg.progress:
+            hf_logging.enable_progress_bar()
+
+
+def _train(cfg, log):
     dst = Dist()
     log = log or (lambda msg: print(msg, file=sys.stderr) if dst.main else None)
     if cfg.backend != "auto":
@@ -455,13 +509,15 @@ def train(cfg: TrainConfig, log=None):
     state = load_trainer_state(ckpt, cfg, dst.world) if ckpt is not None else None
     if cfg.resume and ckpt is None:
         log(f"resume: no complete checkpoint in {out}; starting at step 0")
-    from transformers import AutoTokenizer
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model,
-                                                  trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"model: cannot load a tokenizer from {cfg.model}: "
-                          f"{str(e).splitlines()[0]}") from None
+    from transformers import AutoConfig, AutoTokenizer
+    for what, auto in (("a tokenizer", AutoTokenizer), ("a model config", AutoConfig)):
+        try:  # both before the data pass, which can be long: a wrong folder fails at once
+            loaded = auto.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model: cannot load {what} from {cfg.model}: "
+                              f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
+        if auto is AutoTokenizer:
+            tokenizer = loaded
 
     pairs, skipped = D.read_pairs(cfg.data, cfg.skip_bad)
     examples, cut = D.encode_pairs(tokenizer, pairs, cfg.max_length)
@@ -469,9 +525,9 @@ def train(cfg: TrainConfig, log=None):
         + f"; truncated: {cut['prompt_truncated']} of {len(pairs)} prompts (left), "
           f"{cut['response_truncated']} of {2 * len(pairs)} responses (right) at max_length "
           f"{cfg.max_length}")
+    for line in D.data_warnings(tokenizer, examples, cut, cfg.tokens_per_batch):
+        log(f"data: {line}")
 
-    if dst.main:
-        out.mkdir(parents=True, exist_ok=True)
     cache = Path(cfg.cache_dir or out / ".cache") / f"ref-{data_fingerprint(cfg, tokenizer, examples, dst.device)}.pt"
     ref = torch.load(cache) if cache.exists() else None
     policy = None
@@ -492,10 +548,18 @@ def train(cfg: TrainConfig, log=None):
     if policy is None:
         policy = build_policy(str(ckpt) if ckpt else cfg.model, cfg, dst)
     policy.train()
+    if dst.main:  # only once the model has loaded: a bad --model leaves no empty folder
+        out.mkdir(parents=True, exist_ok=True)
 
     per_step = dst.world * cfg.grad_accum
     steps, plans = schedule_steps(examples, cfg, per_step)
     total = len(steps)
+    model = policy.model if hasattr(policy, "model") else policy
+    log(f"run: {total} steps of {per_step} micro-batch(es) on {dst.device}"
+        + (f" x {dst.world} processes" if dst.on else "")
+        + f", backend {resolve_backend(cfg.backend, dst.device)}, attention "
+          f"{getattr(model.config, '_attn_implementation', '?')}, checkpoints "
+        + (f"every {cfg.save_every} steps" if cfg.save_every else "only when interrupted"))
     decay = [p for p in policy.parameters() if p.dim() >= 2]
     no_decay = [p for p in policy.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -524,64 +588,82 @@ def train(cfg: TrainConfig, log=None):
     if dst.main and cfg.progress:
         from tqdm import tqdm
         bar = tqdm(total=total, initial=start, desc="spot", dynamic_ncols=True, file=sys.stderr)
-    last = {}
-    for step in range(start, total):
-        epoch, s = steps[step]
-        t0 = time.perf_counter()
-        if dst.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dst.device)  # the metric is this step's peak
-        sums, tokens = {}, 0
-        for k in range(cfg.grad_accum):
-            batch = to_device(D.pack(examples, plans[epoch][s * per_step + k * dst.world + dst.rank]),
-                              dst.device)
-            tokens += batch["input_ids"].numel()
-            with autocast(cfg, dst.device):
-                loss, stats = compute_loss(policy, batch, ref, delta, cfg, dst)
-            (loss / cfg.grad_accum).backward()
-            for key, v in stats.items():
-                sums[key] = sums.get(key, 0.0) + v / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        # metrics: mean over ranks (tokens summed)
-        keys = sorted(k for k in sums if k != "delta")
-        vec = dst.sum(torch.tensor([sums[k] for k in keys] + [float(tokens)], dtype=torch.float64))
-        row = {k: float(v) / dst.world for k, v in zip(keys, vec[:-1])}
-        if dst.device.type == "cuda":  # one process has synchronised nothing: the step's
-            torch.cuda.synchronize(dst.device)  # backward and optimizer step may still run
-        elapsed = time.perf_counter() - t0
-        row.update(step=step + 1, epoch=epoch, delta=sums["delta"], lr=lr,
-                   grad_norm=float(grad_norm), tokens=int(vec[-1]),
-                   tokens_per_s=float(vec[-1]) / max(elapsed, 1e-9),
-                   peak_memory_mb=float(dst.max(torch.tensor(peak_memory_mb(dst.device)))))
-        last = row
-        if dst.main:
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}")
-            if (step + 1) % cfg.log_every == 0 or step + 1 == total:
-                line = (f"step {step + 1}/{total} loss {row['loss']:.4f} "
-                        f"rewards chosen {row['rewards_chosen']:+.4f} rejected "
-                        f"{row['rewards_rejected']:+.4f} acc {row['accuracy']:.3f} margin "
-                        f"{row['margin']:+.4f} delta {row['delta']:+.4f} logps "
-                        f"{row['logps_chosen']:.2f}/{row['logps_rejected']:.2f} sat "
-                        f"{row['saturated']:.2f} {row['tokens_per_s']:.0f} tok/s "
-                        f"mem {row['peak_memory_mb']:.0f} MB")
-                (bar.write if bar is not None else log)(line)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            pos = {"epoch": epoch, "micro_batch": (s + 1) * per_step}
-            save_checkpoint(out / f"checkpoint-{step + 1}", policy, tokenizer, optimizer,
-                            scheduler, delta, step + 1, pos, cfg, dst)
+    last, stopped = {}, None
+    with StopRequest() as stop:
+        for step in range(start, total):
+            epoch, s = steps[step]
+            t0 = time.perf_counter()
+            if dst.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dst.device)  # the metric is this step's peak
+            sums, tokens = {}, 0
+            for k in range(cfg.grad_accum):
+                micro = plans[epoch][s * per_step + k * dst.world + dst.rank]
+                batch = to_device(D.pack(examples, micro), dst.device)
+                tokens += batch["input_ids"].numel()
+                with autocast(cfg, dst.device):
+                    loss, stats = compute_loss(policy, batch, ref, delta, cfg, dst)
+                (loss / cfg.grad_accum).backward()
+                for key, v in stats.items():
+                    sums[key] = sums.get(key, 0.0) + v / cfg.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            # metrics: mean over ranks (tokens summed)
+            keys = sorted(k for k in sums if k != "delta")
+            # and whether any rank was asked to stop (a signal reaches each process on its own)
+            vec = dst.sum(torch.tensor([sums[k] for k in keys]
+                                       + [float(tokens), float(stop.requested)],
+                                       dtype=torch.float64))
+            stopping = bool(vec[-1] > 0) and step + 1 < total
+            vec = vec[:-1]
+            row = {k: float(v) / dst.world for k, v in zip(keys, vec[:-1])}
+            if dst.device.type == "cuda":  # one process has synchronised nothing: the step's
+                torch.cuda.synchronize(dst.device)  # backward and optimizer step may still run
+            elapsed = time.perf_counter() - t0
+            row.update(step=step + 1, epoch=epoch, delta=sums["delta"], lr=lr,
+                       grad_norm=float(grad_norm), tokens=int(vec[-1]),
+                       tokens_per_s=float(vec[-1]) / max(elapsed, 1e-9),
+                       peak_memory_mb=float(dst.max(torch.tensor(peak_memory_mb(dst.device)))))
+            last = row
+            if dst.main:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}")
+                if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+                    line = (f"step {step + 1}/{total} loss {row['loss']:.4f} "
+                            f"rewards chosen {row['rewards_chosen']:+.4f} rejected "
+                            f"{row['rewards_rejected']:+.4f} acc {row['accuracy']:.3f} margin "
+                            f"{row['margin']:+.4f} delta {row['delta']:+.4f} logps "
+                            f"{row['logps_chosen']:.2f}/{row['logps_rejected']:.2f} sat "
+                            f"{row['saturated']:.2f} {row['tokens_per_s']:.0f} tok/s "
+                            f"mem {row['peak_memory_mb']:.0f} MB")
+                    (bar.write if bar is not None else log)(line)
+            if stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0
+                            and step + 1 < total):
+                pos = {"epoch": epoch, "micro_batch": (s + 1) * per_step}
+                save_checkpoint(out / f"checkpoint-{step + 1}", policy, tokenizer, optimizer,
+                                scheduler, delta, step + 1, pos, cfg, dst)
+                if dst.main:
+                    prune_checkpoints(out, cfg.keep_checkpoints)
+            if stopping:
+                stopped = step + 1
+                break
     if bar is not None:
         bar.close()
     if metrics_file is not None:
         metrics_file.close()
+    if stopped is not None:
+        log(f"stopped after step {stopped} of {total}: saved {out / f'checkpoint-{stopped}'}; "
+            f"continue with --resume")
+        return {"steps": stopped, "metrics": last, "output": str(out), "ref_logps": ref,
+                "policy": policy, "tokenizer": tokenizer, "examples": examples,
+                "interrupted": stopped}
     save_final(out, policy, tokenizer, dst)
     if dst.main:
         with open(out / "spot_config.json", "w") as fh:

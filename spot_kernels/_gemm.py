@@ -107,7 +107,7 @@ def blockwise_backward(hidden, weight, targets, bias, rowwise, grad_logp, ignore
     the inputs' dtype, with ``t`` the targets shifted into ``w``'s rows and ``NEVER`` as the
     ignore index (ignored tokens carry ``NEVER`` and ``g = 0``: the kernels may skip their
     rows); ``rowwise`` is the caller's tuple of per-token tensors (the forward's ``lse`` in the
-    form its kernel reads), sliced to the block's tokens. A
+    form its kernel reads and the target's ``1 - p_t``), sliced to the block's tokens. A
     gradient that several blocks of a sweep add into is summed in float32 and rounded once;
     otherwise each block's GEMM writes its rows in the gradient's dtype."""
     needs = (bool(needs[0]), bool(needs[1]), bool(needs[2]) and bias is not None)

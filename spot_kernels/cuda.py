@@ -381,9 +381,9 @@ def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None
 def backward(hidden, weight, targets, bias, lse, logp, grad_logp, *, temperature=1.0,
              softcap=None, ignore_index=-100, needs_input_grad=(True, True, True), **options):
     """Returns ``(dh, dW, db)`` in the dtypes of ``hidden``, ``weight``, ``bias`` (None where
-    not needed); ``lse`` and ``logp`` are the forward's. ``dA`` blocks within ``chunk_bytes`` (``_gemm.plan``: all tokens x a
-    vocabulary chunk when ``N <= V``, else a token chunk x the vocabulary, or two sweeps;
-    ``token_chunk`` forces token chunks):
+    not needed); ``lse`` and ``logp`` are the forward's. ``dA`` blocks within ``chunk_bytes``
+    (``_gemm.plan``: all tokens x a vocabulary chunk when ``N <= V``, else a token chunk x the
+    vocabulary, or two sweeps; ``token_chunk`` forces token chunks):
     cuBLAS recomputes the block's logits, ``backward_epilogue`` turns them into ``dA`` in place,
     and ``_gemm.blockwise_backward`` runs the gradient GEMMs."""
     _check_inputs(hidden, weight, targets, bias)

@@ -138,7 +138,7 @@ def target_complement(logp):
     The backward's target column ``g (1 - p_t)`` takes it from here rather than from its own
     recomputed logit: where the backward's GEMMs have other shapes than the forward's their last
     bits may differ, and ``1 - e^(z_t - lse)`` would carry that difference (``|z| 2^-24`` and
-    more) absolutely: a shift of 2e-4 (float32's ulp at |z| ~ 2e3) turns a confident token's
+    more) absolutely: a shift of 2e-4 (float32's ulp at |z| ~ 3e3) turns a confident token's
     ``1 - p_t`` of 5e-5 negative. ``-expm1(logp)`` keeps it relatively, and is the gradient of
     the very log-prob the caller was given."""
     return torch.special.expm1(logp.float()).neg_().clamp_min_(0.0)

@@ -51,6 +51,16 @@ def test_report_reads_a_points_file_cut_short(tmp_path):
     assert [r["impl"] for r in rows] == ["torch"]
 
 
+@pytest.mark.parametrize("text", ["not json at all", "[1, 2]", '{"benchmarks": 5'])
+def test_report_refuses_a_file_that_is_not_results_in_one_line(tmp_path, capsys, text):
+    path = tmp_path / "g.json"
+    path.write_text(text)
+    with pytest.raises(SystemExit) as exc:
+        report.main([str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and "not pytest-benchmark JSON" in err[-1], err
+
+
 def test_tuning_never_picks_a_config_that_disagrees():
     rows = [dict(kind="forward", ms=1.0, ok=False), dict(kind="forward", ms=2.0, ok=True),
             dict(kind="forward", ms=0.5, ok=False), dict(kind="backward", error="OOM")]

@@ -24,6 +24,29 @@ def test_opcheck():
     args = (h.requires_grad_(), w.requires_grad_(), t, b.requires_grad_(), "torch", 0.9, 3.0,
             -100, True, "{}")
     torch.library.opcheck(_ops.token_logprobs_fwd, args)
+    logp, lse, _ = _ops.token_logprobs_fwd(*[x.detach() if isinstance(x, torch.Tensor) else x
+                                             for x in args])
+    g = torch.randn(11)
+    torch.library.opcheck(_ops.token_logprobs_bwd, (h.detach(), w.detach(), t, b.detach(), lse,
+                                                    logp, g, "torch", 0.9, 3.0, -100, True,
+                                                    True, True, "{}"))
+
+
+def test_compiled_log_probs_may_change_in_place():
+    """The compiled op keeps its own copy of logp for the backward (as the eager Function)."""
+    h, w, _, t = make_head(9, 8, 21, torch.float32, "cpu", seed=4)
+
+    def f(h, w, t):
+        logp = sk.token_logprobs(h, w, t, backend="torch")
+        logp.mul_(3.0)
+        return logp.sum()
+
+    leaf = h.clone().requires_grad_()
+    (got,) = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(leaf, w, t),
+                                 leaf)
+    leaf = h.clone().requires_grad_()
+    (want,) = torch.autograd.grad(3.0 * sk.token_logprobs(leaf, w, t, backend="torch").sum(), leaf)
+    torch.testing.assert_close(got, want)
 
 
 def test_token_logprobs_fullgraph():

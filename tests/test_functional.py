@@ -174,7 +174,7 @@ def test_the_target_gradient_survives_a_recompute_that_rounds_differently(backen
     """The backward recomputes the logits, and on a GPU its GEMMs (other shapes than the
     forward's) may round them differently in the last bits. Emulated here: the backward gets
     ``hidden`` moved so that each target logit is 2e-4 higher than the forward saw (float32's
-    ulp at |z| ~ 2e3). Each target is its row's argmax by 16, so 1 - p_t ~ 5e-5: taken from the
+    ulp at |z| ~ 3e3). Each target is its row's argmax by 16, so 1 - p_t ~ 5e-5: taken from the
     recomputed logit it would turn negative (or be capped to 0), the target's gradient lost;
     the backward takes it from the forward's logp and stays at the float64 truth of the
     forward's inputs, to the relative size of the shift."""

@@ -30,6 +30,8 @@ def _write_jsonl(path, rows):
 def tok_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
     build_tokenizer().save_pretrained(d)
+    from spot.tiny import build_model
+    build_model("qwen3").config.save_pretrained(d)  # a model folder up to its weights
     return d
 
 
@@ -252,6 +254,33 @@ def test_truncation_counts_prompts_once_per_pair():
                                                    [True, False]]
     assert counts["prompt_truncated"] == 3  # prompts, once per pair (not 5 sequences)
     assert counts["response_truncated"] == sum(rc for c in cut for _, rc in c) == 4
+
+
+def test_data_warnings_name_what_gives_no_signal():
+    """No chat template, a template that rewrites the prompt once a response follows, pairs
+    whose chosen and rejected tokens are the same (here after truncation), pairs above the
+    micro-batch budget: each gets a line; clean data gets none."""
+    tok = build_tokenizer()
+    pairs = [D.Pair([{"role": "user", "content": "q" * n}], [{"role": "assistant", "content": c}],
+                    [{"role": "assistant", "content": r}])
+             for n, c, r in ((4, "good", "bad"), (30, "s" * 30 + "A", "s" * 30 + "B"),
+                             (2, "x" * 70, "y"))]
+    ex, counts = D.encode_pairs(tok, pairs, 40)
+    assert D.data_warnings(tok, ex[:1], counts, 300) == []
+    lines = D.data_warnings(tok, ex, counts, 70)
+    assert len(lines) == 2 and "1 of 3 pairs have identical" in lines[0], lines
+    assert "1 of 3 pairs are longer than tokens_per_batch (70)" in lines[1], lines
+    plain = build_tokenizer()
+    plain.chat_template = None
+    ex, counts = D.encode_pairs(plain, pairs[:1], 40)
+    assert "no chat template" in D.data_warnings(plain, ex, counts, 300)[0]
+    odd = build_tokenizer()  # the last turn is marked: the prompt alone renders differently
+    odd.chat_template = ("{% for m in messages %}{{ m['role'] }}{% if loop.last %}*{% endif %}: "
+                         "{{ m['content'] }}\n{% endfor %}")
+    ex, counts = D.encode_pairs(odd, pairs[:1], 40)
+    assert counts["template_fallback"] == 2
+    assert "2 of 2 responses: the chat template rewrites" in D.data_warnings(odd, ex, counts,
+                                                                              300)[0]
 
 
 def test_pack_layout():

@@ -69,3 +69,14 @@ def test_generator_pairs_differ_by_one_false_fact():
         assert lhs == g[i].split("=")[0] and 1 <= abs(int(wrong) - int(g[i].split("=")[1])) <= 2
         assert 0 <= int(wrong) <= 9
         assert b[2] == (g[2] if i == 0 else f"Answer: {wrong}")
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path, capsys):
+    """`spot demo --output DIR` replaces its own earlier run there, never anything else."""
+    from spot.cli import main
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint-2").mkdir()
+    assert main(["demo", "--output", str(tmp_path / "run"), "--steps", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a spot demo folder" in err[0], err
+    assert (tmp_path / "run" / "checkpoint-2").is_dir()

@@ -175,6 +175,60 @@ def test_resume_after_interruption_is_exact(workdir, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "qwen3"
 
 
+def test_a_signal_stops_after_the_step_with_a_checkpoint(workdir, tmp_path):
+    """SIGTERM (or a first Ctrl-C) mid-run: the step in progress finishes, a checkpoint of it is
+    written (no --save-every needed), no final model; --resume then ends where an uninterrupted
+    run ends. A second Ctrl-C stops at once. The handlers are restored afterwards, and
+    transformers' own progress bars are off while a run without progress bars runs."""
+    import signal
+    from spot.train import checkpoints
+    from transformers.utils import logging as hf_logging
+    full = train(_cfg(workdir, tmp_path / "full"), log=lambda m: None)
+    bars = []
+
+    def on_log(msg):
+        bars.append(hf_logging.is_progress_bar_enabled())
+        if msg.startswith("step 2/"):  # step 2 is done and logged: step 3 sees the request
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    hf_logging.enable_progress_bar()
+    out = tmp_path / "cut"
+    cut = train(_cfg(workdir, out), log=on_log)
+    assert cut["interrupted"] == 3 and cut["steps"] == 3
+    assert [p.name for _, p in checkpoints(out)] == ["checkpoint-3"]
+    assert not (out / "model.safetensors").exists()
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    assert bars and not any(bars) and hf_logging.is_progress_bar_enabled()
+    resumed = train(_cfg(workdir, out, resume=True), log=lambda m: None)
+    assert resumed["steps"] == 4 and "interrupted" not in resumed
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(out / "model.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+    def twice(msg):
+        if msg.startswith("step 1/"):
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(workdir, tmp_path / "at-once"), log=twice)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    assert not checkpoints(tmp_path / "at-once")
+
+
+def test_keep_checkpoints_and_a_short_refusal(workdir, tmp_path):
+    from spot.config import ConfigError
+    from spot.train import checkpoints
+    train(_cfg(workdir, tmp_path / "all", max_steps=5, save_every=1), log=lambda m: None)
+    assert [s for s, _ in checkpoints(tmp_path / "all")] == [1, 2, 3, 4]
+    with pytest.raises(ConfigError, match=r"4 checkpoints \(checkpoint-1 \.\. checkpoint-4\)"):
+        train(_cfg(workdir, tmp_path / "all", max_steps=5, save_every=1), log=lambda m: None)
+    train(_cfg(workdir, tmp_path / "two", max_steps=5, save_every=1, keep_checkpoints=2),
+          log=lambda m: None)
+    assert [s for s, _ in checkpoints(tmp_path / "two")] == [3, 4]
+
+
 def test_torchrun_two_processes_agree_with_one(workdir, tmp_path):
     out2 = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -258,7 +312,14 @@ def test_bad_settings_are_one_line_errors(workdir, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     (tmp_path / "c.yaml").write_text("output: 5\n")
     (tmp_path / "b.yaml").write_text("max-steps: true\n")
+    build_tokenizer().save_pretrained(tmp_path / "tokonly")  # no config, no weights
+    build_tokenizer().save_pretrained(tmp_path / "noweights")
+    build_model("qwen3").config.save_pretrained(tmp_path / "noweights")
     cases = [(["--model", str(tmp_path / "nosuch")], "model: no such folder"),
+             (["--model", str(tmp_path / "tokonly")], "model: cannot load"),
+             (["--model", str(tmp_path / "noweights")], "model: cannot load"),
+             (["--keep-checkpoints", "0"], "keep_checkpoints: must be >= 1"),
+             (["--save-every", "-1"], "save_every: must be >= 0"),
              (["--backend", "bogus"], "backend: must be"),
              (["--backend", "cuda"], "backend: cuda does not run on cpu"),
              (["--beta", "inf"], "beta: must be a finite number"),
@@ -273,6 +334,8 @@ def test_bad_settings_are_one_line_errors(workdir, tmp_path, capsys):
         argv = (base[:5] if extra[0] == "--config" else base) + extra
         code = main(argv)
         err = capsys.readouterr().err.strip().splitlines()
+        if "noweights" in extra[-1]:  # found when the model loads, after the data's log line
+            err = [line for line in err if not line.startswith("data: ")]
         assert code == 2 and len(err) == 1 and fragment in err[0], (extra, code, err)
     assert not (tmp_path / "o").exists()  # nothing made for a run that never started
 

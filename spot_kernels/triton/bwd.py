@@ -7,7 +7,9 @@ Math (DESIGN.md section 1): with ``g_i = dL/dlogp_i`` (0 for ``ignore_index``) a
     dA = g (onehot(t) - p) / T * (1 - tanh^2(a / c))      (the last factor only with a softcap)
     dh[rows] += dA W[cols];   dW[cols] += dA^T h[rows];   db[cols] += sum_rows dA
 
-A target outside ``[0, V)`` matches no column, so only its softmax term counts.
+The target's column takes ``1 - p_t = q`` from the forward's ``logp`` (``tiles.row_inputs``),
+not from the recomputed logit. A target outside ``[0, V)`` matches no column, so only its
+softmax term counts.
 
 Work split: one program per (token tile, vocabulary tile). Each recomputes its logits tile
 (``tiles.logits_tile``, a loop over D), builds ``dA`` in registers, then loops over D again in

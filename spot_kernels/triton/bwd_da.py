@@ -4,7 +4,7 @@ Math (DESIGN.md section 1): for the block's rows and columns, recompute the logi
 
     dA = g (onehot(t) - p) / T * (1 - tanh^2(a / c))      (the last factor only with a softcap)
 
-rounded once to the output's dtype (the inputs' dtype: what autograd and the ``cuda`` backend
+(the target's ``1 - p_t`` from the forward's ``logp``, as in ``bwd.py``) rounded once to the output's dtype (the inputs' dtype: what autograd and the ``cuda`` backend
 feed their gradient GEMMs). The caller then runs ``dh = dA W`` and ``dW = dA^T h`` as GEMMs
 (``triton/__init__.py``, ``_backward_gemm``) and ``db = sum_rows dA``.
 

@@ -1,7 +1,7 @@
 """Deterministic backward, pass 1 of 2: ``dh`` without atomics.
 
-Math: as ``bwd.py``: ``dA = g (onehot(t) - p) / T * softcap'(a)`` from the recomputed tile
-and the saved ``lse``; here only ``dh[rows] = sum_over_vocab_tiles dA W[cols]``.
+Math: as ``bwd.py``: ``dA = g (onehot(t) - p) / T * softcap'(a)`` from the recomputed tile,
+the saved ``lse`` and the target's ``1 - p_t`` from the forward's ``logp``; here only ``dh[rows] = sum_over_vocab_tiles dA W[cols]``.
 
 Work split: grid ``(cdiv(N, BLOCK_M),)``: one program owns ``BLOCK_M`` token rows and walks the
 whole vocabulary in order. For each vocabulary tile it recomputes the logits, forms ``dA``, then

@@ -5,8 +5,8 @@ Math: as ``bwd.py``; here ``dW[cols] = sum_over_token_tiles dA^T h[rows]`` and
 
 Work split: grid ``(cdiv(V, BLOCK_V),)``: one program owns ``BLOCK_V`` vocabulary rows of
 ``W`` and walks the token tiles in order, skipping those whose ``g`` are all zero (so ignored
-prompt tokens cost nothing). For each it recomputes the logits tile (the saved ``lse`` makes
-that exact), forms ``dA`` and, per ``BLOCK_D`` chunk, read-modify-writes its own rows of the
+prompt tokens cost nothing). For each it recomputes the logits tile, forms ``dA`` (from the
+saved ``lse``, the target's ``1 - p_t`` from the forward's ``logp``) and, per ``BLOCK_D`` chunk, read-modify-writes its own rows of the
 float32 ``dW`` buffer; ``db`` stays in registers until the end. Fixed order, exclusive rows:
 bit-identical results across runs. A barrier closes each token tile (see ``bwd_dh.py``).
 
