@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 # Triton kernels run on the CPU through Triton's interpreter in the tests.
 export TRITON_INTERPRET ?= 1
 
-.PHONY: test demo install bench wheels
+.PHONY: test demo install install-train bench wheels
 
 # torch first, only when it does not import: the CI machines' registry serves 2.13.0 as the CPU
 # build (a bare `torch` would pull a multi-GB CUDA build); elsewhere install the torch you want
@@ -23,7 +23,14 @@ install:
 test: install
 	$(PYTHON) -m pytest tests/ -q
 
-demo: install
+# the demo needs the package and its trainer extras only (no test tools, no second Triton);
+# skipped when they already import
+install-train:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	@$(PYTHON) -c "import spot.demo, transformers, safetensors, tqdm, yaml, matplotlib" \
+	  2>/dev/null || SPOT_CUDA_ARCHS="$${SPOT_CUDA_ARCHS:-90}" $(PIP) install -q -e ".[train]"
+
+demo: install-train
 	$(PYTHON) -m spot demo
 
 bench: install

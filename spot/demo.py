@@ -149,7 +149,8 @@ def _run(output, steps, progress, n_train, n_heldout, model_overrides, log, trai
     # the demo replaces its own previous run in ``out`` (metrics, checkpoints, model): only in
     # a folder it made (marked), never in one that holds anything else
     marker = out / ".spot-demo"
-    if out.is_dir() and any(out.iterdir()) and not marker.exists():
+    older = (out / "base-model").is_dir() and (out / "demo.png").is_file()  # before the marker
+    if out.is_dir() and any(out.iterdir()) and not (marker.exists() or older):
         raise ConfigError(f"output: {out} is not empty and not a spot demo folder; give a new "
                           f"or empty --output")
     if out.exists() and not out.is_dir():
