@@ -396,16 +396,18 @@ class StopRequest:
     progress (it then saves a checkpoint); a second Ctrl-C raises ``KeyboardInterrupt`` at
     once. Outside the main thread (no signal handlers there) it does nothing."""
 
-    def __init__(self):
+    def __init__(self, announce=True):
         self.requested = False
+        self.announce = announce  # one line on stderr (rank 0's, under torchrun)
         self._old = {}
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\nspot: {signal.Signals(signum).name}: stopping after this step with a "
-              f"checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
+        if self.announce:
+            print(f"\nspot: {signal.Signals(signum).name}: stopping after this step with a "
+                  f"checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -589,7 +591,7 @@ def _train(cfg, log):
         from tqdm import tqdm
         bar = tqdm(total=total, initial=start, desc="spot", dynamic_ncols=True, file=sys.stderr)
     last, stopped = {}, None
-    with StopRequest() as stop:
+    with StopRequest(announce=dst.main) as stop:
         for step in range(start, total):
             epoch, s = steps[step]
             t0 = time.perf_counter()

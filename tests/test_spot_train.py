@@ -259,6 +259,44 @@ def test_torchrun_two_processes_agree_with_one(workdir, tmp_path):
         assert r2["tokens"] == r1["tokens"]
 
 
+def test_torchrun_stops_every_rank_when_one_is_signalled(workdir, tmp_path):
+    """SIGTERM to one worker only (a preempted node): the ranks agree through the step's
+    all-reduce, so both stop after the same step and the checkpoint of that step is written."""
+    import shutil
+    import signal
+    import time
+    if shutil.which("pgrep") is None:
+        pytest.skip("needs pgrep to find the workers")
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(random.randint(20000, 40000)), "-m", "spot", "train",
+           "--model", str(workdir / "model"), "--data", str(workdir / "pairs.jsonl"),
+           "--output", str(out), "--max-steps", "100000", "--lr", "1e-3",
+           "--tokens-per-batch", "300", "--backend", "torch", "--no-progress",
+           "--log-every", "100000"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((out / "metrics.jsonl").exists()
+                   and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.2)
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                 text=True).stdout.split()
+        assert len(workers) == 2, workers
+        os.kill(int(workers[1]), signal.SIGTERM)
+        log = proc.communicate(timeout=300)[0]
+    finally:
+        proc.kill()
+    from spot.train import checkpoints
+    rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert [s for s, _ in checkpoints(out)] == [len(rows)], log[-3000:]
+    assert "stopped after step" in log and not (out / "model.safetensors").exists(), log[-3000:]
+
+
 def test_a_used_output_is_resumed_or_refused(workdir, tmp_path):
     """A second run into the same folder must say --resume (no mixed metrics or checkpoints);
     --resume refuses a checkpoint of other settings, ignores look-alike and torn folders with a
