@@ -24,10 +24,13 @@ test: install
 	$(PYTHON) -m pytest tests/ -q
 
 # the demo needs the package and its trainer extras only (no test tools, no second Triton);
-# skipped when they already import
+# skipped when this checkout is already the installed one (-I: not found through the current
+# folder) and the extras import
 install-train:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	@$(PYTHON) -c "import spot.demo, transformers, safetensors, tqdm, yaml, matplotlib" \
+	@$(PYTHON) -I -c "import sys, pathlib, spot, transformers, safetensors, tqdm, yaml, \
+	  matplotlib; here = pathlib.Path('$(CURDIR)').resolve(); \
+	  sys.exit(pathlib.Path(spot.__file__).resolve().parent.parent != here)" \
 	  2>/dev/null || SPOT_CUDA_ARCHS="$${SPOT_CUDA_ARCHS:-90}" $(PIP) install -q -e ".[train]"
 
 demo: install-train

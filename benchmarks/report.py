@@ -41,14 +41,16 @@ def load(paths):
                 data = {"benchmarks": [p for p in map(_point, f) if p is not None]}
             else:
                 data = json.load(f)
-        if not isinstance(data, dict):
-            raise json.JSONDecodeError("a JSON object was expected", "", 0)
-        mi = data.get("machine_info", {})
-        meta.append(dict(date=data.get("datetime", "")[:10], host=mi.get("node", ""),
+        if not isinstance(data, dict) or not isinstance(data.get("benchmarks", []), list):
+            raise ValueError(f"{path}: a JSON object with a list of benchmarks was expected")
+        mi = data.get("machine_info") or {}
+        meta.append(dict(date=str(data.get("datetime") or "")[:10], host=mi.get("node", ""),
                          cpu=(mi.get("cpu") or {}).get("brand_raw", ""),
                          python=mi.get("python_version", ""),
                          commit=(data.get("commit_info") or {}).get("id", "")[:10]))
         for b in data.get("benchmarks", []):
+            if not isinstance(b, dict):
+                raise ValueError(f"{path}: a benchmark entry is not an object: {b!r:.60}")
             info = dict(b.get("extra_info") or {})
             if "impl" not in info or "mode" not in info:
                 other.append((b.get("name", "?"), info))
@@ -311,9 +313,9 @@ def main(argv=None):
             ap.error(f"results: no such file {path!r}")
     try:
         rows, meta, other = load(args.results)
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        ap.error(f"results: not pytest-benchmark JSON ({type(e).__name__}: "
-                 f"{str(e).splitlines()[0] if str(e) else ''})")
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        why = str(e).splitlines()[0] if str(e) else repr(e)
+        ap.error(f"results: not pytest-benchmark JSON ({why})")
     if args.summary:
         print(summary(rows, other) if rows or other
               else "no benchmark points in " + ", ".join(args.results))

@@ -39,7 +39,7 @@ class TrainConfig:
     epochs: int = 2
     max_steps: int | None = None
     save_every: int = 500
-    keep_checkpoints: int | None = None
+    keep_checkpoints: int = 2
     max_length: int = 1024
     tokens_per_batch: int = 8192
     grad_accum: int = 1
@@ -57,6 +57,9 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self):
+        for name in ("save_every", "keep_checkpoints"):  # None (a YAML null) means 0
+            if getattr(self, name) is None:
+                setattr(self, name, 0)
         for name in ("model", "data", "output"):
             if not getattr(self, name):
                 raise ConfigError(f"{name}: required (give --{name} or set it in the config)")
@@ -74,8 +77,7 @@ class TrainConfig:
                   ("epochs", self.epochs >= 1, "must be >= 1"),
                   ("max_steps", self.max_steps is None or self.max_steps >= 1, "must be >= 1"),
                   ("save_every", self.save_every >= 0, "must be >= 0 (0: never)"),
-                  ("keep_checkpoints",
-                   self.keep_checkpoints is None or self.keep_checkpoints >= 1, "must be >= 1"),
+                  ("keep_checkpoints", self.keep_checkpoints >= 0, "must be >= 0 (0: all)"),
                   ("max_length", self.max_length >= 8, "must be >= 8"),
                   ("tokens_per_batch", self.tokens_per_batch >= 16, "must be >= 16"),
                   ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
@@ -110,7 +112,8 @@ HELP = {
                  "repeats as needed); also the length of the schedule",
     "save_every": "write OUTPUT/checkpoint-STEP every N optimizer steps (0: never); an "
                   "interrupted run (Ctrl-C, SIGTERM) also writes one at the step it stops after",
-    "keep_checkpoints": "keep only the newest N checkpoint-STEP folders (default: all)",
+    "keep_checkpoints": "keep only the newest N checkpoint-STEP folders, 0: all (each holds the "
+                        "float32 weights and AdamW state, about 12 bytes a parameter)",
     "max_length": "tokens per sequence; the prompt is cut from the left (keeping at least half), "
                   "then the response from the right",
     "tokens_per_batch": "token budget of one packed micro-batch (chosen + rejected) per process",

@@ -187,7 +187,7 @@ def _run(output, steps, progress, n_train, n_heldout, model_overrides, log, trai
     log(f"demo: tiny Qwen3 ({n_params / 1e3:.0f}k parameters, random init), "
         f"{sum(1 for _ in open(train_path))} training pairs, {len(held)} held-out pairs")
     t0 = time.perf_counter()
-    result = train(cfg, log=log)
+    result = train(cfg, log=log, handle_signals=False)  # Ctrl-C stops the demo at once
     seconds = time.perf_counter() - t0
     after = heldout_stats(sequence_logps(result["policy"], held, cfg, "cpu", desc="held-out, after"),
                           ref, cfg.beta)

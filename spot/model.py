@@ -81,6 +81,8 @@ def load_model(path, device="cpu", trust_remote_code=False, bf16=True, attn="aut
             # "FlashAttention2 has been toggled on, but it cannot be used ..." (ImportError)
             text = str(exc)
             first = (text.splitlines() or [type(exc).__name__])[0][:200]
+            if "trust_remote_code" in text and not trust_remote_code:
+                first += " (pass --trust-remote-code to run the folder's own code)"
             if (isinstance(exc, OSError) or (isinstance(exc, ValueError)
                                              and "does not support" not in text)
                     or kind == "eager"):

@@ -385,7 +385,11 @@ def previous_run(output):
 
 
 def prune_checkpoints(output, keep):
-    """Deletes all but the newest ``keep`` complete checkpoints (None: keeps them all)."""
+    """Deletes all but the newest ``keep`` complete checkpoints (0: keeps them all), and the
+    ``.tmp-checkpoint-*`` folders of writes that never finished (called right after a save,
+    when no write is in progress)."""
+    for tmp in Path(output).glob(".tmp-checkpoint-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
     if keep:
         for _, old in checkpoints(output)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -393,31 +397,37 @@ def prune_checkpoints(output, keep):
 
 class StopRequest:
     """Ctrl-C (SIGINT) and SIGTERM while the loop runs ask it to stop after the step in
-    progress (it then saves a checkpoint); a second Ctrl-C raises ``KeyboardInterrupt`` at
-    once. Outside the main thread (no signal handlers there) it does nothing."""
+    progress (it then saves a checkpoint); a Ctrl-C after a Ctrl-C raises
+    ``KeyboardInterrupt`` at once (a repeated SIGTERM, as schedulers send to a job's processes,
+    does not). A signal that was ignored when the loop started stays ignored. Outside the main
+    thread (no signal handlers there) it does nothing; ``enabled=False`` too (the demo)."""
 
-    def __init__(self, announce=True):
-        self.requested = False
+    def __init__(self, announce=True, enabled=True):
+        self.requested = None  # the first signal's number
         self.announce = announce  # one line on stderr (rank 0's, under torchrun)
+        self.enabled = enabled
         self._old = {}
 
     def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
+        if self.requested == signal.SIGINT == signum:
             raise KeyboardInterrupt
-        self.requested = True
-        if self.announce:
-            print(f"\nspot: {signal.Signals(signum).name}: stopping after this step with a "
-                  f"checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
+        first = self.requested is None
+        self.requested = self.requested or signum
+        if first and self.announce:  # os.write: print could re-enter a blocked stderr write
+            os.write(2, f"\nspot: {signal.Signals(signum).name}: stopping after the step in "
+                        f"progress, with a checkpoint unless it is the last (Ctrl-C again to "
+                        f"stop at once)\n".encode())
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if self.enabled and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
+                if signal.getsignal(sig) != signal.SIG_IGN:
+                    self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
-            signal.signal(sig, old)
+            signal.signal(sig, signal.SIG_DFL if old is None else old)  # None: set from C
         return False
 
 
@@ -474,22 +484,23 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train(cfg: TrainConfig, log=None):
+def train(cfg: TrainConfig, log=None, handle_signals=True):
     """Runs ``cfg``; returns ``{"steps", "metrics" (last step), "output", "ref_logps", ...}``
-    with ``"interrupted": STEP`` when a signal stopped it after that step (``StopRequest``)."""
+    with ``"interrupted": STEP`` when a signal stopped it after that step (``StopRequest``;
+    ``handle_signals=False`` leaves signals to the caller: Ctrl-C is a ``KeyboardInterrupt``)."""
     cfg.validate()
     from transformers.utils import logging as hf_logging
     bars = hf_logging.is_progress_bar_enabled()
     if not cfg.progress:  # transformers' own bars (loading, writing shards) too
         hf_logging.disable_progress_bar()
     try:
-        return _train(cfg, log)
+        return _train(cfg, log, handle_signals)
     finally:
         if bars and not cfg.progress:
             hf_logging.enable_progress_bar()
 
 
-def _train(cfg, log):
+def _train(cfg, log, handle_signals):
     dst = Dist()
     log = log or (lambda msg: print(msg, file=sys.stderr) if dst.main else None)
     if cfg.backend != "auto":
@@ -516,8 +527,10 @@ def _train(cfg, log):
         try:  # both before the data pass, which can be long: a wrong folder fails at once
             loaded = auto.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as e:
+            hint = ("; pass --trust-remote-code to run the folder's own code"
+                    if "trust_remote_code" in str(e) and not cfg.trust_remote_code else "")
             raise ConfigError(f"model: cannot load {what} from {cfg.model}: "
-                              f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
+                              f"{(str(e).splitlines() or [type(e).__name__])[0]}{hint}") from None
         if auto is AutoTokenizer:
             tokenizer = loaded
 
@@ -530,7 +543,8 @@ def _train(cfg, log):
     for line in D.data_warnings(tokenizer, examples, cut, cfg.tokens_per_batch):
         log(f"data: {line}")
 
-    cache = Path(cfg.cache_dir or out / ".cache") / f"ref-{data_fingerprint(cfg, tokenizer, examples, dst.device)}.pt"
+    fingerprint = data_fingerprint(cfg, tokenizer, examples, dst.device)
+    cache = Path(cfg.cache_dir or out / ".cache") / f"ref-{fingerprint}.pt"
     ref = torch.load(cache) if cache.exists() else None
     policy = None
     if ref is None:
@@ -591,7 +605,7 @@ def _train(cfg, log):
         from tqdm import tqdm
         bar = tqdm(total=total, initial=start, desc="spot", dynamic_ncols=True, file=sys.stderr)
     last, stopped = {}, None
-    with StopRequest(announce=dst.main) as stop:
+    with StopRequest(announce=dst.main, enabled=handle_signals) as stop:
         for step in range(start, total):
             epoch, s = steps[step]
             t0 = time.perf_counter()
@@ -618,7 +632,7 @@ def _train(cfg, log):
             keys = sorted(k for k in sums if k != "delta")
             # and whether any rank was asked to stop (a signal reaches each process on its own)
             vec = dst.sum(torch.tensor([sums[k] for k in keys]
-                                       + [float(tokens), float(stop.requested)],
+                                       + [float(tokens), float(bool(stop.requested))],
                                        dtype=torch.float64))
             stopping = bool(vec[-1] > 0) and step + 1 < total
             vec = vec[:-1]

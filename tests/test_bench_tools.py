@@ -51,7 +51,8 @@ def test_report_reads_a_points_file_cut_short(tmp_path):
     assert [r["impl"] for r in rows] == ["torch"]
 
 
-@pytest.mark.parametrize("text", ["not json at all", "[1, 2]", '{"benchmarks": 5'])
+@pytest.mark.parametrize("text", ["not json at all", "[1, 2]", '{"benchmarks": 5',
+                                  '{"benchmarks": 5}', '{"benchmarks": [3]}'])
 def test_report_refuses_a_file_that_is_not_results_in_one_line(tmp_path, capsys, text):
     path = tmp_path / "g.json"
     path.write_text(text)

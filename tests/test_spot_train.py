@@ -217,16 +217,49 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint(workdir, tmp_path):
     assert not checkpoints(tmp_path / "at-once")
 
 
+def test_spot_train_exits_130_after_a_signal(workdir, tmp_path, capsys):
+    """The command line: SIGTERM mid-run (sent by another thread once steps are logged) ends
+    with the checkpoint, the line saying how to continue, and exit status 130."""
+    import signal
+    import threading
+    import time
+    from spot.cli import main
+    out = tmp_path / "cli"
+
+    def send():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n"):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=send, daemon=True).start()
+    code = main(["train", "--model", str(workdir / "model"), "--data", str(workdir / "pairs.jsonl"),
+                 "--output", str(out), "--max-steps", "100000", "--lr", "1e-3",
+                 "--tokens-per-batch", "300", "--backend", "torch", "--no-progress",
+                 "--log-every", "100000"])
+    err = capsys.readouterr().err
+    assert code == 130 and "continue with --resume" in err, err[-2000:]
+    from spot.train import checkpoints
+    assert len(checkpoints(out)) == 1 and not (out / "model.safetensors").exists()
+
+
 def test_keep_checkpoints_and_a_short_refusal(workdir, tmp_path):
     from spot.config import ConfigError
     from spot.train import checkpoints
-    train(_cfg(workdir, tmp_path / "all", max_steps=5, save_every=1), log=lambda m: None)
+    train(_cfg(workdir, tmp_path / "all", max_steps=5, save_every=1, keep_checkpoints=0),
+          log=lambda m: None)
     assert [s for s, _ in checkpoints(tmp_path / "all")] == [1, 2, 3, 4]
     with pytest.raises(ConfigError, match=r"4 checkpoints \(checkpoint-1 \.\. checkpoint-4\)"):
         train(_cfg(workdir, tmp_path / "all", max_steps=5, save_every=1), log=lambda m: None)
-    train(_cfg(workdir, tmp_path / "two", max_steps=5, save_every=1, keep_checkpoints=2),
-          log=lambda m: None)
-    assert [s for s, _ in checkpoints(tmp_path / "two")] == [3, 4]
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / ".tmp-checkpoint-9").mkdir()  # a write that never finished
+    train(_cfg(workdir, tmp_path / "two", max_steps=5, save_every=1), log=lambda m: None)
+    assert [s for s, _ in checkpoints(tmp_path / "two")] == [3, 4]  # the default keeps 2
+    assert not list((tmp_path / "two").glob(".tmp-*"))
+    cfg = _cfg(workdir, tmp_path / "x", save_every=None, keep_checkpoints=None).validate()
+    assert cfg.save_every == cfg.keep_checkpoints == 0  # a YAML null: never / all
 
 
 def test_torchrun_two_processes_agree_with_one(workdir, tmp_path):
@@ -356,7 +389,7 @@ def test_bad_settings_are_one_line_errors(workdir, tmp_path, capsys):
     cases = [(["--model", str(tmp_path / "nosuch")], "model: no such folder"),
              (["--model", str(tmp_path / "tokonly")], "model: cannot load"),
              (["--model", str(tmp_path / "noweights")], "model: cannot load"),
-             (["--keep-checkpoints", "0"], "keep_checkpoints: must be >= 1"),
+             (["--keep-checkpoints", "-1"], "keep_checkpoints: must be >= 0"),
              (["--save-every", "-1"], "save_every: must be >= 0"),
              (["--backend", "bogus"], "backend: must be"),
              (["--backend", "cuda"], "backend: cuda does not run on cpu"),
