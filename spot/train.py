@@ -358,7 +358,9 @@ def load_trainer_state(ckpt, cfg, world):
     """A checkpoint's ``trainer_state.pt``, refused (``ConfigError``) when it cannot be read or
     its run differs from ``cfg`` in a value that defines the run (``run_settings``)."""
     try:
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        # mapped, not read: under torchrun every rank of a node loads this file, and the
+        # optimizer's full state (8 bytes a parameter) would otherwise sit in RAM once a rank
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False, mmap=True)
     except Exception as e:  # noqa: BLE001 - a torn or foreign file: one line, not a traceback
         raise ConfigError(f"resume: cannot read {ckpt / 'trainer_state.pt'} "
                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); delete "
