@@ -70,8 +70,9 @@ class OracleServer:
                     oracle.auth.append(self.headers.get("Authorization"))
                     n = oracle.counts[tag] = oracle.counts.get(tag, 0) + 1
                     script = oracle.scripts.get(tag, [])
-                    action = script[n - 1] if n <= len(script) else (script[-1] if script and
-                                                                     script[-1] == "always500" else "ok")
+                    action = script[n - 1] if n <= len(script) else (
+                        script[-1] if script and script[-1] in ("always500", "always400", "html")
+                        else "ok")
 
                 if oracle.delay:
                     time.sleep(oracle.delay)
@@ -96,6 +97,23 @@ class OracleServer:
                                      {"Retry-After": "0"} if code == 429 else {})
                 if action == "401":
                     return self.send(401, {"error": {"message": "bad key", "type": "auth"}})
+                if action == "always400":  # e.g. an option the endpoint rejects
+                    return self.send(400, {"error": {"message": "temperature is not supported",
+                                                     "type": "invalid_request_error"}})
+                if action == "html":  # a proxy's page, with status 200
+                    data = b"<html><body>Gateway says hello</body></html>"
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+                if action == "refuse":
+                    return self.send(200, {"id": "x", "object": "chat.completion", "created": 0,
+                                           "model": body["model"], "choices": [{
+                                               "index": 0, "finish_reason": "stop",
+                                               "message": {"role": "assistant", "content": None,
+                                                           "refusal": "I can't help with that."}}]})
                 odd = {"choices_str": ["x"], "message_str": [{"message": "hi"}],
                        "choices_dict": {"a": 1},
                        "content_int": [{"message": {"role": "assistant", "content": 5}}]}
@@ -359,7 +377,7 @@ def test_backoff_is_exponential_jittered_and_capped():
 def test_odd_replies_are_recorded_and_the_run_goes_on(tmp_path, oracle):
     """Replies of an unexpected shape fail their record (``empty``) instead of the run; text parts
     are joined; a reply cut short is retried; a lone surrogate is written (as U+FFFD), so a rerun
-    asks nothing again. Elicit's finish_reason stays; the Oracle's is ``oracle_finish_reason``."""
+    asks again only for the api_error record. Elicit's finish_reason stays; the Oracle's is ``oracle_finish_reason``."""
     errors, out = tmp_path / "errors.jsonl", tmp_path / "c.jsonl"
     recs = write_errors(errors, 9, seed=6)
     with open(errors, "w") as f:
@@ -384,7 +402,50 @@ def test_odd_replies_are_recorded_and_the_run_goes_on(tmp_path, oracle):
     counts = dict(oracle.counts)
     s = C.correct(C.load_errors(str(errors)), str(out), make_oracle(oracle.url), workers=3,
                   progress=False)
-    assert s["new"] == 0 and oracle.counts == counts  # every record was written: nothing redone
+    # every record was written: a rerun redoes only the api_error one (transient by nature)
+    assert s["new"] == 1 and s["done"] == 9
+    assert {k: v for k, v in oracle.counts.items() if k != "Q7"} == {
+        k: v for k, v in counts.items() if k != "Q7"} and oracle.counts["Q7"] > counts["Q7"]
+
+
+def test_refusals_proxy_pages_and_a_short_key(tmp_path, oracle):
+    """A refusal is its own status with the model's words; a 200 that is not a chat completion
+    (a proxy's HTML page) is retried, then an api_error saying so; a key of a few characters
+    (a local server's) is not scrubbed from text, where it would rewrite every x."""
+    errors, out = tmp_path / "errors.jsonl", tmp_path / "c.jsonl"
+    recs = write_errors(errors, 4, seed=9)
+    oracle.scripts = {"Q0": ["refuse"], "Q1": ["html"], "Q2": ["html", "ok"]}
+    C.correct(C.load_errors(str(errors)), str(out), make_oracle(oracle.url, api_key="x"),
+              workers=2, progress=False)
+    rows = {r["id"]: r for r in read_jsonl(str(out))}
+    assert rows["p0:0"]["status"] == "refused" and "can't help" in rows["p0:0"]["error"]
+    assert rows["p0:0"]["oracle_finish_reason"] == "stop"
+    assert rows["p1:0"]["status"] == "api_error" and "not a chat completion" in rows["p1:0"]["error"]
+    assert "Gateway says hello" in rows["p1:0"]["error"] and oracle.counts["Q1"] == 4
+    assert rows["p2:0"]["status"] == "verified" and rows["p3:0"]["status"] == "verified"
+    for k, r in rows.items():  # "x" in the texts stays
+        src = recs[int(k[1:-2])]
+        assert r["original_answer"] == src["response"] and r["question"] == src["question"]
+        if r["status"] == "verified":
+            assert r["corrected_answer"] == oracle_fix(src["response"])
+
+
+def test_an_endpoint_failing_every_record_stops_the_run(tmp_path, oracle, capsys):
+    """Ten records in a row failing at the endpoint (a 400 for every request: an option it
+    rejects) stop the run with the error and status 1, instead of burning through all 30; a
+    rerun after the fix goes on (with --retry-failed for the bad_request ones)."""
+    errors, out = tmp_path / "errors.jsonl", tmp_path / "c.jsonl"
+    write_errors(errors, 30, seed=10)
+    oracle.scripts = {f"Q{i}": ["always400"] for i in range(30)}
+    with pytest.raises(C.OracleStuck, match="10 records in a row .*bad_request.*temperature"):
+        C.correct(C.load_errors(str(errors)), str(out), make_oracle(oracle.url), workers=1,
+                  progress=False)
+    # the one worker may have sent the next request while the tenth failure was written
+    assert len(read_jsonl(str(out))) == C.STOP_AFTER and sum(oracle.counts.values()) <= 11
+    oracle.scripts = {}
+    s = C.correct(C.load_errors(str(errors)), str(out), make_oracle(oracle.url), workers=2,
+                  retry_failed=True, progress=False, log=lambda m: None)
+    assert s["done"] == s["verified"] == 30 and s["new"] == 30
 
 
 def test_resume_keeps_a_whole_last_record_without_newline(tmp_path, oracle):

@@ -112,6 +112,9 @@ def test_elicit_tiny_model_resumes_without_duplicates(tmp_path, tiny_dir, capsys
     assert "8 answers (4 new, 4 resumed)" in capsys.readouterr().out
     assert cli(base) == 0  # nothing left to do
     assert len(read_jsonl(str(out / "all.jsonl"))) == 8
+    gone = [a if a != tiny_dir else str(tmp_path / "deleted-model") for a in base]
+    assert cli(gone) == 0  # ... so no model loads: a rerun of `run` skips straight on
+    assert "8 answers (0 new, 8 resumed)" in capsys.readouterr().out
 
 
 def test_run_end_to_end(tmp_path, tiny_dir, capsys):
@@ -186,9 +189,15 @@ def test_run_checks_oracle_options_before_the_model_loads(tmp_path, capsys):
     gt.write_text("{question} {answer} {ground_truth} {start} {end}")
     base = ["run", "--model", str(tmp_path / "no-model"), "--data", str(data), "--output", str(out),
             "--oracle-url", "http://127.0.0.1:9/v1", "--oracle-model", "m"]
+    (tmp_path / "a-file").write_text("x")
     for extra, msg in ((["--workers", "0"], "--workers"), (["--max-retries", "-1"], "--max-retries"),
                        (["--timeout", "0"], "--timeout"),
-                       (["--prompt-template", str(gt)], "--with-ground-truth")):
+                       (["--prompt-template", str(gt)], "--with-ground-truth"),
+                       (["--top-p", "0"], "top_p must be in (0, 1]"),
+                       (["--samples", "0"], "samples must be a positive integer"),
+                       (["--device", "gpu"], "device: 'gpu' is not a torch device"),
+                       (["--device", "cuda:7"], "device: 'cuda:7'"),
+                       (["--output", str(tmp_path / "a-file")], "is a file, not a folder")):
         assert cli(base + extra) == 2
         err = capsys.readouterr().err
         assert msg in err and len(err.splitlines()) == 1, err  # not the model's load error

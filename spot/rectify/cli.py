@@ -42,19 +42,23 @@ def add_parser(subparsers):
 
 def _elicit_args(p, output_help):
     p.add_argument("--model", required=True, help="model path or name (transformers)")
-    p.add_argument("--data", required=True, help="problems JSONL: prompt|question and "
+    p.add_argument("--data", required=True, help="problems JSONL: prompt|question|problem and "
                    "answer|solution|ground_truth")
     p.add_argument("--output", required=True, help=output_help)
     p.add_argument("--samples", type=int, default=1, help="answers per problem (default 1)")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.8)
-    p.add_argument("--max-new-tokens", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--temperature", type=float, default=0.7,
+                   help="sampling temperature, >= 0 (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.8,
+                   help="nucleus sampling, (0, 1] (default 0.8)")
+    p.add_argument("--max-new-tokens", type=int, default=2048,
+                   help="answer length limit (default 2048)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="prompts a generation call (default 8)")
     p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
                    help="generation engine (vllm only when installed)")
     p.add_argument("--system-prompt", default=None, help="optional system message")
     p.add_argument("--limit", type=int, default=None, help="only the first N >= 0 problems")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
 
@@ -82,8 +86,10 @@ def _oracle_args(p):
                         "{answer}, {start} and {end} (the markers around the corrected "
                         "solution); {ground_truth} only with --with-ground-truth")
     p.add_argument("--retry-failed", action="store_true",
-                   help="redo the records a previous run recorded as failed")
-    p.add_argument("--oracle-temperature", type=float, default=0.0)
+                   help="redo the records a previous run recorded as failed (api_error, the "
+                        "transient kind, is redone anyway)")
+    p.add_argument("--oracle-temperature", type=float, default=0.0,
+                   help="the Oracle's sampling temperature (default 0)")
     p.add_argument("--oracle-max-tokens", type=int, default=None,
                    help="reply length limit, >= 1 (default: the endpoint's)")
 
@@ -115,8 +121,8 @@ def _friendly(fn):
                   f"'spot-kernels[train]')", file=sys.stderr)
             return 2
         except OSError as e:  # a missing file, or a model / tokenizer path that does not load
-            print(f"spot rectify: error: {str(e).splitlines()[0] if str(e) else e!r}",
-                  file=sys.stderr)
+            why = str(e).splitlines()[0] if str(e) else repr(e)
+            print(f"spot rectify: error: {why}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("spot rectify: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -25,12 +25,19 @@ Design:
   401/403/404 stop the run (every request would fail the same way); other 4xx fail the record.
 * Failures are recorded, never guessed: ``status`` is ``verified``, ``wrong_answer`` (the
   correction's answer is not the ground truth), ``no_markers`` (the reply lacks the markers; its
-  text is not used), ``empty`` (no text in the reply, also a reply of an unexpected shape),
-  ``api_error`` (retries exhausted) or ``bad_request``. ``finish_reason`` is elicit's;
-  ``oracle_finish_reason`` is the Oracle's (``None`` when there was no reply).
-  ``--retry-failed`` drops the failed lines of a previous run and redoes those records.
-* The API key is read only from the environment variable ``--api-key-env`` and scrubbed from every
-  error message before it is printed or written.
+  text is not used), ``empty`` (a chat completion without text), ``refused`` (the model's
+  refusal, its text in ``error``), ``api_error`` (retries exhausted, also for a reply that is not
+  a chat completion, e.g. a proxy's HTML page) or ``bad_request``. ``finish_reason`` is
+  elicit's; ``oracle_finish_reason`` is the Oracle's (``None`` when there was no reply).
+  A rerun redoes the ``api_error`` records (transient by nature); ``--retry-failed`` drops every
+  failed line of a previous run and redoes those records.
+* An Oracle that fails ``STOP_AFTER`` records in a row (``api_error``, ``bad_request``: a wrong
+  URL, an option the endpoint rejects) stops the run with the last error and exit status 1,
+  rather than burning through every record.
+* The API key is read only from the environment variable ``--api-key-env`` and scrubbed from
+  error messages and replies before they are printed or written (a key shorter than 8
+  characters, such as a local server's ``EMPTY``, is no secret and is left alone: scrubbing it
+  would rewrite ordinary text).
 """
 from __future__ import annotations
 
@@ -76,9 +83,17 @@ ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 class OracleError(Exception):
     """A request that failed for good: ``kind`` is a status, ``attempts`` how many were sent."""
 
-    def __init__(self, kind, message, attempts):
+    def __init__(self, kind, message, attempts, finish=None):
         super().__init__(message)
-        self.kind, self.attempts = kind, attempts
+        self.kind, self.attempts, self.finish = kind, attempts, finish
+
+
+class OracleStuck(Exception):
+    """``STOP_AFTER`` records in a row failed at the endpoint: stop the run (exit status 1)."""
+
+
+STOP_AFTER = 10
+ENDPOINT_FAILURES = ("api_error", "bad_request")
 
 
 class OracleFatal(Exception):
@@ -146,10 +161,22 @@ def reply_text(resp):
             finish if isinstance(finish, str) else None)
 
 
+MIN_SECRET = 8  # a shorter "key" (EMPTY, x, none: local servers) is not scrubbed
+
+
 def redact(text, secret):
-    """``text`` with ``secret`` replaced by ``***``."""
+    """``text`` with ``secret`` replaced by ``***`` (a ``secret`` of at least ``MIN_SECRET``
+    characters: a short one would rewrite ordinary text, such as every x of an answer)."""
     text = str(text)
-    return text.replace(secret, "***") if secret else text
+    return text.replace(secret, "***") if secret and len(secret) >= MIN_SECRET else text
+
+
+def refusal(resp):
+    """The model's refusal text of a chat completion, or None."""
+    choices = getattr(resp, "choices", None)
+    choice = choices[0] if isinstance(choices, list) and choices else None
+    text = getattr(getattr(choice, "message", None), "refusal", None)
+    return text if isinstance(text, str) and text else None
 
 
 class Oracle:
@@ -226,9 +253,18 @@ class Oracle:
                     stop.wait(self._delay(attempt - 1, e))
                     continue
                 raise OracleError("api_error" if kind == "retry" else kind, msg, attempt) from None
+            if getattr(resp, "choices", None) is None:  # not a completion: a proxy's HTML page
+                msg = redact(f"the reply is not a chat completion: {str(resp)[:200]!r}", self._key)
+                if attempt <= self.max_retries:
+                    stop.wait(self._delay(attempt - 1, None))
+                    continue
+                raise OracleError("api_error", msg, attempt)
             text, finish = reply_text(resp)
             if text is None:
-                raise OracleError("empty", "the reply had no text content", attempt)
+                why = refusal(resp)
+                if why is not None:
+                    raise OracleError("refused", redact(why, self._key)[:1000], attempt, finish)
+                raise OracleError("empty", "the reply had no text content", attempt, finish)
             return text, finish, attempt
 
 
@@ -265,16 +301,22 @@ def correct(records, output, oracle, *, workers=16, template=None, with_ground_t
     """Correct ``records`` (from :func:`load_errors`) into ``output`` (appended, resumable).
 
     Returns the summary over the whole output file plus this run's ``new`` and ``retries``.
-    Raises :class:`OracleFatal` (after keeping what was finished) on authentication errors.
+    Raises :class:`OracleFatal` (after keeping what was finished) on authentication errors, and
+    :class:`OracleStuck` once ``STOP_AFTER`` records in a row failed at the endpoint.
     """
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     checker = checker_name(checker)
     log = log or (lambda m: print(m, file=sys.stderr))
-    if retry_failed and os.path.exists(output):
+    if os.path.exists(output):  # redo api_error records (all failed ones with retry_failed)
         repair(output)
-        kept = [r for r in read_jsonl(output, strict=False) if r.get("status") == "verified"]
-        rewrite(output, kept)
+        rows = read_jsonl(output, strict=False)
+        kept = [r for r in rows if (r.get("status") == "verified" if retry_failed
+                                    else r.get("status") != "api_error")]
+        if len(kept) < len(rows):
+            rewrite(output, kept)
+            log(f"correct: redoing {len(rows) - len(kept)} records that failed before "
+                f"({'all failures' if retry_failed else 'api_error'})")
     done = done_ids(output)
     pending = [r for r in records if r["id"] not in done]
 
@@ -301,7 +343,7 @@ def correct(records, output, oracle, *, workers=16, template=None, with_ground_t
     from tqdm.auto import tqdm
     bar = tqdm(total=len(records), initial=len(records) - len(pending), desc="correct",
                unit="record", disable=not progress, file=sys.stderr)
-    new = retries = 0
+    new = retries = in_a_row = 0
     try:
         with Appender(output) as out:
             for _ in range(min(workers, len(pending))):
@@ -313,7 +355,8 @@ def correct(records, output, oracle, *, workers=16, template=None, with_ground_t
                 row = dict(rec, oracle_model=oracle.model, with_ground_truth=with_ground_truth,
                            corrected_answer=None, verified=False, oracle_finish_reason=None)
                 if isinstance(res, OracleError):
-                    row.update(status=res.kind, attempts=res.attempts, error=str(res))
+                    row.update(status=res.kind, attempts=res.attempts, error=str(res),
+                               oracle_finish_reason=res.finish)
                 else:
                     text, finish, attempts = res
                     row.update(attempts=attempts, oracle_finish_reason=finish)
@@ -327,12 +370,16 @@ def correct(records, output, oracle, *, workers=16, template=None, with_ground_t
                         row.update(corrected_answer=body, verified=ok, checker=checker,
                                    status="verified" if ok else "wrong_answer")
                 retries += row["attempts"] - 1
-                if oracle._key:  # a reply or error that quotes the key is written without it
-                    row = {k: redact(v, oracle._key) if isinstance(v, str) else v
-                           for k, v in row.items()}
+                for k in ("error", "oracle_reply", "corrected_answer"):  # the Oracle's words
+                    if isinstance(row.get(k), str):  # may quote the key; the input's are not
+                        row[k] = redact(row[k], oracle._key)  # touched
                 out.write(row)
                 new += 1
                 bar.update(1)
+                in_a_row = in_a_row + 1 if row["status"] in ENDPOINT_FAILURES else 0
+                if in_a_row >= STOP_AFTER:
+                    raise OracleStuck(f"{in_a_row} records in a row failed at the endpoint, the "
+                                      f"last with {row['status']}: {row.get('error', '')[:300]}")
     finally:  # done, Ctrl-C or an error: no new request or retry starts; those in flight are
         stop.set()  # abandoned (their daemon threads end with them or with the process)
         bar.close()
@@ -347,8 +394,10 @@ def correct(records, output, oracle, *, workers=16, template=None, with_ground_t
 
 def format_summary(s):
     failed = ", ".join(f"{k} {v}" for k, v in s["failed"].items()) or "none"
+    hint = (" (a rerun redoes api_error; --retry-failed redoes every failure)"
+            if s["failed"] else "")
     return (f"correct: {s['done']} done ({s['new']} this run, {s['retries']} retries), "
-            f"{s['verified']} corrected and verified; failed: {failed}")
+            f"{s['verified']} corrected and verified; failed: {failed}{hint}")
 
 
 def check_args(args):
@@ -396,6 +445,10 @@ def correct_main(args, input_path=None, output_path=None):
                     retry_failed=getattr(args, "retry_failed", False))
     except OracleFatal as e:
         print(f"correct: stopped, the Oracle refused the request: {redact(e, key)}", file=sys.stderr)
+        return 1
+    except OracleStuck as e:
+        print(f"correct: stopped: {e}; fix the endpoint or the options and rerun (api_error "
+              f"records are redone; --retry-failed redoes bad_request ones too)", file=sys.stderr)
         return 1
     print(format_summary(s))
     return 0

@@ -165,13 +165,7 @@ def elicit(problems, generator, tokenizer, output_dir, *, samples=1, batch_size=
     ``generator(prompts, temperature=, top_p=, max_new_tokens=) -> [(text, finish_reason)]``.
     Returns counts: ``{"done", "new", "correct", "wrong", "skipped"}`` over the whole folder.
     """
-    for name, v in (("samples", samples), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_options(samples, batch_size, temperature, top_p, max_new_tokens, output_dir)
     checker = checker_name(checker)
     os.makedirs(output_dir, exist_ok=True)
     all_path, err_path = os.path.join(output_dir, "all.jsonl"), os.path.join(output_dir, "errors.jsonl")
@@ -185,12 +179,8 @@ def elicit(problems, generator, tokenizer, output_dir, *, samples=1, batch_size=
                     errs.write(rec)
 
     work = []
-    for p in problems:
-        prompt = chat_prompt(tokenizer, p["question"], system)
-        for k in range(samples):
-            sid = f"{p['id']}:{k}"
-            if sid not in done:
-                work.append((sid, k, p, prompt))
+    for p, k in pending(problems, samples, done):  # the tokenizer only for what is left
+        work.append((f"{p['id']}:{k}", k, p, chat_prompt(tokenizer, p["question"], system)))
     work.sort(key=lambda w: -len(w[3]))  # longest first: similar lengths share a batch
 
     from tqdm.auto import tqdm
@@ -225,9 +215,50 @@ def elicit(problems, generator, tokenizer, output_dir, *, samples=1, batch_size=
             "skipped": len(done)}
 
 
+def check_options(samples, batch_size, temperature, top_p, max_new_tokens, output_dir):
+    """The sampling options and the output folder, checked before any model loads."""
+    for name, v in (("samples", samples), ("batch_size", batch_size),
+                    ("max_new_tokens", max_new_tokens)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"output: {output_dir} is a file, not a folder")
+
+
+def check_device(device):
+    """``device`` (None: the default) as torch names it, and present on this machine."""
+    if device is None:
+        return
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        why = str(e).splitlines()[0]
+        raise ValueError(f"device: {device!r} is not a torch device ({why})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} asked for, but this torch sees no CUDA device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device: {device!r}, but there are {torch.cuda.device_count()} "
+                         f"CUDA devices")
+
+
+def pending(problems, samples, done):
+    """``(problem, k)`` of every sample whose id ``problem:k`` is not in ``done``."""
+    return [(p, k) for p in problems for k in range(samples) if f"{p['id']}:{k}" not in done]
+
+
 def elicit_main(args):
     problems = load_problems(args.data, args.limit)
-    if args.engine == "vllm":
+    check_options(args.samples, args.batch_size, args.temperature, args.top_p,
+                  args.max_new_tokens, args.output)
+    check_device(getattr(args, "device", None))
+    if not pending(problems, args.samples, done_ids(os.path.join(args.output, "all.jsonl"))):
+        gen = tok = None  # nothing left to sample (a rerun of `run`): no model to load
+    elif args.engine == "vllm":
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(args.model)
         gen = VLLMGenerator(args.model, tok, seed=args.seed, dtype=args.dtype)
