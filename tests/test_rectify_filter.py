@@ -122,3 +122,22 @@ def test_verified_record_without_a_key_is_a_value_error(tmp_path, capsys, key):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"missing key '{key}'" in err[0] and str(src) in err[0], err
     assert not out.exists()
+
+
+def test_a_corrupt_line_or_the_wrong_file_is_an_error_a_torn_tail_is_not(tmp_path):
+    """A line in the middle that is not JSON names the file and line; a last line cut short
+    without its newline (a killed run) is skipped; a file without any 'status' (elicit's
+    errors.jsonl given by mistake) is refused instead of giving 'kept 0 of 0'."""
+    recs = corrected_records(6, seed=4)
+    lines = [json.dumps(r) for r in recs]
+    src, out = tmp_path / "corrected.jsonl", tmp_path / "pairs.jsonl"
+    src.write_text("\n".join(lines[:3] + ['{"id": "p3:0", "sta'] + lines[4:]) + "\n")
+    with pytest.raises(ValueError, match=f"{src}:4: not valid JSON"):
+        F.filter_file(str(src), str(out), build_tokenizer())
+    src.write_text("\n".join(lines[:5]) + "\n" + lines[5][:40])  # torn, no newline
+    pairs, stats = F.filter_file(str(src), str(out), build_tokenizer(), gamma=1.0)
+    assert stats["input"] == 5
+    src.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "status"}) + "\n"
+                           for r in recs))
+    with pytest.raises(ValueError, match="no records of `spot rectify correct`"):
+        F.filter_file(str(src), str(out), build_tokenizer())

@@ -18,6 +18,7 @@ is deterministic and fast, so it needs no resumption.
 """
 from __future__ import annotations
 
+import json
 import os
 
 from .jsonl import read_jsonl, rewrite
@@ -121,10 +122,35 @@ def load_tokenizer(path):
     return AutoTokenizer.from_pretrained(path)
 
 
+def read_corrected(path):
+    """The records of ``correct``'s output: a line that is not a JSON object is an error naming
+    it, except a last line cut short without its newline (a run killed mid-write); a file of
+    records without ``status`` is not ``correct``'s output."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    records = []
+    for k, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if k == len(lines):  # no newline after it: torn by a kill, skipped
+                break
+            raise ValueError(f"{path}:{k}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{k}: expected a JSON object per line")
+        records.append(rec)
+    if records and not any("status" in r for r in records):
+        raise ValueError(f"input: {path} holds no records of `spot rectify correct` (no "
+                         f"'status' key): give its output, corrected.jsonl")
+    return records
+
+
 def filter_file(input_path, output_path, tokenizer, *, gamma=0.6, masks=False):
     if not os.path.exists(input_path):
         raise ValueError(f"input: {input_path} does not exist")
-    pairs, stats = filter_pairs(read_jsonl(input_path, strict=False), tokenizer, gamma=gamma,
+    pairs, stats = filter_pairs(read_corrected(input_path), tokenizer, gamma=gamma,
                                 masks=masks, source=input_path)
     d = os.path.dirname(os.path.abspath(output_path))
     os.makedirs(d, exist_ok=True)
