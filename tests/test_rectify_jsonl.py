@@ -26,3 +26,24 @@ def test_repair_keeps_a_whole_last_record_and_drops_a_torn_one(tmp_path):
     with Appender(str(p)) as out:
         out.write({"id": "2"})
     assert [r["id"] for r in read_jsonl(str(p))] == ["1", "2"]
+
+
+def test_a_second_writer_is_refused_and_rewrite_leaves_nothing_behind(tmp_path):
+    """Two writers of one output would interleave duplicates: the second is refused while the
+    first holds the file. A rewrite that fails keeps the old file and leaves no temporary."""
+    import pytest
+    from spot.rectify.jsonl import Appender, read_jsonl, rewrite
+    path = tmp_path / "out.jsonl"
+    with Appender(str(path)) as a:
+        a.write({"id": "1"})
+        with pytest.raises(ValueError, match="being written by another process"):
+            Appender(str(path))
+    with Appender(str(path)) as a:  # free again once the first has closed
+        a.write({"id": "2"})
+    with pytest.raises(TypeError):
+        rewrite(str(path), [{"id": "3"}, {"id": object()}])
+    assert [r["id"] for r in read_jsonl(str(path))] == ["1", "2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+    rewrite(str(path), [{"id": "4"}])
+    assert [r["id"] for r in read_jsonl(str(path))] == ["4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]

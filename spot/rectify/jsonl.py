@@ -105,14 +105,28 @@ def done_ids(path, key="id"):
 
 
 class Appender:
-    """Append records to a JSONL file, one complete line per ``write``."""
+    """Append records to a JSONL file, one complete line per ``write``. The file is locked
+    (``flock``, where the system has it) while open: a second process writing the same output
+    would interleave duplicates, so it is refused with a ``ValueError``."""
 
     def __init__(self, path):
         d = os.path.dirname(os.path.abspath(path))
         os.makedirs(d, exist_ok=True)
-        repair(path)
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): unlocked
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(self.fd)
+                self.fd = None
+                raise ValueError(f"output: {path} is being written by another process; wait "
+                                 f"for it to finish or choose another output") from None
+        repair(path)  # under the lock: no writer is mid-line
 
     def write(self, record):
         data = dumps_line(record)
@@ -134,11 +148,30 @@ class Appender:
 
 
 def rewrite(path, records):
-    """Replace ``path`` with ``records`` atomically (temporary file + rename)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        for r in records:
-            f.write(dumps_line(r))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Replace ``path`` with ``records`` atomically: a temporary file of its own in the same
+    folder, synced, renamed over ``path`` (the folder synced too); removed if anything fails."""
+    import tempfile
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for r in records:
+                f.write(dumps_line(r))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # the rename itself survives a power loss once the folder is synced
+        dfd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
