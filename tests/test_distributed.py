@@ -25,7 +25,9 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 SPLITS = {2: [19, 19], 3: [10, 20, 7]}  # rows of W per rank: equal and uneven
 
 
-def _vocab_parallel(group):
+def _vocab_parallel(group, backend="torch", first_only=False):
+    """``first_only``: the first check (values, entropy and gradients with bias and softcap),
+    for another backend than torch."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     sizes = SPLITS[world]
     v = sum(sizes)
@@ -40,7 +42,7 @@ def _vocab_parallel(group):
     ws = w[start:stop].clone().requires_grad_()
     bs = b[start:stop].clone().requires_grad_()
     logp, ent = sk.token_logprobs(hh, ws, t, bias=bs, process_group=group,
-                                  return_entropy=True, backend="torch", **kw)
+                                  return_entropy=True, backend=backend, **kw)
     truth, same, gout = references(h, w, t, b, **kw)
     assert_close(logp, same[0], truth[0], torch.float32, "logp")
     _, ent64 = reference.token_logprobs(h.double(), w.double(), t, b.double(),
@@ -51,6 +53,8 @@ def _vocab_parallel(group):
     assert_close(dh, same[1][0], truth[1][0], torch.float32, "dh")
     assert_close(dw, same[1][1][start:stop], truth[1][1][start:stop], torch.float32, "dW shard")
     assert_close(db, same[1][2][start:stop], truth[1][2][start:stop], torch.float32, "db shard")
+    if first_only:
+        return
 
     # an ignore_index inside the vocabulary: a local row equal to it must still count
     starts = (bounds - torch.tensor(sizes)).tolist()
@@ -286,6 +290,8 @@ def _worker(rank, world, init_file):
         pair = dist.new_group([0, 1])  # every rank must take part in creating it
         if rank < 2:
             _vocab_parallel(pair)          # 2 ranks, equal split
+            if "triton" in sk.available_backends("cpu"):  # under TRITON_INTERPRET=1
+                _vocab_parallel(pair, "triton", first_only=True)
             _fsdp2(pair)                   # fully_shard over 2 ranks
             _fsdp2_hf(pair)                # a fully_shard'ed transformers model through hf
             _fsdp1(pair, use_orig_params=True)   # FSDP1 FullyShardedDataParallel
