@@ -430,6 +430,25 @@ def test_refusals_proxy_pages_and_a_short_key(tmp_path, oracle):
             assert r["corrected_answer"] == oracle_fix(src["response"])
 
 
+def test_resuming_with_another_oracle_or_prompt_is_refused(tmp_path, oracle):
+    errors, out = tmp_path / "errors.jsonl", tmp_path / "c.jsonl"
+    write_errors(errors, 3, seed=11)
+    C.correct(C.load_errors(str(errors)), str(out), make_oracle(oracle.url), workers=1,
+              progress=False)
+    other = C.Oracle(oracle.url, "another-oracle", timeout=0.6)
+    with pytest.raises(ValueError, match="other settings .*oracle_model 'rule-oracle' -> "
+                                         "'another-oracle'"):
+        C.correct(C.load_errors(str(errors)), str(out), other, progress=False)
+    with pytest.raises(ValueError, match="with_ground_truth False -> True"):
+        C.correct(C.load_errors(str(errors)), str(out), make_oracle(oracle.url),
+                  with_ground_truth=True, progress=False)
+    with pytest.raises(ValueError, match="prompt_template None -> "):
+        C.correct(C.load_errors(str(errors)), str(out), make_oracle(oracle.url),
+                  template=C.PROMPT + " ", progress=False)
+    s = C.correct(C.load_errors(str(errors)), str(out), make_oracle(oracle.url), progress=False)
+    assert s["new"] == 0 and s["done"] == 3
+
+
 def test_an_endpoint_failing_every_record_stops_the_run(tmp_path, oracle, capsys):
     """Ten records in a row failing at the endpoint (a 400 for every request: an option it
     rejects) stop the run with the error and status 1, instead of burning through all 30; a

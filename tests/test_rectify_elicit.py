@@ -84,6 +84,14 @@ def test_elicit_split_with_scripted_generator(tmp_path):
     assert sorted(r["id"] for r in rows) == sorted(f"p{i}:{k}" for i in range(5) for k in range(2))
     assert sorted(r["id"] for r in errs) == sorted(f"p{i}:{k}" for i in (1, 3) for k in range(2))
     assert all(not r["response"].startswith("<think>") for r in rows)
+    assert all((r["temperature"], r["top_p"], r["system"]) == (0.7, 0.8, None) for r in rows)
+    # resuming with other sampling settings would mix two kinds of answers in one file
+    for kw, what in (({"temperature": 1.0}, "temperature 0.7 -> 1.0"),
+                     ({"system": "Be brief."}, "system None -> 'Be brief.'")):
+        with pytest.raises(ValueError, match=f"other settings \\({what}\\)"):
+            E.elicit(probs, gen, tok, str(tmp_path), samples=3, progress=False, **kw)
+    stats = E.elicit(probs, gen, tok, str(tmp_path), samples=3, batch_size=3, progress=False)
+    assert stats["new"] == 5 and stats["done"] == 15
 
 
 def test_elicit_tiny_model_resumes_without_duplicates(tmp_path, tiny_dir, capsys):

@@ -41,6 +41,7 @@ Design:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -50,7 +51,7 @@ import sys
 import threading
 
 from .answers import check_answer, checker_name
-from .jsonl import Appender, done_ids, read_jsonl, repair, rewrite
+from .jsonl import Appender, check_same_settings, done_ids, read_jsonl, repair, rewrite
 
 START, END = "<corrected_solution>", "</corrected_solution>"
 
@@ -308,6 +309,11 @@ def correct(records, output, oracle, *, workers=16, template=None, with_ground_t
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     checker = checker_name(checker)
     log = log or (lambda m: print(m, file=sys.stderr))
+    settings = {"oracle_model": oracle.model, "with_ground_truth": with_ground_truth,
+                "oracle_temperature": oracle.temperature,
+                "prompt_template": None if template is None else
+                hashlib.sha256(template.encode()).hexdigest()[:16]}
+    check_same_settings(output, settings, "corrections")
     if os.path.exists(output):  # redo api_error records (all failed ones with retry_failed)
         repair(output)
         rows = read_jsonl(output, strict=False)
@@ -352,8 +358,8 @@ def correct(records, output, oracle, *, workers=16, template=None, with_ground_t
                 rec, res = results.get()
                 if isinstance(res, BaseException) and not isinstance(res, OracleError):
                     raise res
-                row = dict(rec, oracle_model=oracle.model, with_ground_truth=with_ground_truth,
-                           corrected_answer=None, verified=False, oracle_finish_reason=None)
+                row = dict(rec, **settings, corrected_answer=None, verified=False,
+                           oracle_finish_reason=None)
                 if isinstance(res, OracleError):
                     row.update(status=res.kind, attempts=res.attempts, error=str(res),
                                oracle_finish_reason=res.finish)

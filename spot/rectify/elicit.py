@@ -25,7 +25,7 @@ import os
 import sys
 
 from .answers import check_answer, checker_name, ground_truth_answer
-from .jsonl import Appender, done_ids, has_surrogate, iter_jsonl, read_jsonl
+from .jsonl import Appender, check_same_settings, done_ids, has_surrogate, iter_jsonl, read_jsonl
 
 QUESTION_KEYS = ("prompt", "question", "problem")
 ANSWER_KEYS = ("ground_truth", "answer", "solution")
@@ -167,8 +167,10 @@ def elicit(problems, generator, tokenizer, output_dir, *, samples=1, batch_size=
     """
     check_options(samples, batch_size, temperature, top_p, max_new_tokens, output_dir)
     checker = checker_name(checker)
-    os.makedirs(output_dir, exist_ok=True)
     all_path, err_path = os.path.join(output_dir, "all.jsonl"), os.path.join(output_dir, "errors.jsonl")
+    check_same_settings(all_path, sampling_settings(temperature, top_p, max_new_tokens, system),
+                        "answers")
+    os.makedirs(output_dir, exist_ok=True)
 
     done = done_ids(all_path)
     have_err = done_ids(err_path)
@@ -200,9 +202,8 @@ def elicit(problems, generator, tokenizer, output_dir, *, samples=1, batch_size=
                 ok = check_answer(text, p["ground_truth"], checker=checker)
                 rec = {"id": sid, "problem_id": p["id"], "sample": k, "question": p["question"],
                        "ground_truth": p["ground_truth"], "response": text, "correct": ok,
-                       "finish_reason": finish, "checker": checker, "model": model_name}
-                if system:
-                    rec["system"] = system
+                       "finish_reason": finish, "checker": checker, "model": model_name,
+                       **sampling_settings(temperature, top_p, max_new_tokens, system)}
                 out.write(rec)
                 if not ok:
                     errs.write(rec)
@@ -246,6 +247,12 @@ def check_device(device):
                          f"CUDA devices")
 
 
+def sampling_settings(temperature, top_p, max_new_tokens, system):
+    """What each answer record keeps of how it was sampled (a resume must not mix them)."""
+    return {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
+            "system": system}
+
+
 def pending(problems, samples, done):
     """``(problem, k)`` of every sample whose id ``problem:k`` is not in ``done``."""
     return [(p, k) for p in problems for k in range(samples) if f"{p['id']}:{k}" not in done]
@@ -256,6 +263,9 @@ def elicit_main(args):
     check_options(args.samples, args.batch_size, args.temperature, args.top_p,
                   args.max_new_tokens, args.output)
     check_device(getattr(args, "device", None))
+    check_same_settings(os.path.join(args.output, "all.jsonl"),
+                        sampling_settings(args.temperature, args.top_p, args.max_new_tokens,
+                                          args.system_prompt), "answers")
     if not pending(problems, args.samples, done_ids(os.path.join(args.output, "all.jsonl"))):
         gen = tok = None  # nothing left to sample (a rerun of `run`): no model to load
     elif args.engine == "vllm":

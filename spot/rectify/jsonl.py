@@ -96,6 +96,23 @@ def repair(path):
         return size - keep
 
 
+def check_same_settings(path, settings, what):
+    """Refuse (``ValueError``) to resume ``path`` when its first record was made with other
+    ``settings`` (keys the record has; records of older versions without them pass): one
+    file of answers sampled, or corrected, two ways would mix them silently."""
+    if not os.path.exists(path):
+        return
+    first = next((rec for _, rec in iter_jsonl(path, strict=False)), None)
+    if first is None:
+        return
+    changed = [f"{k} {first[k]!r} -> {v!r}" for k, v in settings.items()
+               if k in first and first[k] != v]
+    if changed:
+        raise ValueError(f"output: {path} holds {what} made with other settings "
+                         f"({', '.join(changed)}); rerun with the same ones, or choose a new "
+                         f"output")
+
+
 def done_ids(path, key="id"):
     """Ids of the records already in ``path`` (after :func:`repair`)."""
     if not os.path.exists(path):
