@@ -144,3 +144,21 @@ def float64_truth(h, w, t, b=None, g=None, **kw):
     grads = torch.autograd.grad((logp * g.double()).sum(), leaves + ([bb] if bb is not None
                                                                      else []))
     return (logp.detach(), lse) + tuple(grads) + ((None,) if bb is None else ())
+
+
+def signal_once_logged(metrics, signum):
+    """Starts a thread that sends ``signum`` to this process once ``metrics`` (a trainer's
+    ``metrics.jsonl``) has a row: a real signal mid-run, as Ctrl-C or a scheduler sends it."""
+    import os
+    import threading
+    import time
+
+    def send():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if metrics.exists() and metrics.read_text().count("\n"):
+                os.kill(os.getpid(), signum)
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=send, daemon=True).start()

@@ -85,24 +85,13 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path, capsys):
 def test_demo_takes_its_older_folders_and_stops_at_once_on_ctrl_c(tmp_path, capsys):
     """A folder from before the marker (base-model/ and demo.png) is the demo's own; Ctrl-C in
     the demo stops it at once ("spot: interrupted", 130), without the trainer's checkpoint."""
-    import os
     import signal
-    import threading
-    import time
+    from conftest import signal_once_logged
     from spot.cli import main
     out = tmp_path / "old"
     (out / "base-model").mkdir(parents=True)
     (out / "demo.png").write_bytes(b"png")
-
-    def send():
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n"):
-                os.kill(os.getpid(), signal.SIGINT)
-                return
-            time.sleep(0.05)
-
-    threading.Thread(target=send, daemon=True).start()
+    signal_once_logged(out / "metrics.jsonl", signal.SIGINT)
     assert main(["demo", "--output", str(out), "--no-progress"]) == 130
     err = capsys.readouterr().err
     assert "spot: interrupted" in err and "--resume" not in err, err[-2000:]

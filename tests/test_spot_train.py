@@ -221,20 +221,10 @@ def test_spot_train_exits_130_after_a_signal(workdir, tmp_path, capsys):
     """The command line: SIGTERM mid-run (sent by another thread once steps are logged) ends
     with the checkpoint, the line saying how to continue, and exit status 130."""
     import signal
-    import threading
-    import time
+    from conftest import signal_once_logged
     from spot.cli import main
     out = tmp_path / "cli"
-
-    def send():
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n"):
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            time.sleep(0.05)
-
-    threading.Thread(target=send, daemon=True).start()
+    signal_once_logged(out / "metrics.jsonl", signal.SIGTERM)
     code = main(["train", "--model", str(workdir / "model"), "--data", str(workdir / "pairs.jsonl"),
                  "--output", str(out), "--max-steps", "100000", "--lr", "1e-3",
                  "--tokens-per-batch", "300", "--backend", "torch", "--no-progress",

@@ -18,10 +18,9 @@ is deterministic and fast, so it needs no resumption.
 """
 from __future__ import annotations
 
-import json
 import os
 
-from .jsonl import read_jsonl, rewrite
+from .jsonl import iter_jsonl, rewrite
 from .lcs import lcs_alignment, lcs_length
 
 PROVENANCE = ("problem_id", "sample", "model", "oracle_model", "with_ground_truth", "checker",
@@ -126,21 +125,7 @@ def read_corrected(path):
     """The records of ``correct``'s output: a line that is not a JSON object is an error naming
     it, except a last line cut short without its newline (a run killed mid-write); a file of
     records without ``status`` is not ``correct``'s output."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    records = []
-    for k, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            if k == len(lines):  # no newline after it: torn by a kill, skipped
-                break
-            raise ValueError(f"{path}:{k}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{path}:{k}: expected a JSON object per line")
-        records.append(rec)
+    records = [rec for _, rec in iter_jsonl(path, torn_tail=True)]
     if records and not any("status" in r for r in records):
         raise ValueError(f"input: {path} holds no records of `spot rectify correct` (no "
                          f"'status' key): give its output, corrected.jsonl")

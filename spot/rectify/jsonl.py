@@ -18,9 +18,10 @@ import re
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def iter_jsonl(path, *, strict=True):
+def iter_jsonl(path, *, strict=True, torn_tail=False):
     """``(line number, record)`` for each record of a JSONL file (blank lines skipped).
-    ``strict=False`` skips undecodable lines (a torn last line) instead of raising."""
+    ``strict=False`` skips undecodable lines instead of raising; ``torn_tail=True`` skips only
+    a last line without its newline (cut short by a kill) and raises for any other."""
     with open(path, encoding="utf-8") as f:
         for k, line in enumerate(f, 1):
             if not line.strip():
@@ -28,7 +29,7 @@ def iter_jsonl(path, *, strict=True):
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                if strict:
+                if strict and not (torn_tail and not line.endswith("\n")):
                     raise ValueError(f"{path}:{k}: not valid JSON ({e.msg})") from None
                 continue
             if not isinstance(rec, dict):
