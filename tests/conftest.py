@@ -12,6 +12,8 @@ On ``device="cpu"`` the ``cuda`` backend runs too, its kernels executed by the h
 """
 from __future__ import annotations
 
+import contextlib
+
 
 import pytest
 import torch
@@ -162,3 +164,20 @@ def signal_once_logged(metrics, signum):
             time.sleep(0.05)
 
     threading.Thread(target=send, daemon=True).start()
+
+
+@contextlib.contextmanager
+def held_by_another_process(path):
+    """``spot.rectify.jsonl.OutputLock(path)`` held by a child process while the block runs."""
+    import subprocess
+    import sys
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from spot.rectify.jsonl import OutputLock\n"
+         f"with OutputLock({str(path)!r}):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()

@@ -29,21 +29,39 @@ def test_repair_keeps_a_whole_last_record_and_drops_a_torn_one(tmp_path):
 
 
 def test_a_second_writer_is_refused_and_rewrite_leaves_nothing_behind(tmp_path):
-    """Two writers of one output would interleave duplicates: the second is refused while the
-    first holds the file. A rewrite that fails keeps the old file and leaves no temporary."""
+    """Two writers of one output would interleave duplicates or lose a rewrite: while another
+    process holds the output's lock, taking it is refused (the same process re-enters it). A
+    rewrite that fails keeps the old file and leaves no temporary; one that succeeds keeps the
+    file's mode."""
+    import os
     import pytest
-    from spot.rectify.jsonl import Appender, read_jsonl, rewrite
+    from conftest import held_by_another_process
+    from spot.rectify.jsonl import Appender, OutputLock, read_jsonl, rewrite
     path = tmp_path / "out.jsonl"
-    with Appender(str(path)) as a:
-        a.write({"id": "1"})
+    with held_by_another_process(path):
         with pytest.raises(ValueError, match="being written by another process"):
-            Appender(str(path))
-    with Appender(str(path)) as a:  # free again once the first has closed
+            with OutputLock(str(path)):
+                pass
+    with OutputLock(str(path)), OutputLock(str(path)), Appender(str(path)) as a:  # re-entrant
+        a.write({"id": "1"})
         a.write({"id": "2"})
     with pytest.raises(TypeError):
         rewrite(str(path), [{"id": "3"}, {"id": object()}])
     assert [r["id"] for r in read_jsonl(str(path))] == ["1", "2"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.jsonl.lock", "out.jsonl"]
+    os.chmod(path, 0o640)
     rewrite(str(path), [{"id": "4"}])
     assert [r["id"] for r in read_jsonl(str(path))] == ["4"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+    assert os.stat(path).st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.jsonl.lock", "out.jsonl"]
+
+
+def test_a_torn_last_line_may_end_inside_a_character(tmp_path):
+    from spot.rectify.jsonl import iter_jsonl
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b'{"id": "1"}\n' + '{"id": "2", "q": "\u00e9'.encode()[:-1])
+    assert [r["id"] for _, r in iter_jsonl(str(path), torn_tail=True)] == ["1"]
+    path.write_bytes(b'{"id": "1"}\n\xff\n{"id": "2"}\n')
+    import pytest
+    with pytest.raises(ValueError, match="c.jsonl:2: not valid JSON"):
+        list(iter_jsonl(str(path), torn_tail=True))

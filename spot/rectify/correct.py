@@ -31,9 +31,9 @@ Design:
   elicit's; ``oracle_finish_reason`` is the Oracle's (``None`` when there was no reply).
   A rerun redoes the ``api_error`` records (transient by nature); ``--retry-failed`` drops every
   failed line of a previous run and redoes those records.
-* An Oracle that fails ``STOP_AFTER`` records in a row (``api_error``, ``bad_request``: a wrong
-  URL, an option the endpoint rejects) stops the run with the last error and exit status 1,
-  rather than burning through every record.
+* An Oracle that fails ``stuck_after(workers)`` records in a row with one error (``api_error``,
+  ``bad_request``: a wrong URL, an option the endpoint rejects) stops the run with that error
+  and exit status 1, rather than burning through every record.
 * The API key is read only from the environment variable ``--api-key-env`` and scrubbed from
   error messages and replies before they are printed or written (a key shorter than 8
   characters, such as a local server's ``EMPTY``, is no secret and is left alone: scrubbing it
@@ -51,7 +51,8 @@ import sys
 import threading
 
 from .answers import check_answer, checker_name
-from .jsonl import Appender, check_same_settings, done_ids, read_jsonl, repair, rewrite
+from .jsonl import (Appender, OutputLock, check_same_settings, done_ids, read_jsonl, repair,
+                    rewrite)
 
 START, END = "<corrected_solution>", "</corrected_solution>"
 
@@ -77,7 +78,6 @@ PROMPT_WITH_GROUND_TRUTH = (
 QUESTION_KEYS = ("question", "prompt", "problem")
 ANSWER_KEYS = ("response", "original_answer")
 GT_KEYS = ("ground_truth", "answer")
-FAILED = ("wrong_answer", "no_markers", "empty", "api_error", "bad_request")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -90,11 +90,36 @@ class OracleError(Exception):
 
 
 class OracleStuck(Exception):
-    """``STOP_AFTER`` records in a row failed at the endpoint: stop the run (exit status 1)."""
+    """Records in a row failed at the endpoint with one error: stop the run (exit status 1)."""
 
 
-STOP_AFTER = 10
+STOP_AFTER = 10  # at least this many in a row, and 3 per worker (``stuck_after``)
 ENDPOINT_FAILURES = ("api_error", "bad_request")
+
+
+def stuck_after(workers):
+    """How many records in a row must fail at the endpoint, all with the same error (numbers
+    aside), before the run stops: ``max(STOP_AFTER, 3 workers)``. Failures come back in
+    completion order, and quick ones (a 400 for a too-long prompt) overtake slow successes
+    in flight; three per worker keeps such a mix from looking like a dead endpoint."""
+    return max(STOP_AFTER, 3 * workers)
+
+
+def _same_error(text):
+    return re.sub(r"\d+", "#", text or "")[:200]
+
+
+def correct_settings(oracle_model, with_ground_truth, temperature, max_tokens, template):
+    """What each correction keeps of how it was made (a resume must not mix them)."""
+    return {"oracle_model": oracle_model, "with_ground_truth": with_ground_truth,
+            "oracle_temperature": temperature, "oracle_max_tokens": max_tokens,
+            "prompt_template": None if template is None else
+            hashlib.sha256(template.encode()).hexdigest()[:16]}
+
+
+def answered(row):
+    """A row the Oracle answered (its settings count; an endpoint failure's do not)."""
+    return row.get("status") not in ENDPOINT_FAILURES
 
 
 class OracleFatal(Exception):
@@ -303,26 +328,34 @@ def correct(records, output, oracle, *, workers=16, template=None, with_ground_t
 
     Returns the summary over the whole output file plus this run's ``new`` and ``retries``.
     Raises :class:`OracleFatal` (after keeping what was finished) on authentication errors, and
-    :class:`OracleStuck` once ``STOP_AFTER`` records in a row failed at the endpoint.
+    :class:`OracleStuck` once ``stuck_after(workers)`` records in a row failed at the endpoint alike.
     """
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     checker = checker_name(checker)
     log = log or (lambda m: print(m, file=sys.stderr))
-    settings = {"oracle_model": oracle.model, "with_ground_truth": with_ground_truth,
-                "oracle_temperature": oracle.temperature,
-                "prompt_template": None if template is None else
-                hashlib.sha256(template.encode()).hexdigest()[:16]}
-    check_same_settings(output, settings, "corrections")
+    with OutputLock(output):  # the whole step: a second writer is refused before it rewrites
+        return _correct(records, output, oracle, workers, template, with_ground_truth, checker,
+                        retry_failed, progress, log)
+
+
+def _correct(records, output, oracle, workers, template, with_ground_truth, checker,
+             retry_failed, progress, log):
+    settings = correct_settings(oracle.model, with_ground_truth, oracle.temperature,
+                                oracle.max_tokens, template)
     if os.path.exists(output):  # redo api_error records (all failed ones with retry_failed)
         repair(output)
         rows = read_jsonl(output, strict=False)
         kept = [r for r in rows if (r.get("status") == "verified" if retry_failed
                                     else r.get("status") != "api_error")]
+        # the settings of what stays (and was answered): a run stopped by a rejected option
+        # is rerun with another one
+        check_same_settings([r for r in kept if answered(r)], settings, "corrections", output)
         if len(kept) < len(rows):
             rewrite(output, kept)
-            log(f"correct: redoing {len(rows) - len(kept)} records that failed before "
-                f"({'all failures' if retry_failed else 'api_error'})")
+            log(f"correct: dropped {len(rows) - len(kept)} failed records "
+                f"({'all failures' if retry_failed else 'api_error'}); those in the input are "
+                f"redone")
     done = done_ids(output)
     pending = [r for r in records if r["id"] not in done]
 
@@ -350,6 +383,7 @@ def correct(records, output, oracle, *, workers=16, template=None, with_ground_t
     bar = tqdm(total=len(records), initial=len(records) - len(pending), desc="correct",
                unit="record", disable=not progress, file=sys.stderr)
     new = retries = in_a_row = 0
+    limit, streak_error = stuck_after(workers), None
     try:
         with Appender(output) as out:
             for _ in range(min(workers, len(pending))):
@@ -382,10 +416,17 @@ def correct(records, output, oracle, *, workers=16, template=None, with_ground_t
                 out.write(row)
                 new += 1
                 bar.update(1)
-                in_a_row = in_a_row + 1 if row["status"] in ENDPOINT_FAILURES else 0
-                if in_a_row >= STOP_AFTER:
-                    raise OracleStuck(f"{in_a_row} records in a row failed at the endpoint, the "
-                                      f"last with {row['status']}: {row.get('error', '')[:300]}")
+                if row["status"] in ENDPOINT_FAILURES:
+                    error = _same_error(row.get("error"))
+                    in_a_row = in_a_row + 1 if error == streak_error else 1
+                    streak_error = error
+                else:
+                    in_a_row, streak_error = 0, None
+                if in_a_row >= limit:
+                    first = (row.get("error") or "").splitlines()[0][:300] if row.get("error") \
+                        else ""
+                    raise OracleStuck(f"{in_a_row} records in a row failed at the endpoint with "
+                                      f"the same error, {row['status']}: {first}")
     finally:  # done, Ctrl-C or an error: no new request or retry starts; those in flight are
         stop.set()  # abandoned (their daemon threads end with them or with the process)
         bar.close()
@@ -415,6 +456,7 @@ def check_args(args):
             ("--timeout", args.timeout > 0, "> 0 seconds"),
             ("--backoff", args.backoff >= 0, ">= 0 seconds"),
             ("--max-backoff", args.max_backoff >= 0, ">= 0 seconds"),
+            ("--oracle-temperature", 0 <= args.oracle_temperature <= 2, "in [0, 2]"),
             ("--oracle-max-tokens", args.oracle_max_tokens is None or args.oracle_max_tokens >= 1,
              "an integer >= 1 (leave it out for the endpoint's default)")):
         if not ok:

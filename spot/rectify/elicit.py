@@ -25,7 +25,8 @@ import os
 import sys
 
 from .answers import check_answer, checker_name, ground_truth_answer
-from .jsonl import Appender, check_same_settings, done_ids, has_surrogate, iter_jsonl, read_jsonl
+from .jsonl import (Appender, OutputLock, check_same_settings, done_ids, has_surrogate, iter_jsonl,
+                    read_jsonl, records_of)
 
 QUESTION_KEYS = ("prompt", "question", "problem")
 ANSWER_KEYS = ("ground_truth", "answer", "solution")
@@ -157,19 +158,28 @@ def load_model(path, *, device=None, dtype="auto"):
     return model, tok
 
 
-def elicit(problems, generator, tokenizer, output_dir, *, samples=1, batch_size=8,
-           temperature=0.7, top_p=0.8, max_new_tokens=2048, system=None, model_name=None,
-           checker="auto", progress=True):
-    """Sample, check and write ``all.jsonl`` / ``errors.jsonl`` in ``output_dir`` (resumable).
+def elicit(problems, generator, tokenizer, output_dir, **kw):
+    """Sample, check and write ``all.jsonl`` / ``errors.jsonl`` in ``output_dir`` (resumable;
+    keywords: ``samples=1, batch_size=8, temperature=0.7, top_p=0.8, max_new_tokens=2048,
+    system=None, model_name=None, checker="auto", progress=True``), holding the folder's
+    :class:`OutputLock` (a second writer is refused).
 
     ``generator(prompts, temperature=, top_p=, max_new_tokens=) -> [(text, finish_reason)]``.
     Returns counts: ``{"done", "new", "correct", "wrong", "skipped"}`` over the whole folder.
     """
+    with OutputLock(os.path.join(output_dir, "all.jsonl")):
+        return _elicit(problems, generator, tokenizer, output_dir, **kw)
+
+
+def _elicit(problems, generator, tokenizer, output_dir, *, samples=1, batch_size=8,
+            temperature=0.7, top_p=0.8, max_new_tokens=2048, system=None, model_name=None,
+            checker="auto", progress=True):
     check_options(samples, batch_size, temperature, top_p, max_new_tokens, output_dir)
     checker = checker_name(checker)
     all_path, err_path = os.path.join(output_dir, "all.jsonl"), os.path.join(output_dir, "errors.jsonl")
-    check_same_settings(all_path, sampling_settings(temperature, top_p, max_new_tokens, system),
-                        "answers")
+    check_same_settings(records_of(all_path),
+                        sampling_settings(temperature, top_p, max_new_tokens, system), "answers",
+                        all_path)
     os.makedirs(output_dir, exist_ok=True)
 
     done = done_ids(all_path)
@@ -263,10 +273,16 @@ def elicit_main(args):
     check_options(args.samples, args.batch_size, args.temperature, args.top_p,
                   args.max_new_tokens, args.output)
     check_device(getattr(args, "device", None))
-    check_same_settings(os.path.join(args.output, "all.jsonl"),
+    all_path = os.path.join(args.output, "all.jsonl")
+    with OutputLock(all_path):  # before the model loads: a second writer is refused at once
+        return _elicit_main(args, problems, all_path)
+
+
+def _elicit_main(args, problems, all_path):
+    check_same_settings(records_of(all_path),
                         sampling_settings(args.temperature, args.top_p, args.max_new_tokens,
-                                          args.system_prompt), "answers")
-    if not pending(problems, args.samples, done_ids(os.path.join(args.output, "all.jsonl"))):
+                                          args.system_prompt), "answers", all_path)
+    if not pending(problems, args.samples, done_ids(all_path)):
         gen = tok = None  # nothing left to sample (a rerun of `run`): no model to load
     elif args.engine == "vllm":
         from transformers import AutoTokenizer

@@ -11,6 +11,7 @@ from a JSON ``\\u`` escape) is written as U+FFFD, so such a record is still writ
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -21,16 +22,18 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 def iter_jsonl(path, *, strict=True, torn_tail=False):
     """``(line number, record)`` for each record of a JSONL file (blank lines skipped).
     ``strict=False`` skips undecodable lines instead of raising; ``torn_tail=True`` skips only
-    a last line without its newline (cut short by a kill) and raises for any other."""
-    with open(path, encoding="utf-8") as f:
-        for k, line in enumerate(f, 1):
-            if not line.strip():
+    a last line without its newline (cut short by a kill, also inside a UTF-8 character) and
+    raises for any other."""
+    with open(path, "rb") as f:
+        for k, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                if strict and not (torn_tail and not line.endswith("\n")):
-                    raise ValueError(f"{path}:{k}: not valid JSON ({e.msg})") from None
+                rec = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                if strict and not (torn_tail and not raw.endswith(b"\n")):
+                    why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
+                    raise ValueError(f"{path}:{k}: not valid JSON ({why})") from None
                 continue
             if not isinstance(rec, dict):
                 if strict:
@@ -97,21 +100,75 @@ def repair(path):
         return size - keep
 
 
-def check_same_settings(path, settings, what):
-    """Refuse (``ValueError``) to resume ``path`` when its first record was made with other
-    ``settings`` (keys the record has; records of older versions without them pass): one
-    file of answers sampled, or corrected, two ways would mix them silently."""
-    if not os.path.exists(path):
-        return
-    first = next((rec for _, rec in iter_jsonl(path, strict=False)), None)
-    if first is None:
-        return
-    changed = [f"{k} {first[k]!r} -> {v!r}" for k, v in settings.items()
-               if k in first and first[k] != v]
+def check_same_settings(records, settings, what, where):
+    """Refuse (``ValueError``) to resume ``where`` when its ``records`` were made with other
+    ``settings``: for each key, the first record that has it is compared (records of older
+    versions without the key pass). One file of answers sampled, or corrected, two ways would
+    mix them silently."""
+    seen = {}
+    for rec in records:
+        for k in settings:
+            if k in rec and k not in seen:
+                seen[k] = rec[k]
+        if len(seen) == len(settings):
+            break
+    changed = [f"{k} {seen[k]!r} -> {v!r}" for k, v in settings.items()
+               if k in seen and seen[k] != v]
     if changed:
-        raise ValueError(f"output: {path} holds {what} made with other settings "
+        raise ValueError(f"output: {where} holds {what} made with other settings "
                          f"({', '.join(changed)}); rerun with the same ones, or choose a new "
                          f"output")
+
+
+def records_of(path):
+    """The records of ``path`` (none if it does not exist), lazily, torn lines skipped."""
+    if os.path.exists(path):
+        yield from (rec for _, rec in iter_jsonl(path, strict=False))
+
+
+_HELD = {}  # lock file -> [fd, depth]: this process's locks (re-entrant)
+
+
+class OutputLock:
+    """Exclusive use of an output for one step (``flock`` on a hidden ``.NAME.lock`` beside it,
+    held for the whole step, re-entrant within the process): a second process writing it would
+    interleave duplicates or lose a rewrite, so it is refused with a ``ValueError``. A file
+    system without working ``flock`` (some NFS and Lustre mounts) runs unlocked."""
+
+    def __init__(self, path):
+        d, name = os.path.split(os.path.abspath(path))
+        self.path, self.lock = path, os.path.join(d, f".{name}.lock")
+
+    def __enter__(self):
+        held = _HELD.get(self.lock)
+        if held is not None:
+            held[1] += 1
+            return self
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): unlocked
+            fcntl = None
+        os.makedirs(os.path.dirname(self.lock), exist_ok=True)
+        fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise ValueError(f"output: {self.path} is being written by another "
+                                     f"process; wait for it to finish or choose another "
+                                     f"output") from None
+        _HELD[self.lock] = [fd, 1]
+        return self
+
+    def __exit__(self, *exc):
+        held = _HELD[self.lock]
+        held[1] -= 1
+        if held[1] == 0:
+            del _HELD[self.lock]
+            os.close(held[0])  # releases the flock
+        return False
 
 
 def done_ids(path, key="id"):
@@ -123,28 +180,15 @@ def done_ids(path, key="id"):
 
 
 class Appender:
-    """Append records to a JSONL file, one complete line per ``write``. The file is locked
-    (``flock``, where the system has it) while open: a second process writing the same output
-    would interleave duplicates, so it is refused with a ``ValueError``."""
+    """Append records to a JSONL file, one complete line per ``write`` (the step holds an
+    :class:`OutputLock` on it)."""
 
     def __init__(self, path):
         d = os.path.dirname(os.path.abspath(path))
         os.makedirs(d, exist_ok=True)
+        repair(path)
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            import fcntl
-        except ImportError:  # no flock (Windows): unlocked
-            fcntl = None
-        if fcntl is not None:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(self.fd)
-                self.fd = None
-                raise ValueError(f"output: {path} is being written by another process; wait "
-                                 f"for it to finish or choose another output") from None
-        repair(path)  # under the lock: no writer is mid-line
 
     def write(self, record):
         data = dumps_line(record)
@@ -177,7 +221,13 @@ def rewrite(path, records):
                 f.write(dumps_line(r))
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        if os.path.exists(path):  # the file's own mode, else what a new file would get
+            mode = os.stat(path).st_mode & 0o7777
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -18,10 +18,18 @@ def run_main(args):
     from .correct import check_args
     from .filter import check_gamma
 
+    from .correct import answered, correct_settings
+    from .jsonl import check_same_settings, records_of
+
     check_gamma(args.gamma)  # cheap checks before the model loads
-    check_args(args)
+    template = check_args(args)
     import openai  # noqa: F401 - the correct step's client: missing, fail now, not after elicit
     out = args.output
+    corrected = os.path.join(out, "corrected.jsonl")  # a resume with another Oracle: now, not
+    check_same_settings(  # after an hour of sampling
+        (r for r in records_of(corrected) if answered(r)),
+        correct_settings(args.oracle_model, args.with_ground_truth, args.oracle_temperature,
+                         args.oracle_max_tokens, template), "corrections", corrected)
     rc = elicit_main(args)
     if rc:
         return rc
