@@ -240,6 +240,26 @@ def test_chat_template_and_truncation():
             assert len(p2) >= min(pl, m // 2)
 
 
+def test_a_template_with_an_empty_thinking_block():
+    """A Qwen3-style template (written here, not Qwen's file): with ``enable_thinking=False``
+    the generation prompt ends in an empty thinking block, and the last assistant turn of a
+    conversation carries the same block before its text. The block belongs to the prompt;
+    the response is the text and the end-of-turn marker, with no fallback."""
+    tok = build_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['role'] == 'assistant' and loop.last %}<think>\n\n</think>\n\n{% endif %}"
+        "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n"
+        "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
+        "{% endif %}{% endif %}")
+    counts = {}
+    p, r = D.encode_turns(tok, [{"role": "user", "content": "2+2?"}],
+                          [{"role": "assistant", "content": "4"}], counts)
+    assert tok.decode(p).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert tok.decode(r) == "4<|im_end|>\n" and not counts
+
+
 def test_truncation_counts_prompts_once_per_pair():
     tok = build_tokenizer()
     pairs = [D.Pair([{"role": "user", "content": "Q" * n}], [{"role": "assistant", "content": c}],
