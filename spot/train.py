@@ -486,6 +486,17 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def pretrained(auto, what, cfg):
+    """``auto.from_pretrained(cfg.model)``, or a one-line ``ConfigError`` naming ``what``."""
+    try:
+        return auto.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        hint = ("; pass --trust-remote-code to run the folder's own code"
+                if "trust_remote_code" in str(e) and not cfg.trust_remote_code else "")
+        raise ConfigError(f"model: cannot load {what} from {cfg.model}: "
+                          f"{(str(e).splitlines() or [type(e).__name__])[0]}{hint}") from None
+
+
 def train(cfg: TrainConfig, log=None, handle_signals=True):
     """Runs ``cfg``; returns ``{"steps", "metrics" (last step), "output", "ref_logps", ...}``
     with ``"interrupted": STEP`` when a signal stopped it after that step (``StopRequest``;
@@ -525,16 +536,8 @@ def _train(cfg, log, handle_signals):
     if cfg.resume and ckpt is None:
         log(f"resume: no complete checkpoint in {out}; starting at step 0")
     from transformers import AutoConfig, AutoTokenizer
-    for what, auto in (("a tokenizer", AutoTokenizer), ("a model config", AutoConfig)):
-        try:  # both before the data pass, which can be long: a wrong folder fails at once
-            loaded = auto.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-        except (OSError, ValueError) as e:
-            hint = ("; pass --trust-remote-code to run the folder's own code"
-                    if "trust_remote_code" in str(e) and not cfg.trust_remote_code else "")
-            raise ConfigError(f"model: cannot load {what} from {cfg.model}: "
-                              f"{(str(e).splitlines() or [type(e).__name__])[0]}{hint}") from None
-        if auto is AutoTokenizer:
-            tokenizer = loaded
+    tokenizer = pretrained(AutoTokenizer, "a tokenizer", cfg)
+    pretrained(AutoConfig, "a model config", cfg)  # before the data pass, which can be long
 
     pairs, skipped = D.read_pairs(cfg.data, cfg.skip_bad)
     examples, cut = D.encode_pairs(tokenizer, pairs, cfg.max_length)
