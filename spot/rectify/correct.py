@@ -51,8 +51,8 @@ import sys
 import threading
 
 from .answers import check_answer, checker_name
-from .jsonl import (Appender, OutputLock, check_same_settings, done_ids, read_jsonl, repair,
-                    rewrite)
+from .jsonl import (Appender, OutputLock, check_same_settings, done_ids, read_jsonl,
+                    records_of, repair, rewrite)
 
 START, END = "<corrected_solution>", "</corrected_solution>"
 
@@ -430,11 +430,10 @@ def _correct(records, output, oracle, workers, template, with_ground_truth, chec
     finally:  # done, Ctrl-C or an error: no new request or retry starts; those in flight are
         stop.set()  # abandoned (their daemon threads end with them or with the process)
         bar.close()
-    rows = read_jsonl(output, strict=False) if os.path.exists(output) else []
     by = {}
-    for r in rows:
+    for r in records_of(output):
         by[r.get("status", "?")] = by.get(r.get("status", "?"), 0) + 1
-    return {"done": len(rows), "verified": by.get("verified", 0),
+    return {"done": sum(by.values()), "verified": by.get("verified", 0),
             "failed": {k: v for k, v in sorted(by.items()) if k != "verified"},
             "new": new, "retries": retries}
 

@@ -185,10 +185,9 @@ def _elicit(problems, generator, tokenizer, output_dir, *, samples=1, batch_size
     done = done_ids(all_path)
     have_err = done_ids(err_path)
     with Appender(err_path) as errs:  # a kill between the two appends: re-add the missing errors
-        if os.path.exists(all_path):
-            for rec in read_jsonl(all_path, strict=False):
-                if not rec.get("correct") and str(rec.get("id")) not in have_err:
-                    errs.write(rec)
+        for rec in records_of(all_path):  # streamed: all.jsonl may hold millions
+            if not rec.get("correct") and str(rec.get("id")) not in have_err:
+                errs.write(rec)
 
     work = []
     for p, k in pending(problems, samples, done):  # the tokenizer only for what is left
@@ -220,10 +219,11 @@ def _elicit(problems, generator, tokenizer, output_dir, *, samples=1, batch_size
                 new += 1
             bar.update(len(chunk))
     bar.close()
-    recs = read_jsonl(all_path, strict=False)
-    n_ok = sum(1 for r in recs if r.get("correct"))
-    return {"done": len(recs), "new": new, "correct": n_ok, "wrong": len(recs) - n_ok,
-            "skipped": len(done)}
+    n = n_ok = 0
+    for r in records_of(all_path):
+        n += 1
+        n_ok += bool(r.get("correct"))
+    return {"done": n, "new": new, "correct": n_ok, "wrong": n - n_ok, "skipped": len(done)}
 
 
 def check_options(samples, batch_size, temperature, top_p, max_new_tokens, output_dir):

@@ -176,7 +176,7 @@ def done_ids(path, key="id"):
     if not os.path.exists(path):
         return set()
     repair(path)
-    return {str(r[key]) for r in read_jsonl(path, strict=False) if key in r}
+    return {str(r[key]) for _, r in iter_jsonl(path, strict=False) if key in r}
 
 
 class Appender:
