@@ -183,7 +183,7 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint(workdir, tmp_path):
     import signal
     from spot.train import checkpoints
     from transformers.utils import logging as hf_logging
-    full = train(_cfg(workdir, tmp_path / "full"), log=lambda m: None)
+    train(_cfg(workdir, tmp_path / "full"), log=lambda m: None)
     bars = []
 
     def on_log(msg):

@@ -26,7 +26,7 @@ import sys
 
 from .answers import check_answer, checker_name, ground_truth_answer
 from .jsonl import (Appender, OutputLock, check_same_settings, done_ids, has_surrogate, iter_jsonl,
-                    read_jsonl, records_of)
+                    records_of)
 
 QUESTION_KEYS = ("prompt", "question", "problem")
 ANSWER_KEYS = ("ground_truth", "answer", "solution")
