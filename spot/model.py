@@ -59,6 +59,16 @@ def attn_implementation(device, bf16=True, requested="auto"):
     return "flash_attention_2"
 
 
+def load_error(exc, trust_remote_code):
+    """The first line of a transformers loading error, with the ``--trust-remote-code`` hint
+    that its later lines give when the folder has code of its own."""
+    text = str(exc)
+    first = (text.splitlines() or [type(exc).__name__])[0][:200]
+    if "trust_remote_code" in text and not trust_remote_code:
+        first += " (pass --trust-remote-code to run the folder's own code)"
+    return first
+
+
 def load_model(path, device="cpu", trust_remote_code=False, bf16=True, attn="auto"):
     """``AutoModelForCausalLM.from_pretrained(path)`` in float32 (the master weights), with the
     attention kernel ``attn_implementation(device, bf16, attn)``; ``auto`` falls back from
@@ -79,12 +89,9 @@ def load_model(path, device="cpu", trust_remote_code=False, bf16=True, attn="aut
         except (ValueError, ImportError, OSError) as exc:
             # transformers: "... does not support ... sdpa / Flash Attention ..." (ValueError),
             # "FlashAttention2 has been toggled on, but it cannot be used ..." (ImportError)
-            text = str(exc)
-            first = (text.splitlines() or [type(exc).__name__])[0][:200]
-            if "trust_remote_code" in text and not trust_remote_code:
-                first += " (pass --trust-remote-code to run the folder's own code)"
+            first = load_error(exc, trust_remote_code)
             if (isinstance(exc, OSError) or (isinstance(exc, ValueError)
-                                             and "does not support" not in text)
+                                             and "does not support" not in str(exc))
                     or kind == "eager"):
                 # not a model folder, no weights, an unknown architecture: one line
                 raise ConfigError(f"model: cannot load {path}: {first}") from None

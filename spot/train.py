@@ -54,7 +54,7 @@ from spot_kernels._registry import resolve as resolve_backend
 from . import data as D
 from .config import RUN_DEFINING, ConfigError, TrainConfig
 from .model import (Policy, attn_implementation, decoder_layers, disable_dropout,
-                    enable_checkpointing, load_model, model_fingerprint, to_device)
+                    enable_checkpointing, load_error, load_model, model_fingerprint, to_device)
 from .rectify.jsonl import read_jsonl, rewrite
 
 
@@ -491,10 +491,8 @@ def pretrained(auto, what, cfg):
     try:
         return auto.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        hint = ("; pass --trust-remote-code to run the folder's own code"
-                if "trust_remote_code" in str(e) and not cfg.trust_remote_code else "")
         raise ConfigError(f"model: cannot load {what} from {cfg.model}: "
-                          f"{(str(e).splitlines() or [type(e).__name__])[0]}{hint}") from None
+                          f"{load_error(e, cfg.trust_remote_code)}") from None
 
 
 def train(cfg: TrainConfig, log=None, handle_signals=True):
@@ -575,11 +573,10 @@ def _train(cfg, log, handle_signals):
     per_step = dst.world * cfg.grad_accum
     steps, plans = schedule_steps(examples, cfg, per_step)
     total = len(steps)
-    model = policy.model if hasattr(policy, "model") else policy
     log(f"run: {total} steps of {per_step} micro-batch(es) on {dst.device}"
         + (f" x {dst.world} processes" if dst.on else "")
         + f", backend {resolve_backend(cfg.backend, dst.device)}, attention "
-          f"{getattr(model.config, '_attn_implementation', '?')}, checkpoints "
+          f"{getattr(policy.model.config, '_attn_implementation', '?')}, checkpoints "
         + (f"every {cfg.save_every} steps" if cfg.save_every else "only when interrupted"))
     decay = [p for p in policy.parameters() if p.dim() >= 2]
     no_decay = [p for p in policy.parameters() if p.dim() < 2]
@@ -636,18 +633,17 @@ def _train(cfg, log, handle_signals):
             # metrics: mean over ranks (tokens summed)
             keys = sorted(k for k in sums if k != "delta")
             # and whether any rank was asked to stop (a signal reaches each process on its own)
-            vec = dst.sum(torch.tensor([sums[k] for k in keys]
-                                       + [float(tokens), float(bool(stop.requested))],
-                                       dtype=torch.float64))
-            stopping = bool(vec[-1] > 0) and step + 1 < total
-            vec = vec[:-1]
-            row = {k: float(v) / dst.world for k, v in zip(keys, vec[:-1])}
+            *means, tokens, votes = dst.sum(torch.tensor(
+                [sums[k] for k in keys] + [float(tokens), float(bool(stop.requested))],
+                dtype=torch.float64)).tolist()
+            stopping = votes > 0 and step + 1 < total
+            row = {k: v / dst.world for k, v in zip(keys, means)}
             if dst.device.type == "cuda":  # one process has synchronised nothing: the step's
                 torch.cuda.synchronize(dst.device)  # backward and optimizer step may still run
             elapsed = time.perf_counter() - t0
             row.update(step=step + 1, epoch=epoch, delta=sums["delta"], lr=lr,
-                       grad_norm=float(grad_norm), tokens=int(vec[-1]),
-                       tokens_per_s=float(vec[-1]) / max(elapsed, 1e-9),
+                       grad_norm=float(grad_norm), tokens=int(tokens),
+                       tokens_per_s=tokens / max(elapsed, 1e-9),
                        peak_memory_mb=float(dst.max(torch.tensor(peak_memory_mb(dst.device)))))
             last = row
             if dst.main:

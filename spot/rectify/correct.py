@@ -51,7 +51,7 @@ import sys
 import threading
 
 from .answers import check_answer, checker_name
-from .jsonl import (Appender, OutputLock, check_same_settings, done_ids, read_jsonl,
+from .jsonl import (Appender, OutputLock, check_same_settings, read_jsonl,
                     records_of, repair, rewrite)
 
 START, END = "<corrected_solution>", "</corrected_solution>"
@@ -343,6 +343,7 @@ def _correct(records, output, oracle, workers, template, with_ground_truth, chec
              retry_failed, progress, log):
     settings = correct_settings(oracle.model, with_ground_truth, oracle.temperature,
                                 oracle.max_tokens, template)
+    kept = []
     if os.path.exists(output):  # redo api_error records (all failed ones with retry_failed)
         repair(output)
         rows = read_jsonl(output, strict=False)
@@ -356,7 +357,7 @@ def _correct(records, output, oracle, workers, template, with_ground_truth, chec
             log(f"correct: dropped {len(rows) - len(kept)} failed records "
                 f"({'all failures' if retry_failed else 'api_error'}); those in the input are "
                 f"redone")
-    done = done_ids(output)
+    done = {str(r["id"]) for r in kept if "id" in r}  # done_ids of the file as it now is
     pending = [r for r in records if r["id"] not in done]
 
     stop, todo, results = threading.Event(), queue.SimpleQueue(), queue.SimpleQueue()

@@ -164,7 +164,9 @@ def elicit(problems, generator, tokenizer, output_dir, **kw):
     system=None, model_name=None, checker="auto", progress=True``), holding the folder's
     :class:`OutputLock` (a second writer is refused).
 
-    ``generator(prompts, temperature=, top_p=, max_new_tokens=) -> [(text, finish_reason)]``.
+    ``generator(prompts, temperature=, top_p=, max_new_tokens=) -> [(text, finish_reason)]``;
+    with ``load=`` (a callable returning ``(generator, tokenizer)``) both may be None: the model
+    loads only once the output has been checked and something is left to sample.
     Returns counts: ``{"done", "new", "correct", "wrong", "skipped"}`` over the whole folder.
     """
     with OutputLock(os.path.join(output_dir, "all.jsonl")):
@@ -173,7 +175,7 @@ def elicit(problems, generator, tokenizer, output_dir, **kw):
 
 def _elicit(problems, generator, tokenizer, output_dir, *, samples=1, batch_size=8,
             temperature=0.7, top_p=0.8, max_new_tokens=2048, system=None, model_name=None,
-            checker="auto", progress=True):
+            checker="auto", progress=True, load=None):
     check_options(samples, batch_size, temperature, top_p, max_new_tokens, output_dir)
     checker = checker_name(checker)
     all_path, err_path = os.path.join(output_dir, "all.jsonl"), os.path.join(output_dir, "errors.jsonl")
@@ -189,9 +191,11 @@ def _elicit(problems, generator, tokenizer, output_dir, *, samples=1, batch_size
             if not rec.get("correct") and str(rec.get("id")) not in have_err:
                 errs.write(rec)
 
-    work = []
-    for p, k in pending(problems, samples, done):  # the tokenizer only for what is left
-        work.append((f"{p['id']}:{k}", k, p, chat_prompt(tokenizer, p["question"], system)))
+    todo = pending(problems, samples, done)
+    if todo and load is not None:  # nothing left to sample (a rerun of `run`): no model loads
+        generator, tokenizer = load()
+    work = [(f"{p['id']}:{k}", k, p, chat_prompt(tokenizer, p["question"], system))
+            for p, k in todo]  # the tokenizer only for what is left
     work.sort(key=lambda w: -len(w[3]))  # longest first: similar lengths share a batch
 
     from tqdm.auto import tqdm
@@ -273,27 +277,19 @@ def elicit_main(args):
     check_options(args.samples, args.batch_size, args.temperature, args.top_p,
                   args.max_new_tokens, args.output)
     check_device(getattr(args, "device", None))
-    all_path = os.path.join(args.output, "all.jsonl")
-    with OutputLock(all_path):  # before the model loads: a second writer is refused at once
-        return _elicit_main(args, problems, all_path)
 
-
-def _elicit_main(args, problems, all_path):
-    check_same_settings(records_of(all_path),
-                        sampling_settings(args.temperature, args.top_p, args.max_new_tokens,
-                                          args.system_prompt), "answers", all_path)
-    if not pending(problems, args.samples, done_ids(all_path)):
-        gen = tok = None  # nothing left to sample (a rerun of `run`): no model to load
-    elif args.engine == "vllm":
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(args.model)
-        gen = VLLMGenerator(args.model, tok, seed=args.seed, dtype=args.dtype)
-    else:
+    def load():
+        if args.engine == "vllm":
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(args.model)
+            return VLLMGenerator(args.model, tok, seed=args.seed, dtype=args.dtype), tok
         model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
-        gen = TransformersGenerator(model, tok, seed=args.seed)
-    stats = elicit(problems, gen, tok, args.output, samples=args.samples, batch_size=args.batch_size,
-                   temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                   system=args.system_prompt, model_name=args.model)
+        return TransformersGenerator(model, tok, seed=args.seed), tok
+
+    stats = elicit(problems, None, None, args.output, samples=args.samples,
+                   batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p,
+                   max_new_tokens=args.max_new_tokens, system=args.system_prompt,
+                   model_name=args.model, load=load)
     acc = stats["correct"] / max(1, stats["done"])
     print(f"elicit: {stats['done']} answers ({stats['new']} new, {stats['skipped']} resumed), "
           f"{stats['correct']} correct ({acc:.1%}), {stats['wrong']} wrong -> "
