@@ -66,6 +66,10 @@ def main(argv=None):
         print("tune_triton: no CUDA device (use --dry-run to exercise the script)")
         return 2
     dev = "cuda" if cuda else "cpu"
+    ok, why = tb.available(dev)
+    if not ok:
+        print(f"tune_triton: the Triton backend cannot run on {dev}: {why}")
+        return 2
     dtype = getattr(torch, args.dtype)
     n, d, v = args.n, args.d, args.v
     deadline = time.monotonic() + args.budget_s

@@ -72,8 +72,8 @@ def load_error(exc, trust_remote_code):
 def load_model(path, device="cpu", trust_remote_code=False, bf16=True, attn="auto"):
     """``AutoModelForCausalLM.from_pretrained(path)`` in float32 (the master weights), with the
     attention kernel ``attn_implementation(device, bf16, attn)``; ``auto`` falls back from
-    flash-attn to SDPA to eager for a model without that kernel (SDPA: Gemma-2, for its
-    softcapped attention; flash-attn: MPT, XGLM) or a flash-attn that transformers refuses."""
+    flash-attn to SDPA to eager for a model without that kernel (SDPA: MPT, GPT-Neo,
+    Bloom; flash-attn: MPT, XGLM) or a flash-attn that transformers refuses."""
     from transformers import AutoModelForCausalLM
     if not Path(path).exists():
         raise FileNotFoundError(f"model: no such folder {path}")

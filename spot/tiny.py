@@ -50,5 +50,5 @@ def build_model(arch="qwen3", vocab_size=None, hidden_size=64, layers=2, heads=4
     kwargs.update(overrides)
     config = AutoConfig.for_model(arch, **kwargs)
     torch.manual_seed(seed)
-    attn = "eager" if arch == "gemma2" else "sdpa"  # transformers has no SDPA path for Gemma-2
+    attn = "eager" if arch == "gemma2" else "sdpa"  # some transformers give Gemma-2 no SDPA path
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn)

@@ -71,6 +71,9 @@ def test_tiny_budget_stops_cleanly(tmp_path):
 
 
 def test_tune_dry_run(tmp_path):
+    from spot_kernels import triton as tb
+    if tb._interpreter_problem():
+        pytest.skip(tb._interpreter_problem())
     res = _run(tmp_path, 120, "--tune")
     out = res.stdout
     assert res.returncode == 0, out[-3000:] + res.stderr[-2000:]
