@@ -12,7 +12,9 @@ multiple of 16: no pipelining). Each must fit the device's shared memory and, at
 where Triton ships ``cuobjdump``, keep its stack frame within 64 bytes a thread: a kernel that
 spills more than a few registers to local memory fails. At odd sizes (test shapes, never a
 real head) spills are printed: slower, still correct. On sm_90 at ragged sizes the default
-backward's ``dh`` and ``dW`` atomic adds must be 4-wide vector reductions (read from the PTX).
+backward's ``dh`` and ``dW`` atomic adds must be 4-wide vector reductions (read from the PTX),
+and every half-precision kernel must multiply on the tensor cores (``wgmma`` on sm_90,
+``mma.sync`` on sm_80, read from the PTX).
 
 The kernels promise Triton >= 3.3. ``make test`` installs the oldest supported release apart
 (``SPOT_TRITON_OLDEST``, a ``pip install --target`` folder) and every kernel is compiled with it
@@ -133,6 +135,12 @@ SCRIPT = textwrap.dedent('''
             got = atomics(ptx)
             if not got.get(4) or got.get(1, 0) > int(consts["NEED_B"]):
                 bad.append(f"{name}: float32 atomic adds by width {got}, want 4-wide for dh and dW")
+        if dtype == "*bf16" and kernel is not merge._merge_kernel:
+            # half inputs must reach the tensor cores: Hopper's asynchronous warpgroup MMA
+            # (wgmma), Ampere's mma.sync; a tl.dot lowered to FMAs would be many times slower
+            mma = "wgmma.mma_async" if arch == 90 else "mma.sync"
+            if mma not in ptx:
+                bad.append(f"{name}: no {mma} in the PTX")
         if smem > SMEM[arch]:
             bad.append(f"{name}: {smem} bytes of shared memory")
         if stack and stack > STACK_LIMIT and TUNED and SIZES != "odd":
