@@ -33,12 +33,14 @@ import pytest
 pytest.importorskip("triton")
 
 SCRIPT = textwrap.dedent('''
-    import os, re, shutil, subprocess, tempfile
+    import os, re, shutil, subprocess, tempfile, warnings
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from spot_kernels.triton import bwd, bwd_da, bwd_dh, bwd_dw, configs, fwd, merge
 
+    # the launches say whether to fuse multiply-adds (Triton 3.9 warns when that is left unset)
+    warnings.filterwarnings("error", message=".*TRITON_DEFAULT_FP_FUSION")
     FLOATS = {"inv_temp", "softcap", "filter_eps"}
     POINTERS = {"H", "W", "B", "T", "LOGP", "LSE", "Q", "ENT", "PM", "PS", "PT", "PQ", "G", "DH",
                 "DW", "DB", "DA"}
@@ -70,8 +72,7 @@ SCRIPT = textwrap.dedent('''
         src = ASTSource(fn=kernel, signature=sig,
                         constexprs={(idx[n],): v for n, v in consts.items()}, attrs=attrs)
         out = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                             options=dict(num_warps=cfg["num_warps"],
-                                          num_stages=cfg["num_stages"]))
+                             options=configs.launch_options(cfg))
         stack = None
         if CUOBJDUMP:
             with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:

@@ -57,6 +57,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .configs import launch_options
 from .tiles import dot2, grad_tile, logits_tile, row_inputs, split_half
 
 
@@ -130,4 +131,4 @@ def launch_backward(hidden, weight, targets, bias, lse, q, grad, dh, dw, db, *, 
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, NEED_H=dh is not None,
         NEED_W=dw is not None, NEED_B=db is not None, FILTER=bool(filter_eps),
         SPLIT=split, BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=cfg["block_d"], PRECISION=precision,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        **launch_options(cfg))

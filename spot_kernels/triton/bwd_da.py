@@ -28,6 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .configs import launch_options
 from .tiles import grad_tile, logits_tile, row_inputs
 
 
@@ -64,5 +65,4 @@ def launch_backward_da(hidden, weight, targets, bias, lse, q, grad, da, *, tempe
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), da.stride(0),
         ignore_index, 1.0 / temperature, 1.0 if softcap is None else softcap,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, BLOCK_M=bm, BLOCK_V=bv,
-        BLOCK_D=cfg["block_d"], PRECISION=precision, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        BLOCK_D=cfg["block_d"], PRECISION=precision, **launch_options(cfg))

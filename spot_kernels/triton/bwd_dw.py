@@ -21,6 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .configs import launch_options
 from .tiles import dot2, grad_tile, logits_tile, row_inputs, split_half
 
 
@@ -84,5 +85,4 @@ def launch_backward_dw(hidden, weight, targets, bias, lse, q, grad, dw, db, *, t
         1.0 / temperature, 1.0 if softcap is None else softcap, float(filter_eps or 0.0),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, NEED_W=dw is not None,
         NEED_B=db is not None, FILTER=bool(filter_eps), SPLIT=split, BLOCK_M=cfg["block_m"],
-        BLOCK_V=bv, BLOCK_D=cfg["block_d"], PRECISION=precision, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        BLOCK_V=bv, BLOCK_D=cfg["block_d"], PRECISION=precision, **launch_options(cfg))

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .configs import launch_options
 from .tiles import logits_tile
 
 
@@ -116,5 +117,5 @@ def launch_forward(hidden, weight, targets, bias, logp, lse, entropy, *, tempera
         1.0 if softcap is None else softcap,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         ENTROPY=entropy is not None, SPLIT=splits > 1, BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd,
-        PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        PRECISION=precision, **launch_options(cfg))
     return parts

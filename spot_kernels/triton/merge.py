@@ -18,6 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .configs import FP_FUSION
+
 
 @triton.jit
 def _merge_kernel(PM, PS, PT, PQ, T, LOGP, LSE, ENT, N, splits, ignore_index,
@@ -54,4 +56,4 @@ def launch_merge(parts, targets, logp, lse, entropy, *, ignore_index, block=128)
     _merge_kernel[(triton.cdiv(n, block),)](
         pm, ps, pt, pq if pq is not None else pm, targets, logp, lse,
         entropy if entropy is not None else lse, n, splits, ignore_index,
-        ENTROPY=entropy is not None, BLOCK=block, num_warps=4)
+        ENTROPY=entropy is not None, BLOCK=block, num_warps=4, **FP_FUSION)
