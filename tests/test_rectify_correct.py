@@ -355,6 +355,7 @@ def test_load_errors_skips_correct_and_checks_fields(tmp_path):
 
 
 def test_backoff_is_exponential_jittered_and_capped():
+    pytest.importorskip("openai")  # the Oracle builds its client
     o = C.Oracle("http://127.0.0.1:9/v1", "m", backoff=0.1, max_backoff=1.0, seed=3)
     for k in range(8):
         d = min(1.0, 0.1 * 2 ** k)
