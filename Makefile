@@ -11,8 +11,10 @@ export TRITON_INTERPRET ?= 1
 # first and this line is skipped.
 # The oldest Triton the kernels support, installed apart (build/ is git-ignored) so that
 # tests/test_triton_compile.py compiles every kernel with it as well as with the newest.
+# (one folder per Python version: its compiled core fits one)
 TRITON_OLDEST := 3.3.1
-export SPOT_TRITON_OLDEST ?= build/triton-$(TRITON_OLDEST)
+PYTAG := $(shell $(PYTHON) -c "import sys; print('py%d%d' % sys.version_info[:2])" 2>/dev/null)
+export SPOT_TRITON_OLDEST ?= build/triton-$(TRITON_OLDEST)-$(PYTAG)
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0

@@ -24,7 +24,7 @@ def _device():
 
 needs_triton = pytest.mark.skipif(
     not (_registry.availability("triton", "cpu")[0] or torch.cuda.is_available()),
-    reason="triton backend unavailable here (on CPU set TRITON_INTERPRET=1)")
+    reason=f"triton backend unavailable here: {_registry.availability('triton', 'cpu')[1]}")
 
 
 def run(h, w, t, b=None, gout=None, options=None, **kw):

@@ -23,6 +23,7 @@ there; older releases must compile every entry within shared memory, and their s
 printed, not failed (3.3 spills about 400-480 bytes in the deterministic ``dW`` pass at odd
 sizes: slower, still correct).
 """
+import glob
 import os
 import subprocess
 import sys
@@ -159,6 +160,13 @@ def _oldest():
     path = os.path.abspath(path)
     if not os.path.isfile(os.path.join(path, "triton", "__init__.py")):
         pytest.skip(f"no Triton installed under SPOT_TRITON_OLDEST={path}")
+    # its compiled core fits one Python only: name a mismatch instead of an ImportError
+    tags = [line.split(":", 1)[1].strip() for wheel in glob.glob(os.path.join(
+        path, "triton-*.dist-info", "WHEEL")) for line in open(wheel) if line.startswith("Tag:")]
+    mine = "cp{}{}".format(*sys.version_info[:2])
+    assert not tags or any(t.startswith(mine + "-") for t in tags), (
+        f"SPOT_TRITON_OLDEST={path} holds Triton for {tags[0].split('-')[0]}, not {mine}: "
+        "install it for this Python (make test keeps one folder per Python)")
     return path
 
 
