@@ -4,9 +4,10 @@ measurements instead of tile arithmetic.
     python benchmarks/tune_triton.py [--n 16384 --d 4096 --v 151936] [--dtype bfloat16]
                                      [--budget-s 120] [--out tune.json] [--dry-run]
 
-For each candidate of the forward and of the default backward (block sizes, warps, stages and,
-for the backward, ``group_m``) it runs the kernel once (compilation, and a check that the result
-matches the current default configuration's), then times it with CUDA events
+For each candidate of the forward and of the default backward (block sizes, warps, stages; for
+the backward ``group_m``; for a few forward candidates a forced ``split_vocab``) it runs the
+kernel once (compilation, and a check that the result matches the current default
+configuration's), then times it with CUDA events
 (``triton.testing.do_bench``, median) and reports ms, TFLOP/s and the time over one same-shape
 cuBLAS GEMM timed in the same run (the forward's target is 1.25x of one GEMM; the backward does
 three GEMMs' worth of work, so 3x is its floor). The backward also reports the peak memory above
@@ -29,14 +30,17 @@ import time
 # entropy: what is timed here) of every candidate compile for sm_90 on Triton 3.6 within a
 # 64-byte stack; the last few were checked only that way, so a winner among them needs its
 # other variants checked (tests/test_triton_compile.py) before it goes into configs.py
-FORWARD = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4), (128, 128, 32, 8, 3),
+# a forward candidate's sixth field, when given, forces split_vocab: 1 and 3 are what the
+# heuristic gave Qwen3-8B's head at N = 16384 before it kept h in L2 (16 now, _splits)
+FORWARD = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 3, 1), (128, 128, 64, 8, 3, 3),
+           (128, 128, 64, 8, 3, 32), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4), (128, 128, 32, 8, 3),
            (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 32, 4, 3),
            (128, 256, 64, 8, 3), (128, 256, 32, 8, 3), (128, 256, 64, 16, 3)]
 BACKWARD = [(64, 128, 64, 8, 2, 16), (64, 128, 64, 8, 2, 8), (64, 128, 64, 8, 2, 32),
             (64, 128, 64, 8, 3, 16), (64, 128, 32, 8, 2, 16), (128, 128, 32, 16, 2, 16),
             (64, 64, 32, 4, 2, 16), (128, 64, 64, 8, 2, 16),
             (128, 128, 64, 8, 2, 16), (128, 128, 32, 8, 3, 16), (128, 128, 64, 16, 2, 16)]
-DRY_FORWARD = [(16, 32, 16, 1, 1), (32, 32, 16, 1, 1)]
+DRY_FORWARD = [(16, 32, 16, 1, 1), (32, 32, 16, 1, 1), (16, 32, 16, 1, 1, 2)]
 # a candidate counts only when it agrees with the default configuration: the forward's log-probs
 # within FORWARD_TOL of their largest magnitude, the backward's dh and dW within BACKWARD_TOL in
 # relative norm (other tile orders round differently; a wrong kernel misses by far more)
@@ -96,10 +100,11 @@ def main(argv=None):
 
     def run(kind, cand):
         cfg = dict(zip(FIELDS, cand))
-        opts = dict(cfg)
-        if kind == "backward":
-            opts = dict(cfg, group_m=cand[5])
-        row = dict(kind=kind, **cfg, **({"group_m": cand[5]} if kind == "backward" else {}))
+        extra = {}
+        if len(cand) > 5:
+            extra = {"group_m" if kind == "backward" else "split_vocab": cand[5]}
+        opts = dict(cfg, **extra)
+        row = dict(kind=kind, **cfg, **extra)
         if time.monotonic() > deadline:
             row["error"] = "skipped: --budget-s exhausted"
             return row
@@ -157,7 +162,7 @@ def main(argv=None):
         best = fastest(rows, kind)
         if best is not None:
             cfg = tuple(best[f] for f in FIELDS)
-            extra = f", group_m={best['group_m']}" if kind == "backward" else ""
+            extra = "".join(f", {k}={best[k]}" for k in ("group_m", "split_vocab") if k in best)
             print(f"fastest {kind}: {cfg}{extra}  {best['ms']:.2f} ms, "
                   f"{best['x_gemm']:.2f}x one GEMM")
     if args.out:
@@ -178,6 +183,8 @@ def _line(r):
     cfg += f" w{r['num_warps']} s{r['num_stages']}"
     if "group_m" in r:
         cfg += f" g{r['group_m']}"
+    if "split_vocab" in r:
+        cfg += f" split{r['split_vocab']}"
     if "error" in r:
         return f"{r['kind']:<9} {cfg:<22} {r['error']}"
     diff = r.get("max_diff", r.get("max_rel_diff"))

@@ -115,12 +115,14 @@ def test_plain_and_single_token():
 
 
 @needs_triton
+@pytest.mark.parametrize("mode", [{}, {"da_bytes": 1 << 20}], ids=["atomics", "da_bytes"])
 @pytest.mark.parametrize("group_m", [1, 4, 64])
-def test_grouped_program_order_covers_every_tile_once(group_m):
+def test_grouped_program_order_covers_every_tile_once(group_m, mode):
     # 6 token tiles x 4 vocabulary tiles: groups of 4 leave a ragged group of 2; 1 is plain
-    # vocabulary-major order, 64 (more than the tiles) plain token-major order
+    # vocabulary-major order, 64 (more than the tiles) plain token-major order; the default
+    # backward's tiles and da_bytes's dA blocks (one block here) walk the same order
     h, w, b, t = make_head(83, 24, 100, torch.float32, _device(), bias=True, scale=2.0, seed=15)
-    check(h, w, t, b, options={"group_m": group_m}, softcap=5.0)
+    check(h, w, t, b, options={"group_m": group_m, **mode}, softcap=5.0)
 
 
 @needs_triton
@@ -408,14 +410,24 @@ def test_interpreter_refused_where_numpy_breaks_it(monkeypatch):
         assert ok or ("numpy" in why and "3.7" in why)
 
 
-def test_auto_split_vocab_only_when_token_tiles_are_few(monkeypatch):
+def test_auto_split_vocab_when_token_tiles_are_few_or_h_outgrows_l2(monkeypatch):
     from spot_kernels import triton as tb
     from spot_kernels.triton import configs
     monkeypatch.setattr(configs, "device_info", lambda device: ((9, 0), 132))
+    monkeypatch.setattr(configs, "l2_bytes", lambda device: 60 << 20)  # an H200
     cfg = {"block_m": 128, "block_v": 128}
-    assert tb._splits(132 * 128, 151936, cfg, "cuda", None) == 1      # tiles cover the SMs
-    assert tb._splits(4 * 128, 151936, cfg, "cuda", None) == 66       # 4 tiles x 66 splits
-    assert tb._splits(128, 2048, cfg, "cuda", None) == 2              # >= 8 vocab tiles each
-    assert tb._splits(128, 512, cfg, "cuda", None) == 1
-    assert tb._splits(128, 151936, cfg, "cuda", 3) == 3               # forced
-    assert tb._splits(2**29, 151936, cfg, "cuda", 8) == 3             # int32 partial offsets
+
+    def splits(n, v, d=256, requested=None):  # bf16; D = 256 keeps h within L2 / 4 below
+        return tb._splits(n, v, d, 2, cfg, "cuda", requested)
+    assert splits(132 * 128, 151936) == 1          # tiles cover the SMs, h (8.6 MB) fits
+    assert splits(4 * 128, 151936) == 66           # 4 tiles x 66 splits
+    assert splits(128, 2048) == 2                  # >= 8 vocab tiles each
+    assert splits(128, 512) == 1
+    assert splits(128, 151936, requested=3) == 3   # forced
+    assert splits(2**29, 151936, requested=8) == 3  # int32 partial offsets
+    # Qwen3-8B's head at N = 16384: h is 128 MB; 16 splits leave the 264 resident programs
+    # 16.5 token tiles (16.5 MB of h) and 16 vocabulary tiles of W (16 MB)
+    assert splits(16384, 151936, d=4096) == 16
+    assert splits(132 * 128, 151936, d=4096) == 16
+    assert splits(16384, 8 * 128 * 3, d=4096) == 3  # still >= 8 vocab tiles each
+    assert splits(1024, 151936, d=4096) == 33       # 8 tiles fill the GPU with 33 splits

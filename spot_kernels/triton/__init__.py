@@ -67,12 +67,15 @@ and the second only the ``dh`` ones.
   dots each, float32-grade ``dA`` that meets the rule with half an ulp, at twice the
   gradient-GEMM cost (``10 N D V``). The four GEMMs' worth of work that the speed target
   counts (``8 N D V`` with the forward) leaves no room for the split, hence on by default.
-* ``split_vocab`` (int >= 1): vocabulary splits of the forward; 1 disables. Default automatic:
-  with fewer token tiles than SMs, split up to about two programs per SM, keeping at least 8
-  vocabulary tiles per split (never on the interpreter).
+* ``split_vocab`` (int >= 1): vocabulary splits of the forward; 1 disables. Default automatic
+  (``_splits``; never on the interpreter): with fewer token tiles than SMs, up to about two
+  programs per SM; with ``h`` larger than a quarter of L2, about ``sqrt(2 SMs)`` (16 on an
+  H200) so that the programs resident at once keep their ``h`` rows in L2; at least 8
+  vocabulary tiles per split.
 * ``block_m``, ``block_v``, ``block_d`` (powers of two, 16 to 1024), ``num_warps`` (1, 2, 4, 8, 16),
   ``num_stages`` (>= 1): override ``configs.py`` for both passes; ``group_m`` (>= 1): token
-  tiles per group in the default backward's program order (``bwd.py``).
+  tiles per group in the program order of the default backward (``bwd.py``) and of
+  ``da_bytes``'s ``dA`` blocks (``bwd_da.py``).
 
 On CPU the kernels run through Triton's interpreter, only when ``TRITON_INTERPRET=1`` is set
 before the kernels are first used (that is how the tests run; it is slow: small shapes only).
@@ -83,6 +86,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import numbers
 import os
 
@@ -202,15 +206,29 @@ def _interpreted(device):
     return torch.device(device).type != "cuda" or _interpret_env()
 
 
-def _splits(n, v, cfg, device, requested):
+def _splits(n, v, d, itemsize, cfg, device, requested):
+    """Vocabulary splits of the forward (``fwd.py``, whose programs run split-fastest).
+
+    * Too few token tiles to fill the GPU: enough splits for about two programs per SM.
+    * ``h`` larger than a quarter of L2: at least ``sqrt(2 SMs BLOCK_M / BLOCK_V)`` splits
+      (16 on an H200). The ~2 programs per SM resident at once then hold ``2 SMs / splits``
+      token tiles of ``h`` and ``splits`` tiles of ``W``; that sum is smallest there (33 MB at
+      D = 4096 in bf16, in a 60 MB L2), so ``h`` is read from HBM once and ``W`` once per group
+      of token tiles. With one split the resident programs are all the token tiles at one
+      vocabulary tile: all of ``h`` (128 MB at N = 16384, D = 4096) passes through L2 for every
+      vocabulary tile, from HBM each time.
+    Each split stays at least 8 vocabulary tiles wide.
+    """
     if requested is not None:
         return max(1, min(requested, (2**31 - 1) // max(n, 1)))  # int32 partial offsets
-    _, sms = _kernels()[5].device_info(device)
-    tiles = -(-n // cfg["block_m"])
-    if tiles >= sms:
-        return 1
-    # enough programs to cover the SMs twice, each split at least 8 vocabulary tiles wide
-    return max(1, min(-(-2 * sms // tiles), v // (8 * cfg["block_v"])))
+    configs = _kernels()[5]
+    _, sms = configs.device_info(device)
+    bm, bv = cfg["block_m"], cfg["block_v"]
+    tiles = -(-n // bm)
+    splits = 1 if tiles >= sms else -(-2 * sms // tiles)
+    if n * d * itemsize > configs.l2_bytes(device) / 4:
+        splits = max(splits, math.isqrt(2 * sms * bm // bv))
+    return max(1, min(splits, v // (8 * bv)))
 
 
 def _int32_columns(x):
@@ -247,7 +265,7 @@ def _forward(hidden, weight, targets, bias, temperature, softcap, ignore_index, 
     targets = targets.contiguous()
     bias = None if bias is None else bias.contiguous()
     cfg = configs.pick("forward", n, d, v, hidden.dtype, dev, _interpreted(dev), options)
-    splits = _splits(n, v, cfg, dev, options.get("split_vocab"))
+    splits = _splits(n, v, d, hidden.element_size(), cfg, dev, options.get("split_vocab"))
     parts = fwd.launch_forward(hidden, weight, targets, bias, logp, lse, entropy,
                                temperature=temperature, softcap=softcap,
                                ignore_index=ignore_index, splits=splits, cfg=cfg,

@@ -16,10 +16,13 @@ ms at Qwen3-8B's head, next to ``4 N D V`` FLOPs of GEMMs), or, when the caller'
 it sweep twice (``_gemm.plan``), writing and reading it twice (``8 N V`` bytes) with one more
 recompute.
 
-Work split: grid ``(cdiv(cols, BLOCK_V), cdiv(rows, BLOCK_M))``, the vocabulary tile fastest, so
-the programs resident at once share a few token tiles (their ``h`` rows stay in L2) while they
-walk the block's columns of ``W``. A token tile whose ``g`` are all zero writes zeros without
-recomputing anything.
+Work split: one program per (token tile, vocabulary tile) of the block, in ``bwd.py``'s grouped
+order: consecutive programs cover ``group_m`` token tiles down one vocabulary tile, then the next
+vocabulary tile, through the block's columns before the next group starts. The programs resident
+at once share a few token tiles and a few vocabulary tiles, so ``W`` comes from HBM once per
+group of token tiles (with the vocabulary tile fastest, every token tile would read the block's
+columns of ``W`` again: a block far larger than L2 at real sizes). A token tile whose ``g`` are
+all zero writes zeros without recomputing anything.
 
 Cost: ``2 rows D cols`` FLOPs (the recompute) and ``rows cols`` elements written per block.
 """
@@ -28,18 +31,23 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .configs import launch_options
+from .configs import GROUP_M, launch_options
 from .tiles import grad_tile, logits_tile, row_inputs
 
 
 @triton.jit
 def _backward_da_kernel(H, W, B, T, LSE, Q, G, DA, N, V, D, stride_hn, stride_hd, stride_wv,
-                        stride_wd, stride_an, ignore_index, inv_temp, softcap,
+                        stride_wd, stride_an, ignore_index, inv_temp, softcap, group_m,
                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
                         PRECISION: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid = tl.program_id(0)  # grouped order, as in bwd.py
+    tiles_m = tl.cdiv(N, BLOCK_M)
+    per_group = group_m * tl.cdiv(V, BLOCK_V)
+    first_m = (pid // per_group) * group_m
+    size_m = tl.minimum(tiles_m - first_m, group_m)
+    rows = (first_m + (pid % per_group) % size_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = ((pid % per_group) // size_m) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < V
     row_mask = rows < N
     t, g, lse_hi, lse_scale, q = row_inputs(T, G, LSE, Q, rows, row_mask, ignore_index)
@@ -60,9 +68,10 @@ def launch_backward_da(hidden, weight, targets, bias, lse, q, grad, da, *, tempe
     n, d = hidden.shape
     v = weight.shape[0]
     bm, bv = cfg["block_m"], cfg["block_v"]
-    _backward_da_kernel[(triton.cdiv(v, bv), triton.cdiv(n, bm))](
+    _backward_da_kernel[(triton.cdiv(v, bv) * triton.cdiv(n, bm),)](
         hidden, weight, bias if bias is not None else lse, targets, lse, q, grad, da, n, v, d,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), da.stride(0),
         ignore_index, 1.0 / temperature, 1.0 if softcap is None else softcap,
+        cfg.get("group_m", GROUP_M),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, BLOCK_M=bm, BLOCK_V=bv,
         BLOCK_D=cfg["block_d"], PRECISION=precision, **launch_options(cfg))

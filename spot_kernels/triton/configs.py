@@ -82,6 +82,15 @@ def launch_options(cfg):
     return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **FP_FUSION)
 
 
+@functools.lru_cache(maxsize=None)
+def l2_bytes(device):
+    """The device's L2 cache in bytes (60 MB on an H200); unbounded for the interpreter."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return float("inf")
+    return torch.cuda.get_device_properties(device).L2_cache_size
+
+
 def _clip(block, size):
     return max(16, min(block, triton.next_power_of_2(max(size, 1))))
 

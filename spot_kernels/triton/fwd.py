@@ -12,16 +12,21 @@ At the end ``lse = m + log s``, ``logp = (z_t - m) - log s`` (0 for ``ignore_ind
 ``z_t - lse``, which loses ``ulp(|lse|)`` near the max) and
 ``H = lse - sum_v p_v z_v = log s - q / s``.
 
-Work split: grid ``(cdiv(N, BLOCK_M), splits)``. Program ``(i, k)`` owns ``BLOCK_M`` tokens and
-the vocabulary columns ``[k C, (k + 1) C)`` with ``C = cdiv(cdiv(V, splits), BLOCK_V) BLOCK_V``.
-With one split it writes ``logp``, ``lse``, ``H`` directly. With several (``SPLIT``) it writes
-its partial ``(m, s, z_t, q)`` to ``[splits, N]`` float32 buffers and ``merge.py`` combines them
-in a fixed order: deterministic, no atomics, no locks, no host synchronisation. Splitting pays
-when there are too few token tiles to fill the GPU (short sequences, small batches).
+Work split: a 1-D grid of ``cdiv(N, BLOCK_M) splits`` programs, split fastest: program
+``i splits + k`` owns ``BLOCK_M`` tokens and the vocabulary columns ``[k C, (k + 1) C)`` with
+``C = cdiv(cdiv(V, splits), BLOCK_V) BLOCK_V``. With one split it writes ``logp``, ``lse``,
+``H`` directly. With several (``SPLIT``) it writes its partial ``(m, s, z_t, q)`` to
+``[splits, N]`` float32 buffers and ``merge.py`` combines them in a fixed order:
+deterministic, no atomics, no locks, no host synchronisation. Splitting pays twice: when there
+are too few token tiles to fill the GPU (short sequences, small batches), and when ``h`` does
+not fit in L2 (``_splits`` in ``__init__.py``): the programs resident at once then share a few
+token tiles, whose ``h`` rows stay in L2 while their vocabulary ranges stream past, instead of
+all of ``h`` passing through L2 (from HBM) once per vocabulary tile.
 
-Cost: ``2 N D V`` FLOPs (tensor cores, float32 accumulation); reads ``W`` once per token tile,
-``N D`` hidden elements once per vocabulary tile (L2-resident); writes O(N) (``16 N splits``
-bytes of partials when split). No ``N x V`` tensor exists anywhere.
+Cost: ``2 N D V`` FLOPs (tensor cores, float32 accumulation); each program reads its ``h``
+tile once per vocabulary tile (from L2) and its ``W`` range once; from HBM, ``h`` about once
+and ``W`` once per group of resident token tiles; writes O(N) (``16 N splits`` bytes of
+partials when split). No ``N x V`` tensor exists anywhere.
 """
 from __future__ import annotations
 
@@ -35,13 +40,17 @@ from .tiles import logits_tile
 
 @triton.jit
 def _forward_kernel(H, W, B, T, LOGP, LSE, ENT, PM, PS, PT, PQ,
-                    N, V, D, cols_per_split, stride_hn, stride_hd, stride_wv, stride_wd,
+                    N, V, D, cols_per_split, n_splits, stride_hn, stride_hd, stride_wv,
+                    stride_wd,
                     ignore_index, inv_temp, softcap,
                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr,
                     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
                     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    # split-fastest order: the programs resident at once share a few token tiles (their h rows
+    # stay in L2) and walk a few vocabulary ranges side by side (_splits in __init__.py)
+    pid = tl.program_id(0)
+    pid_m = pid // n_splits
+    pid_s = pid % n_splits
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
     t = tl.load(T + rows, mask=row_mask, other=ignore_index)
@@ -108,11 +117,11 @@ def launch_forward(hidden, weight, targets, bias, logp, lse, entropy, *, tempera
                  torch.empty(splits, n, **f32),
                  torch.empty(splits, n, **f32) if entropy is not None else None)
     pm, ps, pt, pq = parts if parts is not None else (dummy,) * 4
-    grid = (triton.cdiv(n, bm), splits)
+    grid = (triton.cdiv(n, bm) * splits,)
     _forward_kernel[grid](
         hidden, weight, bias if bias is not None else dummy, targets, logp, lse,
         entropy if entropy is not None else dummy, pm, ps, pt, pq if pq is not None else dummy,
-        n, v, d, cols_per_split, hidden.stride(0), hidden.stride(1), weight.stride(0),
+        n, v, d, cols_per_split, splits, hidden.stride(0), hidden.stride(1), weight.stride(0),
         weight.stride(1), ignore_index, 1.0 / temperature,
         1.0 if softcap is None else softcap,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
