@@ -2,8 +2,8 @@
 
 Nothing of the ``[N, V]`` logits is ever stored. The forward (``fwd.py``) streams the
 vocabulary through ``tl.dot`` tiles per token tile, keeping an online ``(max, sum-exp)`` and the
-target logit; with few token tiles it splits the vocabulary across programs and ``merge.py``
-combines the partials deterministically. The backward recomputes each tile from the saved
+target logit; with few token tiles, or an ``h`` too large for L2, it splits the vocabulary
+across programs and ``merge.py`` combines the partials deterministically. The backward recomputes each tile from the saved
 ``lse`` and forms ``dA = g (onehot - p) / T * softcap'(a)`` in registers (the target's
 ``1 - p_t`` from the forward's ``logp``, ``torch_backend.target_complement``):
 
@@ -15,8 +15,11 @@ combines the partials deterministically. The backward recomputes each tile from 
 * ``deterministic=True``: ``bwd_dh.py`` (one program per token tile) then
   ``bwd_dw.py`` (one per vocabulary tile), each owning its output rows, no atomics,
   bit-identical across runs. The logits are recomputed twice: ``8 N D V`` FLOPs (``12 N D V``
-  for half inputs with ``fast_grad=False``) and less parallelism, so expect roughly 1.3-2x the
-  default's time (not measured yet).
+  for half inputs with ``fast_grad=False``), less parallelism, and float32 read-modify-writes
+  of ``dh`` and ``dW`` that outgrow L2 at real sizes: at Qwen3-8B's head and N = 16384 about
+  0.6 TB and 1.3 TB through HBM, so expect several times the default's time there (an
+  estimate; not measured yet). For tests and small heads; ``da_bytes`` is the atomic-free
+  choice at scale.
 
 Tokens with ``g = 0`` (ignored, or zero weight) cost nothing in the default and deterministic
 backwards: a tile whose rows all have ``g = 0`` skips everything, including the recompute. With

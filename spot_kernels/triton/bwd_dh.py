@@ -13,8 +13,10 @@ Token tiles whose ``g`` are all zero are skipped; ``filter_eps`` skips vocabular
 ``bwd.py``.
 
 Cost: ``4 N D V`` FLOPs (recompute + ``dh``; ``6 N D V`` with the ``hi + lo`` split);
-``8 N D V / BLOCK_V`` bytes of ``dh`` read-modify-write (mostly L2). Parallelism is only
-``cdiv(N, BLOCK_M)`` programs.
+``8 N D V / BLOCK_V`` bytes of ``dh`` read-modify-write, from L2 only while the resident
+programs' rows fit there: at Qwen3-8B's head and N = 16384 every vocabulary tile sweeps all of
+``dh`` (256 MB), about 0.6 TB through HBM in all, which bounds this pass (an estimate).
+Parallelism is only ``cdiv(N, BLOCK_M)`` programs.
 """
 from __future__ import annotations
 

@@ -11,7 +11,9 @@ float32 ``dW`` buffer; ``db`` stays in registers until the end. Fixed order, exc
 bit-identical results across runs. A barrier closes each token tile (see ``bwd_dh.py``).
 
 Cost: ``4 N D V`` FLOPs (recompute + ``dW``; ``6 N D V`` with the ``hi + lo`` split);
-``8 V D N / BLOCK_M`` bytes of ``dW`` read-modify-write. Together with ``bwd_dh.py`` the
+``8 V D N / BLOCK_M`` bytes of ``dW`` read-modify-write (the resident programs' rows outgrow
+L2 at real sizes: about 1.3 TB through HBM at Qwen3-8B's head and N = 16384, an estimate).
+Together with ``bwd_dh.py`` the
 deterministic backward does ``8 N D V`` FLOPs instead of the default's ``6 N D V`` (one extra
 recompute of the logits; ``12`` vs ``10 N D V`` with the split),
 in exchange for no atomics.
