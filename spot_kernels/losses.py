@@ -47,25 +47,36 @@ def bce_reward_loss(policy_logps, ref_logps, labels, beta=0.1, delta=0.0, reduct
     k = {"pairs": s / 2, "mean": s, "sum": 1}[reduction]
     loss = per_seq.sum() / max(k, 1)
     with torch.no_grad():
+        # masks and sorts, never boolean indexing: its data-dependent shape would make the
+        # host wait for the device (a nonzero) on every step
         rewards = beta * (pi.detach() - rho)
-        chosen, rejected = y >= 0.5, y < 0.5
-        r_c, r_r = rewards[chosen], rewards[rejected]
+        chosen = y >= 0.5
         sig = torch.sigmoid(u.detach())
         nan = rewards.new_full((), float("nan"))
 
-        def mean(x):
-            return x.mean() if x.numel() else nan
+        def mean(x, mask=None):
+            if mask is None:
+                return x.mean() if x.numel() else nan
+            count = mask.sum()
+            return torch.where(count > 0, torch.where(mask, x, 0.0).sum() / count.clamp_min(1),
+                               nan)
 
-        pairs = min(r_c.numel(), r_r.numel())
+        # the i-th chosen sequence against the i-th rejected one: a stable sort brings each
+        # kind to the front in batch order, and the first min(#chosen, #rejected) places pair
+        first_c = torch.argsort((~chosen).to(torch.int8), stable=True)
+        first_r = torch.argsort(chosen.to(torch.int8), stable=True)
+        r_c, r_r = rewards[first_c], rewards[first_r]
+        paired = torch.arange(s, device=rewards.device) < torch.minimum(chosen.sum(),
+                                                                        (~chosen).sum())
         stats = {
             "rewards": rewards,
             "reward_mean": mean(rewards),
-            "rewards_chosen": mean(r_c),
-            "rewards_rejected": mean(r_r),
-            "accuracy": (r_c[:pairs] > r_r[:pairs]).float().mean() if pairs else nan,
-            "margin": (r_c[:pairs] - r_r[:pairs]).mean() if pairs else nan,
-            "logps_chosen": mean(pi.detach()[chosen]),
-            "logps_rejected": mean(pi.detach()[rejected]),
+            "rewards_chosen": mean(rewards, chosen),
+            "rewards_rejected": mean(rewards, ~chosen),
+            "accuracy": mean((r_c > r_r).float(), paired),
+            "margin": mean(r_c - r_r, paired),
+            "logps_chosen": mean(pi.detach(), chosen),
+            "logps_rejected": mean(pi.detach(), ~chosen),
             "saturated": mean(((sig < SATURATED) | (sig > 1 - SATURATED)).float()),
         }
     return loss, stats

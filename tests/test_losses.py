@@ -156,3 +156,66 @@ def test_spot_loss_callable_delta_sees_the_batch_first():
     torch.testing.assert_close(out.loss, expect)
     with pytest.raises(ValueError, match="delta"):
         sk.spot_loss(h, w, t, cu, ref, labels, delta=lambda m: float("nan"), backend="torch")
+
+
+def test_bce_stats_pair_in_batch_order_with_unequal_counts():
+    """Interleaved labels, more rejected than chosen: the i-th chosen pairs with the i-th
+    rejected, in batch order, as a loop over the two lists does."""
+    g = torch.Generator().manual_seed(5)
+    for labels in ([0, 1, 0, 0, 1, 0, 1], [1, 1, 1, 0], [0, 0], [1]):
+        labels = torch.tensor(labels, dtype=torch.float64)
+        s = labels.numel()
+        policy = torch.randn(s, generator=g, dtype=torch.float64) * 10
+        ref = torch.randn(s, generator=g, dtype=torch.float64) * 10
+        _, stats = sk.bce_reward_loss(policy, ref, labels, beta=0.3, reduction="mean")
+        r = (0.3 * (policy - ref)).tolist()
+        rc = [x for x, y in zip(r, labels) if y == 1]
+        rr = [x for x, y in zip(r, labels) if y == 0]
+        pairs = list(zip(rc, rr))
+        nan = float("nan")
+        want = {
+            "rewards_chosen": sum(rc) / len(rc) if rc else nan,
+            "rewards_rejected": sum(rr) / len(rr) if rr else nan,
+            "accuracy": sum(a > b for a, b in pairs) / len(pairs) if pairs else nan,
+            "margin": sum(a - b for a, b in pairs) / len(pairs) if pairs else nan,
+            "logps_chosen": policy[labels == 1].mean().item() if rc else nan,
+            "logps_rejected": policy[labels == 0].mean().item() if rr else nan,
+        }
+        for key, value in want.items():
+            assert stats[key].item() == pytest.approx(value, rel=1e-5, nan_ok=True), (key, labels)
+
+
+def test_spot_loss_tail_has_no_op_that_waits_for_the_device():
+    """The O(N + S) part (sequence sums, the BCE and its stats, their backward) uses no op whose
+    output size or value the host must read from a GPU (``nonzero``, boolean indexing,
+    ``.item()``...): on CUDA each would stall the stream every step. Seen on the CPU through
+    the dispatcher, which records the same ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    syncing = {"nonzero", "masked_select", "_local_scalar_dense", "unique", "_unique2",
+               "masked_scatter", "repeat_interleave"}
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.bad = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in syncing or (name.startswith("index") and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                    for i in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple))
+                              else []))):
+                self.bad.append(name)
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(6)
+    tokens = torch.randn(40, generator=g, requires_grad=True)
+    cu = torch.tensor([0, 7, 15, 22, 40])
+    valid = torch.rand(40, generator=g) > 0.2
+    labels = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    with Ops() as ops:
+        pi = sk.losses.sequence_logprobs(tokens, cu, valid, average=True)
+        loss, stats = sk.losses.bce_reward_loss(pi, torch.zeros(4), labels, beta=0.2, delta=0.1)
+        loss.backward()
+    assert not ops.bad, ops.bad
+    assert torch.isfinite(stats["accuracy"]) and tokens.grad.abs().sum() > 0
