@@ -35,10 +35,15 @@ def interpreted(backend, device):
 def pytest_collection_modifyitems(config, items):
     """Every test run on ``device="cuda"`` is a GPU test too: ``-m gpu`` selects the dedicated
     GPU tests and this sweep of the whole backend fixture on CUDA, ``-m sweep`` only the sweep
-    (the GPU suite runs the dedicated tests first)."""
+    (the GPU suite runs the dedicated tests first). ``test_triton.py``'s small-shape kernel
+    tests run on CUDA whenever it is present (``_device()`` there): part of the sweep too."""
+    cuda = torch.cuda.is_available()
     for item in items:
         spec = getattr(item, "callspec", None)
-        if spec is not None and spec.params.get("device") == "cuda":
+        on_cuda = spec is not None and spec.params.get("device") == "cuda"
+        on_cuda |= (cuda and item.module.__name__ == "test_triton"
+                    and item.get_closest_marker("gpu") is None)
+        if on_cuda:
             item.add_marker(pytest.mark.gpu)
             item.add_marker(pytest.mark.sweep)
 

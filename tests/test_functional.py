@@ -132,7 +132,8 @@ def test_a_dominant_target_gets_no_reversed_gradient(backend, device):
     base-2 round trip of lse made p_t exceed 1 and gave dW[t] = -0.11."""
     h, w, target, temp = _dominant_heads(device)[2]
     t = torch.tensor([target], device=device)
-    _, (dh, dw) = run(backend, h, w, t, gout=torch.ones(1, dtype=torch.float64), temperature=temp)
+    _, (dh, dw) = run(backend, h, w, t, gout=torch.ones(1, dtype=torch.float64, device=device),
+                      temperature=temp)
     assert dh.abs().max() <= 1e-6 and dw.abs().max() <= 1e-6, (dh, dw)
 
 
@@ -281,7 +282,8 @@ def test_uint8_targets_count_like_int64(backend, device):
     ref, labels = torch.zeros(4, device=device), torch.tensor([1.0, 1.0, 0.0, 0.0], device=device)
     outs = [sk.spot_loss(h, w, tt, cu, ref, labels, backend=backend).policy_logps
             for tt in (t, t.to(torch.uint8))]
-    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    exact = 0 if device == "cpu" else 1e-6  # CUDA's index_add adds in no fixed order
+    torch.testing.assert_close(outs[1], outs[0], rtol=exact, atol=exact)
     truth = float64_truth(h, w, t, None, torch.ones(12, device=device))[0]
     expect = torch.stack([truth[a:b].sum() for a, b in zip(cu[:-1], cu[1:])])
     torch.testing.assert_close(outs[1].double(), expect, rtol=0, atol=1e-4)
@@ -358,6 +360,8 @@ def test_autocast_runs_the_head_in_the_autocast_dtype(backend, device):
     h, w, b, t = make_head(37, 48, 131, torch.float32, device, bias=True, scale=3.0, seed=21)
     gout = torch.randn(t.shape, generator=torch.Generator().manual_seed(3)).to(device)
     kw = dict(backend=backend, softcap=20.0, temperature=0.9)
+    if backend == "triton":  # two backward runs compared bit for bit: no atomics
+        kw["backend_options"] = {"deterministic": True}
 
     def leaves():
         return [x.detach().clone().requires_grad_() for x in (h, w, b)]
