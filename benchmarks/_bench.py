@@ -226,6 +226,20 @@ def _cce(device):
     return fn
 
 
+STICKY = ("illegal memory access", "unspecified launch failure", "device-side assert",
+          "illegal instruction", "misaligned address")
+
+
+def poisoned(case, exc):
+    """A peer that left the CUDA context broken (errors that stick to every later call) ends
+    the run here, naming it, instead of failing every later point, ours included."""
+    import pytest
+    text = str(exc).lower()
+    if any(s in text for s in STICKY):
+        pytest.exit(f"{case.impl} broke the CUDA context ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0]}); the points before it stand", returncode=3)
+
+
 def implementation(name, device, full=False):
     """``logp(h, w, t)`` for implementation ``name`` on ``device``; raises ``Unavailable``."""
     if name in OURS:
@@ -528,6 +542,7 @@ def bench(benchmark, case, device, *, rounds, full=False, gemm=True, deadline=No
     except Exception as exc:  # a peer that rejects this dtype / shape / device
         if case.impl in OURS:
             raise
+        poisoned(case, exc)
         pytest.skip(f"{case.impl} failed on these inputs: {type(exc).__name__}: "
                     f"{str(exc).splitlines()[0] if str(exc) else ''}")
     if not err <= bound:
@@ -566,6 +581,7 @@ def bench(benchmark, case, device, *, rounds, full=False, gemm=True, deadline=No
         mem.base = None
         if case.impl in OURS:
             raise
+        poisoned(case, exc)
         pytest.skip(f"{case.impl} failed in {case.mode}: {type(exc).__name__}: "
                     f"{str(exc).splitlines()[0] if str(exc) else ''}")
     mem.stop()

@@ -68,7 +68,8 @@ def _save_point(request):
     """``--points``: the finished point, appended as it ends (see the module docstring)."""
     yield
     path = request.config.getoption("--points")
-    bm = request.node.funcargs.get("benchmark") if path else None
+    # funcargs is None when an interrupt (the suite's time limit) tears the point down
+    bm = (getattr(request.node, "funcargs", None) or {}).get("benchmark") if path else None
     stats = getattr(getattr(bm, "stats", None), "stats", None)
     if stats is None or not getattr(stats, "data", None):
         return

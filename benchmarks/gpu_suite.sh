@@ -68,6 +68,13 @@ LOG="$OUT_DIR/suite.log"
 exec > >(tee -a "$LOG") 2>&1
 export PYTHONUNBUFFERED=1
 if [ "$DRY" = 1 ]; then export TRITON_INTERPRET=1; else unset TRITON_INTERPRET; fi
+if [ "$DRY" != 1 ]; then  # nvcc (setup.py) and compute-sanitizer where CUDA is not on PATH
+  CUDA_DIR="${CUDA_HOME:-/usr/local/cuda}"
+  for d in "$CUDA_DIR/bin" "$CUDA_DIR/compute-sanitizer"; do
+    [ -d "$d" ] && case ":$PATH:" in *":$d:"*) ;; *) PATH="$PATH:$d" ;; esac
+  done
+  export PATH
+fi
 
 T0=$SECONDS
 STAGES=()
@@ -110,9 +117,13 @@ echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')  python $($PY
 # 1. install --------------------------------------------------------------------------------
 do_install() {
   set -e
+  # a system Python that marks itself externally managed (PEP 668) still takes the install
+  export PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHECK=1
   if compgen -G "wheels/*.whl" > /dev/null; then
     echo "installing wheels/: $(cd wheels && ls *.whl | tr '\n' ' ')"
-    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation wheels/*.whl
+    # a peer that does not install costs its benchmark points, not the package's own build
+    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation wheels/*.whl ||
+      echo "!! the peer wheels did not install: their points will be skipped"
   fi
   # Hopper only unless told otherwise: a quarter of the 4-arch nvcc time
   SPOT_CUDA_ARCHS="${SPOT_CUDA_ARCHS:-90}" "$PY" -m pip install -q --no-build-isolation --no-deps -e .
@@ -244,8 +255,12 @@ elif [ "$(uname -r)" = "4.4.0" ]; then
   note memcheck "skipped (gVisor: no sanitizer)"
 else
   # no caching allocator: each tensor its own cudaMalloc, so a read past one is seen
-  stage memcheck 45 200 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-    compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" benchmarks/cuda_memcheck.py
+  # API errors are not reported (CUDA 13's loader probes cuGetProcAddress and fails some
+  # calls on purpose); device memory errors still fail the stage. Under 30 s it cannot start
+  # torch and cuBLAS under the sanitizer: skipped then, and cut (not failed) by the budget
+  MIN_S=30 SOFT=1 stage memcheck 45 200 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 1 \
+    "$PY" benchmarks/cuda_memcheck.py
 fi
 
 # 5. benchmarks -----------------------------------------------------------------------------

@@ -152,11 +152,18 @@ def main(argv=None):
     base = {"forward": logp, "lse": lse}
     base["backward"] = tb.backward(h, w, t, None, lse, logp, g, ignore_index=-100,
                                    needs_input_grad=(True, True, False))[:2]
+    def save():  # after every candidate: a stage cut short keeps what it timed
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(dict(n=n, d=d, v=v, dtype=args.dtype, gemm_ms=gemm_ms, rows=rows), f,
+                          indent=1)
+
     for kind, cands in (("forward", fwd_c), ("backward", bwd_c)):
         for cand in cands:
             row = run(kind, cand)
             rows.append(row)
             print(_line(row), flush=True)
+            save()
     print()
     for kind in ("forward", "backward"):
         best = fastest(rows, kind)
@@ -165,10 +172,6 @@ def main(argv=None):
             extra = "".join(f", {k}={best[k]}" for k in ("group_m", "split_vocab") if k in best)
             print(f"fastest {kind}: {cfg}{extra}  {best['ms']:.2f} ms, "
                   f"{best['x_gemm']:.2f}x one GEMM")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(n=n, d=d, v=v, dtype=args.dtype, gemm_ms=gemm_ms, rows=rows), f,
-                      indent=1)
     return 0
 
 

@@ -80,3 +80,14 @@ def test_inputs_rotate_past_the_cache():
     _bench._INPUTS.clear()
     assert len(_bench.input_sets(64, 256, 80000, "float32", "cpu")) == 1  # past the cache
     _bench._INPUTS.clear()
+
+
+def test_a_peer_that_breaks_the_cuda_context_ends_the_run():
+    """A sticky CUDA error from a peer would fail every later point, ours included: the run
+    stops there and names the peer; an ordinary peer failure is only that point's skip."""
+    class Case:
+        impl = "liger"
+    with pytest.raises(pytest.exit.Exception, match="liger broke the CUDA context"):
+        _bench.poisoned(Case, RuntimeError("CUDA error: an illegal memory access was "
+                                           "encountered\nCUDA kernel errors might be ..."))
+    _bench.poisoned(Case, RuntimeError("expected scalar type BFloat16 but found Float"))
