@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ATTENTION, HELP, ConfigError, load_file, make_config
+from .config import ATTENTION, DEVICES, HELP, ConfigError, load_file, make_config
 from .data import DataError
 
 TRAIN_FLAGS = {  # name -> (type, metavar); booleans are store_true / --no-... pairs
@@ -21,6 +21,7 @@ TRAIN_FLAGS = {  # name -> (type, metavar); booleans are store_true / --no-... p
     "save_every": (int, "N"), "keep_checkpoints": (int, "N"), "max_length": (int, None),
     "tokens_per_batch": (int, None),
     "grad_accum": (int, None), "max_grad_norm": (float, None), "backend": (str, None),
+    "device": (str, "{" + ",".join(DEVICES) + "}"),
     "attn": (str, "{" + ",".join(ATTENTION) + "}"),
     "seed": (int, None), "log_every": (int, None), "cache_dir": (str, "DIR"),
 }

@@ -13,6 +13,7 @@ from pathlib import Path
 
 ATTENTION = ("auto", "flash_attention_2", "sdpa", "eager")  # the choices of --attn
 BACKENDS = ("auto", "torch", "triton", "cuda", "reference")  # spot_kernels' backends
+DEVICES = ("auto", "cpu", "cuda")  # the choices of --device
 # what a checkpoint's run was made of: --resume refuses a checkpoint whose values differ, since
 # the data order, the schedule and the optimizer state all follow from them
 RUN_DEFINING = ("model", "data", "beta", "delta", "ema_alpha", "loss", "lr", "weight_decay",
@@ -45,6 +46,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     backend: str = "auto"
+    device: str = "auto"
     bf16: bool = True
     attn: str = "auto"
     gradient_checkpointing: bool = False
@@ -84,6 +86,7 @@ class TrainConfig:
                   ("max_grad_norm", self.max_grad_norm > 0, "must be > 0"),
                   ("seed", -2**63 <= self.seed < 2**64, "must be in [-2^63, 2^64)"),
                   ("backend", self.backend in BACKENDS, f"must be {'|'.join(BACKENDS)}"),
+                  ("device", self.device in DEVICES, f"must be {'|'.join(DEVICES)}"),
                   ("log_every", self.log_every >= 1, "must be >= 1"),
                   ("attn", self.attn in ATTENTION, f"must be {'|'.join(ATTENTION)}")]
         for name, ok, why in checks:
@@ -120,6 +123,8 @@ HELP = {
     "grad_accum": "micro-batches per optimizer step and process",
     "max_grad_norm": "gradient clipping norm",
     "backend": "spot_kernels backend: auto, torch, triton, cuda or reference",
+    "device": "auto (each process's own GPU when torch sees CUDA, else the CPU), cpu, or cuda; "
+              "under torchrun one GPU a process (LOCAL_RANK), NCCL on GPUs and gloo on CPUs",
     "bf16": "bf16 autocast on a GPU (ignored on CPU)",
     "attn": "attention kernel: auto (flash-attn varlen on a GPU under bf16 when it imports, "
             "else sdpa, else eager: the first this model has), flash_attention_2, sdpa or eager; "

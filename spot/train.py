@@ -63,15 +63,23 @@ from .rectify.jsonl import read_jsonl, rewrite
 class Dist:
     """Rank, world and the few collectives the loop needs (no-ops in one process)."""
 
-    def __init__(self):
+    def __init__(self, device="auto"):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.on = self.world > 1
+        cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+        if cuda:
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if not count:
+                raise ConfigError("device: cuda, but torch sees no CUDA device here")
+            if self.local_rank >= count:
+                raise ConfigError(f"device: process {self.local_rank} of this machine has no GPU "
+                                  f"of its own ({count} visible): start torchrun with "
+                                  f"--nproc_per_node {count} or fewer, or use --device cpu")
         if self.on and not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend)
-        if torch.cuda.is_available():
+            dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
             torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)
         else:
@@ -512,7 +520,7 @@ def train(cfg: TrainConfig, log=None, handle_signals=True):
 
 
 def _train(cfg, log, handle_signals):
-    dst = Dist()
+    dst = Dist(cfg.device)
     log = log or (lambda msg: print(msg, file=sys.stderr) if dst.main else None)
     if cfg.backend != "auto":
         from spot_kernels._registry import availability

@@ -138,7 +138,8 @@ def workdir(tmp_path_factory):
 
 def _cfg(workdir, out, **kw):
     base = dict(model=str(workdir / "model"), data=str(workdir / "pairs.jsonl"), output=str(out),
-                lr=1e-3, max_steps=4, tokens_per_batch=300, progress=False, backend="torch")
+                lr=1e-3, max_steps=4, tokens_per_batch=300, progress=False, backend="torch",
+                device="cpu")  # the CPU's numbers on a GPU machine too
     return TrainConfig(**{**base, **kw})
 
 
@@ -228,6 +229,7 @@ def test_spot_train_exits_130_after_a_signal(workdir, tmp_path, capsys):
     code = main(["train", "--model", str(workdir / "model"), "--data", str(workdir / "pairs.jsonl"),
                  "--output", str(out), "--max-steps", "100000", "--lr", "1e-3",
                  "--tokens-per-batch", "300", "--backend", "torch", "--no-progress",
+                 "--device", "cpu",
                  "--log-every", "100000"])
     err = capsys.readouterr().err
     assert code == 130 and "continue with --resume" in err, err[-2000:]
@@ -258,7 +260,7 @@ def test_torchrun_two_processes_agree_with_one(workdir, tmp_path):
            "--master_port", str(random.randint(20000, 40000)), "-m", "spot", "train",
            "--model", str(workdir / "model"), "--data", str(workdir / "pairs.jsonl"),
            "--output", str(out2), "--max-steps", "3", "--lr", "1e-3", "--delta", "zero",
-           "--tokens-per-batch", "300", "--backend", "torch", "--no-progress",
+           "--tokens-per-batch", "300", "--backend", "torch", "--no-progress", "--device", "cpu",
            "--save-every", "2"]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
@@ -295,7 +297,7 @@ def test_torchrun_stops_every_rank_when_one_is_signalled(workdir, tmp_path):
            "--master_port", str(random.randint(20000, 40000)), "-m", "spot", "train",
            "--model", str(workdir / "model"), "--data", str(workdir / "pairs.jsonl"),
            "--output", str(out), "--max-steps", "100000", "--lr", "1e-3",
-           "--tokens-per-batch", "300", "--backend", "torch", "--no-progress",
+           "--tokens-per-batch", "300", "--backend", "torch", "--no-progress", "--device", "cpu",
            "--log-every", "100000"]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
@@ -369,7 +371,7 @@ def test_resume_compares_micro_batches_per_step_not_grad_accum(tmp_path):
 def test_bad_settings_are_one_line_errors(workdir, tmp_path, capsys):
     from spot.cli import main
     base = ["train", "--model", str(workdir / "model"), "--data", str(workdir / "pairs.jsonl"),
-            "--output", str(tmp_path / "o"), "--no-progress"]
+            "--output", str(tmp_path / "o"), "--no-progress", "--device", "cpu"]
     (tmp_path / "file").write_text("x")
     (tmp_path / "c.yaml").write_text("output: 5\n")
     (tmp_path / "b.yaml").write_text("max-steps: true\n")
@@ -383,6 +385,7 @@ def test_bad_settings_are_one_line_errors(workdir, tmp_path, capsys):
              (["--save-every", "-1"], "save_every: must be >= 0"),
              (["--backend", "bogus"], "backend: must be"),
              (["--backend", "cuda"], "backend: cuda does not run on cpu"),
+             (["--device", "gpu"], "device: must be auto|cpu|cuda"),
              (["--beta", "inf"], "beta: must be a finite number"),
              (["--lr", "inf"], "lr: must be a finite number"),
              (["--weight-decay", "-1"], "weight_decay: must be a finite number >= 0"),
@@ -390,6 +393,8 @@ def test_bad_settings_are_one_line_errors(workdir, tmp_path, capsys):
              (["--output", str(tmp_path / "file")], "is a file, not a folder"),
              (["--config", str(tmp_path / "c.yaml")], "output: expected str"),
              (["--config", str(tmp_path / "b.yaml")], "max_steps: expected int, got True")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "device: cuda, but torch sees no CUDA device"))
     for extra, fragment in cases:
         # a config file's value is checked without flags (which would win over it)
         argv = (base[:5] if extra[0] == "--config" else base) + extra
@@ -436,3 +441,21 @@ def test_autocast_keeps_no_cast_weights():
     assert torch.is_autocast_cache_enabled()  # torch's default, which the trainer turns off
     with autocast(cfg, torch.device("cpu")):
         assert not torch.is_autocast_cache_enabled()
+
+
+def test_device_setting_picks_cpu_or_refuses_a_process_without_a_gpu(monkeypatch):
+    """--device cpu keeps a GPU machine's run on the CPU (gloo under torchrun); a torchrun
+    process whose LOCAL_RANK has no GPU of its own is a one-line error naming the fix."""
+    from spot.config import ConfigError
+    from spot.train import Dist
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    assert Dist("cpu").device == torch.device("cpu")
+    assert Dist("auto").device == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert Dist("cpu").device == torch.device("cpu")
+    for device in ("auto", "cuda"):
+        with pytest.raises(ConfigError, match="process 1 of this machine has no GPU of its own "
+                                              r"\(1 visible\).*--nproc_per_node 1"):
+            Dist(device)
