@@ -425,8 +425,8 @@ def test_auto_split_vocab_when_token_tiles_are_few_or_h_outgrows_l2(monkeypatch)
     assert splits(128, 512) == 1
     assert splits(128, 151936, requested=3) == 3   # forced
     assert splits(2**29, 151936, requested=8) == 3  # int32 partial offsets
-    # Qwen3-8B's head at N = 16384: h is 128 MB; 16 splits leave the 264 resident programs
-    # 16.5 token tiles (16.5 MB of h) and 16 vocabulary tiles of W (16 MB)
+    # Qwen3-8B's head at N = 16384: h is 128 MB; 16 splits leave the 132 resident programs
+    # (one an SM) about 8 token tiles (8 MB of h) and 16 vocabulary tiles of W (16 MB)
     assert splits(16384, 151936, d=4096) == 16
     assert splits(132 * 128, 151936, d=4096) == 16
     assert splits(16384, 8 * 128 * 3, d=4096) == 3  # still >= 8 vocab tiles each

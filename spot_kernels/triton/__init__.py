@@ -214,12 +214,13 @@ def _splits(n, v, d, itemsize, cfg, device, requested):
 
     * Too few token tiles to fill the GPU: enough splits for about two programs per SM.
     * ``h`` larger than a quarter of L2: at least ``sqrt(2 SMs BLOCK_M / BLOCK_V)`` splits
-      (16 on an H200). The ~2 programs per SM resident at once then hold ``2 SMs / splits``
-      token tiles of ``h`` and ``splits`` tiles of ``W``; that sum is smallest there (33 MB at
-      D = 4096 in bf16, in a 60 MB L2), so ``h`` is read from HBM once and ``W`` once per group
-      of token tiles. With one split the resident programs are all the token tiles at one
-      vocabulary tile: all of ``h`` (128 MB at N = 16384, D = 4096) passes through L2 for every
-      vocabulary tile, from HBM each time.
+      (16 on an H200). The ``R`` programs resident at once (one or two per SM: one for the
+      Hopper forward, whose 128 x 128 tiles take 242 registers a thread) then hold
+      ``R / splits`` token tiles of ``h`` and ``splits`` tiles of ``W``, a sum near its
+      smallest there (24 to 33 MB at D = 4096 in bf16, in a 60 MB L2), so ``h`` is read from
+      HBM about once and ``W`` once per group of token tiles. With one split the resident
+      programs are all the token tiles at one vocabulary tile: all of ``h`` (128 MB at
+      N = 16384, D = 4096) passes through L2 for every vocabulary tile, from HBM each time.
     Each split stays at least 8 vocabulary tiles wide.
     """
     if requested is not None:
