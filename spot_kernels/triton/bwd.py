@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from .configs import launch_options
-from .tiles import dot2, grad_tile, logits_tile, row_inputs, split_half
+from .tiles import dot2, grad_tile, grouped_tile, logits_tile, row_inputs, split_half
 
 
 @triton.jit
@@ -70,13 +70,7 @@ def _backward_kernel(H, W, B, T, LSE, Q, G, DH, DW, DB, N, V, D, stride_hn, stri
                      BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     # grouped order: consecutive programs cover group_m token tiles x successive vocabulary
     # tiles, so the dh rows they add into stay in L2 while the vocabulary streams past
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(N, BLOCK_M)
-    per_group = group_m * tl.cdiv(V, BLOCK_V)
-    first_m = (pid // per_group) * group_m
-    size_m = tl.minimum(tiles_m - first_m, group_m)
-    rows = (first_m + (pid % per_group) % size_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = ((pid % per_group) // size_m) * BLOCK_V + tl.arange(0, BLOCK_V)
+    rows, cols = grouped_tile(tl.program_id(0), N, V, group_m, BLOCK_M, BLOCK_V)
     row_mask = rows < N
     col_mask = cols < V
     t, g, lse_hi, lse_scale, q = row_inputs(T, G, LSE, Q, rows, row_mask, ignore_index)

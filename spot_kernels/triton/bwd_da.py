@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .configs import GROUP_M, launch_options
-from .tiles import grad_tile, logits_tile, row_inputs
+from .tiles import grad_tile, grouped_tile, logits_tile, row_inputs
 
 
 @triton.jit
@@ -41,13 +41,7 @@ def _backward_da_kernel(H, W, B, T, LSE, Q, G, DA, N, V, D, stride_hn, stride_hd
                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
                         PRECISION: tl.constexpr):
-    pid = tl.program_id(0)  # grouped order, as in bwd.py
-    tiles_m = tl.cdiv(N, BLOCK_M)
-    per_group = group_m * tl.cdiv(V, BLOCK_V)
-    first_m = (pid // per_group) * group_m
-    size_m = tl.minimum(tiles_m - first_m, group_m)
-    rows = (first_m + (pid % per_group) % size_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = ((pid % per_group) // size_m) * BLOCK_V + tl.arange(0, BLOCK_V)
+    rows, cols = grouped_tile(tl.program_id(0), N, V, group_m, BLOCK_M, BLOCK_V)
     col_mask = cols < V
     row_mask = rows < N
     t, g, lse_hi, lse_scale, q = row_inputs(T, G, LSE, Q, rows, row_mask, ignore_index)

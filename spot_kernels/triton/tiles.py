@@ -31,6 +31,22 @@ import triton.language as tl
 
 
 @triton.jit
+def grouped_tile(pid, N, V, group_m, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
+    """``(rows, cols)`` of program ``pid`` in the grouped order of a 1-D grid of
+    ``cdiv(N, BLOCK_M) cdiv(V, BLOCK_V)`` tiles: consecutive programs take ``group_m`` token
+    tiles (fewer in the last group) down one vocabulary tile, then the next vocabulary tile,
+    through the vocabulary before the next group starts, so the programs resident at once
+    share a few rows of ``h`` and a few of ``W`` in L2."""
+    tiles_m = tl.cdiv(N, BLOCK_M)
+    per_group = group_m * tl.cdiv(V, BLOCK_V)
+    first_m = (pid // per_group) * group_m
+    size_m = tl.minimum(tiles_m - first_m, group_m)
+    rows = (first_m + (pid % per_group) % size_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = ((pid % per_group) // size_m) * BLOCK_V + tl.arange(0, BLOCK_V)
+    return rows, cols
+
+
+@triton.jit
 def tanh(x):
     e = tl.exp(-2.0 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)
