@@ -116,10 +116,11 @@ def test_plain_and_single_token():
 
 @needs_triton
 @pytest.mark.parametrize("mode", [{}, {"da_bytes": 1 << 20}], ids=["atomics", "da_bytes"])
-@pytest.mark.parametrize("group_m", [1, 4, 64])
+@pytest.mark.parametrize("group_m", [1, 4, 64, 2**30])
 def test_grouped_program_order_covers_every_tile_once(group_m, mode):
     # 6 token tiles x 4 vocabulary tiles: groups of 4 leave a ragged group of 2; 1 is plain
-    # vocabulary-major order, 64 (more than the tiles) plain token-major order; the default
+    # vocabulary-major order, 64 (more than the tiles) plain token-major order, and so is
+    # 2^30, whose product with the vocabulary tiles would overflow int32 unclipped; the default
     # backward's tiles and da_bytes's dA blocks (one block here) walk the same order
     h, w, b, t = make_head(83, 24, 100, torch.float32, _device(), bias=True, scale=2.0, seed=15)
     check(h, w, t, b, options={"group_m": group_m, **mode}, softcap=5.0)
@@ -431,3 +432,4 @@ def test_auto_split_vocab_when_token_tiles_are_few_or_h_outgrows_l2(monkeypatch)
     assert splits(132 * 128, 151936, d=4096) == 16
     assert splits(16384, 8 * 128 * 3, d=4096) == 3  # still >= 8 vocab tiles each
     assert splits(1024, 151936, d=4096) == 33       # 8 tiles fill the GPU with 33 splits
+    assert splits(2**27, 151936, d=64) == 15        # int32 partial offsets: 15 * 2^27 < 2^31

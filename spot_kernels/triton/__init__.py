@@ -71,7 +71,7 @@ and the second only the ``dh`` ones.
   gradient-GEMM cost (``10 N D V``). The four GEMMs' worth of work that the speed target
   counts (``8 N D V`` with the forward) leaves no room for the split, hence on by default.
 * ``split_vocab`` (int >= 1): vocabulary splits of the forward; 1 disables. Default automatic
-  (``_splits``; never on the interpreter): with fewer token tiles than SMs, up to about two
+  (``_splits``; never for CPU tensors): with fewer token tiles than SMs, up to about two
   programs per SM; with ``h`` larger than a quarter of L2, about ``sqrt(2 SMs)`` (16 on an
   H200) so that the programs resident at once keep their ``h`` rows in L2; at least 8
   vocabulary tiles per split.
@@ -223,8 +223,9 @@ def _splits(n, v, d, itemsize, cfg, device, requested):
       N = 16384, D = 4096) passes through L2 for every vocabulary tile, from HBM each time.
     Each split stays at least 8 vocabulary tiles wide.
     """
+    most = (2**31 - 1) // max(n, 1)  # the merge's int32 offsets into [splits, N] partials
     if requested is not None:
-        return max(1, min(requested, (2**31 - 1) // max(n, 1)))  # int32 partial offsets
+        return max(1, min(requested, most))
     configs = _kernels()[5]
     _, sms = configs.device_info(device)
     bm, bv = cfg["block_m"], cfg["block_v"]
@@ -232,7 +233,7 @@ def _splits(n, v, d, itemsize, cfg, device, requested):
     splits = 1 if tiles >= sms else -(-2 * sms // tiles)
     if n * d * itemsize > configs.l2_bytes(device) / 4:
         splits = max(splits, math.isqrt(2 * sms * bm // bv))
-    return max(1, min(splits, v // (8 * bv)))
+    return max(1, min(splits, v // (8 * bv), most))
 
 
 def _int32_columns(x):

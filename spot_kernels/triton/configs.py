@@ -4,7 +4,8 @@ Each entry gives ``block_m`` (tokens per tile), ``block_v`` (vocabulary rows per
 ``block_d`` (the D chunk of each ``tl.dot``), ``num_warps`` and ``num_stages``; the default
 backward also takes ``group_m`` (token tiles per group of its program order, ``bwd.py``;
 ``GROUP_M`` = 16 everywhere: 16 tiles of 64 tokens keep ``h`` and the float32 ``dh`` of a group,
-24 MB at D = 4096, within the 50 MB L2 of an H100/H200).
+24 MB at D = 4096, within the 50 MB L2 of an H100 and the 60 MB of an H200; a larger
+``group_m`` than there are token tiles means token-major order and is clipped to that).
 
 The rule that picked them: the largest tiles that compile without spilling registers (a stack
 frame of at most 64 bytes a thread, a few values; Triton versions differ by that much), checked
@@ -84,7 +85,7 @@ def launch_options(cfg):
 
 @functools.lru_cache(maxsize=None)
 def l2_bytes(device):
-    """The device's L2 cache in bytes (60 MB on an H200); unbounded for the interpreter."""
+    """The device's L2 cache in bytes (60 MB on an H200); unbounded for CPU tensors."""
     device = torch.device(device)
     if device.type != "cuda":
         return float("inf")
