@@ -70,7 +70,7 @@ class Dist:
         self.on = self.world > 1
         cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
         if cuda:
-            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            count = torch.cuda.device_count()  # 0 without CUDA
             if not count:
                 raise ConfigError("device: cuda, but torch sees no CUDA device here")
             if self.local_rank >= count:

@@ -66,6 +66,6 @@ def launch_backward_da(hidden, weight, targets, bias, lse, q, grad, da, *, tempe
         hidden, weight, bias if bias is not None else lse, targets, lse, q, grad, da, n, v, d,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), da.stride(0),
         ignore_index, 1.0 / temperature, 1.0 if softcap is None else softcap,
-        min(cfg.get("group_m", GROUP_M), triton.cdiv(n, bm)),  # as in bwd.py
+        cfg.get("group_m", GROUP_M),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, BLOCK_M=bm, BLOCK_V=bv,
         BLOCK_D=cfg["block_d"], PRECISION=precision, **launch_options(cfg))

@@ -36,8 +36,10 @@ def grouped_tile(pid, N, V, group_m, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexp
     ``cdiv(N, BLOCK_M) cdiv(V, BLOCK_V)`` tiles: consecutive programs take ``group_m`` token
     tiles (fewer in the last group) down one vocabulary tile, then the next vocabulary tile,
     through the vocabulary before the next group starts, so the programs resident at once
-    share a few rows of ``h`` and a few of ``W`` in L2."""
+    share a few rows of ``h`` and a few of ``W`` in L2. A ``group_m`` beyond the token tiles is
+    token-major order, clipped so that ``group_m`` times the vocabulary tiles stays in int32."""
     tiles_m = tl.cdiv(N, BLOCK_M)
+    group_m = tl.minimum(group_m, tiles_m)
     per_group = group_m * tl.cdiv(V, BLOCK_V)
     first_m = (pid // per_group) * group_m
     size_m = tl.minimum(tiles_m - first_m, group_m)
