@@ -26,7 +26,7 @@ import sys
 
 from .answers import check_answer, checker_name, ground_truth_answer
 from .jsonl import (Appender, OutputLock, check_same_settings, done_ids, has_surrogate, iter_jsonl,
-                    records_of)
+                    records_of, repair)
 
 QUESTION_KEYS = ("prompt", "question", "problem")
 ANSWER_KEYS = ("ground_truth", "answer", "solution")
@@ -158,75 +158,73 @@ def load_model(path, *, device=None, dtype="auto"):
     return model, tok
 
 
-def elicit(problems, generator, tokenizer, output_dir, **kw):
-    """Sample, check and write ``all.jsonl`` / ``errors.jsonl`` in ``output_dir`` (resumable;
-    keywords: ``samples=1, batch_size=8, temperature=0.7, top_p=0.8, max_new_tokens=2048,
-    system=None, model_name=None, checker="auto", progress=True``), holding the folder's
-    :class:`OutputLock` (a second writer is refused).
+def elicit(problems, generator, tokenizer, output_dir, *, samples=1, batch_size=8,
+           temperature=0.7, top_p=0.8, max_new_tokens=2048, system=None, model_name=None,
+           checker="auto", progress=True, load=None):
+    """Sample, check and write ``all.jsonl`` / ``errors.jsonl`` in ``output_dir`` (resumable),
+    holding the folder's :class:`OutputLock` (a second writer is refused).
 
     ``generator(prompts, temperature=, top_p=, max_new_tokens=) -> [(text, finish_reason)]``;
     with ``load=`` (a callable returning ``(generator, tokenizer)``) both may be None: the model
     loads only once the output has been checked and something is left to sample.
     Returns counts: ``{"done", "new", "correct", "wrong", "skipped"}`` over the whole folder.
     """
-    with OutputLock(os.path.join(output_dir, "all.jsonl")):
-        return _elicit(problems, generator, tokenizer, output_dir, **kw)
-
-
-def _elicit(problems, generator, tokenizer, output_dir, *, samples=1, batch_size=8,
-            temperature=0.7, top_p=0.8, max_new_tokens=2048, system=None, model_name=None,
-            checker="auto", progress=True, load=None):
+    # checked before the lock, which makes the folder (an output that is a file: this error)
     check_options(samples, batch_size, temperature, top_p, max_new_tokens, output_dir)
     checker = checker_name(checker)
     all_path, err_path = os.path.join(output_dir, "all.jsonl"), os.path.join(output_dir, "errors.jsonl")
-    check_same_settings(records_of(all_path),
-                        sampling_settings(temperature, top_p, max_new_tokens, system), "answers",
-                        all_path)
-    os.makedirs(output_dir, exist_ok=True)
-
-    done = done_ids(all_path)
-    have_err = done_ids(err_path)
-    with Appender(err_path) as errs:  # a kill between the two appends: re-add the missing errors
-        for rec in records_of(all_path):  # streamed: all.jsonl may hold millions
-            if not rec.get("correct") and str(rec.get("id")) not in have_err:
-                errs.write(rec)
-
-    todo = pending(problems, samples, done)
-    if todo and load is not None:  # nothing left to sample (a rerun of `run`): no model loads
-        generator, tokenizer = load()
-    work = [(f"{p['id']}:{k}", k, p, chat_prompt(tokenizer, p["question"], system))
-            for p, k in todo]  # the tokenizer only for what is left
-    work.sort(key=lambda w: -len(w[3]))  # longest first: similar lengths share a batch
-
-    from tqdm.auto import tqdm
-    total = len(problems) * samples
-    bar = tqdm(total=total, initial=total - len(work), desc="elicit", unit="answer",
-               disable=not progress, file=sys.stderr)
-    new = 0
-    with Appender(all_path) as out, Appender(err_path) as errs:
-        for s in range(0, len(work), batch_size):
-            chunk = work[s:s + batch_size]
-            results = generator([w[3] for w in chunk], temperature=temperature, top_p=top_p,
-                                max_new_tokens=max_new_tokens)
-            if len(results) != len(chunk):
-                raise RuntimeError(f"generator returned {len(results)} answers for {len(chunk)} prompts")
-            for (sid, k, p, _), (text, finish) in zip(chunk, results):
-                text = strip_thinking(text)
-                ok = check_answer(text, p["ground_truth"], checker=checker)
-                rec = {"id": sid, "problem_id": p["id"], "sample": k, "question": p["question"],
-                       "ground_truth": p["ground_truth"], "response": text, "correct": ok,
-                       "finish_reason": finish, "checker": checker, "model": model_name,
-                       **sampling_settings(temperature, top_p, max_new_tokens, system)}
-                out.write(rec)
-                if not ok:
+    settings = sampling_settings(temperature, top_p, max_new_tokens, system)
+    with OutputLock(all_path):
+        check_same_settings(records_of(all_path), settings, "answers", all_path)
+        repair(all_path)
+        have_err = done_ids(err_path)
+        # one streamed pass over all.jsonl (it may hold millions): the ids done, the counts,
+        # and the errors a kill between the two appends left out of errors.jsonl
+        done, n, n_ok = set(), 0, 0
+        with Appender(err_path) as errs:
+            for rec in records_of(all_path):
+                n += 1
+                n_ok += bool(rec.get("correct"))
+                if "id" in rec:
+                    done.add(str(rec["id"]))
+                if not rec.get("correct") and str(rec.get("id")) not in have_err:
                     errs.write(rec)
-                new += 1
-            bar.update(len(chunk))
-    bar.close()
-    n = n_ok = 0
-    for r in records_of(all_path):
-        n += 1
-        n_ok += bool(r.get("correct"))
+        todo = pending(problems, samples, done)
+        if todo and load is not None:  # nothing left to sample (a rerun of `run`): no model loads
+            generator, tokenizer = load()
+        work = [(f"{p['id']}:{k}", k, p, chat_prompt(tokenizer, p["question"], system))
+                for p, k in todo]  # the tokenizer only for what is left
+        work.sort(key=lambda w: -len(w[3]))  # longest first: similar lengths share a batch
+
+        from tqdm.auto import tqdm
+        total = len(problems) * samples
+        bar = tqdm(total=total, initial=total - len(work), desc="elicit", unit="answer",
+                   disable=not progress, file=sys.stderr)
+        new = new_ok = 0
+        with Appender(all_path) as out, Appender(err_path) as errs:
+            for s in range(0, len(work), batch_size):
+                chunk = work[s:s + batch_size]
+                results = generator([w[3] for w in chunk], temperature=temperature, top_p=top_p,
+                                    max_new_tokens=max_new_tokens)
+                if len(results) != len(chunk):
+                    raise RuntimeError(f"generator returned {len(results)} answers for "
+                                       f"{len(chunk)} prompts")
+                for (sid, k, p, _), (text, finish) in zip(chunk, results):
+                    text = strip_thinking(text)
+                    ok = check_answer(text, p["ground_truth"], checker=checker)
+                    rec = {"id": sid, "problem_id": p["id"], "sample": k,
+                           "question": p["question"], "ground_truth": p["ground_truth"],
+                           "response": text, "correct": ok,
+                           "finish_reason": finish, "checker": checker, "model": model_name,
+                           **settings}
+                    out.write(rec)
+                    if not ok:
+                        errs.write(rec)
+                    new += 1
+                    new_ok += bool(ok)
+                bar.update(len(chunk))
+        bar.close()
+    n, n_ok = n + new, n_ok + new_ok
     return {"done": n, "new": new, "correct": n_ok, "wrong": n - n_ok, "skipped": len(done)}
 
 
@@ -274,8 +272,6 @@ def pending(problems, samples, done):
 
 def elicit_main(args):
     problems = load_problems(args.data, args.limit)
-    check_options(args.samples, args.batch_size, args.temperature, args.top_p,
-                  args.max_new_tokens, args.output)
     check_device(getattr(args, "device", None))
 
     def load():
