@@ -51,8 +51,7 @@ import sys
 import threading
 
 from .answers import check_answer, checker_name
-from .jsonl import (Appender, OutputLock, check_same_settings, read_jsonl,
-                    records_of, repair, rewrite)
+from .jsonl import Appender, OutputLock, check_same_settings, read_jsonl, repair, rewrite
 
 START, END = "<corrected_solution>", "</corrected_solution>"
 
@@ -385,6 +384,9 @@ def _correct(records, output, oracle, workers, template, with_ground_truth, chec
                unit="record", disable=not progress, file=sys.stderr)
     new = retries = in_a_row = 0
     limit, streak_error = stuck_after(workers), None
+    by = {}  # the output's records by status: those kept, then each one written
+    for r in kept:
+        by[r.get("status", "?")] = by.get(r.get("status", "?"), 0) + 1
     try:
         with Appender(output) as out:
             for _ in range(min(workers, len(pending))):
@@ -416,6 +418,7 @@ def _correct(records, output, oracle, workers, template, with_ground_truth, chec
                         row[k] = redact(row[k], oracle._key)  # touched
                 out.write(row)
                 new += 1
+                by[row["status"]] = by.get(row["status"], 0) + 1
                 bar.update(1)
                 if row["status"] in ENDPOINT_FAILURES:
                     error = _same_error(row.get("error"))
@@ -424,16 +427,12 @@ def _correct(records, output, oracle, workers, template, with_ground_truth, chec
                 else:
                     in_a_row, streak_error = 0, None
                 if in_a_row >= limit:
-                    first = (row.get("error") or "").splitlines()[0][:300] if row.get("error") \
-                        else ""
+                    first = row["error"].splitlines()[0][:300] if row.get("error") else ""
                     raise OracleStuck(f"{in_a_row} records in a row failed at the endpoint with "
                                       f"the same error, {row['status']}: {first}")
     finally:  # done, Ctrl-C or an error: no new request or retry starts; those in flight are
         stop.set()  # abandoned (their daemon threads end with them or with the process)
         bar.close()
-    by = {}
-    for r in records_of(output):
-        by[r.get("status", "?")] = by.get(r.get("status", "?"), 0) + 1
     return {"done": sum(by.values()), "verified": by.get("verified", 0),
             "failed": {k: v for k, v in sorted(by.items()) if k != "verified"},
             "new": new, "retries": retries}
