@@ -119,21 +119,17 @@ def run(output="runs/demo", steps=None, progress=True, n_train=None, n_heldout=N
     """Trains the demo and returns ``{"before", "after", "metrics", "png"}``."""
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
+    from .model import hf_progress_bars
     threads = torch.get_num_threads()
     # the tiny model's ops are too small to gain from threads, and on a busy CPU OpenMP's
     # barriers make a 2-thread run tens of times slower: one thread is the robust choice
     torch.set_num_threads(1)
     try:
-        return _run(output, steps, progress, n_train, n_heldout, model_overrides, log,
-                    train_overrides)
+        with hf_progress_bars(False):
+            return _run(output, steps, progress, n_train, n_heldout, model_overrides, log,
+                        train_overrides)
     finally:
         torch.set_num_threads(threads)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _run(output, steps, progress, n_train, n_heldout, model_overrides, log, train_overrides):

@@ -22,6 +22,7 @@ gradient.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -57,6 +58,21 @@ def attn_implementation(device, bf16=True, requested="auto"):
         raise ConfigError(f"attn: flash_attention_2 needs flash-attn, which does not import "
                           f"({exc}); use sdpa") from None
     return "flash_attention_2"
+
+
+@contextlib.contextmanager
+def hf_progress_bars(on):
+    """transformers' own progress bars (loading, writing shards) turned off inside when ``on``
+    is False; as they were afterwards."""
+    from transformers.utils import logging as hf_logging
+    was = hf_logging.is_progress_bar_enabled()
+    if not on:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not on:
+            hf_logging.enable_progress_bar()
 
 
 def load_error(exc, trust_remote_code):

@@ -54,7 +54,8 @@ from spot_kernels._registry import resolve as resolve_backend
 from . import data as D
 from .config import RUN_DEFINING, ConfigError, TrainConfig
 from .model import (Policy, attn_implementation, decoder_layers, disable_dropout,
-                    enable_checkpointing, load_error, load_model, model_fingerprint, to_device)
+                    enable_checkpointing, hf_progress_bars, load_error, load_model,
+                    model_fingerprint, to_device)
 from .rectify.jsonl import read_jsonl, rewrite
 
 
@@ -508,15 +509,8 @@ def train(cfg: TrainConfig, log=None, handle_signals=True):
     with ``"interrupted": STEP`` when a signal stopped it after that step (``StopRequest``;
     ``handle_signals=False`` leaves signals to the caller: Ctrl-C is a ``KeyboardInterrupt``)."""
     cfg.validate()
-    from transformers.utils import logging as hf_logging
-    bars = hf_logging.is_progress_bar_enabled()
-    if not cfg.progress:  # transformers' own bars (loading, writing shards) too
-        hf_logging.disable_progress_bar()
-    try:
+    with hf_progress_bars(cfg.progress):  # transformers' own bars (loading, writing shards) too
         return _train(cfg, log, handle_signals)
-    finally:
-        if bars and not cfg.progress:
-            hf_logging.enable_progress_bar()
 
 
 def _train(cfg, log, handle_signals):
@@ -683,19 +677,18 @@ def _train(cfg, log, handle_signals):
         bar.close()
     if metrics_file is not None:
         metrics_file.close()
+    result = {"steps": total, "metrics": last, "output": str(out), "ref_logps": ref,
+              "policy": policy, "tokenizer": tokenizer, "examples": examples}
     if stopped is not None:
         log(f"stopped after step {stopped} of {total}: saved {out / f'checkpoint-{stopped}'}; "
             f"continue with --resume")
-        return {"steps": stopped, "metrics": last, "output": str(out), "ref_logps": ref,
-                "policy": policy, "tokenizer": tokenizer, "examples": examples,
-                "interrupted": stopped}
+        return dict(result, steps=stopped, interrupted=stopped)
     save_final(out, policy, tokenizer, dst)
     if dst.main:
         with open(out / "spot_config.json", "w") as fh:
             json.dump(cfg.to_dict(), fh, indent=1)
     log(f"saved the final model to {out}")
-    return {"steps": total, "metrics": last, "output": str(out), "ref_logps": ref,
-            "policy": policy, "tokenizer": tokenizer, "examples": examples}
+    return result
 
 
 __all__ = ["train", "compute_loss", "Delta", "dpo_loss", "sequence_logps", "ConfigError"]
