@@ -338,6 +338,12 @@ def correct(records, output, oracle, *, workers=16, template=None, with_ground_t
                         retry_failed, progress, log)
 
 
+def check_resume(records, settings, output):
+    """Refuse to resume ``output`` whose answered ``records`` had other correct settings (a run
+    stopped by a rejected option may be rerun with another one)."""
+    check_same_settings((r for r in records if answered(r)), settings, "corrections", output)
+
+
 def _correct(records, output, oracle, workers, template, with_ground_truth, checker,
              retry_failed, progress, log):
     settings = correct_settings(oracle.model, with_ground_truth, oracle.temperature,
@@ -348,9 +354,7 @@ def _correct(records, output, oracle, workers, template, with_ground_truth, chec
         rows = read_jsonl(output, strict=False)
         kept = [r for r in rows if (r.get("status") == "verified" if retry_failed
                                     else r.get("status") != "api_error")]
-        # the settings of what stays (and was answered): a run stopped by a rejected option
-        # is rerun with another one
-        check_same_settings([r for r in kept if answered(r)], settings, "corrections", output)
+        check_resume(kept, settings, output)  # what stays
         if len(kept) < len(rows):
             rewrite(output, kept)
             log(f"correct: dropped {len(rows) - len(kept)} failed records "
@@ -482,8 +486,9 @@ def oracle_from_args(args):
                   temperature=args.oracle_temperature, max_tokens=args.oracle_max_tokens), key
 
 
-def correct_main(args, input_path=None, output_path=None):
-    template = check_args(args)
+def correct_main(args, input_path=None, output_path=None, template=None):
+    """``spot rectify correct``; ``template``: the one ``check_args`` already returned."""
+    template = check_args(args) if template is None else template
     records = load_errors(input_path or args.input)
     oracle, key = oracle_from_args(args)
     try:

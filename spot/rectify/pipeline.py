@@ -11,30 +11,25 @@ import os
 
 
 def run_main(args):
-    from .correct import correct_main
+    from .correct import check_args, check_resume, correct_main, correct_settings
     from .elicit import elicit_main
-    from .filter import filter_main
-
-    from .correct import check_args
-    from .filter import check_gamma
-
-    from .correct import answered, correct_settings
-    from .jsonl import check_same_settings, records_of
+    from .filter import check_gamma, filter_main
+    from .jsonl import records_of
 
     check_gamma(args.gamma)  # cheap checks before the model loads
     template = check_args(args)
     import openai  # noqa: F401 - the correct step's client: missing, fail now, not after elicit
     out = args.output
     corrected = os.path.join(out, "corrected.jsonl")  # a resume with another Oracle: now, not
-    check_same_settings(  # after an hour of sampling
-        (r for r in records_of(corrected) if answered(r)),
-        correct_settings(args.oracle_model, args.with_ground_truth, args.oracle_temperature,
-                         args.oracle_max_tokens, template), "corrections", corrected)
+    check_resume(records_of(corrected),  # after an hour of sampling
+                 correct_settings(args.oracle_model, args.with_ground_truth,
+                                  args.oracle_temperature, args.oracle_max_tokens, template),
+                 corrected)
     rc = elicit_main(args)
     if rc:
         return rc
     rc = correct_main(args, input_path=os.path.join(out, "errors.jsonl"),
-                      output_path=os.path.join(out, "corrected.jsonl"))
+                      output_path=corrected, template=template)
     if rc:
         return rc
     return filter_main(args, input_path=os.path.join(out, "corrected.jsonl"),
