@@ -7,9 +7,9 @@ not); a warp per row (V <= 2048) and a block per row; with and without bias, sof
 ignored and out-of-shard targets; one and several token chunks in the backward; segment sums
 with int32 / int64 ``cu_seqlens``; rows padded past V (raw ops), ``valid`` and empty sequences; the BCE with a number and a
 device ``delta``; the backward in vocabulary blocks (``chunk_bytes``), in token chunks, and in
-two sweeps (a ``chunk_bytes`` with no room for a float32 sum). Each
-result is checked loosely against float64 torch so a wrong answer fails too. Exit code 0: all ran
-and matched; 1: a mismatch; 2: no GPU or no extension (nothing ran). ``main("cpu")`` runs the
+two sweeps (a ``chunk_bytes`` with no room for a float32 sum). Each result is checked loosely
+against float64 torch on the CPU (outside the sanitizer), so a wrong answer fails too. Exit
+code 0: all ran and matched; 1: a mismatch; 2: no GPU or no extension (nothing ran). ``main("cpu")`` runs the
 same cases on CPU tensors when ``spot_kernels.cuda`` holds the host build of the kernels
 (``tests/test_cuda_host.py`` does that, so this script stays tested without a GPU).
 """
@@ -56,9 +56,11 @@ def head_case(dtype, n, d, v, bias, softcap, temperature, **options):
     logp, lse, ent = cuda.forward(h, w, t, b, return_entropy=True, **kw)
     dh, dw, db = cuda.backward(h, w, t, b, lse, logp, gout, **options, **kw)
     sync()
-    # float64 truth: the reference (shard contract for targets outside [0, V)) and autograd
+    # float64 truth on the CPU (outside the sanitizer's instrumented kernels): the reference
+    # (shard contract for targets outside [0, V)) and autograd
     from spot_kernels import reference
-    leaves = [x.double().requires_grad_() for x in (h, w) + ((b,) if b is not None else ())]
+    leaves = [x.double().cpu().requires_grad_() for x in (h, w) + ((b,) if b is not None else ())]
+    t, gout = t.cpu(), gout.cpu()
     b64 = leaves[2] if b is not None else None
     lp64, ent64 = reference.token_logprobs(leaves[0], leaves[1], t, b64, return_entropy=True,
                                            compute_dtype=torch.float64, **kw)
@@ -87,15 +89,15 @@ def padded_case(dtype):
     a = full[:, :v]
     t = torch.randint(0, v, (rows,), generator=g).to(DEV)
     grad = torch.randn(rows, generator=g).to(DEV)
-    z = a.double()
+    z = a.double().cpu()  # the truth on the CPU, before the epilogue overwrites a
     lse64 = torch.logsumexp(z, 1)
     logp, lse, _ = cuda._lse_forward_op(a, None, t, 0.0, 1.0, -100, False)
     before = full[:, v:].clone()
     cuda._backward_epilogue_op(a, None, t, *cuda.torch_backend.split_lse(lse),
                                cuda.torch_backend.target_complement(logp), grad, 0.0, 1.0, -100)
     sync()
-    da = -torch.softmax(z, 1) * grad.double()[:, None]
-    da[torch.arange(rows), t] += grad.double()
+    da = -torch.softmax(z, 1) * grad.double().cpu()[:, None]
+    da[torch.arange(rows), t.cpu()] += grad.double().cpu()
     tag = f"padded rows {str(dtype)[6:]} v={v} stride={v + pad}"
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     same = bool(torch.equal(full[:, v:], before))

@@ -43,7 +43,8 @@ def _model(name, case, device):
     takes tens of seconds on a few CPU cores); only the newest case's model is kept."""
     if name not in _MODELS:
         _MODELS.clear()
-        model = build_model("qwen3", **case["arch"]).to(device)
+        with torch.device(device):  # initialised where it runs: no host init and copy
+            model = build_model("qwen3", **case["arch"])
         model.config.use_cache = False
         _MODELS[name] = model
     return _MODELS[name]

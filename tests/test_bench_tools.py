@@ -91,3 +91,50 @@ def test_a_peer_that_breaks_the_cuda_context_ends_the_run():
         _bench.poisoned(Case, RuntimeError("CUDA error: an illegal memory access was "
                                            "encountered\nCUDA kernel errors might be ..."))
     _bench.poisoned(Case, RuntimeError("expected scalar type BFloat16 but found Float"))
+
+
+def test_a_sticky_error_of_ours_ends_the_run_too(monkeypatch):
+    """Our own kernel breaking the context (the likeliest first fault of a never-run kernel)
+    ends the run with one message, instead of failing every later point with the same error."""
+    def broken(h, w, t):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(_bench, "implementation", lambda *a, **k: broken)
+    case = _bench.Case("fwd", "small", 32, 16, 64, "float32", "triton")
+    with pytest.raises(pytest.exit.Exception, match="triton broke the CUDA context"):
+        _bench.bench(None, case, "cpu", rounds=1)
+    _bench._INPUTS.clear()
+
+
+def test_cut_cross_entropy_float32_backward_is_skipped_before_it_runs(monkeypatch):
+    ran = []
+    monkeypatch.setattr(_bench, "implementation", lambda *a, **k: ran.append(1))
+    case = _bench.Case("fwd_bwd", "small", 32, 16, 64, "float32", "cce")
+    with pytest.raises(pytest.skip.Exception, match="bfloat16 / float16 only"):
+        _bench.bench(None, case, "cpu", rounds=1)
+    assert ran == [1]  # resolved, then skipped before any input was made or run
+
+
+def test_cuda_timing_queues_a_spin_before_the_start_event(monkeypatch):
+    """The host's launch work of a sub-millisecond kernel must not land between the events:
+    the GPU is kept busy (``torch.cuda._sleep``) until the launch is queued."""
+    calls, made = [], []
+
+    class Event:
+        def __init__(self, enable_timing):
+            self.name = ("start", "stop")[len(made) % 2]
+            made.append(self)
+
+        def record(self):
+            calls.append(f"record {self.name}")
+
+        def synchronize(self):
+            calls.append("sync")
+
+        def elapsed_time(self, other):
+            return 0.5
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: calls.append(f"spin {cycles}"))
+    secs = _bench.time_fn(lambda: calls.append("fn"), "cuda", reps=1, warmup=0)
+    assert calls == [f"spin {_bench.SPIN_CYCLES}", "record start", "fn", "record stop", "sync"]
+    assert secs == 0.5e-3
