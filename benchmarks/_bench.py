@@ -38,7 +38,9 @@ The maximum over the timed rounds is reported.
 Correctness before speed: before timing, each implementation's per-token values on the first
 rows of the benchmark's own inputs are compared with the float64 reference; ours must agree
 within ``4 x`` the naive same-dtype error plus a dtype tolerance (else the test fails), a peer
-that disagrees is skipped with the numbers.
+that disagrees is skipped with the numbers. For ``fwd_bwd`` the gradients are checked the same
+way (``check_grads``: ``dh`` of those rows and sampled ``dW`` rows, with the upstream gradient
+on those rows only), so no implementation is timed with wrong gradients.
 """
 from __future__ import annotations
 
@@ -384,6 +386,52 @@ def check_values(name, impl, x, rows=CHECK_ROWS):
     return err, bound
 
 
+GRAD_COLS = 512  # vocabulary rows of dW checked besides the checked tokens' targets
+
+
+def check_grads(name, impl, x, rows=CHECK_ROWS):
+    """``fwd_bwd`` with the upstream gradient on the first ``rows`` tokens only (0 elsewhere,
+    so ``dW`` is theirs alone): their ``dh`` rows and some ``dW`` rows (their targets' and
+    ``GRAD_COLS`` others) against the float64 truth ``dA = g (onehot - p)``, ``dh = dA W``,
+    ``dW = dA^T h``. Returns ``[(what, max_err, bound), ...]``, the bound as in
+    ``check_values`` (``4 x`` the float32 reference's error, rounded to the inputs' dtype as
+    autograd returns it, plus the dtype's tolerance times the largest gradient)."""
+    h, w, t = x["h"], x["w"], x["t"]
+    k = min(rows, h.shape[0])
+    if k == 0:
+        return []
+    g = torch.zeros_like(x["g"])
+    g[:k] = x["g"][:k]
+    hg, wg = h.detach().requires_grad_(), w.detach().requires_grad_()
+    dh, dw = torch.autograd.grad(impl(hg, wg, t), (hg, wg), g)
+    if "grad_truth" not in x:  # the same for every implementation of this shape: once
+        gen = torch.Generator(device=h.device).manual_seed(1)
+        tk = t[:k]
+        valid = tk != IGNORE
+        cols = torch.cat([tk[valid], torch.randint(0, w.shape[0], (GRAD_COLS,), generator=gen,
+                                                   device=h.device)]).unique()
+        with torch.no_grad():
+            h64, w64 = h[:k].double(), w.double()
+            da = -torch.softmax(h64 @ w64.T, 1)
+            da[valid.nonzero()[:, 0], tk[valid]] += 1
+            da *= (x["g"][:k].double() * valid)[:, None]
+            truth = (da @ w64, da[:, cols].T @ h64)
+            del da, w64
+        hk, wk = h[:k].detach().requires_grad_(), w.detach().requires_grad_()
+        same = torch.autograd.grad(reference.token_logprobs(hk, wk, tk), (hk, wk), x["g"][:k])
+        x["grad_truth"] = (cols, truth, (same[0], same[1][cols]))
+    cols, truth, same = x["grad_truth"]
+    out = []
+    for what, ours, tr, sm in (("dh", dh[:k], truth[0], same[0]), ("dW", dw[cols], truth[1], same[1])):
+        if not bool(torch.isfinite(ours).all()):
+            out.append((what, math.inf, 0.0))
+            continue
+        scale = max(1e-30, tr.abs().max().item())
+        bound = 4 * (sm.double() - tr).abs().max().item() + ATOL[h.dtype] * scale
+        out.append((what, (ours.double() - tr).abs().max().item(), bound))
+    return out
+
+
 # ----------------------------------------------------------------------------- memory
 
 _LIBC = None
@@ -562,6 +610,27 @@ def bench(benchmark, case, device, *, rounds, full=False, gemm=True, deadline=No
             pytest.fail(msg)
         pytest.skip(msg)
 
+    grad_checks = []
+    if case.mode == "fwd_bwd":
+        try:
+            grad_checks = check_grads(case.impl, impl, x0)
+            misses = [f"{what}: max err {err:.3e} > bound {bound:.3e}"
+                      for what, err, bound in grad_checks if not err <= bound]
+        except torch.OutOfMemoryError as exc:
+            out_of_memory(case, "the gradient check", exc)
+        except Exception as exc:
+            poisoned(case, exc)
+            if case.impl in OURS:
+                raise
+            pytest.skip(f"{case.impl} failed in the gradient check: {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}")
+        if misses:
+            msg = (f"{case.impl}: gradients disagree with the float64 reference: "
+                   + "; ".join(misses))
+            if case.impl in OURS:
+                pytest.fail(msg)
+            pytest.skip(msg)
+
     mem = PeakMemory(device)
     state = {"i": 0}
 
@@ -604,6 +673,8 @@ def bench(benchmark, case, device, *, rounds, full=False, gemm=True, deadline=No
                 device=device_name(device), ms=secs * 1e3, tflops=flops / secs / 1e12,
                 peak_mb=None if mem.peak is None else mem.peak / 2**20,
                 check_err=err, check_bound=bound, rounds=rounds, input_sets=nsets)
+    if grad_checks:
+        info["grad_check"] = {what: [e, b] for what, e, b in grad_checks}
     if mem.why:
         info["memory_note"] = mem.why
     if mem.peak is not None:

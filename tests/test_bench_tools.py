@@ -138,3 +138,29 @@ def test_cuda_timing_queues_a_spin_before_the_start_event(monkeypatch):
     secs = _bench.time_fn(lambda: calls.append("fn"), "cuda", reps=1, warmup=0)
     assert calls == [f"spin {_bench.SPIN_CYCLES}", "record start", "fn", "record stop", "sync"]
     assert secs == 0.5e-3
+
+
+def _right_values_wrong_gradient(h, w, t):
+    """Correct log-probs whose gradient misses the target term (``z_t`` detached)."""
+    z = h.float() @ w.float().T
+    zt = z.detach().gather(1, t.clamp(min=0)[:, None])[:, 0]
+    return torch.where(t != _bench.IGNORE, zt - torch.logsumexp(z, 1), torch.zeros_like(zt))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gradient_check_passes_autograd_and_catches_a_wrong_gradient(dtype):
+    x = _bench.make_inputs(300, 64, 1000, dtype, "cpu")
+    for name in ("naive", "torch"):
+        checks = _bench.check_grads(name, _bench.implementation(name, "cpu"), x)
+        assert [w for w, _, _ in checks] == ["dh", "dW"]
+        assert all(err <= bound for _, err, bound in checks), checks
+    checks = _bench.check_grads("wrong", _right_values_wrong_gradient, x)
+    assert all(err > 5 * bound for _, err, bound in checks), checks
+
+
+def test_ours_with_a_wrong_gradient_fails_before_timing(monkeypatch):
+    monkeypatch.setattr(_bench, "implementation", lambda *a, **k: _right_values_wrong_gradient)
+    case = _bench.Case("fwd_bwd", "small", 64, 32, 300, "float32", "torch")
+    with pytest.raises(pytest.fail.Exception, match="torch: gradients disagree .* dh: max err"):
+        _bench.bench(None, case, "cpu", rounds=1)
+    _bench._INPUTS.clear()
