@@ -108,11 +108,16 @@ def read_records(path):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+            hint = ("; a .json file holds one list of records (JSON Lines files are named "
+                    ".jsonl)" if e.msg == "Extra data" else "")
+            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}{hint}") from None
         if not isinstance(rows, list):
             raise DataError(f"{path}: a .json file must hold a list of records")
         for i, rec in enumerate(rows):
             yield f"{path}:record {i}", rec
+    elif p.suffix.lower() == ".arrow":
+        raise DataError(f"{path}: an .arrow file of a saved dataset: give its folder (the one "
+                        f"`save_to_disk` wrote) instead")
     else:  # JSONL, read as bytes so that a non-UTF-8 line is reported with its number
         with open(p, "rb") as fh:
             for lineno, raw in enumerate(fh, 1):
@@ -165,15 +170,19 @@ def _messages(value, role, where, key):
 def to_pair(rec, where):
     """One record (SPoT or TRL keys) -> :class:`Pair`, or :class:`DataError`.
 
-    Roles are checked: the prompt must end with a ``user`` turn and the responses hold only
-    ``assistant`` turns; with an explicit prompt, ``chosen``/``rejected`` hold only the response;
-    without one, their leading turns (the prompt) must be the same, as TRL's ``extract_prompt``
-    assumes (``rejected`` may also be the response alone).
+    A key whose value is ``None`` counts as absent (a Parquet or ``datasets`` column that
+    other rows use). Roles are checked: the prompt must end with a ``user`` (or ``tool``) turn
+    and the responses hold only ``assistant`` turns (with tool results between them); with an
+    explicit prompt, ``chosen``/``rejected`` hold only the response; without one, the prompt is
+    the leading turns they share, as TRL's ``extract_prompt`` takes it, cut back to end before
+    an assistant turn (``rejected`` may also be one response message alone: then the turns of
+    ``chosen`` before its last are the prompt).
     """
     if isinstance(rec, DataError):
         raise rec
     if not isinstance(rec, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
+    rec = {k: v for k, v in rec.items() if v is not None}
     if "chosen" in rec or "rejected" in rec:
         rkeys = ("chosen", "rejected")
         for k in rkeys:
@@ -185,16 +194,27 @@ def to_pair(rec, where):
             prompt = _messages(rec.get("prompt"), "user", where, "prompt")
             pname = "key 'prompt'"
             rule = "with a 'prompt' key it must hold only the assistant response"
-        elif len(chosen) > 1:  # implicit prompt: the shared leading turns
+        elif len(chosen) > 1 and len(rejected) == 1:  # the rejected response alone
             prompt, chosen = chosen[:-1], chosen[-1:]
-            if len(rejected) > 1:
-                if rejected[:-1] != prompt:
-                    raise DataError(f"{where}: keys 'chosen' and 'rejected' start with different "
-                                    f"turns; without a 'prompt' key their leading turns are the "
-                                    f"prompt and must be the same")
-                rejected = rejected[-1:]
             pname = "the prompt (the turns of 'chosen' before its last)"
             rule = "it must end with the 'assistant' response"
+        elif len(chosen) > 1:  # implicit prompt: the leading turns both share
+            n = 0
+            while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+                n += 1
+            while n and chosen[n - 1]["role"] == "assistant":  # a response opens with one
+                n -= 1
+            if n == 0:
+                raise DataError(f"{where}: keys 'chosen' and 'rejected' start with different "
+                                f"turns; without a 'prompt' key the leading turns they share "
+                                f"are the prompt")
+            prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+            for k, msgs in zip(rkeys, (chosen, rejected)):
+                if not msgs:
+                    raise DataError(f"{where}: key '{k}' has no response after the turns it "
+                                    f"shares with the other (the prompt)")
+            pname = "the prompt (the leading turns of 'chosen' and 'rejected')"
+            rule = "after the shared prompt it must hold only the assistant response"
         else:
             raise DataError(f"{where}: missing key 'prompt'")
     elif "gemini_corrected_answer" in rec or "original_answer" in rec:

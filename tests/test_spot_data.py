@@ -92,7 +92,13 @@ BAD = [  # (line content, expected fragment of the one-line error)
      "keys 'chosen' and 'rejected' start with different turns"),
     ({"chosen": [{"role": "user", "content": "Q"}, {"role": "user", "content": "a"}],
       "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "b"}]},
-     "key 'chosen' has a 'user' turn; it must end with the 'assistant' response"),
+     "key 'chosen' has a 'user' turn; after the shared prompt it must hold only the assistant"),
+    ({"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "Q"}, {"role": "user", "content": "b"}]},
+     "key 'rejected' has a 'user' turn; after the shared prompt"),
+    ({"chosen": [{"role": "user", "content": "Q"}, {"role": "tool", "content": "a"}],
+      "rejected": [{"role": "user", "content": "Q"}, {"role": "tool", "content": "a"}]},
+     "key 'chosen' has no response after the turns it shares with the other"),
     ({"chosen": [{"role": "system", "content": "S"}, {"role": "assistant", "content": "a"}],
       "rejected": "b"}, "the prompt (the turns of 'chosen' before its last) must end with a 'user'"),
     ({"question": "q", "gemini_corrected_answer": [{"role": "user", "content": "c"}],
@@ -115,6 +121,58 @@ def test_bad_record_is_one_line_naming_file_line_key(tmp_path, tok_dir, capsys, 
     assert f"{path}:3:" in err[0] and fragment in err[0], err[0]
     pairs, skipped = D.read_pairs(path, skip_bad=True)
     assert (len(pairs), skipped) == (3, 1)
+
+
+def test_columnar_files_with_columns_other_rows_use_give_the_jsonl_pairs(tmp_path):
+    """Parquet and ``datasets`` fill a key a row lacks with None: absent, as in the JSONL."""
+    spot = _spot_records(4, seed=random.randrange(1 << 30))
+    for r in spot[1::2]:  # half the rows name the prompt 'prompt'
+        r["prompt"] = r.pop("question")
+    u, a, r = ({"role": k, "content": c} for k, c in
+               (("user", "Q"), ("assistant", "c1"), ("assistant", "r1")))
+    trl = [{"prompt": [u], "chosen": [a], "rejected": [r]},  # explicit and implicit prompts
+           {"chosen": [u, a], "rejected": [u, r]}]
+    strings = [{"prompt": "q0", "chosen": "c0", "rejected": "r0"}]  # a column holds one type
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    for name, rows in (("spot", spot), ("trl", trl), ("mixed", spot + strings)):
+        keys = {k: None for row in rows for k in row}  # every column, None where a row lacks it
+        want, _ = D.read_pairs(_write_jsonl(tmp_path / f"{name}.jsonl", rows))
+        pq.write_table(pa.Table.from_pylist([{k: row.get(k) for k in keys} for row in rows]),
+                       tmp_path / f"{name}.parquet")
+        assert D.read_pairs(tmp_path / f"{name}.parquet") == (want, 0), name
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list([{k: row.get(k) for k in keys} for row in spot + strings]
+                               ).save_to_disk(tmp_path / "ds")
+    assert D.read_pairs(tmp_path / "ds")[0] == D.read_pairs(tmp_path / "mixed.jsonl")[0]
+
+
+def test_implicit_prompt_is_the_shared_leading_turns_like_trl(tmp_path):
+    """Responses of different turn counts (a tool call in one) split where they diverge, cut
+    back so that each response opens with an assistant turn."""
+    u, call, tool = ({"role": r, "content": c} for r, c in
+                     (("user", "Q"), ("assistant", "call f()"), ("tool", "42")))
+    rows = [{"chosen": [u, call, tool, {"role": "assistant", "content": "42"}],
+             "rejected": [u, {"role": "assistant", "content": "41"}]},
+            {"chosen": [u, call, tool, {"role": "assistant", "content": "42"}],
+             "rejected": [u, call, {"role": "tool", "content": "41"},
+                          {"role": "assistant", "content": "41"}]}]
+    pairs, _ = D.read_pairs(_write_jsonl(tmp_path / "agentic.jsonl", rows))
+    explicit = [dict(prompt=[u], chosen=r["chosen"][1:], rejected=r["rejected"][1:]) for r in rows]
+    assert pairs == D.read_pairs(_write_jsonl(tmp_path / "explicit.jsonl", explicit))[0]
+    assert [len(p.chosen) for p in pairs] == [3, 3] and [len(p.rejected) for p in pairs] == [1, 3]
+
+
+def test_file_kind_mistakes_get_a_hint(tmp_path):
+    lines = tmp_path / "pairs.json"  # JSON Lines under a .json name
+    lines.write_text("".join(json.dumps(r) + "\n" for r in _spot_records(2, seed=3)))
+    with pytest.raises(D.DataError, match="Extra data; a .json file holds one list of records "
+                                          "\\(JSON Lines files are named .jsonl\\)"):
+        D.read_pairs(lines)
+    arrow = tmp_path / "data-00000-of-00001.arrow"
+    arrow.write_bytes(b"\xff\xff")
+    with pytest.raises(D.DataError, match="give its folder"):
+        D.read_pairs(arrow)
 
 
 def test_role_checks_keep_the_valid_chat_forms(tmp_path):
