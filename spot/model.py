@@ -78,11 +78,25 @@ def hf_progress_bars(on):
 def load_error(exc, trust_remote_code):
     """The first line of a transformers loading error, with the ``--trust-remote-code`` hint
     that its later lines give when the folder has code of its own."""
+    lines = [x.strip() for x in str(exc).splitlines() if x.strip()] or [type(exc).__name__]
+    n = 1
+    while n < len(lines) and lines[n - 1].endswith(":"):  # "... from one of:" goes on below
+        n += 1
+    first = " ".join(lines[:n])[:200]
     text = str(exc)
-    first = (text.splitlines() or [type(exc).__name__])[0][:200]
     if "trust_remote_code" in text and not trust_remote_code:
         first += " (pass --trust-remote-code to run the folder's own code)"
     return first
+
+
+def check_tokenizer(tokenizer, path):
+    """A one-line ``ConfigError`` for a tokenizer that turns text into no tokens: what
+    transformers builds from a folder with ``config.json`` but no tokenizer files."""
+    if not tokenizer("Hello, world. 0123")["input_ids"]:
+        raise ConfigError(f"model: {path} has no usable tokenizer (text encodes to no tokens): "
+                          f"the folder needs the tokenizer's files (tokenizer.json or "
+                          f"tokenizer_config.json and its vocabulary)")
+    return tokenizer
 
 
 def load_model(path, device="cpu", trust_remote_code=False, bf16=True, attn="auto"):

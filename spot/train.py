@@ -53,9 +53,9 @@ from spot_kernels._registry import resolve as resolve_backend
 
 from . import data as D
 from .config import RUN_DEFINING, ConfigError, TrainConfig
-from .model import (Policy, attn_implementation, decoder_layers, disable_dropout,
-                    enable_checkpointing, hf_progress_bars, load_error, load_model,
-                    model_fingerprint, to_device)
+from .model import (Policy, attn_implementation, check_tokenizer, decoder_layers,
+                    disable_dropout, enable_checkpointing, hf_progress_bars, load_error,
+                    load_model, model_fingerprint, to_device)
 from .rectify.jsonl import read_jsonl, rewrite
 
 
@@ -374,15 +374,35 @@ def load_trainer_state(ckpt, cfg, world):
         raise ConfigError(f"resume: cannot read {ckpt / 'trainer_state.pt'} "
                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); delete "
                           f"{ckpt} to resume from an earlier checkpoint") from None
-    saved = run_settings(state.get("config", {}), state.get("world", 1))
-    now = run_settings(cfg.to_dict(), world)
-    changed = [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-               if saved.get(k) != now.get(k)]
+    changed = changed_settings(state.get("config", {}), state.get("world", 1), cfg, world)
     if changed:
         raise ConfigError(f"resume: {ckpt} belongs to a run with other settings "
                           f"({', '.join(changed)}); resume with the same ones, or train into a "
                           f"new --output")
     return state
+
+
+def changed_settings(saved_config, saved_world, cfg, world):
+    """``["key old -> new", ...]`` for the run-defining values that differ."""
+    saved = run_settings(saved_config, saved_world)
+    now = run_settings(cfg.to_dict(), world)
+    return [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)]
+
+
+def finished(output, cfg, world):
+    """Whether ``output`` holds the final model of this run (its ``spot_config.json`` is
+    written last); a finished run with other settings is a ``ConfigError``."""
+    path = Path(output) / "spot_config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    changed = changed_settings(saved, world, cfg, world)
+    if changed:
+        raise ConfigError(f"resume: {output} holds the final model of a run with other settings "
+                          f"({', '.join(changed)}); train into a new --output")
+    return True
 
 
 def previous_run(output):
@@ -522,11 +542,16 @@ def _train(cfg, log, handle_signals):
         if not ok:
             raise ConfigError(f"backend: {cfg.backend} does not run on {dst.device}: {why}")
     if not Path(cfg.model).is_dir():
-        raise ConfigError(f"model: no such folder {cfg.model} (a local transformers model: "
-                          f"config.json, weights and tokenizer files)")
+        what = (f"{cfg.model} is a file, not a folder" if Path(cfg.model).exists()
+                else f"no such folder {cfg.model}")
+        raise ConfigError(f"model: {what} (a local transformers model: config.json, weights "
+                          f"and tokenizer files)")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out = Path(cfg.output)
+    if cfg.resume and finished(out, cfg, dst.world):
+        log(f"resume: {out} already holds the final model of this run; nothing to do")
+        return {"steps": 0, "metrics": None, "output": str(out), "finished": True}
     ckpt = latest_checkpoint(out) if cfg.resume else None
     left = [] if cfg.resume else previous_run(out)
     if left:
@@ -536,7 +561,7 @@ def _train(cfg, log, handle_signals):
     if cfg.resume and ckpt is None:
         log(f"resume: no complete checkpoint in {out}; starting at step 0")
     from transformers import AutoConfig, AutoTokenizer
-    tokenizer = pretrained(AutoTokenizer, "a tokenizer", cfg)
+    tokenizer = check_tokenizer(pretrained(AutoTokenizer, "a tokenizer", cfg), cfg.model)
     pretrained(AutoConfig, "a model config", cfg)  # before the data pass, which can be long
 
     pairs, skipped = D.read_pairs(cfg.data, cfg.skip_bad)

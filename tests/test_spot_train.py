@@ -331,7 +331,17 @@ def test_a_used_output_is_resumed_or_refused(workdir, tmp_path):
     train(_cfg(workdir, out, max_steps=3, save_every=2), log=lambda m: None)
     with pytest.raises(ConfigError, match="already holds a run .*checkpoint-2.*--resume"):
         train(_cfg(workdir, out, max_steps=3, save_every=2), log=lambda m: None)
-    with pytest.raises(ConfigError, match=r"other settings \(lr 0.001 -> 0.5, seed 0 -> 9\)"):
+    with pytest.raises(ConfigError, match=r"final model of a run with other settings "
+                                          r"\(lr 0.001 -> 0.5, seed 0 -> 9\)"):
+        train(_cfg(workdir, out, max_steps=3, save_every=2, lr=0.5, seed=9, resume=True))
+    weights = (out / "model.safetensors").stat().st_mtime_ns
+    lines = []  # finished: nothing to redo
+    res = train(_cfg(workdir, out, max_steps=3, save_every=2, resume=True), log=lines.append)
+    assert res["finished"] and any("nothing to do" in ln for ln in lines), lines
+    assert (out / "model.safetensors").stat().st_mtime_ns == weights
+    (out / "spot_config.json").unlink()  # as if killed while writing the final model
+    with pytest.raises(ConfigError, match=r"checkpoint-2 belongs to a run with other settings "
+                                          r"\(lr 0.001 -> 0.5, seed 0 -> 9\)"):
         train(_cfg(workdir, out, max_steps=3, save_every=2, lr=0.5, seed=9, resume=True))
     (out / "checkpoint-7-backup").mkdir()  # not a checkpoint name: ignored
     (out / "checkpoint-7-backup" / "trainer_state.pt").write_bytes(b"")
@@ -339,6 +349,7 @@ def test_a_used_output_is_resumed_or_refused(workdir, tmp_path):
     train(_cfg(workdir, out, max_steps=3, save_every=2, resume=True), log=lines.append)
     assert any("resumed from" in ln and "checkpoint-2 at step 2" in ln for ln in lines), lines
     assert [json.loads(x)["step"] for x in open(out / "metrics.jsonl")] == [1, 2, 3]
+    (out / "spot_config.json").unlink()
     (out / "checkpoint-9").mkdir()  # a foreign or torn folder that looks complete
     (out / "checkpoint-9" / "trainer_state.pt").write_bytes(b"")
     with pytest.raises(ConfigError, match="cannot read .*checkpoint-9.*delete"):
@@ -378,7 +389,12 @@ def test_bad_settings_are_one_line_errors(workdir, tmp_path, capsys):
     build_tokenizer().save_pretrained(tmp_path / "tokonly")  # no config, no weights
     build_tokenizer().save_pretrained(tmp_path / "noweights")
     build_model("qwen3").config.save_pretrained(tmp_path / "noweights")
+    build_model("qwen3").save_pretrained(tmp_path / "notok")  # config and weights only
+    (tmp_path / "empty").mkdir()
     cases = [(["--model", str(tmp_path / "nosuch")], "model: no such folder"),
+             (["--model", str(tmp_path / "file")], f"model: {tmp_path / 'file'} is a file"),
+             (["--model", str(tmp_path / "notok")], "has no usable tokenizer"),
+             (["--model", str(tmp_path / "empty")], "model: cannot load a tokenizer"),
              (["--model", str(tmp_path / "tokonly")], "model: cannot load"),
              (["--model", str(tmp_path / "noweights")], "model: cannot load"),
              (["--keep-checkpoints", "-1"], "keep_checkpoints: must be >= 0"),
@@ -395,6 +411,7 @@ def test_bad_settings_are_one_line_errors(workdir, tmp_path, capsys):
              (["--config", str(tmp_path / "b.yaml")], "max_steps: expected int, got True")]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "device: cuda, but torch sees no CUDA device"))
+    capsys.readouterr()  # the bars of save_pretrained above
     for extra, fragment in cases:
         # a config file's value is checked without flags (which would win over it)
         argv = (base[:5] if extra[0] == "--config" else base) + extra
@@ -403,6 +420,7 @@ def test_bad_settings_are_one_line_errors(workdir, tmp_path, capsys):
         if "noweights" in extra[-1]:  # found when the model loads, after the data's log line
             err = [line for line in err if not line.startswith("data: ")]
         assert code == 2 and len(err) == 1 and fragment in err[0], (extra, code, err)
+        assert not err[0].endswith(":"), err  # a transformers message cut at "one of:"
     assert not (tmp_path / "o").exists()  # nothing made for a run that never started
 
 
