@@ -111,6 +111,11 @@ def build_parser():
     return parser
 
 
+# the [train] extras by module name -> package name (pyproject.toml)
+EXTRAS = {"transformers": "transformers", "datasets": "datasets", "safetensors": "safetensors",
+          "tqdm": "tqdm", "yaml": "pyyaml", "matplotlib": "matplotlib", "pyarrow": "pyarrow"}
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -118,6 +123,13 @@ def main(argv=None):
         code = args.func(args)
     except (DataError, ConfigError, FileNotFoundError) as e:
         print(f"spot: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        name = (e.name or "").split(".")[0]
+        if name not in EXTRAS:
+            raise
+        print(f"spot: error: {EXTRAS[name]} is not installed: pip install "
+              f"'spot-kernels[train]' (the trainer's extras)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("spot: interrupted", file=sys.stderr)

@@ -119,6 +119,7 @@ def run(output="runs/demo", steps=None, progress=True, n_train=None, n_heldout=N
     """Trains the demo and returns ``{"before", "after", "metrics", "png"}``."""
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
+    import matplotlib  # noqa: F401 - the plot's, missing: found before a minute of training
     from .model import hf_progress_bars
     threads = torch.get_num_threads()
     # the tiny model's ops are too small to gain from threads, and on a busy CPU OpenMP's

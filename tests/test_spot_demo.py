@@ -6,6 +6,8 @@ A loss with the wrong sign or swapped labels fails this (it drives both down).""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -96,3 +98,23 @@ def test_demo_takes_its_older_folders_and_stops_at_once_on_ctrl_c(tmp_path, caps
     err = capsys.readouterr().err
     assert "spot: interrupted" in err and "--resume" not in err, err[-2000:]
     assert not list(out.glob("checkpoint-*")) and (out / ".spot-demo").exists()
+
+
+@pytest.mark.parametrize("blocked,argv", [
+    ("matplotlib", ["demo", "--output", "{tmp}/demo"]),
+    ("transformers", ["train", "--model", "{tmp}/m", "--data", "{tmp}/d.jsonl", "--output",
+                      "{tmp}/o"]),
+])
+def test_a_missing_extra_is_one_line_before_any_work(tmp_path, blocked, argv):
+    """Without the [train] extras (here one made unimportable) the commands end in one line
+    naming the package and the extras, exit 2, before training (the demo's plot comes last)."""
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    code = (f"import sys; sys.modules[{blocked!r}] = None\n"
+            f"from spot.cli import main; sys.exit(main({argv!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-2000:]
+    assert err[0] == (f"spot: error: {blocked} is not installed: pip install "
+                      f"'spot-kernels[train]' (the trainer's extras)")
+    assert not (tmp_path / "demo" / "metrics.jsonl").exists()
