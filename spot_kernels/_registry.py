@@ -33,6 +33,8 @@ def module(name):
 
 def availability(name, device):
     """``(True, "")`` or ``(False, why)`` for backend ``name`` on ``device``."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        return False, "torch sees no CUDA device"
     if name == "reference":
         return True, ""
     try:
@@ -52,15 +54,18 @@ def available_backends(device=None):
 
 def resolve(backend, device):
     """The backend name to run: ``auto`` becomes the fastest available for ``device``."""
+    source = ""
     if backend == "auto":
         backend = os.environ.get(ENV, "auto") or "auto"
+        source = f" (from ${ENV})" if backend != "auto" else ""
     if backend == "auto":
         if torch.device(device).type == "cpu":
             return "torch"  # Triton on CPU is only its (slow) interpreter
         return next(n for n in NAMES if availability(n, device)[0])
     if backend not in NAMES:
-        raise ValueError(f"backend must be 'auto' or one of {list(NAMES)}, got {backend!r}")
+        raise ValueError(f"backend{source} must be 'auto' or one of {list(NAMES)}, "
+                         f"got {backend!r}")
     ok, why = availability(backend, device)
     if not ok:
-        raise RuntimeError(f"backend {backend!r} is not available on {device}: {why}")
+        raise RuntimeError(f"backend {backend!r}{source} is not available on {device}: {why}")
     return backend

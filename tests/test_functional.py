@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import spot_kernels as sk
-from spot_kernels import reference
+from spot_kernels import _registry, reference
 from conftest import GRAD_ATOL, assert_close, float64_truth, interpreted, make_head, references
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -181,7 +181,6 @@ def test_the_target_gradient_survives_a_recompute_that_rounds_differently(backen
     forward's inputs, to the relative size of the shift."""
     if backend == "reference":
         pytest.skip("the reference has no separate backward to hand other inputs")
-    from spot_kernels import _registry
     impl = _registry.module(backend)
     g = torch.Generator().manual_seed(5)
     n, d, v = 8, 64, 300
@@ -334,6 +333,9 @@ def test_targets_outside_vocab_without_ignore(backend, device):
 def test_backend_selection(monkeypatch):
     assert sk.available_backends("cpu")[-2:] == ["torch", "reference"]
     assert "cuda" not in sk.available_backends("cpu")
+    if not torch.cuda.is_available():  # nothing runs on a device torch does not see
+        assert sk.available_backends("cuda") == []
+        assert _registry.availability("torch", "cuda") == (False, "torch sees no CUDA device")
     with pytest.raises(ValueError, match="backend"):
         sk.token_logprobs(torch.randn(2, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long),
                           backend="magic")
@@ -346,7 +348,11 @@ def test_backend_selection(monkeypatch):
     # SPOT_KERNELS_BACKEND sets the default; an explicit backend wins
     args = (torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long))
     monkeypatch.setenv("SPOT_KERNELS_BACKEND", "cuda")
-    with pytest.raises(RuntimeError, match="'cuda' is not available"):
+    with pytest.raises(RuntimeError, match=r"'cuda' \(from \$SPOT_KERNELS_BACKEND\) is not "
+                                           r"available"):
+        sk.token_logprobs(*args)
+    monkeypatch.setenv("SPOT_KERNELS_BACKEND", "magic")
+    with pytest.raises(ValueError, match=r"backend \(from \$SPOT_KERNELS_BACKEND\) must be"):
         sk.token_logprobs(*args)
     assert sk.token_logprobs(*args, backend="torch").shape == (3,)
     monkeypatch.setenv("SPOT_KERNELS_BACKEND", "reference")
