@@ -10,7 +10,7 @@
    tokenizer, ``max_length``, backend, bf16 on a GPU, attention kernel and the token ids
    themselves); no second model is kept in memory while training. Dropout is off in the policy
    (TRL's ``disable_dropout``), so the rewards start at 0.
-4. Loss (DESIGN.md section 1): ``spot_kernels.spot_loss`` per packed micro-batch, with ``delta``
+4. Loss (README, "The math"): ``spot_kernels.spot_loss`` per packed micro-batch, with ``delta``
    passed as a callable, so it is updated with the batch-mean reward ``beta (pi - rho)`` (of all
    ranks) *before* the loss uses it, exactly as TRL's ``bco_pair`` does with ``RunningMoments``.
    ``--delta zero`` is the paper's SPoT-BCE, ``--delta ema`` an exponential average.

@@ -1,7 +1,7 @@
 """CUDA backend: cuBLAS GEMMs on blocks of the logits (through ``torch.mm``) and the CUDA C++
 epilogues of ``csrc/`` (the extension ``spot_kernels._cuda``) for everything between the GEMMs.
 
-Math (DESIGN.md section 1): ``a = h W^T``, ``z = softcap(a + b) / T``, ``lse = logsumexp_v z``,
+Math (README, "The math"): ``a = h W^T``, ``z = softcap(a + b) / T``, ``lse = logsumexp_v z``,
 ``logp = z_t - lse``; backward ``dA = g (onehot - p) / T * softcap'``, ``dh = dA W``,
 ``dW = dA^T h``, ``db = sum_i dA_i``.
 

@@ -2,7 +2,7 @@
 
 Hyper-parameters go to the constructor, tensors to ``forward``; the modules hold no parameters
 (the LM-head weight stays the model's, passed in each call) and add nothing to the math of
-``spot_kernels.token_logprobs`` / ``spot_kernels.spot_loss`` (see DESIGN.md section 1).
+``spot_kernels.token_logprobs`` / ``spot_kernels.spot_loss`` (README, "The math").
 """
 from __future__ import annotations
 

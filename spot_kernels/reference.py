@@ -4,7 +4,7 @@ Everything else in the package is checked against this file. It builds the full
 ``[N, V]`` logits tensor, which is exactly what the fused backends avoid, so use it for
 tests, small problems and as the ground truth in float64 (``compute_dtype=torch.float64``).
 
-Math (DESIGN.md section 1)::
+Math (README, "The math")::
 
     a = h W^T + b;   z = softcap(a) / T,  softcap(a) = c tanh(a / c)
     logp_i = z_{i, t_i} - logsumexp_v z_iv          (0 where t_i == ignore_index)

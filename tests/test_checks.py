@@ -1,4 +1,4 @@
-"""Bad input gets a clear TypeError/ValueError that names the argument (DESIGN.md section 2)."""
+"""Bad input gets a clear TypeError/ValueError that names the argument (README, Usage)."""
 import pytest
 import torch
 

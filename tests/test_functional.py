@@ -1,5 +1,5 @@
 """Every available backend against the float64 reference, values and gradients, with the
-tolerance rule of DESIGN.md section 4 (see conftest.assert_close)."""
+tolerance rule (conftest.assert_close)."""
 import itertools
 
 import pytest

@@ -63,7 +63,7 @@ def test_bce_matches_trl_bco_pair(delta):
     (ours_g,) = torch.autograd.grad(loss, policy)
     (trl_g,) = torch.autograd.grad(expect, policy)
     torch.testing.assert_close(ours_g.double(), trl_g, rtol=1e-5, atol=1e-8)
-    # the closed form of DESIGN.md: dL/dpi = beta (sigmoid(u) - y) / K
+    # the closed form (README, The math): dL/dpi = beta (sigmoid(u) - y) / K
     u = 0.1 * (policy.detach() - ref) - float(d)
     torch.testing.assert_close(ours_g.double(), 0.1 * (torch.sigmoid(u) - labels.double()) / p,
                                rtol=1e-5, atol=1e-8)

@@ -1,7 +1,7 @@
 """Backward kernel (default mode): recompute each logits tile, form ``dA``, scatter ``dh``,
 ``dW``, ``db`` with float32 atomics.
 
-Math (DESIGN.md section 1): with ``g_i = dL/dlogp_i`` (0 for ``ignore_index``) and the saved
+Math (README, "The math"): with ``g_i = dL/dlogp_i`` (0 for ``ignore_index``) and the saved
 ``lse``, for one ``[BLOCK_M, BLOCK_V]`` tile ``p = exp(z - lse)`` and::
 
     dA = g (onehot(t) - p) / T * (1 - tanh^2(a / c))      (the last factor only with a softcap)

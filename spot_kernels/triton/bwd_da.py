@@ -1,6 +1,6 @@
 """Backward with ``da_bytes``: write one block of ``dA`` so that cuBLAS runs the gradient GEMMs.
 
-Math (DESIGN.md section 1): for the block's rows and columns, recompute the logits tile, then
+Math (README, "The math"): for the block's rows and columns, recompute the logits tile, then
 
     dA = g (onehot(t) - p) / T * (1 - tanh^2(a / c))      (the last factor only with a softcap)
 
