@@ -508,6 +508,10 @@ def build_policy(path, cfg, dst):
     return shard(policy, dst) if dst.on else policy
 
 
+def plural(n, one, many=None):
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -600,7 +604,8 @@ def _train(cfg, log, handle_signals):
     per_step = dst.world * cfg.grad_accum
     steps, plans = schedule_steps(examples, cfg, per_step)
     total = len(steps)
-    log(f"run: {total} steps of {per_step} micro-batch(es) on {dst.device}"
+    log(f"run: {plural(total, 'step')} of {plural(per_step, 'micro-batch', 'micro-batches')} "
+        f"on {dst.device}"
         + (f" x {dst.world} processes" if dst.on else "")
         + f", backend {resolve_backend(cfg.backend, dst.device)}, attention "
           f"{getattr(policy.model.config, '_attn_implementation', '?')}, checkpoints "
