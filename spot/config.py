@@ -91,7 +91,7 @@ class TrainConfig:
                   ("attn", self.attn in ATTENTION, f"must be {'|'.join(ATTENTION)}")]
         for name, ok, why in checks:
             if not ok:
-                raise ConfigError(f"{name}: {why}, got {getattr(self, name)!r}")
+                raise ConfigError(f"{option(name)}: {why}, got {getattr(self, name)!r}")
         return self
 
     def to_dict(self):
@@ -163,6 +163,11 @@ def load_file(path):
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+def option(name):
+    """A field's name as the user gives it: the flag (and config key) ``--max-steps``."""
+    return "--" + name.replace("_", "-")
+
+
 def make_config(file_values=None, overrides=None):
     """``TrainConfig`` from defaults, then ``file_values``, then non-None ``overrides``."""
     known = {f.name for f in fields(TrainConfig)}
@@ -197,5 +202,5 @@ def make_config(file_values=None, overrides=None):
             elif t == "bool" and not isinstance(v, bool):
                 raise ValueError
         except (TypeError, ValueError):
-            raise ConfigError(f"{f.name}: expected {t}, got {v!r}") from None
+            raise ConfigError(f"{option(f.name)}: expected {t}, got {v!r}") from None
     return cfg

@@ -397,18 +397,18 @@ def test_bad_settings_are_one_line_errors(workdir, tmp_path, capsys):
              (["--model", str(tmp_path / "empty")], "model: cannot load a tokenizer"),
              (["--model", str(tmp_path / "tokonly")], "model: cannot load"),
              (["--model", str(tmp_path / "noweights")], "model: cannot load"),
-             (["--keep-checkpoints", "-1"], "keep_checkpoints: must be >= 0"),
-             (["--save-every", "-1"], "save_every: must be >= 0"),
+             (["--keep-checkpoints", "-1"], "--keep-checkpoints: must be >= 0"),
+             (["--save-every", "-1"], "--save-every: must be >= 0"),
              (["--backend", "bogus"], "backend: must be"),
              (["--backend", "cuda"], "backend: cuda does not run on cpu"),
-             (["--device", "gpu"], "device: must be auto|cpu|cuda"),
-             (["--beta", "inf"], "beta: must be a finite number"),
-             (["--lr", "inf"], "lr: must be a finite number"),
-             (["--weight-decay", "-1"], "weight_decay: must be a finite number >= 0"),
+             (["--device", "gpu"], "--device: must be auto|cpu|cuda"),
+             (["--beta", "inf"], "--beta: must be a finite number"),
+             (["--lr", "inf"], "--lr: must be a finite number"),
+             (["--weight-decay", "-1"], "--weight-decay: must be a finite number >= 0"),
              (["--seed", str(2**70)], "seed: must be in"),
              (["--output", str(tmp_path / "file")], "is a file, not a folder"),
-             (["--config", str(tmp_path / "c.yaml")], "output: expected str"),
-             (["--config", str(tmp_path / "b.yaml")], "max_steps: expected int, got True")]
+             (["--config", str(tmp_path / "c.yaml")], "--output: expected str"),
+             (["--config", str(tmp_path / "b.yaml")], "--max-steps: expected int, got True")]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "device: cuda, but torch sees no CUDA device"))
     capsys.readouterr()  # the bars of save_pretrained above
