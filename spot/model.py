@@ -89,11 +89,11 @@ def load_error(exc, trust_remote_code):
     return first
 
 
-def check_tokenizer(tokenizer, path):
+def check_tokenizer(tokenizer, path, what="model"):
     """A one-line ``ConfigError`` for a tokenizer that turns text into no tokens: what
     transformers builds from a folder with ``config.json`` but no tokenizer files."""
     if not tokenizer("Hello, world. 0123")["input_ids"]:
-        raise ConfigError(f"model: {path} has no usable tokenizer (text encodes to no tokens): "
+        raise ConfigError(f"{what}: {path} has no usable tokenizer (text encodes to no tokens): "
                           f"the folder needs the tokenizer's files (tokenizer.json or "
                           f"tokenizer_config.json and its vocabulary)")
     return tokenizer

@@ -41,6 +41,13 @@ TABLE = [
     (r"\boxed{[1,2)}", "[1,2]", False),
     (r"\boxed{(1, 2]}", "(1,2]", True),
     (r"\boxed{[0, \infty)}", r"[0,\infty)", True),
+    # a \boxed{} is the answer whenever there is one: an anchor after it does not count
+    (r"\boxed{5} Answer: 4", "4", False),
+    # no anchor, no answer: neither reads "x = 4" or a bare number
+    ("So x = 4.", "4", False),
+    ("4", "4", False),
+    ("Answer:\n\n4", "4", False),                  # math-verify's anchor stays on its line
+    ("Answer: yes", "yes", False),                  # not math: compared as the fallback does
 ]
 
 
@@ -49,6 +56,13 @@ DIFFERENT = [
     (r"\boxed{\sqrt{4}}", "2", False, True),       # only sympy evaluates
     (r"\boxed{2x + x}", "3x", False, True),
     ("The final answer is 7.", "7", False, True),   # math-verify also accepts this anchor
+    # ... and the other ones without a \boxed{}: "answer" anywhere (any case), then within
+    # 50 characters a number, an expression or $...$ / \(...\) / \[...\] / \frac{}{} math
+    ("Answer: 4", "4", False, True),
+    ("The answer is 1,000", "1000", False, True),
+    (r"The answer is $\frac{1}{2}$", "0.5", False, True),
+    ("answer: 2+2 = 4", "4", False, True),          # after "answer:", the last "= ..." in 100
+    ("The answer is not 4, it is 5", "4", False, True),  # ... so the anchor reads the first one
 ]
 
 

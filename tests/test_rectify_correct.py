@@ -259,7 +259,7 @@ def test_correct_with_ground_truth_and_template(tmp_path, oracle):
                   workers=2, template=C.load_template(str(tpl)), progress=False)
     assert s["verified"] == 3
     assert all(p.startswith("Fix it, keep \\boxed{} style. Q") and C.END in p for p in oracle.prompts)
-    with pytest.raises(ValueError, match="prompt_template"):
+    with pytest.raises(ValueError, match="^--prompt-template uses"):
         C.build_prompt("q", "a", "1", template="{question}{answer}{ground_truth}")
     bad = tmp_path / "bad.txt"
     bad.write_text("{question} only")
@@ -568,19 +568,48 @@ def test_oracle_options_are_checked_before_any_request(tmp_path, oracle, capsys)
     nostart.write_text("{question} {answer} put it in tags")
     gt = tmp_path / "gt.txt"
     gt.write_text("{question} {answer} {ground_truth} {start} {end}")
-    for extra, msg in ((["--workers", "0"], "--workers"), (["--max-retries", "-1"], "--max-retries"),
-                       (["--timeout", "0"], "--timeout"), (["--backoff", "-1"], "--backoff"),
+    for extra, msg in ((["--workers", "0"], "--workers must be an integer >= 1, got 0"),
+                       (["--max-retries", "-1"], "--max-retries must be an integer >= 0, got -1"),
+                       (["--timeout", "0"], "--timeout must be > 0 seconds, got 0.0"),
+                       (["--backoff", "-1"], "--backoff must be >= 0 seconds, got -1.0"),
                        (["--oracle-max-tokens", "0"], "--oracle-max-tokens"),
-                       (["--prompt-template", str(nostart)], "{start}, {end}"),
+                       (["--prompt-template", str(nostart)],
+                        f"--prompt-template: {nostart} lacks the placeholder(s) {{start}}, "
+                        f"{{end}}"),
                        (["--prompt-template", str(gt)], "--with-ground-truth"),
+                       (["--prompt-template", str(tmp_path / "missing.txt")],
+                        f"--prompt-template: cannot read {tmp_path / 'missing.txt'} (No such file "
+                        f"or directory)"),
+                       (["--prompt-template", str(tmp_path)],
+                        f"--prompt-template: cannot read {tmp_path} (Is a directory)"),
                        (["--api-key-env", "sk-proj-REALKEY"], "NAME of an environment variable")):
         assert main(base + extra) == 2, extra
         err = capsys.readouterr().err
         assert msg in err and "REALKEY" not in err and len(err.splitlines()) == 1, err
     assert oracle.counts == {} and not out.exists()
+    # an output that is a folder: said before the key warning, the lock or any request
+    assert main(["correct", "--input", str(errors), "--output", str(tmp_path),
+                 *base[5:]]) == 2
+    assert capsys.readouterr().err == f"spot rectify: error: output: {tmp_path} is a folder, " \
+                                      f"not a file\n"
+    assert oracle.counts == {} and not (tmp_path.parent / f".{tmp_path.name}.lock").exists()
     # a valid name that is not set: said without echoing a name that may be a key
     assert main(base + ["--api-key-env", "ghp_abc123SECRET", "--max-retries", "0"]) == 0
     err = capsys.readouterr().err
     assert "SECRET" not in err and "named by --api-key-env is not set" in err
     assert main(base + ["--api-key-env", "SPOT_UNSET_TEST_KEY"]) == 0
     assert "$SPOT_UNSET_TEST_KEY is not set" in capsys.readouterr().err
+
+
+def test_no_progress_hides_the_bar(tmp_path, oracle, capsys, monkeypatch):
+    from spot.rectify.cli import main
+    errors = tmp_path / "errors.jsonl"
+    write_errors(errors, 3)
+    monkeypatch.setenv("SPOT_TEST_ORACLE_KEY", SECRET)
+    base = ["correct", "--input", str(errors), "--oracle-url", oracle.url, "--oracle-model", "m",
+            "--api-key-env", "SPOT_TEST_ORACLE_KEY"]
+    assert main(base + ["--output", str(tmp_path / "a.jsonl")]) == 0
+    assert "correct: 100%" in capsys.readouterr().err  # the bar this test would see
+    assert main(base + ["--output", str(tmp_path / "b.jsonl"), "--no-progress"]) == 0
+    cap = capsys.readouterr()
+    assert cap.err == "" and "3 corrected and verified" in cap.out

@@ -120,8 +120,9 @@ def test_elicit_tiny_model_resumes_without_duplicates(tmp_path, tiny_dir, capsys
     assert "8 answers (4 new, 4 resumed)" in capsys.readouterr().out
     assert cli(base) == 0  # nothing left to do
     assert len(read_jsonl(str(out / "all.jsonl"))) == 8
-    gone = [a if a != tiny_dir else str(tmp_path / "deleted-model") for a in base]
-    assert cli(gone) == 0  # ... so no model loads: a rerun of `run` skips straight on
+    (tmp_path / "not-a-model").mkdir()  # a folder, so the path check passes; it holds no model
+    broken = [a if a != tiny_dir else str(tmp_path / "not-a-model") for a in base]
+    assert cli(broken) == 0  # ... so no model loads: a rerun of `run` skips straight on
     assert "8 answers (0 new, 8 resumed)" in capsys.readouterr().out
 
 
@@ -136,11 +137,13 @@ def test_run_end_to_end(tmp_path, tiny_dir, capsys):
         rc = cli(["run", "--model", tiny_dir, "--data", str(data), "--output", str(out),
                   "--max-new-tokens", "40", "--batch-size", "3", "--device", "cpu",
                   "--oracle-url", server.url, "--oracle-model", "rule", "--backoff", "0.01",
-                  "--workers", "2", "--masks"])
+                  "--workers", "2", "--masks", "--no-progress"])
     finally:
         server.close()
     assert rc == 0
-    text = capsys.readouterr().out
+    cap = capsys.readouterr()
+    text = cap.out
+    assert "%|" not in cap.err and "Loading weights" not in cap.err, cap.err  # no bars
     for name in ("all", "errors", "corrected", "pairs"):
         assert os.path.exists(out / f"{name}.jsonl")
     corrected = read_jsonl(str(out / "corrected.jsonl"))
@@ -198,15 +201,136 @@ def test_run_checks_oracle_options_before_the_model_loads(tmp_path, capsys):
     base = ["run", "--model", str(tmp_path / "no-model"), "--data", str(data), "--output", str(out),
             "--oracle-url", "http://127.0.0.1:9/v1", "--oracle-model", "m"]
     (tmp_path / "a-file").write_text("x")
-    for extra, msg in ((["--workers", "0"], "--workers"), (["--max-retries", "-1"], "--max-retries"),
-                       (["--timeout", "0"], "--timeout"),
+    for extra, msg in ((["--workers", "0"], "--workers must be an integer >= 1, got 0"),
+                       (["--max-retries", "-1"], "--max-retries must be an integer >= 0, got -1"),
+                       (["--timeout", "0"], "--timeout must be > 0 seconds, got 0.0"),
                        (["--prompt-template", str(gt)], "--with-ground-truth"),
-                       (["--top-p", "0"], "top_p must be in (0, 1]"),
-                       (["--samples", "0"], "samples must be a positive integer"),
-                       (["--device", "gpu"], "device: 'gpu' is not a torch device"),
-                       (["--device", "cuda:7"], "device: 'cuda:7'"),
+                       (["--prompt-template", str(tmp_path / "missing.txt")],
+                        f"--prompt-template: cannot read {tmp_path / 'missing.txt'} (No such "
+                        f"file or directory)"),
+                       (["--gamma", "1.5"], "--gamma must be a number in [0, 1], got 1.5"),
+                       (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+                       (["--temperature", "-1"], "--temperature must be >= 0, got -1.0"),
+                       (["--samples", "0"], "--samples must be an integer >= 1, got 0"),
+                       (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+                       (["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1, "
+                                                   "got 0"),
+                       (["--limit", "-1"], "--limit must be an integer >= 0, got -1"),
+                       (["--device", "gpu"], "--device 'gpu' is not a torch device"),
+                       (["--device", "cuda:7"], "--device 'cuda:7'"),
                        (["--output", str(tmp_path / "a-file")], "is a file, not a folder")):
         assert cli(base + extra) == 2
         err = capsys.readouterr().err
         assert msg in err and len(err.splitlines()) == 1, err  # not the model's load error
     assert not out.exists()
+
+
+def test_run_loads_the_filter_tokenizer_before_sampling_or_asking(tmp_path, tiny_dir, capsys,
+                                                                  monkeypatch):
+    """A --tokenizer that does not load (no such folder, a folder without one, a Hub name with
+    no network) ends `run` with one line before any answer is sampled or any request sent."""
+    pytest.importorskip("openai")
+    import huggingface_hub.constants
+    from test_rectify_correct import OracleServer
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as with no network
+    data, out = tmp_path / "problems.jsonl", tmp_path / "run"
+    write_problems(data, 2)
+    (tmp_path / "empty").mkdir()
+    server = OracleServer()
+    try:
+        base = ["run", "--model", tiny_dir, "--data", str(data), "--output", str(out),
+                "--max-new-tokens", "4", "--device", "cpu", "--oracle-url", server.url,
+                "--oracle-model", "rule", "--no-progress"]
+        for tok, msg in ((str(tmp_path / "no-tok"),
+                          f"tokenizer: no such folder {tmp_path / 'no-tok'}"),
+                         (str(tmp_path / "empty"),
+                          f"tokenizer: cannot load {tmp_path / 'empty'}: "),
+                         ("no-such-org/no-such-tokenizer",
+                          "tokenizer: cannot load no-such-org/no-such-tokenizer: ")):
+            assert cli(base + ["--tokenizer", tok]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"spot rectify: error: {msg}") and len(err.splitlines()) == 1, err
+    finally:
+        server.close()
+    assert server.counts == {} and not out.exists()
+
+
+def test_a_model_path_that_is_no_folder_is_one_line(tmp_path, tiny_dir, capsys, monkeypatch):
+    """A model name that can only be a path (absolute, ./, ../, ~, two or more /) and is no
+    folder: one line naming --model (not transformers' "Repo id must be in the form ..."),
+    before the output folder is made; a folder under ~ loads."""
+    data, out = tmp_path / "problems.jsonl", tmp_path / "out"
+    write_problems(data, 1)
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    oracle = ["--oracle-url", "http://127.0.0.1:9/v1", "--oracle-model", "m"]
+    commands = [("elicit", [])] + ([("run", oracle)] if _has("openai") else [])
+    for cmd, extra in commands:
+        for model, msg in (("/nonexistent/model", "no such folder /nonexistent/model"),
+                           ("./no-model", "no such folder ./no-model"),
+                           ("../no-model", "no such folder ../no-model"),
+                           ("~/no-model", "no such folder ~/no-model"),
+                           ("runs/last/model", "no such folder runs/last/model"),
+                           ("a-file", "a-file is a file, not a folder"),
+                           (str(tmp_path / "a-file"), f"{tmp_path / 'a-file'} is a file, not a "
+                                                      f"folder")):
+            argv = [cmd, "--model", model, "--data", str(data), "--output", str(out), *extra]
+            assert cli(argv) == 2
+            assert capsys.readouterr().err == f"spot rectify: error: model: {msg}\n"
+    assert not out.exists()
+    os.symlink(tiny_dir, tmp_path / "tiny")
+    assert cli(["elicit", "--model", "~/tiny", "--data", str(data), "--output", str(out),
+                "--max-new-tokens", "2", "--device", "cpu", "--no-progress"]) == 0
+    assert [r["model"] for r in read_jsonl(str(out / "all.jsonl"))] == ["~/tiny"]
+
+
+def _has(module):
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
+def test_no_problems_is_an_error(tmp_path, tiny_dir, capsys):
+    """An empty problems file (or blank lines only) is one line and exit 2, not "0 answers"."""
+    p, out = tmp_path / "p.jsonl", tmp_path / "out"
+    for text in ("", "\n\n"):
+        p.write_text(text)
+        assert cli(["elicit", "--model", tiny_dir, "--data", str(p), "--output", str(out)]) == 2
+        assert capsys.readouterr().err == f"spot rectify: error: data: no problems in {p}\n"
+    assert not out.exists()
+
+
+def test_options_checked_at_load_leave_no_output_folder(tmp_path, tiny_dir, capsys):
+    """--dtype, --engine vllm without vllm and a missing --model are refused before the
+    output folder (and its lock file, an empty errors.jsonl) is made."""
+    data, out = tmp_path / "problems.jsonl", tmp_path / "out"
+    write_problems(data, 1)
+    base = ["elicit", "--data", str(data), "--output", str(out), "--device", "cpu"]
+    with pytest.raises(SystemExit) as e:
+        cli(base + ["--model", tiny_dir, "--dtype", "float8"])
+    assert e.value.code == 2 and "invalid choice: 'float8'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"^--dtype must be one of auto, bfloat16, float16, "
+                                         r"float32, got 'float8'$"):
+        E.load_model(tiny_dir, device="cpu", dtype="float8")
+    if not _has("vllm"):
+        assert cli(base + ["--model", tiny_dir, "--engine", "vllm"]) == 2
+        assert capsys.readouterr().err == f"spot rectify: error: {E.NO_VLLM}\n"
+    assert cli(base + ["--model", str(tmp_path / "no-model")]) == 2
+    assert "model: no such folder" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_no_progress_hides_every_bar(tmp_path, tiny_dir, capsys):
+    """--no-progress: neither elicit's bar nor transformers' weight-loading one; transformers'
+    bars are as they were afterwards."""
+    from transformers.utils import logging as hf_logging
+    data = tmp_path / "problems.jsonl"
+    write_problems(data, 2)
+    base = ["elicit", "--model", tiny_dir, "--data", str(data), "--max-new-tokens", "2",
+            "--device", "cpu"]
+    assert cli(base + ["--output", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "elicit: 100%" in err and "Loading weights" in err, err  # what the test would see
+    assert cli(base + ["--output", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+    assert hf_logging.is_progress_bar_enabled()

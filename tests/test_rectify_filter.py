@@ -9,7 +9,7 @@ import pytest
 from spot.rectify import filter as F
 from spot.rectify.cli import add_parser
 from spot.rectify.jsonl import read_jsonl
-from spot.tiny import build_tokenizer
+from spot.tiny import build_model, build_tokenizer
 from test_rectify_lcs import brute_lcs
 
 
@@ -141,3 +141,41 @@ def test_a_corrupt_line_or_the_wrong_file_is_an_error_a_torn_tail_is_not(tmp_pat
                            for r in recs))
     with pytest.raises(ValueError, match="no records of `spot rectify correct`"):
         F.filter_file(str(src), str(out), build_tokenizer())
+
+
+def test_tokenizer_and_output_paths_are_checked_first(tmp_path, capsys, monkeypatch):
+    """A --tokenizer path that is no folder and an --output that is a folder are one line each
+    naming the option (not transformers' "Repo id ..." or a temporary file's name), the output
+    before the tokenizer loads, and nothing is written; a tokenizer under ~ loads."""
+    src, out = tmp_path / "corrected.jsonl", tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in corrected_records(6, seed=5)))
+    (tmp_path / "a-file").write_text("x")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    build_tokenizer().save_pretrained(str(tmp_path / "tok"))
+    build_model("qwen3").config.save_pretrained(tmp_path / "config-only")  # no tokenizer files
+    monkeypatch.setenv("HOME", str(tmp_path))
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+
+    def run(*argv):
+        args = parser.parse_args(["rectify", "filter", "--input", str(src), *argv])
+        return args.func(args)
+    for argv, msg in (
+            (["--output", str(out), "--tokenizer", "/nonexistent/tok"],
+             "tokenizer: no such folder /nonexistent/tok"),
+            (["--output", str(out), "--tokenizer", str(tmp_path / "a-file")],
+             f"tokenizer: {tmp_path / 'a-file'} is a file, not a folder"),
+            (["--output", str(out), "--tokenizer", str(tmp_path / "config-only")],
+             f"tokenizer: {tmp_path / 'config-only'} has no usable tokenizer"),
+            (["--output", str(folder), "--tokenizer", "/nonexistent/tok"],
+             f"output: {folder} is a folder, not a file"),
+            (["--output", str(folder), "--tokenizer", str(tmp_path / "tok")],
+             f"output: {folder} is a folder, not a file")):
+        assert run(*argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"spot rectify: error: {msg}") and err.count("\n") == 1, err
+    assert not out.exists() and list(folder.iterdir()) == []
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert run("--output", str(out), "--tokenizer", "~/tok", "--no-progress") == 0
+    assert "kept" in capsys.readouterr().out and out.exists()

@@ -1,4 +1,4 @@
-"""spot.rectify: the SPoT data pipeline (DESIGN.md section 5).
+"""spot.rectify: the SPoT data pipeline (README, "Data: spot rectify").
 
 Four steps, each a function and a ``spot rectify`` subcommand, all reading and writing JSONL:
 

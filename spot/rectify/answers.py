@@ -2,9 +2,12 @@
 
 Two checkers behind one function, :func:`check_answer`:
 
-* ``math-verify`` (HuggingFace's parser + sympy grader) when it is installed: it extracts an
-  anchored answer from the response (a ``\\boxed{}`` first, else "the final answer is ...", never a
-  stray number) and compares expressions symbolically.
+* ``math-verify`` (HuggingFace's parser + sympy grader) when it is installed: the answer is the
+  last ``\\boxed{}`` when there is one, else one after an anchor (math-verify's: "final answer
+  ... is", "answer:", or the word "answer" and within 50 characters a number, a plain
+  expression or ``$...$``-style math: "Answer: 4", "the answer is $\\frac12$"), never a stray
+  number; expressions are compared symbolically. The fallback reads no anchor: "Answer: 4"
+  without a ``\\boxed{}`` is right for math-verify only.
 * a dependency-free fallback: the answer is the content of the *last* ``\\boxed{...}`` (nested
   braces matched), both sides are normalised (spaces, ``$``, ``\\left``/``\\right``,
   ``\\dfrac``/``\\tfrac`` -> ``\\frac``, trailing ``.``, ``\\text{}`` units, ``^\\circ``, ``\\%``,
@@ -12,8 +15,9 @@ Two checkers behind one function, :func:`check_answer`:
   ``1,000 == 1000``), then element-wise for comma-separated tuples.
 
 The ground truth may be a bare answer (``"1/2"``) or a full solution; a solution's last
-``\\boxed{}`` is its answer. math-verify's timeouts use ``signal.alarm``, which only works in the
-main thread, so off the main thread it runs without one (the pipeline verifies in the main thread).
+``\\boxed{}`` is its answer; one that math-verify does not read as math (``"yes"``) is compared as
+the fallback compares. math-verify's timeouts use ``signal.alarm``, which only works in the main
+thread, so off the main thread it runs without one (the pipeline verifies in the main thread).
 """
 from __future__ import annotations
 

@@ -6,6 +6,9 @@ The main CLI mounts this with ``spot.rectify.cli.add_parser(subparsers)`` and ca
 from __future__ import annotations
 
 import argparse
+import contextlib
+
+from .elicit import DTYPES
 
 
 def add_parser(subparsers):
@@ -37,6 +40,9 @@ def add_parser(subparsers):
     _oracle_args(r)
     _filter_args(r, tokenizer_required=False)
     r.set_defaults(func=_run_all)
+    for q in (e, c, f, r):
+        q.add_argument("--no-progress", dest="progress", action="store_false",
+                       help="hide the progress bars (transformers' loading bars too)")
     return p
 
 
@@ -60,7 +66,8 @@ def _elicit_args(p, output_help):
     p.add_argument("--limit", type=int, default=None, help="only the first N >= 0 problems")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="model weights' dtype (default auto: bfloat16 on a GPU, else float32)")
 
 
 def _oracle_args(p):
@@ -130,14 +137,23 @@ def _friendly(fn):
     return run
 
 
+def _hf_bars(progress):
+    """transformers' own bars (loading weights, downloads) off inside with ``--no-progress``."""
+    if progress:
+        return contextlib.nullcontext()
+    from spot.model import hf_progress_bars
+    return hf_progress_bars(False)
+
+
 @_friendly
 def _run_elicit(args):
     from .elicit import elicit_main
-    return elicit_main(args)
+    with _hf_bars(args.progress):
+        return elicit_main(args)
 
 
 @_friendly
-def _run_correct(args):
+def _run_correct(args):  # no transformers: its bar is correct's own
     from .correct import correct_main
     return correct_main(args)
 
@@ -145,13 +161,15 @@ def _run_correct(args):
 @_friendly
 def _run_filter(args):
     from .filter import filter_main
-    return filter_main(args)
+    with _hf_bars(args.progress):
+        return filter_main(args)
 
 
 @_friendly
 def _run_all(args):
     from .pipeline import run_main
-    return run_main(args)
+    with _hf_bars(args.progress):
+        return run_main(args)
 
 
 def main(argv=None):

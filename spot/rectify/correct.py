@@ -141,7 +141,8 @@ def build_prompt(question, answer, ground_truth=None, *, template=None, with_gro
     if template is None:
         template = PROMPT_WITH_GROUND_TRUTH if with_ground_truth else PROMPT
     elif "{ground_truth}" in template and not with_ground_truth:
-        raise ValueError("prompt_template uses {ground_truth} but --with-ground-truth is not set")
+        raise ValueError("--prompt-template uses {ground_truth} but --with-ground-truth is not "
+                         "set")
     return fill(template, question=question, answer=answer, start=START, end=END,
                 ground_truth=ground_truth if with_ground_truth else "")
 
@@ -149,11 +150,16 @@ def build_prompt(question, answer, ground_truth=None, *, template=None, with_gro
 def load_template(path):
     """A user prompt template; it must contain ``{question}``, ``{answer}``, ``{start}`` and
     ``{end}`` (the markers the reply is cut at)."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:  # missing, a folder, unreadable, not UTF-8
+        why = getattr(e, "strerror", None) or "not UTF-8 text"
+        raise ValueError(f"--prompt-template: cannot read {path} ({why})") from None
     missing = [k for k in ("{question}", "{answer}", "{start}", "{end}") if k not in text]
     if missing:
-        raise ValueError(f"prompt_template: {path} lacks the placeholder(s) {', '.join(missing)}")
+        raise ValueError(f"--prompt-template: {path} lacks the placeholder(s) "
+                         f"{', '.join(missing)}")
     return text
 
 
@@ -453,23 +459,25 @@ def format_summary(s):
 def check_args(args):
     """Check the Oracle options before any work (``run``: before the model loads); returns the
     prompt template (``None``: the built-in one)."""
-    for opt, ok, need in (
-            ("--workers", args.workers >= 1, "an integer >= 1"),
-            ("--max-retries", args.max_retries >= 0, "an integer >= 0"),
-            ("--timeout", args.timeout > 0, "> 0 seconds"),
-            ("--backoff", args.backoff >= 0, ">= 0 seconds"),
-            ("--max-backoff", args.max_backoff >= 0, ">= 0 seconds"),
-            ("--oracle-temperature", 0 <= args.oracle_temperature <= 2, "in [0, 2]"),
-            ("--oracle-max-tokens", args.oracle_max_tokens is None or args.oracle_max_tokens >= 1,
+    for opt, value, ok, need in (
+            ("--workers", args.workers, args.workers >= 1, "an integer >= 1"),
+            ("--max-retries", args.max_retries, args.max_retries >= 0, "an integer >= 0"),
+            ("--timeout", args.timeout, args.timeout > 0, "> 0 seconds"),
+            ("--backoff", args.backoff, args.backoff >= 0, ">= 0 seconds"),
+            ("--max-backoff", args.max_backoff, args.max_backoff >= 0, ">= 0 seconds"),
+            ("--oracle-temperature", args.oracle_temperature,
+             0 <= args.oracle_temperature <= 2, "in [0, 2]"),
+            ("--oracle-max-tokens", args.oracle_max_tokens,
+             args.oracle_max_tokens is None or args.oracle_max_tokens >= 1,
              "an integer >= 1 (leave it out for the endpoint's default)")):
         if not ok:
-            raise ValueError(f"{opt} must be {need}")
+            raise ValueError(f"{opt} must be {need}, got {value}")
     if not ENV_NAME.fullmatch(args.api_key_env):  # not echoed: it may be the key itself
         raise ValueError("--api-key-env takes the NAME of an environment variable (such as "
                          "OPENAI_API_KEY), not the key")
     template = load_template(args.prompt_template) if args.prompt_template else None
     if template and "{ground_truth}" in template and not args.with_ground_truth:
-        raise ValueError(f"prompt_template: {args.prompt_template} uses {{ground_truth}} but "
+        raise ValueError(f"--prompt-template: {args.prompt_template} uses {{ground_truth}} but "
                          "--with-ground-truth is not set")
     return template
 
@@ -489,12 +497,15 @@ def oracle_from_args(args):
 def correct_main(args, input_path=None, output_path=None, template=None):
     """``spot rectify correct``; ``template``: the one ``check_args`` already returned."""
     template = check_args(args) if template is None else template
+    output = output_path or args.output
+    if os.path.isdir(output):
+        raise ValueError(f"output: {output} is a folder, not a file")
     records = load_errors(input_path or args.input)
     oracle, key = oracle_from_args(args)
     try:
-        s = correct(records, output_path or args.output, oracle, workers=args.workers,
+        s = correct(records, output, oracle, workers=args.workers,
                     template=template, with_ground_truth=args.with_ground_truth,
-                    retry_failed=getattr(args, "retry_failed", False))
+                    retry_failed=args.retry_failed, progress=args.progress)
     except OracleFatal as e:
         print(f"correct: stopped, the Oracle refused the request: {redact(e, key)}", file=sys.stderr)
         return 1

@@ -21,7 +21,9 @@ batch finishes. Resuming skips the ids already in ``all.jsonl`` and first re-add
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import sys
 
 from .answers import check_answer, checker_name, ground_truth_answer
@@ -30,6 +32,10 @@ from .jsonl import (Appender, OutputLock, check_same_settings, done_ids, has_sur
 
 QUESTION_KEYS = ("prompt", "question", "problem")
 ANSWER_KEYS = ("ground_truth", "answer", "solution")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+NO_VLLM = ("--engine vllm: vllm is not installed (pip install vllm, or use --engine "
+           "transformers)")
+_HUB_ID = re.compile(r"\w[\w.-]*(/\w[\w.-]*)?")  # a Hub repo id: NAME or ORG/NAME
 
 
 def _first(rec, keys):
@@ -41,9 +47,9 @@ def _first(rec, keys):
 
 def load_problems(path, limit=None):
     """Problems as ``{"id", "question", "ground_truth"}`` dicts from a JSONL file; ``limit``:
-    only the first ``limit`` (>= 0) problems."""
+    only the first ``limit`` (>= 0) problems. A file without any is an error."""
     if limit is not None and (not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"limit must be an integer >= 0, got {limit!r}")
+        raise ValueError(f"--limit must be an integer >= 0, got {limit!r}")
     if not os.path.exists(path):
         raise ValueError(f"data: {path} does not exist")
     out, seen = [], set()
@@ -68,6 +74,8 @@ def load_problems(path, limit=None):
             raise ValueError(f"{where} duplicate id {pid!r}")
         seen.add(pid)
         out.append({"id": pid, "question": q, "ground_truth": ground_truth_answer(a)})
+    if not out and limit != 0:
+        raise ValueError(f"data: no problems in {path}")
     return out
 
 
@@ -129,9 +137,8 @@ class VLLMGenerator:
         try:
             from vllm import LLM, SamplingParams
         except ImportError as e:
-            raise ValueError("engine: 'vllm' asked for but vllm is not installed "
-                             "(pip install vllm, or use --engine transformers)") from e
-        self.llm = LLM(model=model_path, seed=seed, dtype=dtype)
+            raise ValueError(NO_VLLM) from e
+        self.llm = LLM(model=pretrained(model_path, "model"), seed=seed, dtype=dtype)
         self.SamplingParams, self.tok = SamplingParams, tokenizer
 
     def __call__(self, prompts, *, temperature, top_p, max_new_tokens):
@@ -142,20 +149,48 @@ class VLLMGenerator:
         return [(o.outputs[0].text, o.outputs[0].finish_reason or "stop") for o in outs]
 
 
+def pretrained(name, what):
+    """``name`` as ``from_pretrained`` should get it: an existing folder (``~`` expanded), or
+    a Hub id (``NAME`` or ``ORG/NAME``) as it is. A name that can only be a path (absolute,
+    ``./``, ``../``, ``~``, more than one ``/``) and is no folder is a ``ValueError`` naming
+    ``what`` (``model``, ``tokenizer``), not transformers' "Repo id must be in the form ..."."""
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise ValueError(f"{what}: {name} is a file, not a folder")
+    if not _HUB_ID.fullmatch(name):
+        raise ValueError(f"{what}: no such folder {name}")
+    return name
+
+
+def from_pretrained(load, name, what):
+    """``load(source)`` (a transformers ``from_pretrained``) for :func:`pretrained`'s source;
+    a folder or Hub id that does not load is one ``ValueError`` line naming ``what``."""
+    source = pretrained(name, what)
+    try:
+        return load(source)
+    except (OSError, ValueError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"{what}: cannot load {name}: {first}") from None
+
+
 def load_model(path, *, device=None, dtype="auto"):
-    """``(model, tokenizer)`` from a path or hub name, on ``device`` (default: cuda if present)."""
+    """``(model, tokenizer)`` from a folder or Hub id, on ``device`` (default: cuda if present)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if dtype == "auto":
         dt = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     else:
-        dt = getattr(torch, dtype, None)
-        if not isinstance(dt, torch.dtype):
-            raise ValueError(f"dtype: unknown {dtype!r} (auto, bfloat16, float16, float32)")
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt).to(device)
-    return model, tok
+        dt = getattr(torch, dtype)
+    from spot.model import check_tokenizer
+    tok = check_tokenizer(from_pretrained(AutoTokenizer.from_pretrained, path, "model"), path)
+    model = from_pretrained(lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=dt), path,
+                            "model")
+    return model.to(device), tok
 
 
 def elicit(problems, generator, tokenizer, output_dir, *, samples=1, batch_size=8,
@@ -229,15 +264,16 @@ def elicit(problems, generator, tokenizer, output_dir, *, samples=1, batch_size=
 
 
 def check_options(samples, batch_size, temperature, top_p, max_new_tokens, output_dir):
-    """The sampling options and the output folder, checked before any model loads."""
-    for name, v in (("samples", samples), ("batch_size", batch_size),
-                    ("max_new_tokens", max_new_tokens)):
+    """The sampling options and the output folder, checked before any model loads; the errors
+    name the command-line flags."""
+    for flag, v in (("--samples", samples), ("--batch-size", batch_size),
+                    ("--max-new-tokens", max_new_tokens)):
         if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            raise ValueError(f"{flag} must be an integer >= 1, got {v!r}")
     if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise ValueError(f"--temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ValueError(f"output: {output_dir} is a file, not a folder")
 
@@ -251,11 +287,11 @@ def check_device(device):
         dev = torch.device(device)
     except (RuntimeError, ValueError) as e:
         why = str(e).splitlines()[0]
-        raise ValueError(f"device: {device!r} is not a torch device ({why})") from None
+        raise ValueError(f"--device {device!r} is not a torch device ({why})") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} asked for, but this torch sees no CUDA device")
+        raise ValueError(f"--device {device!r} asked for, but this torch sees no CUDA device")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device: {device!r}, but there are {torch.cuda.device_count()} "
+        raise ValueError(f"--device {device!r}, but there are {torch.cuda.device_count()} "
                          f"CUDA devices")
 
 
@@ -270,14 +306,28 @@ def pending(problems, samples, done):
     return [(p, k) for p in problems for k in range(samples) if f"{p['id']}:{k}" not in done]
 
 
-def elicit_main(args):
+def check_args(args):
+    """Every elicit option that can be checked without loading anything, before the output
+    folder is made (``run``: before any request too), the model's path last; returns the
+    problems."""
+    check_options(args.samples, args.batch_size, args.temperature, args.top_p,
+                  args.max_new_tokens, args.output)
     problems = load_problems(args.data, args.limit)
-    check_device(getattr(args, "device", None))
+    check_device(args.device)
+    if args.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ValueError(NO_VLLM)
+    pretrained(args.model, "model")
+    return problems
+
+
+def elicit_main(args, problems=None):
+    """``spot rectify elicit``; ``problems``: those :func:`check_args` already returned."""
+    problems = check_args(args) if problems is None else problems
 
     def load():
         if args.engine == "vllm":
             from transformers import AutoTokenizer
-            tok = AutoTokenizer.from_pretrained(args.model)
+            tok = from_pretrained(AutoTokenizer.from_pretrained, args.model, "model")
             return VLLMGenerator(args.model, tok, seed=args.seed, dtype=args.dtype), tok
         model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
         return TransformersGenerator(model, tok, seed=args.seed), tok
@@ -285,7 +335,7 @@ def elicit_main(args):
     stats = elicit(problems, None, None, args.output, samples=args.samples,
                    batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p,
                    max_new_tokens=args.max_new_tokens, system=args.system_prompt,
-                   model_name=args.model, load=load)
+                   model_name=args.model, progress=args.progress, load=load)
     acc = stats["correct"] / max(1, stats["done"])
     print(f"elicit: {stats['done']} answers ({stats['new']} new, {stats['skipped']} resumed), "
           f"{stats['correct']} correct ({acc:.1%}), {stats['wrong']} wrong -> "

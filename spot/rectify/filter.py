@@ -42,7 +42,17 @@ def _quantiles(xs, qs=(0.0, 0.25, 0.5, 0.75, 1.0)):
 
 def check_gamma(gamma):
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
-        raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
+        raise ValueError(f"--gamma must be a number in [0, 1], got {gamma!r}")
+
+
+def check_paths(input_path, output_path):
+    """The input is a file and the output, rewritten whole, is not a folder."""
+    if not os.path.exists(input_path):
+        raise ValueError(f"input: {input_path} does not exist")
+    if os.path.isdir(input_path):
+        raise ValueError(f"input: {input_path} is a folder, not a file")
+    if os.path.isdir(output_path):
+        raise ValueError(f"output: {output_path} is a folder, not a file")
 
 
 def filter_pairs(records, tokenizer, *, gamma=0.6, masks=False, source="records"):
@@ -116,9 +126,15 @@ def format_stats(stats, gamma):
     return "\n".join(lines)
 
 
-def load_tokenizer(path):
+def load_tokenizer(name, what="tokenizer"):
+    """The tokenizer of a folder or Hub id; one ``ValueError`` line naming ``what`` when it
+    does not load (:func:`spot.rectify.elicit.from_pretrained`)."""
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path)
+
+    from spot.model import check_tokenizer
+
+    from .elicit import from_pretrained
+    return check_tokenizer(from_pretrained(AutoTokenizer.from_pretrained, name, what), name, what)
 
 
 def read_corrected(path):
@@ -133,8 +149,7 @@ def read_corrected(path):
 
 
 def filter_file(input_path, output_path, tokenizer, *, gamma=0.6, masks=False):
-    if not os.path.exists(input_path):
-        raise ValueError(f"input: {input_path} does not exist")
+    check_paths(input_path, output_path)
     pairs, stats = filter_pairs(read_corrected(input_path), tokenizer, gamma=gamma,
                                 masks=masks, source=input_path)
     d = os.path.dirname(os.path.abspath(output_path))
@@ -144,11 +159,11 @@ def filter_file(input_path, output_path, tokenizer, *, gamma=0.6, masks=False):
 
 
 def filter_main(args, input_path=None, output_path=None, tokenizer=None):
+    """``spot rectify filter``; ``tokenizer``: one already loaded (``run`` loads it first)."""
+    input_path, output_path = input_path or args.input, output_path or args.output
     check_gamma(args.gamma)
-    if not os.path.exists(input_path or args.input):
-        raise ValueError(f"input: {input_path or args.input} does not exist")
-    tok = load_tokenizer(tokenizer or args.tokenizer)
-    _, stats = filter_file(input_path or args.input, output_path or args.output, tok,
-                           gamma=args.gamma, masks=args.masks)
+    check_paths(input_path, output_path)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(args.tokenizer)
+    _, stats = filter_file(input_path, output_path, tok, gamma=args.gamma, masks=args.masks)
     print(format_stats(stats, args.gamma))
     return 0
