@@ -613,3 +613,20 @@ def test_no_progress_hides_the_bar(tmp_path, oracle, capsys, monkeypatch):
     assert main(base + ["--output", str(tmp_path / "b.jsonl"), "--no-progress"]) == 0
     cap = capsys.readouterr()
     assert cap.err == "" and "3 corrected and verified" in cap.out
+
+
+def test_a_dead_endpoint_fails_a_run_too_small_to_be_stopped(tmp_path, oracle, capsys):
+    """Fewer records than stop a run (10 in a row) all failing at the endpoint (nothing listens
+    there) are still exit status 1, not a success with every record failed; the rerun against
+    a live endpoint redoes them (status 0)."""
+    from spot.rectify.cli import main
+    errors, out = tmp_path / "errors.jsonl", tmp_path / "c.jsonl"
+    write_errors(errors, 4, seed=11)
+    args = ["correct", "--input", str(errors), "--output", str(out), "--oracle-model", "m",
+            "--max-retries", "1", "--backoff", "0.01", "--max-backoff", "0.02", "--timeout", "2",
+            "--no-progress"]
+    assert main(args + ["--oracle-url", "http://127.0.0.1:9/v1"]) == 1
+    cap = capsys.readouterr()
+    assert "api_error 4" in cap.out and "every request failed at the endpoint" in cap.err
+    assert main(args + ["--oracle-url", oracle.url]) == 0  # the rerun redoes them and succeeds
+    assert "4 corrected and verified" in capsys.readouterr().out

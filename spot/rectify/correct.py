@@ -514,4 +514,9 @@ def correct_main(args, input_path=None, output_path=None, template=None):
               f"records are redone; --retry-failed redoes bad_request ones too)", file=sys.stderr)
         return 1
     print(format_summary(s))
+    endpoint = sum(s["failed"].get(k, 0) for k in ENDPOINT_FAILURES)
+    if s["new"] and s["done"] and endpoint == s["done"]:  # fewer records than stop a run
+        print("correct: no record got an answer: every request failed at the endpoint; check "
+              "--oracle-url and the options, then rerun", file=sys.stderr)
+        return 1
     return 0
