@@ -685,10 +685,11 @@ def _train(cfg, log, handle_signals):
                     bar.update(1)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}")
                 if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+                    shown = f" delta {row['delta']:+.4f}" if cfg.loss == "spot" else ""  # DPO: none
                     line = (f"step {step + 1}/{total} loss {row['loss']:.4f} "
                             f"rewards chosen {row['rewards_chosen']:+.4f} rejected "
                             f"{row['rewards_rejected']:+.4f} acc {row['accuracy']:.3f} margin "
-                            f"{row['margin']:+.4f} delta {row['delta']:+.4f} logps "
+                            f"{row['margin']:+.4f}{shown} logps "
                             f"{row['logps_chosen']:.2f}/{row['logps_rejected']:.2f} sat "
                             f"{row['saturated']:.2f} {row['tokens_per_s']:.0f} tok/s "
                             f"mem {row['peak_memory_mb']:.0f} MB")
