@@ -35,12 +35,14 @@ mode this also sees the allocations inside opaque custom ops (PyTorch's chunked
 ``linear_cross_entropy`` is one), and unlike a subprocess per measurement it costs no extra run.
 The maximum over the timed rounds is reported.
 
-Correctness before speed: before timing, each implementation's per-token values on the first
-rows of the benchmark's own inputs are compared with the float64 reference; ours must agree
-within ``4 x`` the naive same-dtype error plus a dtype tolerance (else the test fails), a peer
-that disagrees is skipped with the numbers. For ``fwd_bwd`` the gradients are checked the same
-way (``check_grads``: ``dh`` of those rows and sampled ``dW`` rows, with the upstream gradient
-on those rows only), so no implementation is timed with wrong gradients.
+Correctness before speed: before timing, each implementation's per-token values on 256 rows
+spread over the benchmark's own inputs (every token chunk or tile) are compared with the float64
+reference; ours must agree within ``4 x`` the naive same-dtype error plus a dtype tolerance
+(else the test fails), a peer that disagrees is skipped with the numbers. For ``fwd_bwd`` one
+more untimed forward+backward checks the gradients the same way (``check_grads``: the upstream
+gradient on those rows only; ``dh`` there and 0 elsewhere, the target rows of ``dW`` and other
+rows of it, which hold the softmax term alone, each group with its own bound), so no
+implementation is timed with wrong gradients.
 """
 from __future__ import annotations
 
@@ -363,72 +365,101 @@ def out_of_memory(case, where, exc):
     pytest.skip(msg)
 
 
+def checked_rows(n, rows=CHECK_ROWS, device="cpu"):
+    """``rows`` token indices spread evenly over ``[0, n)``, the last one included: every
+    token chunk or tile of a backend is looked at, not only the first."""
+    k = min(rows, n)
+    return torch.linspace(0, n - 1, k, device=device).round().long().unique() if k else \
+        torch.zeros(0, dtype=torch.long, device=device)
+
+
+def _bound(truth, same, dtype):
+    """The tolerance rule: ``4 x`` the same-dtype reference's error plus the dtype's tolerance
+    times the largest value (of this group)."""
+    scale = truth.abs().max().item() if truth.numel() else 0.0
+    err = (same.double() - truth).abs().max().item() if truth.numel() else 0.0
+    return 4 * err + ATOL[dtype] * scale
+
+
+def _miss(ours, truth=None):
+    """The largest ``|ours - truth|`` (``truth`` None: 0), infinite for a non-finite value."""
+    if not bool(torch.isfinite(ours).all()):
+        return math.inf
+    if ours.numel() == 0:
+        return 0.0
+    return (ours.double() if truth is None else ours.double() - truth).abs().max().item()
+
+
 def check_values(name, impl, x, rows=CHECK_ROWS):
-    """Forward on the full inputs; compare the first ``rows`` tokens with the float64 truth.
+    """Forward on the full inputs; compare ``rows`` tokens spread over all of them
+    (``checked_rows``) with the float64 truth.
 
     Returns ``(max_err, bound)``; the caller decides whether a miss fails or skips.
     """
     h, w, t = x["h"], x["w"], x["t"]
-    k = min(rows, h.shape[0])
+    idx = checked_rows(h.shape[0], rows, h.device)
     with torch.no_grad():
         ours = impl(h, w, t).float()
         if "truth" not in x:  # the same for every implementation of this shape: once
-            x["truth"] = (reference.token_logprobs(h[:k], w, t[:k], compute_dtype=torch.float64),
-                          reference.token_logprobs(h[:k], w, t[:k]))
+            x["truth"] = (reference.token_logprobs(h[idx], w, t[idx], compute_dtype=torch.float64),
+                          reference.token_logprobs(h[idx], w, t[idx]))
         truth, same = x["truth"]
-    if ours.shape != t.shape:
+    if ours.shape != t.shape or not bool(torch.isfinite(ours).all()):
         return math.inf, 0.0
-    if not bool(torch.isfinite(ours).all()):
-        return math.inf, 0.0
-    err = (ours[:k].double() - truth).abs().max().item() if k else 0.0
-    scale = max(1.0, truth.abs().max().item()) if k else 1.0
-    bound = 4 * (same.double() - truth).abs().max().item() + ATOL[h.dtype] * scale if k else 0.0
-    return err, bound
+    bound = 4 * (same.double() - truth).abs().max().item() + \
+        ATOL[h.dtype] * max(1.0, truth.abs().max().item()) if idx.numel() else 0.0
+    return _miss(ours[idx], truth), bound
 
 
 GRAD_COLS = 512  # vocabulary rows of dW checked besides the checked tokens' targets
 
 
 def check_grads(name, impl, x, rows=CHECK_ROWS):
-    """``fwd_bwd`` with the upstream gradient on the first ``rows`` tokens only (0 elsewhere,
-    so ``dW`` is theirs alone): their ``dh`` rows and some ``dW`` rows (their targets' and
-    ``GRAD_COLS`` others) against the float64 truth ``dA = g (onehot - p)``, ``dh = dA W``,
-    ``dW = dA^T h``. Returns ``[(what, max_err, bound), ...]``, the bound as in
-    ``check_values`` (``4 x`` the float32 reference's error, rounded to the inputs' dtype as
-    autograd returns it, plus the dtype's tolerance times the largest gradient)."""
+    """``fwd_bwd`` with the upstream gradient on ``rows`` tokens spread over all of them
+    (``checked_rows``; 0 elsewhere, so ``dW`` is theirs alone) against the float64 truth
+    ``dA = g (onehot - p)``, ``dh = dA W``, ``dW = dA^T h``, in four groups, each with its own
+    bound (``_bound``) so that a small term is not hidden under a large one:
+
+    * ``dh``: the checked rows;
+    * ``dh other rows``: the rows with no upstream gradient, which must stay 0;
+    * ``dW targets``: the rows of the checked tokens' targets (the ``onehot`` term dominates);
+    * ``dW others``: ``GRAD_COLS`` other vocabulary rows: the softmax term alone, about
+      ``sqrt(rows) p |h|``, far below the target rows.
+
+    Returns ``[(what, max_err, bound), ...]``."""
     h, w, t = x["h"], x["w"], x["t"]
-    k = min(rows, h.shape[0])
-    if k == 0:
+    idx = checked_rows(h.shape[0], rows, h.device)
+    if idx.numel() == 0:
         return []
     g = torch.zeros_like(x["g"])
-    g[:k] = x["g"][:k]
+    g[idx] = x["g"][idx]
     hg, wg = h.detach().requires_grad_(), w.detach().requires_grad_()
     dh, dw = torch.autograd.grad(impl(hg, wg, t), (hg, wg), g)
     if "grad_truth" not in x:  # the same for every implementation of this shape: once
-        gen = torch.Generator(device=h.device).manual_seed(1)
-        tk = t[:k]
+        tk, gk = t[idx], x["g"][idx]
         valid = tk != IGNORE
-        cols = torch.cat([tk[valid], torch.randint(0, w.shape[0], (GRAD_COLS,), generator=gen,
-                                                   device=h.device)]).unique()
+        targets = tk[valid].unique()
+        gen = torch.Generator(device=h.device).manual_seed(1)
+        others = torch.randint(0, w.shape[0], (GRAD_COLS,), generator=gen, device=h.device)
+        others = others[~torch.isin(others, targets)].unique()
         with torch.no_grad():
-            h64, w64 = h[:k].double(), w.double()
+            h64, w64 = h[idx].double(), w.double()
             da = -torch.softmax(h64 @ w64.T, 1)
             da[valid.nonzero()[:, 0], tk[valid]] += 1
-            da *= (x["g"][:k].double() * valid)[:, None]
-            truth = (da @ w64, da[:, cols].T @ h64)
+            da *= (gk.double() * valid)[:, None]
+            truth = (da @ w64, da[:, targets].T @ h64, da[:, others].T @ h64)
             del da, w64
-        hk, wk = h[:k].detach().requires_grad_(), w.detach().requires_grad_()
-        same = torch.autograd.grad(reference.token_logprobs(hk, wk, tk), (hk, wk), x["g"][:k])
-        x["grad_truth"] = (cols, truth, (same[0], same[1][cols]))
-    cols, truth, same = x["grad_truth"]
-    out = []
-    for what, ours, tr, sm in (("dh", dh[:k], truth[0], same[0]), ("dW", dw[cols], truth[1], same[1])):
-        if not bool(torch.isfinite(ours).all()):
-            out.append((what, math.inf, 0.0))
-            continue
-        scale = max(1e-30, tr.abs().max().item())
-        bound = 4 * (sm.double() - tr).abs().max().item() + ATOL[h.dtype] * scale
-        out.append((what, (ours.double() - tr).abs().max().item(), bound))
+        hk, wk = h[idx].detach().requires_grad_(), w.detach().requires_grad_()
+        same = torch.autograd.grad(reference.token_logprobs(hk, wk, tk), (hk, wk), gk)
+        x["grad_truth"] = (targets, others, truth, (same[0], same[1][targets], same[1][others]))
+    targets, others, truth, same = x["grad_truth"]
+    rest = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+    rest[idx] = False
+    out = [("dh", _miss(dh[idx], truth[0]), _bound(truth[0], same[0], h.dtype)),
+           # a stray write where no gradient came in; the bound of the checked rows
+           ("dh other rows", _miss(dh[rest]), _bound(truth[0], same[0], h.dtype)),
+           ("dW targets", _miss(dw[targets], truth[1]), _bound(truth[1], same[1], h.dtype)),
+           ("dW others", _miss(dw[others], truth[2]), _bound(truth[2], same[2], h.dtype))]
     return out
 
 

@@ -147,15 +147,56 @@ def _right_values_wrong_gradient(h, w, t):
     return torch.where(t != _bench.IGNORE, zt - torch.logsumexp(z, 1), torch.zeros_like(zt))
 
 
+def _with_backward(bug):
+    """Correct log-probs whose backward is ``dA = g (onehot - p)`` changed by ``bug(dA, g, p,
+    onehot)`` (float32, gradients rounded to the inputs' dtype as autograd's are)."""
+    class Head(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, h, w, t):
+            ctx.save_for_backward(h, w, t)
+            with torch.no_grad():
+                return _right_values_wrong_gradient(h, w, t)
+
+        @staticmethod
+        def backward(ctx, g):
+            h, w, t = ctx.saved_tensors
+            p = torch.softmax(h.float() @ w.float().T, 1)
+            onehot = torch.zeros_like(p)
+            valid = t != _bench.IGNORE
+            onehot[valid.nonzero()[:, 0], t[valid]] = 1
+            g = g * valid
+            da = bug(g[:, None] * (onehot - p), g, p, onehot)
+            return (da @ w.float()).to(h.dtype), (da.T @ h.float()).to(w.dtype), None
+    return Head.apply
+
+
+WRONG = {  # what a kernel could get wrong -> the check groups that must catch it
+    "no target term": (lambda da, g, p, oh: -g[:, None] * p, ("dh", "dW targets")),
+    "no softmax term": (lambda da, g, p, oh: g[:, None] * oh, ("dW others",)),
+    "later token chunks dropped": (
+        lambda da, g, p, oh: torch.where(torch.arange(len(g))[:, None] < len(g) // 2, da, 0.0),
+        ("dh",)),
+}
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_gradient_check_passes_autograd_and_catches_a_wrong_gradient(dtype):
-    x = _bench.make_inputs(300, 64, 1000, dtype, "cpu")
+def test_gradient_check_passes_autograd_and_catches_wrong_gradients(dtype):
+    """Each group has its own bound, so a small term is not hidden under a large one (the
+    softmax term is all of the non-target dW rows, far below the target rows in bfloat16), and
+    the checked rows span every token chunk."""
+    x = _bench.make_inputs(512, 1024, 4096, dtype, "cpu")
     for name in ("naive", "torch"):
         checks = _bench.check_grads(name, _bench.implementation(name, "cpu"), x)
-        assert [w for w, _, _ in checks] == ["dh", "dW"]
+        assert [w for w, _, _ in checks] == ["dh", "dh other rows", "dW targets", "dW others"]
         assert all(err <= bound for _, err, bound in checks), checks
-    checks = _bench.check_grads("wrong", _right_values_wrong_gradient, x)
-    assert all(err > 5 * bound for _, err, bound in checks), checks
+    right = _bench.check_grads("right", _with_backward(lambda da, g, p, oh: da), x)
+    assert all(err <= bound for _, err, bound in right), right  # the harness itself is right
+    for what, (bug, caught) in WRONG.items():
+        checks = {k: (e, b) for k, e, b in _bench.check_grads(what, _with_backward(bug), x)}
+        assert all(checks[k][0] > 3 * checks[k][1] for k in caught), (what, checks)
+    stray = _with_backward(lambda da, g, p, oh: da + (g == 0)[:, None] * 1e-2 * p.shape[1] * p)
+    checks = {k: (e, b) for k, e, b in _bench.check_grads("stray", stray, x)}
+    assert checks["dh other rows"][0] > 3 * checks["dh other rows"][1], checks
 
 
 def test_ours_with_a_wrong_gradient_fails_before_timing(monkeypatch):
