@@ -8,6 +8,7 @@ Bad input (a data record, a config value, a missing file) ends with one line on 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
 from .config import ATTENTION, DEVICES, HELP, ConfigError, load_file, make_config
@@ -126,8 +127,8 @@ def main(argv=None):
         return 2
     except ModuleNotFoundError as e:
         name = (e.name or "").split(".")[0]
-        if name not in EXTRAS:
-            raise
+        if name not in EXTRAS or importlib.util.find_spec(name) is not None:
+            raise  # not an extra, or an installed one missing a part: the traceback says what
         print(f"spot: error: {EXTRAS[name]} is not installed: pip install "
               f"'spot-kernels[train]' (the trainer's extras)", file=sys.stderr)
         return 2

@@ -359,7 +359,9 @@ def run_settings(config, world):
         out[k] = str(Path(out[k]).resolve()) if out[k] else out[k]
     if out["max_steps"] is not None:
         out.pop("epochs")
-    out["micro-batches per step (processes x grad_accum)"] = world * config.get("grad_accum", 1)
+    if world is not None:  # None: not recorded (a finished run's spot_config.json)
+        out["micro-batches per step (processes x grad_accum)"] = world * config.get("grad_accum",
+                                                                                  1)
     return out
 
 
@@ -390,15 +392,16 @@ def changed_settings(saved_config, saved_world, cfg, world):
             if saved.get(k) != now.get(k)]
 
 
-def finished(output, cfg, world):
+def finished(output, cfg):
     """Whether ``output`` holds the final model of this run (its ``spot_config.json`` is
-    written last); a finished run with other settings is a ``ConfigError``."""
+    written last); a finished run with other settings is a ``ConfigError``. The number of
+    processes is not recorded there, so it is not compared (the run is over either way)."""
     path = Path(output) / "spot_config.json"
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
-    changed = changed_settings(saved, world, cfg, world)
+    changed = changed_settings(saved, None, cfg, None)
     if changed:
         raise ConfigError(f"resume: {output} holds the final model of a run with other settings "
                           f"({', '.join(changed)}); train into a new --output")
@@ -531,7 +534,9 @@ def pretrained(auto, what, cfg):
 def train(cfg: TrainConfig, log=None, handle_signals=True):
     """Runs ``cfg``; returns ``{"steps", "metrics" (last step), "output", "ref_logps", ...}``
     with ``"interrupted": STEP`` when a signal stopped it after that step (``StopRequest``;
-    ``handle_signals=False`` leaves signals to the caller: Ctrl-C is a ``KeyboardInterrupt``)."""
+    ``handle_signals=False`` leaves signals to the caller: Ctrl-C is a ``KeyboardInterrupt``).
+    ``--resume`` of a finished run returns ``{"steps": 0, "metrics": None, "output",
+    "finished": True}`` at once."""
     cfg.validate()
     with hf_progress_bars(cfg.progress):  # transformers' own bars (loading, writing shards) too
         return _train(cfg, log, handle_signals)
@@ -553,7 +558,7 @@ def _train(cfg, log, handle_signals):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out = Path(cfg.output)
-    if cfg.resume and finished(out, cfg, dst.world):
+    if cfg.resume and finished(out, cfg):
         log(f"resume: {out} already holds the final model of this run; nothing to do")
         return {"steps": 0, "metrics": None, "output": str(out), "finished": True}
     ckpt = latest_checkpoint(out) if cfg.resume else None
@@ -716,8 +721,9 @@ def _train(cfg, log, handle_signals):
         return dict(result, steps=stopped, interrupted=stopped)
     save_final(out, policy, tokenizer, dst)
     if dst.main:
-        with open(out / "spot_config.json", "w") as fh:
-            json.dump(cfg.to_dict(), fh, indent=1)
+        tmp = out / ".spot_config.json.tmp"  # whole or absent: it marks the run finished
+        tmp.write_text(json.dumps(cfg.to_dict(), indent=1))
+        os.replace(tmp, out / "spot_config.json")
     log(f"saved the final model to {out}")
     return result
 

@@ -336,6 +336,8 @@ def test_backend_selection(monkeypatch):
     if not torch.cuda.is_available():  # nothing runs on a device torch does not see
         assert sk.available_backends("cuda") == []
         assert _registry.availability("torch", "cuda") == (False, "torch sees no CUDA device")
+        with pytest.raises(RuntimeError, match="no backend is available on cuda: torch sees no"):
+            _registry.resolve("auto", "cuda")
     with pytest.raises(ValueError, match="backend"):
         sk.token_logprobs(torch.randn(2, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long),
                           backend="magic")

@@ -630,3 +630,20 @@ def test_a_dead_endpoint_fails_a_run_too_small_to_be_stopped(tmp_path, oracle, c
     assert "api_error 4" in cap.out and "every request failed at the endpoint" in cap.err
     assert main(args + ["--oracle-url", oracle.url]) == 0  # the rerun redoes them and succeeds
     assert "4 corrected and verified" in capsys.readouterr().out
+
+
+def test_a_rerun_of_a_file_that_only_failed_at_the_endpoint_still_fails(tmp_path, oracle, capsys):
+    """bad_request records are kept (only --retry-failed redoes them), so a plain rerun sends
+    nothing: still status 1, and the message names --retry-failed; with it the run succeeds."""
+    from spot.rectify.cli import main
+    errors, out = tmp_path / "errors.jsonl", tmp_path / "c.jsonl"
+    write_errors(errors, 3, seed=13)
+    oracle.scripts = {f"Q{i}": ["always400"] for i in range(3)}
+    args = ["correct", "--input", str(errors), "--output", str(out), "--oracle-model", "m",
+            "--oracle-url", oracle.url, "--no-progress"]
+    for _ in range(2):
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert "every request failed at the endpoint" in err and "--retry-failed" in err, err
+    oracle.scripts = {}
+    assert main(args + ["--retry-failed"]) == 0

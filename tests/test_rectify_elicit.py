@@ -120,7 +120,8 @@ def test_elicit_tiny_model_resumes_without_duplicates(tmp_path, tiny_dir, capsys
     assert "8 answers (4 new, 4 resumed)" in capsys.readouterr().out
     assert cli(base) == 0  # nothing left to do
     assert len(read_jsonl(str(out / "all.jsonl"))) == 8
-    (tmp_path / "not-a-model").mkdir()  # a folder, so the path check passes; it holds no model
+    # a folder with the tokenizer (loaded first, cheap) and no model: it must not be loaded
+    build_tokenizer().save_pretrained(str(tmp_path / "not-a-model"))
     broken = [a if a != tiny_dir else str(tmp_path / "not-a-model") for a in base]
     assert cli(broken) == 0  # ... so no model loads: a rerun of `run` skips straight on
     assert "8 answers (0 new, 8 resumed)" in capsys.readouterr().out
@@ -300,7 +301,8 @@ def test_no_problems_is_an_error(tmp_path, tiny_dir, capsys):
     assert not out.exists()
 
 
-def test_options_checked_at_load_leave_no_output_folder(tmp_path, tiny_dir, capsys):
+def test_options_checked_at_load_leave_no_output_folder(tmp_path, tiny_dir, capsys,
+                                                         monkeypatch):
     """--dtype, --engine vllm without vllm and a missing --model are refused before the
     output folder (and its lock file, an empty errors.jsonl) is made."""
     data, out = tmp_path / "problems.jsonl", tmp_path / "out"
@@ -317,6 +319,10 @@ def test_options_checked_at_load_leave_no_output_folder(tmp_path, tiny_dir, caps
         assert capsys.readouterr().err == f"spot rectify: error: {E.NO_VLLM}\n"
     assert cli(base + ["--model", str(tmp_path / "no-model")]) == 2
     assert "model: no such folder" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # a mistyped relative folder reads as a Hub id (offline here)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    assert cli(base + ["--model", "models/nosuch"]) == 2
+    assert "model: cannot load models/nosuch" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -118,3 +118,15 @@ def test_a_missing_extra_is_one_line_before_any_work(tmp_path, blocked, argv):
     assert err[0] == (f"spot: error: {blocked} is not installed: pip install "
                       f"'spot-kernels[train]' (the trainer's extras)")
     assert not (tmp_path / "demo" / "metrics.jsonl").exists()
+
+
+def test_a_missing_part_of_an_installed_extra_keeps_its_traceback(monkeypatch):
+    """Only a package that is not installed is reported as a missing extra: an installed
+    transformers without some submodule (a remote-code model's import) is a real error."""
+    import spot.cli
+
+    def run_train(args):
+        import transformers.models.not_a_model_of_any_release  # noqa: F401
+    monkeypatch.setattr(spot.cli, "run_train", run_train)
+    with pytest.raises(ModuleNotFoundError, match="not_a_model_of_any_release"):
+        spot.cli.main(["train", "--model", "m", "--data", "d", "--output", "o"])

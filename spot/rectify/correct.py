@@ -515,8 +515,10 @@ def correct_main(args, input_path=None, output_path=None, template=None):
         return 1
     print(format_summary(s))
     endpoint = sum(s["failed"].get(k, 0) for k in ENDPOINT_FAILURES)
-    if s["new"] and s["done"] and endpoint == s["done"]:  # fewer records than stop a run
-        print("correct: no record got an answer: every request failed at the endpoint; check "
-              "--oracle-url and the options, then rerun", file=sys.stderr)
+    if s["done"] and endpoint == s["done"]:  # fewer records than stop a run, or a rerun of one
+        again = (" (--retry-failed redoes the bad_request ones)"
+                 if s["failed"].get("bad_request") else "")
+        print(f"correct: no record has an answer: every request failed at the endpoint; check "
+              f"--oracle-url and the options, then rerun{again}", file=sys.stderr)
         return 1
     return 0

@@ -175,10 +175,20 @@ def from_pretrained(load, name, what):
         raise ValueError(f"{what}: cannot load {name}: {first}") from None
 
 
-def load_model(path, *, device=None, dtype="auto"):
-    """``(model, tokenizer)`` from a folder or Hub id, on ``device`` (default: cuda if present)."""
+def load_tokenizer(path):
+    """The model's tokenizer (a folder or Hub id), one ``ValueError`` line when it does not load
+    or encodes text to nothing."""
+    from transformers import AutoTokenizer
+
+    from spot.model import check_tokenizer
+    return check_tokenizer(from_pretrained(AutoTokenizer.from_pretrained, path, "model"), path)
+
+
+def load_model(path, *, device=None, dtype="auto", tokenizer=None):
+    """``(model, tokenizer)`` from a folder or Hub id, on ``device`` (default: cuda if present);
+    ``tokenizer``: one already loaded."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -186,8 +196,7 @@ def load_model(path, *, device=None, dtype="auto"):
         dt = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     else:
         dt = getattr(torch, dtype)
-    from spot.model import check_tokenizer
-    tok = check_tokenizer(from_pretrained(AutoTokenizer.from_pretrained, path, "model"), path)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(path)
     model = from_pretrained(lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=dt), path,
                             "model")
     return model.to(device), tok
@@ -323,13 +332,14 @@ def check_args(args):
 def elicit_main(args, problems=None):
     """``spot rectify elicit``; ``problems``: those :func:`check_args` already returned."""
     problems = check_args(args) if problems is None else problems
+    # the tokenizer first (cheap): a name that does not load (a mistyped relative folder looks
+    # like a Hub id) fails before the output folder is made; the model loads only for work
+    tok = load_tokenizer(args.model)
 
     def load():
         if args.engine == "vllm":
-            from transformers import AutoTokenizer
-            tok = from_pretrained(AutoTokenizer.from_pretrained, args.model, "model")
             return VLLMGenerator(args.model, tok, seed=args.seed, dtype=args.dtype), tok
-        model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
+        model, _ = load_model(args.model, device=args.device, dtype=args.dtype, tokenizer=tok)
         return TransformersGenerator(model, tok, seed=args.seed), tok
 
     stats = elicit(problems, None, None, args.output, samples=args.samples,
