@@ -61,7 +61,11 @@ def resolve(backend, device):
     if backend == "auto":
         if torch.device(device).type == "cpu":
             return "torch"  # Triton on CPU is only its (slow) interpreter
-        return next(n for n in NAMES if availability(n, device)[0])
+        found = next((n for n in NAMES if availability(n, device)[0]), None)
+        if found is None:
+            raise RuntimeError(f"no backend is available on {device}: "
+                               f"{availability('reference', device)[1]}")
+        return found
     if backend not in NAMES:
         raise ValueError(f"backend{source} must be 'auto' or one of {list(NAMES)}, "
                          f"got {backend!r}")
