@@ -21,7 +21,8 @@ TFLOP/s, as it should. ``gemm_fraction`` divides the achieved rate by that of on
 Timing: ``benchmark.pedantic`` with a setup step outside the clock. On CUDA the timed callable
 ends with ``torch.cuda.synchronize()``, so the clock sees the whole asynchronous work. Before the
 clock starts, a forward checks the values (below) and one untimed run of the mode warms up
-(allocator, cuBLAS handles, Triton and torch.compile compilation, the backward's too). When all
+(allocator, cuBLAS handles, Triton and torch.compile compilation, the backward's too; for
+``fwd_bwd`` that run is the gradient check's). When all
 inputs together fit a few times into the last-level cache they are rotated between several copies, so
 repeated rounds don't time the cache.
 
@@ -38,8 +39,8 @@ The maximum over the timed rounds is reported.
 Correctness before speed: before timing, each implementation's per-token values on 256 rows
 spread over the benchmark's own inputs (every token chunk or tile) are compared with the float64
 reference; ours must agree within ``4 x`` the naive same-dtype error plus a dtype tolerance
-(else the test fails), a peer that disagrees is skipped with the numbers. For ``fwd_bwd`` one
-more untimed forward+backward checks the gradients the same way (``check_grads``: the upstream
+(else the test fails), a peer that disagrees is skipped with the numbers. For ``fwd_bwd`` the
+untimed warm-up forward+backward checks the gradients the same way (``check_grads``: the upstream
 gradient on those rows only; ``dh`` there and 0 elsewhere, the target rows of ``dW`` and other
 rows of it, which hold the softmax term alone, each group with its own bound), so no
 implementation is timed with wrong gradients.
@@ -691,7 +692,8 @@ def bench(benchmark, case, device, *, rounds, full=False, gemm=True, deadline=No
         own.append(time.perf_counter() - t0)
 
     try:
-        run_mode(case.mode, impl, case.impl, x0)  # warm-up (compilation, allocator, handles)
+        if not grad_checks:  # the gradient check's forward+backward was the warm-up already
+            run_mode(case.mode, impl, case.impl, x0)  # compilation, allocator, handles
         sync(device)
         benchmark.pedantic(target, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
     except torch.OutOfMemoryError as exc:
