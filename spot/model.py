@@ -75,14 +75,20 @@ def hf_progress_bars(on):
             hf_logging.enable_progress_bar()
 
 
+def first_line(exc):
+    """An error's first line (200 characters at most), with the lines a trailing ``:`` goes on
+    to ("... from one of:"); the exception's type when it has no text."""
+    lines = [x.strip() for x in str(exc).splitlines() if x.strip()] or [type(exc).__name__]
+    n = 1
+    while n < len(lines) and lines[n - 1].endswith(":"):
+        n += 1
+    return " ".join(lines[:n])[:200]
+
+
 def load_error(exc, trust_remote_code):
     """The first line of a transformers loading error, with the ``--trust-remote-code`` hint
     that its later lines give when the folder has code of its own."""
-    lines = [x.strip() for x in str(exc).splitlines() if x.strip()] or [type(exc).__name__]
-    n = 1
-    while n < len(lines) and lines[n - 1].endswith(":"):  # "... from one of:" goes on below
-        n += 1
-    first = " ".join(lines[:n])[:200]
+    first = first_line(exc)
     text = str(exc)
     if "trust_remote_code" in text and not trust_remote_code:
         first += " (pass --trust-remote-code to run the folder's own code)"

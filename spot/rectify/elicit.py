@@ -167,21 +167,21 @@ def pretrained(name, what):
 def from_pretrained(load, name, what):
     """``load(source)`` (a transformers ``from_pretrained``) for :func:`pretrained`'s source;
     a folder or Hub id that does not load is one ``ValueError`` line naming ``what``."""
+    from spot.model import first_line
     source = pretrained(name, what)
     try:
         return load(source)
     except (OSError, ValueError) as e:
-        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise ValueError(f"{what}: cannot load {name}: {first}") from None
+        raise ValueError(f"{what}: cannot load {name}: {first_line(e)}") from None
 
 
-def load_tokenizer(path):
-    """The model's tokenizer (a folder or Hub id), one ``ValueError`` line when it does not load
-    or encodes text to nothing."""
+def load_tokenizer(name, what="model"):
+    """The tokenizer of a folder or Hub id (``--model``'s, or the filter's ``--tokenizer``);
+    one ``ValueError`` line naming ``what`` when it does not load or encodes text to nothing."""
     from transformers import AutoTokenizer
 
     from spot.model import check_tokenizer
-    return check_tokenizer(from_pretrained(AutoTokenizer.from_pretrained, path, "model"), path)
+    return check_tokenizer(from_pretrained(AutoTokenizer.from_pretrained, name, what), name, what)
 
 
 def load_model(path, *, device=None, dtype="auto", tokenizer=None):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 
+from .elicit import load_tokenizer
 from .jsonl import iter_jsonl, rewrite
 from .lcs import lcs_alignment, lcs_length
 
@@ -126,17 +127,6 @@ def format_stats(stats, gamma):
     return "\n".join(lines)
 
 
-def load_tokenizer(name, what="tokenizer"):
-    """The tokenizer of a folder or Hub id; one ``ValueError`` line naming ``what`` when it
-    does not load (:func:`spot.rectify.elicit.from_pretrained`)."""
-    from transformers import AutoTokenizer
-
-    from spot.model import check_tokenizer
-
-    from .elicit import from_pretrained
-    return check_tokenizer(from_pretrained(AutoTokenizer.from_pretrained, name, what), name, what)
-
-
 def read_corrected(path):
     """The records of ``correct``'s output: a line that is not a JSON object is an error naming
     it, except a last line cut short without its newline (a run killed mid-write); a file of
@@ -163,7 +153,7 @@ def filter_main(args, input_path=None, output_path=None, tokenizer=None):
     input_path, output_path = input_path or args.input, output_path or args.output
     check_gamma(args.gamma)
     check_paths(input_path, output_path)
-    tok = tokenizer if tokenizer is not None else load_tokenizer(args.tokenizer)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(args.tokenizer, "tokenizer")
     _, stats = filter_file(input_path, output_path, tok, gamma=args.gamma, masks=args.masks)
     print(format_stats(stats, args.gamma))
     return 0

@@ -14,8 +14,8 @@ import os
 def run_main(args):
     from .correct import check_args, check_resume, correct_main, correct_settings
     from .elicit import check_args as check_elicit_args
-    from .elicit import elicit_main
-    from .filter import check_gamma, filter_main, load_tokenizer
+    from .elicit import elicit_main, load_tokenizer
+    from .filter import check_gamma, filter_main
     from .jsonl import records_of
 
     check_gamma(args.gamma)  # every option before any request or load
