@@ -245,6 +245,26 @@ def poisoned(case, exc):
                     f"{str(exc).splitlines()[0]}); the points before it stand", returncode=3)
 
 
+def failed(case, where, exc):
+    """An exception while running ``case``: a broken CUDA context ends the run (``poisoned``);
+    ours is re-raised (a finding), a peer's point is skipped with the error's first line."""
+    import pytest
+    poisoned(case, exc)
+    if case.impl in OURS:
+        raise exc
+    pytest.skip(f"{case.impl} failed {where}: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+def disagrees(case, what):
+    """A check that ``case`` missed: ours fails, a peer's point is skipped."""
+    import pytest
+    msg = f"{case.impl}: {what}"
+    if case.impl in OURS:
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
 def implementation(name, device, full=False):
     """``logp(h, w, t)`` for implementation ``name`` on ``device``; raises ``Unavailable``."""
     if name in OURS:
@@ -374,12 +394,13 @@ def checked_rows(n, rows=CHECK_ROWS, device="cpu"):
         torch.zeros(0, dtype=torch.long, device=device)
 
 
-def _bound(truth, same, dtype):
+def _bound(truth, same, dtype, floor=0.0):
     """The tolerance rule: ``4 x`` the same-dtype reference's error plus the dtype's tolerance
-    times the largest value (of this group)."""
-    scale = truth.abs().max().item() if truth.numel() else 0.0
-    err = (same.double() - truth).abs().max().item() if truth.numel() else 0.0
-    return 4 * err + ATOL[dtype] * scale
+    times the largest value (of this group; at least ``floor``); 0 for an empty group."""
+    if not truth.numel():
+        return 0.0
+    err = (same.double() - truth).abs().max().item()
+    return 4 * err + ATOL[dtype] * max(floor, truth.abs().max().item())
 
 
 def _miss(ours, truth=None):
@@ -407,9 +428,7 @@ def check_values(name, impl, x, rows=CHECK_ROWS):
         truth, same = x["truth"]
     if ours.shape != t.shape or not bool(torch.isfinite(ours).all()):
         return math.inf, 0.0
-    bound = 4 * (same.double() - truth).abs().max().item() + \
-        ATOL[h.dtype] * max(1.0, truth.abs().max().item()) if idx.numel() else 0.0
-    return _miss(ours[idx], truth), bound
+    return _miss(ours[idx], truth), _bound(truth, same, h.dtype, floor=1.0)
 
 
 GRAD_COLS = 512  # vocabulary rows of dW checked besides the checked tokens' targets
@@ -639,17 +658,10 @@ def bench(benchmark, case, device, *, rounds, full=False, gemm=True, deadline=No
     except torch.OutOfMemoryError as exc:
         out_of_memory(case, "the value check", exc)
     except Exception as exc:  # a peer that rejects this dtype / shape / device
-        poisoned(case, exc)  # ours too: a broken context would fail every later point
-        if case.impl in OURS:
-            raise
-        pytest.skip(f"{case.impl} failed on these inputs: {type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0] if str(exc) else ''}")
+        failed(case, "on these inputs", exc)
     if not err <= bound:
-        msg = (f"{case.impl}: per-token log-probs disagree with the float64 reference: "
-               f"max err {err:.3e} > bound {bound:.3e}")
-        if case.impl in OURS:
-            pytest.fail(msg)
-        pytest.skip(msg)
+        disagrees(case, f"per-token log-probs disagree with the float64 reference: max err "
+                        f"{err:.3e} > bound {bound:.3e}")
 
     grad_checks = []
     if case.mode == "fwd_bwd":
@@ -661,17 +673,9 @@ def bench(benchmark, case, device, *, rounds, full=False, gemm=True, deadline=No
         except torch.OutOfMemoryError as exc:
             out_of_memory(case, "the gradient check", exc)
         except Exception as exc:
-            poisoned(case, exc)
-            if case.impl in OURS:
-                raise
-            pytest.skip(f"{case.impl} failed in the gradient check: {type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}")
+            failed(case, "in the gradient check", exc)
         if misses:
-            msg = (f"{case.impl}: gradients disagree with the float64 reference: "
-                   + "; ".join(misses))
-            if case.impl in OURS:
-                pytest.fail(msg)
-            pytest.skip(msg)
+            disagrees(case, "gradients disagree with the float64 reference: " + "; ".join(misses))
 
     mem = PeakMemory(device)
     state = {"i": 0}
@@ -701,11 +705,7 @@ def bench(benchmark, case, device, *, rounds, full=False, gemm=True, deadline=No
         out_of_memory(case, case.mode, exc)
     except Exception as exc:  # a peer whose backward rejects this dtype, or fails to compile
         mem.base = None
-        poisoned(case, exc)
-        if case.impl in OURS:
-            raise
-        pytest.skip(f"{case.impl} failed in {case.mode}: {type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0] if str(exc) else ''}")
+        failed(case, f"in {case.mode}", exc)
     mem.stop()
 
     stats = getattr(benchmark, "stats", None)
