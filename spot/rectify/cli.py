@@ -6,7 +6,6 @@ The main CLI mounts this with ``spot.rectify.cli.add_parser(subparsers)`` and ca
 from __future__ import annotations
 
 import argparse
-import contextlib
 
 from .elicit import DTYPES
 
@@ -138,11 +137,10 @@ def _friendly(fn):
 
 
 def _hf_bars(progress):
-    """transformers' own bars (loading weights, downloads) off inside with ``--no-progress``."""
-    if progress:
-        return contextlib.nullcontext()
+    """transformers' own bars (loading weights, downloads) off inside with ``--no-progress``
+    (imported here: ``spot rectify --help`` loads no torch)."""
     from spot.model import hf_progress_bars
-    return hf_progress_bars(False)
+    return hf_progress_bars(progress)
 
 
 @_friendly
