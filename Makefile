@@ -44,4 +44,4 @@ bench: install
 # Peers for benchmarks/gpu_suite.sh on a GPU machine without network: their wheels into the
 # git-ignored wheels/ folder, which the suite installs first.
 wheels:
-	$(PIP) download -q --no-deps --only-binary=:all: -d wheels liger-kernel cut-cross-entropy
+	$(PIP) download -q --no-deps --only-binary=:all: -d wheels liger-kernel cut-cross-entropy trl

@@ -80,7 +80,7 @@ VARIANTS = {
     "triton_da48": ("triton", {"da_bytes": 48 << 20}),
 }
 OURS = BACKENDS + tuple(VARIANTS)
-PEERS = ("naive", "naive_compile", "torch_lce", "liger", "cce")
+PEERS = ("naive", "naive_compile", "torch_lce", "liger", "cce", "trl")
 IMPLS = BACKENDS + PEERS
 LABELS = {
     "triton": "spot-kernels triton", "cuda": "spot-kernels cuda", "torch": "spot-kernels torch",
@@ -92,6 +92,7 @@ LABELS = {
     "naive": "naive (materialised logits)", "naive_compile": "torch.compile(naive)",
     "torch_lce": "F.linear_cross_entropy chunked", "liger": "Liger fused linear CE",
     "cce": "Apple cut-cross-entropy (filter_eps=None)",
+    "trl": "TRL's fused LM head (ChunkedLogProbFunction)",
 }
 FLOPS = {"fwd": 2, "fwd_bwd": 6, "spot_loss": 6}    # times N D V
 # the [N,D]x[D,V] GEMMs of the kernel issues' targets (x_gemms): a fused forward+backward that
@@ -231,6 +232,31 @@ def _cce(device):
     return fn
 
 
+# TRL's fused LM head (add_fused_lm_head) projects 32768 vocabulary rows per tile
+TRL_VOCAB_CHUNK = 32768
+
+
+def _trl(device):
+    try:
+        from trl.kernels import ChunkedLogProbFunction
+    except Exception as exc:  # not installed, older than the fused head, or a broken import
+        raise Unavailable(f"trl's fused LM head not importable: {type(exc).__name__}: {exc}") \
+            from None
+
+    def fn(h, w, t):
+        # as TRL's DPO/GRPO trainers call it: only the scored tokens go through the head (on a
+        # GPU; elsewhere it clamps and scores every row), the result scattered back with zeros
+        keep = t != IGNORE
+        if h.is_cuda:
+            logp = ChunkedLogProbFunction.apply(h[keep], w, None, t[keep], 1.0, TRL_VOCAB_CHUNK,
+                                                None, 1.0, ("log_probs",))[0]
+            return logp.new_zeros(t.shape).masked_scatter(keep, logp)
+        logp = ChunkedLogProbFunction.apply(h, w, None, t.clamp(min=0), 1.0, TRL_VOCAB_CHUNK,
+                                            None, 1.0, ("log_probs",))[0]
+        return logp.masked_fill(~keep, 0.0)
+    return fn
+
+
 STICKY = ("illegal memory access", "unspecified launch failure", "device-side assert",
           "illegal instruction", "misaligned address")
 
@@ -279,6 +305,8 @@ def implementation(name, device, full=False):
         return _liger(device)
     if name == "cce":
         return _cce(device)
+    if name == "trl":
+        return _trl(device)
     raise ValueError(f"impl: unknown implementation {name!r}; known: {IMPLS}")
 
 

@@ -38,7 +38,8 @@
 # tested (tests/test_gpu_suite_dryrun.py).
 #
 # To bring peers to a machine without network, beforehand on one with it: make wheels
-#   (python -m pip download --no-deps --only-binary=:all: -d wheels liger-kernel cut-cross-entropy)
+#   (python -m pip download --no-deps --only-binary=:all: -d wheels liger-kernel cut-cross-entropy trl;
+#   trl without its dependencies: the benchmarks use only its fused LM head, trl.kernels)
 set -u -o pipefail
 
 OUT_DIR=""

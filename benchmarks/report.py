@@ -29,7 +29,8 @@ MODES = {"fwd": "token_logprobs forward", "fwd_bwd": "token_logprobs forward+bac
          "spot_loss": "spot_loss forward+backward"}
 OURS = ("triton", "triton_da", "triton_da48", "triton_exact", "triton_filter", "triton_bounded",
         "triton_det", "cuda", "torch")
-ORDER = OURS + ("naive", "naive_compile", "torch_lce", "liger", "cce")
+PEERS = ("naive", "naive_compile", "torch_lce", "liger", "cce", "trl")
+ORDER = OURS + PEERS
 
 
 def load(paths):
@@ -191,7 +192,7 @@ def targets(rows, other=()):
         fx, bx = val(r, "x_gemms"), val(base, "x_gemms")
         check(None if fx is None or bx is None else fx < min(bx, 1.5),
               f"triton_filter faster than the unfiltered and than 1.5x: {x(r, 'x_gemms')}x")
-        for peer in ("liger", "cce"):
+        for peer in ("liger", "cce", "trl"):
             p = at("fwd_bwd", peer)
             if p is not None:
                 check(le(val(base, "ms"), p["ms"]), f"triton forward+backward faster than "
@@ -208,7 +209,7 @@ def targets(rows, other=()):
         ours = [r for r in rows if r.get("ours") and (r["mode"], r.get("head"), r["n"],
                                                       r["dtype"]) == ("spot_loss", *MAIN)]
         best = min(ours, key=lambda r: r["ms"], default=None)
-        for peer in ("naive", "naive_compile", "torch_lce", "liger", "cce"):
+        for peer in PEERS:
             p = at("spot_loss", peer)
             if p is not None:
                 ok = None if best is None else both(best["ms"] < p["ms"],

@@ -2,8 +2,9 @@
 
 ``token_logprobs`` forward+backward at N = 4096, D = 512, V = 32768, float32, for the ``torch``
 backend, the naive reference (``spot_kernels.reference``, what ``backend="reference"`` runs: it
-materialises ``N x V`` logits) and ``torch.nn.functional.linear_cross_entropy(reduction="none")``
-with a chunking ``LinearCrossEntropyOptions`` (``_bench.lce_options``). Time and peak memory of
+materialises ``N x V`` logits), ``torch.nn.functional.linear_cross_entropy(reduction="none")``
+with a chunking ``LinearCrossEntropyOptions`` (``_bench.lce_options``) and TRL's fused LM head
+(``trl.kernels.ChunkedLogProbFunction``, skipped without trl). Time and peak memory of
 each go to ``extra_info`` (how they are measured: ``_bench``'s docstring); the ``torch`` point,
 run last, also records the ratios the core issue sets as targets:
 
@@ -12,8 +13,10 @@ run last, also records the ratios the core issue sets as targets:
 * ``mem_vs_naive``   <= 0.10;
 * ``time_vs_torch_lce`` <= 1.0 (not slower than PyTorch's chunked path).
 
+``time_vs_trl`` and ``mem_vs_trl`` are recorded beside them (no target).
+
 A benchmark, not a timed test: the targets are recorded (``meets_*``) and printed, not asserted,
-since a shared CPU's timings are noisy. The three points cost tens of seconds each on 2 cores, so
+since a shared CPU's timings are noisy. The points cost tens of seconds each on 2 cores, so
 one timed round after one untimed check/warm-up run is the default (``--rounds`` for more).
 """
 from __future__ import annotations
@@ -23,7 +26,7 @@ import pytest
 import _bench
 
 N, D, V = 4096, 512, 32768
-IMPLS = ("naive", "torch_lce", "torch")      # the torch point last: it records the ratios
+IMPLS = ("naive", "torch_lce", "trl", "torch")      # the torch point last: it records the ratios
 TARGETS = {"time_vs_naive": 1.4, "mem_vs_naive": 0.10, "time_vs_torch_lce": 1.0}
 _SEEN = {}
 
@@ -38,11 +41,12 @@ def test_torch_backend_cpu(benchmark, impl, request, record, device, deadline):
     info = _bench.bench(benchmark, case, "cpu", rounds=rounds, gemm=False, deadline=deadline)
     _SEEN[impl] = info
     if impl == "torch":
-        lce = _SEEN.get("torch_lce")
-        if lce:
-            info["time_vs_torch_lce"] = info["ms"] / lce["ms"]
-            if lce.get("peak_mb") and info.get("peak_mb") is not None:
-                info["mem_vs_torch_lce"] = info["peak_mb"] / lce["peak_mb"]
+        for peer in ("torch_lce", "trl"):
+            other = _SEEN.get(peer)
+            if other:
+                info[f"time_vs_{peer}"] = info["ms"] / other["ms"]
+                if other.get("peak_mb") and info.get("peak_mb") is not None:
+                    info[f"mem_vs_{peer}"] = info["peak_mb"] / other["peak_mb"]
         notes = []
         for key, limit in TARGETS.items():
             if key in info:

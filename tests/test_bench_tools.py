@@ -218,3 +218,17 @@ def test_gradient_check_allows_what_a_filter_may_drop():
     assert strict["dW others"][0] > strict["dW others"][1], strict
     loose = _bench.check_grads("filter", dropped, x, filter_eps=eps)
     assert all(err <= bound for _, err, bound in loose), loose
+
+
+def test_trl_peer_scores_as_trl_trainers_do():
+    """The TRL peer's wrapper (ignored tokens score 0, the rest through TRL's fused head) passes
+    the value and gradient checks every point runs before timing, at a shape with several of
+    TRL's vocabulary tiles and ignored tokens."""
+    pytest.importorskip("trl.kernels", reason="trl not installed")
+    x = _bench.make_inputs(96, 32, 2 * _bench.TRL_VOCAB_CHUNK + 300, "float32", "cpu", seed=3)
+    fn = _bench.implementation("trl", "cpu")
+    err, bound = _bench.check_values("trl", fn, x)
+    assert err <= bound, (err, bound)
+    assert bool((fn(x["h"], x["w"], x["t"])[x["t"] == _bench.IGNORE] == 0).all())
+    for what, err, bound in _bench.check_grads("trl", fn, x):
+        assert err <= bound, (what, err, bound)
