@@ -103,8 +103,9 @@ HELP = {
     "data": "pairs: a .jsonl/.json file, a .parquet file, or a datasets dataset saved on disk",
     "output": "output folder: checkpoints, metrics.jsonl, the final model",
     "beta": "reward scale beta in u = beta (logp - ref_logp) - delta",
-    "delta": "the reward shift: running (TRL RunningMoments mean of the batch rewards), "
-             "zero (the paper's SPoT-BCE) or ema",
+    "delta": "the reward shift: running (TRL RunningMoments mean of the batch rewards, as "
+             "bco_pair up to TRL 0.28), zero (the paper's SPoT-BCE; bco_pair from TRL 0.29) or "
+             "ema",
     "ema_alpha": "weight of the new batch mean when --delta ema",
     "loss": "spot (reward BCE) or dpo (sigmoid DPO on the same sequence log-probs)",
     "lr": "peak learning rate of AdamW (betas 0.9/0.95)",

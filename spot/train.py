@@ -12,8 +12,9 @@
    (TRL's ``disable_dropout``), so the rewards start at 0.
 4. Loss (README, "The math"): ``spot_kernels.spot_loss`` per packed micro-batch, with ``delta``
    passed as a callable, so it is updated with the batch-mean reward ``beta (pi - rho)`` (of all
-   ranks) *before* the loss uses it, exactly as TRL's ``bco_pair`` does with ``RunningMoments``.
-   ``--delta zero`` is the paper's SPoT-BCE, ``--delta ema`` an exponential average.
+   ranks) *before* the loss uses it, exactly as TRL's ``bco_pair`` did with ``RunningMoments``
+   up to TRL 0.28. ``--delta zero`` is the paper's SPoT-BCE (and ``bco_pair`` from TRL 0.29),
+   ``--delta ema`` an exponential average.
    ``--loss dpo`` uses ``-log sigmoid(beta ((pi_c - rho_c) - (pi_r - rho_r)))`` instead.
 5. Step: AdamW (0.9, 0.95, weight decay on matrices only), cosine schedule with linear warmup,
    gradient accumulation (each micro-batch loss divided by ``grad_accum``; FSDP averages over

@@ -238,7 +238,8 @@ def spot_loss(hidden, weight, targets, cu_seqlens, ref_logps, labels, *, beta=0.
     ``delta`` may be a callable instead of a number: it is called once the policy log-probs
     exist with the batch-mean reward ``mean_s beta (pi_s - rho_s)`` (a detached 0-dim float32
     tensor) and returns the ``delta`` to use. That is how a running estimate (TRL's
-    ``RunningMoments`` for ``bco_pair``) is updated with the current batch before the loss."""
+    ``RunningMoments`` for ``bco_pair``, up to TRL 0.28) is updated with the current batch
+    before the loss."""
     _checks.tensor("hidden", hidden)
     _checks.tensor("targets", targets)
     s = _checks.cu_seqlens(cu_seqlens, targets.numel(), hidden.device)
