@@ -42,6 +42,10 @@ bench: install
 	$(PYTHON) -m pytest benchmarks/ -q
 
 # Peers for benchmarks/gpu_suite.sh on a GPU machine without network: their wheels into the
-# git-ignored wheels/ folder, which the suite installs first.
+# git-ignored wheels/ folder, which the suite installs first (without dependencies), for that
+# machine's Python. trl's fused head imports trl.trainer.utils in its backward, which needs
+# datasets (and its dill, multiprocess), missing from the GPU image.
+WHEELS_PYTHON ?= 3.12
 wheels:
-	$(PIP) download -q --no-deps --only-binary=:all: -d wheels liger-kernel cut-cross-entropy trl
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version $(WHEELS_PYTHON) -d wheels \
+	  liger-kernel cut-cross-entropy trl datasets dill multiprocess

@@ -38,8 +38,8 @@
 # tested (tests/test_gpu_suite_dryrun.py).
 #
 # To bring peers to a machine without network, beforehand on one with it: make wheels
-#   (python -m pip download --no-deps --only-binary=:all: -d wheels liger-kernel cut-cross-entropy trl;
-#   trl without its dependencies: the benchmarks use only its fused LM head, trl.kernels)
+#   (the peers liger-kernel, cut-cross-entropy and trl, and what trl's backward imports that the
+#   GPU image lacks: datasets, dill, multiprocess; all for the GPU machine's Python 3.12)
 set -u -o pipefail
 
 OUT_DIR=""
@@ -122,9 +122,13 @@ do_install() {
   export PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHECK=1
   if compgen -G "wheels/*.whl" > /dev/null; then
     echo "installing wheels/: $(cd wheels && ls *.whl | tr '\n' ' ')"
-    # a peer that does not install costs its benchmark points, not the package's own build
+    # a peer that does not install costs its benchmark points, not the package's own build,
+    # nor the other peers: when the batch fails, each wheel alone
     "$PY" -m pip install -q --no-index --no-deps --no-build-isolation wheels/*.whl ||
-      echo "!! the peer wheels did not install: their points will be skipped"
+      for w in wheels/*.whl; do
+        "$PY" -m pip install -q --no-index --no-deps --no-build-isolation "$w" ||
+          echo "!! $w did not install: the points that need it will be skipped"
+      done
   fi
   # Hopper only unless told otherwise: a quarter of the 4-arch nvcc time
   SPOT_CUDA_ARCHS="${SPOT_CUDA_ARCHS:-90}" "$PY" -m pip install -q --no-build-isolation --no-deps -e .
