@@ -9,8 +9,8 @@ projects an empty slice) and hands back what the head would have used::
     hi = hf.head_inputs(model, input_ids, attention_mask=mask)     # padded batch
     hi = hf.head_inputs(model, packed_ids, cu_seqlens=cu)          # packed: [1, N] or [N]
     hi.hidden   # [B, L, D] after the final norm      hi.weight  # [V, D]   hi.bias  # [V] | None
-    hi.softcap  # Gemma-2/3 final_logit_softcapping or None
-    hi.temperature  # 1, or the divisor a config applies to its logits (Granite, Cohere)
+    hi.softcap  # the final-logit softcap (Gemma 2/3/4, RecurrentGemma, xLSTM) or None
+    hi.temperature  # 1, or what the model divides its logits by (Granite, Cohere, Falcon-H1)
     logp = sk.token_logprobs(hi.hidden, hi.weight, targets, **hi.head_kwargs())
 
     lp = hf.completion_logprobs(model, input_ids, attention_mask=mask, prompt_lengths=plen)  # [B]
@@ -26,11 +26,28 @@ position_ids=None, cu_seqlens=None, ignore_index=-100) -> targets`` (``input_ids
 prompt_lengths=None, position_ids=None, cu_seqlens=None, average=False, backend="auto",
 backend_options=None) -> Tensor [S]`` with ``S`` = rows (padded) or packed sequences.
 
+Logits: what a model does to them after its head must be a softcap and/or a scale the fused
+head expresses (``logits = softcap(hidden @ weight.T + bias) / temperature``): the softcaps
+``final_logit_softcapping``, ``logits_soft_cap`` (RecurrentGemma), ``output_logit_soft_cap``
+(xLSTM); the scales ``logits_scaling`` (Granite divides, HyperCLOVAX multiplies), ``logit_scale``
+(Cohere) and Falcon-H1's ``lm_head_multiplier``; Inkling's cut to ``unpadded_vocab_size`` (the
+head's weight is sliced). What happens before the head (MiniCPM3's ``logits_scaling``, MuP
+multipliers, final norms) is in ``hidden`` already. ``lm_head`` raises ``ValueError`` naming the
+model for what the fused head does not express: a head with parameters besides ``weight`` and
+``bias`` (Dory's learned per-token logit scale), a scale before a softcap (``output_multiplier``),
+a softcap and a scale together, or a head that does not see one hidden state per token
+(ProphetNet's n-gram streams). A family not listed here may transform its logits in its own
+``forward``: compare ``completion_logprobs`` with its own logits once.
+
 Batches
 -------
 * **Padded** ``[B, L]`` with ``attention_mask`` (left or right padding). Without ``position_ids``
   the positions are ``cumsum(mask) - 1``, so a left-padded row sees the same positions as the
   sequence run alone; given ``position_ids``, what they hold at padding does not matter.
+  RoBERTa-style models count positions from ``pad_token_id + 1``: the derived positions are
+  shifted to match (``position_ids`` you give go to the model as they are). Models that ignore
+  ``position_ids`` (positions counted from the first column: the BART-style decoders, TrOCR,
+  BLT) and recurrent ones (RWKV, xLSTM) see a left-padded row differently: pad on the right.
 * **Packed** several sequences per row, delimited by ``cu_seqlens`` (``[S + 1]``, flash-attn
   convention, for a single row ``[1, N]`` or ``[N]``) or by ``position_ids`` restarting at each
   sequence. Packed sequences never attend to each other:
@@ -104,31 +121,62 @@ def _text_config(model):
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
+# the config fields of a final-logit softcap: Gemma 2/3/4 and most, RecurrentGemma, xLSTM
+_SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+# same-named fields that do not act on the logits, by the model's (or its text config's) type:
+# MiniCPM3 divides the hidden states by its ``logits_scaling`` before the head (so it is already in
+# ``hidden``); transformers' MPT never applies its config's ``logit_scale``, nor Gemma 3's
+# image-text model (unlike its text-only one) its text config's ``final_logit_softcapping``
+_NOT_ON_LOGITS = {"minicpm3": "logits_scaling", "mpt": "logit_scale",
+                  "gemma3": "final_logit_softcapping"}
+
+
 def lm_head(model):
-    """``(weight [V, D], bias [V] | None, softcap | None, temperature)`` of a causal LM's head."""
+    """``(weight [V, D], bias [V] | None, softcap | None, temperature)`` of a causal LM's head.
+
+    ValueError (naming the model) for a head the fused one cannot express: parameters besides
+    ``weight`` and ``bias`` (Dory's learned per-token logit scale), a scale applied before a
+    softcap (``output_multiplier``), or both a softcap and a scale."""
     model = _unwrap(model)
+    name = type(model).__name__
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
-        raise TypeError(f"model: {type(model).__name__} has no LM head (get_output_embeddings)")
+        raise TypeError(f"model: {name} has no LM head (get_output_embeddings)")
+    extra = [n for n, _ in head.named_parameters(recurse=False) if n not in ("weight", "bias")]
+    if extra:
+        raise ValueError(f"model: {name}'s LM head has parameters besides weight and bias "
+                         f"({', '.join(extra)}, e.g. a learned per-token logit scale), which the "
+                         f"fused head does not express")
     cfg = _text_config(model)
-    softcap = getattr(cfg, "final_logit_softcapping", None) or None
+    kind = getattr(cfg, "model_type", "")
+    kinds = {kind, getattr(model.config, "model_type", "")}
+
+    def field(key):
+        return None if key in {_NOT_ON_LOGITS.get(k) for k in kinds} else getattr(cfg, key, None)
+
+    if field("output_multiplier") not in (None, 1, 1.0):
+        raise ValueError(f"model: {name} scales its logits by output_multiplier before its "
+                         f"softcap, which the fused head does not express")
+    softcap = next((float(c) for c in map(field, _SOFTCAPS) if c), None)
     temperature = 1.0
-    scaling = getattr(cfg, "logits_scaling", None)      # Granite: logits / logits_scaling
-    scale = getattr(cfg, "logit_scale", None)            # Cohere: logits * logit_scale
-    if getattr(cfg, "output_multiplier", None) not in (None, 1, 1.0):
-        raise ValueError(f"model: {type(model).__name__} scales its logits by output_multiplier "
-                         f"before its softcap, which the fused head does not express")
+    scaling, scale = field("logits_scaling"), field("logit_scale")
     if scaling not in (None, 1, 1.0):
         # HyperCLOVAX (MuP) multiplies by the same-named field that Granite divides by
-        multiply = getattr(cfg, "model_type", "") == "hyperclovax"
-        temperature = 1.0 / float(scaling) if multiply else float(scaling)
+        temperature = 1.0 / float(scaling) if kind == "hyperclovax" else float(scaling)
     elif scale not in (None, 1, 1.0):
         temperature = 1.0 / float(scale)
+    # Falcon-H1 multiplies its logits by the body's lm_head_multiplier (copied from its config)
+    multiplier = getattr(getattr(model, "model", None), "lm_head_multiplier", None)
+    if multiplier not in (None, 1, 1.0):
+        temperature /= float(multiplier)
     if softcap is not None and temperature != 1.0:
-        raise ValueError("model: a config with both a logit softcap and a logit scale is not "
-                         "supported (the order of the two is model-specific)")
-    softcap = None if softcap is None else float(softcap)
-    return head.weight, getattr(head, "bias", None), softcap, temperature
+        raise ValueError(f"model: {name} has both a logit softcap and a logit scale, which is not "
+                         f"supported (the order of the two is model-specific)")
+    weight, bias = head.weight, getattr(head, "bias", None)
+    n = getattr(cfg, "unpadded_vocab_size", None)  # Inkling drops its padding logits
+    if n and n < weight.shape[0]:
+        weight, bias = weight[:n], None if bias is None else bias[:n]
+    return weight, bias, softcap, temperature
 
 
 def _rows(name, x, b, length):
@@ -168,6 +216,10 @@ def _segment_ids(position_ids, attention_mask=None):
 # the 2-D attention mask and it rejects a 4-D one)
 _OWN_PACKING_MASK = {"opt", "mpt", "xglm", "biogpt"}
 _NO_PACKING = {"bloom"}
+# model types that count positions from pad_token_id + 1 (fairseq's convention): the positions
+# this module derives are shifted to match
+_POSITIONS_AFTER_PAD = {"roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl",
+                        "camembert", "data2vec-text", "xmod"}
 
 
 def _transformers_detects_packing():
@@ -304,6 +356,8 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
         mask = None  # transformers (or flash varlen) derives the block-diagonal mask from positions
         if impl.startswith("flash") and seg.shape[0] == 1 and _takes_kwargs(inner):
             model_kwargs = {**_flash_varlen(seg), **model_kwargs}
+    if position_ids is None and kind in _POSITIONS_AFTER_PAD:
+        pos = pos + (_text_config(inner).pad_token_id + 1)
     model_kwargs.setdefault("use_cache", False)
     kwargs = dict(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
                   **model_kwargs)
@@ -313,6 +367,7 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
     # the model does to the hidden states before its head (final norm, scaling) is already in
     # what we caught.
     head = inner.get_output_embeddings()
+    lm_head(inner)  # a head the fused one cannot express fails here, before the body runs
     caught, inside = [], []
 
     def take_input(mod, args, kw):
@@ -345,6 +400,10 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
         raise TypeError(f"model: {type(inner).__name__}.forward never called its LM head "
                         f"(get_output_embeddings())")
     hidden = caught[-1]
+    if hidden.shape[:-1] != seg.shape:
+        raise ValueError(f"model: {type(inner).__name__}'s LM head sees hidden states of shape "
+                         f"{tuple(hidden.shape)}, not one per token {tuple(seg.shape)} (e.g. "
+                         f"ProphetNet's n-gram streams), which this module does not handle")
     weight, bias, softcap, temperature = lm_head(inner)
     if _distributed.is_fsdp1(model):
         weight, bias = inside[-1]

@@ -224,6 +224,87 @@ def test_hyperclovax_multiplies_by_logits_scaling():
                                atol=1e-4, rtol=1e-5)
 
 
+# tiny random models of families whose logits (or positions) differ from Llama's:
+# {model_type: (config overrides, expected (softcap, temperature))}
+_SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+              tie_word_embeddings=False, pad_token_id=0)
+FAMILIES = {
+    # logits * model.model.lm_head_multiplier
+    "falcon_h1": (dict(head_dim=8, lm_head_multiplier=2.5, mamba_d_ssm=32, mamba_n_heads=4,
+                       mamba_d_head=8, mamba_d_state=8, mamba_chunk_size=16), (None, 0.4)),
+    # softcaps under other names than final_logit_softcapping
+    "recurrent_gemma": (dict(num_hidden_layers=3, head_dim=8, lru_width=32,
+                             attention_window_size=16, logits_soft_cap=0.5), (0.5, 1.0)),
+    "xlstm": (dict(num_hidden_layers=None, num_attention_heads=None, num_key_value_heads=None,
+                   intermediate_size=None, max_position_embeddings=None, num_blocks=1,
+                   embedding_dim=32, num_heads=4, output_logit_soft_cap=0.5, use_cache=False),
+              (0.5, 1.0)),
+    # logits_scaling divides the hidden states (already in `hidden`), not the logits
+    "minicpm3": (dict(num_key_value_heads=4, head_dim=8, q_lora_rank=16, kv_lora_rank=8,
+                      qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, dim_model_base=8),
+                 (None, 1.0)),
+    # a config logit_scale that transformers' MPT never applies
+    "mpt": (dict(hidden_size=None, num_hidden_layers=None, num_attention_heads=None,
+                 num_key_value_heads=None, intermediate_size=None, max_position_embeddings=None,
+                 d_model=32, n_layers=1, n_heads=4, max_seq_len=64, logit_scale=0.5),
+            (None, 1.0)),
+    # logits cut to the first unpadded_vocab_size entries
+    "inkling_text": (dict(head_dim=8, unpadded_vocab_size=48, swa_num_attention_heads=4,
+                          swa_num_key_value_heads=2, swa_head_dim=8, sliding_window_size=16,
+                          rel_extent=16, moe_intermediate_size=16, n_routed_experts=4,
+                          num_experts_per_tok=2, n_shared_experts=1), (None, 1.0)),
+    # positions counted from pad_token_id + 1 (fairseq's convention)
+    "roberta": (dict(num_key_value_heads=None, is_decoder=True, pad_token_id=1), (None, 1.0)),
+    # the image-text model ignores its text config's softcap (Gemma3ForCausalLM applies it)
+    "gemma3": (dict(text_config=dict(_SMALL, head_dim=8, final_logit_softcapping=0.5),
+                    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, image_size=28, patch_size=14),
+                    mm_tokens_per_image=4, image_token_index=63, boi_token_index=61,
+                    eoi_token_index=62), (None, 1.0)),
+}
+
+
+def _family_model(arch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    kwargs = FAMILIES[arch][0]
+    if "text_config" not in kwargs:  # a composite config takes the sizes in its text config
+        kwargs = {k: v for k, v in {**_SMALL, **kwargs}.items() if v is not None}
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **kwargs)).eval()
+
+
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_families_with_their_own_logits(arch):
+    """Each family's own logits, reproduced by the fused head (its softcap and temperature)."""
+    model = _family_model(arch)
+    assert hf.lm_head(model)[2:] == FAMILIES[arch][1]
+    ids = torch.randint(4, 48, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = hf.completion_logprobs(model, ids)
+    torch.testing.assert_close(ours.double(), _truth_completion(model, [ids[0]], [1]),
+                               atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch, match", [
+    ("dory", "DoryForCausalLM's LM head has parameters besides weight and bias \\(logit_scale"),
+    ("prophetnet", "ProphetNetForCausalLM's LM head sees hidden states of shape \\(1, 2, 9, 32\\)"),
+])
+def test_heads_the_fused_one_cannot_express(arch, match):
+    """Dory scales each token's logit by a learned parameter of its head; ProphetNet's head
+    projects n-gram streams: a ValueError naming the model, not silently wrong log-probs."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    kwargs = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, max_position_embeddings=64)
+    kwargs.update(dict(intermediate_size=64, num_hidden_layers=2, num_key_value_heads=2,
+                       head_dim=8) if arch == "dory" else
+                  dict(decoder_ffn_dim=64, num_decoder_layers=1, num_decoder_attention_heads=4,
+                       ngram=2))
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **kwargs)).eval()
+    ids = torch.randint(4, 64, (1, 9), generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match=match):
+        hf.completion_logprobs(model, ids)
+
+
 def test_packed_rows_with_padding(model):
     """Two packed rows, right-padded: the 4-D block-diagonal mask this module builds."""
     seqs = _seqs(model, seed=4)
