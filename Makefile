@@ -48,4 +48,4 @@ bench: install
 WHEELS_PYTHON ?= 3.12
 wheels:
 	$(PIP) download -q --no-deps --only-binary=:all: --python-version $(WHEELS_PYTHON) -d wheels \
-	  liger-kernel cut-cross-entropy trl datasets dill multiprocess
+	  liger-kernel cut-cross-entropy trl==1.16.0 datasets dill multiprocess

@@ -220,6 +220,8 @@ _NO_PACKING = {"bloom"}
 # this module derives are shifted to match
 _POSITIONS_AFTER_PAD = {"roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl",
                         "camembert", "data2vec-text", "xmod"}
+# they build their mask without position_ids too: packed, they need this module's mask
+_OWN_PACKING_MASK = _OWN_PACKING_MASK | _POSITIONS_AFTER_PAD
 
 
 def _transformers_detects_packing():
