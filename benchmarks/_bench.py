@@ -239,13 +239,15 @@ TRL_VOCAB_CHUNK = 32768
 def _trl(device):
     try:
         from trl.kernels import ChunkedLogProbFunction
+        import trl.trainer.utils  # noqa: F401  its backward imports this (and so `datasets`)
     except Exception as exc:  # not installed, older than the fused head, or a broken import
         raise Unavailable(f"trl's fused LM head not importable: {type(exc).__name__}: {exc}") \
             from None
 
     def fn(h, w, t):
-        # as TRL's DPO/GRPO trainers call it: only the scored tokens go through the head (on a
-        # GPU; elsewhere it clamps and scores every row), the result scattered back with zeros
+        # as TRL's trainers call it for the reference model: log-probs only (its policy calls add
+        # entropy, mean_logits and is_top1: more work, not timed here); only the scored tokens go
+        # through the head on a GPU (elsewhere it clamps and scores every row), scattered back
         keep = t != IGNORE
         if h.is_cuda:
             logp = ChunkedLogProbFunction.apply(h[keep], w, None, t[keep], 1.0, TRL_VOCAB_CHUNK,
