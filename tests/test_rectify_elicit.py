@@ -127,6 +127,23 @@ def test_elicit_tiny_model_resumes_without_duplicates(tmp_path, tiny_dir, capsys
     assert "8 answers (0 new, 8 resumed)" in capsys.readouterr().out
 
 
+def test_elicit_takes_a_tokenizer_that_adds_token_type_ids(tmp_path):
+    """Some tokenizers also return token_type_ids, which a causal LM's generate refuses."""
+    from transformers import AutoTokenizer
+    d = tmp_path / "tiny"
+    build_model(hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64).save_pretrained(str(d))
+    build_tokenizer().save_pretrained(str(d))
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert "token_type_ids" in AutoTokenizer.from_pretrained(str(d))(["a b"])  # the case at hand
+    data, out = tmp_path / "problems.jsonl", tmp_path / "out"
+    write_problems(data, 2)
+    assert cli(["elicit", "--model", str(d), "--data", str(data), "--output", str(out),
+                "--max-new-tokens", "2", "--device", "cpu", "--no-progress"]) == 0
+    assert len(read_jsonl(str(out / "all.jsonl"))) == 2
+
+
 def test_run_end_to_end(tmp_path, tiny_dir, capsys):
     pytest.importorskip("openai")  # the correct step's client
     from test_rectify_correct import OracleServer

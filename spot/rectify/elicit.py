@@ -110,7 +110,9 @@ class TransformersGenerator:
     def __call__(self, prompts, *, temperature, top_p, max_new_tokens):
         torch = self.torch
         enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(self.model.device) for k, v in enc.items()}
+        # only what a causal LM's generate takes (some tokenizers add token_type_ids, which
+        # generate refuses as unused model_kwargs)
+        enc = {k: enc[k].to(self.model.device) for k in ("input_ids", "attention_mask")}
         kw = dict(max_new_tokens=max_new_tokens, pad_token_id=self.tok.pad_token_id)
         kw.update(dict(do_sample=True, temperature=temperature, top_p=top_p)
                   if temperature > 0 else dict(do_sample=False))
