@@ -527,7 +527,7 @@ def pretrained(auto, what, cfg):
     """``auto.from_pretrained(cfg.model)``, or a one-line ``ConfigError`` naming ``what``."""
     try:
         return auto.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:  # ImportError: a package its files need
         raise ConfigError(f"model: cannot load {what} from {cfg.model}: "
                           f"{load_error(e, cfg.trust_remote_code)}") from None
 

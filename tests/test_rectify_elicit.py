@@ -261,13 +261,16 @@ def test_run_loads_the_filter_tokenizer_before_sampling_or_asking(tmp_path, tiny
                 "--oracle-model", "rule", "--no-progress"]
         for tok, msg in ((str(tmp_path / "no-tok"),
                           f"tokenizer: no such folder {tmp_path / 'no-tok'}"),
-                         (str(tmp_path / "empty"),
-                          f"tokenizer: cannot load {tmp_path / 'empty'}: "),
+                         (str(tmp_path / "empty"),  # or, where transformers loads a blank one
+                          (f"tokenizer: cannot load {tmp_path / 'empty'}: ",
+                           f"tokenizer: {tmp_path / 'empty'} has no usable tokenizer")),
                          ("no-such-org/no-such-tokenizer",
                           "tokenizer: cannot load no-such-org/no-such-tokenizer: ")):
             assert cli(base + ["--tokenizer", tok]) == 2
             err = capsys.readouterr().err
-            assert err.startswith(f"spot rectify: error: {msg}") and len(err.splitlines()) == 1, err
+            msgs = (msg,) if isinstance(msg, str) else msg
+            assert any(err.startswith(f"spot rectify: error: {m}") for m in msgs), err
+            assert len(err.splitlines()) == 1, err
     finally:
         server.close()
     assert server.counts == {} and not out.exists()

@@ -257,7 +257,7 @@ def test_keep_checkpoints_and_a_short_refusal(workdir, tmp_path):
 def test_torchrun_two_processes_agree_with_one(workdir, tmp_path):
     out2 = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(random.randint(20000, 40000)), "-m", "spot", "train",
+           "--standalone", "-m", "spot", "train",
            "--model", str(workdir / "model"), "--data", str(workdir / "pairs.jsonl"),
            "--output", str(out2), "--max-steps", "3", "--lr", "1e-3", "--delta", "zero",
            "--tokens-per-batch", "300", "--backend", "torch", "--no-progress", "--device", "cpu",
@@ -294,7 +294,7 @@ def test_torchrun_stops_every_rank_when_one_is_signalled(workdir, tmp_path):
         pytest.skip("needs pgrep to find the workers")
     out = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(random.randint(20000, 40000)), "-m", "spot", "train",
+           "--standalone", "-m", "spot", "train",
            "--model", str(workdir / "model"), "--data", str(workdir / "pairs.jsonl"),
            "--output", str(out), "--max-steps", "100000", "--lr", "1e-3",
            "--tokens-per-batch", "300", "--backend", "torch", "--no-progress", "--device", "cpu",
@@ -394,7 +394,9 @@ def test_bad_settings_are_one_line_errors(workdir, tmp_path, capsys):
     cases = [(["--model", str(tmp_path / "nosuch")], "model: no such folder"),
              (["--model", str(tmp_path / "file")], f"model: {tmp_path / 'file'} is a file"),
              (["--model", str(tmp_path / "notok")], "has no usable tokenizer"),
-             (["--model", str(tmp_path / "empty")], "model: cannot load a tokenizer"),
+             # transformers refuses an empty folder (its error varies) or loads a blank tokenizer
+             (["--model", str(tmp_path / "empty")],
+              ("model: cannot load a tokenizer", "empty has no usable tokenizer")),
              (["--model", str(tmp_path / "tokonly")], "model: cannot load"),
              (["--model", str(tmp_path / "noweights")], "model: cannot load"),
              (["--keep-checkpoints", "-1"], "--keep-checkpoints: must be >= 0"),
@@ -419,7 +421,9 @@ def test_bad_settings_are_one_line_errors(workdir, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         if "noweights" in extra[-1]:  # found when the model loads, after the data's log line
             err = [line for line in err if not line.startswith("data: ")]
-        assert code == 2 and len(err) == 1 and fragment in err[0], (extra, code, err)
+        fragments = (fragment,) if isinstance(fragment, str) else fragment
+        assert code == 2 and len(err) == 1 and any(f in err[0] for f in fragments), \
+            (extra, code, err)
         assert not err[0].endswith(":"), err  # a transformers message cut at "one of:"
     assert not (tmp_path / "o").exists()  # nothing made for a run that never started
 

@@ -173,7 +173,7 @@ def from_pretrained(load, name, what):
     source = pretrained(name, what)
     try:
         return load(source)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:  # ImportError: a package its files need
         raise ValueError(f"{what}: cannot load {name}: {first_line(e)}") from None
 
 
