@@ -32,12 +32,20 @@ head expresses (``logits = softcap(hidden @ weight.T + bias) / temperature``): t
 (xLSTM); the scales ``logits_scaling`` (Granite divides, HyperCLOVAX multiplies), ``logit_scale``
 (Cohere) and Falcon-H1's ``lm_head_multiplier``; Inkling's cut to ``unpadded_vocab_size`` (the
 head's weight is sliced). What happens before the head (MiniCPM3's ``logits_scaling``, MuP
-multipliers, final norms) is in ``hidden`` already. ``lm_head`` raises ``ValueError`` naming the
-model for what the fused head does not express: a head with parameters besides ``weight`` and
-``bias`` (Dory's learned per-token logit scale), a scale before a softcap (``output_multiplier``),
-a softcap and a scale together, or a head that does not see one hidden state per token
-(ProphetNet's n-gram streams). A family not listed here may transform its logits in its own
-``forward``: compare ``completion_logprobs`` with its own logits once.
+multipliers, final norms) is in ``hidden`` already. A composite (multimodal) model keeps these
+fields in its text config but applies only what its own ``forward`` does: LLaVA-style models
+(LLaVA-NeXT with a Granite text config) apply none of them; Gemma 3n/4, Mistral Large 4 and
+PaliGemma (since transformers 5.23) the softcap, Granite-Docling and Granite 4 Vision the
+``logits_scaling`` (HyperCLOVAX-Vision multiplies), Cohere Compass and Aya Vision (since 5.25)
+the ``logit_scale``, Inkling the cut (``_COMPOSITE_LOGIT_FIELDS``); one that wraps a whole
+causal LM (BLIP-2's ``language_model``) gets that LM's own. ``lm_head`` raises ``ValueError``
+naming the model for what the fused head does not express: a head with parameters besides
+``weight`` and ``bias`` (Dory's learned per-token logit scale), a scale before a softcap
+(``output_multiplier``, MuseSpark / MuseGlimmer), a softcap and a scale together, a head that
+does not see one hidden state per token (ProphetNet's n-gram streams), or Inkling's cut of a
+sharded (DTensor, FSDP2) head's weight (the slice would gather the whole head and keep it until
+the backward). A family not listed here may transform its logits in its own ``forward``: compare
+``completion_logprobs`` with its own logits once.
 
 Batches
 -------
@@ -75,6 +83,7 @@ tokens cost no head FLOPs at all. Gradients flow to the model's parameters as us
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass
 
 import torch
@@ -123,20 +132,66 @@ def _text_config(model):
 
 # the config fields of a final-logit softcap: Gemma 2/3/4 and most, RecurrentGemma, xLSTM
 _SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
-# same-named fields that do not act on the logits, by the model's (or its text config's) type:
-# MiniCPM3 divides the hidden states by its ``logits_scaling`` before the head (so it is already in
-# ``hidden``); transformers' MPT never applies its config's ``logit_scale``, nor Gemma 3's
-# image-text model (unlike its text-only one) its text config's ``final_logit_softcapping``
-_NOT_ON_LOGITS = {"minicpm3": "logits_scaling", "mpt": "logit_scale",
-                  "gemma3": "final_logit_softcapping"}
+# same-named fields that do not act on the logits, by the model's type: MiniCPM3 divides the
+# hidden states by its ``logits_scaling`` before the head (so it is already in ``hidden``);
+# transformers' MPT never applies its config's ``logit_scale``
+_NOT_ON_LOGITS = {"minicpm3": "logits_scaling", "mpt": "logit_scale"}
+# models that multiply their logits by the ``logits_scaling`` that Granite divides them by
+_MULTIPLY_SCALING = {"hyperclovax", "hyperclovax_vision_v2"}
+# A composite (multimodal) model whose forward calls the LM head itself applies only what that
+# forward does, whatever its text config holds (LLaVA-NeXT with a Granite text config never
+# applies logits_scaling; Gemma 3's image-text model never its text config's softcap). These are
+# the composites of transformers 5.x that apply fields of their text config, and which fields
+# (checked one by one against each model's own logits in 5.24, and in the sources of 5.0 to
+# 5.25); every other composite applies none.
+_COMPOSITE_LOGIT_FIELDS = {
+    **dict.fromkeys(("diffusion_gemma", "gemma3n", "gemma4", "gemma4_unified", "mistral_large4",
+                     "paligemma"), ("final_logit_softcapping",)),
+    **dict.fromkeys(("aya_vision", "cohere_compass"), ("logit_scale",)),
+    **dict.fromkeys(("granite4_vision", "granite_docling", "hyperclovax_vision_v2"),
+                    ("logits_scaling",)),
+    "inkling_mm_model": ("unpadded_vocab_size",),
+    **dict.fromkeys(("inkling2", "inkling2_loop"), ("final_logit_softcapping",
+                                                    "unpadded_vocab_size")),
+    # a scale before the softcap: lm_head raises ValueError unless output_multiplier is 1
+    **dict.fromkeys(("muse_glimmer", "muse_spark"), ("output_multiplier",
+                                                     "final_logit_softcapping")),
+}
+# older composites that started to apply them in a later transformers release (none before)
+_COMPOSITE_LOGIT_FIELDS_SINCE = {"paligemma": (5, 23), "aya_vision": (5, 25)}
+
+
+def _composite_logit_fields(kind):
+    since = _COMPOSITE_LOGIT_FIELDS_SINCE.get(kind)
+    if since is not None:
+        import transformers
+        if tuple(map(int, re.match(r"(\d+)\.(\d+)", transformers.__version__).groups())) < since:
+            return ()
+    return _COMPOSITE_LOGIT_FIELDS.get(kind, ())
+
+
+def _head_owner(model, head):
+    """The model whose forward calls ``head``: the nearest module above it with a config. A
+    composite that wraps a whole causal LM (BLIP-2's ``language_model``) leaves the logits to
+    that LM's own forward, transforms included."""
+    if any(m is head for m in model.children()):
+        return model
+    path = next((n for n, m in model.named_modules() if m is head), "").split(".")[:-1]
+    for i in range(len(path), 0, -1):
+        sub = model.get_submodule(".".join(path[:i]))
+        if hasattr(getattr(sub, "config", None), "model_type"):
+            return sub
+    return model
 
 
 def lm_head(model):
     """``(weight [V, D], bias [V] | None, softcap | None, temperature)`` of a causal LM's head.
 
-    ValueError (naming the model) for a head the fused one cannot express: parameters besides
-    ``weight`` and ``bias`` (Dory's learned per-token logit scale), a scale applied before a
-    softcap (``output_multiplier``), or both a softcap and a scale."""
+    The logit fields are read from the text config of the model that calls the head (see
+    ``_COMPOSITE_LOGIT_FIELDS`` for composite models). ValueError (naming the model) for a head
+    the fused one cannot express: parameters besides ``weight`` and ``bias`` (Dory's learned
+    per-token logit scale), a scale applied before a softcap (``output_multiplier``), both a
+    softcap and a scale, or a cut to ``unpadded_vocab_size`` of a sharded (DTensor) weight."""
     model = _unwrap(model)
     name = type(model).__name__
     head = model.get_output_embeddings()
@@ -147,12 +202,15 @@ def lm_head(model):
         raise ValueError(f"model: {name}'s LM head has parameters besides weight and bias "
                          f"({', '.join(extra)}, e.g. a learned per-token logit scale), which the "
                          f"fused head does not express")
-    cfg = _text_config(model)
-    kind = getattr(cfg, "model_type", "")
-    kinds = {kind, getattr(model.config, "model_type", "")}
+    owner = _head_owner(model, head)
+    cfg = _text_config(owner)
+    kind = getattr(owner.config, "model_type", "")  # the type whose forward applies the head
+    composite = cfg is not owner.config
 
     def field(key):
-        return None if key in {_NOT_ON_LOGITS.get(k) for k in kinds} else getattr(cfg, key, None)
+        applied = (key in _composite_logit_fields(kind) if composite
+                   else key != _NOT_ON_LOGITS.get(kind))
+        return getattr(cfg, key, None) if applied else None
 
     if field("output_multiplier") not in (None, 1, 1.0):
         raise ValueError(f"model: {name} scales its logits by output_multiplier before its "
@@ -162,19 +220,27 @@ def lm_head(model):
     scaling, scale = field("logits_scaling"), field("logit_scale")
     if scaling not in (None, 1, 1.0):
         # HyperCLOVAX (MuP) multiplies by the same-named field that Granite divides by
-        temperature = 1.0 / float(scaling) if kind == "hyperclovax" else float(scaling)
+        temperature = 1.0 / float(scaling) if kind in _MULTIPLY_SCALING else float(scaling)
     elif scale not in (None, 1, 1.0):
         temperature = 1.0 / float(scale)
     # Falcon-H1 multiplies its logits by the body's lm_head_multiplier (copied from its config)
-    multiplier = getattr(getattr(model, "model", None), "lm_head_multiplier", None)
+    multiplier = getattr(getattr(owner, "model", None), "lm_head_multiplier", None)
     if multiplier not in (None, 1, 1.0):
         temperature /= float(multiplier)
     if softcap is not None and temperature != 1.0:
         raise ValueError(f"model: {name} has both a logit softcap and a logit scale, which is not "
                          f"supported (the order of the two is model-specific)")
     weight, bias = head.weight, getattr(head, "bias", None)
-    n = getattr(cfg, "unpadded_vocab_size", None)  # Inkling drops its padding logits
+    n = field("unpadded_vocab_size")  # Inkling drops its padding logits
     if n and n < weight.shape[0]:
+        if _distributed.is_dtensor(weight):
+            # a slice of a sharded weight gathers the whole head in the forward and keeps it
+            # alive until the backward
+            raise ValueError(f"model: {name}'s LM head weight is sharded (DTensor, e.g. FSDP2 "
+                             f"fully_shard) and is cut from {weight.shape[0]} rows to "
+                             f"unpadded_vocab_size={n}: the cut would gather the whole "
+                             f"head in the forward and keep it until the backward; leave the head "
+                             f"unsharded or cut its weight to {n} rows before sharding")
         weight, bias = weight[:n], None if bias is None else bias[:n]
     return weight, bias, softcap, temperature
 
@@ -369,7 +435,7 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
     # the model does to the hidden states before its head (final norm, scaling) is already in
     # what we caught.
     head = inner.get_output_embeddings()
-    lm_head(inner)  # a head the fused one cannot express fails here, before the body runs
+    first = lm_head(inner)  # a head the fused one cannot express fails here, before the body runs
     caught, inside = [], []
 
     def take_input(mod, args, kw):
@@ -383,10 +449,11 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
         # casts it (a V x D copy, cached for the autocast region) even for zero rows
         kind = x.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-        # zero-sized, but part of the graph like real logits (FSDP1 hooks the model's outputs)
-        return x.sum(-1, keepdim=True).expand(*x.shape[:-1], vocab).to(dtype)
+        # zero-sized, but part of the graph like real logits (FSDP1 hooks the model's outputs);
+        # not a view (FSDP2 warns about a module that returns one)
+        return x.sum(-1, keepdim=True).expand(*x.shape[:-1], vocab).to(dtype).clone()
 
-    vocab = getattr(head, "out_features", None) or lm_head(inner)[0].shape[0]
+    vocab = getattr(head, "out_features", None) or first[0].shape[0]
     handle = head.register_forward_pre_hook(take_input, with_kwargs=True)
     own = head.__dict__.get("forward")  # an instance-level wrapper (accelerate's hooks) stays
     head.forward = no_projection

@@ -211,6 +211,7 @@ def test_logit_scale_configs(arch, scale):
 
 def test_hyperclovax_multiplies_by_logits_scaling():
     """HyperCLOVAX multiplies its logits by the logits_scaling that Granite divides by."""
+    _needs("hyperclovax")
     from transformers import HyperCLOVAXConfig, HyperCLOVAXForCausalLM
     torch.manual_seed(0)
     model = HyperCLOVAXForCausalLM(HyperCLOVAXConfig(
@@ -397,3 +398,152 @@ def test_flash_attention_gets_the_packing_once(how, monkeypatch):
     for i, s in enumerate(seqs):
         rows = hi.hidden[0, want[i]:want[i + 1]]
         torch.testing.assert_close(_logits(hi, rows), _alone_logits(model, s), atol=2e-5, rtol=0)
+
+
+# composite (multimodal) models: {name: (model type, config, expected (softcap, temperature),
+# the transformers release since which the composite applies them (before: none), or None)};
+# each owns its LM head and applies only what its own forward does, whatever its text config holds
+_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               image_size=28, patch_size=14)
+_GEMMA = dict(_SMALL, head_dim=8)
+COMPOSITES = {
+    # LLaVA-NeXT with a Granite text config (IBM's granite-vision) never applies logits_scaling
+    "llava_next+granite": ("llava_next", dict(
+        text_config=dict(_SMALL, model_type="granite", logits_scaling=8.0),
+        vision_config=dict(_VISION, model_type="clip_vision_model")), (None, 1.0), None),
+    # Aya Vision multiplies by its Cohere 2 text config's logit_scale since transformers 5.25
+    "aya_vision": ("aya_vision", dict(
+        text_config=dict(_GEMMA, model_type="cohere2", logit_scale=0.25),
+        vision_config=dict(_VISION, model_type="siglip_vision_model")), (None, 4.0), (5, 25)),
+    # PaliGemma 2 applies its Gemma 2 text config's softcap since transformers 5.23
+    "paligemma+gemma2": ("paligemma", dict(
+        text_config=dict(_GEMMA, model_type="gemma2", final_logit_softcapping=0.5),
+        vision_config=dict(_VISION, model_type="siglip_vision_model")), (0.5, 1.0), (5, 23)),
+    # Granite-Docling divides by its text config's logits_scaling
+    "granite_docling": ("granite_docling", dict(
+        text_config=dict(_SMALL, logits_scaling=8.0),
+        vision_config=dict(_VISION, out_hidden_size=32, image_size=32, patch_size=16,
+                           scale_factor=2, deepstack_visual_indexes=[0, 1])), (None, 8.0), None),
+    # HyperCLOVAX-Vision multiplies by it, whatever model type its text config has
+    "hyperclovax_vision_v2+granite": ("hyperclovax_vision_v2", dict(
+        text_config=dict(_SMALL, model_type="granite", logits_scaling=4.0),
+        vision_config=dict(model_type="qwen2_5_vl_vision", depth=1, hidden_size=32,
+                           intermediate_size=64, num_heads=4, out_hidden_size=32,
+                           fullatt_block_indexes=[0])), (None, 0.25), None),
+    # MuseGlimmer with output_multiplier 1: only the softcap (see the ValueError test below)
+    "muse_glimmer": ("muse_glimmer", dict(
+        text_config=dict(_GEMMA, final_logit_softcapping=0.5, output_multiplier=1.0,
+                         num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"],
+                         layer_rope_theta=[10000.0, 0]),
+        vision_config=dict(_VISION, layer_types=["window_attention", "full_attention"]),
+        out_hidden_size=32, projector_hidden_size=32), (0.5, 1.0), None),
+}
+
+
+def _composite_model(arch, config):
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    _needs(arch)
+    for sub in config.values():
+        if isinstance(sub, dict) and "model_type" in sub:
+            _needs(sub["model_type"])
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(arch, **config)).eval()
+    with torch.no_grad():  # logits of a few units, so that a softcap or a scale shows
+        model.get_output_embeddings().weight.normal_(0, 1)
+    return model
+
+
+@pytest.mark.parametrize("name", list(COMPOSITES))
+def test_composites_apply_what_their_forward_does(name):
+    """A composite's text config's logit fields count only where the composite's own forward
+    applies them: the fused head reproduces each composite's own logits."""
+    import transformers
+    arch, config, expected, since = COMPOSITES[name]
+    model = _composite_model(arch, config)
+    if since and tuple(map(int, transformers.__version__.split(".")[:2])) < since:
+        expected = (None, 1.0)
+    assert hf.lm_head(model)[2:] == expected
+    ids = torch.randint(4, 48, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = hf.completion_logprobs(model, ids)
+    torch.testing.assert_close(ours.double(), _truth_completion(model, [ids[0]], [1]),
+                               atol=1e-4, rtol=1e-5)
+
+
+def test_composite_scaling_before_softcap_raises():
+    """MuseGlimmer scales its logits by output_multiplier before its softcap: a ValueError naming
+    the model, not silently wrong log-probs."""
+    arch, config, _, _ = COMPOSITES["muse_glimmer"]
+    config = dict(config, text_config=dict(config["text_config"], output_multiplier=0.5))
+    model = _composite_model(arch, config)
+    ids = torch.randint(4, 48, (1, 9), generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match="MuseGlimmerForConditionalGeneration scales its logits "
+                                         "by output_multiplier before its softcap"):
+        hf.completion_logprobs(model, ids)
+
+
+def test_composite_around_a_whole_causal_lm():
+    """BLIP-2's language_model is a whole causal LM (Granite here), whose own forward divides by
+    logits_scaling: the fused head does too."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    torch.manual_seed(0)
+    model = Blip2ForConditionalGeneration(Blip2Config(
+        vision_config=dict(small, image_size=28, patch_size=14),
+        qformer_config=dict(small, encoder_hidden_size=32, vocab_size=64),
+        text_config=dict(_SMALL, model_type="granite", logits_scaling=8.0),
+        num_query_tokens=2, image_token_index=63)).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0, 1)
+    assert hf.lm_head(model)[2:] == (None, 8.0)
+    ids = torch.cat([torch.full((1, 2), 63), torch.randint(4, 48, (1, 8))], 1)  # 2 image tokens
+    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=pixels).logits[0].double()
+        ours = hf.completion_logprobs(model, ids, pixel_values=pixels,
+                                      completion_mask=(torch.arange(10) >= 3)[None])
+    truth = torch.log_softmax(logits[2:-1], -1).gather(-1, ids[0, 3:, None]).sum()
+    torch.testing.assert_close(ours.double()[0], truth, atol=1e-4, rtol=1e-5)
+
+
+def test_unpadded_vocab_of_a_sharded_head_raises(tmp_path):
+    """Cutting a sharded (DTensor, FSDP2) head's weight to unpadded_vocab_size would gather the
+    whole head: a ValueError naming the model and both sizes. One process, gloo, on CPU."""
+    import torch.distributed as dist
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group already running")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    model = _family_model("inkling_text")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        head = model.get_output_embeddings()
+        head.weight = torch.nn.Parameter(distribute_tensor(
+            head.weight.detach(), init_device_mesh("cpu", (1,)), [Shard(0)]))
+        with pytest.raises(ValueError, match="InklingForCausalLM's LM head weight is sharded "
+                                             "\\(DTensor.* from 64 rows to unpadded_vocab_size=48"):
+            hf.lm_head(model)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("arch", ["roberta", "xlm-roberta"])
+def test_roberta_family_packed(arch):
+    """RoBERTa-style decoders count positions from pad_token_id + 1 and build their mask without
+    position_ids: packed sequences (this module's block-diagonal mask, positions restarting at
+    pad_token_id + 1) give each sequence's log-probs run alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    _needs(arch)
+    kwargs = {k: v for k, v in {**_SMALL, **FAMILIES["roberta"][0]}.items() if v is not None}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **kwargs)).eval()
+    with torch.no_grad():  # logits of a few units, so that a leak between sequences shows
+        model.get_output_embeddings().weight.normal_(0, 1)
+    g = torch.Generator().manual_seed(8)
+    seqs = [torch.randint(4, 48, (n,), generator=g) for n in LENS]
+    truth = _truth_completion(model, seqs, [1, 1, 1]).detach()
+    with torch.no_grad():
+        ours = hf.completion_logprobs(model, torch.cat(seqs),
+                                      cu_seqlens=torch.tensor([0] + LENS).cumsum(0))
+    torch.testing.assert_close(ours.double(), truth, atol=1e-4, rtol=1e-5)
