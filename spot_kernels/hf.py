@@ -146,7 +146,7 @@ _MULTIPLY_SCALING = {"hyperclovax", "hyperclovax_vision_v2"}
 # 5.25); every other composite applies none.
 _COMPOSITE_LOGIT_FIELDS = {
     **dict.fromkeys(("diffusion_gemma", "gemma3n", "gemma4", "gemma4_unified", "mistral_large4",
-                     "paligemma"), ("final_logit_softcapping",)),
+                     "paligemma", "t5gemma", "t5gemma2"), ("final_logit_softcapping",)),
     **dict.fromkeys(("aya_vision", "cohere_compass"), ("logit_scale",)),
     **dict.fromkeys(("granite4_vision", "granite_docling", "hyperclovax_vision_v2"),
                     ("logits_scaling",)),
@@ -157,7 +157,8 @@ _COMPOSITE_LOGIT_FIELDS = {
     **dict.fromkeys(("muse_glimmer", "muse_spark"), ("output_multiplier",
                                                      "final_logit_softcapping")),
 }
-# older composites that started to apply them in a later transformers release (none before)
+# older composites that started to apply them in a later transformers release (none before); a
+# development build (5.25.0.dev0) counts as its release
 _COMPOSITE_LOGIT_FIELDS_SINCE = {"paligemma": (5, 23), "aya_vision": (5, 25)}
 
 
@@ -184,7 +185,7 @@ def _head_owner(model, head):
     return model
 
 
-def lm_head(model):
+def lm_head(model, *, _before_forward=False):
     """``(weight [V, D], bias [V] | None, softcap | None, temperature)`` of a causal LM's head.
 
     The logit fields are read from the text config of the model that calls the head (see
@@ -234,13 +235,16 @@ def lm_head(model):
     n = field("unpadded_vocab_size")  # Inkling drops its padding logits
     if n and n < weight.shape[0]:
         if _distributed.is_dtensor(weight):
+            if _before_forward:  # head_inputs' check: the root's forward will gather it
+                return weight, bias, softcap, temperature
             # a slice of a sharded weight gathers the whole head in the forward and keeps it
             # alive until the backward
             raise ValueError(f"model: {name}'s LM head weight is sharded (DTensor, e.g. FSDP2 "
                              f"fully_shard) and is cut from {weight.shape[0]} rows to "
                              f"unpadded_vocab_size={n}: the cut would gather the whole "
-                             f"head in the forward and keep it until the backward; leave the head "
-                             f"unsharded or cut its weight to {n} rows before sharding")
+                             f"head in the forward and keep it until the backward; keep the head "
+                             f"in the root's FSDP unit and call hf.head_inputs on the root, or cut "
+                             f"its weight to {n} rows before sharding")
         weight, bias = weight[:n], None if bias is None else bias[:n]
     return weight, bias, softcap, temperature
 
@@ -435,7 +439,9 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
     # the model does to the hidden states before its head (final norm, scaling) is already in
     # what we caught.
     head = inner.get_output_embeddings()
-    first = lm_head(inner)  # a head the fused one cannot express fails here, before the body runs
+    # a head the fused one cannot express fails here, before the body runs (an FSDP2 root's head
+    # is still sharded here; it is gathered in the forward, and read again after it)
+    first = lm_head(inner, _before_forward=True)
     caught, inside = [], []
 
     def take_input(mod, args, kw):

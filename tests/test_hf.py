@@ -506,24 +506,70 @@ def test_composite_around_a_whole_causal_lm():
     torch.testing.assert_close(ours.double()[0], truth, atol=1e-4, rtol=1e-5)
 
 
-def test_unpadded_vocab_of_a_sharded_head_raises(tmp_path):
+def test_unpadded_vocab_of_a_sharded_head(tmp_path):
     """Cutting a sharded (DTensor, FSDP2) head's weight to unpadded_vocab_size would gather the
-    whole head: a ValueError naming the model and both sizes. One process, gloo, on CPU."""
+    whole head: a ValueError naming the model and both sizes (also for a head in its own FSDP2
+    unit, resharded after its forward). A head in a fully_shard'ed root is gathered during the
+    root's forward: head_inputs on the root cuts it and gives the unsharded model's log-probs.
+    One process, gloo, on CPU."""
+    import copy
+
     import torch.distributed as dist
     if not dist.is_available() or dist.is_initialized():
         pytest.skip("needs torch.distributed and no process group already running")
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
     model = _family_model("inkling_text")
+    ids = torch.randint(4, 48, (2, 9), generator=torch.Generator().manual_seed(3))
+    plen = torch.tensor([2, 3])
+    with torch.no_grad():
+        truth = hf.completion_logprobs(model, ids, prompt_lengths=plen, backend="reference")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
                             world_size=1)
     try:
-        head = model.get_output_embeddings()
-        head.weight = torch.nn.Parameter(distribute_tensor(
-            head.weight.detach(), init_device_mesh("cpu", (1,)), [Shard(0)]))
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = copy.deepcopy(model)
+        head = sharded.get_output_embeddings()
+        head.weight = torch.nn.Parameter(distribute_tensor(head.weight.detach(), mesh,
+                                                           [Shard(0)]))
         with pytest.raises(ValueError, match="InklingForCausalLM's LM head weight is sharded "
                                              "\\(DTensor.* from 64 rows to unpadded_vocab_size=48"):
-            hf.lm_head(model)
+            hf.lm_head(sharded)
+        root = fully_shard(copy.deepcopy(model), mesh=mesh)
+        for _ in range(2):  # the root's head is sharded before each call
+            lp = hf.completion_logprobs(root, ids, prompt_lengths=plen, backend="reference")
+            torch.testing.assert_close(lp.double(), truth.double(), atol=1e-5, rtol=1e-5)
+            lp.sum().backward()
+        unit = copy.deepcopy(model)
+        fully_shard(unit.get_output_embeddings(), mesh=mesh)
+        fully_shard(unit, mesh=mesh)
+        with pytest.raises(ValueError, match="LM head weight is sharded"):
+            hf.head_inputs(unit, ids)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_fsdp2_root_returns_no_view(tmp_path):
+    """The empty logits standing in for the head's are no view: FSDP2 warns about a root module
+    that returns one (an in-place op on it would skip its pre-backward hook)."""
+    import warnings
+
+    import torch.distributed as dist
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group already running")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        model = fully_shard(build_model("llama", layers=1), mesh=init_device_mesh("cpu", (1,)))
+        ids = torch.randint(4, 48, (2, 9), generator=torch.Generator().manual_seed(3))
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            hi = hf.head_inputs(model, ids)
+            (hi.hidden.sum() + hi.weight.sum()).backward()
+        assert not [w for w in seen if "view" in str(w.message)], [str(w.message) for w in seen]
     finally:
         dist.destroy_process_group()
 
