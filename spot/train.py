@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from spot_kernels import hf
 from spot_kernels._registry import resolve as resolve_backend
 
 from . import data as D
@@ -502,10 +503,19 @@ def shard(policy, dst):
     return policy
 
 
-def build_policy(path, cfg, dst):
+def build_policy(path, cfg, dst, probe=None):
+    """The model wrapped in ``Policy`` (sharded under torchrun). ``probe``: token ids on which
+    the fused head must reproduce the model's own logits (a family that transforms its logits in
+    a way ``spot_kernels.hf`` does not know is an error, not a silently wrong run)."""
     model = load_model(path, dst.device, cfg.trust_remote_code, bf16=cfg.bf16, attn=cfg.attn)
     disable_dropout(model)  # as TRL: the reference pass has none, so step 0's rewards are 0
     model.config.use_cache = False
+    if probe is not None:
+        try:
+            with autocast(cfg, dst.device):  # as the passes run (flash-attn needs half)
+                hf.check_logits(model.eval(), torch.tensor([probe], device=dst.device))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(str(e)) from None
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     policy = Policy(model, cfg.backend)
@@ -588,7 +598,8 @@ def _train(cfg, log, handle_signals):
     ref = torch.load(cache) if cache.exists() else None
     policy = None
     if ref is None:
-        policy = build_policy(cfg.model, cfg, dst)
+        policy = build_policy(cfg.model, cfg, dst, probe=examples[0].chosen[:64] if examples
+                              else None)
         t0 = time.perf_counter()
         ref = sequence_logps(policy, examples, cfg, dst.device, dst)
         log(f"reference log-probs: {ref.numel()} sequences in {time.perf_counter() - t0:.1f}s "

@@ -26,6 +26,9 @@ position_ids=None, cu_seqlens=None, ignore_index=-100) -> targets`` (``input_ids
 prompt_lengths=None, position_ids=None, cu_seqlens=None, average=False, backend="auto",
 backend_options=None) -> Tensor [S]`` with ``S`` = rows (padded) or packed sequences.
 
+``check_logits(model, input_ids, *, atol=None, **model_kwargs) -> float``: the fused head against
+the model's own logits on one short batch (``ValueError`` when they differ).
+
 Logits: what a model does to them after its head must be a softcap and/or a scale the fused
 head expresses (``logits = softcap(hidden @ weight.T + bias) / temperature``): the softcaps
 ``final_logit_softcapping``, ``logits_soft_cap`` (RecurrentGemma), ``output_logit_soft_cap``
@@ -44,8 +47,9 @@ naming the model for what the fused head does not express: a head with parameter
 (``output_multiplier``, MuseSpark / MuseGlimmer), a softcap and a scale together, a head that
 does not see one hidden state per token (ProphetNet's n-gram streams), or Inkling's cut of a
 sharded (DTensor, FSDP2) head's weight (the slice would gather the whole head and keep it until
-the backward). A family not listed here may transform its logits in its own ``forward``: compare
-``completion_logprobs`` with its own logits once.
+the backward). A family not listed here may transform its logits in its own ``forward``:
+``check_logits(model, input_ids)`` compares the fused head with its own logits once (``spot
+train`` does, at start).
 
 Batches
 -------
@@ -91,7 +95,8 @@ import torch
 from . import distributed as _distributed
 from . import functional as F
 
-__all__ = ["HeadInputs", "head_inputs", "completion_logprobs", "next_token_targets", "lm_head"]
+__all__ = ["HeadInputs", "head_inputs", "completion_logprobs", "next_token_targets", "lm_head",
+           "check_logits"]
 
 
 @dataclass
@@ -560,3 +565,41 @@ def completion_logprobs(model, input_ids, *, attention_mask=None, completion_mas
     cu = torch.zeros(s + 1, dtype=torch.long, device=logp.device)
     cu[1:] = torch.cumsum(counts, 0)
     return F.sequence_logprobs(logp, cu, average=average)
+
+
+def check_logits(model, input_ids, *, atol=None, **model_kwargs):
+    """Checks the fused head against ``model``'s own logits on one short batch; returns the
+    largest difference of their log-softmax (float64 on our side).
+
+    For a family this module has not seen, or a transformers release that changed what a model
+    does to its logits: ``model(input_ids).logits`` is materialised once (keep ``input_ids``
+    short: ``[tokens x vocab]``) and compared with ``softcap(hidden W^T + b) / temperature`` from
+    :func:`head_inputs`. ``ValueError`` naming the model when they differ by more than ``atol``
+    (default: ``1e-3 + 2 eps max|logit|`` with the logits' dtype's ``eps``, what their rounding
+    can explain: 0.5 for bfloat16 logits up to 32). A random head has small logits that barely
+    show a softcap: check trained weights.
+    """
+    inner = _unwrap(model)
+    with torch.no_grad():
+        kw = dict(model_kwargs, use_cache=model_kwargs.get("use_cache", False))
+        own = model(input_ids=input_ids, **kw).logits
+        hi = head_inputs(model, input_ids, **model_kwargs)
+        hidden = hi.hidden.double()
+        z = hidden @ hi.weight.double().T
+        if hi.bias is not None:
+            z = z + hi.bias.double()
+        if hi.softcap is not None:
+            z = hi.softcap * torch.tanh(z / hi.softcap)
+        z = (z / hi.temperature).log_softmax(-1)
+        if own.shape != z.shape:
+            raise ValueError(f"model: {type(inner).__name__}'s logits have shape "
+                             f"{tuple(own.shape)}, the fused head's {tuple(z.shape)}")
+        diff = float((own.double().log_softmax(-1) - z).abs().max()) if z.numel() else 0.0
+    if atol is None:  # what the model's own rounding of its logits can explain, and a bit
+        top = float(own.abs().max()) if own.numel() else 0.0
+        atol = 1e-3 + 2 * torch.finfo(own.dtype).eps * top
+    if not diff <= atol:  # NaN fails too
+        raise ValueError(f"model: {type(inner).__name__}'s own log-probs and the fused head's "
+                         f"differ by up to {diff:.3g} (> {atol:g}): it transforms its logits in a "
+                         f"way this module does not reproduce")
+    return diff

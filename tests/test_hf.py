@@ -593,3 +593,38 @@ def test_roberta_family_packed(arch):
         ours = hf.completion_logprobs(model, torch.cat(seqs),
                                       cu_seqlens=torch.tensor([0] + LENS).cumsum(0))
     torch.testing.assert_close(ours.double(), truth, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["falcon_h1", "recurrent_gemma", "minicpm3", "inkling_text",
+                                  "gemma3"])
+def test_check_logits_passes_the_families_it_knows(arch):
+    """check_logits reproduces each family's own logits (a head of N(0, 1) weights: logits of
+    tens, where a missed softcap or scale shows), in float32 and bfloat16."""
+    model = _family_model(arch)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0, 1)
+    ids = torch.randint(4, 48, (2, 9), generator=torch.Generator().manual_seed(5))
+    assert hf.check_logits(model, ids) <= 1e-3
+    hf.check_logits(model.to(torch.bfloat16), ids)
+
+
+def test_check_logits_catches_what_this_module_does_not_know(monkeypatch):
+    """A model whose forward transforms its logits in a way hf does not reproduce: a
+    ValueError naming the model and the difference."""
+    _needs("hyperclovax")
+    from transformers import HyperCLOVAXConfig, HyperCLOVAXForCausalLM
+    torch.manual_seed(0)
+    model = HyperCLOVAXForCausalLM(HyperCLOVAXConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, logits_scaling=4.0)).eval()
+    ids = torch.randint(4, 64, (1, 9), generator=torch.Generator().manual_seed(7))
+    hf.check_logits(model, ids)
+    monkeypatch.setattr(hf, "_MULTIPLY_SCALING", set())  # as if hf took it for Granite's
+    with pytest.raises(ValueError, match=r"HyperCLOVAXForCausalLM's own log-probs and the fused "
+                                         r"head's differ by up to [0-9.]+ \(> 0\.001"):
+        hf.check_logits(model, ids)
+    monkeypatch.undo()
+    model.register_forward_hook(  # a forward that scales its logits after the head
+        lambda mod, args, out: out.__class__(**{**out, "logits": out.logits * 1.5}))
+    with pytest.raises(ValueError, match="differ by up to"):
+        hf.check_logits(model, ids)

@@ -481,3 +481,31 @@ def test_device_setting_picks_cpu_or_refuses_a_process_without_a_gpu(monkeypatch
         with pytest.raises(ConfigError, match="process 1 of this machine has no GPU of its own "
                                               r"\(1 visible\).*--nproc_per_node 1"):
             Dist(device)
+
+
+def test_a_model_whose_logits_the_fused_head_misses_is_refused(workdir, tmp_path, monkeypatch):
+    """Before the reference pass the fused head is checked against the model's own logits on
+    the first pair: a family whose logit transform spot_kernels.hf gets wrong (here HyperCLOVAX's
+    multiplying logits_scaling, with hf made to divide as for Granite) stops the run with one
+    line, before any output is written; the same model trains when hf knows it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from spot.config import ConfigError
+    from spot_kernels import hf
+    if "hyperclovax" not in CONFIG_MAPPING:
+        pytest.skip("this transformers has no HyperCLOVAX")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "hyperclovax", vocab_size=len(build_tokenizer()), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, logits_scaling=4.0))
+    model.save_pretrained(tmp_path / "model")
+    build_tokenizer().save_pretrained(tmp_path / "model")
+    cfg = dict(model=str(tmp_path / "model"), max_steps=1)
+    monkeypatch.setattr(hf, "_MULTIPLY_SCALING", set())
+    with pytest.raises(ConfigError, match="HyperCLOVAXForCausalLM's own log-probs and the fused "
+                                          "head's differ by up to"):
+        train(_cfg(workdir, tmp_path / "o", **cfg), log=lambda m: None)
+    assert not (tmp_path / "o").exists()
+    monkeypatch.undo()
+    assert train(_cfg(workdir, tmp_path / "o", **cfg), log=lambda m: None)["steps"] == 1
