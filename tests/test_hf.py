@@ -506,6 +506,8 @@ def test_composite_around_a_whole_causal_lm():
     torch.testing.assert_close(ours.double()[0], truth, atol=1e-4, rtol=1e-5)
 
 
+# Inkling's own forward slices its logits to unpadded_vocab_size (a view, which FSDP2 warns of)
+@pytest.mark.filterwarnings("ignore:FSDP2-wrapped module .* returned a view tensor")
 def test_unpadded_vocab_of_a_sharded_head(tmp_path):
     """Cutting a sharded (DTensor, FSDP2) head's weight to unpadded_vocab_size would gather the
     whole head: a ValueError naming the model and both sizes (also for a head in its own FSDP2
