@@ -575,8 +575,9 @@ def check_logits(model, input_ids, *, atol=None, **model_kwargs):
     does to its logits: ``model(input_ids).logits`` is materialised once (keep ``input_ids``
     short: ``[tokens x vocab]``) and compared with ``softcap(hidden W^T + b) / temperature`` from
     :func:`head_inputs`. ``ValueError`` naming the model when they differ by more than ``atol``
-    (default: ``1e-3 + 2 eps max|logit|`` with the logits' dtype's ``eps``, what their rounding
-    can explain: 0.5 for bfloat16 logits up to 32). A random head has small logits that barely
+    (default: ``1e-3 + 2 eps max|logit|`` with the logits' dtype's ``eps``, or TF32's for float32
+    GEMMs on a GPU at ``torch.set_float32_matmul_precision("high")``: what their rounding can
+    explain, 0.5 for bfloat16 logits up to 32). A random head has small logits that barely
     show a softcap: check trained weights.
     """
     inner = _unwrap(model)
@@ -597,7 +598,11 @@ def check_logits(model, input_ids, *, atol=None, **model_kwargs):
         diff = float((own.double().log_softmax(-1) - z).abs().max()) if z.numel() else 0.0
     if atol is None:  # what the model's own rounding of its logits can explain, and a bit
         top = float(own.abs().max()) if own.numel() else 0.0
-        atol = 1e-3 + 2 * torch.finfo(own.dtype).eps * top
+        eps = torch.finfo(own.dtype).eps
+        if own.dtype == torch.float32 and own.is_cuda:  # TF32 / bf16 GEMMs for float32
+            eps = {"high": 2.0 ** -10, "medium": 2.0 ** -7}.get(
+                torch.get_float32_matmul_precision(), eps)
+        atol = 1e-3 + 2 * eps * top
     if not diff <= atol:  # NaN fails too
         raise ValueError(f"model: {type(inner).__name__}'s own log-probs and the fused head's "
                          f"differ by up to {diff:.3g} (> {atol:g}): it transforms its logits in a "
