@@ -597,9 +597,9 @@ def _train(cfg, log, handle_signals):
     cache = Path(cfg.cache_dir or out / ".cache") / f"ref-{fingerprint}.pt"
     ref = torch.load(cache) if cache.exists() else None
     policy = None
+    probe = examples[0].chosen[:64] if examples else None  # build_policy checks the head on it
     if ref is None:
-        policy = build_policy(cfg.model, cfg, dst, probe=examples[0].chosen[:64] if examples
-                              else None)
+        policy = build_policy(cfg.model, cfg, dst, probe)
         t0 = time.perf_counter()
         ref = sequence_logps(policy, examples, cfg, dst.device, dst)
         log(f"reference log-probs: {ref.numel()} sequences in {time.perf_counter() - t0:.1f}s "
@@ -613,7 +613,7 @@ def _train(cfg, log, handle_signals):
     else:
         log(f"reference log-probs: cached {cache}")
     if policy is None:
-        policy = build_policy(str(ckpt) if ckpt else cfg.model, cfg, dst)
+        policy = build_policy(str(ckpt) if ckpt else cfg.model, cfg, dst, probe)
     policy.train()
     if dst.main:  # only once the model has loaded: a bad --model leaves no empty folder
         out.mkdir(parents=True, exist_ok=True)

@@ -26,8 +26,9 @@ position_ids=None, cu_seqlens=None, ignore_index=-100) -> targets`` (``input_ids
 prompt_lengths=None, position_ids=None, cu_seqlens=None, average=False, backend="auto",
 backend_options=None) -> Tensor [S]`` with ``S`` = rows (padded) or packed sequences.
 
-``check_logits(model, input_ids, *, atol=None, **model_kwargs) -> float``: the fused head against
-the model's own logits on one short batch (``ValueError`` when they differ).
+``check_logits(model, input_ids, *, atol=None, vocab_chunk=8192, **model_kwargs) -> float``: the
+head as read here against the model's own logits on one short batch (``ValueError`` when they
+differ).
 
 Logits: what a model does to them after its head must be a softcap and/or a scale the fused
 head expresses (``logits = softcap(hidden @ weight.T + bias) / temperature``): the softcaps
@@ -567,44 +568,72 @@ def completion_logprobs(model, input_ids, *, attention_mask=None, completion_mas
     return F.sequence_logprobs(logp, cu, average=average)
 
 
-def check_logits(model, input_ids, *, atol=None, **model_kwargs):
-    """Checks the fused head against ``model``'s own logits on one short batch; returns the
-    largest difference of their log-softmax (float64 on our side).
+def _matmul_eps(x, fallback):
+    """The unit roundoff of a float32 GEMM on ``x``'s GPU: TF32's or bf16's when allowed."""
+    if x.dtype != torch.float32 or not x.is_cuda:
+        return fallback
+    try:
+        precision = torch.get_float32_matmul_precision()
+    except RuntimeError:  # newer torch: set through backends' fp32_precision instead
+        precision = "high" if torch.backends.cuda.matmul.allow_tf32 else "highest"
+    return {"high": 2.0 ** -10, "medium": 2.0 ** -7}.get(precision, fallback)
+
+
+def check_logits(model, input_ids, *, atol=None, vocab_chunk=8192, **model_kwargs):
+    """Checks this module's reading of ``model``'s head against the model's own logits on one
+    short batch; returns the largest difference of their log-softmax.
 
     For a family this module has not seen, or a transformers release that changed what a model
     does to its logits: ``model(input_ids).logits`` is materialised once (keep ``input_ids``
-    short: ``[tokens x vocab]``) and compared with ``softcap(hidden W^T + b) / temperature`` from
-    :func:`head_inputs`. ``ValueError`` naming the model when they differ by more than ``atol``
-    (default: ``1e-3 + 2 eps max|logit|`` with the logits' dtype's ``eps``, or TF32's for float32
-    GEMMs on a GPU at ``torch.set_float32_matmul_precision("high")``: what their rounding can
-    explain, 0.5 for bfloat16 logits up to 32). A random head has small logits that barely
-    show a softcap: check trained weights.
+    short: ``[tokens x vocab]``; ``[L]`` is one row) and compared with ``softcap(hidden W^T + b) /
+    temperature`` from :func:`head_inputs`, in float64 (the weight cast ``vocab_chunk`` rows at a
+    time). It checks the hidden states, softcap, scale and vocabulary cut, not the kernels. Give
+    unpadded rows; with an ``attention_mask`` only attended tokens count and both forwards get
+    the same positions. ``ValueError`` naming the model when the two differ by more than ``atol``
+    (default ``1e-3 + 2 eps max|logit|``, with ``eps`` the coarsest rounding on the way: of the
+    logits', hidden states' and weight's dtypes, an enabled autocast's, and TF32's or bf16's for
+    float32 GEMMs on a GPU where ``torch.set_float32_matmul_precision`` allows them; 0.5 for
+    bfloat16 logits up to 32). A random head has small logits that barely show a softcap (a
+    scale shows): check trained weights.
     """
     inner = _unwrap(model)
+    name = type(inner).__name__
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.numel() == 0:
+        raise ValueError("input_ids: empty; check_logits needs at least one token")
+    mask = model_kwargs.get("attention_mask")
+    if mask is not None and "position_ids" not in model_kwargs:
+        model_kwargs = dict(model_kwargs, position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0))
     with torch.no_grad():
         kw = dict(model_kwargs, use_cache=model_kwargs.get("use_cache", False))
         own = model(input_ids=input_ids, **kw).logits
         hi = head_inputs(model, input_ids, **model_kwargs)
         hidden = hi.hidden.double()
-        z = hidden @ hi.weight.double().T
+        z = torch.cat([hidden @ w.double().T for w in hi.weight.split(vocab_chunk)], -1)
         if hi.bias is not None:
             z = z + hi.bias.double()
         if hi.softcap is not None:
             z = hi.softcap * torch.tanh(z / hi.softcap)
         z = (z / hi.temperature).log_softmax(-1)
         if own.shape != z.shape:
-            raise ValueError(f"model: {type(inner).__name__}'s logits have shape "
-                             f"{tuple(own.shape)}, the fused head's {tuple(z.shape)}")
-        diff = float((own.double().log_softmax(-1) - z).abs().max()) if z.numel() else 0.0
-    if atol is None:  # what the model's own rounding of its logits can explain, and a bit
-        top = float(own.abs().max()) if own.numel() else 0.0
-        eps = torch.finfo(own.dtype).eps
-        if own.dtype == torch.float32 and own.is_cuda:  # TF32 / bf16 GEMMs for float32
-            eps = {"high": 2.0 ** -10, "medium": 2.0 ** -7}.get(
-                torch.get_float32_matmul_precision(), eps)
-        atol = 1e-3 + 2 * eps * top
-    if not diff <= atol:  # NaN fails too
-        raise ValueError(f"model: {type(inner).__name__}'s own log-probs and the fused head's "
-                         f"differ by up to {diff:.3g} (> {atol:g}): it transforms its logits in a "
-                         f"way this module does not reproduce")
+            raise ValueError(f"model: {name}'s logits have shape {tuple(own.shape)}, the fused "
+                             f"head's {tuple(z.shape)}")
+        gap = (own.double().log_softmax(-1) - z).abs().amax(-1)
+        if mask is not None:
+            gap = gap[mask.bool()]
+        diff = float(gap.max()) if gap.numel() else 0.0
+    if atol is None:  # what rounding on the model's way to its logits can explain, and a bit
+        dtypes = {own.dtype, hi.hidden.dtype, hi.weight.dtype}
+        kind = own.device.type
+        if torch.is_autocast_enabled(kind):
+            dtypes.add(torch.get_autocast_dtype(kind))
+        eps = max(_matmul_eps(own, torch.finfo(d).eps) for d in dtypes if d.is_floating_point)
+        atol = 1e-3 + 2 * eps * float(own.abs().max())
+    if diff != diff:
+        raise ValueError(f"model: {name}'s own log-probs or the fused head's are NaN")
+    if diff > atol:
+        raise ValueError(f"model: {name}'s own log-probs and the fused head's differ by up to "
+                         f"{diff:.3g} (> {atol:g}): it transforms its logits in a way this module "
+                         f"does not reproduce")
     return diff

@@ -630,3 +630,28 @@ def test_check_logits_catches_what_this_module_does_not_know(monkeypatch):
         lambda mod, args, out: out.__class__(**{**out, "logits": out.logits * 1.5}))
     with pytest.raises(ValueError, match="differ by up to"):
         hf.check_logits(model, ids)
+
+
+def test_check_logits_allows_for_the_models_own_rounding():
+    """Mamba runs its head in bfloat16 and returns float32 logits (``.float()``): the bound
+    counts the weights' rounding, not just the logits' dtype. A left-padded batch with its mask:
+    only attended tokens count, both forwards at the same positions (GPT-2's own forward would
+    count padding)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(0)
+    mamba = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "mamba", vocab_size=128, hidden_size=64, num_hidden_layers=2, state_size=8)).eval()
+    with torch.no_grad():
+        mamba.get_output_embeddings().weight.normal_(0, 1)
+    ids = torch.randint(4, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    assert hf.check_logits(mamba, ids) < 1e-3
+    mamba.to(torch.bfloat16)
+    assert mamba(ids).logits.dtype == torch.float32  # the case at hand
+    assert 0.01 < hf.check_logits(mamba, ids[0]) < 1  # a 1-D row; bf16 rounding, allowed
+    gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=128)).eval()
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    assert hf.check_logits(gpt2, ids, attention_mask=mask) < 1e-4
+    with pytest.raises(ValueError, match="empty"):
+        hf.check_logits(gpt2, ids[:, :0])

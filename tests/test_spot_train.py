@@ -501,11 +501,15 @@ def test_a_model_whose_logits_the_fused_head_misses_is_refused(workdir, tmp_path
         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, logits_scaling=4.0))
     model.save_pretrained(tmp_path / "model")
     build_tokenizer().save_pretrained(tmp_path / "model")
-    cfg = dict(model=str(tmp_path / "model"), max_steps=1)
+    cfg = dict(model=str(tmp_path / "model"), max_steps=1, cache_dir=str(tmp_path / "cache"))
+    wrong = "HyperCLOVAXForCausalLM's own log-probs and the fused head's differ by up to"
     monkeypatch.setattr(hf, "_MULTIPLY_SCALING", set())
-    with pytest.raises(ConfigError, match="HyperCLOVAXForCausalLM's own log-probs and the fused "
-                                          "head's differ by up to"):
+    with pytest.raises(ConfigError, match=wrong):
         train(_cfg(workdir, tmp_path / "o", **cfg), log=lambda m: None)
     assert not (tmp_path / "o").exists()
     monkeypatch.undo()
     assert train(_cfg(workdir, tmp_path / "o", **cfg), log=lambda m: None)["steps"] == 1
+    assert list((tmp_path / "cache").glob("ref-*.pt"))
+    monkeypatch.setattr(hf, "_MULTIPLY_SCALING", set())  # checked with the reference cached too
+    with pytest.raises(ConfigError, match=wrong):
+        train(_cfg(workdir, tmp_path / "p", **cfg), log=lambda m: None)
