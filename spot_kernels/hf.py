@@ -95,6 +95,7 @@ import torch
 
 from . import distributed as _distributed
 from . import functional as F
+from . import reference as _reference
 
 __all__ = ["HeadInputs", "head_inputs", "completion_logprobs", "next_token_targets", "lm_head",
            "check_logits"]
@@ -568,15 +569,13 @@ def completion_logprobs(model, input_ids, *, attention_mask=None, completion_mas
     return F.sequence_logprobs(logp, cu, average=average)
 
 
-def _matmul_eps(x, fallback):
-    """The unit roundoff of a float32 GEMM on ``x``'s GPU: TF32's or bf16's when allowed."""
-    if x.dtype != torch.float32 or not x.is_cuda:
-        return fallback
+def _float32_gemm_eps():
+    """The unit roundoff of a float32 GEMM on a GPU: TF32's or bf16's where allowed."""
     try:
         precision = torch.get_float32_matmul_precision()
     except RuntimeError:  # newer torch: set through backends' fp32_precision instead
         precision = "high" if torch.backends.cuda.matmul.allow_tf32 else "highest"
-    return {"high": 2.0 ** -10, "medium": 2.0 ** -7}.get(precision, fallback)
+    return {"high": 2.0 ** -10, "medium": 2.0 ** -7}.get(precision, torch.finfo(torch.float32).eps)
 
 
 def check_logits(model, input_ids, *, atol=None, vocab_chunk=8192, **model_kwargs):
@@ -609,13 +608,11 @@ def check_logits(model, input_ids, *, atol=None, vocab_chunk=8192, **model_kwarg
         kw = dict(model_kwargs, use_cache=model_kwargs.get("use_cache", False))
         own = model(input_ids=input_ids, **kw).logits
         hi = head_inputs(model, input_ids, **model_kwargs)
-        hidden = hi.hidden.double()
-        z = torch.cat([hidden @ w.double().T for w in hi.weight.split(vocab_chunk)], -1)
-        if hi.bias is not None:
-            z = z + hi.bias.double()
-        if hi.softcap is not None:
-            z = hi.softcap * torch.tanh(z / hi.softcap)
-        z = (z / hi.temperature).log_softmax(-1)
+        ws = hi.weight.split(vocab_chunk)  # the float64 copy one chunk at a time
+        bs = [None] * len(ws) if hi.bias is None else hi.bias.split(vocab_chunk)
+        z = torch.cat([_reference.logits(hi.hidden, w, b, temperature=hi.temperature,
+                                         softcap=hi.softcap, compute_dtype=torch.float64)
+                       for w, b in zip(ws, bs)], -1).log_softmax(-1)
         if own.shape != z.shape:
             raise ValueError(f"model: {name}'s logits have shape {tuple(own.shape)}, the fused "
                              f"head's {tuple(z.shape)}")
@@ -628,7 +625,9 @@ def check_logits(model, input_ids, *, atol=None, vocab_chunk=8192, **model_kwarg
         kind = own.device.type
         if torch.is_autocast_enabled(kind):
             dtypes.add(torch.get_autocast_dtype(kind))
-        eps = max(_matmul_eps(own, torch.finfo(d).eps) for d in dtypes if d.is_floating_point)
+        eps = max(torch.finfo(d).eps for d in dtypes if d.is_floating_point)
+        if own.is_cuda and torch.float32 in dtypes:
+            eps = max(eps, _float32_gemm_eps())
         atol = 1e-3 + 2 * eps * float(own.abs().max())
     if diff != diff:
         raise ValueError(f"model: {name}'s own log-probs or the fused head's are NaN")
