@@ -1,8 +1,9 @@
 # The two commands a newcomer needs: `make demo` and `make test`.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-# Triton kernels run on the CPU through Triton's interpreter in the tests.
-export TRITON_INTERPRET ?= 1
+# Triton kernels run on the CPU through Triton's interpreter in the tests; on a machine with an
+# NVIDIA GPU (nvidia-smi) they compile for it instead (the interpreted CPU tests then skip).
+export TRITON_INTERPRET ?= $(if $(shell command -v nvidia-smi 2>/dev/null),0,1)
 
 .PHONY: test demo install install-train bench wheels
 
@@ -44,8 +45,10 @@ bench: install
 # Peers for benchmarks/gpu_suite.sh on a GPU machine without network: their wheels into the
 # git-ignored wheels/ folder, which the suite installs first (without dependencies), for that
 # machine's Python. trl's fused head imports trl.trainer.utils in its backward, which needs
-# datasets (and its dill, multiprocess), missing from the GPU image.
+# datasets (and its dill, multiprocess), missing from the GPU image. Pinned, so that runs on
+# different days compare the same peers (the suite records their versions in ceilings.json).
 WHEELS_PYTHON ?= 3.12
 wheels:
 	$(PIP) download -q --no-deps --only-binary=:all: --python-version $(WHEELS_PYTHON) -d wheels \
-	  liger-kernel cut-cross-entropy trl==1.16.0 datasets dill multiprocess
+	  liger-kernel==0.8.5 cut-cross-entropy==25.1.1 trl==1.16.0 datasets==5.2.0 dill==0.4.1 \
+	  multiprocess==0.70.19

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -49,21 +50,29 @@ def find_nvcc():
 
 
 def arch_list(spec=None):
-    """``"80;86;89;90"`` (``;``, ``,`` or spaces) -> ``["80", "86", "89", "90"]``."""
+    """``"80;86;89;90"`` (``;``, ``,`` or spaces) -> ``["80", "86", "89", "90"]``. A compute
+    capability is two or three digits (``90``, ``100``, ``8.6``, ``sm_120``), optionally with
+    ``a`` (architecture-specific code: runs on exactly that GPU) or ``f`` (family-specific)."""
     spec = os.environ.get("SPOT_CUDA_ARCHS", DEFAULT_ARCHS) if spec is None else spec
     archs = [a.strip().replace(".", "").removeprefix("sm_")
              for a in spec.replace(",", ";").replace(" ", ";").split(";") if a.strip()]
-    if not archs or not all(a[:2].isdigit() and a[2:] in ("", "a") for a in archs):
+    if not archs or not all(re.fullmatch(r"[1-9][0-9]{1,2}[af]?", a) for a in archs):
         raise ValueError(f"SPOT_CUDA_ARCHS must list compute capabilities like '80;90', got {spec!r}")
     return archs
 
 
+def arch_number(arch):
+    """``"90a"`` -> 90, ``"120"`` -> 120."""
+    return int(arch.rstrip("af"))
+
+
 def gencode_flags(archs):
-    """SASS for every arch, plus PTX for the highest one (forward compatibility)."""
+    """SASS for every arch, plus portable PTX (no ``a``/``f`` suffix) for the highest one, which
+    the driver compiles for any later GPU."""
     flags = []
     for a in archs:
         flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-    top = max(archs, key=lambda a: int(a[:2]))
+    top = max(arch_number(a) for a in archs)
     flags += ["-gencode", f"arch=compute_{top},code=compute_{top}"]
     return flags
 

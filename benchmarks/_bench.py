@@ -694,7 +694,7 @@ def bench(benchmark, case, device, *, rounds, full=False, gemm=True, deadline=No
                         f"{err:.3e} > bound {bound:.3e}")
 
     grad_checks = []
-    if case.mode == "fwd_bwd":
+    if case.mode in ("fwd_bwd", "spot_loss"):  # spot_loss's gradient is the per-token one's
         try:
             eps = backend_of(case.impl)[1].get("filter_eps", 0.0) if case.impl in OURS else 0.0
             grad_checks = check_grads(case.impl, impl, x0, filter_eps=eps)
@@ -726,7 +726,7 @@ def bench(benchmark, case, device, *, rounds, full=False, gemm=True, deadline=No
         own.append(time.perf_counter() - t0)
 
     try:
-        if not grad_checks:  # the gradient check's forward+backward was the warm-up already
+        if case.mode != "fwd_bwd" or not grad_checks:  # else the gradient check was the warm-up
             run_mode(case.mode, impl, case.impl, x0)  # compilation, allocator, handles
         sync(device)
         benchmark.pedantic(target, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
@@ -802,8 +802,9 @@ def cases(mode, device, full):
     def add(prio, head, n, d, v, dtype, impls=IMPLS):
         order = sorted(impls, key=lambda i: i != "naive")  # naive (when present) first
         for impl in order:
-            # torch.compile compiles per shape and mode (tens of seconds): after everything else
-            p = prio + 30 if impl == "naive_compile" and big else prio
+            # torch.compile compiles per shape and mode (tens of seconds): the forward+backward at
+            # the main shape after its Triton variants, the other modes after everything else
+            p = prio if impl != "naive_compile" or not big else 2.5 if prio == 0 else prio + 30
             out.append(Case(mode, head, n, d, v, dtype, impl, p))
 
     if not big:

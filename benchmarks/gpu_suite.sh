@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_suite.sh [--out DIR] [--dry-run] [--tune]
 #
 # Stages, each under `timeout` and a share of one wall-clock budget (SUITE_BUDGET_S seconds,
-# default 420, so the whole suite ends within 8 minutes on an H200):
+# default 480: the whole suite ends within 8 minutes on an H200):
 #   1. install: wheels from a git-ignored wheels/ folder if present (peers such as liger-kernel
 #      and cut-cross-entropy for a machine without network), then the package with its CUDA
 #      extension: pip install --no-build-isolation --no-deps -e .
@@ -12,17 +12,16 @@
 #      written) and an 8192^3 bf16 GEMM (TFLOP/s), on random data after warm-up;
 #   3. pytest tests/ -m "gpu and not sweep" (the dedicated GPU tests; at most 120 s, and never
 #      into the last 200 s, which are the benchmarks'), in parallel workers with pytest-xdist;
-#   4. compute-sanitizer --tool memcheck on benchmarks/cuda_memcheck.py (without torch's caching
-#      allocator; at most 45 s), when that script exists, the CUDA extension imports,
-#      compute-sanitizer is on the PATH and the machine is not gVisor (whose sanitizer refuses
-#      the device);
-#   5. pytest benchmarks/ --full with --benchmark-json into DIR; points that would start after the
+#   4. pytest benchmarks/ --full with --benchmark-json into DIR; points that would start after the
 #      budget are skipped by the suite itself (--budget-s), so a cut run still writes its JSON;
-#      then, after the report (6), pytest -m sweep (every test of the backend fixture again on
-#      device="cuda") in what time is left, if 60 s or more (running out of time there is
-#      "cut", not a failure; a second call can run it: pytest tests/ -m sweep);
-#   6. benchmarks/report.py (before the sweep): DIR/results.md and plots, from the JSON or, when
-#      a cut run wrote none, from DIR/points.jsonl (each point as it finished); the compact
+#   5. benchmarks/report.py: DIR/results.md and plots, from the JSON or, when a cut run wrote
+#      none, from DIR/points.jsonl (each point as it finished);
+#   6. compute-sanitizer --tool memcheck on benchmarks/cuda_memcheck.py (without torch's caching
+#      allocator; at most 45 s, kept free of the benchmarks), when that script exists, the CUDA
+#      extension imports, compute-sanitizer is on the PATH and the machine is not gVisor (whose
+#      sanitizer refuses the device); then pytest -m sweep (every test of the backend fixture
+#      again on device="cuda") in what time is left, if 60 s or more (running out of time there
+#      is "cut", not a failure; a second call can run it: pytest tests/ -m sweep). The compact
 #      summary table is printed LAST.
 # On a leased GPU machine whose outer time limit is L seconds: SUITE_BUDGET_S=$((L - 60)) and
 # --out under the folder that comes back; carry wheels/ along for the peers.
@@ -59,7 +58,7 @@ done
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 2
 PY="${PYTHON:-python3}"
-BUDGET="${SUITE_BUDGET_S:-420}"
+BUDGET="${SUITE_BUDGET_S:-480}"
 case "$BUDGET" in ''|*[!0-9]*) echo "gpu_suite.sh: SUITE_BUDGET_S must be whole seconds, got '$BUDGET'" >&2; exit 2 ;; esac
 [ -n "$OUT_DIR" ] || OUT_DIR="benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M%S)"
 mkdir -p "$OUT_DIR" || exit 2
@@ -67,6 +66,10 @@ OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 LOG="$OUT_DIR/suite.log"
 : > "$LOG"
 exec > >(tee -a "$LOG") 2>&1
+TEE_PID=$!
+# the last lines reach the log and the caller before the script ends: close the pipe into tee,
+# then wait for it to drain
+finish() { exec 1>&- 2>&-; wait "$TEE_PID" 2> /dev/null; exit "$1"; }
 export PYTHONUNBUFFERED=1
 if [ "$DRY" = 1 ]; then export TRITON_INTERPRET=1; else unset TRITON_INTERPRET; fi
 if [ "$DRY" != 1 ]; then  # nvcc (setup.py) and compute-sanitizer where CUDA is not on PATH
@@ -161,6 +164,12 @@ import torch
 dry, path = sys.argv[1] == "1", sys.argv[2]
 cuda = torch.cuda.is_available() and not dry
 out = {"torch": torch.__version__}
+from importlib import metadata
+for dist in ("transformers", "liger-kernel", "cut-cross-entropy", "trl"):  # the peers' releases
+    try:
+        out[dist] = metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        out[dist] = None
 if cuda:
     p = torch.cuda.get_device_properties(0)
     out.update(device=p.name, sms=p.multi_processor_count, memory_gb=round(p.total_memory / 1e9, 1),
@@ -172,6 +181,14 @@ if cuda:
     except ImportError:
         out["triton"] = None
     copy_bytes, gemm, dtype, dev = 4 * 2**30, 8192, torch.bfloat16, "cuda"
+    # a float32 sum of bf16 GEMMs in one call (spot_kernels/_gemm.py), or each product rounded
+    acc = torch.zeros(64, 64, device=dev)
+    x = torch.randn(64, 64, device=dev, dtype=dtype)
+    try:
+        torch.addmm(acc, x, x, out_dtype=torch.float32, out=acc)
+        out["fp32_out_addmm"] = True
+    except Exception as exc:
+        out["fp32_out_addmm"] = f"no ({type(exc).__name__})"
 else:
     import os
     out.update(device=f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
@@ -223,7 +240,7 @@ if [ "$TUNE" = 1 ]; then
   printf '%-12s %-28s %5s\n' stage status s
   for s in "${STAGES[@]}"; do echo "$s"; done
   echo "total $(( SECONDS - T0 ))s of ${BUDGET}s; files in $OUT_DIR"
-  exit $FAILED
+  finish $FAILED
 fi
 
 # 3. GPU tests ------------------------------------------------------------------------------
@@ -246,29 +263,7 @@ else
   MIN_S=60 stage gpu-tests 120 200 "$PY" -m pytest tests/ -m "gpu and not sweep" -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"}
 fi
 
-# 4. CUDA memcheck --------------------------------------------------------------------------
-if [ ! -f benchmarks/cuda_memcheck.py ]; then
-  note memcheck "skipped (no cuda_memcheck.py)"
-elif [ "$DRY" = 1 ]; then
-  note memcheck "skipped (dry run)"
-elif ! command -v compute-sanitizer > /dev/null; then
-  note memcheck "skipped (no compute-sanitizer)"
-elif [ "${CUDA_EXT:-0}" != 1 ]; then
-  note memcheck "skipped (CUDA extension not built)"
-elif [ "$(uname -r)" = "4.4.0" ]; then
-  # gVisor reports kernel 4.4.0; compute-sanitizer refuses the device there
-  note memcheck "skipped (gVisor: no sanitizer)"
-else
-  # no caching allocator: each tensor its own cudaMalloc, so a read past one is seen
-  # API errors are not reported (CUDA 13's loader probes cuGetProcAddress and fails some
-  # calls on purpose); device memory errors still fail the stage. Under 30 s it cannot start
-  # torch and cuBLAS under the sanitizer: skipped then, and cut (not failed) by the budget
-  MIN_S=30 SOFT=1 stage memcheck 45 200 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-    compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 1 \
-    "$PY" benchmarks/cuda_memcheck.py
-fi
-
-# 5. benchmarks -----------------------------------------------------------------------------
+# 4. benchmarks -----------------------------------------------------------------------------
 BENCH_JSON="$OUT_DIR/bench.json"
 POINTS="$OUT_DIR/points.jsonl"  # each point as it finishes: survives a kill of the whole call
 rm -f "$BENCH_JSON" "$POINTS"
@@ -277,12 +272,17 @@ if [ "$DRY" = 1 ]; then
 else
   BENCH_ARGS=(benchmarks/ --full)
 fi
-BLEFT=$(( $(left) - 20 ))
-stage benchmarks "$BLEFT" 20 "$PY" -m pytest "${BENCH_ARGS[@]}" -q -rs -p no:cacheprovider \
+MEMCHECK_S=0  # the time kept for memcheck after the benchmarks, when it can run
+if [ "$DRY" = 0 ] && [ -f benchmarks/cuda_memcheck.py ] && [ "${CUDA_EXT:-0}" = 1 ] &&
+   command -v compute-sanitizer > /dev/null && [ "$(uname -r)" != "4.4.0" ]; then
+  MEMCHECK_S=50
+fi
+BLEFT=$(( $(left) - 20 - MEMCHECK_S ))
+stage benchmarks "$BLEFT" $(( 20 + MEMCHECK_S )) "$PY" -m pytest "${BENCH_ARGS[@]}" -q -rs -p no:cacheprovider \
   --budget-s "$(( BLEFT > 60 ? BLEFT - 45 : BLEFT / 2 ))" --benchmark-json "$BENCH_JSON" \
   --points "$POINTS" --benchmark-columns=median,rounds
 
-# 6. report and summary (before the sweep, so that a kill during the sweep keeps them) ----------
+# 5. report and summary (before memcheck and the sweep, so that a kill there keeps them) ----------
 SUMMARY=""
 SRC=""
 # the JSON is written at the end of the run (a kill while writing leaves it cut short): it is
@@ -299,6 +299,28 @@ else
   SUMMARY="no benchmark points were written"
 fi
 
+# 6. CUDA memcheck (after the report: a slow sanitizer costs no benchmark point) -------------
+if [ ! -f benchmarks/cuda_memcheck.py ]; then
+  note memcheck "skipped (no cuda_memcheck.py)"
+elif [ "$DRY" = 1 ]; then
+  note memcheck "skipped (dry run)"
+elif ! command -v compute-sanitizer > /dev/null; then
+  note memcheck "skipped (no compute-sanitizer)"
+elif [ "${CUDA_EXT:-0}" != 1 ]; then
+  note memcheck "skipped (CUDA extension not built)"
+elif [ "$(uname -r)" = "4.4.0" ]; then
+  # gVisor reports kernel 4.4.0; compute-sanitizer refuses the device there
+  note memcheck "skipped (gVisor: no sanitizer)"
+else
+  # no caching allocator: each tensor its own cudaMalloc, so a read past one is seen
+  # API errors are not reported (CUDA 13's loader probes cuGetProcAddress and fails some
+  # calls on purpose); device memory errors still fail the stage. Under 30 s it cannot start
+  # torch and cuBLAS under the sanitizer: skipped then, and cut (not failed) by the budget
+  MIN_S=30 SOFT=1 stage memcheck 45 5 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 1 \
+    "$PY" benchmarks/cuda_memcheck.py
+fi
+
 # the sweep: every test of the backend fixture again on device="cuda", in what time is left
 if [ "$DRY" = 1 ]; then
   note gpu-sweep "skipped (dry run: no GPU)"
@@ -313,4 +335,4 @@ printf '%-12s %-28s %5s\n' stage status s
 for s in "${STAGES[@]}"; do echo "$s"; done
 echo "total $(( SECONDS - T0 ))s of ${BUDGET}s; files in $OUT_DIR"
 echo "$SUMMARY"
-exit $FAILED
+finish $FAILED

@@ -30,7 +30,12 @@ def accumulate(acc, x, y):
         try:
             torch.addmm(acc, x, y, out_dtype=torch.float32, out=acc)
             return
+        except torch.OutOfMemoryError:
+            raise  # not a missing feature: the fallback would need more memory still
         except (RuntimeError, TypeError, NotImplementedError):
+            # no out_dtype (older torch), or a float32 ``acc`` refused beside half operands
+            # (some releases check that): from now on each product is rounded once, summed in
+            # float32 (benchmarks/gpu_suite.sh records which path the GPU's torch takes)
             _fp32_out_mm[0] = False
     acc.add_(torch.mm(x, y))
 

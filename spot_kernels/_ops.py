@@ -106,9 +106,10 @@ def token_logprobs_bwd(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Te
 @token_logprobs_bwd.register_fake
 def _(hidden, weight, targets, bias, lse, logp, grad_logp, backend, temperature, softcap,
       ignore_index, need_h, need_w, need_b, options):
-    return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
-            torch.empty_like(weight) if need_w else weight.new_empty(0),
-            torch.empty_like(bias) if need_b and bias is not None else weight.new_empty(0))
+    # contiguous, as every backend returns them (empty_like would keep a transposed layout)
+    return (hidden.new_empty(hidden.shape) if need_h else hidden.new_empty(0),
+            weight.new_empty(weight.shape) if need_w else weight.new_empty(0),
+            bias.new_empty(bias.shape) if need_b and bias is not None else weight.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):

@@ -116,12 +116,23 @@ def _extension():
 
 
 def _arch_ok(archs, major, minor):
-    """Whether a module with SASS for ``archs`` (PTX for the last) runs on ``major.minor``."""
+    """Whether a module built for ``archs`` (``ext.ARCHS``: SASS for each, portable PTX for the
+    highest number) runs on compute capability ``major.minor``. Plain SASS runs on its major
+    version at the same or a higher minor; ``a`` SASS (``90a``) only on that exact GPU; ``f``
+    SASS (``100f``) on its family (same major, same or higher minor); the PTX on any GPU at
+    least as new."""
     cc = major * 10 + minor
-    built = [int(a[:2]) for a in archs.split(";") if a]
+    built = [a for a in archs.split(";") if a]
     if not built:
         return True  # unknown: let the launch report it
-    return any(b // 10 == major and b <= cc for b in built) or max(built) <= cc
+
+    def runs(a):
+        b = int(a.rstrip("af"))
+        if a.endswith("a"):
+            return b == cc
+        return b // 10 == major and b <= cc
+
+    return any(runs(a) for a in built) or max(int(a.rstrip("af")) for a in built) <= cc
 
 
 def available(device):

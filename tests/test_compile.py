@@ -30,6 +30,11 @@ def test_opcheck():
     torch.library.opcheck(_ops.token_logprobs_bwd, (h.detach(), w.detach(), t, b.detach(), lse,
                                                     logp, g, "torch", 0.9, 3.0, -100, True,
                                                     True, True, "{}"))
+    # transposed layouts (a column-major hidden, a weight that is a transposed [D, V]): the
+    # gradients come back contiguous, and the fake op must say so
+    ht, wt = h.detach().t().contiguous().t(), w.detach().t().contiguous().t()
+    torch.library.opcheck(_ops.token_logprobs_bwd, (ht, wt, t, b.detach(), lse, logp, g, "torch",
+                                                    0.9, 3.0, -100, True, True, True, "{}"))
 
 
 def test_compiled_log_probs_may_change_in_place():

@@ -133,7 +133,7 @@ def test_missing_extension_is_a_reason_not_an_import_error(monkeypatch):
                           backend="cuda")
 
 
-SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 ENTRY = re.compile(r"Compiling entry function '([^']+)' for 'sm_90'")
 
 
@@ -150,10 +150,52 @@ def test_no_register_spills_sm90(source, tmp_path):
             entry = m.group(1)
             kernels += 1
         elif (m := SPILL.search(line)) and entry is not None:
-            if int(m.group(1)) or int(m.group(2)):
+            if any(int(x) for x in m.groups()):  # spills, or arrays in local memory
                 spills.append(f"{entry}: {line.strip()}")
     assert kernels > 0, f"no kernels compiled from {source}:\n{proc.stderr[-2000:]}"
-    assert not spills, "register spills:\n" + "\n".join(spills)
+    assert not spills, "register spills or a stack frame:\n" + "\n".join(spills)
+
+
+def _setup_module(monkeypatch):
+    """setup.py's functions, without running its ``setup()``."""
+    import setuptools
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    monkeypatch.setenv("SPOT_KERNELS_BUILD_CUDA", "0")
+    spec = importlib.util.spec_from_file_location("spot_setup", ROOT / "setup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_arch_specs_and_what_runs_where(monkeypatch):
+    """Three-digit compute capabilities (Blackwell's 100, 120) and ``a``/``f`` suffixes parse;
+    the portable PTX is the highest plain number; a module runs on a GPU only where its SASS or
+    PTX can."""
+    setup = _setup_module(monkeypatch)
+    assert setup.arch_list("100; 12.0,sm_86 90a 103f") == ["100", "120", "86", "90a", "103f"]
+    for bad in ("9", "1000", "90b", "", "sm_", "090"):
+        with pytest.raises(ValueError, match="SPOT_CUDA_ARCHS"):
+            setup.arch_list(bad)
+    flags = setup.gencode_flags(["90a", "100f", "80"])
+    assert flags[-2:] == ["-gencode", "arch=compute_100,code=compute_100"]
+    assert "arch=compute_90a,code=sm_90a" in flags and "arch=compute_100f,code=sm_100f" in flags
+    ok = cuda._arch_ok
+    assert ok("80;86;89;90", 9, 0) and ok("80;86;89;90", 12, 0)  # SASS; PTX 90 for newer GPUs
+    assert ok("80", 8, 6) and not ok("86;89", 8, 0) and not ok("89", 8, 6)
+    assert not ok("100", 9, 0) and ok("100", 10, 3) and ok("120", 12, 1)
+    assert ok("90a", 9, 0) and ok("90a", 10, 0)  # the portable PTX (compute_90) runs on 10.0
+    assert ok("100a", 10, 0) and not ok("100a;120a", 10, 3)  # 100a: exactly 10.0; PTX 120
+    assert ok("100f", 10, 3) and not ok("100f", 9, 0)
+
+
+@needs_nvcc
+def test_nvcc_takes_the_gencode_flags(monkeypatch, tmp_path):
+    """The flags for a Blackwell and an ``a`` arch compile (one small source)."""
+    setup = _setup_module(monkeypatch)
+    flags = setup.gencode_flags(setup.arch_list("90a;100"))
+    proc = subprocess.run([NVCC, "-std=c++17", *flags, "-c", str(CSRC / "segment_sum.cu"),
+                           "-o", str(tmp_path / "k.o")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 def _setup_env(**extra):

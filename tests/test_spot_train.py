@@ -263,7 +263,7 @@ def test_torchrun_two_processes_agree_with_one(workdir, tmp_path):
            "--tokens-per-batch", "300", "--backend", "torch", "--no-progress", "--device", "cpu",
            "--save-every", "2"]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))  # torchrun leaves its folder there
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = train(_cfg(workdir, tmp_path / "one", max_steps=3, delta="zero", grad_accum=2),
@@ -300,7 +300,7 @@ def test_torchrun_stops_every_rank_when_one_is_signalled(workdir, tmp_path):
            "--tokens-per-batch", "300", "--backend", "torch", "--no-progress", "--device", "cpu",
            "--log-every", "100000"]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))  # torchrun leaves its folder there
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:

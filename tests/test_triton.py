@@ -95,6 +95,27 @@ def test_available_on_cpu_needs_the_interpreter(monkeypatch):
     assert (sk.available_backends("cpu")[0] == "triton") == (problem is None)
 
 
+def test_available_on_cuda(monkeypatch):
+    """On a GPU the kernels compile, on compute capability 8.0 or newer; with TRITON_INTERPRET=1
+    they are interpreted there too, so an interpreter that cannot run makes them unavailable
+    (``make test`` on a GPU machine leaves the interpreter off)."""
+    from spot_kernels import triton as tb
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cap = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap[0])
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert tb.available(torch.device("cuda")) == (True, "")
+    cap[0] = (7, 5)
+    ok, why = tb.available(torch.device("cuda"))
+    assert not ok and "compute capability 8.0" in why
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for problem in (None, "numpy too new"):
+        monkeypatch.setattr(tb, "_interpreter_problem", lambda: problem)
+        ok, why = tb.available(torch.device("cuda"))
+        assert ok == (problem is None) and (problem is None or
+                                           why.startswith("TRITON_INTERPRET=1") and problem in why)
+
+
 # --- kernels, on CPU through the interpreter (or on CUDA when present) --------------------
 
 @needs_triton

@@ -130,6 +130,13 @@ def available(device):
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return False, "CUDA is not available in this torch build or machine"
+        if _interpret_env():  # the kernels were decorated for the interpreter: they run there
+            why = _interpreter_problem()
+            if why:
+                return False, f"TRITON_INTERPRET=1 interprets the kernels on the CPU, and {why}"
+        elif torch.cuda.get_device_capability(device) < (8, 0):
+            return False, ("the Triton kernels need a GPU of compute capability 8.0 or newer "
+                           "(bfloat16 tensor cores)")
         return True, ""
     if device.type == "cpu":
         if _interpret_env():
