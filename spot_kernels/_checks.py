@@ -16,6 +16,13 @@ def tensor(name, x):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
 
 
+def capturing(x):
+    """Whether ``x``'s values cannot be read now: a CUDA graph is being captured on the current
+    stream (a host read would end the capture with an error). The value checks are skipped
+    then; they ran in the eager warm-up calls that capture needs first."""
+    return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def same_device(name, x, ref_name, ref):
     if x.device != ref.device:
         raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; "
@@ -96,7 +103,7 @@ def head(hidden, weight, targets, bias, temperature, softcap, ignore_index):
         raise ValueError(f"ignore_index must fit in int64 (targets are int64), got {ignore_index}")
     positive_number("temperature", temperature)
     positive_number("softcap", softcap, allow_none=True)
-    if targets.numel():
+    if targets.numel() and not capturing(targets):
         t = targets.long()  # uint8 targets would compare with a wrapped ignore_index (-100 -> 156)
         bad = ((t < 0) | (t >= v)) & (t != ignore_index)
         if bool(bad.any()):

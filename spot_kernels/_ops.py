@@ -28,7 +28,7 @@ import json
 import torch
 from torch import Tensor
 
-from . import _registry, torch_backend
+from . import _checks, _registry, torch_backend
 
 
 def _constant_result(fn):
@@ -40,7 +40,7 @@ def _constant_result(fn):
 
 
 def check_targets(targets, v, ignore_index):
-    if targets.numel():
+    if targets.numel() and not _checks.capturing(targets):
         bad = ((targets < 0) | (targets >= v)) & (targets != ignore_index)
         if bool(bad.any()):
             raise ValueError(f"targets must lie in [0, V) = [0, {v}) or equal ignore_index "

@@ -1,6 +1,7 @@
 """Every available backend against the float64 reference, values and gradients, with the
 tolerance rule (conftest.assert_close)."""
 import itertools
+import os
 
 import pytest
 import torch
@@ -395,3 +396,58 @@ def test_autocast_runs_the_head_in_the_autocast_dtype(backend, device):
         torch.testing.assert_close(a.grad, e.grad, rtol=0, atol=1e-6 * e.grad.abs().max().item())
     logp_fp32 = sk.token_logprobs(h, w, t, bias=b, **kw)
     assert (logp - logp_fp32).abs().max() > 1e-3  # the bfloat16 head, not the float32 one
+
+
+@pytest.mark.parametrize("options", [None, {"filter_eps": 1e-3}, {"deterministic": True},
+                                     {"da_bytes": 2**12}],
+                         ids=["plain", "filter", "deterministic", "da_bytes"])
+def test_a_nan_upstream_gradient_reaches_the_gradients(backend, device, options):
+    """A NaN in ``dL/dlogp`` (a diverged loss) must show in the gradients, as autograd of the
+    naive head shows it: NaN in that token's ``dh`` row and in every row of ``dW`` and ``db``
+    (the softmax spreads it), other tokens' ``dh`` untouched. A skip test of the form
+    ``max|g| > 0`` drops it: NaN compares false, and the GPU's max ignores NaN."""
+    if options and backend != "triton":
+        pytest.skip("Triton's options")
+    h, w, b, t = make_head(37, 24, 45, torch.float32, device, bias=True, seed=5)
+    t[5] = 3  # a counted token, in the first token tile
+    gout = torch.zeros(37, dtype=torch.float64, device=device)
+    gout[5] = float("nan")  # the only nonzero: every tile holds NaN or zeros
+    _, (dh, dw, db) = run(backend, h, w, t, b, gout, backend_options=options)
+    assert torch.isnan(dh[5]).all() and torch.isfinite(dh[torch.arange(37) != 5]).all()
+    assert torch.isnan(dw).all() and torch.isnan(db).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["torch", "triton", "cuda"])
+def test_forward_and_backward_capture_in_a_cuda_graph(name):
+    """``torch.cuda.graph`` (and ``torch.compile(mode="reduce-overhead")``) capture the fused
+    head: nothing in a call reads a value on the host while a capture runs (the target check
+    ran in the eager warm-up), and a replay on new inputs gives what eager gives."""
+    ok, why = _registry.availability(name, "cuda")
+    if not ok:
+        pytest.skip(why)
+    if name == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        pytest.skip("TRITON_INTERPRET=1: interpreted kernels copy to the host")
+    h, w, b, t = make_head(300, 64, 1000, torch.bfloat16, "cuda", bias=True, seed=3)
+    hh, ww, bb = (x.detach().clone().requires_grad_() for x in (h, w, b))
+    g = torch.randn(300, generator=torch.Generator().manual_seed(4)).cuda()
+
+    def step():
+        logp = sk.token_logprobs(hh, ww, t, bias=bb, backend=name)
+        return (logp, *torch.autograd.grad(logp, (hh, ww, bb), g))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles, allocator), as capture wants
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    with torch.no_grad():
+        hh.mul_(1.5)
+        ww.add_(0.01)
+    graph.replay()
+    for got, want in zip(static, step()):  # atomics may flip a bf16 gradient's last bit
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=1e-2)

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .configs import GROUP_M, launch_options
-from .tiles import grad_tile, grouped_tile, logits_tile, row_inputs
+from .tiles import any_nonzero, grad_tile, grouped_tile, logits_tile, row_inputs
 
 
 @triton.jit
@@ -46,7 +46,7 @@ def _backward_da_kernel(H, W, B, T, LSE, Q, G, DA, N, V, D, stride_hn, stride_hd
     row_mask = rows < N
     t, g, lse_hi, lse_scale, q = row_inputs(T, G, LSE, Q, rows, row_mask, ignore_index)
     da = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
-    if tl.max(tl.abs(g), axis=0) > 0:
+    if any_nonzero(g):
         z, th = logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd,
                             stride_wv, stride_wd, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP,
                             BLOCK_M, BLOCK_V, BLOCK_D, PRECISION)

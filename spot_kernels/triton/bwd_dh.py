@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from .configs import launch_options
-from .tiles import dot2, grad_tile, logits_tile, row_inputs, split_half
+from .tiles import (any_nonzero, any_reaches, dot2, grad_tile, logits_tile, row_inputs,
+                    split_half)
 
 
 @triton.jit
@@ -36,7 +37,7 @@ def _backward_dh_kernel(H, W, B, T, LSE, Q, G, DH, N, V, D, stride_hn, stride_hd
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
     t, g, lse_hi, lse_scale, q = row_inputs(T, G, LSE, Q, rows, row_mask, ignore_index)
-    if tl.max(tl.abs(g), axis=0) > 0:
+    if any_nonzero(g):
         rows64 = rows.to(tl.int64)
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
@@ -47,7 +48,7 @@ def _backward_dh_kernel(H, W, B, T, LSE, Q, G, DH, N, V, D, stride_hn, stride_hd
             da = grad_tile(z, th, lse_hi, lse_scale, q, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP)
             run = True
             if FILTER:
-                run = tl.max(tl.max(tl.abs(da), axis=1), axis=0) >= filter_eps
+                run = any_reaches(da, filter_eps)
             if run:
                 hi, lo = split_half(da, W.dtype.element_ty, SPLIT)
                 cols64 = cols.to(tl.int64)

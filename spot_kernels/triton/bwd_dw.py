@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from .configs import launch_options
-from .tiles import dot2, grad_tile, logits_tile, row_inputs, split_half
+from .tiles import (any_nonzero, any_reaches, dot2, grad_tile, logits_tile, row_inputs,
+                    split_half)
 
 
 @triton.jit
@@ -42,14 +43,14 @@ def _backward_dw_kernel(H, W, B, T, LSE, Q, G, DW, DB, N, V, D, stride_hn, strid
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < N
         t, g, lse_hi, lse_scale, q = row_inputs(T, G, LSE, Q, rows, row_mask, ignore_index)
-        if tl.max(tl.abs(g), axis=0) > 0:
+        if any_nonzero(g):
             z, th = logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn,
                                 stride_hd, stride_wv, stride_wd, inv_temp, softcap, HAS_BIAS,
                                 HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_D, PRECISION)
             da = grad_tile(z, th, lse_hi, lse_scale, q, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP)
             run = True
             if FILTER:
-                run = tl.max(tl.max(tl.abs(da), axis=1), axis=0) >= filter_eps
+                run = any_reaches(da, filter_eps)
             if run:
                 if NEED_B:
                     db += tl.sum(da, axis=0)

@@ -14,7 +14,10 @@ elements (the ``h`` rows are re-read for every vocabulary tile, from L2 in pract
 
 ``tanh`` is written with ``exp`` (``tanh(x) = sign(x) (1 - e^{-2|x|}) / (1 + e^{-2|x|})``),
 which never overflows and exists in every Triton >= 3.3, also under the interpreter.
-fp32 inputs use ``input_precision="ieee"`` (no TF32): the results must match float32 torch.
+fp32 inputs use ``input_precision="ieee"`` (no TF32): the results must match float32 torch. Their
+dot compiles to one chain of FMAs, whose rounding error grows with its length, so each D chunk
+gets its own accumulator and the chunks are summed with Kahan's compensation (four more adds
+an element a chunk): a logit's error then stays near that of a blocked float32 GEMM at any D.
 ``PRECISION == "upcast"`` (only under the interpreter, whose ``tl.dot`` mishandles bfloat16
 operands in Triton 3.9) casts half operands to float32 first: the products of two half values
 are exact in float32, so this matches a tensor-core dot with float32 accumulation.
@@ -96,6 +99,7 @@ def logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd
                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
                 PRECISION: tl.constexpr):
     acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    comp = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)  # Kahan's compensation (ieee only)
     h_rows = H + rows.to(tl.int64)[:, None] * stride_hn
     w_rows = W + cols.to(tl.int64)[:, None] * stride_wv
     for d0 in range(0, D, BLOCK_D):
@@ -105,7 +109,17 @@ def logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd
                     other=0.0)
         w = tl.load(w_rows + ds[None, :] * stride_wd, mask=col_mask[:, None] & d_mask[None, :],
                     other=0.0)
-        acc = dot(h, tl.trans(w), acc, PRECISION)
+        if PRECISION == "ieee":
+            # float32 inputs: each chunk's dot in a fresh accumulator, added with Kahan's
+            # compensation. One FMA chain through all of D (what tl.dot compiles to for float32
+            # operands) loses accuracy with D: about 10x torch's float32 GEMM at D = 4096
+            part = dot(h, tl.trans(w), None, PRECISION)
+            y = part - comp
+            total = acc + y
+            comp = (total - acc) - y
+            acc = total
+        else:
+            acc = dot(h, tl.trans(w), acc, PRECISION)
     if HAS_BIAS:
         acc += tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
@@ -116,6 +130,21 @@ def logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd
         z = acc * inv_temp
     z = tl.where(col_mask[None, :], z, float("-inf"))
     return z, th
+
+
+@triton.jit
+def any_nonzero(g):
+    """Whether a token tile has work: any ``g`` nonzero or NaN. (``max|g| > 0`` would skip a
+    NaN, which must reach the gradients as it does through autograd: it compares false, and
+    the GPU's max ignores it.)"""
+    return tl.max((g != 0).to(tl.int32), axis=0) > 0
+
+
+@triton.jit
+def any_reaches(da, eps):
+    """``filter_eps``'s test of a ``dA`` tile: any ``|dA|`` at least ``eps``, or NaN."""
+    keep = tl.where(tl.abs(da) < eps, 0, 1)
+    return tl.max(tl.max(keep, axis=1), axis=0) > 0
 
 
 @triton.jit
