@@ -28,10 +28,12 @@ Each sequence is ``chat_template(prompt as the user turn(s), add_generation_prom
 the rest of ``chat_template(prompt + response as the assistant turn)``: the response tokens
 include the template's end-of-turn marker, so the model is also trained to stop. Qwen3 templates
 get ``enable_thinking=False``. Prompt and response are tokenized separately so the boundary is
-exact. Truncation to ``max_length`` tokens: the prompt is cut from the *left* (keeping its end,
+exact. Without a chat template a prompt is its text and a newline (after the tokenizer's BOS when
+its own encoding starts with one), a response its text and EOS. Truncation to ``max_length`` tokens: the prompt is cut from the *left* (keeping its end,
 next to the answer) but keeps at least ``max_length // 2`` tokens if it has them; the response is
-then cut from the *right*. Both cuts are counted (prompts once per pair, responses per
-sequence) and logged.
+then cut from the *right*. The prompt cut is made for the pair's longer response, so chosen and
+rejected keep the same prompt (as TRL's DPO truncation does). Both cuts are counted (prompts
+once per pair, responses per sequence) and logged.
 
 Packing
 -------
@@ -47,8 +49,9 @@ micro-batch holds at most ``tokens_per_batch`` tokens (a pair longer than that g
 """
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -63,6 +66,7 @@ class Pair:
     prompt: list       # chat messages ending with the user turn
     chosen: list       # assistant message(s): y+
     rejected: list     # assistant message(s): y-
+    where: str = field(default="", compare=False)  # "FILE:LINE", for errors found later
 
 
 @dataclass
@@ -149,22 +153,45 @@ def _read_dataset_dir(p):
         yield f"{p}:row {i}", rec
 
 
+def _message(m, i, where, key):
+    """One chat message, copied with every field the chat template may render (``tool_calls``,
+    ``reasoning_content``, ``name``, ...; fields that are None, as Parquet fills them, dropped).
+    ``content`` is a string: text parts (``[{"type": "text", "text": ...}]``) are joined, and
+    an assistant turn that only calls tools may have none."""
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not m["role"]:
+        raise DataError(f"{where}: key '{key}' message {i}: a message is an object with a "
+                        f"'role' string, got {m!r:.60}")
+    out = {k: v for k, v in m.items() if v is not None}
+    content = out.get("content")
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            raise DataError(f"{where}: key '{key}' message {i} ({m['role']}): content parts must "
+                            f"all be text ({{'type': 'text', 'text': ...}})")
+        content = out["content"] = "".join(p["text"] for p in content)
+    if content is None and out.get("tool_calls"):
+        content = out["content"] = ""
+    if not isinstance(content, str):
+        raise DataError(f"{where}: key '{key}' message {i} ({m['role']}): 'content' must be a "
+                        f"string, got {type(content).__name__}")
+    return out
+
+
 def _messages(value, role, where, key):
     """A non-empty string or list of messages -> list of messages."""
     if isinstance(value, str):
         if not value.strip():
             raise DataError(f"{where}: empty key '{key}'")
         return [{"role": role, "content": value}]
-    if isinstance(value, list) and value and all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role")
-            for m in value):
-        if not any(m["content"].strip() for m in value):
-            raise DataError(f"{where}: empty key '{key}'")
-        return [{"role": m["role"], "content": m["content"]} for m in value]
     if value is None or value == [] or value == "":
         raise DataError(f"{where}: empty key '{key}'")
-    raise DataError(f"{where}: key '{key}' must be a string or a list of "
-                    f"{{'role', 'content'}} messages, got {type(value).__name__}")
+    if not isinstance(value, list):
+        raise DataError(f"{where}: key '{key}' must be a string or a list of "
+                        f"{{'role', 'content'}} messages, got {type(value).__name__}")
+    msgs = [_message(m, i, where, key) for i, m in enumerate(value)]
+    if not any(m["content"].strip() or m.get("tool_calls") for m in msgs):
+        raise DataError(f"{where}: empty key '{key}'")
+    return msgs
 
 
 def to_pair(rec, where):
@@ -244,20 +271,22 @@ def to_pair(rec, where):
             if end["role"] != "assistant":
                 raise DataError(f"{where}: key '{k}' must start and end with an 'assistant' "
                                 f"turn, not '{end['role']}'")
-    return Pair(prompt, chosen, rejected)
+    return Pair(prompt, chosen, rejected, where)
 
 
-def read_pairs(path, skip_bad=False):
+def read_pairs(path, skip_bad=False, errors=None):
     """``(pairs, skipped)``; raises :class:`DataError` at the first bad record unless
-    ``skip_bad``."""
+    ``skip_bad`` (then each skipped record's error is appended to ``errors``, when given)."""
     pairs, skipped = [], 0
     for where, rec in read_records(path):
         try:
             pairs.append(to_pair(rec, where))
-        except DataError:
+        except DataError as e:
             if not skip_bad:
                 raise
             skipped += 1
+            if errors is not None:
+                errors.append(str(e))
     if not pairs:
         raise DataError(f"{path}: no usable pairs" + (f" ({skipped} bad skipped)" if skipped else ""))
     return pairs, skipped
@@ -286,37 +315,83 @@ def encode_turns(tokenizer, prompt, response, counts=None):
             r_text = full[len(p_text):]
         else:  # a template that rewrites earlier turns: fall back to the raw content + EOS
             r_text = "".join(m["content"] for m in response) + (tokenizer.eos_token or "")
-            if counts is not None:
-                counts["template_fallback"] = counts.get("template_fallback", 0) + 1
+            _count(counts, "template_fallback")
+            if any(m.get("tool_calls") for m in response):
+                _count(counts, "tool_calls_lost")
     else:
         p_text = "".join(m["content"] + "\n" for m in prompt)
         r_text = "".join(m["content"] for m in response) + (tokenizer.eos_token or "")
+        if any(m.get("tool_calls") for m in prompt + response):
+            _count(counts, "tool_calls_lost")
+        # the BOS the tokenizer's own encoding starts with (a chat template writes its own)
+        bos = tokenizer.bos_token_id
+        if bos is not None and _ids_with_specials(tokenizer, "a")[:1] == [bos]:
+            return [bos] + _ids(tokenizer, p_text), _ids(tokenizer, r_text)
     return _ids(tokenizer, p_text), _ids(tokenizer, r_text)
 
 
-def truncate(prompt_ids, response_ids, max_length):
+def _ids_with_specials(tokenizer, text):
+    return list(tokenizer(text)["input_ids"])
+
+
+def _count(counts, key):
+    if counts is not None:
+        counts[key] = counts.get(key, 0) + 1
+
+
+def _template_errors():
+    """The exceptions a chat template raises for a conversation it refuses (Jinja's, which
+    ``raise_exception`` in a template also raises)."""
+    try:
+        import jinja2
+        return (jinja2.TemplateError,)
+    except ImportError:
+        return ()
+
+
+def truncate(prompt_ids, response_ids, max_length, longest=None):
     """``(prompt, response, prompt_cut, response_cut)`` with ``len(prompt + response) <=
     max_length``: the prompt loses tokens on the left but keeps ``max_length // 2`` if it has
-    them, then the response loses tokens on the right."""
-    if len(prompt_ids) + len(response_ids) <= max_length:
+    them, then the response loses tokens on the right. ``longest`` (default: this response's
+    length) is the longer response of the pair: the prompt is cut for it, so that chosen and
+    rejected keep the same prompt, as TRL's DPO truncation does."""
+    longest = len(response_ids) if longest is None else max(longest, len(response_ids))
+    if len(prompt_ids) + longest <= max_length:
         return prompt_ids, response_ids, False, False
-    keep_prompt = min(len(prompt_ids), max(max_length // 2, max_length - len(response_ids)))
+    keep_prompt = min(len(prompt_ids), max(max_length // 2, max_length - longest))
     p = prompt_ids[len(prompt_ids) - keep_prompt:]
     r = response_ids[:max_length - keep_prompt]
     return p, r, len(p) < len(prompt_ids), len(r) < len(response_ids)
 
 
-def encode_pairs(tokenizer, pairs, max_length):
+def encode_pairs(tokenizer, pairs, max_length, skip_bad=False, errors=None):
     """Tokenize pairs -> ``(examples, counts)``. ``counts["prompt_truncated"]`` is the number of
     pairs whose prompt was cut (once per pair, in either sequence); ``counts["response_truncated"]``
-    the number of responses cut (a chosen and a rejected response per pair)."""
+    the number of responses cut (a chosen and a rejected response per pair). A pair that the chat
+    template refuses (a system turn where the template has none, say) is a :class:`DataError`
+    naming its record, or with ``skip_bad`` is skipped, counted in ``counts["bad"]`` and its
+    error appended to ``errors``."""
     examples = []
-    counts = {"prompt_truncated": 0, "response_truncated": 0}
+    counts = {"prompt_truncated": 0, "response_truncated": 0, "bad": 0}
+    refused = _template_errors()
     for pair in pairs:
+        try:
+            encoded = [encode_turns(tokenizer, pair.prompt, response, counts)
+                       for response in (pair.chosen, pair.rejected)]
+        except refused as e:
+            msg = f"{pair.where or 'a pair'}: the chat template refuses it: " + (
+                str(e).splitlines()[0] if str(e) else type(e).__name__)
+            if not skip_bad:
+                raise DataError(msg) from None
+            counts["bad"] += 1
+            if errors is not None:
+                errors.append(msg)
+            continue
         seqs, prompt_cut = [], False
-        for response in (pair.chosen, pair.rejected):
-            p, r = encode_turns(tokenizer, pair.prompt, response, counts)
-            p, r, pc, rc = truncate(p, r, max_length)
+        # one prompt cut for both (the longer response's), when the template gave one prompt
+        longest = max(len(r) for _, r in encoded) if encoded[0][0] == encoded[1][0] else None
+        for p, r in encoded:
+            p, r, pc, rc = truncate(p, r, max_length, longest)
             prompt_cut |= pc
             counts["response_truncated"] += rc
             seqs.append((p + r, len(p)))
@@ -332,11 +407,16 @@ def data_warnings(tokenizer, examples, counts, tokens_per_batch):
     out = []
     if not getattr(tokenizer, "chat_template", None):
         out.append("the tokenizer has no chat template: a prompt is its text and a newline, a "
-                   "response its text and EOS")
+                   "response its text and EOS" + ("" if tokenizer.eos_token else
+                   " (the tokenizer has no EOS token: responses end without one, so the model "
+                   "is not trained to stop)"))
     elif counts.get("template_fallback"):
         out.append(f"{counts['template_fallback']} of {2 * len(examples)} responses: the chat "
                    f"template rewrites the prompt once a response follows, so those responses "
                    f"are their text and EOS")
+    if counts.get("tool_calls_lost"):
+        out.append(f"{counts['tool_calls_lost']} responses or conversations carry tool calls "
+                   f"that only a chat template renders; without it they are left out")
     same = sum(ex.chosen == ex.rejected for ex in examples)
     if same:
         out.append(f"{same} of {len(examples)} pairs have identical chosen and rejected tokens "
@@ -346,6 +426,15 @@ def data_warnings(tokenizer, examples, counts, tokens_per_batch):
         out.append(f"{long} of {len(examples)} pairs are longer than tokens_per_batch "
                    f"({tokens_per_batch}): each runs alone, above the budget")
     return out
+
+
+def examples_fingerprint(examples):
+    """A hash of the encoded pairs (their tokens and prompt lengths, in order): it changes with
+    the data, ``skip_bad``, the tokenizer, its chat template and ``max_length``."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex.chosen, ex.rejected, ex.chosen_prompt, ex.rejected_prompt]).encode())
+    return h.hexdigest()[:24]
 
 
 def tokenizer_fingerprint(tokenizer):

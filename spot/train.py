@@ -275,8 +275,7 @@ def data_fingerprint(cfg, tokenizer, examples, device):
     # what the reference pass computed in: bf16 autocast applies on a GPU only
     attn = attn_implementation(device, cfg.bf16, cfg.attn)
     h.update(f"{cfg.max_length}|{cfg.backend}|{cfg.bf16 and device.type == 'cuda'}|{attn}".encode())
-    for ex in examples:
-        h.update(json.dumps([ex.chosen, ex.rejected, ex.chosen_prompt, ex.rejected_prompt]).encode())
+    h.update(D.examples_fingerprint(examples).encode())
     return h.hexdigest()[:24]
 
 
@@ -582,16 +581,38 @@ def _train(cfg, log, handle_signals):
         log(f"resume: no complete checkpoint in {out}; starting at step 0")
     from transformers import AutoConfig, AutoTokenizer
     tokenizer = check_tokenizer(pretrained(AutoTokenizer, "a tokenizer", cfg), cfg.model)
-    pretrained(AutoConfig, "a model config", cfg)  # before the data pass, which can be long
+    model_config = pretrained(AutoConfig, "a model config", cfg)  # before the long data pass
 
-    pairs, skipped = D.read_pairs(cfg.data, cfg.skip_bad)
-    examples, cut = D.encode_pairs(tokenizer, pairs, cfg.max_length)
-    log(f"data: {len(pairs)} pairs from {cfg.data}" + (f", {skipped} bad skipped" if skipped else "")
-        + f"; truncated: {cut['prompt_truncated']} of {len(pairs)} prompts (left), "
-          f"{cut['response_truncated']} of {2 * len(pairs)} responses (right) at max_length "
+    bad = []
+    pairs, skipped = D.read_pairs(cfg.data, cfg.skip_bad, errors=bad)
+    examples, cut = D.encode_pairs(tokenizer, pairs, cfg.max_length, cfg.skip_bad, errors=bad)
+    skipped += cut["bad"]
+    if not examples:
+        raise D.DataError(f"{cfg.data}: no usable pairs ({skipped} bad skipped; the first: "
+                          f"{bad[0]})")
+    for line in bad[:3]:
+        log(f"data: skipped {line}")
+    if len(bad) > 3:
+        log(f"data: ... and {len(bad) - 3} more skipped")
+    log(f"data: {len(examples)} pairs from {cfg.data}" + (f", {skipped} bad skipped" if skipped else "")
+        + f"; truncated: {cut['prompt_truncated']} of {len(examples)} prompts (left), "
+          f"{cut['response_truncated']} of {2 * len(examples)} responses (right) at max_length "
           f"{cfg.max_length}")
     for line in D.data_warnings(tokenizer, examples, cut, cfg.tokens_per_batch):
         log(f"data: {line}")
+    vocab = getattr(model_config.get_text_config(), "vocab_size", None)
+    top = max((max(ex.chosen + ex.rejected) for ex in examples), default=-1)
+    if isinstance(vocab, int) and top >= vocab:  # an index error in the embedding (a device
+        # assert on a GPU) otherwise
+        raise ConfigError(f"data: token id {top} ({tokenizer.convert_ids_to_tokens(top)!r}) is "
+                          f"past the model's vocabulary of {vocab}: the tokenizer has tokens its "
+                          f"embeddings lack (added tokens without resize_token_embeddings?)")
+    data_fp = D.examples_fingerprint(examples)
+    saved_fp = (state or {}).get("data_position", {}).get("data")
+    if saved_fp is not None and saved_fp != data_fp:
+        raise ConfigError(f"resume: the training pairs differ from those of {ckpt} (the data file's "
+                          f"records, --skip-bad, the tokenizer or its chat template changed); "
+                          f"resume with the same data, or train into a new --output")
 
     fingerprint = data_fingerprint(cfg, tokenizer, examples, dst.device)
     cache = Path(cfg.cache_dir or out / ".cache") / f"ref-{fingerprint}.pt"
@@ -713,7 +734,7 @@ def _train(cfg, log, handle_signals):
                     (bar.write if bar is not None else log)(line)
             if stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0
                             and step + 1 < total):
-                pos = {"epoch": epoch, "micro_batch": (s + 1) * per_step}
+                pos = {"epoch": epoch, "micro_batch": (s + 1) * per_step, "data": data_fp}
                 save_checkpoint(out / f"checkpoint-{step + 1}", policy, tokenizer, optimizer,
                                 scheduler, delta, step + 1, pos, cfg, dst)
                 if dst.main:

@@ -4,6 +4,7 @@ Oracle of test_rectify_correct."""
 import argparse
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -92,6 +93,13 @@ def test_elicit_split_with_scripted_generator(tmp_path):
             E.elicit(probs, gen, tok, str(tmp_path), samples=3, progress=False, **kw)
     stats = E.elicit(probs, gen, tok, str(tmp_path), samples=3, batch_size=3, progress=False)
     assert stats["new"] == 5 and stats["done"] == 15
+    # y- must be one model's own errors: another model does not resume into the folder
+    other = tmp_path / "by_model"
+    E.elicit(probs[:2], gen, tok, str(other), model_name="models/a", progress=False)
+    with pytest.raises(ValueError, match="other settings \\(model 'models/a' -> 'models/b'\\)"):
+        E.elicit(probs, gen, tok, str(other), model_name="models/b", progress=False)
+    stats = E.elicit(probs, gen, tok, str(other), model_name="models/./a", progress=False)
+    assert stats["new"] == 3 and stats["done"] == 5
 
 
 def test_elicit_tiny_model_resumes_without_duplicates(tmp_path, tiny_dir, capsys):
@@ -120,11 +128,20 @@ def test_elicit_tiny_model_resumes_without_duplicates(tmp_path, tiny_dir, capsys
     assert "8 answers (4 new, 4 resumed)" in capsys.readouterr().out
     assert cli(base) == 0  # nothing left to do
     assert len(read_jsonl(str(out / "all.jsonl"))) == 8
-    # a folder with the tokenizer (loaded first, cheap) and no model: it must not be loaded
-    build_tokenizer().save_pretrained(str(tmp_path / "not-a-model"))
-    broken = [a if a != tiny_dir else str(tmp_path / "not-a-model") for a in base]
-    assert cli(broken) == 0  # ... so no model loads: a rerun of `run` skips straight on
+    # the model's weights gone (the tokenizer, loaded first, stays): nothing is left to
+    # sample, so no model loads: a rerun of `run` skips straight on
+    weights = next(Path(tiny_dir).glob("*.safetensors"))
+    hidden = weights.with_name(weights.name + ".away")
+    weights.rename(hidden)
+    try:
+        assert cli(base) == 0
+    finally:
+        hidden.rename(weights)
     assert "8 answers (0 new, 8 resumed)" in capsys.readouterr().out
+    # another model does not resume into the folder: y- must be one model's own errors
+    build_tokenizer().save_pretrained(str(tmp_path / "other-model"))
+    assert cli([a if a != tiny_dir else str(tmp_path / "other-model") for a in base]) == 2
+    assert "other settings (model" in capsys.readouterr().err
 
 
 def test_elicit_takes_a_tokenizer_that_adds_token_type_ids(tmp_path):

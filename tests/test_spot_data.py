@@ -324,10 +324,17 @@ def test_truncation_counts_prompts_once_per_pair():
                     [{"role": "assistant", "content": r}])
              for n, c, r in ((60, "a" * 5, "b" * 30), (50, "a" * 40, "b" * 40), (2, "a", "b"),
                              (3, "a" * 50, "b"))]
-    _, counts = D.encode_pairs(tok, pairs, 40)
+    ex, counts = D.encode_pairs(tok, pairs, 40)
+    # chosen and rejected keep the same prompt, cut for the longer response (TRL's rule)
+    for e in ex:
+        assert e.chosen_prompt == e.rejected_prompt
+        assert e.chosen[:e.chosen_prompt] == e.rejected[:e.rejected_prompt]
+        assert max(len(e.chosen), len(e.rejected)) <= 40
+    assert [e.chosen_prompt for e in ex][3] < len(D.encode_turns(tok, pairs[3].prompt,
+                                                                 pairs[3].rejected)[0])
     cut = [[D.truncate(*D.encode_turns(tok, p.prompt, resp), 40)[2:] for resp in
             (p.chosen, p.rejected)] for p in pairs]
-    # a pair's prompt is cut in both sequences, in one (next to the long response) or in none
+    # alone, a sequence's prompt is cut in both, in one (next to the long response) or in none
     assert [[pc for pc, _ in c] for c in cut] == [[True, True], [True, True], [False, False],
                                                    [True, False]]
     assert counts["prompt_truncated"] == 3  # prompts, once per pair (not 5 sequences)
@@ -386,3 +393,81 @@ def test_pack_layout():
     assert sum(plan, []) == [0, 1, 2]
     assert all(sum(ex[i].length for i in b_) <= ex[0].length + ex[1].length or len(b_) == 1
                for b_ in plan)
+
+
+def test_tool_calls_and_text_parts_reach_the_chat_template(tmp_path):
+    """Messages keep every field a template renders (an agentic answer's ``tool_calls``, with
+    no content), text parts are joined, and what is not a message gets a line that names it;
+    without a template the tool calls are left out, and a warning says so."""
+    call = {"role": "assistant", "content": None,
+            "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": "{}"}}]}
+    rows = [{"prompt": [{"role": "user", "content": [{"type": "text", "text": "2+"},
+                                                      {"type": "text", "text": "2?"}]}],
+             "chosen": [call, {"role": "tool", "content": "4"},
+                        {"role": "assistant", "content": "It is 4.", "reasoning_content": None}],
+             "rejected": "5"}]
+    [pair], _ = D.read_pairs(_write_jsonl(tmp_path / "tools.jsonl", rows))
+    assert pair.prompt == [{"role": "user", "content": "2+2?"}]
+    assert pair.chosen[0] == {"role": "assistant", "content": "", "tool_calls": call["tool_calls"]}
+    assert pair.chosen[2] == {"role": "assistant", "content": "It is 4."}  # None fields dropped
+    tok = build_tokenizer()
+    tok.chat_template = (  # renders tool calls, as Qwen's and Llama's templates do
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+        "{% for c in m.get('tool_calls', []) %}<call>{{ c['function']['name'] }}</call>"
+        "{% endfor %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    counts = {}
+    _, r = D.encode_turns(tok, pair.prompt, pair.chosen, counts)
+    assert "<call>add</call>" in tok.decode(r) and not counts
+    tok.chat_template = None
+    ex, counts = D.encode_pairs(tok, [pair], 200)
+    assert counts["tool_calls_lost"] == 1
+    assert any("tool calls" in w for w in D.data_warnings(tok, ex, counts, 300))
+    for bad, what in (([{"role": "user", "content": [{"type": "image", "url": "x"}]}],
+                       "message 0 \\(user\\): content parts must all be text"),
+                      ([{"content": "q"}], "message 0: a message is an object with a 'role'"),
+                      ([{"role": "user", "content": 3}],
+                       "message 0 \\(user\\): 'content' must be a string, got int")):
+        with pytest.raises(D.DataError, match=f"bad.jsonl:1: key 'prompt' {what}"):
+            D.read_pairs(_write_jsonl(tmp_path / "bad.jsonl", [dict(rows[0], prompt=bad)]))
+
+
+def test_a_pair_the_chat_template_refuses_is_a_data_error(tmp_path):
+    """Gemma-style templates raise for a system turn: that record gets one line naming it, or
+    with skip_bad is skipped and counted like any bad record."""
+    tok = build_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    rows = [{"prompt": "q1", "chosen": "a", "rejected": "b"},
+            {"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "q2"}],
+             "chosen": "a", "rejected": "b"}]
+    path = _write_jsonl(tmp_path / "sys.jsonl", rows)
+    pairs, _ = D.read_pairs(path)
+    with pytest.raises(D.DataError, match=f"^{path}:2: the chat template refuses it: System "
+                                          f"role not supported"):
+        D.encode_pairs(tok, pairs, 100)
+    errors = []
+    ex, counts = D.encode_pairs(tok, pairs, 100, skip_bad=True, errors=errors)
+    assert len(ex) == 1 and counts["bad"] == 1 and errors[0].startswith(f"{path}:2: ")
+
+
+def test_without_a_template_the_tokenizers_bos_opens_the_prompt():
+    """A base model's tokenizer that starts its own encodings with BOS gets it here too (TRL
+    does the same for text without a template); one that does not, gets none."""
+    from tokenizers.processors import TemplateProcessing
+    tok = build_tokenizer()
+    tok.chat_template = None
+    prompt, resp = [{"role": "user", "content": "q"}], [{"role": "assistant", "content": "a"}]
+    p, _ = D.encode_turns(tok, prompt, resp)
+    assert tok.decode(p) == "q\n"
+    tok.bos_token = "<|endoftext|>"
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = TemplateProcessing(single="<|endoftext|> $A",
+                                                       special_tokens=[("<|endoftext|>", bos)])
+    p, r = D.encode_turns(tok, prompt, resp)
+    assert p[0] == bos and tok.decode(p[1:]) == "q\n" and bos not in r
+    tok.eos_token = None
+    assert "no EOS token" in D.data_warnings(tok, [], {}, 100)[0]

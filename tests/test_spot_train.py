@@ -364,6 +364,48 @@ def test_a_used_output_is_resumed_or_refused(workdir, tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] != 9
 
 
+def test_resume_refuses_other_training_pairs(workdir, tmp_path):
+    """The data file is compared by what it encodes to, not by its path: another file under the
+    same name (or records edited in place) would resume onto other pairs and another schedule."""
+    from spot.config import ConfigError
+    data = tmp_path / "pairs.jsonl"
+    lines = (workdir / "pairs.jsonl").read_text().splitlines(keepends=True)
+    data.write_text("".join(lines))
+    out = tmp_path / "run"
+    train(_cfg(workdir, out, data=str(data), max_steps=3, save_every=2), log=lambda m: None)
+    (out / "spot_config.json").unlink()  # as if stopped before the end
+    rec = json.loads(lines[0])
+    rec = {k: (v + " (edited)" if isinstance(v, str) and k != "prompt" else v) for k, v in rec.items()}
+    data.write_text(json.dumps(rec) + "\n" + "".join(lines[1:]))
+    with pytest.raises(ConfigError, match="training pairs differ from those of .*checkpoint-2"):
+        train(_cfg(workdir, out, data=str(data), max_steps=3, save_every=2, resume=True),
+              log=lambda m: None)
+    data.write_text("".join(lines))  # the same pairs again: resumes
+    msgs = []
+    train(_cfg(workdir, out, data=str(data), max_steps=3, save_every=2, resume=True),
+          log=msgs.append)
+    assert any("resumed from" in m for m in msgs), msgs
+
+
+def test_a_token_past_the_models_vocabulary_is_a_one_line_error(workdir, tmp_path):
+    """A tokenizer with tokens its model's embeddings lack (added without resizing them) would
+    fail deep in the embedding (a device assert on a GPU): refused before any model loads."""
+    from spot.config import ConfigError
+    model = tmp_path / "model"
+    build_model("qwen3", seed=11).save_pretrained(model)
+    tok = build_tokenizer()
+    tok.add_tokens(["<tool>"])
+    tok.save_pretrained(model)
+    rec = make_pairs(1, 3)[0]
+    rec = {k: (v + " <tool>" if isinstance(v, str) and k != "id" else v) for k, v in rec.items()}
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(rec) + "\n")
+    with pytest.raises(ConfigError, match=r"token id 101 \('<tool>'\) is past the model's "
+                                          r"vocabulary of 101"):
+        train(_cfg(workdir, tmp_path / "out", model=str(model),
+                   data=str(tmp_path / "pairs.jsonl")), log=lambda m: None)
+    assert not (tmp_path / "out").exists()
+
+
 def test_resume_compares_micro_batches_per_step_not_grad_accum(tmp_path):
     """A step is world x grad_accum micro-batches: a 2-process checkpoint with grad_accum 1
     resumes in one process with grad_accum 2 (the same trajectory), not with grad_accum 1."""

@@ -220,6 +220,9 @@ def elicit(problems, generator, tokenizer, output_dir, *, samples=1, batch_size=
     checker = checker_name(checker)
     all_path, err_path = os.path.join(output_dir, "all.jsonl"), os.path.join(output_dir, "errors.jsonl")
     settings = sampling_settings(temperature, top_p, max_new_tokens, system)
+    if model_name is not None:  # y- must be this model's own errors: one model a folder
+        model_name = os.path.normpath(str(model_name))
+        settings["model"] = model_name
     with OutputLock(all_path):
         check_same_settings(records_of(all_path), settings, "answers", all_path)
         repair(all_path)
