@@ -4,8 +4,9 @@ Records
 -------
 A file is JSONL (one record a line), JSON (a list of records), Parquet, or a folder written by
 ``datasets.Dataset.save_to_disk`` (a ``DatasetDict`` uses its ``train`` split), chosen by the
-suffix in any case (``.json``, ``.parquet``, anything else is JSONL). Text files are UTF-8 (a BOM
-is allowed; compressed files are not read). Two key sets:
+suffix in any case (``.json``, ``.parquet``, anything else is JSONL); a folder of Parquet shards
+is read shard by shard in name order. Text files are UTF-8 (a BOM is allowed; compressed and
+UTF-16 files are not read). Two key sets:
 
 * SPoT: ``question`` (or ``prompt``), ``gemini_corrected_answer`` (the chosen ``y+``),
   ``original_answer`` (the rejected ``y-``);
@@ -85,6 +86,12 @@ class Example:
 # ---------------------------------------------------------------- reading records
 
 NOT_UTF8 = "not UTF-8 text (compressed files are not supported)"
+UTF16 = "UTF-16 text (PowerShell's default encoding): save it as UTF-8"
+JSONL_HINT = "; a .jsonl file holds one JSON object a line (a JSON list of records: name it .json)"
+
+
+def _utf16(head):
+    return head.startswith((b"\xff\xfe", b"\xfe\xff"))
 
 
 def read_records(path):
@@ -104,6 +111,8 @@ def read_records(path):
             yield f"{path}:row {i}", rec
     elif p.suffix.lower() == ".json":
         raw = p.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM
+        if _utf16(raw[:2]):
+            raise DataError(f"{path}: {UTF16}")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -124,6 +133,9 @@ def read_records(path):
                         f"`save_to_disk` wrote) instead")
     else:  # JSONL, read as bytes so that a non-UTF-8 line is reported with its number
         with open(p, "rb") as fh:
+            if _utf16(fh.read(2)):
+                raise DataError(f"{path}: {UTF16}")
+            fh.seek(0)
             for lineno, raw in enumerate(fh, 1):
                 try:
                     line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
@@ -134,20 +146,37 @@ def read_records(path):
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    yield f"{path}:{lineno}", DataError(f"{path}:{lineno}: invalid JSON: {e.msg}")
+                    hint = JSONL_HINT if lineno == 1 and line.lstrip().startswith("[") else ""
+                    yield f"{path}:{lineno}", DataError(f"{path}:{lineno}: invalid JSON: "
+                                                        f"{e.msg}{hint}")
                     continue
+                if isinstance(rec, list):
+                    rec = DataError(f"{path}:{lineno}: a record must be a JSON object, got a "
+                                    f"list{JSONL_HINT}")
                 yield f"{path}:{lineno}", rec
 
 
 def _read_dataset_dir(p):
+    """A folder: ``datasets``' ``save_to_disk`` output, or Parquet shards (read in name order)."""
+    shards = sorted(p.glob("*.parquet"))
+    if shards and not (p / "dataset_info.json").exists() and not (p / "dataset_dict.json").exists():
+        for shard in shards:
+            yield from read_records(shard)
+        return
     try:
         import datasets
+    except ImportError:
+        raise DataError(f"{p}: a folder is read as a saved `datasets` dataset, which needs the "
+                        f"datasets package (pip install datasets)") from None
+    try:
         ds = datasets.load_from_disk(str(p))
     except Exception as e:  # noqa: BLE001
         raise DataError(f"{p}: not a datasets folder: {str(e).splitlines()[0]}") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
-            raise DataError(f"{p}: DatasetDict without a 'train' split ({', '.join(ds)})")
+            first = next(iter(ds), "SPLIT")
+            raise DataError(f"{p}: DatasetDict without a 'train' split ({', '.join(ds)}); give "
+                            f"a split's folder, e.g. {p / first}")
         ds = ds["train"]
     for i, rec in enumerate(ds):
         yield f"{p}:row {i}", rec
@@ -364,16 +393,23 @@ def truncate(prompt_ids, response_ids, max_length, longest=None):
     return p, r, len(p) < len(prompt_ids), len(r) < len(response_ids)
 
 
-def encode_pairs(tokenizer, pairs, max_length, skip_bad=False, errors=None):
+def encode_pairs(tokenizer, pairs, max_length, skip_bad=False, errors=None, progress=False):
     """Tokenize pairs -> ``(examples, counts)``. ``counts["prompt_truncated"]`` is the number of
     pairs whose prompt was cut (once per pair, in either sequence); ``counts["response_truncated"]``
     the number of responses cut (a chosen and a rejected response per pair). A pair that the chat
     template refuses (a system turn where the template has none, say) is a :class:`DataError`
     naming its record, or with ``skip_bad`` is skipped, counted in ``counts["bad"]`` and its
-    error appended to ``errors``."""
+    error appended to ``errors``. ``progress``: a progress bar on stderr (about a millisecond
+    a pair: minutes for a few hundred thousand)."""
     examples = []
     counts = {"prompt_truncated": 0, "response_truncated": 0, "bad": 0}
     refused = _template_errors()
+    if progress:
+        import sys
+
+        from tqdm import tqdm
+        pairs = tqdm(pairs, desc="tokenizing", unit=" pairs", leave=False, file=sys.stderr,
+                     dynamic_ncols=True)
     for pair in pairs:
         try:
             encoded = [encode_turns(tokenizer, pair.prompt, response, counts)

@@ -585,7 +585,8 @@ def _train(cfg, log, handle_signals):
 
     bad = []
     pairs, skipped = D.read_pairs(cfg.data, cfg.skip_bad, errors=bad)
-    examples, cut = D.encode_pairs(tokenizer, pairs, cfg.max_length, cfg.skip_bad, errors=bad)
+    examples, cut = D.encode_pairs(tokenizer, pairs, cfg.max_length, cfg.skip_bad, errors=bad,
+                                   progress=cfg.progress and dst.main)
     skipped += cut["bad"]
     if not examples:
         raise D.DataError(f"{cfg.data}: no usable pairs ({skipped} bad skipped; the first: "

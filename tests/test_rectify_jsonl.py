@@ -65,3 +65,11 @@ def test_a_torn_last_line_may_end_inside_a_character(tmp_path):
     import pytest
     with pytest.raises(ValueError, match="c.jsonl:2: not valid JSON"):
         list(iter_jsonl(str(path), torn_tail=True))
+
+
+def test_a_utf8_bom_is_read_past(tmp_path):
+    """Windows editors start UTF-8 files with a BOM; spot train reads past it, and so does the
+    rectify pipeline."""
+    path = tmp_path / "problems.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"id": 1}\n{"id": 2}\n')
+    assert read_jsonl(str(path)) == [{"id": 1}, {"id": 2}]

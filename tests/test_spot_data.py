@@ -471,3 +471,38 @@ def test_without_a_template_the_tokenizers_bos_opens_the_prompt():
     assert p[0] == bos and tok.decode(p[1:]) == "q\n" and bos not in r
     tok.eos_token = None
     assert "no EOS token" in D.data_warnings(tok, [], {}, 100)[0]
+
+
+def test_files_made_the_wrong_way_get_a_hint(tmp_path):
+    """A JSON list saved as .jsonl (one line or pretty-printed), UTF-16 text, a DatasetDict
+    without a 'train' split; a folder of Parquet shards is read in name order."""
+    rows = _spot_records(4, seed=5)
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps(rows))
+    pretty = tmp_path / "pretty.jsonl"
+    pretty.write_text(json.dumps(rows, indent=1))
+    for path in (one, pretty):
+        with pytest.raises(D.DataError, match=f"^{path}:1: .*a .jsonl file holds one JSON object "
+                                              f"a line \\(a JSON list of records: name it .json\\)"):
+            D.read_pairs(path)
+    wide = tmp_path / "wide.jsonl"
+    wide.write_bytes("".join(json.dumps(r) + "\n" for r in rows).encode("utf-16"))
+    with pytest.raises(D.DataError, match="UTF-16 text .*save it as UTF-8"):
+        D.read_pairs(wide)
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in (0, 1):  # names sort as the rows go
+        pq.write_table(pa.Table.from_pylist(rows[2 * i:2 * i + 2]),
+                       shards / f"train-0000{i}-of-00002.parquet")
+    want, _ = D.read_pairs(_write_jsonl(tmp_path / "all.jsonl", rows))
+    assert D.read_pairs(shards)[0] == want
+    datasets = pytest.importorskip("datasets")
+    dd = datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list(rows),
+                               "test_prefs": datasets.Dataset.from_list(rows)})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(D.DataError, match="without a 'train' split \\(train_prefs, test_prefs\\); "
+                                          "give a split's folder, e.g. .*dd/train_prefs"):
+        D.read_pairs(tmp_path / "dd")
+    assert D.read_pairs(tmp_path / "dd" / "train_prefs")[0] == want

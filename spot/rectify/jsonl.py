@@ -29,7 +29,7 @@ def iter_jsonl(path, *, strict=True, torn_tail=False):
             if not raw.strip():
                 continue
             try:
-                rec = json.loads(raw.decode("utf-8"))
+                rec = json.loads(raw.decode("utf-8-sig" if k == 1 else "utf-8"))  # a BOM
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 if strict and not (torn_tail and not raw.endswith(b"\n")):
                     why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
