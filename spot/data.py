@@ -28,7 +28,8 @@ Tokens
 Each sequence is ``chat_template(prompt as the user turn(s), add_generation_prompt)`` followed by
 the rest of ``chat_template(prompt + response as the assistant turn)``: the response tokens
 include the template's end-of-turn marker, so the model is also trained to stop. Qwen3 templates
-get ``enable_thinking=False``. Prompt and response are tokenized separately so the boundary is
+get ``enable_thinking=False``, unless the response reasons (a ``<think>`` block or
+``reasoning_content``): then ``True``, so that its block is the only one. Prompt and response are tokenized separately so the boundary is
 exact. Without a chat template a prompt is its text and a newline (after the tokenizer's BOS when
 its own encoding starts with one), a response its text and EOS. Truncation to ``max_length`` tokens: the prompt is cut from the *left* (keeping its end,
 next to the answer) but keeps at least ``max_length // 2`` tokens if it has them; the response is
@@ -323,10 +324,10 @@ def read_pairs(path, skip_bad=False, errors=None):
 
 # ---------------------------------------------------------------- tokens
 
-def _render(tokenizer, messages, add_generation_prompt):
+def _render(tokenizer, messages, add_generation_prompt, thinking=False):
     return tokenizer.apply_chat_template(messages, tokenize=False,
                                          add_generation_prompt=add_generation_prompt,
-                                         enable_thinking=False)
+                                         enable_thinking=thinking)
 
 
 def _ids(tokenizer, text):
@@ -338,8 +339,11 @@ def encode_turns(tokenizer, prompt, response, counts=None):
     ``counts["template_fallback"]`` (when given) counts responses that the template could not
     separate from their prompt."""
     if getattr(tokenizer, "chat_template", None):
-        p_text = _render(tokenizer, prompt, True)
-        full = _render(tokenizer, prompt + response, False)
+        # a response that reasons (a <think> block, or reasoning_content) is rendered in
+        # thinking mode, else Qwen3's non-thinking prompt would add an empty block before it
+        thinking = any("<think>" in m["content"] or m.get("reasoning_content") for m in response)
+        p_text = _render(tokenizer, prompt, True, thinking)
+        full = _render(tokenizer, prompt + response, False, thinking)
         if full.startswith(p_text):
             r_text = full[len(p_text):]
         else:  # a template that rewrites earlier turns: fall back to the raw content + EOS

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 
 import pytest
@@ -506,3 +507,24 @@ def test_files_made_the_wrong_way_get_a_hint(tmp_path):
                                           "give a split's folder, e.g. .*dd/train_prefs"):
         D.read_pairs(tmp_path / "dd")
     assert D.read_pairs(tmp_path / "dd" / "train_prefs")[0] == want
+
+
+def test_a_response_that_reasons_gets_one_thinking_block():
+    """Qwen3's template (TRL's copy, when installed) in non-thinking mode puts an empty block
+    in the generation prompt; a response with its own <think> block is rendered in thinking
+    mode instead, so it is trained once, without a fallback."""
+    import importlib.util
+    spec = importlib.util.find_spec("trl")
+    path = spec and spec.submodule_search_locations and os.path.join(
+        spec.submodule_search_locations[0], "chat_templates", "qwen3.jinja")
+    if not path or not os.path.exists(path):
+        pytest.skip("needs TRL's bundled Qwen3 chat template")
+    tok = build_tokenizer()
+    tok.chat_template = open(path).read()
+    pair = D.to_pair({"prompt": "q", "chosen": "<think>\nreason\n</think>\n\nans",
+                      "rejected": "bad"}, "x:1")
+    (ex,), counts = D.encode_pairs(tok, [pair], 1024)
+    chosen, rejected = tok.decode(ex.chosen), tok.decode(ex.rejected)
+    assert chosen.count("<think>") == 1 and not counts.get("template_fallback"), chosen
+    assert tok.decode(ex.chosen[ex.chosen_prompt:]).startswith("<think>\nreason\n</think>")
+    assert rejected.count("<think>") == 1 and "<think>\n\n</think>\n\nbad" in rejected
