@@ -24,7 +24,10 @@
    ``.tmp-...`` and renamed into place, so an interrupted write never looks complete. Ctrl-C
    or SIGTERM stops the run after the step in progress with a checkpoint of it (a second
    Ctrl-C stops at once). ``--resume`` restarts from the newest one; the data order is a pure
-   function of (seed, epoch), so resuming is exact.
+   function of (seed, epoch), so resuming is exact on a CPU (on a GPU up to the atomics and
+   attention kernels that do not add in a fixed order: Triton's default backward, SDPA's).
+   Under torchrun the process group waits ``SPOT_DIST_TIMEOUT_S`` seconds (default 7200) for
+   a rank, long enough for rank 0 to write a large model's checkpoint.
 
 Data order: epoch ``e`` shuffles the pairs with seed ``seed + 7919 e`` and packs them greedily into
 micro-batches of at most ``tokens_per_batch`` tokens; the list is padded by wrapping to a multiple
@@ -33,6 +36,7 @@ of ``world * grad_accum``; optimizer step ``s`` of the epoch gives rank ``r`` th
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import math
@@ -80,13 +84,17 @@ class Dist:
                 raise ConfigError(f"device: process {self.local_rank} of this machine has no GPU "
                                   f"of its own ({count} visible): start torchrun with "
                                   f"--nproc_per_node {count} or fewer, or use --device cpu")
-        if self.on and not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo")
-        if cuda:
+        if cuda:  # before the process group, which then knows this rank's GPU
             torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)
         else:
             self.device = torch.device("cpu")
+        if self.on and not dist.is_initialized():
+            # rank 0 writes checkpoints (the whole model and optimizer state) while the others
+            # wait in a barrier: NCCL's default 10 minutes can be too short for a large model
+            timeout = datetime.timedelta(seconds=float(os.environ.get("SPOT_DIST_TIMEOUT_S", 7200)))
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout,
+                                    **({"device_id": self.device} if cuda else {}))
 
     @property
     def main(self):
@@ -180,7 +188,7 @@ def compute_loss(policy, batch, ref_logps, delta, cfg, dst=None):
         if dst is not None and dst.on and cfg.delta != "zero":
             ms = [torch.zeros_like(m) for _ in range(dst.world)]
             dist.all_gather(ms, m)
-            return delta.update([float(x) for x in ms])
+            return delta.update(torch.cat(ms).tolist())  # one wait for the device
         return delta.update([float(m)])
 
     out = policy(batch, ref, labels, beta=cfg.beta, delta=update_delta)
@@ -274,7 +282,9 @@ def data_fingerprint(cfg, tokenizer, examples, device):
     h.update(D.tokenizer_fingerprint(tokenizer).encode())
     # what the reference pass computed in: bf16 autocast applies on a GPU only
     attn = attn_implementation(device, cfg.bf16, cfg.attn)
-    h.update(f"{cfg.max_length}|{cfg.backend}|{cfg.bf16 and device.type == 'cuda'}|{attn}".encode())
+    backend = resolve_backend(cfg.backend, device)  # what "auto" runs here, not "auto"
+    h.update(f"{cfg.max_length}|{backend}|{cfg.bf16 and device.type == 'cuda'}|{attn}|"
+             f"{device.type}".encode())
     h.update(D.examples_fingerprint(examples).encode())
     return h.hexdigest()[:24]
 
