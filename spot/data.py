@@ -443,7 +443,8 @@ def encode_pairs(tokenizer, pairs, max_length, skip_bad=False, errors=None, prog
 def data_warnings(tokenizer, examples, counts, tokens_per_batch):
     """Lines worth a user's attention about the encoded pairs (none when all is well): no chat
     template, template fallbacks (``encode_turns``), pairs whose chosen and rejected sequences
-    are the same tokens (no signal: often truncation), pairs above the micro-batch budget."""
+    are the same tokens (no signal: often truncation), repeated pairs, pairs above the
+    micro-batch budget."""
     out = []
     if not getattr(tokenizer, "chat_template", None):
         out.append("the tokenizer has no chat template: a prompt is its text and a newline, a "
@@ -461,6 +462,14 @@ def data_warnings(tokenizer, examples, counts, tokens_per_batch):
     if same:
         out.append(f"{same} of {len(examples)} pairs have identical chosen and rejected tokens "
                    f"(no preference to learn; truncation at max_length can do that)")
+    seen, dup = set(), 0
+    for ex in examples:
+        key = (tuple(ex.chosen), tuple(ex.rejected))
+        dup += key in seen
+        seen.add(key)
+    if dup:
+        out.append(f"{dup} of {len(examples)} pairs repeat an earlier pair token for token (they "
+                   f"weigh double)")
     long = sum(ex.length > tokens_per_batch for ex in examples)
     if long:
         out.append(f"{long} of {len(examples)} pairs are longer than tokens_per_batch "

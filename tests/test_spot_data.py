@@ -353,6 +353,8 @@ def test_data_warnings_name_what_gives_no_signal():
                              (2, "x" * 70, "y"))]
     ex, counts = D.encode_pairs(tok, pairs, 40)
     assert D.data_warnings(tok, ex[:1], counts, 300) == []
+    assert D.data_warnings(tok, ex[:1] * 3, counts, 300) == [
+        "2 of 3 pairs repeat an earlier pair token for token (they weigh double)"]
     lines = D.data_warnings(tok, ex, counts, 70)
     assert len(lines) == 2 and "1 of 3 pairs have identical" in lines[0], lines
     assert "1 of 3 pairs are longer than tokens_per_batch (70)" in lines[1], lines
