@@ -413,3 +413,53 @@ def test_raw_op_checks(dev):
         sk.token_logprobs(a[:, :4], torch.randn(6, 4, device=dev), t, backend="cuda",
                           backend_options={"block_bytes": 10})
 
+
+
+def test_rows_and_sequences_past_one_grid_dimension(dev):
+    """More rows than a grid's y dimension holds (65,535): the backward epilogue and the segment
+    sums stride over the rest; a token chunk of 70,000 rows goes through both. (On a GPU only:
+    the host build runs a grid's blocks one by one, minutes here.)"""
+    if dev != "cuda":
+        pytest.skip("the grid's limits are a GPU's")
+    h, w, _, t = make_head(70_000, 16, 64, torch.bfloat16, dev, seed=21)
+    _check_against_reference(h, w, t, None, torch.bfloat16)
+    g = torch.Generator().manual_seed(22)
+    lens = torch.randint(0, 3, (70_000,), generator=g)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+    x = torch.randn(int(lens.sum()), generator=g, dtype=torch.float64)
+    out, count = cuda.segment_sums(x.float().to(dev), cu.to(dev), None, False)
+    truth = reference.sequence_logprobs(x, cu, None, False)
+    assert_close(out, reference.sequence_logprobs(x.float(), cu, None, False), truth,
+                 torch.float32, "segment sums", atol=1e-6)
+    assert torch.equal(count.cpu(), lens.float())
+
+
+def test_a_misaligned_logits_block_takes_the_scalar_loads(dev):
+    """A block whose first element is not 16-byte aligned (a column slice of a wider buffer)
+    must not take the 16-byte vector loads: the same values as its aligned copy."""
+    g = torch.Generator().manual_seed(23)
+    full = (torch.randn(37, 1 + 264, generator=g) * 4).to(torch.bfloat16).to(dev)
+    block = full[:, 1:]  # row stride 265 * 2 bytes, base 2 bytes past an aligned address
+    t = torch.randint(0, 264, (37,), generator=g).to(dev)
+    got = cuda._lse_forward_op(block, None, t, 0.0, 1.0, -100, True)
+    want = cuda._lse_forward_op(block.contiguous(), None, t, 0.0, 1.0, -100, True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_logits_block_of_more_than_2_31_elements(dev):
+    """Indexing in 64 bits: a bf16 block of 16,384 x 131,080 (2.1e9 elements, 4.3 GB), the size
+    a 1 GiB-plus chunk_bytes gives at a real head; sampled rows against torch."""
+    if dev != "cuda":
+        pytest.skip("4.3 GB of logits: on a GPU only")
+    rows, v = 16_384, 131_080
+    logits = torch.empty(rows, v, dtype=torch.bfloat16, device=dev).normal_(0, 3)
+    t = torch.randint(0, v, (rows,), device=dev)
+    logp, lse, _ = cuda._lse_forward_op(logits, None, t, 0.0, 1.0, -100, False)
+    pick = torch.tensor([0, 1, rows // 2, rows - 2, rows - 1], device=dev)
+    z = logits[pick].double()
+    want_lse = torch.logsumexp(z, 1)
+    torch.testing.assert_close(lse[pick], want_lse, rtol=0, atol=1e-4)
+    torch.testing.assert_close(logp[pick].double(), z.gather(1, t[pick, None])[:, 0] - want_lse,
+                               rtol=0, atol=1e-4)
