@@ -239,7 +239,7 @@ def spot_loss(hidden, weight, targets, cu_seqlens, ref_logps, labels, *, beta=0.
     exist with the batch-mean reward ``mean_s beta (pi_s - rho_s)`` (a detached 0-dim float32
     tensor) and returns the ``delta`` to use. That is how a running estimate (TRL's
     ``RunningMoments`` for ``bco_pair``, up to TRL 0.28) is updated with the current batch
-    before the loss."""
+    before the loss. A batch of no sequences does not call it."""
     _checks.tensor("hidden", hidden)
     _checks.tensor("targets", targets)
     s = _checks.cu_seqlens(cu_seqlens, targets.numel(), hidden.device)
@@ -254,7 +254,9 @@ def spot_loss(hidden, weight, targets, cu_seqlens, ref_logps, labels, *, beta=0.
                           process_group=process_group).reshape(-1)
     valid = targets.reshape(-1).long() != ignore_index  # long: uint8 would wrap ignore_index
     policy = losses.sequence_logprobs(logp, cu_seqlens, valid, average)
-    if callable(delta):
+    if callable(delta) and s == 0:
+        delta = 0.0  # no sequences: no batch mean to update a running estimate with (not NaN)
+    elif callable(delta):
         delta = delta((beta * (policy.detach() - ref_logps.detach().float())).mean())
         _checks.delta_value(delta)
     loss, stats = losses.bce_reward_loss(policy, ref_logps, labels, beta, delta, reduction)

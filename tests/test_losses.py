@@ -156,6 +156,11 @@ def test_spot_loss_callable_delta_sees_the_batch_first():
     torch.testing.assert_close(out.loss, expect)
     with pytest.raises(ValueError, match="delta"):
         sk.spot_loss(h, w, t, cu, ref, labels, delta=lambda m: float("nan"), backend="torch")
+    # no sequences: no batch mean (it would be NaN), so the running estimate is not called
+    seen.clear()
+    out = sk.spot_loss(h[:0], w, t[:0], torch.tensor([0]), ref[:0], labels[:0], delta=running,
+                       reduction="mean", backend="torch")
+    assert seen == [] and out.loss.item() == 0.0
 
 
 def test_bce_stats_pair_in_batch_order_with_unequal_counts():

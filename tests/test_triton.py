@@ -127,6 +127,15 @@ def test_ragged_tiles_bias_temperature_softcap(dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("softcap", [1e3, 1e6, 1e30], ids=["1e3", "1e6", "1e30"])
+def test_a_softcap_far_above_the_logits(softcap):
+    """tanh(a / c) for |a| << c: written as (1 - e^-2x) / (1 + e^-2x) it lost every bit of
+    1 - e (at c = 1e30 all logits came out 0: a uniform softmax); now float32-accurate."""
+    h, w, b, t = make_head(19, 24, 45, torch.float32, _device(), bias=True, scale=3.0, seed=4)
+    check(h, w, t, b, temperature=0.8, softcap=softcap)
+
+
+@needs_triton
 def test_plain_and_single_token():
     h, w, _, t = make_head(19, 24, 45, torch.float32, _device(), seed=2)
     check(h, w, t)

@@ -12,8 +12,9 @@ past ``N`` read zeros and must be masked by the caller.
 Cost per tile: ``2 BLOCK_M BLOCK_V D`` FLOPs; it reads ``(BLOCK_M + BLOCK_V) D`` input
 elements (the ``h`` rows are re-read for every vocabulary tile, from L2 in practice).
 
-``tanh`` is written with ``exp`` (``tanh(x) = sign(x) (1 - e^{-2|x|}) / (1 + e^{-2|x|})``),
-which never overflows and exists in every Triton >= 3.3, also under the interpreter.
+``tanh`` is written with ``exp`` (``tanh(x) = sign(x) (1 - e^{-2|x|}) / (1 + e^{-2|x|})``,
+its Taylor series below ``|x| = 1/4``), which never overflows and exists in every Triton >= 3.3,
+also under the interpreter.
 fp32 inputs use ``input_precision="ieee"`` (no TF32): the results must match float32 torch. Their
 dot compiles to one chain of FMAs, whose rounding error grows with its length, so each D chunk
 gets its own accumulator and the chunks are summed with Kahan's compensation (four more adds
@@ -53,8 +54,16 @@ def grouped_tile(pid, N, V, group_m, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexp
 
 @triton.jit
 def tanh(x):
-    e = tl.exp(-2.0 * tl.abs(x))
+    """float32-accurate at every ``|x|``: ``1 - e^{-2|x|}`` loses its leading bits as ``|x|``
+    goes to 0 (a softcap far above the logits: at c = 1e6 every logit was off by ~c 2^-24), so
+    ``|x| < 1/4`` takes the odd Taylor series to ``x^11`` (truncation below 1e-9 relative)."""
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
     t = (1.0 - e) / (1.0 + e)
+    x2 = ax * ax
+    series = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (
+        -17.0 / 315.0 + x2 * (62.0 / 2835.0 + x2 * (-1382.0 / 155925.0))))))
+    t = tl.where(ax < 0.25, series, t)
     return tl.where(x < 0, -t, t)
 
 
