@@ -259,8 +259,9 @@ if [ "$DRY" = 1 ]; then
 else
   # the dedicated GPU tests (real sizes, every CUDA kernel, the trainer); the sweep of the whole
   # backend fixture on device="cuda" runs last, with what time the benchmarks leave. At least
-  # 200 s stay for the benchmarks: the numbers this short lease exists for
-  MIN_S=60 stage gpu-tests 120 200 "$PY" -m pytest tests/ -m "gpu and not sweep" -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"}
+  # 200 s stay for the benchmarks: the numbers this short lease exists for (tests cut by that
+  # cap are "cut", not failed: the failures before the cut are printed; rerun: pytest -m gpu)
+  MIN_S=60 SOFT=1 stage gpu-tests 120 200 "$PY" -m pytest tests/ -m "gpu and not sweep" -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"}
 fi
 
 # 4. benchmarks -----------------------------------------------------------------------------

@@ -28,14 +28,16 @@ Tokens
 Each sequence is ``chat_template(prompt as the user turn(s), add_generation_prompt)`` followed by
 the rest of ``chat_template(prompt + response as the assistant turn)``: the response tokens
 include the template's end-of-turn marker, so the model is also trained to stop. Qwen3 templates
-get ``enable_thinking=False``, unless the response reasons (a ``<think>`` block or
-``reasoning_content``): then ``True``, so that its block is the only one. Prompt and response are tokenized separately so the boundary is
-exact. Without a chat template a prompt is its text and a newline (after the tokenizer's BOS when
-its own encoding starts with one), a response its text and EOS. Truncation to ``max_length`` tokens: the prompt is cut from the *left* (keeping its end,
-next to the answer) but keeps at least ``max_length // 2`` tokens if it has them; the response is
-then cut from the *right*. The prompt cut is made for the pair's longer response, so chosen and
-rejected keep the same prompt (as TRL's DPO truncation does). Both cuts are counted (prompts
-once per pair, responses per sequence) and logged.
+get ``enable_thinking=False``, unless a response of the pair reasons (a ``<think>`` block or
+``reasoning_content``): then ``True`` for both, so that its block is the only one and both
+follow the same prompt. Prompt and response are tokenized separately so the boundary is exact.
+Without a chat template a prompt is its text and a newline (after the tokenizer's BOS when its
+own encoding starts with one), a response its text and EOS. Truncation to ``max_length``
+tokens: the prompt is cut from the *left* (keeping its end, next to the answer) but keeps at
+least ``max_length // 2`` tokens if it has them; the response is then cut from the *right*. The
+prompt cut is made for the pair's longer response, so chosen and rejected keep the same prompt
+(as TRL's DPO truncation does). Both cuts are counted (prompts once per pair, responses per
+sequence) and logged.
 
 Packing
 -------
@@ -334,14 +336,19 @@ def _ids(tokenizer, text):
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def encode_turns(tokenizer, prompt, response, counts=None):
+def _reasons(messages):
+    return any("<think>" in m["content"] or m.get("reasoning_content") for m in messages)
+
+
+def encode_turns(tokenizer, prompt, response, counts=None, thinking=None):
     """``(prompt_ids, response_ids)`` through the chat template (see the module docstring);
     ``counts["template_fallback"]`` (when given) counts responses that the template could not
     separate from their prompt."""
     if getattr(tokenizer, "chat_template", None):
         # a response that reasons (a <think> block, or reasoning_content) is rendered in
         # thinking mode, else Qwen3's non-thinking prompt would add an empty block before it
-        thinking = any("<think>" in m["content"] or m.get("reasoning_content") for m in response)
+        # (``thinking``: the pair's choice, so that both responses get the same prompt)
+        thinking = _reasons(response) if thinking is None else thinking
         p_text = _render(tokenizer, prompt, True, thinking)
         full = _render(tokenizer, prompt + response, False, thinking)
         if full.startswith(p_text):
@@ -416,7 +423,8 @@ def encode_pairs(tokenizer, pairs, max_length, skip_bad=False, errors=None, prog
                      dynamic_ncols=True)
     for pair in pairs:
         try:
-            encoded = [encode_turns(tokenizer, pair.prompt, response, counts)
+            thinking = _reasons(pair.chosen) or _reasons(pair.rejected)
+            encoded = [encode_turns(tokenizer, pair.prompt, response, counts, thinking)
                        for response in (pair.chosen, pair.rejected)]
         except refused as e:
             msg = f"{pair.where or 'a pair'}: the chat template refuses it: " + (

@@ -74,7 +74,9 @@ class Dist:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.on = self.world > 1
+        # SPOT_FSDP=1: the sharded path (FSDP2 and the collectives) in a world of one too, to
+        # try it on one GPU (start under torchrun, which sets the rendezvous variables)
+        self.on = self.world > 1 or os.environ.get("SPOT_FSDP", "") == "1"
         cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
         if cuda:
             count = torch.cuda.device_count()  # 0 without CUDA
@@ -92,7 +94,12 @@ class Dist:
         if self.on and not dist.is_initialized():
             # rank 0 writes checkpoints (the whole model and optimizer state) while the others
             # wait in a barrier: NCCL's default 10 minutes can be too short for a large model
-            timeout = datetime.timedelta(seconds=float(os.environ.get("SPOT_DIST_TIMEOUT_S", 7200)))
+            raw = os.environ.get("SPOT_DIST_TIMEOUT_S", "7200")
+            try:
+                timeout = datetime.timedelta(seconds=float(raw))
+            except (ValueError, OverflowError):
+                raise ConfigError(f"SPOT_DIST_TIMEOUT_S must be a number of seconds, got "
+                                  f"{raw!r}") from None
             dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout,
                                     **({"device_id": self.device} if cuda else {}))
 
@@ -276,7 +283,9 @@ def autocast(cfg, device):
                           cache_enabled=False)
 
 
-def data_fingerprint(cfg, tokenizer, examples, device):
+def data_fingerprint(cfg, tokenizer, examples_fp, device):
+    """The reference cache's key: model files, tokenizer, the encoded pairs
+    (``data.examples_fingerprint``) and what the reference pass computes in."""
     h = hashlib.sha256()
     h.update(model_fingerprint(cfg.model).encode())
     h.update(D.tokenizer_fingerprint(tokenizer).encode())
@@ -285,7 +294,7 @@ def data_fingerprint(cfg, tokenizer, examples, device):
     backend = resolve_backend(cfg.backend, device)  # what "auto" runs here, not "auto"
     h.update(f"{cfg.max_length}|{backend}|{cfg.bf16 and device.type == 'cuda'}|{attn}|"
              f"{device.type}".encode())
-    h.update(D.examples_fingerprint(examples).encode())
+    h.update(examples_fp.encode())
     return h.hexdigest()[:24]
 
 
@@ -625,7 +634,7 @@ def _train(cfg, log, handle_signals):
                           f"records, --skip-bad, the tokenizer or its chat template changed); "
                           f"resume with the same data, or train into a new --output")
 
-    fingerprint = data_fingerprint(cfg, tokenizer, examples, dst.device)
+    fingerprint = data_fingerprint(cfg, tokenizer, data_fp, dst.device)
     cache = Path(cfg.cache_dir or out / ".cache") / f"ref-{fingerprint}.pt"
     ref = torch.load(cache) if cache.exists() else None
     policy = None

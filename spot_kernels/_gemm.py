@@ -30,7 +30,7 @@ def accumulate(acc, x, y):
         try:
             torch.addmm(acc, x, y, out_dtype=torch.float32, out=acc)
             return
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             raise  # not a missing feature: the fallback would need more memory still
         except (RuntimeError, TypeError, NotImplementedError):
             # no out_dtype (older torch), or a float32 ``acc`` refused beside half operands

@@ -239,7 +239,8 @@ def spot_loss(hidden, weight, targets, cu_seqlens, ref_logps, labels, *, beta=0.
     exist with the batch-mean reward ``mean_s beta (pi_s - rho_s)`` (a detached 0-dim float32
     tensor) and returns the ``delta`` to use. That is how a running estimate (TRL's
     ``RunningMoments`` for ``bco_pair``, up to TRL 0.28) is updated with the current batch
-    before the loss. A batch of no sequences does not call it."""
+    before the loss. A batch of no sequences does not call it (so a callable that runs a
+    collective must not meet an empty batch on one rank only)."""
     _checks.tensor("hidden", hidden)
     _checks.tensor("targets", targets)
     s = _checks.cu_seqlens(cu_seqlens, targets.numel(), hidden.device)

@@ -100,6 +100,13 @@ def test_elicit_split_with_scripted_generator(tmp_path):
         E.elicit(probs, gen, tok, str(other), model_name="models/b", progress=False)
     stats = E.elicit(probs, gen, tok, str(other), model_name="models/./a", progress=False)
     assert stats["new"] == 3 and stats["done"] == 5
+    # answers written as typed (older versions): the same path with a trailing "/" resumes
+    older = tmp_path / "older"
+    E.elicit(probs[:2], gen, tok, str(older), model_name="x", progress=False)
+    rows = read_jsonl(str(older / "all.jsonl"))
+    (older / "all.jsonl").write_text("".join(json.dumps(dict(r, model="./ckpt/")) + "\n"
+                                             for r in rows))
+    assert E.elicit(probs, gen, tok, str(older), model_name="ckpt", progress=False)["new"] == 3
 
 
 def test_elicit_tiny_model_resumes_without_duplicates(tmp_path, tiny_dir, capsys):

@@ -530,3 +530,5 @@ def test_a_response_that_reasons_gets_one_thinking_block():
     assert chosen.count("<think>") == 1 and not counts.get("template_fallback"), chosen
     assert tok.decode(ex.chosen[ex.chosen_prompt:]).startswith("<think>\nreason\n</think>")
     assert rejected.count("<think>") == 1 and "<think>\n\n</think>\n\nbad" in rejected
+    # one mode a pair: both responses follow the same prompt (and share its cut)
+    assert ex.chosen[:ex.chosen_prompt] == ex.rejected[:ex.rejected_prompt]

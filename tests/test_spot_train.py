@@ -284,6 +284,34 @@ def test_torchrun_two_processes_agree_with_one(workdir, tmp_path):
         assert r2["tokens"] == r1["tokens"]
 
 
+def test_spot_fsdp_shards_a_single_process(workdir, tmp_path):
+    """SPOT_FSDP=1 under torchrun with one process: the trainer sets up the process group and
+    runs the sharded path (FSDP2, the collectives) in a world of one, to the same weights as
+    a plain run."""
+    out = tmp_path / "one"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+           "--standalone", "-m", "spot", "train",
+           "--model", str(workdir / "model"), "--data", str(workdir / "pairs.jsonl"),
+           "--output", str(out), "--max-steps", "2", "--lr", "1e-3", "--delta", "running",
+           "--tokens-per-batch", "300", "--backend", "torch", "--no-progress", "--device", "cpu"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1", TMPDIR=str(tmp_path), SPOT_FSDP="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x 1 processes" in proc.stderr + proc.stdout
+    plain = train(_cfg(workdir, tmp_path / "plain", max_steps=2, delta="running"),
+                  log=lambda m: None)
+    a = load_file(out / "model.safetensors")
+    b = load_file(Path(plain["output"]) / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    bad = dict(env, SPOT_DIST_TIMEOUT_S="soon")
+    proc = subprocess.run(cmd[:-1] + ["cpu", "--output", str(tmp_path / "bad")], env=bad,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode != 0 and "SPOT_DIST_TIMEOUT_S must be a number of seconds, got 'soon'" \
+        in proc.stderr
+
+
 def test_torchrun_stops_every_rank_when_one_is_signalled(workdir, tmp_path):
     """SIGTERM to one worker only (a preempted node): the ranks agree through the step's
     all-reduce, so both stop after the same step and the checkpoint of that step is written."""

@@ -22,9 +22,10 @@ def _device():
     return "cpu"
 
 
-needs_triton = pytest.mark.skipif(
-    not (_registry.availability("triton", "cpu")[0] or torch.cuda.is_available()),
-    reason=f"triton backend unavailable here: {_registry.availability('triton', 'cpu')[1]}")
+needs_triton = pytest.mark.skipif(  # where the small-shape tests run (_device): a GPU that
+    # runs the kernels (sm_80+), else the CPU through the interpreter
+    not _registry.availability("triton", _device())[0],
+    reason=f"triton backend unavailable here: {_registry.availability('triton', _device())[1]}")
 
 
 def run(h, w, t, b=None, gout=None, options=None, **kw):
@@ -133,6 +134,19 @@ def test_a_softcap_far_above_the_logits(softcap):
     1 - e (at c = 1e30 all logits came out 0: a uniform softmax); now float32-accurate."""
     h, w, b, t = make_head(19, 24, 45, torch.float32, _device(), bias=True, scale=3.0, seed=4)
     check(h, w, t, b, temperature=0.8, softcap=softcap)
+
+
+@needs_triton
+def test_a_logit_that_overflows_in_one_d_chunk_stays_minus_infinity():
+    """Column 7's dot overflows to -inf in its first D chunk: that logit is -inf (p = 0), as in
+    torch, and the compensated float32 sum does not turn it into NaN (inf - inf)."""
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(4, 40, generator=g), torch.randn(20, 40, generator=g)
+    h[:, :16] = 1.0
+    w[7, :16] = -3e38
+    h, w, t = h.to(_device()), w.to(_device()), torch.tensor([1, 2, 3, 4], device=_device())
+    got = sk.token_logprobs(h, w, t, backend="triton", backend_options={"block_d": 16})
+    torch.testing.assert_close(got, sk.token_logprobs(h, w, t, backend="torch"))
 
 
 @needs_triton

@@ -224,7 +224,8 @@ def elicit(problems, generator, tokenizer, output_dir, *, samples=1, batch_size=
         model_name = os.path.normpath(str(model_name))
         settings["model"] = model_name
     with OutputLock(all_path):
-        check_same_settings(records_of(all_path), settings, "answers", all_path)
+        check_same_settings(records_of(all_path), settings, "answers", all_path,
+                            normalize={"model": _same_path})
         repair(all_path)
         have_err = done_ids(err_path)
         # one streamed pass over all.jsonl (it may hold millions): the ids done, the counts,
@@ -307,6 +308,11 @@ def check_device(device):
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"--device {device!r}, but there are {torch.cuda.device_count()} "
                          f"CUDA devices")
+
+
+def _same_path(model):
+    """A model path as written, compared up to ``./``, ``..`` and a trailing ``/``."""
+    return os.path.normpath(model) if isinstance(model, str) else model
 
 
 def sampling_settings(temperature, top_p, max_new_tokens, system):

@@ -100,11 +100,12 @@ def repair(path):
         return size - keep
 
 
-def check_same_settings(records, settings, what, where):
+def check_same_settings(records, settings, what, where, normalize=None):
     """Refuse (``ValueError``) to resume ``where`` when its ``records`` were made with other
     ``settings``: for each key, the first record that has it is compared (records of older
-    versions without the key pass). One file of answers sampled, or corrected, two ways would
-    mix them silently."""
+    versions without the key pass), through ``normalize[key]`` when given (both sides). One
+    file of answers sampled, or corrected, two ways would mix them silently."""
+    normalize = normalize or {}
     seen = {}
     for rec in records:
         for k in settings:
@@ -112,8 +113,9 @@ def check_same_settings(records, settings, what, where):
                 seen[k] = rec[k]
         if len(seen) == len(settings):
             break
+    same = {k: normalize.get(k, lambda x: x) for k in settings}
     changed = [f"{k} {seen[k]!r} -> {v!r}" for k, v in settings.items()
-               if k in seen and seen[k] != v]
+               if k in seen and same[k](seen[k]) != same[k](v)]
     if changed:
         raise ValueError(f"output: {where} holds {what} made with other settings "
                          f"({', '.join(changed)}); rerun with the same ones, or choose a new "

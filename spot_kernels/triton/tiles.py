@@ -125,7 +125,8 @@ def logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd
             part = dot(h, tl.trans(w), None, PRECISION)
             y = part - comp
             total = acc + y
-            comp = (total - acc) - y
+            # (an overflow to +-inf keeps no compensation: inf - inf would be NaN)
+            comp = tl.where(tl.abs(total) < float("inf"), (total - acc) - y, 0.0)
             acc = total
         else:
             acc = dot(h, tl.trans(w), acc, PRECISION)
