@@ -332,6 +332,9 @@ fi
 echo
 echo "================================ summary ================================"
 [ -s "$OUT_DIR/ceilings.json" ] && echo "ceilings: $("$PY" -c 'import json, sys; print(" ".join(f"{k}={v}" for k, v in json.load(open(sys.argv[1])).items()))' "$OUT_DIR/ceilings.json")"
+# why benchmark points were skipped (a peer not installed, out of memory, wrong values, the
+# budget), as pytest -rs grouped them: a missing row below is explained here
+grep '^SKIPPED \[' "$LOG" | sed -e 's/^SKIPPED \[\([0-9]*\)\] [^ ]*: /skipped x\1: /' | cut -c1-160 | head -15
 printf '%-12s %-28s %5s\n' stage status s
 for s in "${STAGES[@]}"; do echo "$s"; done
 echo "total $(( SECONDS - T0 ))s of ${BUDGET}s; files in $OUT_DIR"
