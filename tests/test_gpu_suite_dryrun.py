@@ -58,7 +58,7 @@ def test_dry_run_end_to_end(tmp_path):
     tail = out[out.rindex("= summary ="):]
     for stage in ("install", "ceilings", "gpu-tests", "memcheck", "gpu-sweep", "benchmarks"):
         assert stage in tail, tail
-    assert "skipped x1: torch.compile on a small CPU" in tail, tail  # why a row is missing
+    assert "skipped x1: " in tail, tail  # why a row is missing (torch.compile here)
     last = [line for line in tail.strip().splitlines()][-len(points):]
     assert all(line.split()[0] == "fwd" for line in last), tail
     assert (tmp_path / "suite.log").read_text().strip().endswith(out.strip().splitlines()[-1])
