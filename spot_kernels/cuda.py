@@ -360,7 +360,14 @@ def _scalars(temperature, softcap):
 @torch.no_grad()
 def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None,
             ignore_index=-100, return_entropy=False, **options):
-    """Returns ``(logp, lse, entropy or None)``, ``[N]`` each: float32, ``lse`` float64."""
+    """Returns ``(logp, lse, entropy or None)``, ``[N]`` each: float32, ``lse`` float64.
+
+    The logits blocks are those of the backward's first sweep (``_gemm.plan``, for a head
+    that trains): the same GEMMs, so the backward's recomputed logits round as these did and
+    its ``p = e^(z - lse)`` are this forward's. Token chunks x the vocabulary give each row's
+    ``lse`` whole; all tokens x vocabulary chunks (``N <= V`` with a trained head, above the
+    budget) give per-chunk ``(lse, logp, entropy)`` merged in float64, as the vocab-parallel
+    merge does."""
     _check_inputs(hidden, weight, targets, bias)
     n, v = hidden.shape[0], weight.shape[0]
     dev = hidden.device
@@ -370,21 +377,67 @@ def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None
     entropy = torch.empty(n, dtype=torch.float32, device=dev) if return_entropy else None
     if n == 0:
         return logp, lse, entropy
-    rows = chunk_rows(n, v, hidden.element_size(), **options)
-    buf = torch.empty(rows, v, dtype=hidden.dtype, device=dev)
     t = targets.to(torch.int64).contiguous()
     b = _aligned(bias)
+    budget = options.get("chunk_bytes") or DEFAULT_CHUNK_BYTES
+    if options.get("token_chunk") is None:
+        rows, cols, _ = _gemm.plan(n, v, hidden.shape[1], hidden.element_size(),
+                                   (True, True, bias is not None), budget, align=(1, 8))[0]
+    else:
+        rows, cols = _gemm.chunks(n, options["token_chunk"]), [slice(0, v)]
+    if len(cols) > 1:
+        return _forward_by_vocab(hidden, weight, t, b, cols, cap, inv_temp, ignore_index,
+                                 return_entropy)
+    buf = torch.empty(rows[0].stop, v, dtype=hidden.dtype, device=dev)
     wt = weight.t()
-    for i0 in range(0, n, rows):
-        h = hidden[i0:i0 + rows]
-        a = buf[:h.shape[0]]
-        torch.mm(h, wt, out=a)
-        lp, ls, en = _lse_forward_op(a, b, t[i0:i0 + rows], cap, inv_temp, ignore_index,
-                                     return_entropy)
-        logp[i0:i0 + rows] = lp
-        lse[i0:i0 + rows] = ls
+    for rs in rows:
+        a = buf[:rs.stop - rs.start]
+        torch.mm(hidden[rs], wt, out=a)
+        lp, ls, en = _lse_forward_op(a, b, t[rs], cap, inv_temp, ignore_index, return_entropy)
+        logp[rs] = lp
+        lse[rs] = ls
         if return_entropy:
-            entropy[i0:i0 + rows] = en
+            entropy[rs] = en
+    return logp, lse, entropy
+
+
+def _forward_by_vocab(hidden, weight, t, b, cols, cap, inv_temp, ignore_index, return_entropy):
+    """All tokens x each vocabulary chunk: the chunk's ``lse_c``, the owning chunk's
+    ``logp_c = z_t - lse_c`` and ``H_c``, merged in float64: ``lse = m + log s`` with
+    ``s = sum_c e^(lse_c - m)``, ``logp = logp_c + lse_c - lse``, ``H = log s + sum_c
+    e^(lse_c - m) (H_c - (lse_c - m)) / s``."""
+    n = hidden.shape[0]
+    ignored = t == ignore_index
+    buf = torch.empty(n, cols[0].stop, dtype=hidden.dtype, device=hidden.device)
+    parts = torch.empty(3 if return_entropy else 2, len(cols), n, dtype=torch.float64,
+                        device=hidden.device)
+    owns = torch.empty(len(cols), n, dtype=torch.bool, device=hidden.device)
+    for k, cs in enumerate(cols):
+        a = buf.view(-1)[:n * (cs.stop - cs.start)].view(n, -1)
+        torch.mm(hidden, weight[cs].t(), out=a)
+        # targets shifted into the chunk (another chunk's rows fall outside it, as a vocab
+        # shard's do); ignored tokens carry NEVER
+        shifted = torch.where(ignored, _gemm.NEVER, t - cs.start).contiguous()
+        lp, ls, en = _lse_forward_op(a, None if b is None else b[cs], shifted, cap, inv_temp,
+                                     _gemm.NEVER, return_entropy)
+        owns[k] = (shifted >= 0) & (shifted < cs.stop - cs.start)
+        parts[0, k] = ls
+        parts[1, k] = lp
+        if return_entropy:
+            parts[2, k] = en
+    lse_c = parts[0]
+    m = lse_c.max(0).values
+    e = torch.exp(lse_c - m)
+    s = e.sum(0)
+    log_s = torch.log(s)
+    lse = m + log_s
+    # relative to the row's max logit, as every backend forms it: (z_t - m) - log s
+    logp = torch.where(owns, parts[1] + (lse_c - m), 0.0).sum(0) - log_s
+    logp = torch.where(ignored, 0.0, logp).float()
+    entropy = None
+    if return_entropy:
+        h = torch.where(e > 0, e * (parts[2] - (lse_c - m)), 0.0).sum(0)
+        entropy = (log_s + h / s).float()
     return logp, lse, entropy
 
 

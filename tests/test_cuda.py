@@ -171,18 +171,21 @@ def test_backward_blocks_within_chunk_bytes(n, v, sweeps, dtype, dev, monkeypatc
     (summing dW, V x D); with less, two sweeps and no float32 sum (float32 inputs sum into
     their gradient: always one sweep). Results match the reference either way."""
     from spot_kernels import _gemm
-    made, blocks = [], []
+    made = []
     output, plan = _gemm._output, _gemm.plan
     monkeypatch.setattr(_gemm, "_output",
                         lambda like, summed: made.append((tuple(like.shape), summed))
                         or output(like, summed))
-    monkeypatch.setattr(_gemm, "plan", lambda *a, **k: blocks.extend(got := plan(*a, **k)) or got)
+    calls = []  # the forward's (its logits blocks) and the backward's
+    monkeypatch.setattr(_gemm, "plan", lambda *a, **k: calls.append(got := plan(*a, **k)) or got)
     d = 24
     acc = 4 * d * min(n, v)
     budget = 2 * acc + 16 * max(n, v) * dtype.itemsize if sweeps == 1 else acc
     h, w, b, t = make_head(n, d, v, dtype, dev, bias=True, seed=n)
     _check_against_reference(h, w, t, b, dtype, options={"chunk_bytes": budget})
     summed = [shape for shape, s in made if s]
+    assert len(calls) == 2 and calls[0][0][:2] == calls[1][0][:2]  # same blocks: same GEMMs
+    blocks = calls[1]
     assert len(blocks) == sweeps
     if sweeps == 1:
         assert summed == [(n, d) if n <= v else (v, d)], made
@@ -474,3 +477,30 @@ def test_a_real_size_head_on_the_gpu(options, dev):
         pytest.skip("real sizes: on a GPU only")
     h, w, _, t = make_head(4096, 4096, 32768, torch.bfloat16, dev, scale=2.0, seed=24)
     _check_against_reference(h, w, t, None, torch.bfloat16, options=options, softcap=30.0)
+
+
+def test_the_backward_recomputes_the_forwards_logits(dev):
+    """All tokens x vocabulary chunks in both passes: the backward's GEMMs are the forward's, so
+    its recomputed logits round the same and p = e^(z - lse) of the non-target columns is the
+    forward's. With the forward in token chunks instead, a cold temperature (T = 0.07) put 30x
+    (dh) to 100x (dW) the naive float32 head's error into the gradients (a fuzzer's case)."""
+    g = torch.Generator().manual_seed(2)
+    n, d, v, temp = 40, 64, 300, 0.07
+    h = torch.randn(n, d, generator=g) * 30 / d**0.5
+    w = torch.randn(v, d, generator=g)
+    t = torch.randint(0, v, (n,), generator=g)
+
+    def grads(fn, dtype):
+        hh, ww = (x.to(dtype).to(dev).requires_grad_() for x in (h, w))
+        return [x.double().cpu() for x in torch.autograd.grad(fn(hh, ww).double().sum(), [hh, ww])]
+    truth = grads(lambda a, b: reference.token_logprobs(a, b, t.to(dev), temperature=temp,
+                                                        compute_dtype=torch.float64),
+                  torch.float64)
+    naive = grads(lambda a, b: reference.token_logprobs(a, b, t.to(dev), temperature=temp),
+                  torch.float32)
+    ours = grads(lambda a, b: sk.token_logprobs(a, b, t.to(dev), temperature=temp, backend="cuda",
+                                                backend_options={"chunk_bytes": 1000}),
+                 torch.float32)
+    for name, o, s, tr in zip(("dh", "dW"), ours, naive, truth):
+        err, base = (o - tr).abs().max().item(), (s - tr).abs().max().item()
+        assert err <= 2 * base + 1e-6, (name, err, base)
