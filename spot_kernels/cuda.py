@@ -7,10 +7,11 @@ Math (README, "The math"): ``a = h W^T``, ``z = softcap(a + b) / T``, ``lse = lo
 
 Work split (a buffer in the input dtype within ``chunk_bytes``, reused):
 
-* forward, per chunk of ``rows`` tokens: ``buf = h_c W^T`` (cuBLAS, float32 accumulation, one
+* forward, per block of the backward's first sweep (below: the same GEMMs, so the backward
+  recomputes these logits bit for bit): ``buf = h W_c^T`` (cuBLAS, float32 accumulation, one
   rounding to the input dtype), then ``lse_forward`` reads ``buf`` once: online logsumexp,
   target gather and entropy per row (bias, softcap and temperature applied in float32 in the
-  kernel).
+  kernel); vocabulary chunks' ``(lse, logp, entropy)`` are merged in float64.
 * backward, per block (``_gemm.blockwise_backward``, its sweeps from ``_gemm.plan``): all
   tokens x a chunk of the vocabulary when ``N <= V``, else a chunk of tokens x the whole
   vocabulary. ``buf = h W_c^T`` again (recompute; nothing of the logits is kept between
@@ -27,9 +28,10 @@ Precision: cuBLAS rounds the logits block once to the input dtype (as a naive ``
 bias, softcap, temperature, the logsumexp and ``dA`` are float32 in the kernels, and ``dA`` is
 rounded once to the input dtype for the tensor-core GEMMs that follow (float32 inputs stay
 float32 throughout). In bfloat16 with large ``|z|`` the logits rounding dominates the error.
-The backward's block GEMMs have other shapes than the forward's and may round a logit
-differently in the last bits; the target column's ``1 - p_t`` therefore comes from the forward's
-``logp`` (``torch_backend.target_complement``), not from the recomputed logit.
+The backward's first sweep recomputes the forward's blocks; a second sweep (token chunks, under
+a budget without room for the float32 ``dh``) has other shapes and may round a logit
+differently in the last bits. The target column's ``1 - p_t`` comes from the forward's ``logp``
+(``torch_backend.target_complement``) in any case, not from the recomputed logit.
 
 Cost: forward ``2 N D V`` FLOPs plus one read of the logits; backward ``6 N D V`` FLOPs plus a
 read and a write of them (with two sweeps ``8 N D V``, and each twice). Memory beyond inputs and
@@ -37,9 +39,8 @@ gradients: ``chunk_bytes`` and O(N) state. In the backward the buffer shares it 
 accumulator of ``4 min(N, V) D`` bytes when there is one (``dh`` for the usual ``N <= V``: 268
 MB for 16k tokens at D = 4096, where a ``dW`` one would take 2.5 GB at V = 151936).
 
-Options (``backend_options=``): ``chunk_bytes`` (byte budget, default 1 GiB: the forward's
-buffer of ``rows = chunk_bytes // (V * itemsize)`` token rows, at least 1; the backward's
-buffer and accumulator, above) and ``token_chunk`` (rows of token chunks in both passes, one
+Options (``backend_options=``): ``chunk_bytes`` (byte budget, default 1 GiB: the blocks and the
+backward's accumulator, above) and ``token_chunk`` (rows of token chunks in both passes, one
 backward sweep summing ``dW``; wins over ``chunk_bytes``).
 
 Also here, for the O(N) part of the SPoT loss on CUDA tensors: ``segment_sums`` (sums or means
@@ -166,13 +167,6 @@ def available(device):
 
 def check_options(options):
     _checks.backend_options("cuda", options, OPTIONS, positive_ints=OPTIONS)
-
-
-def chunk_rows(n, v, itemsize, chunk_bytes=None, token_chunk=None):
-    """Tokens per chunk: ``token_chunk``, else as many ``V``-wide rows as ``chunk_bytes`` holds."""
-    if token_chunk is None:
-        token_chunk = (DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // (v * itemsize)
-    return max(1, min(max(n, 1), token_chunk))
 
 
 # --- argument checks of the raw kernels (the ops below) -------------------------------------
