@@ -356,8 +356,8 @@ def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None
             ignore_index=-100, return_entropy=False, **options):
     """Returns ``(logp, lse, entropy or None)``, ``[N]`` each: float32, ``lse`` float64.
 
-    The logits blocks are those of the backward's first sweep (``_gemm.plan``, for a head
-    that trains): the same GEMMs, so the backward's recomputed logits round as these did and
+    The logits blocks are those of the backward's first sweep (``_gemm.plan``, for the inputs
+    that require gradients): the same GEMMs, so the backward's recomputed logits round as these did and
     its ``p = e^(z - lse)`` are this forward's. Token chunks x the vocabulary give each row's
     ``lse`` whole; all tokens x vocabulary chunks (``N <= V`` with a trained head, above the
     budget) give per-chunk ``(lse, logp, entropy)`` merged in float64, as the vocab-parallel
@@ -375,8 +375,13 @@ def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None
     b = _aligned(bias)
     budget = options.get("chunk_bytes") or DEFAULT_CHUNK_BYTES
     if options.get("token_chunk") is None:
-        rows, cols, _ = _gemm.plan(n, v, hidden.shape[1], hidden.element_size(),
-                                   (True, True, bias is not None), budget, align=(1, 8))[0]
+        # the gradients the backward will plan for (a frozen head: token chunks); nothing
+        # that asks for one (no_grad, a compiled graph's detached inputs): a trained head
+        needs = (hidden.requires_grad, weight.requires_grad,
+                 bias is not None and bias.requires_grad)
+        needs = needs if any(needs) else (True, True, bias is not None)
+        rows, cols, _ = _gemm.plan(n, v, hidden.shape[1], hidden.element_size(), needs, budget,
+                                   align=(1, 8))[0]
     else:
         rows, cols = _gemm.chunks(n, options["token_chunk"]), [slice(0, v)]
     if len(cols) > 1:

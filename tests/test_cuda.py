@@ -479,11 +479,13 @@ def test_a_real_size_head_on_the_gpu(options, dev):
     _check_against_reference(h, w, t, None, torch.bfloat16, options=options, softcap=30.0)
 
 
-def test_the_backward_recomputes_the_forwards_logits(dev):
-    """All tokens x vocabulary chunks in both passes: the backward's GEMMs are the forward's, so
-    its recomputed logits round the same and p = e^(z - lse) of the non-target columns is the
-    forward's. With the forward in token chunks instead, a cold temperature (T = 0.07) put 30x
-    (dh) to 100x (dW) the naive float32 head's error into the gradients (a fuzzer's case)."""
+@pytest.mark.parametrize("frozen_head", [False, True], ids=["trained-head", "frozen-head"])
+def test_the_backward_recomputes_the_forwards_logits(dev, frozen_head):
+    """The forward computes the blocks the backward will (all tokens x vocabulary chunks for a
+    trained head, token chunks for a frozen one), so the backward's recomputed logits round the
+    same and p = e^(z - lse) of the non-target columns is the forward's. With other blocks, a
+    cold temperature (T = 0.07) put 30x (dh) to 100x (dW) the naive float32 head's error into
+    the gradients (a fuzzer's case)."""
     g = torch.Generator().manual_seed(2)
     n, d, v, temp = 40, 64, 300, 0.07
     h = torch.randn(n, d, generator=g) * 30 / d**0.5
@@ -492,7 +494,9 @@ def test_the_backward_recomputes_the_forwards_logits(dev):
 
     def grads(fn, dtype):
         hh, ww = (x.to(dtype).to(dev).requires_grad_() for x in (h, w))
-        return [x.double().cpu() for x in torch.autograd.grad(fn(hh, ww).double().sum(), [hh, ww])]
+        ww.requires_grad_(not frozen_head)
+        leaves = [hh] if frozen_head else [hh, ww]
+        return [x.double().cpu() for x in torch.autograd.grad(fn(hh, ww).double().sum(), leaves)]
     truth = grads(lambda a, b: reference.token_logprobs(a, b, t.to(dev), temperature=temp,
                                                         compute_dtype=torch.float64),
                   torch.float64)
