@@ -357,11 +357,11 @@ def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None
     """Returns ``(logp, lse, entropy or None)``, ``[N]`` each: float32, ``lse`` float64.
 
     The logits blocks are those of the backward's first sweep (``_gemm.plan``, for the inputs
-    that require gradients): the same GEMMs, so the backward's recomputed logits round as these did and
-    its ``p = e^(z - lse)`` are this forward's. Token chunks x the vocabulary give each row's
-    ``lse`` whole; all tokens x vocabulary chunks (``N <= V`` with a trained head, above the
-    budget) give per-chunk ``(lse, logp, entropy)`` merged in float64, as the vocab-parallel
-    merge does."""
+    that require gradients): the same GEMMs, so the backward's recomputed logits round as these
+    did and its ``p = e^(z - lse)`` are this forward's. Token chunks x the vocabulary give each
+    row's ``lse`` whole; all tokens x vocabulary chunks (``N <= V`` with a trained head, above
+    the budget) give per-chunk ``(lse, logp, entropy)``, merged as a vocab-parallel head's
+    shards are."""
     _check_inputs(hidden, weight, targets, bias)
     n, v = hidden.shape[0], weight.shape[0]
     dev = hidden.device
@@ -374,16 +374,12 @@ def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None
     t = targets.to(torch.int64).contiguous()
     b = _aligned(bias)
     budget = options.get("chunk_bytes") or DEFAULT_CHUNK_BYTES
-    if options.get("token_chunk") is None:
-        # the gradients the backward will plan for (a frozen head: token chunks); nothing
-        # that asks for one (no_grad, a compiled graph's detached inputs): a trained head
-        needs = (hidden.requires_grad, weight.requires_grad,
-                 bias is not None and bias.requires_grad)
-        needs = needs if any(needs) else (True, True, bias is not None)
-        rows, cols, _ = _gemm.plan(n, v, hidden.shape[1], hidden.element_size(), needs, budget,
-                                   align=(1, 8))[0]
-    else:
-        rows, cols = _gemm.chunks(n, options["token_chunk"]), [slice(0, v)]
+    # the gradients the backward will plan for (a frozen head: token chunks); nothing that
+    # asks for one (no_grad, a compiled graph's detached inputs): a trained head
+    needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    needs = needs if any(needs) else (True, True, bias is not None)
+    rows, cols, _ = _gemm.plan(n, v, hidden.shape[1], hidden.element_size(), needs, budget,
+                               align=(1, 8), rows_per_block=options.get("token_chunk"))[0]
     if len(cols) > 1:
         return _forward_by_vocab(hidden, weight, t, b, cols, cap, inv_temp, ignore_index,
                                  return_entropy)
@@ -401,10 +397,8 @@ def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None
 
 
 def _forward_by_vocab(hidden, weight, t, b, cols, cap, inv_temp, ignore_index, return_entropy):
-    """All tokens x each vocabulary chunk: the chunk's ``lse_c``, the owning chunk's
-    ``logp_c = z_t - lse_c`` and ``H_c``, merged in float64: ``lse = m + log s`` with
-    ``s = sum_c e^(lse_c - m)``, ``logp = logp_c + lse_c - lse``, ``H = log s + sum_c
-    e^(lse_c - m) (H_c - (lse_c - m)) / s``."""
+    """All tokens x each vocabulary chunk: the chunks' ``(lse, logp, entropy)``, merged as a
+    vocab-parallel head's shards are (``torch_backend.merge_parts``)."""
     n = hidden.shape[0]
     ignored = t == ignore_index
     buf = torch.empty(n, cols[0].stop, dtype=hidden.dtype, device=hidden.device)
@@ -424,19 +418,9 @@ def _forward_by_vocab(hidden, weight, t, b, cols, cap, inv_temp, ignore_index, r
         parts[1, k] = lp
         if return_entropy:
             parts[2, k] = en
-    lse_c = parts[0]
-    m = lse_c.max(0).values
-    e = torch.exp(lse_c - m)
-    s = e.sum(0)
-    log_s = torch.log(s)
-    lse = m + log_s
-    # relative to the row's max logit, as every backend forms it: (z_t - m) - log s
-    logp = torch.where(owns, parts[1] + (lse_c - m), 0.0).sum(0) - log_s
-    logp = torch.where(ignored, 0.0, logp).float()
-    entropy = None
-    if return_entropy:
-        h = torch.where(e > 0, e * (parts[2] - (lse_c - m)), 0.0).sum(0)
-        entropy = (log_s + h / s).float()
+    lse, logp, entropy = torch_backend.merge_parts(
+        parts[0], parts[1], owns, parts[2] if return_entropy else None, ~ignored,
+        lambda x: x.max(0, keepdim=True).values, lambda x: x.sum(1))
     return logp, lse, entropy
 
 

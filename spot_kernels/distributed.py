@@ -63,7 +63,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import _checks, _registry
+from . import _checks, _registry, torch_backend
 from .functional import _once_differentiable
 
 
@@ -156,21 +156,17 @@ class _ShardedHead(torch.autograd.Function):
                                       **options)
         del w, b  # a gathered DTensor weight is freed here; the backward gathers it again
         if group is not None:
-            lse = lse.double()  # the backends' float64 lse; the merge stays in float64
-            m = lse.clone()
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-            e = torch.exp(lse - m)
-            parts = [e, torch.where(own, logp.double() - (m - lse), 0.0)]
-            if return_entropy:
-                # a shard whose logits are all -inf (masked rows) has e = 0 and a NaN entropy
-                parts.append(torch.where(e > 0, e * (ent.double() - (lse - m)), 0.0))
-            sums = torch.stack(parts)
-            dist.all_reduce(sums, group=group)
-            log_s = torch.log(sums[0])
-            lse = m + log_s
-            logp = torch.where(valid, sums[1] - log_s, 0.0).float()
-            if return_entropy:
-                ent = (log_s + sums[2] / sums[0]).float()
+
+            def max_over(x):
+                x = x.clone()
+                dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
+                return x
+
+            def sum_over(x):
+                dist.all_reduce(x, group=group)
+                return x
+            lse, logp, ent = torch_backend.merge_parts(lse, logp, own, ent, valid, max_over,
+                                                       sum_over)
         ctx.save_for_backward(hidden, weight, bias, t, lse, logp.clone())
         ctx.impl, ctx.cfg, ctx.options, ctx.group = impl, cfg, options, group
         if ent is None:

@@ -144,6 +144,29 @@ def target_complement(logp):
     return torch.special.expm1(logp.float()).neg_().clamp_min_(0.0)
 
 
+def merge_parts(lse, logp, own, entropy, valid, max_over, sum_over):
+    """One row's ``(lse, logp, entropy)`` from its vocabulary parts (a vocab-parallel head's
+    shards, the ``cuda`` backend's vocabulary chunks): each part's ``lse_k``, ``logp_k`` (kept
+    where the part ``own``s the target) and ``H_k``, merged in float64 relative to the row's max
+    ``m = max_k lse_k``: ``lse = m + log s`` with ``s = sum_k e^(lse_k - m)``,
+    ``logp = (logp_k + lse_k - m) - log s``, ``H = log s + sum_k e^(lse_k - m) (H_k -
+    (lse_k - m)) / s`` (a part whose logits are all -inf, ``e = 0``, adds nothing, not its NaN
+    entropy). ``max_over`` and ``sum_over`` reduce over the parts (a tensor dimension or an
+    all-reduce, keeping a broadcastable shape); ``valid``: the counted tokens (logp 0
+    elsewhere)."""
+    lse = lse.double()
+    m = max_over(lse)
+    e = torch.exp(lse - m)
+    parts = [e, torch.where(own, logp.double() - (m - lse), 0.0)]
+    if entropy is not None:
+        parts.append(torch.where(e > 0, e * (entropy.double() - (lse - m)), 0.0))
+    sums = sum_over(torch.stack(parts))
+    log_s = torch.log(sums[0])
+    logp = torch.where(valid, sums[1] - log_s, 0.0).float()
+    entropy = None if entropy is None else (log_s + sums[2] / sums[0]).float()
+    return (m + log_s).reshape(log_s.shape), logp, entropy
+
+
 def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None,
             ignore_index=-100, return_entropy=False, **options):
     """Returns ``(logp, lse, entropy or None)``, ``[N]`` each: float32, ``lse`` float64."""
