@@ -23,6 +23,17 @@ def capturing(x):
     return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def targets_in_vocab(targets, v, ignore_index):
+    """Targets in ``[0, V)`` or ``ignore_index`` (a host read of the device; skipped while a
+    CUDA graph is captured)."""
+    if targets.numel() and not capturing(targets):
+        t = targets.long()  # uint8 targets would compare with a wrapped ignore_index (-100 -> 156)
+        bad = ((t < 0) | (t >= v)) & (t != ignore_index)
+        if bool(bad.any()):
+            raise ValueError(f"targets must lie in [0, V) = [0, {v}) or equal ignore_index "
+                             f"({ignore_index}); found {t[bad][0].item()}")
+
+
 def same_device(name, x, ref_name, ref):
     if x.device != ref.device:
         raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; "
@@ -103,13 +114,7 @@ def head(hidden, weight, targets, bias, temperature, softcap, ignore_index):
         raise ValueError(f"ignore_index must fit in int64 (targets are int64), got {ignore_index}")
     positive_number("temperature", temperature)
     positive_number("softcap", softcap, allow_none=True)
-    if targets.numel() and not capturing(targets):
-        t = targets.long()  # uint8 targets would compare with a wrapped ignore_index (-100 -> 156)
-        bad = ((t < 0) | (t >= v)) & (t != ignore_index)
-        if bool(bad.any()):
-            first = t[bad][0].item()
-            raise ValueError(f"targets must lie in [0, V) = [0, {v}) or equal ignore_index "
-                             f"({ignore_index}); found {first}")
+    targets_in_vocab(targets, v, ignore_index)
     n = targets.numel()
     return n, d, v
 

@@ -39,14 +39,6 @@ def _constant_result(fn):
     return fn
 
 
-def check_targets(targets, v, ignore_index):
-    if targets.numel() and not _checks.capturing(targets):
-        bad = ((targets < 0) | (targets >= v)) & (targets != ignore_index)
-        if bool(bad.any()):
-            raise ValueError(f"targets must lie in [0, V) = [0, {v}) or equal ignore_index "
-                             f"({ignore_index}); found {targets[bad][0].item()}")
-
-
 @_constant_result
 def resolve(backend, device):
     """The backend name, resolved once while tracing (the registry imports modules, which the
@@ -62,7 +54,7 @@ def resolve(backend, device):
 def token_logprobs_fwd(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None,
                        backend: str, temperature: float, softcap: float | None, ignore_index: int,
                        return_entropy: bool, options: str) -> tuple[Tensor, Tensor, Tensor]:
-    check_targets(targets, weight.shape[0], ignore_index)
+    _checks.targets_in_vocab(targets, weight.shape[0], ignore_index)
     impl = _registry.module(backend)
     impl.check_options(json.loads(options))
     logp, lse, ent = impl.forward(hidden, weight, targets, bias, temperature=temperature,
