@@ -273,11 +273,15 @@ if [ "$DRY" = 1 ]; then
 else
   BENCH_ARGS=(benchmarks/ --full)
 fi
-MEMCHECK_S=0  # the time kept for memcheck after the benchmarks, when it can run
-if [ "$DRY" = 0 ] && [ -f benchmarks/cuda_memcheck.py ] && [ "${CUDA_EXT:-0}" = 1 ] &&
-   command -v compute-sanitizer > /dev/null && [ "$(uname -r)" != "4.4.0" ]; then
-  MEMCHECK_S=50
-fi
+# whether memcheck (stage 6) can run here, decided once: why not, or empty
+if [ ! -f benchmarks/cuda_memcheck.py ]; then MEMCHECK_SKIP="skipped (no cuda_memcheck.py)"
+elif [ "$DRY" = 1 ]; then MEMCHECK_SKIP="skipped (dry run)"
+elif ! command -v compute-sanitizer > /dev/null; then MEMCHECK_SKIP="skipped (no compute-sanitizer)"
+elif [ "${CUDA_EXT:-0}" != 1 ]; then MEMCHECK_SKIP="skipped (CUDA extension not built)"
+# gVisor reports kernel 4.4.0; compute-sanitizer refuses the device there
+elif [ "$(uname -r)" = "4.4.0" ]; then MEMCHECK_SKIP="skipped (gVisor: no sanitizer)"
+else MEMCHECK_SKIP=""; fi
+MEMCHECK_S=$([ -z "$MEMCHECK_SKIP" ] && echo 50 || echo 0)  # kept free after the benchmarks
 BLEFT=$(( $(left) - 20 - MEMCHECK_S ))
 stage benchmarks "$BLEFT" $(( 20 + MEMCHECK_S )) "$PY" -m pytest "${BENCH_ARGS[@]}" -q -rs -p no:cacheprovider \
   --budget-s "$(( BLEFT > 60 ? BLEFT - 45 : BLEFT / 2 ))" --benchmark-json "$BENCH_JSON" \
@@ -301,17 +305,8 @@ else
 fi
 
 # 6. CUDA memcheck (after the report: a slow sanitizer costs no benchmark point) -------------
-if [ ! -f benchmarks/cuda_memcheck.py ]; then
-  note memcheck "skipped (no cuda_memcheck.py)"
-elif [ "$DRY" = 1 ]; then
-  note memcheck "skipped (dry run)"
-elif ! command -v compute-sanitizer > /dev/null; then
-  note memcheck "skipped (no compute-sanitizer)"
-elif [ "${CUDA_EXT:-0}" != 1 ]; then
-  note memcheck "skipped (CUDA extension not built)"
-elif [ "$(uname -r)" = "4.4.0" ]; then
-  # gVisor reports kernel 4.4.0; compute-sanitizer refuses the device there
-  note memcheck "skipped (gVisor: no sanitizer)"
+if [ -n "$MEMCHECK_SKIP" ]; then
+  note memcheck "$MEMCHECK_SKIP"
 else
   # no caching allocator: each tensor its own cudaMalloc, so a read past one is seen
   # API errors are not reported (CUDA 13's loader probes cuGetProcAddress and fails some
