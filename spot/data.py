@@ -354,24 +354,25 @@ def encode_turns(tokenizer, prompt, response, counts=None, thinking=None):
         if full.startswith(p_text):
             r_text = full[len(p_text):]
         else:  # a template that rewrites earlier turns: fall back to the raw content + EOS
-            r_text = "".join(m["content"] for m in response) + (tokenizer.eos_token or "")
+            r_text = _plain(tokenizer, response)
             _count(counts, "template_fallback")
             if any(m.get("tool_calls") for m in response):
                 _count(counts, "tool_calls_lost")
     else:
         p_text = "".join(m["content"] + "\n" for m in prompt)
-        r_text = "".join(m["content"] for m in response) + (tokenizer.eos_token or "")
+        r_text = _plain(tokenizer, response)
         if any(m.get("tool_calls") for m in prompt + response):
             _count(counts, "tool_calls_lost")
         # the BOS the tokenizer's own encoding starts with (a chat template writes its own)
         bos = tokenizer.bos_token_id
-        if bos is not None and _ids_with_specials(tokenizer, "a")[:1] == [bos]:
+        if bos is not None and list(tokenizer("a")["input_ids"][:1]) == [bos]:
             return [bos] + _ids(tokenizer, p_text), _ids(tokenizer, r_text)
     return _ids(tokenizer, p_text), _ids(tokenizer, r_text)
 
 
-def _ids_with_specials(tokenizer, text):
-    return list(tokenizer(text)["input_ids"])
+def _plain(tokenizer, response):
+    """A response without a template: its turns' text and EOS."""
+    return "".join(m["content"] for m in response) + (tokenizer.eos_token or "")
 
 
 def _count(counts, key):
