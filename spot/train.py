@@ -638,7 +638,7 @@ def _train(cfg, log, handle_signals):
     cache = Path(cfg.cache_dir or out / ".cache") / f"ref-{fingerprint}.pt"
     ref = torch.load(cache) if cache.exists() else None
     policy = None
-    probe = examples[0].chosen[:64] if examples else None  # build_policy checks the head on it
+    probe = examples[0].chosen[:64]  # build_policy checks the head on it
     if ref is None:
         policy = build_policy(cfg.model, cfg, dst, probe)
         t0 = time.perf_counter()
