@@ -8,7 +8,9 @@
 
 Cases: the demo model (CPU and GPU), the same body with a 32k vocabulary (where the logits start
 to matter); on a GPU a Qwen3-0.6B-shaped model (random weights,
-hidden 1024, 28 layers, vocabulary 151,936) at 8192 tokens per batch under bf16 autocast.
+hidden 1024, 28 layers, vocabulary 151,936) at 8192 tokens per batch under bf16 autocast,
+with the attention kernel the trainer's ``--attn auto`` picks there (flash-attn, else torch's
+varlen kernel, else SDPA; SDPA on a CPU), the same for both ways.
 Reports tokens/s and the peak memory above the inputs (``_bench.PeakMemory``: CUDA's allocator
 peak, or the process's peak RSS on a CPU) in ``extra_info`` and in the summary notes.
 """
@@ -23,7 +25,8 @@ import _bench
 import spot_kernels as sk
 from spot import data as D
 from spot.demo import MODEL
-from spot.model import Policy
+from spot import attention
+from spot.model import Policy, attn_implementation
 from spot.tiny import build_model
 
 CUDA = torch.cuda.is_available()
@@ -46,6 +49,9 @@ def _model(name, case, device):
         with torch.device(device):  # initialised where it runs: no host init and copy
             model = build_model("qwen3", **case["arch"])
         model.config.use_cache = False
+        if device == "cuda":  # the attention the trainer's auto picks there, for both ways
+            kind = attn_implementation(device, True, "auto")
+            model.set_attn_implementation(attention.register() if kind == "varlen" else kind)
         _MODELS[name] = model
     return _MODELS[name]
 
@@ -114,6 +120,7 @@ def test_trainer_step(benchmark, name, impl, request, record, deadline):
     seconds = benchmark.stats.stats.median
     tokens = batch["input_ids"].numel()
     info = {"case": name, "impl": impl, "tokens": tokens, "tokens_per_s": tokens / seconds,
+            "attention": model.config._attn_implementation,
             "peak_mb": None if mem.peak is None else mem.peak / 2**20,
             "logits_mb_fp32": batch["rows"].numel() * vocab * 4 / 2**20}
     benchmark.extra_info.update(info)
@@ -125,5 +132,6 @@ def test_trainer_step(benchmark, name, impl, request, record, deadline):
     if impl == "fused" and other:
         note = (f"trainer step {name} ({tokens} tokens, V={vocab}, {device}): fused "
                 f"{info['tokens_per_s']:.0f} tok/s, {info['peak_mb'] or 0:.0f} MB peak; unfused "
-                f"{other['tokens_per_s']:.0f} tok/s, {other['peak_mb'] or 0:.0f} MB peak")
+                f"{other['tokens_per_s']:.0f} tok/s, {other['peak_mb'] or 0:.0f} MB peak; "
+                f"attention {info['attention']}")
         request.config.__dict__.setdefault("_bench_notes", []).append(note)

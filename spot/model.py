@@ -6,12 +6,14 @@ returns the per-sequence log-probs ``pi [S]`` of the responses, computed by
 ``get_output_embeddings().weight``: the ``[tokens x vocab]`` logits never exist. Only the rows
 whose target counts (response tokens) go through the head.
 
-Attention: flash-attn varlen when it is installed and the model is on a GPU, SDPA otherwise
-(``--attn`` picks one: flash_attention_2, sdpa or eager).
-Sequences packed in one row must not attend to each other: transformers derives the
-block-diagonal causal mask from ``position_ids`` that restart at 0 (``find_packed_sequence_indices``
-for SDPA/eager; the varlen kernel for flash-attn). ``tests/test_spot_model.py`` checks that each
-sequence gives the same log-probs alone and packed.
+Attention: on a GPU under bf16, flash-attn varlen when it is installed, else PyTorch's own
+flash varlen kernel (``spot.attention``, ``--attn varlen``); SDPA on a CPU (``--attn`` picks one:
+flash_attention_2, varlen, sdpa or eager). Sequences packed in one row must not attend to each
+other: the varlen kernels take the sequence bounds (``cu_seq_lens_q``); for SDPA/eager
+transformers derives the block-diagonal causal mask from ``position_ids`` that restart at 0
+(``find_packed_sequence_indices``), an ``N x N`` mask whose off-diagonal blocks are computed and
+thrown away. ``tests/test_spot_model.py`` checks that each sequence gives the same log-probs alone
+and packed.
 
 The log-probs are computed inside ``Policy.forward`` so that, under FSDP2, the root module's
 parameters (embeddings, final norm, LM head) are gathered for that call and their gradients
@@ -34,29 +36,32 @@ import spot_kernels as sk
 
 from spot_kernels import hf
 
+from . import attention
 from .config import ATTENTION, ConfigError
 
 
 def attn_implementation(device, bf16=True, requested="auto"):
-    """The attention kernel: ``requested`` as it is, or for ``auto`` flash-attn varlen on a GPU
-    under bf16 autocast when it imports (it takes no float32), SDPA otherwise."""
+    """The attention kernel: ``requested`` as it is, or for ``auto`` on a GPU under bf16
+    autocast (flash kernels take no float32) flash-attn varlen when it imports, else torch's
+    flash varlen kernel when it runs there (``varlen``), else SDPA; SDPA on a CPU."""
     if requested not in ATTENTION:
         raise ConfigError(f"attn: must be one of {'|'.join(ATTENTION)}, got {requested!r}")
-    if requested in ("sdpa", "eager"):
+    if requested in ("varlen", "sdpa", "eager"):
         return requested
-    gpu_bf16 = torch.device(device).type == "cuda" and bf16
+    dev = torch.device(device)
+    gpu_bf16 = dev.type == "cuda" and bf16
     if not gpu_bf16:
         if requested == "auto":
             return "sdpa"
         raise ConfigError("attn: flash_attention_2 needs a GPU and bf16 (flash-attn takes no "
-                          "float32); use sdpa or eager")
+                          "float32); use varlen or sdpa")
     try:
         importlib.import_module("flash_attn")
     except Exception as exc:  # not installed, or broken (e.g. built for another torch)
         if requested == "auto":
-            return "sdpa"
+            return "varlen" if attention.kernel_runs(dev.index) else "sdpa"
         raise ConfigError(f"attn: flash_attention_2 needs flash-attn, which does not import "
-                          f"({exc}); use sdpa") from None
+                          f"({exc}); use varlen or sdpa") from None
     return "flash_attention_2"
 
 
@@ -116,12 +121,18 @@ def load_model(path, device="cpu", trust_remote_code=False, bf16=True, attn="aut
     impl = attn_implementation(device, bf16, attn)
     kinds = [impl]
     if attn == "auto":
-        kinds += {"flash_attention_2": ["sdpa", "eager"], "sdpa": ["eager"]}.get(impl, [])
+        kinds += {"flash_attention_2": ["sdpa", "eager"], "varlen": ["sdpa", "eager"],
+                  "sdpa": ["eager"]}.get(impl, [])
     for kind in kinds:
         try:
-            return AutoModelForCausalLM.from_pretrained(
-                path, dtype=torch.float32, attn_implementation=kind,
-                trust_remote_code=trust_remote_code).to(device)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float32,
+                attn_implementation=attention.register() if kind == "varlen" else kind,
+                trust_remote_code=trust_remote_code)
+            if kind == "varlen" and not attention.supported(model):
+                raise ValueError(f"{type(model).__name__} does not support the varlen kernel "
+                                 f"(its own attention, soft-capping or sinks)")
+            return model.to(device)
         except (ValueError, ImportError, OSError) as exc:
             # transformers: "... does not support ... sdpa / Flash Attention ..." (ValueError),
             # "FlashAttention2 has been toggled on, but it cannot be used ..." (ImportError)
@@ -133,8 +144,9 @@ def load_model(path, device="cpu", trust_remote_code=False, bf16=True, attn="aut
                 raise ConfigError(f"model: cannot load {path}: {first}") from None
             if kind != kinds[-1]:
                 continue
+            other = "sdpa or eager" if kind == "varlen" else "eager"
             raise ConfigError(f"attn: {kind} does not load for this model ({first[:160]}); "
-                              f"use --attn eager") from None
+                              f"use --attn {other}") from None
 
 
 def disable_dropout(model):

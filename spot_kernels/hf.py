@@ -67,6 +67,8 @@ Batches
   - flash-attention (``attn_implementation="flash_attention_2/3"``): transformers runs the varlen
     kernel; this module hands it ``cu_seq_lens_q/k`` and ``max_length_q/k`` made once per batch
     (else it derives them from ``position_ids`` in every layer, two device synchronisations each);
+    so it does to a registered attention function marked ``varlen = True`` (``spot.attention``,
+    torch's own varlen kernel), except for the models below that build their own mask;
   - SDPA / eager / flex with a transformers that detects packing from ``position_ids``
     (``masking_utils.find_packed_sequence_indices``, in recent releases): it builds the
     block-diagonal causal mask itself (sliding windows included), except for models that build
@@ -383,6 +385,19 @@ def _takes_kwargs(model):
     return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
 
 
+def _takes_varlen(impl):
+    """Whether the attention kernel runs packed rows as flash-attn varlen does (sequence bounds
+    in ``cu_seq_lens_q/k``, no mask): flash-attention, or a registered attention function marked
+    ``varlen = True`` (``spot.attention``'s)."""
+    if impl.startswith("flash"):
+        return True
+    try:
+        from transformers import AttentionInterface
+        return bool(getattr(AttentionInterface._global_mapping.get(impl), "varlen", False))
+    except ImportError:
+        return False
+
+
 def _flash_varlen(seg):
     """flash-attn's varlen arguments for one packed row ``seg`` (segment ids), made once per
     batch: given them, transformers no longer derives them from ``position_ids`` in every layer
@@ -418,7 +433,10 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
         raise ValueError(f"cu_seqlens / position_ids: {type(inner).__name__} cannot keep packed "
                          f"sequences apart (its attention bias comes from the 2-D "
                          f"attention_mask); pass a padded batch")
-    if packed and not impl.startswith("flash") and (mask is not None
+    # flash-attn: the bounds always; another varlen kernel: where the model's mask would not
+    # ignore position_ids (else the 4-D mask below, which such a kernel takes as SDPA does)
+    varlen = impl.startswith("flash") or (_takes_varlen(impl) and kind not in _OWN_PACKING_MASK)
+    if packed and not varlen and (mask is not None
                                                    or not _transformers_detects_packing()
                                                    or kind in _OWN_PACKING_MASK):
         cfg = _text_config(inner)
@@ -433,7 +451,7 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
         mask = _block_causal_mask(seg, mask, dtype)
     elif packed:
         mask = None  # transformers (or flash varlen) derives the block-diagonal mask from positions
-        if impl.startswith("flash") and seg.shape[0] == 1 and _takes_kwargs(inner):
+        if varlen and seg.shape[0] == 1 and _takes_kwargs(inner):
             model_kwargs = {**_flash_varlen(seg), **model_kwargs}
     if position_ids is None and kind in _POSITIONS_AFTER_PAD:
         pos = pos + (_text_config(inner).pad_token_id + 1)

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from spot import data as D
+from spot import attention, data as D
 from spot.model import Policy, enable_checkpointing
 from spot.tiny import build_model, build_tokenizer
 
@@ -34,7 +34,8 @@ def alone_logps(model, seq, plen):
 
 
 @pytest.mark.parametrize("arch,attn", [("qwen3", "sdpa"), ("llama", "sdpa"), ("qwen3", "eager"),
-                                       ("gemma2", "eager"), ("gemma2", "sdpa")])
+                                       ("gemma2", "eager"), ("gemma2", "sdpa"),
+                                       ("qwen3", "varlen"), ("llama", "varlen")])
 def test_packed_equals_alone(arch, attn):
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
@@ -42,7 +43,7 @@ def test_packed_equals_alone(arch, attn):
     model = build_model(arch, seed=seed % 1000).eval()
     if attn == "sdpa" and not model._supports_sdpa:  # Gemma-2 in some transformers releases
         pytest.skip(f"{type(model).__name__} has no SDPA path in this transformers")
-    model.set_attn_implementation(attn)
+    model.set_attn_implementation(attention.register() if attn == "varlen" else attn)
     ex, _ = D.encode_pairs(tok, _records(3, rng), 96)
     batch = D.pack(ex, [0, 1, 2])
     with torch.no_grad():
@@ -50,9 +51,10 @@ def test_packed_equals_alone(arch, attn):
     want = torch.stack([alone_logps(model, s, p) for e in ex
                         for s, p in ((e.chosen, e.chosen_prompt), (e.rejected, e.rejected_prompt))])
     torch.testing.assert_close(packed, want, rtol=1e-5, atol=1e-4, msg=f"seed {seed}")
-    # the same row with positions that do not restart lets later sequences see earlier ones:
-    # this must change their log-probs (the check above can fail)
-    leaky = dict(batch, position_ids=torch.arange(batch["input_ids"].shape[1])[None])
+    # the same row as one sequence (positions that do not restart, one bound) lets later
+    # sequences see earlier ones: this must change their log-probs (the check above can fail)
+    n = batch["input_ids"].shape[1]
+    leaky = dict(batch, position_ids=torch.arange(n)[None], cu_seqlens=torch.tensor([0, n]))
     with torch.no_grad():
         mixed = Policy(model, backend="torch")(leaky).double()
     assert (mixed[1:] - want[1:]).abs().max() > 1e-3

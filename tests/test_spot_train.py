@@ -147,6 +147,19 @@ class Interrupt(Exception):
     pass
 
 
+def test_varlen_attention_trains_as_sdpa_does(workdir, tmp_path):
+    """``--attn varlen`` (each packed sequence alone, no N x N mask) and SDPA (the block mask)
+    give the same losses and rewards step by step."""
+    rows = {}
+    for attn in ("sdpa", "varlen"):
+        train(_cfg(workdir, tmp_path / attn, attn=attn, max_steps=3), log=lambda m: None)
+        rows[attn] = [json.loads(x) for x in open(tmp_path / attn / "metrics.jsonl")]
+    assert len(rows["varlen"]) == 3
+    for a, b in zip(rows["sdpa"], rows["varlen"]):
+        for key in ("loss", "rewards_chosen", "rewards_rejected", "delta"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+
+
 def test_resume_after_interruption_is_exact(workdir, tmp_path):
     full = train(_cfg(workdir, tmp_path / "full", save_every=2), log=lambda m: None)
     assert full["steps"] == 4

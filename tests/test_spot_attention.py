@@ -1,0 +1,175 @@
+"""spot.attention (``--attn varlen``): each packed sequence attends only to itself, causally,
+within its sliding window; compared with a float64 eager computation that builds the full mask.
+On a GPU the torch varlen kernel is compared with the per-sequence SDPA path."""
+from __future__ import annotations
+
+import functools
+import random
+import types
+
+import pytest
+import torch
+
+from spot import attention as A
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def eager(q, k, v, seg, scale, window=None, keys=None):
+    """float64 attention with the full ``[L, L]`` mask: same segment, causal, window, key kept."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1).double(), v.repeat_interleave(rep, 1).double()
+    length = q.shape[2]
+    i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    ok = (j <= i) & (seg[:, :, None] == seg[:, None, :])
+    if window is not None:
+        ok &= i - j < window
+    if keys is not None:
+        ok &= keys[:, None, :]
+    s = q.double() @ k.transpose(-1, -2) * scale
+    s = s.masked_fill(~ok[:, None], float("-inf"))
+    return (torch.softmax(s, -1) @ v).transpose(1, 2)
+
+
+def _module(training=False):
+    return types.SimpleNamespace(is_causal=True, training=training)
+
+
+def _qkv(b, length, hq=4, hkv=2, dh=8, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, length, dh, generator=g, dtype=dtype, requires_grad=True)
+            for h in (hq, hkv, hkv)]
+
+
+def _cu(lengths):
+    return torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("bounds", ["cu", "positions"])
+def test_packed_row_matches_eager(window, bounds):
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 9) for _ in range(rng.randint(1, 5))] + [1]
+    rng.shuffle(lengths)
+    length = sum(lengths)
+    q, k, v = _qkv(1, length, seed=seed)
+    cu = _cu(lengths)
+    seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    kw = dict(cu_seq_lens_q=cu, max_length_q=max(lengths)) if bounds == "cu" else {}
+    out, _ = A.varlen_attention(_module(), q, k, v, None, scaling=0.3, sliding_window=window,
+                                position_ids=pos, **kw)
+    want = eager(q, k, v, seg, 0.3, window)
+    torch.testing.assert_close(out, want, msg=f"seed {seed} lengths {lengths}")
+    g = torch.randn_like(want)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    ref = torch.autograd.grad(want, (q, k, v), g)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, msg=f"seed {seed} lengths {lengths}")
+    # one sequence over the whole row (no bounds) differs: the check above can fail
+    if len(lengths) > 1:
+        whole, _ = A.varlen_attention(_module(), q, k, v, None, scaling=0.3,
+                                      sliding_window=window)
+        assert (whole - want).abs().max() > 1e-3
+
+
+def test_padded_batch_and_4d_mask_match_eager():
+    """A padded batch (2-D mask, left padding) is causal over the kept keys; a 4-D mask goes to
+    SDPA as it is."""
+    q, k, v = _qkv(2, 7)
+    keys = torch.ones(2, 7, dtype=torch.bool)
+    keys[1, :3] = False
+    out, _ = A.varlen_attention(_module(), q, k, v, keys.long(), scaling=0.5)
+    want = eager(q, k, v, torch.zeros(2, 7, dtype=torch.long), 0.5, keys=keys)
+    torch.testing.assert_close(out[0], want[0])
+    torch.testing.assert_close(out[1, 3:], want[1, 3:])  # padded queries: finite, not compared
+    assert torch.isfinite(out).all()
+    seg = torch.tensor([[0, 0, 0, 1, 1, 1, 1]] * 2)
+    i, j = torch.arange(7)[:, None], torch.arange(7)[None, :]
+    ok = (j <= i) & (seg[:, :, None] == seg[:, None, :])
+    additive = torch.zeros(2, 1, 7, 7, dtype=q.dtype).masked_fill(~ok[:, None], -1e30)
+    out, _ = A.varlen_attention(_module(), q, k, v, additive, scaling=0.5)
+    torch.testing.assert_close(out, eager(q, k, v, seg, 0.5))
+
+
+def test_softcap_and_sinks_are_refused():
+    q, k, v = _qkv(1, 4)
+    with pytest.raises(ValueError, match="soft-capping or sinks.*eager"):
+        A.varlen_attention(_module(), q, k, v, None, softcap=50.0)
+    with pytest.raises(ValueError, match="soft-capping or sinks"):
+        A.varlen_attention(_module(), q, k, v, None, s_aux=torch.zeros(4))
+
+
+def test_load_model_varlen_and_what_cannot_run_it(tmp_path):
+    """``--attn varlen`` loads as ``spot_varlen``, gives the same log-probs as SDPA, and its
+    name stays out of the saved config (a user reloads the model without this package);
+    models it cannot run (their own attention: MPT; soft-capping: Gemma-2) are a one-line
+    error by name and fall back to SDPA under auto."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from spot.config import ConfigError
+    from spot.model import load_model
+    from spot.tiny import build_model
+    from spot_kernels import hf
+    build_model("qwen3", seed=3).save_pretrained(tmp_path / "qwen3")
+    model = load_model(str(tmp_path / "qwen3"), attn="varlen")
+    assert model.config._attn_implementation == A.NAME
+    sdpa = load_model(str(tmp_path / "qwen3"), attn="sdpa")
+    ids = torch.randint(0, model.config.vocab_size, (1, 19))
+    cu = torch.tensor([0, 6, 7, 19])
+    with torch.no_grad():
+        a = hf.head_inputs(model, ids, cu_seqlens=cu).hidden
+        b = hf.head_inputs(sdpa, ids, cu_seqlens=cu).hidden
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path / "saved")
+    assert A.NAME not in (tmp_path / "saved" / "config.json").read_text()
+
+    mpt = AutoConfig.for_model("mpt", d_model=32, n_heads=2, n_layers=1, vocab_size=64)
+    AutoModelForCausalLM.from_config(mpt).save_pretrained(tmp_path / "mpt")
+    with pytest.raises(ConfigError, match="attn: varlen does not load for this model.*MptFor"):
+        load_model(str(tmp_path / "mpt"), attn="varlen")
+    build_model("gemma2", seed=3).save_pretrained(tmp_path / "gemma2")
+    with pytest.raises(ConfigError, match="attn: varlen does not load.*soft-capping"):
+        load_model(str(tmp_path / "gemma2"), attn="varlen")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("window", [None, 64])
+def test_gpu_torch_varlen_kernel_matches_per_sequence_sdpa(window):
+    """On a GPU in bfloat16 the torch varlen kernel runs (an H200 has it) and agrees with the
+    per-sequence SDPA path and the float64 eager truth, forward and backward."""
+    if not A.kernel_runs():
+        pytest.skip("torch's varlen kernel does not run on this GPU / torch")
+    lengths = [300, 1, 77, 512, 130]
+    length = sum(lengths)
+    q, k, v = [x.detach().cuda().to(torch.bfloat16).requires_grad_()
+               for x in _qkv(1, length, hq=8, hkv=2, dh=128)]
+    cu = _cu(lengths).cuda()
+    kw = dict(cu_seq_lens_q=cu, max_length_q=max(lengths), scaling=128 ** -0.5,
+              sliding_window=window)
+    calls = []
+    A._torch_varlen.cache_clear()
+    import torch.nn.attention.varlen as V
+    real = V.varlen_attn
+    try:
+        @functools.wraps(real)  # its signature, which _torch_varlen reads
+        def spy(*a, **k):
+            calls.append(1)
+            return real(*a, **k)
+        V.varlen_attn = spy
+        out, _ = A.varlen_attention(_module(), q, k, v, None, **kw)
+    finally:
+        V.varlen_attn = real
+        A._torch_varlen.cache_clear()
+    assert calls, "the torch varlen kernel did not run"
+    seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+    want = eager(q.cpu(), k.cpu(), v.cpu(), seg, 128 ** -0.5, window)
+    torch.testing.assert_close(out.double().cpu(), want, rtol=2e-2, atol=2e-2)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    loop, _ = A.varlen_attention(_module(), q.float(), k.float(), v.float(), None, **kw)
+    ref = torch.autograd.grad(loop, (q, k, v), g.float())
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2)
