@@ -249,7 +249,7 @@ def test_missing_file_and_config_errors(tmp_path, tok_dir, capsys):
     with pytest.raises(ConfigError, match="epochs"):
         make_config({"epochs": "two"})
     assert main(["train", "--model", "m", "--data", "d", "--output", "o", "--attn", "flash"]) == 2
-    assert "--attn: must be auto|flash_attention_2|sdpa|eager" in capsys.readouterr().err
+    assert "--attn: must be auto|flash_attention_2|varlen|sdpa|eager" in capsys.readouterr().err
     (tmp_path / "empty.jsonl").write_text(json.dumps({"text": 1}) + "\n")
     with pytest.raises(D.DataError, match="no usable pairs"):
         D.read_pairs(tmp_path / "empty.jsonl", skip_bad=True)

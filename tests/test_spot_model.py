@@ -84,7 +84,7 @@ def test_attention_choice(tmp_path):
     from spot.model import attn_implementation, load_model
     build_model("qwen3", seed=1).save_pretrained(tmp_path)
     assert load_model(str(tmp_path), attn="eager").config._attn_implementation == "eager"
-    assert load_model(str(tmp_path)).config._attn_implementation == "sdpa"  # auto on CPU
+    assert load_model(str(tmp_path)).config._attn_implementation == "spot_varlen"  # auto, CPU
     with pytest.raises(ConfigError, match="flash_attention_2 needs a GPU and bf16"):
         attn_implementation("cpu", True, "flash_attention_2")
     with pytest.raises(ConfigError, match="attn: must be one of"):
