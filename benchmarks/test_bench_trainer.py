@@ -10,7 +10,7 @@ Cases: the demo model (CPU and GPU), the same body with a 32k vocabulary (where 
 to matter); on a GPU a Qwen3-0.6B-shaped model (random weights,
 hidden 1024, 28 layers, vocabulary 151,936) at 8192 tokens per batch under bf16 autocast,
 with the attention kernel the trainer's ``--attn auto`` picks there (flash-attn, else torch's
-varlen kernel, else SDPA; SDPA on a CPU), the same for both ways.
+varlen kernel, else SDPA; on a CPU one SDPA call per sequence), the same for both ways.
 Reports tokens/s and the peak memory above the inputs (``_bench.PeakMemory``: CUDA's allocator
 peak, or the process's peak RSS on a CPU) in ``extra_info`` and in the summary notes.
 """
@@ -49,9 +49,9 @@ def _model(name, case, device):
         with torch.device(device):  # initialised where it runs: no host init and copy
             model = build_model("qwen3", **case["arch"])
         model.config.use_cache = False
-        if device == "cuda":  # the attention the trainer's auto picks there, for both ways
-            kind = attn_implementation(device, True, "auto")
-            model.set_attn_implementation(attention.register() if kind == "varlen" else kind)
+        # the attention the trainer's --attn auto picks there, for both ways
+        kind = attn_implementation(device, True, "auto")
+        model.set_attn_implementation(attention.register() if kind == "varlen" else kind)
         _MODELS[name] = model
     return _MODELS[name]
 

@@ -8,15 +8,19 @@ kernel does. flash-attn's varlen kernel avoids both, but it is often not install
 This attention function, registered with transformers as ``spot_varlen``, runs each sequence's
 causal attention alone:
 
-* on a GPU (sm_80 or newer) in bfloat16 / float16, with PyTorch's own flash varlen kernel
-  ``torch.nn.attention.varlen.varlen_attn`` (torch 2.10 and newer): one launch per layer;
-* elsewhere (CPU, float32, an older torch, attention dropout) one SDPA call per sequence, each
-  causal over its own tokens only.
+* on a GPU (sm_80 or newer) in bfloat16 / float16 (the autocast dtype: under bf16 autocast
+  RoPE leaves ``query``/``key`` float32, and they are cast, as transformers' flash path does),
+  with PyTorch's own flash varlen kernel ``torch.nn.attention.varlen.varlen_attn`` (torch 2.10
+  and newer; head dims up to 256, a multiple of 8, the same for values): one launch per layer;
+* elsewhere (CPU, float32, an older torch, attention dropout, other head dims) one SDPA call
+  per sequence, each causal over its own tokens only.
 
 Sequence bounds come from the ``cu_seq_lens_q`` keyword that ``spot_kernels.hf.head_inputs``
-hands a varlen kernel (made once per batch), else from ``position_ids`` restarting at 0. A 2-D
-padding mask (a padded batch, no packing) or a 4-D mask (``spot_kernels.hf`` builds one for
-models that ignore ``position_ids``) goes to SDPA as it is. Grouped-query heads and sliding
+hands a varlen kernel (made once per batch), else from ``position_ids`` restarting at 0 (each
+row's own in a batch of several rows). A 2-D
+padding mask (a padded batch, no packing) goes to SDPA combined with the causal (and window)
+mask, each query seeing itself; a 4-D mask (``spot_kernels.hf`` builds one for models that
+ignore ``position_ids``) goes to SDPA as it is. Grouped-query heads and sliding
 windows are handled; attention logit soft-capping (Gemma-2) and attention sinks are not (a
 clear error: use eager). ``tests/test_spot_attention.py`` compares each path with eager
 attention in float64.
@@ -42,28 +46,38 @@ def _torch_varlen():
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def kernel_runs(device_index=None):
-    """Whether torch's flash varlen kernel runs on this GPU (``None``: the current one): the
-    function exists and a tiny call (forward and backward, bfloat16) succeeds. Checked once
-    per device."""
+def kernel_runs(device_index=None, window=False):
+    """Whether torch's flash varlen kernel runs on this GPU (``None``: the current one), with a
+    sliding window if ``window``: the function exists and a tiny bfloat16 call succeeds.
+    Checked once per device, forward only with gradients off: safe to call inside a no-grad,
+    inference-mode or checkpointed forward (the first attention call does)."""
     if _torch_varlen() is None or not torch.cuda.is_available():
         return False
-    return _probe(torch.cuda.current_device() if device_index is None else device_index)
+    index = torch.cuda.current_device() if device_index is None else device_index
+    return _probe(index)[1 if window else 0]
 
 
 @functools.lru_cache(maxsize=None)
 def _probe(device_index):
+    """``(runs, runs with a window)`` on GPU ``device_index``."""
     if torch.cuda.get_device_capability(device_index)[0] < 8:
-        return False
-    try:
-        dev = torch.device("cuda", device_index)
-        q = torch.randn(8, 2, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
-        cu = torch.tensor([0, 3, 8], device=dev, dtype=torch.int32)
-        _varlen(q, q, q, cu, 5, q.shape[-1] ** -0.5, None).sum().backward()
-        torch.cuda.synchronize(dev)
-    except Exception:  # no flash kernel in this build, or not for this GPU
-        return False
-    return True
+        return False, False
+    dev = torch.device("cuda", device_index)
+    ok = []
+    for window in (None, 2):
+        if window and "window_size" not in _torch_varlen()[1]:
+            ok.append(False)
+            continue
+        try:
+            with torch.no_grad():
+                q = torch.randn(8, 2, 64, device=dev, dtype=torch.bfloat16)
+                cu = torch.tensor([0, 3, 8], device=dev, dtype=torch.int32)
+                _varlen(q, q, q, cu, 5, q.shape[-1] ** -0.5, window)
+                torch.cuda.synchronize(dev)
+            ok.append(True)
+        except Exception:  # no flash kernel in this build, or not for this GPU, or no window
+            ok.append(False)
+    return ok[0], ok[0] and ok[1]
 
 
 def register():
@@ -80,12 +94,15 @@ def supported(model):
     """Whether ``model`` can run ``spot_varlen``: its class sends attention through
     transformers' attention interface (``_supports_attention_backend``; one that does not would
     ignore the kernel and build its own mask, blind to the packing), and it has no attention
-    logit soft-capping (Gemma-2) and no attention sinks (gpt-oss)."""
+    logit soft-capping (Gemma-2), no chunked attention (Llama-4) and no attention sinks
+    (gpt-oss)."""
     if not getattr(type(model), "_supports_attention_backend", False):
         return False
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
         else model.config
     if getattr(text, "attn_logit_softcapping", None) is not None:
+        return False
+    if getattr(text, "attention_chunk_size", None) is not None:  # Llama-4's chunked attention
         return False
     return not any(hasattr(m, "sinks") for m in model.modules())
 
@@ -104,7 +121,7 @@ def _varlen(q, k, v, cu, longest, scale, window):
         kw["scale"] = scale
     elif scale != q.shape[-1] ** -0.5:
         q = q * (scale * q.shape[-1] ** 0.5)
-    if "window_size" in names:
+    if "window_size" in names:  # a tuple: torch 2.11 tells causal by ``== (-1, 0)``
         kw["window_size"] = (-1 if window is None else window - 1, 0)
     else:
         kw["is_causal"] = True
@@ -138,6 +155,28 @@ def _causal(lq, lk, window, device):
     return ok
 
 
+def _sdpa(query, key, value, mask, p, causal, scale):
+    """SDPA, grouped-query heads given to it only without a mask (on CUDA, GQA with a mask runs
+    the math kernel, with float32 ``L x L`` intermediates: repeat the heads instead)."""
+    gqa = key.shape[1] != query.shape[1]
+    if gqa and mask is not None:
+        rep = query.shape[1] // key.shape[1]
+        key, value, gqa = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1), False
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=p,
+                                          is_causal=causal, scale=scale, enable_gqa=gqa)
+
+
+def _half(query, key, value):
+    """The half dtype the flash kernel runs in, or ``None``: autocast's (under bf16 autocast
+    with float32 weights, RoPE leaves ``query``/``key`` float32 and ``value`` bf16), else the
+    inputs' own when they are all one half dtype."""
+    if torch.is_autocast_enabled("cuda"):
+        dt = torch.get_autocast_dtype("cuda")
+    else:
+        dt = query.dtype if key.dtype == value.dtype == query.dtype else None
+    return dt if dt in (torch.float16, torch.bfloat16) else None
+
+
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                      sliding_window=None, softcap=None, **kwargs):
     """transformers attention function: ``query [B, Hq, L, Dh]``, ``key/value [B, Hkv, L, Dh]``
@@ -146,38 +185,46 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise ValueError("attn varlen: this model uses attention logit soft-capping or sinks, "
                          "which the varlen kernels do not; use --attn eager")
     b, hq, length, dh = query.shape
+    lk = key.shape[2]
     scale = dh ** -0.5 if scaling is None else float(scaling)
-    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
-    window = sliding_window if sliding_window and sliding_window < key.shape[2] else None
-    gqa = key.shape[1] != hq
+    causal = kwargs.get("is_causal")
+    causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
+    window = sliding_window if sliding_window and sliding_window < lk else None
+    p = dropout if module.training else 0.0
     mask = attention_mask
     if mask is not None and mask.dim() == 2:  # padding: causal (and window) on top, self always
         keep = mask.bool()[:, None, None, :]
         if causal:
-            keep = keep & _causal(length, key.shape[2], window, query.device)
-        if length == key.shape[2]:  # a padded query sees itself: no empty row, no NaN
+            keep = keep & _causal(length, lk, window, query.device)
+        if length == lk:  # a padded query sees itself: no empty row, no NaN
             keep = keep | torch.eye(length, dtype=torch.bool, device=query.device)
         mask = keep
-    if mask is not None or not causal or b != 1 or length != key.shape[2]:
+    if mask is not None or not causal or length != lk:
         if mask is not None and mask.dim() == 4:
-            mask = mask[..., :key.shape[2]]
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0,
-            is_causal=causal and mask is None and length > 1, scale=scale, enable_gqa=gqa)
+            mask = mask[..., :lk]
+        out = _sdpa(query, key, value, mask, p, causal and mask is None and length > 1, scale)
         return out.transpose(1, 2).contiguous(), None
+    if b > 1:  # each row alone, its sequences from its own positions (the bounds are one row's)
+        pos = kwargs.get("position_ids")
+        rows = []
+        for r in range(b):
+            kw = {} if pos is None else {"position_ids": pos.reshape(-1, length)[
+                min(r, pos.numel() // length - 1)]}
+            rows.append(varlen_attention(module, query[r:r + 1], key[r:r + 1], value[r:r + 1],
+                                         None, scaling=scale, dropout=dropout,
+                                         sliding_window=sliding_window, is_causal=True, **kw)[0])
+        return torch.cat(rows), None
     cu = _bounds(length, kwargs, query.device)
     if cu is None:
         cu = torch.tensor([0, length], dtype=torch.int32, device=query.device)
-    p = dropout if module.training else 0.0
-    if (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not p
-            and kernel_runs(query.device.index)
-            and (window is None or "window_size" in _torch_varlen()[1])):
+    half = _half(query, key, value) if query.is_cuda else None
+    if (half is not None and not p and value.shape[-1] == dh and dh <= 256 and dh % 8 == 0
+            and kernel_runs(query.device.index, window=window is not None)):
         longest = kwargs.get("max_length_q")
         if longest is None:
             longest = int((cu[1:] - cu[:-1]).max())
-        out = _varlen(query[0].transpose(0, 1), key[0].transpose(0, 1),
-                      value[0].transpose(0, 1), cu, int(longest), scale, window)
-        return out.unsqueeze(0), None
+        q, k, v = (x[0].transpose(0, 1).to(half) for x in (query, key, value))
+        return _varlen(q, k, v, cu, int(longest), scale, window).unsqueeze(0), None
     parts = []
     for a, z in zip(*[x.tolist() for x in (cu[:-1], cu[1:])]):
         q, k, v = query[:, :, a:z], key[:, :, a:z], value[:, :, a:z]
@@ -185,9 +232,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
             m, is_causal = _causal(z - a, z - a, window, query.device), False
         else:
             m, is_causal = None, z - a > 1
-        parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=p,
-                                                    is_causal=is_causal, scale=scale,
-                                                    enable_gqa=gqa))
+        parts.append(_sdpa(q, k, v, m, p, is_causal, scale))
     out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
     return out.transpose(1, 2).contiguous(), None
 

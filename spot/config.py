@@ -127,11 +127,12 @@ HELP = {
     "device": "auto (each process's own GPU when torch sees CUDA, else the CPU), cpu, or cuda; "
               "under torchrun one GPU a process (LOCAL_RANK), NCCL on GPUs and gloo on CPUs",
     "bf16": "bf16 autocast on a GPU (ignored on CPU)",
-    "attn": "attention kernel: auto (on a GPU under bf16: flash-attn varlen when it imports, "
-            "else torch's own varlen kernel; on a CPU sdpa; else eager: the first this model "
-            "has), flash_attention_2, varlen (each packed sequence alone: torch's flash varlen "
-            "on a GPU in bf16, one SDPA call per sequence elsewhere; no N x N mask), sdpa or "
-            "eager; packed sequences never attend to each other with any of them",
+    "attn": "attention kernel: auto (on a GPU under bf16 flash-attn varlen when it imports, "
+            "else torch's own varlen kernel when it runs, else sdpa; on a GPU in float32 sdpa; "
+            "on a CPU varlen; falling back to sdpa, then eager, for a model without the "
+            "kernel), flash_attention_2, varlen (each packed sequence alone: torch's flash "
+            "varlen on a GPU in bf16, one SDPA call per sequence elsewhere; no N x N mask), "
+            "sdpa or eager; packed sequences never attend to each other with any of them",
     "gradient_checkpointing": "recompute activations in the backward to save memory",
     "seed": "seed of the data order and of torch",
     "skip_bad": "count and skip bad records instead of stopping at the first",

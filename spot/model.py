@@ -7,8 +7,9 @@ returns the per-sequence log-probs ``pi [S]`` of the responses, computed by
 whose target counts (response tokens) go through the head.
 
 Attention: on a GPU under bf16, flash-attn varlen when it is installed, else PyTorch's own
-flash varlen kernel (``spot.attention``, ``--attn varlen``); SDPA on a CPU (``--attn`` picks one:
-flash_attention_2, varlen, sdpa or eager). Sequences packed in one row must not attend to each
+flash varlen kernel when it runs (``spot.attention``, ``--attn varlen``), else SDPA; SDPA on a
+GPU in float32; ``varlen`` on a CPU, where it runs one SDPA call per sequence (``--attn`` picks
+one: flash_attention_2, varlen, sdpa or eager). Sequences packed in one row must not attend to each
 other: the varlen kernels take the sequence bounds (``cu_seq_lens_q``); for SDPA/eager
 transformers derives the block-diagonal causal mask from ``position_ids`` that restart at 0
 (``find_packed_sequence_indices``), an ``N x N`` mask whose off-diagonal blocks are computed and
@@ -115,7 +116,7 @@ def check_tokenizer(tokenizer, path, what="model"):
 def load_model(path, device="cpu", trust_remote_code=False, bf16=True, attn="auto"):
     """``AutoModelForCausalLM.from_pretrained(path)`` in float32 (the master weights), with the
     attention kernel ``attn_implementation(device, bf16, attn)``; ``auto`` falls back from
-    flash-attn to SDPA to eager for a model without that kernel (SDPA: MPT, GPT-Neo,
+    flash-attn or varlen to SDPA to eager for a model without that kernel (SDPA: MPT, GPT-Neo,
     Bloom; flash-attn: MPT, XGLM) or a flash-attn that transformers refuses."""
     from transformers import AutoModelForCausalLM
     if not Path(path).exists():

@@ -74,6 +74,37 @@ def test_packed_row_matches_eager(window, bounds):
         assert (whole - want).abs().max() > 1e-3
 
 
+def test_rows_of_packed_sequences_and_other_value_widths():
+    """Several rows, each packed (sequences from each row's own positions), with a value head
+    wider than the query's (MLA-style) and ``is_causal=None`` (the module's: causal)."""
+    lengths = [[3, 5, 1], [9]]
+    q, k, _ = _qkv(2, 9)
+    v = torch.randn(2, 2, 9, 12, dtype=torch.float64, requires_grad=True)
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    seg = torch.stack([torch.repeat_interleave(torch.arange(len(row)), torch.tensor(row))
+                       for row in lengths])
+    out, _ = A.varlen_attention(_module(), q, k, v, None, scaling=0.4, position_ids=pos,
+                                is_causal=None)
+    torch.testing.assert_close(out, eager(q, k, v, seg, 0.4))
+    whole = eager(q, k, v, torch.zeros_like(seg), 0.4)
+    assert (out[0] - whole[0]).abs().max() > 1e-3  # row 0's packing mattered
+
+
+def test_hf_packed_rows_match_sdpa():
+    """``spot_kernels.hf.head_inputs`` on two packed rows ([B, L] position_ids restarting): the
+    varlen kernel keeps each row's sequences apart as SDPA's block mask does."""
+    from spot.tiny import build_model
+    from spot_kernels import hf
+    model = build_model("qwen3", seed=5).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4], list(range(12))])
+    with torch.no_grad():
+        want = hf.head_inputs(model, ids, position_ids=pos).hidden
+        model.set_attn_implementation(A.register())
+        got = hf.head_inputs(model, ids, position_ids=pos).hidden
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_padded_batch_and_4d_mask_match_eager():
     """A padded batch (2-D mask, left padding) is causal over the kept keys; a 4-D mask goes to
     SDPA as it is."""
@@ -134,42 +165,88 @@ def test_load_model_varlen_and_what_cannot_run_it(tmp_path):
         load_model(str(tmp_path / "gemma2"), attn="varlen")
 
 
+def _spy(calls):
+    """torch's varlen_attn, counting its calls (its signature kept, which _torch_varlen reads)."""
+    import torch.nn.attention.varlen as V
+    real = V.varlen_attn
+
+    @functools.wraps(real)
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+    return V, real, spy
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("window", [None, 64])
-def test_gpu_torch_varlen_kernel_matches_per_sequence_sdpa(window):
-    """On a GPU in bfloat16 the torch varlen kernel runs (an H200 has it) and agrees with the
-    per-sequence SDPA path and the float64 eager truth, forward and backward."""
-    if not A.kernel_runs():
-        pytest.skip("torch's varlen kernel does not run on this GPU / torch")
+def test_gpu_torch_varlen_kernel_matches_eager(window):
+    """On a GPU under bf16 autocast, with float32 query/key and a bf16 value (what RoPE leaves
+    a float32 model there), the torch varlen kernel runs (an H200 has it; the first call under
+    no_grad, as the trainer's reference pass makes it) and agrees with the float64 eager truth,
+    forward and backward (the per-sequence SDPA path in float32 as the gradient's truth)."""
+    A._probe.cache_clear()
+    if not A.kernel_runs(window=window is not None):
+        pytest.skip("torch's varlen kernel (with this window) does not run on this GPU / torch")
+    A._probe.cache_clear()
     lengths = [300, 1, 77, 512, 130]
     length = sum(lengths)
-    q, k, v = [x.detach().cuda().to(torch.bfloat16).requires_grad_()
+    q, k, v = [x.detach().cuda().float().requires_grad_()
                for x in _qkv(1, length, hq=8, hkv=2, dh=128)]
     cu = _cu(lengths).cuda()
     kw = dict(cu_seq_lens_q=cu, max_length_q=max(lengths), scaling=128 ** -0.5,
               sliding_window=window)
     calls = []
     A._torch_varlen.cache_clear()
-    import torch.nn.attention.varlen as V
-    real = V.varlen_attn
+    V, real, spy = _spy(calls)
+    V.varlen_attn = spy
     try:
-        @functools.wraps(real)  # its signature, which _torch_varlen reads
-        def spy(*a, **k):
-            calls.append(1)
-            return real(*a, **k)
-        V.varlen_attn = spy
-        out, _ = A.varlen_attention(_module(), q, k, v, None, **kw)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.no_grad():
+                A.varlen_attention(_module(), q, k, v.bfloat16(), None, **kw)
+            out, _ = A.varlen_attention(_module(), q, k, v.bfloat16(), None, **kw)
     finally:
         V.varlen_attn = real
         A._torch_varlen.cache_clear()
-    assert calls, "the torch varlen kernel did not run"
+    assert len(calls) >= 2, "the torch varlen kernel did not run"
+    assert out.dtype == torch.bfloat16
     seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
-    want = eager(q.cpu(), k.cpu(), v.cpu(), seg, 128 ** -0.5, window)
+    want = eager(q.detach().cpu(), k.detach().cpu(), v.detach().cpu(), seg, 128 ** -0.5, window)
     torch.testing.assert_close(out.double().cpu(), want, rtol=2e-2, atol=2e-2)
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), g)
-    loop, _ = A.varlen_attention(_module(), q.float(), k.float(), v.float(), None, **kw)
+    loop, _ = A.varlen_attention(_module(), q, k, v, None, **kw)  # float32: the SDPA loop
     ref = torch.autograd.grad(loop, (q, k, v), g.float())
     for a, b in zip(got, ref):
         torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_load_model_varlen_runs_the_kernel(tmp_path):
+    """``load_model(attn="varlen")`` on a GPU, the trainer's way (float32 weights, bf16
+    autocast, a packed row through ``hf.head_inputs``): the kernel runs, and the hidden states
+    match SDPA's block mask."""
+    from spot.model import load_model
+    from spot.tiny import build_model
+    from spot_kernels import hf
+    if not A.kernel_runs():
+        pytest.skip("torch's varlen kernel does not run on this GPU / torch")
+    build_model("qwen3", seed=3, hidden_size=256, heads=4, kv_heads=2).save_pretrained(tmp_path)
+    ids = torch.randint(0, 100, (1, 700), device="cuda")
+    cu = torch.tensor([0, 200, 201, 650, 700], device="cuda")
+    hidden = {}
+    for attn in ("sdpa", "varlen"):
+        model = load_model(str(tmp_path), "cuda", attn=attn)
+        calls = []
+        A._torch_varlen.cache_clear()
+        V, real, spy = _spy(calls)
+        V.varlen_attn = spy
+        try:
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                hidden[attn] = hf.head_inputs(model, ids, cu_seqlens=cu).hidden.float()
+        finally:
+            V.varlen_attn = real
+            A._torch_varlen.cache_clear()
+        assert bool(calls) == (attn == "varlen"), attn
+    torch.testing.assert_close(hidden["varlen"], hidden["sdpa"], rtol=5e-2, atol=5e-2)
