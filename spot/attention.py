@@ -94,8 +94,8 @@ def supported(model):
     """Whether ``model`` can run ``spot_varlen``: its class sends attention through
     transformers' attention interface (``_supports_attention_backend``; one that does not would
     ignore the kernel and build its own mask, blind to the packing), and it has no attention
-    logit soft-capping (Gemma-2), no chunked attention (Llama-4) and no attention sinks
-    (gpt-oss)."""
+    logit soft-capping (Gemma-2), no chunked attention (Llama-4), no attention sinks (gpt-oss)
+    and no sliding window that only its mask carries (PhiMoE)."""
     if not getattr(type(model), "_supports_attention_backend", False):
         return False
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
@@ -104,7 +104,29 @@ def supported(model):
         return False
     if getattr(text, "attention_chunk_size", None) is not None:  # Llama-4's chunked attention
         return False
+    if _window_in_mask_only(model, text):
+        return False
     return not any(hasattr(m, "sinks") for m in model.modules())
+
+
+def _window_in_mask_only(model, text):
+    """Whether the model has a sliding window that reaches attention only through its mask
+    (PhiMoE, Doge, Qwen2-MoE with windows: their attention modules do not pass
+    ``sliding_window=``), which the varlen path, having no mask, would drop."""
+    layer_types = getattr(text, "layer_types", None) or []
+    window = getattr(text, "sliding_window", None)
+    active = "sliding_attention" in layer_types or (
+        window is not None and getattr(text, "use_sliding_window", True) is not False)
+    if not active:
+        return False
+    for cls in {type(m) for m in model.modules()}:
+        try:
+            src = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            continue
+        if "attention_interface" in src and "sliding_window=" not in src:
+            return True
+    return False
 
 
 def _varlen(q, k, v, cu, longest, scale, window):

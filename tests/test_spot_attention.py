@@ -105,6 +105,36 @@ def test_hf_packed_rows_match_sdpa():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind,extra", [
+    ("mistral", {}),  # passes sliding_window= to the attention function
+    ("phimoe", dict(num_local_experts=2, num_experts_per_tok=1)),  # only its mask has the window
+])
+def test_sliding_windows_reach_the_kernel_or_the_model_is_refused(kind, extra):
+    """A model whose sliding window reaches its attention function runs varlen as SDPA runs it;
+    one whose window lives only in its mask is not supported (the varlen path, mask-free,
+    would drop it: the outputs then differ, which is why)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from spot_kernels import hf
+    cfg = AutoConfig.for_model(kind, vocab_size=64, hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               head_dim=8, sliding_window=4, **extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    ids = torch.randint(0, 64, (1, 20))
+    cu = torch.tensor([0, 9, 20])
+    with torch.no_grad():
+        want = hf.head_inputs(model, ids, cu_seqlens=cu).hidden
+        model.set_attn_implementation(A.register())
+        got = hf.head_inputs(model, ids, cu_seqlens=cu).hidden
+    if kind == "mistral":
+        assert A.supported(model)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        assert not A.supported(model)
+        assert (got - want).abs().max() > 1e-2
+
+
 def test_padded_batch_and_4d_mask_match_eager():
     """A padded batch (2-D mask, left padding) is causal over the kept keys; a 4-D mask goes to
     SDPA as it is."""
