@@ -23,6 +23,7 @@ import torch
 
 import _bench
 import spot_kernels as sk
+from spot_kernels import hf
 from spot import data as D
 from spot.demo import MODEL
 from spot import attention
@@ -68,8 +69,16 @@ def synthetic_batch(vocab, tokens, seq, seed=0):
 
 
 def unfused_logps(model, batch):
+    # a varlen attention gets the sequence bounds made once, as the fused path's hf.head_inputs
+    # hands them (else it derives them from position_ids in every layer): the two ways differ
+    # in their heads only
+    kw = {}
+    if hf._takes_varlen(model.config._attn_implementation):
+        cu = batch["cu_seqlens"].to(torch.int32)
+        longest = int((cu[1:] - cu[:-1]).max())
+        kw = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                   use_cache=False).logits[0]
+                   use_cache=False, **kw).logits[0]
     rows = batch["rows"]
     logp = torch.log_softmax(logits.index_select(0, rows).float(), -1)
     logp = logp.gather(-1, batch["targets"].index_select(0, rows)[:, None])[:, 0]
