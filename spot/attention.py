@@ -221,6 +221,8 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         if length == lk:  # a padded query sees itself: no empty row, no NaN
             keep = keep | torch.eye(length, dtype=torch.bool, device=query.device)
         mask = keep
+    if mask is None and causal and length != lk:  # queries after a cache: aligned to the end
+        mask = _causal(length, lk, window, query.device)
     if mask is not None or not causal or length != lk:
         if mask is not None and mask.dim() == 4:
             mask = mask[..., :lk]

@@ -154,6 +154,20 @@ def test_padded_batch_and_4d_mask_match_eager():
     torch.testing.assert_close(out, eager(q, k, v, seg, 0.5))
 
 
+def test_queries_after_a_cache_see_every_earlier_key():
+    """Fewer queries than keys (generation with a KV cache): query ``i`` is position
+    ``lk - lq + i`` and sees every key up to it (SDPA's own ``is_causal`` would align them to the
+    start instead)."""
+    q, k, v = _qkv(1, 9)
+    out, _ = A.varlen_attention(_module(), q[:, :, 6:], k, v, None, scaling=0.5)
+    full = eager(q, k, v, torch.zeros(1, 9, dtype=torch.long), 0.5)
+    torch.testing.assert_close(out, full[:, 6:])
+    out, _ = A.varlen_attention(_module(), q[:, :, 6:], k, v, None, scaling=0.5,
+                                sliding_window=4)
+    torch.testing.assert_close(out, eager(q, k, v, torch.zeros(1, 9, dtype=torch.long), 0.5,
+                                          window=4)[:, 6:])
+
+
 def test_softcap_and_sinks_are_refused():
     q, k, v = _qkv(1, 4)
     with pytest.raises(ValueError, match="soft-capping or sinks.*eager"):
