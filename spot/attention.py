@@ -16,8 +16,9 @@ causal attention alone:
   per sequence, each causal over its own tokens only.
 
 Sequence bounds come from the ``cu_seq_lens_q`` keyword that ``spot_kernels.hf.head_inputs``
-hands a varlen kernel (made once per batch), else from ``position_ids`` restarting at 0 (each
-row's own in a batch of several rows). A 2-D
+hands a varlen kernel (made once per batch, over the rows flattened), else from
+``position_ids``: a sequence starts wherever they do not continue by +1 (each row's own in a
+batch of several rows; a model that keeps them from its attention gets no packing that way). A 2-D
 padding mask (a padded batch, no packing) goes to SDPA combined with the causal (and window)
 mask, each query seeing itself; a 4-D mask (``spot_kernels.hf`` builds one for models that
 ignore ``position_ids``) goes to SDPA as it is. Grouped-query heads and sliding
@@ -33,7 +34,13 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from spot_kernels import hf
+
 NAME = "spot_varlen"  # the attn_implementation transformers sees
+
+
+class BoundsLost(ValueError):
+    """A model dropped the packed sequences' bounds on their way to its attention."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,7 +102,9 @@ def supported(model):
     transformers' attention interface (``_supports_attention_backend``; one that does not would
     ignore the kernel and build its own mask, blind to the packing), and it has no attention
     logit soft-capping (Gemma-2), no chunked attention (Llama-4), no attention sinks (gpt-oss)
-    and no sliding window that only its mask carries (PhiMoE)."""
+    and no sliding window that only its mask carries (PhiMoE), and it passes the sequence bounds
+    on to its attention (one tiny forward tells; some models drop their ``**kwargs``).
+    ``model`` must have ``spot_varlen`` as its attention."""
     if not getattr(type(model), "_supports_attention_backend", False):
         return False
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
@@ -106,6 +115,27 @@ def supported(model):
         return False
     if _window_in_mask_only(model, text):
         return False
+    return _passes_bounds(model)
+
+
+def _passes_bounds(model):
+    """Whether the model hands the sequence bounds its ``forward`` is given on to its attention
+    (one no-grad forward of two 2-token sequences packed in a row). A model whose ``forward``
+    takes no ``**kwargs`` gets ``spot_kernels.hf``'s 4-D mask instead: it needs none."""
+    if not hf._takes_kwargs(model):
+        return True
+    dev = next(model.parameters()).device
+    cu = torch.tensor([0, 2, 4], dtype=torch.int32, device=dev)
+    token = hf._BOUNDS_SENT.set(True)
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 4, dtype=torch.long, device=dev),
+                  position_ids=torch.tensor([[0, 1, 0, 1]], device=dev), use_cache=False,
+                  cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=2, max_length_k=2)
+    except BoundsLost:
+        return False
+    finally:
+        hf._BOUNDS_SENT.reset(token)
     return not any(hasattr(m, "sinks") for m in model.modules())
 
 
@@ -199,6 +229,10 @@ def _half(query, key, value):
     return dt if dt in (torch.float16, torch.bfloat16) else None
 
 
+def _backward_needed(*xs):
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                      sliding_window=None, softcap=None, **kwargs):
     """transformers attention function: ``query [B, Hq, L, Dh]``, ``key/value [B, Hkv, L, Dh]``
@@ -206,6 +240,10 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     if softcap is not None or kwargs.get("s_aux") is not None:
         raise ValueError("attn varlen: this model uses attention logit soft-capping or sinks, "
                          "which the varlen kernels do not; use --attn eager")
+    if kwargs.get("cu_seq_lens_q") is None and hf.varlen_bounds_sent():
+        raise BoundsLost(f"attn varlen: {type(module).__name__} does not pass the sequence bounds "
+                         f"its model was given on to its attention (it drops **kwargs), so "
+                         f"packed sequences would attend to each other; use --attn sdpa")
     b, hq, length, dh = query.shape
     lk = key.shape[2]
     scale = dh ** -0.5 if scaling is None else float(scaling)
@@ -228,7 +266,15 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
             mask = mask[..., :lk]
         out = _sdpa(query, key, value, mask, p, causal and mask is None and length > 1, scale)
         return out.transpose(1, 2).contiguous(), None
-    if b > 1:  # each row alone, its sequences from its own positions (the bounds are one row's)
+    if b > 1 and kwargs.get("cu_seq_lens_q") is not None:  # bounds over the rows flattened
+        flat = [x.transpose(0, 1).reshape(1, x.shape[1], -1, x.shape[-1])
+                for x in (query, key, value)]
+        out, _ = varlen_attention(module, *flat, None, scaling=scale, dropout=dropout,
+                                  sliding_window=sliding_window, is_causal=True,
+                                  **{k: v for k, v in kwargs.items()
+                                     if k in ("cu_seq_lens_q", "max_length_q")})
+        return out.reshape(b, length, hq, -1), None
+    if b > 1:  # each row alone, its sequences from its own positions
         pos = kwargs.get("position_ids")
         rows = []
         for r in range(b):
@@ -243,7 +289,10 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         cu = torch.tensor([0, length], dtype=torch.int32, device=query.device)
     half = _half(query, key, value) if query.is_cuda else None
     if (half is not None and not p and value.shape[-1] == dh and dh <= 256 and dh % 8 == 0
-            and kernel_runs(query.device.index, window=window is not None)):
+            and kernel_runs(query.device.index, window=window is not None)
+            and not (dh > 192 and _backward_needed(query, key, value)
+                     and torch.cuda.get_device_capability(query.device) not in ((8, 0), (9, 0)))):
+        # (flash's backward for head dims over 192 runs on sm_80 and sm_90 only)
         longest = kwargs.get("max_length_q")
         if longest is None:
             longest = int((cu[1:] - cu[:-1]).max())

@@ -134,7 +134,8 @@ def load_model(path, device="cpu", trust_remote_code=False, bf16=True, attn="aut
                 trust_remote_code=trust_remote_code)
             if kind == "varlen" and not attention.supported(model):
                 raise ValueError(f"{type(model).__name__} does not support the varlen kernel "
-                                 f"(its own attention, soft-capping or sinks)")
+                                 f"(its own attention code, attention soft-capping, chunked "
+                                 f"attention, sinks, or a sliding window only its mask has)")
             return model.to(device)
         except (ValueError, ImportError, OSError) as exc:
             # transformers: "... does not support ... sdpa / Flash Attention ..." (ValueError),

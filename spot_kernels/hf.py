@@ -68,14 +68,19 @@ Batches
     kernel; this module hands it ``cu_seq_lens_q/k`` and ``max_length_q/k`` made once per batch
     (else it derives them from ``position_ids`` in every layer, two device synchronisations each);
     so it does to a registered attention function marked ``varlen = True`` (``spot.attention``,
-    torch's own varlen kernel), except for the models below that build their own mask;
+    torch's own varlen kernel), except for the models below that build their own mask and
+    models whose ``forward`` takes no ``**kwargs``. The bounds cover every row, flattened in
+    order; with an ``attention_mask`` a row's leading padding is a sequence of its own (other
+    padding follows its sequence's tokens, which causal attention never lets them see), and the
+    mask is dropped;
   - SDPA / eager / flex with a transformers that detects packing from ``position_ids``
     (``masking_utils.find_packed_sequence_indices``, in recent releases): it builds the
     block-diagonal causal mask itself (sliding windows included), except for models that build
     their mask without ``position_ids`` (OPT, MPT, XGLM, BioGPT: this module's mask below; Bloom,
     whose ALiBi comes from the 2-D mask: packing raises ``ValueError``; other such models would
     leak across packed sequences: check a new architecture against its sequences run alone);
-  - otherwise (older transformers, or packing *and* an ``attention_mask`` in one call) this module
+  - otherwise (SDPA / eager / flex with older transformers, or packing *and* an
+    ``attention_mask`` in one call; a varlen kernel the model cannot hand bounds to) this module
     builds a 4-D additive block-diagonal causal mask ``[B, 1, L, L]`` (``0`` where a query may see
     a key, the dtype's minimum elsewhere; every query sees itself, so no row is empty and padding
     never makes NaNs). A sliding window shorter than the longest sequence cannot be expressed in
@@ -89,6 +94,7 @@ tokens cost no head FLOPs at all. Gradients flow to the model's parameters as us
 """
 from __future__ import annotations
 
+import contextvars
 import inspect
 import re
 from dataclasses import dataclass
@@ -398,12 +404,35 @@ def _takes_varlen(impl):
         return False
 
 
-def _flash_varlen(seg):
-    """flash-attn's varlen arguments for one packed row ``seg`` (segment ids), made once per
-    batch: given them, transformers no longer derives them from ``position_ids`` in every layer
-    (two device synchronisations a layer, and again in checkpointed recomputes). One
-    synchronisation here, for the longest sequence."""
-    counts = torch.bincount(seg[0])
+# True while head_inputs runs a model whose varlen attention function (not flash-attn's) was
+# handed the sequence bounds: ``varlen_bounds_sent()`` lets that function check they arrived (a
+# model that drops its forward's **kwargs would leave it to attend across packed sequences)
+_BOUNDS_SENT = contextvars.ContextVar("spot_kernels_hf_bounds_sent", default=False)
+
+
+def varlen_bounds_sent():
+    """Whether the running ``head_inputs`` handed the attention function ``cu_seq_lens_q``:
+    a varlen attention function that then sees none must refuse to run (see
+    ``spot.attention``)."""
+    return _BOUNDS_SENT.get()
+
+
+def _flash_varlen(seg, attention_mask=None):
+    """flash-attn's varlen arguments for packed rows ``seg`` (segment ids ``[B, L]``), over the
+    rows flattened in order (as transformers' flash path and ``spot.attention`` take them), made
+    once per batch: given them, transformers no longer derives them from ``position_ids`` in
+    every layer (two device synchronisations a layer, and again in checkpointed recomputes).
+    A row's leading padding (before its first attended token) is a sequence of its own: in the
+    first sequence's segment it would be attended by it. Other padding follows the tokens of
+    its segment, which causal attention never lets them see. One synchronisation, for the
+    longest sequence."""
+    b, length = seg.shape
+    if attention_mask is None:
+        lead = torch.zeros_like(seg, dtype=torch.bool)
+    else:
+        lead = attention_mask.bool().long().cumsum(-1) == 0
+    rows = torch.arange(b, device=seg.device)[:, None] * (length + 1)
+    counts = torch.bincount((seg + (~lead).long() + rows).flatten())
     counts = counts[counts > 0]
     if not counts.numel():
         return {}
@@ -433,9 +462,12 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
         raise ValueError(f"cu_seqlens / position_ids: {type(inner).__name__} cannot keep packed "
                          f"sequences apart (its attention bias comes from the 2-D "
                          f"attention_mask); pass a padded batch")
-    # flash-attn: the bounds always; another varlen kernel: where the model's mask would not
-    # ignore position_ids (else the 4-D mask below, which such a kernel takes as SDPA does)
-    varlen = impl.startswith("flash") or (_takes_varlen(impl) and kind not in _OWN_PACKING_MASK)
+    # flash-attn: the bounds always; another varlen kernel (spot.attention): where the model
+    # passes them on and its mask would not ignore position_ids (else the 4-D mask below, which
+    # such a kernel takes as SDPA does)
+    varlen = impl.startswith("flash") or (_takes_varlen(impl) and kind not in _OWN_PACKING_MASK
+                                          and _takes_kwargs(inner))
+    bounds_sent = False
     if packed and not varlen and (mask is not None
                                                    or not _transformers_detects_packing()
                                                    or kind in _OWN_PACKING_MASK):
@@ -450,9 +482,10 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
         dtype = embeds.dtype if embeds is not None else inner.get_input_embeddings().weight.dtype
         mask = _block_causal_mask(seg, mask, dtype)
     elif packed:
-        mask = None  # transformers (or flash varlen) derives the block-diagonal mask from positions
-        if varlen and seg.shape[0] == 1 and _takes_kwargs(inner):
-            model_kwargs = {**_flash_varlen(seg), **model_kwargs}
+        if varlen and _takes_kwargs(inner):  # the bounds, padding kept apart (_flash_varlen)
+            model_kwargs = {**_flash_varlen(seg, mask), **model_kwargs}
+            bounds_sent = not impl.startswith("flash")
+        mask = None  # transformers (or a varlen kernel) derives the block-diagonal mask
     if position_ids is None and kind in _POSITIONS_AFTER_PAD:
         pos = pos + (_text_config(inner).pad_token_id + 1)
     model_kwargs.setdefault("use_cache", False)
@@ -488,9 +521,11 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
     handle = head.register_forward_pre_hook(take_input, with_kwargs=True)
     own = head.__dict__.get("forward")  # an instance-level wrapper (accelerate's hooks) stays
     head.forward = no_projection
+    token = _BOUNDS_SENT.set(bounds_sent)
     try:
         out = model(**kwargs)
     finally:
+        _BOUNDS_SENT.reset(token)
         handle.remove()
         if own is None:
             del head.forward

@@ -135,6 +135,103 @@ def test_sliding_windows_reach_the_kernel_or_the_model_is_refused(kind, extra):
         assert (got - want).abs().max() > 1e-2
 
 
+def _alone(model, ids):
+    from spot_kernels import hf
+    with torch.no_grad():
+        return hf.head_inputs(model, ids[None]).hidden[0]
+
+
+@pytest.mark.parametrize("kind", ["gpt_bigcode", "persimmon"])
+def test_hf_rows_of_packed_sequences_for_models_that_keep_positions_to_themselves(kind):
+    """Two packed rows through ``hf.head_inputs`` for models whose attention never sees
+    ``position_ids``: the bounds, over the rows flattened, keep every sequence alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from spot_kernels import hf
+    cfg = AutoConfig.for_model(kind, vocab_size=96, hidden_size=32, n_embd=32,
+                               intermediate_size=64, num_hidden_layers=2, n_layer=2,
+                               num_attention_heads=4, n_head=4)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    ids = torch.randint(3, 90, (2, 12))
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6], list(range(6)) + list(range(6))])
+    model.set_attn_implementation(A.register())
+    if not A.supported(model):  # GPT-BigCode until transformers 5.17 drops its **kwargs
+        with pytest.raises(A.BoundsLost, match="use --attn sdpa"):
+            hf.head_inputs(model, ids, position_ids=pos)
+        return
+    with torch.no_grad():
+        got = hf.head_inputs(model, ids, position_ids=pos).hidden
+    for row, cuts in ((0, (0, 5, 12)), (1, (0, 6, 12))):
+        for a, z in zip(cuts[:-1], cuts[1:]):
+            torch.testing.assert_close(got[row, a:z], _alone(model, ids[row, a:z]),
+                                       rtol=1e-5, atol=1e-5, msg=f"row {row} [{a}:{z}]")
+
+
+def test_a_model_that_drops_the_bounds_is_refused(tmp_path, monkeypatch):
+    """A model whose body does not pass its ``**kwargs`` on (the sequence bounds with them)
+    would let packed sequences attend to each other under varlen: ``hf.head_inputs`` raises,
+    ``supported`` says no, ``load_model`` refuses varlen by name and auto falls back to SDPA."""
+    from transformers.models.qwen3 import modeling_qwen3
+
+    from spot.config import ConfigError
+    from spot.model import load_model
+    from spot.tiny import build_model
+    from spot_kernels import hf
+    build_model("qwen3", seed=2).save_pretrained(tmp_path)
+    forward = modeling_qwen3.Qwen3Model.forward
+
+    def dropping(self, *args, **kwargs):
+        keep = {k: v for k, v in kwargs.items() if not k.startswith(("cu_seq", "max_length"))}
+        return forward(self, *args, **keep)
+    monkeypatch.setattr(modeling_qwen3.Qwen3Model, "forward", dropping)
+    model = build_model("qwen3", seed=2).eval()
+    model.set_attn_implementation(A.register())
+    with pytest.raises(A.BoundsLost, match="does not pass the sequence bounds"):
+        hf.head_inputs(model, torch.arange(8)[None], cu_seqlens=torch.tensor([0, 3, 8]))
+    assert not A.supported(model)
+    with pytest.raises(ConfigError, match="attn: varlen does not load"):
+        load_model(str(tmp_path), attn="varlen")
+    assert load_model(str(tmp_path)).config._attn_implementation == "sdpa"  # auto on a CPU
+
+
+def test_hf_packed_rows_with_padding_match_each_sequence_alone():
+    """Packing and a padding mask together: left padding before a row's first sequence is
+    kept apart from it (a sequence of its own in the bounds), padding between and after
+    sequences is never seen; one row and two rows (padding positions -1, as cumsum - 1 gives)."""
+    from spot.tiny import build_model
+    from spot_kernels import hf
+    model = build_model("qwen3", seed=3).double().eval()
+    a = torch.randint(5, model.config.vocab_size, (4,))
+    b = torch.randint(5, model.config.vocab_size, (3,))
+    want_a, want_b = _alone(model, a), _alone(model, b)
+    pad = torch.zeros(2, dtype=torch.long)
+    ids = torch.stack([torch.cat([pad, a, b]), torch.cat([a, pad, b]), torch.cat([a, b, pad])])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 1, 1, 1],
+                         [1, 1, 1, 1, 1, 1, 1, 0, 0]])
+    pos = torch.tensor([[-1, -1, 0, 1, 2, 3, 0, 1, 2], [0, 1, 2, 3, -1, -1, 0, 1, 2],
+                        [0, 1, 2, 3, 0, 1, 2, -1, -1]])
+    spans = [(slice(2, 6), slice(6, 9)), (slice(0, 4), slice(6, 9)), (slice(0, 4), slice(4, 7))]
+    model.set_attn_implementation(A.register())
+    for rows in ([0], [1], [0, 1, 2]):
+        with torch.no_grad():
+            h = hf.head_inputs(model, ids[rows], attention_mask=mask[rows],
+                               position_ids=pos[rows]).hidden
+        for i, r in enumerate(rows):
+            torch.testing.assert_close(h[i, spans[r][0]], want_a, msg=f"rows {rows}, row {r}")
+            torch.testing.assert_close(h[i, spans[r][1]], want_b, msg=f"rows {rows}, row {r}")
+
+
+def test_varlen_bounds_flatten_rows_and_keep_leading_padding_apart():
+    from spot_kernels import hf
+    seg = torch.tensor([[0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
+    kw = hf._flash_varlen(seg, mask)
+    assert kw["cu_seq_lens_q"].tolist() == [0, 2, 4, 6, 9, 12]
+    assert kw["max_length_q"] == 3
+    assert hf._flash_varlen(seg)["cu_seq_lens_q"].tolist() == [0, 4, 6, 9, 12]
+
+
 def test_padded_batch_and_4d_mask_match_eager():
     """A padded batch (2-D mask, left padding) is causal over the kept keys; a 4-D mask goes to
     SDPA as it is."""
@@ -177,8 +274,7 @@ def test_softcap_and_sinks_are_refused():
 
 
 def test_load_model_varlen_and_what_cannot_run_it(tmp_path):
-    """``--attn varlen`` loads as ``spot_varlen``, gives the same log-probs as SDPA, and its
-    name stays out of the saved config (a user reloads the model without this package);
+    """``--attn varlen`` loads as ``spot_varlen`` and gives the same hidden states as SDPA;
     models it cannot run (their own attention: MPT; soft-capping: Gemma-2) are a one-line
     error by name and fall back to SDPA under auto."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -197,8 +293,6 @@ def test_load_model_varlen_and_what_cannot_run_it(tmp_path):
         a = hf.head_inputs(model, ids, cu_seqlens=cu).hidden
         b = hf.head_inputs(sdpa, ids, cu_seqlens=cu).hidden
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    model.save_pretrained(tmp_path / "saved")
-    assert A.NAME not in (tmp_path / "saved" / "config.json").read_text()
 
     mpt = AutoConfig.for_model("mpt", d_model=32, n_heads=2, n_layers=1, vocab_size=64)
     AutoModelForCausalLM.from_config(mpt).save_pretrained(tmp_path / "mpt")
