@@ -109,13 +109,15 @@ def record(request):
 
 def pytest_terminal_summary(terminalreporter, config):
     rows = getattr(config, "_bench_rows", [])
-    if not rows:
+    notes = getattr(config, "_bench_notes", [])
+    if not rows and not notes:
         return
     tr = terminalreporter
     tr.section("spot-kernels benchmark summary")
-    tr.write_line(f"{'mode':<9} {'head':<11} {'N':>6} {'V':>7} {'dtype':<8} {'impl':<14} "
-                  f"{'ms':>10} {'TFLOP/s':>8} {'GEMM%':>6} {'peak MB':>9} {'t/naive':>7} "
-                  f"{'m/naive':>7}")
+    if rows:
+        tr.write_line(f"{'mode':<9} {'head':<11} {'N':>6} {'V':>7} {'dtype':<8} {'impl':<14} "
+                      f"{'ms':>10} {'TFLOP/s':>8} {'GEMM%':>6} {'peak MB':>9} {'t/naive':>7} "
+                      f"{'m/naive':>7}")
 
     def f(x, fmt):
         return format(x, fmt) if isinstance(x, (int, float)) else "-"
@@ -126,5 +128,5 @@ def pytest_terminal_summary(terminalreporter, config):
                       f"{f(None if gf is None else 100 * gf, '6.1f')} "
                       f"{f(r.get('peak_mb'), '9.1f')} {f(r.get('time_vs_naive'), '7.2f')} "
                       f"{f(r.get('mem_vs_naive'), '7.3f')}")
-    for line in getattr(config, "_bench_notes", []):
+    for line in notes:
         tr.write_line(line)

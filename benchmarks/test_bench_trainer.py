@@ -144,3 +144,58 @@ def test_trainer_step(benchmark, name, impl, request, record, deadline):
                 f"{other['tokens_per_s']:.0f} tok/s, {other['peak_mb'] or 0:.0f} MB peak; "
                 f"attention {info['attention']}")
         request.config.__dict__.setdefault("_bench_notes", []).append(note)
+
+
+ATTENTION_CASES = {"demo-4k": dict(arch=MODEL, tokens=4096, seq=128, gpu_only=False),
+                   "qwen3-0.6b": CASES["qwen3-0.6b"]}
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "varlen"])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.bench_priority(48))
+                                  for n in ATTENTION_CASES])
+def test_trainer_attention(benchmark, name, attn, request, deadline):
+    """The fused step with SDPA's block mask over a packed row against ``varlen`` (each packed
+    sequence alone: on a CPU one SDPA call per sequence, on a GPU torch's flash varlen
+    kernel); last in a GPU run, so a time budget cuts it first."""
+    case = ATTENTION_CASES[name]
+    if case["gpu_only"] and not CUDA:
+        pytest.skip("a GPU case (Qwen3-0.6B shape)")
+    if deadline is not None and _bench.time.monotonic() > deadline:
+        pytest.skip("time budget (--budget-s) exhausted")
+    device = "cuda" if CUDA else "cpu"
+    model = _model(name, case, device)
+    auto = model.config._attn_implementation  # _model's choice, put back afterwards
+    model.set_attn_implementation(attention.register() if attn == "varlen" else attn)
+    if attn == "varlen" and not attention.supported(model):
+        model.set_attn_implementation(auto)
+        pytest.skip("varlen does not run this model")
+    batch = {k: v.to(device) for k, v in
+             synthetic_batch(model.config.vocab_size, case["tokens"], case["seq"]).items()}
+    ref = torch.randn(batch["labels"].numel(), device=device) - 50.0
+    policy = Policy(model)
+
+    def step():
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=CUDA):
+            loss, _ = sk.bce_reward_loss(policy(batch), ref, batch["labels"], beta=0.1)
+        loss.backward()
+        _bench.sync(device)
+
+    try:
+        step()  # warm-up
+        rounds = request.config.getoption("--rounds") or (5 if CUDA else 2)
+        benchmark.group = f"trainer attention: {name}, {case['tokens']} tokens"
+        benchmark.pedantic(step, setup=lambda: model.zero_grad(set_to_none=True), rounds=rounds,
+                           iterations=1, warmup_rounds=0)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.set_attn_implementation(auto)
+    tokens_per_s = batch["input_ids"].numel() / benchmark.stats.stats.median
+    benchmark.extra_info.update(case=name, attention=model.config._attn_implementation,
+                                tokens=batch["input_ids"].numel(), tokens_per_s=tokens_per_s)
+    _SEEN[(name, "attn", attn)] = tokens_per_s
+    other = _SEEN.get((name, "attn", "sdpa"))
+    if attn == "varlen" and other:
+        request.config.__dict__.setdefault("_bench_notes", []).append(
+            f"trainer attention {name} ({case['tokens']} tokens of {case['seq']}-token "
+            f"sequences, {device}): varlen {tokens_per_s:.0f} tok/s, sdpa {other:.0f} tok/s "
+            f"({tokens_per_s / other:.2f}x)")
