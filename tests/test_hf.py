@@ -400,6 +400,29 @@ def test_flash_attention_gets_the_packing_once(how, monkeypatch):
         torch.testing.assert_close(_logits(hi, rows), _alone_logits(model, s), atol=2e-5, rtol=0)
 
 
+def test_flash_attention_gets_bounds_over_rows_flattened(monkeypatch):
+    """Several packed rows with padding under flash-attn: the bounds cover the rows flattened in
+    order (transformers' flash path flattens them so), each row's leading padding a sequence of
+    its own, and no mask (flash would unpad by it and merge a row's sequences)."""
+    model = build_model("qwen3", layers=1).eval()
+    seen = {}
+
+    def recording(*args, **kwargs):
+        seen.update(kwargs)
+        raise StopIteration
+
+    monkeypatch.setattr(model, "forward", recording)
+    monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2")
+    ids = torch.randint(0, 50, (2, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
+    pos = torch.tensor([[0, 0, 0, 1, 0, 1], [0, 1, 2, 0, 1, 0]])
+    with pytest.raises(StopIteration):
+        hf.head_inputs(model, ids, attention_mask=mask, position_ids=pos)
+    assert seen["attention_mask"] is None
+    assert seen["cu_seq_lens_q"].tolist() == [0, 2, 4, 6, 9, 12]
+    assert seen["max_length_q"] == 3
+
+
 # composite (multimodal) models: {name: (model type, config, expected (softcap, temperature),
 # the transformers release since which the composite applies them (before: none), or None)};
 # each owns its LM head and applies only what its own forward does, whatever its text config holds
