@@ -85,6 +85,23 @@ def unfused_logps(model, batch):
     return sk.sequence_logprobs(logp, batch["cu_rows"])
 
 
+def _start(name, case, deadline):
+    """``(device, model)`` of a case, or a skip with its reason."""
+    if case["gpu_only"] and not CUDA:
+        pytest.skip("a GPU case (Qwen3-0.6B shape)")
+    if deadline is not None and _bench.time.monotonic() > deadline:
+        pytest.skip("time budget (--budget-s) exhausted")
+    device = "cuda" if CUDA else "cpu"
+    return device, _model(name, case, device)
+
+
+def _batch(model, case, device):
+    """The case's packed batch on ``device`` and reference log-probs for its sequences."""
+    batch = {k: v.to(device) for k, v in
+             synthetic_batch(model.config.vocab_size, case["tokens"], case["seq"]).items()}
+    return batch, torch.randn(batch["labels"].numel(), device=device) - 50.0
+
+
 # on a GPU the Qwen3-0.6B step runs right after the main kernel points (see _bench.cases), so
 # that a time budget keeps it; the demo-sized steps come last
 PRIORITY = {"demo": 48, "demo-v32k": 48, "qwen3-0.6b": 2.5}
@@ -95,16 +112,9 @@ PRIORITY = {"demo": 48, "demo-v32k": 48, "qwen3-0.6b": 2.5}
                                   for n in CASES])
 def test_trainer_step(benchmark, name, impl, request, record, deadline):
     case = CASES[name]
-    if case["gpu_only"] and not CUDA:
-        pytest.skip("a GPU case (Qwen3-0.6B shape)")
-    if deadline is not None and _bench.time.monotonic() > deadline:
-        pytest.skip("time budget (--budget-s) exhausted")
-    device = "cuda" if CUDA else "cpu"
-    model = _model(name, case, device)
+    device, model = _start(name, case, deadline)
     vocab = model.config.vocab_size
-    batch = {k: v.to(device) for k, v in synthetic_batch(vocab, case["tokens"], case["seq"]).items()}
-    s = batch["labels"].numel()
-    ref = torch.randn(s, device=device) - 50.0
+    batch, ref = _batch(model, case, device)
     policy = Policy(model)
 
     def step():
@@ -158,20 +168,13 @@ def test_trainer_attention(benchmark, name, attn, request, deadline):
     sequence alone: on a CPU one SDPA call per sequence, on a GPU torch's flash varlen
     kernel); last in a GPU run, so a time budget cuts it first."""
     case = ATTENTION_CASES[name]
-    if case["gpu_only"] and not CUDA:
-        pytest.skip("a GPU case (Qwen3-0.6B shape)")
-    if deadline is not None and _bench.time.monotonic() > deadline:
-        pytest.skip("time budget (--budget-s) exhausted")
-    device = "cuda" if CUDA else "cpu"
-    model = _model(name, case, device)
+    device, model = _start(name, case, deadline)
     auto = model.config._attn_implementation  # _model's choice, put back afterwards
     model.set_attn_implementation(attention.register() if attn == "varlen" else attn)
     if attn == "varlen" and not attention.supported(model):
         model.set_attn_implementation(auto)
         pytest.skip("varlen does not run this model")
-    batch = {k: v.to(device) for k, v in
-             synthetic_batch(model.config.vocab_size, case["tokens"], case["seq"]).items()}
-    ref = torch.randn(batch["labels"].numel(), device=device) - 50.0
+    batch, ref = _batch(model, case, device)
     policy = Policy(model)
 
     def step():
