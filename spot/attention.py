@@ -126,16 +126,13 @@ def _passes_bounds(model):
         return True
     dev = next(model.parameters()).device
     cu = torch.tensor([0, 2, 4], dtype=torch.int32, device=dev)
-    token = hf._BOUNDS_SENT.set(True)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), hf.bounds_sent(True):
             model(input_ids=torch.zeros(1, 4, dtype=torch.long, device=dev),
                   position_ids=torch.tensor([[0, 1, 0, 1]], device=dev), use_cache=False,
                   cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=2, max_length_k=2)
     except BoundsLost:
         return False
-    finally:
-        hf._BOUNDS_SENT.reset(token)
     return not any(hasattr(m, "sinks") for m in model.modules())
 
 
@@ -180,21 +177,18 @@ def _varlen(q, k, v, cu, longest, scale, window):
     return fn(q, k, v, cu, cu, longest, longest, **kw)
 
 
-def _bounds(length, kwargs, device):
-    """``cu`` (int32, on ``device``) of the sequences in a single packed row, or ``None``."""
-    cu = kwargs.get("cu_seq_lens_q")
-    if cu is not None:
-        return cu.to(device=device, dtype=torch.int32)
+def _bounds(b, length, kwargs, device):
+    """The varlen keywords (``cu_seq_lens_q``, ``max_length_q``) over ``b`` rows flattened:
+    those given, else from ``position_ids`` (``spot_kernels.hf``'s segments: a sequence starts
+    where they do not continue by +1), else one sequence a row."""
+    if kwargs.get("cu_seq_lens_q") is not None:
+        return {k: kwargs.get(k) for k in ("cu_seq_lens_q", "max_length_q")}
     pos = kwargs.get("position_ids")
-    if pos is None or pos.shape[-1] != length:
-        return None
-    pos = pos.reshape(-1, length)[0].to(device)
-    starts = torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1
-    if not starts.numel():
-        return None
-    edges = [torch.zeros(1, dtype=torch.long, device=device), starts,
-             torch.full((1,), length, dtype=torch.long, device=device)]
-    return torch.cat(edges).to(torch.int32)
+    if pos is None or pos.numel() % length:
+        seg = torch.zeros(b, length, dtype=torch.long, device=device)
+    else:
+        seg = hf._segment_ids(pos.reshape(-1, length).to(device).expand(b, -1))
+    return hf._flash_varlen(seg)
 
 
 def _causal(lq, lk, window, device):
@@ -246,6 +240,8 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
                          f"packed sequences would attend to each other; use --attn sdpa")
     b, hq, length, dh = query.shape
     lk = key.shape[2]
+    if not length:
+        return query.new_empty(b, 0, hq, value.shape[-1]), None
     scale = dh ** -0.5 if scaling is None else float(scaling)
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
@@ -266,34 +262,21 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
             mask = mask[..., :lk]
         out = _sdpa(query, key, value, mask, p, causal and mask is None and length > 1, scale)
         return out.transpose(1, 2).contiguous(), None
-    if b > 1 and kwargs.get("cu_seq_lens_q") is not None:  # bounds over the rows flattened
+    bounds = _bounds(b, length, kwargs, query.device)
+    if b > 1:  # the rows flattened into one, as the bounds count them
         flat = [x.transpose(0, 1).reshape(1, x.shape[1], -1, x.shape[-1])
                 for x in (query, key, value)]
         out, _ = varlen_attention(module, *flat, None, scaling=scale, dropout=dropout,
-                                  sliding_window=sliding_window, is_causal=True,
-                                  **{k: v for k, v in kwargs.items()
-                                     if k in ("cu_seq_lens_q", "max_length_q")})
+                                  sliding_window=sliding_window, is_causal=True, **bounds)
         return out.reshape(b, length, hq, -1), None
-    if b > 1:  # each row alone, its sequences from its own positions
-        pos = kwargs.get("position_ids")
-        rows = []
-        for r in range(b):
-            kw = {} if pos is None else {"position_ids": pos.reshape(-1, length)[
-                min(r, pos.numel() // length - 1)]}
-            rows.append(varlen_attention(module, query[r:r + 1], key[r:r + 1], value[r:r + 1],
-                                         None, scaling=scale, dropout=dropout,
-                                         sliding_window=sliding_window, is_causal=True, **kw)[0])
-        return torch.cat(rows), None
-    cu = _bounds(length, kwargs, query.device)
-    if cu is None:
-        cu = torch.tensor([0, length], dtype=torch.int32, device=query.device)
+    cu = bounds["cu_seq_lens_q"].to(device=query.device, dtype=torch.int32)
     half = _half(query, key, value) if query.is_cuda else None
     if (half is not None and not p and value.shape[-1] == dh and dh <= 256 and dh % 8 == 0
             and kernel_runs(query.device.index, window=window is not None)
             and not (dh > 192 and _backward_needed(query, key, value)
                      and torch.cuda.get_device_capability(query.device) not in ((8, 0), (9, 0)))):
         # (flash's backward for head dims over 192 runs on sm_80 and sm_90 only)
-        longest = kwargs.get("max_length_q")
+        longest = bounds["max_length_q"]
         if longest is None:
             longest = int((cu[1:] - cu[:-1]).max())
         q, k, v = (x[0].transpose(0, 1).to(half) for x in (query, key, value))

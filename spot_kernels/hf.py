@@ -94,6 +94,7 @@ tokens cost no head FLOPs at all. Gradients flow to the model's parameters as us
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import inspect
 import re
@@ -417,6 +418,16 @@ def varlen_bounds_sent():
     return _BOUNDS_SENT.get()
 
 
+@contextlib.contextmanager
+def bounds_sent(sent):
+    """Marks the model call inside as one whose attention was (``sent``) handed the bounds."""
+    token = _BOUNDS_SENT.set(sent)
+    try:
+        yield
+    finally:
+        _BOUNDS_SENT.reset(token)
+
+
 def _flash_varlen(seg, attention_mask=None):
     """flash-attn's varlen arguments for packed rows ``seg`` (segment ids ``[B, L]``), over the
     rows flattened in order (as transformers' flash path and ``spot.attention`` take them), made
@@ -465,10 +476,11 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
     # flash-attn: the bounds always; another varlen kernel (spot.attention): where the model
     # passes them on and its mask would not ignore position_ids (else the 4-D mask below, which
     # such a kernel takes as SDPA does)
-    varlen = impl.startswith("flash") or (_takes_varlen(impl) and kind not in _OWN_PACKING_MASK
-                                          and _takes_kwargs(inner))
-    bounds_sent = False
-    if packed and not varlen and (mask is not None
+    flash = impl.startswith("flash")
+    other_varlen = (not flash and _takes_varlen(impl) and kind not in _OWN_PACKING_MASK
+                    and _takes_kwargs(inner))
+    sent = False
+    if packed and not (flash or other_varlen) and (mask is not None
                                                    or not _transformers_detects_packing()
                                                    or kind in _OWN_PACKING_MASK):
         cfg = _text_config(inner)
@@ -482,9 +494,9 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
         dtype = embeds.dtype if embeds is not None else inner.get_input_embeddings().weight.dtype
         mask = _block_causal_mask(seg, mask, dtype)
     elif packed:
-        if varlen and _takes_kwargs(inner):  # the bounds, padding kept apart (_flash_varlen)
+        if other_varlen or (flash and _takes_kwargs(inner)):  # padding kept apart
             model_kwargs = {**_flash_varlen(seg, mask), **model_kwargs}
-            bounds_sent = not impl.startswith("flash")
+            sent = other_varlen
         mask = None  # transformers (or a varlen kernel) derives the block-diagonal mask
     if position_ids is None and kind in _POSITIONS_AFTER_PAD:
         pos = pos + (_text_config(inner).pad_token_id + 1)
@@ -521,11 +533,10 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
     handle = head.register_forward_pre_hook(take_input, with_kwargs=True)
     own = head.__dict__.get("forward")  # an instance-level wrapper (accelerate's hooks) stays
     head.forward = no_projection
-    token = _BOUNDS_SENT.set(bounds_sent)
     try:
-        out = model(**kwargs)
+        with bounds_sent(sent):
+            out = model(**kwargs)
     finally:
-        _BOUNDS_SENT.reset(token)
         handle.remove()
         if own is None:
             del head.forward
