@@ -102,7 +102,7 @@ def plan(n, v, d, itemsize, needs, budget, align=(1, 1), rows_per_block=None):
 
 
 def blockwise_backward(hidden, weight, targets, bias, rowwise, grad_logp, ignore_index, needs,
-                       budget, fill, align=(1, 1), rows_per_block=None):
+                       budget, fill, align=(1, 1), rows_per_block=None, dh_float32=False):
     """``(dh, dW, db)`` from ``dA`` blocks written one at a time, in the sweeps of ``plan``
     (``budget``: bytes for a block and any float32 sum; ``needs``: which of ``(dh, dW, db)``,
     ``db`` only with a bias).
@@ -114,7 +114,8 @@ def blockwise_backward(hidden, weight, targets, bias, rowwise, grad_logp, ignore
     rows); ``rowwise`` is the caller's tuple of per-token tensors (the forward's ``lse`` in the
     form its kernel reads and the target's ``1 - p_t``), sliced to the block's tokens. A
     gradient that several blocks of a sweep add into is summed in float32 and rounded once;
-    otherwise each block's GEMM writes its rows in the gradient's dtype."""
+    otherwise each block's GEMM writes its rows in the gradient's dtype. ``dh_float32``: ``dh``
+    comes back in float32 (a float32-output GEMM where there is one), never rounded to half."""
     needs = (bool(needs[0]), bool(needs[1]), bool(needs[2]) and bias is not None)
     n, d = hidden.shape
     v = weight.shape[0]
@@ -130,17 +131,18 @@ def blockwise_backward(hidden, weight, targets, bias, rowwise, grad_logp, ignore
         for rows, cols, wants in plan(n, v, d, hidden.element_size(), needs, budget, align,
                                       rows_per_block):
             done = _sweep(hidden, weight, targets, bias, rowwise, grad, ignored, rows, cols,
-                          wants, fill)
+                          wants, fill, dh_float32)
             out = [new if want else old for old, new, want in zip(out, done, wants)]
     dh, dw, db = out
-    return (None if dh is None else dh.to(hidden.dtype),
+    return (dh if dh is None or dh_float32 else dh.to(hidden.dtype),
             None if dw is None else dw.to(weight.dtype),
             None if db is None else db.to(bias.dtype))
 
 
-def _sweep(hidden, weight, targets, bias, rowwise, grad, ignored, rows, cols, needs, fill):
+def _sweep(hidden, weight, targets, bias, rowwise, grad, ignored, rows, cols, needs, fill,
+           dh_float32=False):
     need_h, need_w, need_b = needs
-    sum_h, sum_w = len(cols) > 1, len(rows) > 1
+    sum_h, sum_w = len(cols) > 1 or dh_float32, len(rows) > 1
     dh = _output(hidden, sum_h) if need_h else None
     dw = _output(weight, sum_w) if need_w else None
     db = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) if need_b else None

@@ -4,9 +4,11 @@ A backend module exposes ``available(device) -> (bool, reason)``, ``check_option
 ``forward(hidden, weight, targets, bias, *, temperature, softcap, ignore_index,
 return_entropy, **options) -> (logp, lse, entropy | None)`` and ``backward(hidden, weight,
 targets, bias, lse, logp, grad_logp, *, temperature, softcap, ignore_index, needs_input_grad,
-**options) -> (dh, dW, db)``. ``hidden`` arrives 2-D ``[N, D]`` and ``targets`` int64 ``[N]``;
-``logp`` and the entropy are float32 and ``lse`` is float64 (``m + log s`` unrounded: the
-backward's ``p = e^(z - lse)`` keeps float32 precision near the max, ``torch_backend.split_lse``).
+dh_float32=False, **options) -> (dh, dW, db)`` (``dh_float32``: ``dh`` unrounded in float32,
+for a vocab-parallel head to sum its shards' parts before rounding). ``hidden`` arrives 2-D
+``[N, D]`` and ``targets`` int64 ``[N]``; ``logp`` and the entropy are float32 and ``lse`` is
+float64 (``m + log s`` unrounded: the backward's ``p = e^(z - lse)`` keeps float32 precision
+near the max, ``torch_backend.split_lse``).
 The backward gets the forward's ``lse`` and ``logp``; the target column's ``1 - p_t`` comes from
 ``logp`` (``torch_backend.target_complement``), not from the recomputed logits.
 ``reference`` is special: it runs ``spot_kernels.reference`` under plain autograd.

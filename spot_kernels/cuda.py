@@ -426,9 +426,11 @@ def _forward_by_vocab(hidden, weight, t, b, cols, cap, inv_temp, ignore_index, r
 
 @torch.no_grad()
 def backward(hidden, weight, targets, bias, lse, logp, grad_logp, *, temperature=1.0,
-             softcap=None, ignore_index=-100, needs_input_grad=(True, True, True), **options):
+             softcap=None, ignore_index=-100, needs_input_grad=(True, True, True),
+             dh_float32=False, **options):
     """Returns ``(dh, dW, db)`` in the dtypes of ``hidden``, ``weight``, ``bias`` (None where
-    not needed); ``lse`` and ``logp`` are the forward's. ``dA`` blocks within ``chunk_bytes``
+    not needed; ``dh_float32``: ``dh`` in float32, unrounded, for a sum over vocab shards);
+    ``lse`` and ``logp`` are the forward's. ``dA`` blocks within ``chunk_bytes``
     (``_gemm.plan``: all tokens x a vocabulary chunk when ``N <= V``, else a token chunk x the
     vocabulary, or two sweeps; ``token_chunk`` forces token chunks):
     cuBLAS recomputes the block's logits, ``backward_epilogue`` turns them into ``dA`` in place,
@@ -449,7 +451,8 @@ def backward(hidden, weight, targets, bias, lse, logp, grad_logp, *, temperature
     return _gemm.blockwise_backward(hidden, weight, targets.to(torch.int64), _aligned(bias),
                                     rowwise, grad_logp,
                                     ignore_index, needs_input_grad, budget, fill,
-                                    align=(1, 8), rows_per_block=options.get("token_chunk"))
+                                    align=(1, 8), rows_per_block=options.get("token_chunk"),
+                                    dh_float32=dh_float32)
 
 
 # --- the O(N) part of the SPoT loss --------------------------------------------------------------

@@ -24,7 +24,7 @@ logp near 0 keeps float32 precision)
 ``lse``, which makes its local softmax the global one restricted to this rank's rows, so ``dW_r``
 and ``db_r`` are exact locally; ``dh`` is a partial sum over this rank's rows and is all-reduced,
 as a column-parallel linear's input gradient is. Communication: ``3 N`` floats forward (plus
-``N`` with entropy), ``N D`` backward; never ``[N, V]``.
+``N`` with entropy), ``N D`` float32 backward; never ``[N, V]``.
 
 FSDP2 / DTensor weights
 -----------------------
@@ -56,7 +56,10 @@ call through its backward.
 
 Both paths run eagerly (collectives inside an ``autograd.Function``); under ``torch.compile``
 they graph-break around the call rather than compile into it. With half-precision hidden states
-the partial ``dh`` is all-reduced in that dtype (the backend contract returns it so).
+the partial ``dh`` still travel in float32 (the backends' ``dh_float32``: their float32 sums,
+unrounded) and the total is rounded once to ``hidden``'s dtype, as one process's ``dh`` is: twice
+the bytes of a half all-reduce (``4 N D``), against a rounding per rank and per step of the ring,
+which in float16 can also overflow where the total would not.
 """
 from __future__ import annotations
 
@@ -183,11 +186,14 @@ class _ShardedHead(torch.autograd.Function):
         if grad_logp is None or not any(needs):
             return nothing
         w, b = _full(weight), _full(bias)
+        # vocab-parallel: each rank's partial dh stays float32 until the sum, rounded once
         dh, dw, db = ctx.impl.backward(hidden, w, t, b, lse, logp, grad_logp.float().contiguous(),
-                                       needs_input_grad=needs, **ctx.cfg, **ctx.options)
+                                       needs_input_grad=needs, dh_float32=ctx.group is not None,
+                                       **ctx.cfg, **ctx.options)
         del w, b
         if ctx.group is not None and dh is not None:
             dist.all_reduce(dh, group=ctx.group)
+            dh = dh.to(hidden.dtype)
         if dw is not None and is_dtensor(weight):
             dw = _reduce_to(dw, weight)
         if db is not None and is_dtensor(bias):

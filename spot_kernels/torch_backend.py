@@ -222,9 +222,11 @@ def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None
 
 
 def backward(hidden, weight, targets, bias, lse, logp, grad_logp, *, temperature=1.0,
-             softcap=None, ignore_index=-100, needs_input_grad=(True, True, True), **options):
+             softcap=None, ignore_index=-100, needs_input_grad=(True, True, True),
+             dh_float32=False, **options):
     """Returns ``(dh, dW, db)`` in the dtypes of ``hidden``, ``weight``, ``bias`` (None where
-    not needed). ``lse`` and ``logp`` are the forward's."""
+    not needed; ``dh_float32``: ``dh`` in float32, unrounded, for a sum over vocab shards).
+    ``lse`` and ``logp`` are the forward's."""
     n, v = hidden.shape[0], weight.shape[0]
     need_h, need_w, need_b = needs_input_grad
     need_b = need_b and bias is not None
@@ -270,6 +272,6 @@ def backward(hidden, weight, targets, bias, lse, logp, grad_logp, *, temperature
             if need_b:
                 db[v0:v0 + vc] += da.sum(0)
             del z, th, da  # no reference to the buffers outlives the block
-    return (None if dh is None else dh.to(hidden.dtype),
+    return (dh if dh is None or dh_float32 else dh.to(hidden.dtype),
             None if dw is None else dw.to(weight.dtype),
             None if db is None else db.to(bias.dtype))

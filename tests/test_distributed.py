@@ -112,6 +112,33 @@ def _vocab_parallel(group, backend="torch", first_only=False):
     assert_close(ent, ent32, ent64, torch.float32, "entropy, masked shard")
 
 
+def _half_ulps(x, truth):
+    """``|x - truth|`` in units of the spacing of ``x``'s dtype at ``truth`` (float64)."""
+    bits = {torch.float16: (10, -24), torch.bfloat16: (7, -133)}[x.dtype]
+    expo = torch.floor(torch.log2(truth.abs().clamp_min(2.0 ** bits[1])))
+    ulp = torch.exp2(torch.clamp(expo - bits[0], min=bits[1]))
+    return ((x.double() - truth).abs() / ulp).max().item()
+
+
+def _vocab_parallel_half(group):
+    """Half-precision inputs: ``dh`` is summed over ranks in float32 and rounded once, so it is
+    within half an ulp of the float64 truth (with float32's noise), as one process's is. A
+    half all-reduce rounds each rank's part and the sum: up to 1.5 ulp, more where parts cancel."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    sizes = SPLITS[world]
+    start = sum(sizes[:rank])
+    for dtype in (torch.float16, torch.bfloat16):
+        h, w, b, t = make_head(45, 16, sum(sizes), dtype, "cpu", bias=True, seed=8, scale=2.0)
+        hh = h.clone().requires_grad_()
+        logp = sk.token_logprobs(hh, w[start:start + sizes[rank]], t, process_group=group,
+                                 bias=b[start:start + sizes[rank]], softcap=4.0, backend="torch")
+        truth, _, gout = references(h, w, t, b, softcap=4.0)
+        (dh,) = torch.autograd.grad((logp.double() * gout).sum(), (hh,))
+        assert dh.dtype == dtype
+        err = _half_ulps(dh, truth[1][0])
+        assert err <= 0.5 + 1e-3, (dtype, world, err)
+
+
 def _fsdp2(group):
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
@@ -290,6 +317,7 @@ def _worker(rank, world, init_file):
         pair = dist.new_group([0, 1])  # every rank must take part in creating it
         if rank < 2:
             _vocab_parallel(pair)          # 2 ranks, equal split
+            _vocab_parallel_half(pair)
             if "triton" in sk.available_backends("cpu"):  # under TRITON_INTERPRET=1
                 _vocab_parallel(pair, "triton", first_only=True)
             _fsdp2(pair)                   # fully_shard over 2 ranks
@@ -297,6 +325,7 @@ def _worker(rank, world, init_file):
             _fsdp1(pair, use_orig_params=True)   # FSDP1 FullyShardedDataParallel
             _fsdp1(pair, use_orig_params=False)
         _vocab_parallel(dist.group.WORLD)  # 3 ranks, uneven split
+        _vocab_parallel_half(dist.group.WORLD)
         dist.barrier()
     finally:
         dist.destroy_process_group()

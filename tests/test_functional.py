@@ -331,6 +331,39 @@ def test_targets_outside_vocab_without_ignore(backend, device):
     torch.testing.assert_close(dh.double(), dh64, rtol=0, atol=1e-4)
     torch.testing.assert_close(dw.double(), dw64, rtol=0, atol=1e-4)
 
+HALF_DH_PATHS = {"torch": [{}], "reference": [],
+                 "triton": [{}, {"deterministic": True}, {"da_bytes": 1 << 12},
+                            {"scratch_bytes": 1 << 10}],
+                 "cuda": [{}, {"token_chunk": 5}, {"chunk_bytes": 1 << 10}]}
+
+
+def test_dh_float32_returns_the_unrounded_sum(backend, device):
+    """``dh_float32=True`` (what a vocab-parallel head asks for, to sum its shards' parts before
+    rounding) gives ``dh`` in float32, unrounded, on every backward path; rounded, it is the
+    default ``dh`` within one ulp (the same sums, bit-equal where the path sums in float32)."""
+    from spot_kernels import _registry
+    if not HALF_DH_PATHS[backend]:
+        pytest.skip("the reference runs no sharded heads")
+    impl = _registry.module(backend)
+    h, w, b, t = make_head(37, 24, 70, torch.bfloat16, device, bias=True, seed=12, scale=3.0)
+    kw = dict(temperature=0.9, softcap=5.0, ignore_index=-100)
+    logp, lse, _ = impl.forward(h, w, t, b, return_entropy=False, **kw)
+    g = torch.randn(37, device=device)
+    _, _, dh64, _ = float64_truth(h, w, t, b, g, **kw)[:4]
+    for options in HALF_DH_PATHS[backend]:
+        plain = impl.backward(h, w, t, b, lse, logp, g, **kw, **options)
+        full = impl.backward(h, w, t, b, lse, logp, g, **kw, dh_float32=True, **options)
+        assert plain[0].dtype == torch.bfloat16 and full[0].dtype == torch.float32, options
+        assert not torch.equal(full[0], full[0].bfloat16().float()), options  # not rounded
+        ulp = torch.exp2(torch.floor(torch.log2(plain[0].double().abs().clamp_min(1e-30))) - 7)
+        assert ((full[0].bfloat16().double() - plain[0].double()).abs() <= ulp).all(), options
+        # the float32 sum is nearer the truth than its bfloat16 rounding
+        assert ((full[0].double() - dh64).abs().sum() <
+                (plain[0].double() - dh64).abs().sum()), options
+        for x, y in zip(plain[1:], full[1:]):  # dW and db as before
+            assert torch.equal(x, y), options
+
+
 def test_backend_selection(monkeypatch):
     assert sk.available_backends("cpu")[-2:] == ["torch", "reference"]
     assert "cuda" not in sk.available_backends("cpu")

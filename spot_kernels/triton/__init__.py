@@ -288,18 +288,20 @@ def _forward(hidden, weight, targets, bias, temperature, softcap, ignore_index, 
 
 
 def backward(hidden, weight, targets, bias, lse, logp, grad_logp, *, temperature=1.0,
-             softcap=None, ignore_index=-100, needs_input_grad=(True, True, True), **options):
+             softcap=None, ignore_index=-100, needs_input_grad=(True, True, True),
+             dh_float32=False, **options):
     """Returns ``(dh, dW, db)`` in the dtypes of ``hidden``, ``weight``, ``bias`` (None where
-    not needed). ``lse`` and ``logp`` are the forward's."""
+    not needed; ``dh_float32``: ``dh`` in float32, unrounded, for a sum over vocab shards).
+    ``lse`` and ``logp`` are the forward's."""
     hidden, weight = _int32_columns(hidden), _int32_columns(weight)
     q = torch_backend.target_complement(logp).contiguous()
     with _on(hidden.device):
         return _backward(hidden, weight, targets, bias, lse, q, grad_logp, temperature, softcap,
-                         ignore_index, needs_input_grad, options)
+                         ignore_index, needs_input_grad, dh_float32, options)
 
 
 def _backward(hidden, weight, targets, bias, lse, q, grad_logp, temperature, softcap,
-              ignore_index, needs_input_grad, options):
+              ignore_index, needs_input_grad, dh_float32, options):
     _, _, bwd, bwd_dh, bwd_dw, configs = _kernels()
     n, d = hidden.shape
     v = weight.shape[0]
@@ -309,10 +311,12 @@ def _backward(hidden, weight, targets, bias, lse, q, grad_logp, temperature, sof
     f32 = dict(dtype=torch.float32, device=dev)
     if n and options.get("da_bytes") and (need_h or need_w or need_b):
         return _backward_gemm(hidden, weight, targets, bias, lse, q, grad_logp, temperature,
-                              softcap, ignore_index, need_h, need_w, need_b, options)
+                              softcap, ignore_index, need_h, need_w, need_b, dh_float32,
+                              options)
     if n and options.get("scratch_bytes") and hidden.dtype != torch.float32:
         return _backward_bounded(hidden, weight, targets, bias, lse, q, grad_logp, temperature,
-                                 softcap, ignore_index, need_h, need_w, need_b, options)
+                                 softcap, ignore_index, need_h, need_w, need_b, dh_float32,
+                              options)
     dh = torch.zeros(n, d, **f32) if need_h else None
     dw = torch.zeros(v, d, **f32) if need_w else None
     db = torch.zeros(v, **f32) if need_b else None
@@ -333,7 +337,7 @@ def _backward(hidden, weight, targets, bias, lse, q, grad_logp, temperature, sof
         else:
             bwd.launch_backward(hidden, weight, targets, bias, lse, q, grad, dh, dw, db,
                                 **common)
-    return (None if dh is None else dh.to(hidden.dtype),
+    return (dh if dh is None or dh_float32 else dh.to(hidden.dtype),
             None if dw is None else dw.to(weight.dtype),
             None if db is None else db.to(bias.dtype))
 
@@ -346,7 +350,7 @@ def _backward_common(hidden, temperature, softcap, ignore_index, cfg, options):
 
 
 def _backward_bounded(hidden, weight, targets, bias, lse, q, grad_logp, temperature, softcap,
-                      ignore_index, need_h, need_w, need_b, options):
+                      ignore_index, need_h, need_w, need_b, dh_float32, options):
     """The default backward in two passes whose float32 accumulators hold at most
     ``scratch_bytes`` (module docstring): ``dW``/``db`` over vocabulary chunks, then ``dh``
     over token chunks; each chunk's sums are rounded once into the gradient."""
@@ -362,7 +366,10 @@ def _backward_bounded(hidden, weight, targets, bias, lse, q, grad_logp, temperat
     grad = torch.where(ignored, 0.0, grad_logp.float()).contiguous()
     lse = lse.double().contiguous()
     bias = None if bias is None else bias.contiguous()
-    dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_h else None
+    dh = None
+    if need_h:
+        dh = (torch.empty(n, d, dtype=torch.float32, device=dev) if dh_float32 else
+              torch.empty_like(hidden, memory_format=torch.contiguous_format))
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else None
     db = torch.zeros(v, dtype=torch.float32, device=dev) if need_b else None
     if need_w or need_b:
@@ -396,7 +403,7 @@ def _backward_bounded(hidden, weight, targets, bias, lse, q, grad_logp, temperat
 
 
 def _backward_gemm(hidden, weight, targets, bias, lse, q, grad_logp, temperature, softcap,
-                   ignore_index, need_h, need_w, need_b, options):
+                   ignore_index, need_h, need_w, need_b, dh_float32, options):
     """The backward with ``da_bytes`` (module docstring): ``bwd_da.py`` writes ``dA`` one block
     at a time, in the inputs' dtype, and cuBLAS runs the gradient GEMMs
     (``_gemm.blockwise_backward``, in the sweeps of ``_gemm.plan``)."""
@@ -416,4 +423,4 @@ def _backward_gemm(hidden, weight, targets, bias, lse, q, grad_logp, temperature
         hidden, weight, targets, bias, (lse.double(), q), grad_logp, ignore_index,
         (need_h, need_w, need_b),
         options["da_bytes"], fill,
-        align=(cfg["block_m"], cfg["block_v"]))
+        align=(cfg["block_m"], cfg["block_v"]), dh_float32=dh_float32)
