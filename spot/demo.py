@@ -1,6 +1,6 @@
 """``spot demo``: SPoT end to end on a laptop CPU, with nothing to download.
 
-* Model: a tiny random-init Qwen3 (``spot.tiny.build_model``, 1 layer, width 64, 62k
+* Model: a small random-init Qwen3 (``spot.tiny.build_model``, 2 layers, width 256, 2.0M
   parameters) and the character-level ChatML tokenizer of ``spot.tiny``.
 * Data: rectified pairs from :func:`make_pairs`, bundled in ``spot/data/`` (``demo_train.jsonl``,
   ``demo_heldout.jsonl``; regenerate with ``python -m spot.demo --write-data``). Each problem is a
@@ -34,9 +34,9 @@ DATA_DIR = Path(__file__).parent / "data"  # package data; ``spot.data`` (data.p
 NAMES = ["Mia", "Leo", "Ana", "Sam", "Ivy", "Tom", "Zoe", "Max", "Eva", "Ben", "Kai", "Liz"]
 ITEMS = ["apples", "pens", "coins", "books", "cards", "shells", "stamps", "marbles"]
 SUMS = [(a, b) for a in range(2, 9) for b in range(1, 10 - a)]  # the 28 sums the problems use
-MODEL = dict(hidden_size=64, layers=1, heads=4, kv_heads=2, intermediate_size=192)
-TRAIN = dict(beta=0.1, delta="running", lr=6e-3, warmup_ratio=0.05, tokens_per_batch=2400,
-             max_steps=400)
+MODEL = dict(hidden_size=256, layers=2, heads=4, kv_heads=2, intermediate_size=1024)
+TRAIN = dict(beta=0.1, delta="running", lr=3e-3, warmup_ratio=0.05, tokens_per_batch=1200,
+             max_steps=600)
 
 
 def make_pair(rng):
@@ -115,22 +115,25 @@ def plot(metrics_path, png):
 
 
 def run(output="runs/demo", steps=None, progress=True, n_train=None, n_heldout=None,
-        model_overrides=None, log=None, train_overrides=None):
-    """Trains the demo and returns ``{"before", "after", "metrics", "png"}``."""
+        model_overrides=None, log=None, train_overrides=None, threads=None):
+    """Trains the demo and returns ``{"before", "after", "metrics", "png"}``. ``threads``:
+    torch's CPU threads for the run (default: torch's own, one per core; on a CPU that other
+    work keeps busy, 1 avoids OpenMP's barriers waiting on descheduled threads)."""
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise ValueError(f"threads must be a whole number >= 1, got {threads!r}")
     import matplotlib  # noqa: F401 - the plot's, missing: found before a minute of training
     from .model import hf_progress_bars
-    threads = torch.get_num_threads()
-    # the tiny model's ops are too small to gain from threads, and on a busy CPU OpenMP's
-    # barriers make a 2-thread run tens of times slower: one thread is the robust choice
-    torch.set_num_threads(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
     try:
         with hf_progress_bars(False):
             return _run(output, steps, progress, n_train, n_heldout, model_overrides, log,
                         train_overrides)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def _run(output, steps, progress, n_train, n_heldout, model_overrides, log, train_overrides):
@@ -181,7 +184,7 @@ def _run(output, steps, progress, n_train, n_heldout, model_overrides, log, trai
     ref = sequence_logps(policy, held, cfg, "cpu", desc="held-out, before")
     before = heldout_stats(ref, ref, cfg.beta)
     del policy
-    log(f"demo: tiny Qwen3 ({n_params / 1e3:.0f}k parameters, random init), "
+    log(f"demo: small Qwen3 ({n_params / 1e6:.1f}M parameters, random init), "
         f"{sum(1 for _ in open(train_path))} training pairs, {len(held)} held-out pairs")
     t0 = time.perf_counter()
     result = train(cfg, log=log, handle_signals=False)  # Ctrl-C stops the demo at once
