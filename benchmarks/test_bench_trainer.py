@@ -176,6 +176,7 @@ def test_trainer_attention(benchmark, name, attn, request, deadline):
         pytest.skip("varlen does not run this model")
     batch, ref = _batch(model, case, device)
     policy = Policy(model)
+    timed = model.config._attn_implementation  # recorded before ``auto`` is put back
 
     def step():
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=CUDA):
@@ -193,7 +194,7 @@ def test_trainer_attention(benchmark, name, attn, request, deadline):
         model.zero_grad(set_to_none=True)
         model.set_attn_implementation(auto)
     tokens_per_s = batch["input_ids"].numel() / benchmark.stats.stats.median
-    benchmark.extra_info.update(case=name, attention=model.config._attn_implementation,
+    benchmark.extra_info.update(case=name, attention=timed,
                                 tokens=batch["input_ids"].numel(), tokens_per_s=tokens_per_s)
     _SEEN[(name, "attn", attn)] = tokens_per_s
     other = _SEEN.get((name, "attn", "sdpa"))

@@ -77,14 +77,18 @@ def _positive_int(text):
 
 
 def add_demo_parser(sub):
-    p = sub.add_parser("demo", help="train a tiny Qwen3 on bundled pairs (CPU, about a minute)",
-                       description="The embedded default: a tiny random-init Qwen3, a download-free "
+    p = sub.add_parser("demo", help="train a small Qwen3 on bundled pairs (CPU, about a minute)",
+                       description="The embedded default: a small random-init Qwen3 (2.0M "
+                                   "parameters), a download-free "
                                    "tokenizer and bundled rectified arithmetic pairs; prints a "
                                    "before/after table and writes a plot.")
     p.add_argument("--output", default="runs/demo", metavar="DIR",
                    help="output folder (default runs/demo)")
     p.add_argument("--steps", type=_positive_int, default=None, metavar="N",
                    help="optimizer steps (default: the demo's own setting)")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="CPU threads (default: torch's, one per core; 1 on a CPU that other "
+                        "work keeps busy)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="hide the progress bar")
     p.set_defaults(func=run_demo)
@@ -93,7 +97,7 @@ def add_demo_parser(sub):
 
 def run_demo(args):
     from .demo import run
-    run(args.output, steps=args.steps, progress=args.progress)
+    run(args.output, steps=args.steps, progress=args.progress, threads=args.threads)
     return 0
 
 

@@ -115,7 +115,8 @@ def blockwise_backward(hidden, weight, targets, bias, rowwise, grad_logp, ignore
     form its kernel reads and the target's ``1 - p_t``), sliced to the block's tokens. A
     gradient that several blocks of a sweep add into is summed in float32 and rounded once;
     otherwise each block's GEMM writes its rows in the gradient's dtype. ``dh_float32``: ``dh``
-    comes back in float32 (a float32-output GEMM where there is one), never rounded to half."""
+    comes back in float32, through float32-output GEMMs (on a torch without them, ``accumulate``
+    rounds each block's product to half before the float32 sum)."""
     needs = (bool(needs[0]), bool(needs[1]), bool(needs[2]) and bias is not None)
     n, d = hidden.shape
     v = weight.shape[0]
@@ -124,8 +125,9 @@ def blockwise_backward(hidden, weight, targets, bias, rowwise, grad_logp, ignore
     rowwise = tuple(x.contiguous() for x in rowwise)
     bias = None if bias is None else bias.contiguous()
     if not n:  # no tokens: zero gradients
-        return tuple(torch.zeros_like(x) if want else None
-                     for x, want in zip((hidden, weight, bias), needs))
+        return tuple(torch.zeros_like(x, dtype=torch.float32 if k == 0 and dh_float32 else None)
+                     if want else None
+                     for k, (x, want) in enumerate(zip((hidden, weight, bias), needs)))
     out = [None, None, None]
     if any(needs):
         for rows, cols, wants in plan(n, v, d, hidden.element_size(), needs, budget, align,
@@ -142,7 +144,9 @@ def blockwise_backward(hidden, weight, targets, bias, rowwise, grad_logp, ignore
 def _sweep(hidden, weight, targets, bias, rowwise, grad, ignored, rows, cols, needs, fill,
            dh_float32=False):
     need_h, need_w, need_b = needs
-    sum_h, sum_w = len(cols) > 1 or dh_float32, len(rows) > 1
+    # a float32 dh of half inputs: one float32-output GEMM per block, even for a single block
+    sum_h = len(cols) > 1 or (dh_float32 and hidden.dtype != torch.float32)
+    sum_w = len(rows) > 1
     dh = _output(hidden, sum_h) if need_h else None
     dw = _output(weight, sum_w) if need_w else None
     db = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) if need_b else None

@@ -57,7 +57,8 @@ call through its backward.
 Both paths run eagerly (collectives inside an ``autograd.Function``); under ``torch.compile``
 they graph-break around the call rather than compile into it. With half-precision hidden states
 the partial ``dh`` still travel in float32 (the backends' ``dh_float32``: their float32 sums,
-unrounded) and the total is rounded once to ``hidden``'s dtype, as one process's ``dh`` is: twice
+unrounded; the cuBLAS paths need torch's float32-output GEMM for half inputs, else each block's
+product is rounded) and the total is rounded once to ``hidden``'s dtype, as one process's is: twice
 the bytes of a half all-reduce (``4 N D``), against a rounding per rank and per step of the ring,
 which in float16 can also overflow where the total would not.
 """

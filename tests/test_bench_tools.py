@@ -11,12 +11,16 @@ import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+# first on the path only while importing: left there, its conftest.py would shadow the tests'
+# for processes spawned later (test_distributed's workers import ``conftest`` by name)
 sys.path.insert(0, str(BENCH))
-
-import _bench  # noqa: E402
-import cuda_memcheck  # noqa: E402
-import report  # noqa: E402
-import tune_triton  # noqa: E402
+try:
+    import _bench
+    import cuda_memcheck
+    import report
+    import tune_triton
+finally:
+    sys.path.remove(str(BENCH))
 
 
 def test_out_of_memory_fails_ours_and_skips_peers():

@@ -28,9 +28,9 @@ def one_thread():
 def test_demo_learns_on_heldout(tmp_path, capsys):
     out = tmp_path / "demo"
     args = build_parser().parse_args(["demo", "--output", str(out), "--steps", "150",
-                                      "--no-progress"])
-    assert (args.output, args.steps, args.progress) == (str(out), 150, False)
-    result = run(args.output, steps=args.steps, progress=args.progress, threads=1)
+                                      "--threads", "1", "--no-progress"])
+    assert (args.output, args.steps, args.threads, args.progress) == (str(out), 150, 1, False)
+    result = run(args.output, steps=args.steps, progress=args.progress, threads=args.threads)
     text = capsys.readouterr().out
     assert "held-out pairs" in text and "reward accuracy" in text
     row = next(line for line in text.splitlines() if line.startswith("reward accuracy"))
@@ -46,7 +46,12 @@ def test_demo_learns_on_heldout(tmp_path, capsys):
     rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == list(range(1, 151))
     assert (out / "model.safetensors").exists()
-    run(str(out), steps=2, progress=False, threads=1)  # a rerun replaces, it does not append
+    seen = []
+    real = torch.set_num_threads
+    with pytest.MonkeyPatch.context() as mp:  # the run's threads, and the caller's put back
+        mp.setattr(torch, "set_num_threads", lambda k: (seen.append(k), real(k)))
+        run(str(out), steps=2, progress=False, threads=2)  # a rerun replaces, not appends
+    assert seen == [2, 1] and torch.get_num_threads() == 1, seen
     assert [json.loads(x)["step"] for x in open(out / "metrics.jsonl")] == [1, 2]
     with pytest.raises(ValueError, match="steps"):
         run(str(out), steps=0)

@@ -316,7 +316,7 @@ def _backward(hidden, weight, targets, bias, lse, q, grad_logp, temperature, sof
     if n and options.get("scratch_bytes") and hidden.dtype != torch.float32:
         return _backward_bounded(hidden, weight, targets, bias, lse, q, grad_logp, temperature,
                                  softcap, ignore_index, need_h, need_w, need_b, dh_float32,
-                              options)
+                                 options)
     dh = torch.zeros(n, d, **f32) if need_h else None
     dw = torch.zeros(v, d, **f32) if need_w else None
     db = torch.zeros(v, **f32) if need_b else None
@@ -390,15 +390,17 @@ def _backward_bounded(hidden, weight, targets, bias, lse, q, grad_logp, temperat
         del acc
     if need_h:
         step = _gemm.round_to(rows_fit, cfg["block_m"], n)
-        acc = torch.empty(step, d, dtype=torch.float32, device=dev)
+        # a float32 dh is its own accumulator
+        acc = None if dh_float32 else torch.empty(step, d, dtype=torch.float32, device=dev)
         targets = targets.contiguous()
         for n0 in range(0, n, step):
             rows = min(step, n - n0)
-            part = acc[:rows].zero_()
             sl = slice(n0, n0 + rows)
+            part = dh[sl].zero_() if dh_float32 else acc[:rows].zero_()
             bwd.launch_backward(hidden[sl], weight, targets[sl], bias, lse[sl], q[sl], grad[sl],
                                 part, None, None, **dict(common, ignore_index=ignore_index))
-            dh[sl].copy_(part)
+            if not dh_float32:
+                dh[sl].copy_(part)
     return dh, dw, None if db is None else db.to(bias.dtype)
 
 
