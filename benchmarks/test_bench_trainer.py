@@ -74,9 +74,7 @@ def unfused_logps(model, batch):
     # in their heads only
     kw = {}
     if hf._takes_varlen(model.config._attn_implementation):
-        cu = batch["cu_seqlens"].to(torch.int32)
-        longest = int((cu[1:] - cu[:-1]).max())
-        kw = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+        kw = hf._flash_varlen(hf._segment_ids(batch["position_ids"]))
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                    use_cache=False, **kw).logits[0]
     rows = batch["rows"]

@@ -98,24 +98,33 @@ def register():
 
 
 def supported(model):
-    """Whether ``model`` can run ``spot_varlen``: its class sends attention through
-    transformers' attention interface (``_supports_attention_backend``; one that does not would
-    ignore the kernel and build its own mask, blind to the packing), and it has no attention
-    logit soft-capping (Gemma-2), no chunked attention (Llama-4), no attention sinks (gpt-oss)
-    and no sliding window that only its mask carries (PhiMoE), and it passes the sequence bounds
-    on to its attention (one tiny forward tells; some models drop their ``**kwargs``).
+    """Whether ``model`` can run ``spot_varlen`` (``unsupported`` says why not)."""
+    return unsupported(model) is None
+
+
+def unsupported(model):
+    """Why ``model`` cannot run ``spot_varlen``, or ``None`` when it can: its class must send
+    attention through transformers' attention interface (``_supports_attention_backend``; one
+    that does not would ignore the kernel and build its own mask, blind to the packing), have no
+    attention logit soft-capping (Gemma-2), chunked attention (Llama-4), attention sinks
+    (gpt-oss) or sliding window that only its mask carries (PhiMoE), and pass the sequence
+    bounds on to its attention (one tiny forward tells; some models drop their ``**kwargs``).
     ``model`` must have ``spot_varlen`` as its attention."""
     if not getattr(type(model), "_supports_attention_backend", False):
-        return False
+        return "its own attention code"
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
         else model.config
     if getattr(text, "attn_logit_softcapping", None) is not None:
-        return False
-    if getattr(text, "attention_chunk_size", None) is not None:  # Llama-4's chunked attention
-        return False
+        return "attention soft-capping"
+    if getattr(text, "attention_chunk_size", None) is not None:
+        return "chunked attention"
+    if any(hasattr(m, "sinks") for m in model.modules()):
+        return "attention sinks"
     if _window_in_mask_only(model, text):
-        return False
-    return _passes_bounds(model)
+        return "a sliding window only its mask has"
+    if not _passes_bounds(model):
+        return "its forward drops the sequence bounds"
+    return None
 
 
 def _passes_bounds(model):
@@ -133,7 +142,7 @@ def _passes_bounds(model):
                   cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=2, max_length_k=2)
     except BoundsLost:
         return False
-    return not any(hasattr(m, "sinks") for m in model.modules())
+    return True
 
 
 def _window_in_mask_only(model, text):

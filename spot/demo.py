@@ -119,11 +119,9 @@ def run(output="runs/demo", steps=None, progress=True, n_train=None, n_heldout=N
     """Trains the demo and returns ``{"before", "after", "metrics", "png"}``. ``threads``:
     torch's CPU threads for the run (default: torch's own, one per core; on a CPU that other
     work keeps busy, 1 avoids OpenMP's barriers waiting on descheduled threads)."""
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
-        raise ValueError(f"threads must be a whole number >= 1, got {threads!r}")
+    for name, x in (("steps", steps), ("threads", threads)):
+        if x is not None and (isinstance(x, bool) or not isinstance(x, int) or x < 1):
+            raise ValueError(f"{name} must be a whole number >= 1, got {x!r}")
     import matplotlib  # noqa: F401 - the plot's, missing: found before a minute of training
     from .model import hf_progress_bars
     before = torch.get_num_threads()

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from . import torch_backend
+
 _fp32_out_mm = [True]  # cleared if this torch has no float32-output GEMM for half inputs
 
 
@@ -124,21 +126,18 @@ def blockwise_backward(hidden, weight, targets, bias, rowwise, grad_logp, ignore
     grad = torch.where(ignored, 0.0, grad_logp.float()).contiguous()
     rowwise = tuple(x.contiguous() for x in rowwise)
     bias = None if bias is None else bias.contiguous()
-    if not n:  # no tokens: zero gradients
-        return tuple(torch.zeros_like(x, dtype=torch.float32 if k == 0 and dh_float32 else None)
-                     if want else None
-                     for k, (x, want) in enumerate(zip((hidden, weight, bias), needs)))
     out = [None, None, None]
-    if any(needs):
+    if not n:  # no tokens: zero gradients
+        out = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) if want else None
+               for x, want in zip((hidden, weight, bias), needs)]
+    elif any(needs):
         for rows, cols, wants in plan(n, v, d, hidden.element_size(), needs, budget, align,
                                       rows_per_block):
             done = _sweep(hidden, weight, targets, bias, rowwise, grad, ignored, rows, cols,
                           wants, fill, dh_float32)
             out = [new if want else old for old, new, want in zip(out, done, wants)]
     dh, dw, db = out
-    return (dh if dh is None or dh_float32 else dh.to(hidden.dtype),
-            None if dw is None else dw.to(weight.dtype),
-            None if db is None else db.to(bias.dtype))
+    return torch_backend.in_dtypes(dh, dw, db, hidden, weight, bias, dh_float32)
 
 
 def _sweep(hidden, weight, targets, bias, rowwise, grad, ignored, rows, cols, needs, fill,

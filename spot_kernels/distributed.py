@@ -245,10 +245,7 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, softc
         v_total = vrange[2]
     else:
         v_total = weight.shape[0]
-    bad = ((t1 < 0) | (t1 >= v_total)) & (t1 != ignore_index)
-    if t1.numel() and bool(bad.any()):
-        raise ValueError(f"targets must lie in [0, V) = [0, {v_total}) or equal ignore_index "
-                         f"({ignore_index}); found {t1[bad][0].item()}")
+    _checks.targets_in_vocab(t1, v_total, ignore_index)
     cfg = dict(temperature=float(temperature), softcap=None if softcap is None else float(softcap),
                ignore_index=ignore_index)
     out = _ShardedHead.apply(h2, weight, bias, t1, impl, cfg, options, return_entropy,

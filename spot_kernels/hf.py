@@ -48,9 +48,9 @@ naming the model for what the fused head does not express: a head with parameter
 (``output_multiplier``, MuseSpark / MuseGlimmer), a softcap and a scale together, or Inkling's
 cut of a sharded (DTensor, FSDP2) head's weight (the slice would gather the whole head and keep
 it until the backward); ``head_inputs`` raises it, after the body, for a head that does not see
-one hidden state per token (ProphetNet's n-gram streams). A family not listed here may transform its logits in its own ``forward``:
-``check_logits(model, input_ids)`` compares the fused head with its own logits once (``spot
-train`` does, at start).
+one hidden state per token (ProphetNet's n-gram streams). A family not listed here may transform
+its logits in its own ``forward``: ``check_logits(model, input_ids)`` compares the fused head
+with its own logits once (``spot train`` does, at start).
 
 Batches
 -------

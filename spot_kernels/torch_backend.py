@@ -167,6 +167,14 @@ def merge_parts(lse, logp, own, entropy, valid, max_over, sum_over):
     return (m + log_s).reshape(log_s.shape), logp, entropy
 
 
+def in_dtypes(dh, dw, db, hidden, weight, bias, dh_float32=False):
+    """The float32 sums of a backward as its result: each gradient in its input's dtype
+    (``None`` stays ``None``), ``dh`` left float32 with ``dh_float32``."""
+    return (dh if dh is None or dh_float32 else dh.to(hidden.dtype),
+            None if dw is None else dw.to(weight.dtype),
+            None if db is None else db.to(bias.dtype))
+
+
 def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None,
             ignore_index=-100, return_entropy=False, **options):
     """Returns ``(logp, lse, entropy or None)``, ``[N]`` each: float32, ``lse`` float64."""
@@ -272,6 +280,4 @@ def backward(hidden, weight, targets, bias, lse, logp, grad_logp, *, temperature
             if need_b:
                 db[v0:v0 + vc] += da.sum(0)
             del z, th, da  # no reference to the buffers outlives the block
-    return (dh if dh is None or dh_float32 else dh.to(hidden.dtype),
-            None if dw is None else dw.to(weight.dtype),
-            None if db is None else db.to(bias.dtype))
+    return in_dtypes(dh, dw, db, hidden, weight, bias, dh_float32)

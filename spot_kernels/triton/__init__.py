@@ -337,9 +337,7 @@ def _backward(hidden, weight, targets, bias, lse, q, grad_logp, temperature, sof
         else:
             bwd.launch_backward(hidden, weight, targets, bias, lse, q, grad, dh, dw, db,
                                 **common)
-    return (dh if dh is None or dh_float32 else dh.to(hidden.dtype),
-            None if dw is None else dw.to(weight.dtype),
-            None if db is None else db.to(bias.dtype))
+    return torch_backend.in_dtypes(dh, dw, db, hidden, weight, bias, dh_float32)
 
 
 def _backward_common(hidden, temperature, softcap, ignore_index, cfg, options):
