@@ -59,7 +59,7 @@ def round_to(count, block, total):
     return total if count >= total else min(max(block, count // block * block), total)
 
 
-def plan(n, v, d, itemsize, needs, budget, align=(1, 1), rows_per_block=None):
+def plan(n, v, d, itemsize, needs, budget, align=(1, 1), rows_per_block=None, dh_float32=False):
     """The sweeps of ``blockwise_backward``: a list of ``(rows, cols, needs)``, where ``rows``
     and ``cols`` are slices that tile ``[N, V]`` into ``dA`` blocks and ``needs`` says which of
     ``(dh, dW, db)`` the sweep computes.
@@ -72,7 +72,8 @@ def plan(n, v, d, itemsize, needs, budget, align=(1, 1), rows_per_block=None):
       bytes) summed; without ``dh``, one sweep of vocabulary chunks; either sums no ``N x D`` or
       ``V x D`` buffer, nor does a single block holding all of ``[N, V]``;
     * with both, one sweep sums the smaller side in float32 (``dh``, ``4 N D`` bytes, when
-      ``N <= V``; nothing extra for float32 inputs, whose gradient is that sum) if that takes
+      ``N <= V``; nothing extra for float32 inputs, whose gradient is that sum, nor for a
+      ``dh`` asked for in float32 with ``dh_float32``, which is its own sum) if that takes
       at most half the budget and leaves room for one aligned chunk, the rest going to the
       blocks; else two sweeps, ``dW``/``db`` over vocabulary chunks, then ``dh`` over token
       chunks: one more recompute of the logits, no float32 ``N x D`` or ``V x D`` buffer.
@@ -94,8 +95,9 @@ def plan(n, v, d, itemsize, needs, budget, align=(1, 1), rows_per_block=None):
         return [(*by_token(budget), needs)]
     if not need_h:
         return [(*by_vocab(budget), needs)]
-    # the float32 sum of the smaller side; with float32 inputs it is the gradient itself
-    acc = 0 if itemsize == 4 else 4 * d * min(n, v)
+    # the float32 sum of the smaller side; with float32 inputs, or a dh returned in float32,
+    # it is the gradient itself
+    acc = 0 if itemsize == 4 or (dh_float32 and n <= v) else 4 * d * min(n, v)
     least = itemsize * (n * min(align[1], v) if n <= v else min(align[0], n) * v)
     if not acc or (2 * acc <= budget and least <= budget - acc):
         return [(*(by_vocab if n <= v else by_token)(budget - acc), needs)]
@@ -132,7 +134,7 @@ def blockwise_backward(hidden, weight, targets, bias, rowwise, grad_logp, ignore
                for x, want in zip((hidden, weight, bias), needs)]
     elif any(needs):
         for rows, cols, wants in plan(n, v, d, hidden.element_size(), needs, budget, align,
-                                      rows_per_block):
+                                      rows_per_block, dh_float32):
             done = _sweep(hidden, weight, targets, bias, rowwise, grad, ignored, rows, cols,
                           wants, fill, dh_float32)
             out = [new if want else old for old, new, want in zip(out, done, wants)]

@@ -30,7 +30,8 @@ def test_plan_tiles_every_pair_once_per_gradient_within_the_budget():
         if not any(needs):
             continue
         budget = rng.randint(1, 3 * (n * v * itemsize + 8 * d * min(n, v)))
-        sweeps = _gemm.plan(n, v, d, itemsize, needs, budget, align)
+        f32 = rng.random() < 0.3  # dh asked for in float32: its sum is the output, not extra
+        sweeps = _gemm.plan(n, v, d, itemsize, needs, budget, align, dh_float32=f32)
         assert 1 <= len(sweeps) <= 2
         for k, want in enumerate(needs):  # each gradient comes from exactly one sweep
             assert sum(s[2][k] for s in sweeps) == want
@@ -50,7 +51,8 @@ def test_plan_tiles_every_pair_once_per_gradient_within_the_budget():
                      min(align[0], n) * v if len(rows) > 1 else n * v) * itemsize
             if summed:
                 assert wants[0] and wants[1] and summed == 4 * d * min(n, v)
-            extra = 0 if itemsize == 4 else summed  # float32 inputs: the sum is the gradient
+            # float32 inputs, or a float32 dh: the sum is the gradient
+            extra = 0 if itemsize == 4 or (f32 and summed == 4 * n * d) else summed
             if extra:
                 assert extra <= budget / 2 and extra + block <= budget, (n, v, d, budget, sweeps)
             else:
@@ -60,8 +62,8 @@ def test_plan_tiles_every_pair_once_per_gradient_within_the_budget():
         # for one aligned chunk of the orientation that sums it
         acc = 4 * d * min(n, v)
         least1 = itemsize * (n * min(align[1], v) if n <= v else min(align[0], n) * v)
-        two = (needs[0] and needs[1] and itemsize == 2 and n * v * itemsize > budget
-               and (2 * acc > budget or least1 > budget - acc))
+        two = (needs[0] and needs[1] and itemsize == 2 and not (f32 and n <= v)
+               and n * v * itemsize > budget and (2 * acc > budget or least1 > budget - acc))
         assert (len(sweeps) == 2) == two, (n, v, d, itemsize, align, needs, budget, sweeps)
         seen.add((len(sweeps), bool(summed)))
     assert seen >= {(1, True), (1, False), (2, False)}, seen  # every regime was drawn
@@ -140,6 +142,30 @@ def test_blockwise_backward_matches_float64_in_every_regime(dtype, n, v, regime,
         assert full_cols if regime != "dW-only" else not full_cols - full_rows
     if regime == "two-sweeps":  # each (token, vocabulary) pair recomputed once per sweep
         assert sum(r * c for r, c in calls) == 2 * n * v
+
+
+@pytest.mark.parametrize("n,v", [(40, 70), (70, 40)], ids=["n<v", "n>v"])
+def test_float32_dh_is_not_budgeted_as_an_extra_sum(n, v):
+    """A ``dh`` returned in float32 (``dh_float32``, the vocabulary-parallel heads) is its own
+    sum: a budget too small for a half ``dh`` beside a block sweeps once with ``N <= V``, and
+    the result still matches float64 (``N > V`` sums ``dW``, so two sweeps remain)."""
+    d = 8
+    h, w, b, t = make_head(n, d, v, torch.bfloat16, "cpu", bias=True, scale=2.0, seed=n * v)
+    g = torch.randn(n, generator=torch.Generator().manual_seed(2))
+    truth = float64_truth(h, w, t, b, g=g)
+    budget = 2 * 4 * d * min(n, v) - 1  # the half-precision two-sweep regime above
+    plain = _gemm.plan(n, v, d, 2, (True, True, True), budget)
+    assert len(plain) == 2
+    calls = []
+    dh, dw, db = _gemm.blockwise_backward(h, w, t, b, (truth[1],), g, -100, (True, True, True),
+                                          budget, _torch_fill(calls), dh_float32=True)
+    sweeps = 1 if n <= v else 2
+    assert sum(r * c for r, c in calls) == sweeps * n * v
+    assert max(r * c * 2 for r, c in calls) <= budget
+    assert dh.dtype == torch.float32 and dw.dtype == db.dtype == torch.bfloat16
+    for ours, want in zip((dh, dw, db), truth[2:]):  # dA is rounded to bfloat16 in the blocks
+        tol = 2.0**-7 * max(1.0, want.abs().max().item())
+        assert (ours.double() - want).abs().max().item() <= tol
 
 
 def test_no_tokens_gives_zero_gradients():
