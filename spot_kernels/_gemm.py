@@ -106,7 +106,8 @@ def plan(n, v, d, itemsize, needs, budget, align=(1, 1), rows_per_block=None, dh
 
 
 def blockwise_backward(hidden, weight, targets, bias, rowwise, grad_logp, ignore_index, needs,
-                       budget, fill, align=(1, 1), rows_per_block=None, dh_float32=False):
+                       budget, fill, align=(1, 1), rows_per_block=None, dh_float32=False,
+                       plan_dh_float32=None):
     """``(dh, dW, db)`` from ``dA`` blocks written one at a time, in the sweeps of ``plan``
     (``budget``: bytes for a block and any float32 sum; ``needs``: which of ``(dh, dW, db)``,
     ``db`` only with a bias).
@@ -120,7 +121,9 @@ def blockwise_backward(hidden, weight, targets, bias, rowwise, grad_logp, ignore
     gradient that several blocks of a sweep add into is summed in float32 and rounded once;
     otherwise each block's GEMM writes its rows in the gradient's dtype. ``dh_float32``: ``dh``
     comes back in float32, through float32-output GEMMs (on a torch without them, ``accumulate``
-    rounds each block's product to half before the float32 sum)."""
+    rounds each block's product to half before the float32 sum). ``plan_dh_float32`` (default:
+    ``dh_float32``) is what ``plan`` is told: ``False`` keeps the blocks of a forward that
+    planned them before it knew ``dh`` would come back in float32."""
     needs = (bool(needs[0]), bool(needs[1]), bool(needs[2]) and bias is not None)
     n, d = hidden.shape
     v = weight.shape[0]
@@ -133,8 +136,9 @@ def blockwise_backward(hidden, weight, targets, bias, rowwise, grad_logp, ignore
         out = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) if want else None
                for x, want in zip((hidden, weight, bias), needs)]
     elif any(needs):
+        own_sum = dh_float32 if plan_dh_float32 is None else plan_dh_float32
         for rows, cols, wants in plan(n, v, d, hidden.element_size(), needs, budget, align,
-                                      rows_per_block, dh_float32):
+                                      rows_per_block, own_sum):
             done = _sweep(hidden, weight, targets, bias, rowwise, grad, ignored, rows, cols,
                           wants, fill, dh_float32)
             out = [new if want else old for old, new, want in zip(out, done, wants)]

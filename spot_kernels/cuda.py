@@ -452,7 +452,10 @@ def backward(hidden, weight, targets, bias, lse, logp, grad_logp, *, temperature
                                     rowwise, grad_logp,
                                     ignore_index, needs_input_grad, budget, fill,
                                     align=(1, 8), rows_per_block=options.get("token_chunk"),
-                                    dh_float32=dh_float32)
+                                    dh_float32=dh_float32,
+                                    # the forward's blocks, bit for bit (it planned without
+                                    # knowing dh_float32): the recompute matches its logits
+                                    plan_dh_float32=False)
 
 
 # --- the O(N) part of the SPoT loss --------------------------------------------------------------

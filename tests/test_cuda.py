@@ -195,6 +195,28 @@ def test_backward_blocks_within_chunk_bytes(n, v, sweeps, dtype, dev, monkeypatc
         assert summed == [] and [len(blocks[0][0]), len(blocks[1][1])] == [1, 1], blocks
 
 
+def test_dh_float32_backward_recomputes_the_forward_blocks(dev, monkeypatch):
+    """A vocab-parallel head asks the backward for a float32 ``dh`` (``dh_float32``), which
+    ``_gemm.plan`` could count as no extra sum; the forward planned its logits blocks without
+    knowing, so the backward keeps them (its GEMMs recompute the forward's logits bit for bit)."""
+    from spot_kernels import _gemm
+    calls = []
+    plan = _gemm.plan
+    monkeypatch.setattr(_gemm, "plan", lambda *a, **k: calls.append(got := plan(*a, **k)) or got)
+    n, d, v = 40, 24, 600
+    h, w, b, t = make_head(n, d, v, torch.bfloat16, dev, bias=True, seed=3)
+    kw = dict(temperature=1.0, softcap=None, ignore_index=-100)
+    options = {"chunk_bytes": 4 * d * n}  # no room for a half dh's float32 sum: two sweeps
+    logp, lse, _ = cuda.forward(h, w, t, b, return_entropy=False, **kw, **options)
+    g = torch.randn(n, generator=torch.Generator().manual_seed(4)).to(dev)
+    dh, dw, db = cuda.backward(h, w, t, b, lse, logp, g, **kw, dh_float32=True, **options)
+    assert len(calls) == 2 and len(calls[1]) == 2 and calls[0][0][:2] == calls[1][0][:2]
+    truth = float64_truth(h, w, t, b, g=g)[2:]
+    assert dh.dtype == torch.float32
+    for ours, want in zip((dh, dw, db), truth):
+        assert (ours.double() - want).abs().max().item() <= 2.0**-7 * max(1.0, want.abs().max())
+
+
 @pytest.mark.parametrize("trained", ["h", "h+b", "w+b"])
 def test_frozen_parts_get_no_gradient_and_the_rest_matches(trained, dev):
     """Only the leaves that require grad get one (a frozen head: ``dh``, and ``db`` with a
