@@ -1,8 +1,14 @@
 """Sequence sums over ``cu_seqlens`` and SPoT's reward-based BCE loss, in plain torch.
 
 Both are O(N + S) and differentiable by autograd: the backward of the segment sum hands every
-token its sequence's coefficient ``dL/dpi_s`` (a gather), so the fused token backward receives
-``g_i`` without a second forward. No host synchronisation happens here.
+token its sequence's coefficient ``dL/dpi_s``, so the fused token backward receives ``g_i``
+without a second forward. No host synchronisation happens here.
+
+The segment sums add in a fixed order, forward and backward (``torch.segment_reduce``: CUB's
+segmented reduction on CUDA, one loop per segment on the CPU), never with floating-point
+atomics (``index_add``, ``scatter_add``, a float ``cumsum`` on CUDA), so a loss whose token
+part is deterministic (every backend but Triton's default backward) is bit-identical run to
+run.
 """
 from __future__ import annotations
 
@@ -10,23 +16,22 @@ import torch
 import torch.nn.functional as F
 
 
-def segment_ids(cu_seqlens, n):
-    """Sequence index of each of the ``n`` tokens (flash-attn varlen convention)."""
-    tokens = torch.arange(n, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True)
+def segment_sums(x, cu_seqlens):
+    """``[S]`` sums of the 1-D ``x`` over ``cu_seqlens`` (validated: 0 to N, non-decreasing),
+    in a fixed order (module docstring); an empty sequence sums to 0."""
+    if not x.shape[0]:  # older torch's segment_reduce refuses empty data
+        return x.new_zeros(cu_seqlens.shape[0] - 1) + 0 * x.sum()  # keeps the autograd graph
+    return torch.segment_reduce(x, "sum", offsets=cu_seqlens, axis=0, unsafe=True)
 
 
 def sequence_logprobs(token_logps, cu_seqlens, valid=None, average=False):
-    s = cu_seqlens.shape[0] - 1
-    n = token_logps.shape[0]
-    seg = segment_ids(cu_seqlens, n)
     values = token_logps.float()
     if valid is not None:
         values = torch.where(valid, values, 0.0)
-    out = values.new_zeros(s).index_add(0, seg, values)
+    out = segment_sums(values, cu_seqlens)
     if average:
         counted = torch.ones_like(values) if valid is None else valid.float()
-        count = values.new_zeros(s).index_add(0, seg, counted)
+        count = segment_sums(counted, cu_seqlens)
         out = torch.where(count > 0, out / count.clamp_min(1.0), 0.0)
     return out
 

@@ -459,6 +459,42 @@ def test_a_nan_upstream_gradient_reaches_the_gradients(backend, device, options)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name,options", [("torch", None), ("cuda", None),
+                                          ("triton", {"deterministic": True}),
+                                          ("triton", {"da_bytes": 1 << 22})],
+                         ids=["torch", "cuda", "triton-deterministic", "triton-da_bytes"])
+def test_spot_loss_is_bit_identical_run_to_run(name, options):
+    """Every backward without atomics gives the same bits twice, through the whole SPoT loss:
+    the sequence sums too (8,192 tokens into 256 sequences; float atomics there, as
+    ``index_add`` has on CUDA, reorder the additions from run to run)."""
+    ok, why = _registry.availability(name, "cuda")
+    if not ok:
+        pytest.skip(why)
+    if name == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        pytest.skip("TRITON_INTERPRET=1: this test wants the compiled kernels")
+    n, s = 8192, 256
+    h, w, b, t = make_head(n, 128, 2048, torch.bfloat16, "cuda", bias=True, seed=8)
+    gen = torch.Generator().manual_seed(9)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64),
+                    torch.sort(torch.randperm(n - 1, generator=gen)[:s - 1] + 1).values,
+                    torch.tensor([n])]).cuda()
+    ref = (torch.randn(s, generator=gen) * 10 - 300).cuda()
+    labels = (torch.arange(s) % 2 == 0).float().cuda()
+
+    def run_once():
+        leaves = [x.detach().clone().requires_grad_() for x in (h, w, b)]
+        out = sk.spot_loss(leaves[0], leaves[1], t, cu, ref, labels, bias=leaves[2], beta=0.1,
+                           backend=name, backend_options=options)
+        return (out.loss.detach(), out.policy_logps.detach(),
+                *torch.autograd.grad(out.loss, leaves))
+
+    first, second = run_once(), run_once()
+    for a, c, what in zip(first, second, ("loss", "policy", "dh", "dW", "db")):
+        assert torch.equal(a, c), what
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["torch", "triton", "cuda"])
 def test_forward_and_backward_capture_in_a_cuda_graph(name):
     """``torch.cuda.graph`` (and ``torch.compile(mode="reduce-overhead")``) capture the fused
