@@ -40,7 +40,12 @@ NAME = "spot_varlen"  # the attn_implementation transformers sees
 
 
 class BoundsLost(ValueError):
-    """A model dropped the packed sequences' bounds on their way to its attention."""
+    """A model dropped the packed sequences' bounds on their way to its attention, or built a
+    mask of its own beside them; ``reason`` says which, for :func:`unsupported`."""
+
+    def __init__(self, message, reason="its forward drops the sequence bounds"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,7 +113,8 @@ def unsupported(model):
     that does not would ignore the kernel and build its own mask, blind to the packing), have no
     attention logit soft-capping (Gemma-2), chunked attention (Llama-4), attention sinks
     (gpt-oss) or sliding window that only its mask carries (PhiMoE), and pass the sequence
-    bounds on to its attention (one tiny forward tells; some models drop their ``**kwargs``).
+    bounds on to its attention without building a mask of its own (one tiny forward tells; some
+    models drop their ``**kwargs``, many of transformers before 5.2 build their own mask).
     ``model`` must have ``spot_varlen`` as its attention."""
     if not getattr(type(model), "_supports_attention_backend", False):
         return "its own attention code"
@@ -122,17 +128,16 @@ def unsupported(model):
         return "attention sinks"
     if _window_in_mask_only(model, text):
         return "a sliding window only its mask has"
-    if not _passes_bounds(model):
-        return "its forward drops the sequence bounds"
-    return None
+    return _bounds_lost(model)
 
 
-def _passes_bounds(model):
-    """Whether the model hands the sequence bounds its ``forward`` is given on to its attention
-    (one no-grad forward of two 2-token sequences packed in a row). A model whose ``forward``
-    takes no ``**kwargs`` gets ``spot_kernels.hf``'s 4-D mask instead: it needs none."""
+def _bounds_lost(model):
+    """``None`` where the model hands the sequence bounds its ``forward`` is given on to its
+    attention, and no mask of its own with them (one no-grad forward of two 2-token sequences
+    packed in a row), else why not. A model whose ``forward`` takes no ``**kwargs`` gets
+    ``spot_kernels.hf``'s 4-D mask instead: it needs none."""
     if not hf._takes_kwargs(model):
-        return True
+        return None
     dev = next(model.parameters()).device
     cu = torch.tensor([0, 2, 4], dtype=torch.int32, device=dev)
     try:
@@ -140,9 +145,9 @@ def _passes_bounds(model):
             model(input_ids=torch.zeros(1, 4, dtype=torch.long, device=dev),
                   position_ids=torch.tensor([[0, 1, 0, 1]], device=dev), use_cache=False,
                   cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=2, max_length_k=2)
-    except BoundsLost:
-        return False
-    return True
+    except BoundsLost as exc:
+        return exc.reason
+    return None
 
 
 def _window_in_mask_only(model, text):
@@ -247,6 +252,13 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise BoundsLost(f"attn varlen: {type(module).__name__} does not pass the sequence bounds "
                          f"its model was given on to its attention (it drops **kwargs), so "
                          f"packed sequences would attend to each other; use --attn sdpa")
+    if attention_mask is not None and hf.varlen_bounds_sent():
+        # given the bounds, a model that takes its mask from transformers' mask interface gets
+        # none; one that builds its own (many of transformers before 5.2) makes it causal
+        # across the whole row
+        raise BoundsLost(f"attn varlen: {type(module).__name__} builds an attention mask of its "
+                         f"own, blind to the packed sequences, so they would attend to each "
+                         f"other; use --attn sdpa", reason="it builds its own attention mask")
     b, hq, length, dh = query.shape
     lk = key.shape[2]
     if not length:

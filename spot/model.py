@@ -13,8 +13,9 @@ one: flash_attention_2, varlen, sdpa or eager). Sequences packed in one row must
 other: the varlen kernels take the sequence bounds (``cu_seq_lens_q``); for SDPA/eager
 transformers derives the block-diagonal causal mask from ``position_ids`` that restart at 0
 (``find_packed_sequence_indices``), an ``N x N`` mask whose off-diagonal blocks are computed and
-thrown away. ``tests/test_spot_model.py`` checks that each sequence gives the same log-probs alone
-and packed.
+thrown away (before transformers 5.2, many of whose models build their own masks, the packed row
+runs as a padded batch, a sequence a row: ``spot_kernels.hf``). ``tests/test_spot_model.py``
+checks that each sequence gives the same log-probs alone and packed.
 
 The log-probs are computed inside ``Policy.forward`` so that, under FSDP2, the root module's
 parameters (embeddings, final norm, LM head) are gathered for that call and their gradients
@@ -137,9 +138,10 @@ def load_model(path, device="cpu", trust_remote_code=False, bf16=True, attn="aut
                 raise ValueError(f"{type(model).__name__} does not support the varlen kernel "
                                  f"({why})")
             return model.to(device)
-        except (ValueError, ImportError, OSError) as exc:
+        except (ValueError, ImportError, OSError, KeyError) as exc:
             # transformers: "... does not support ... sdpa / Flash Attention ..." (ValueError),
-            # "FlashAttention2 has been toggled on, but it cannot be used ..." (ImportError)
+            # "FlashAttention2 has been toggled on, but it cannot be used ..." (ImportError);
+            # before 5.2 a model with attention classes of its own has none for varlen (KeyError)
             first = load_error(exc, trust_remote_code)
             if (isinstance(exc, OSError) or (isinstance(exc, ValueError)
                                              and "does not support" not in str(exc))

@@ -74,17 +74,26 @@ Batches
     padding follows its sequence's tokens, which causal attention never lets them see), and the
     mask is dropped;
   - SDPA / eager / flex with a transformers that detects packing from ``position_ids``
-    (``masking_utils.find_packed_sequence_indices``, in recent releases): it builds the
+    (``masking_utils.find_packed_sequence_indices``, from 5.2 in every model): it builds the
     block-diagonal causal mask itself (sliding windows included), except for models that build
     their mask without ``position_ids`` (OPT, MPT, XGLM, BioGPT: this module's mask below; Bloom,
     whose ALiBi comes from the 2-D mask: packing raises ``ValueError``; other such models would
     leak across packed sequences: check a new architecture against its sequences run alone);
-  - otherwise (SDPA / eager / flex with older transformers, or packing *and* an
-    ``attention_mask`` in one call; a varlen kernel the model cannot hand bounds to) this module
-    builds a 4-D additive block-diagonal causal mask ``[B, 1, L, L]`` (``0`` where a query may see
-    a key, the dtype's minimum elsewhere; every query sees itself, so no row is empty and padding
-    never makes NaNs). A sliding window shorter than the longest sequence cannot be expressed in
-    that single mask and raises ``ValueError``.
+  - transformers before 5.2 (4.57, 5.0, 5.1), many of whose models build their masks in their
+    own ways (blind to ``position_ids``; MPT and XGLM read a 4-D mask as ones and zeros, RoBERTa
+    takes none; GPT-J's and OLMoE's flash paths get neither the bounds nor the positions): the
+    packed batch runs as a right-padded one, a sequence a row, under every kernel but a
+    registered varlen one that the model declares it sends its attention to
+    (``_supports_attention_backend``; the kernel still gets the bounds, and refuses a model that
+    builds a mask of its own beside them), and the hidden states go back to their packed places
+    (zeros at padding). Each sequence then sees what it sees alone; the padding to the longest
+    costs compute;
+  - otherwise (SDPA / eager / flex where transformers would not detect the packing, or packing
+    *and* an ``attention_mask`` in one call; a varlen kernel the model cannot hand bounds to)
+    this module builds a 4-D additive block-diagonal causal mask ``[B, 1, L, L]`` (``0`` where a
+    query may see a key, the dtype's minimum elsewhere; every query sees itself, so no row is
+    empty and padding never makes NaNs). A sliding window shorter than the longest sequence
+    cannot be expressed in that single mask and raises ``ValueError``.
 
 Shifting: the hidden state at token ``i`` predicts token ``i + 1``. ``completion_logprobs``
 scores token ``i + 1`` from hidden ``i`` only when both are in the same sequence, both are
@@ -178,12 +187,17 @@ _COMPOSITE_LOGIT_FIELDS = {
 _COMPOSITE_LOGIT_FIELDS_SINCE = {"paligemma": (5, 23), "aya_vision": (5, 25)}
 
 
+def _transformers_version():
+    """``(major, minor)`` of the installed transformers (a development build counts as its
+    release)."""
+    import transformers
+    return tuple(map(int, re.match(r"(\d+)\.(\d+)", transformers.__version__).groups()))
+
+
 def _composite_logit_fields(kind):
     since = _COMPOSITE_LOGIT_FIELDS_SINCE.get(kind)
-    if since is not None:
-        import transformers
-        if tuple(map(int, re.match(r"(\d+)\.(\d+)", transformers.__version__).groups())) < since:
-            return ()
+    if since is not None and _transformers_version() < since:
+        return ()
     return _COMPOSITE_LOGIT_FIELDS.get(kind, ())
 
 
@@ -318,6 +332,14 @@ def _transformers_detects_packing():
     return hasattr(masking_utils, "find_packed_sequence_indices")
 
 
+def _legacy_masks():
+    """Whether many models of the installed transformers build their attention mask in their
+    own ways (releases before 5.2: blind to ``position_ids``, some of them reading a 4-D mask as
+    ones and zeros, some taking none; some flash paths get neither the bounds nor the
+    positions). A packed batch then runs as a padded one (:func:`_packed_as_padded`)."""
+    return _transformers_version() < (5, 2)
+
+
 def _block_causal_mask(seg, attention_mask, dtype, window=None):
     """Additive ``[B, 1, L, L]`` mask: query ``i`` sees key ``j`` iff ``j <= i``, same sequence,
     key attended (and ``i - j < window``); every query sees itself."""
@@ -392,6 +414,12 @@ def _takes_kwargs(model):
     return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
 
 
+def _takes(model, name):
+    """Whether ``model.forward`` takes the keyword ``name`` (by name or through ``**kwargs``):
+    the BART-style decoders and ProphetNet of transformers 4.x take no ``position_ids``."""
+    return name in inspect.signature(model.forward).parameters or _takes_kwargs(model)
+
+
 def _takes_varlen(impl):
     """Whether the attention kernel runs packed rows as flash-attn varlen does (sequence bounds
     in ``cu_seq_lens_q/k``, no mask): flash-attention, or a registered attention function marked
@@ -452,6 +480,36 @@ def _flash_varlen(seg, attention_mask=None):
     return dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
 
 
+def _packed_as_padded(model, ids, embeds, mask, seg, position_ids, model_kwargs):
+    """:func:`head_inputs` of a packed batch run as a right-padded one, a sequence a row (what
+    follows a sequence's tokens changes nothing they see), the hidden states put back where the
+    packed tokens were (zeros where the packed batch has padding). ``position_ids``, when given,
+    go along with their tokens."""
+    b, length = seg.shape
+    att = torch.ones_like(seg, dtype=torch.bool) if mask is None else mask.bool()
+    where = att.flatten().nonzero().squeeze(-1)  # the attended tokens, row-major
+    per_row = seg[:, -1:] + 1
+    gseq = (seg + torch.cumsum(per_row, 0) - per_row).flatten()[where]
+    _, row, counts = torch.unique_consecutive(gseq, return_inverse=True, return_counts=True)
+    col = torch.arange(where.numel(), device=seg.device) - (torch.cumsum(counts, 0) - counts)[row]
+    rows, width = counts.numel(), int(counts.max())
+
+    def spread(x):  # [B, L, ...] -> [rows, width, ...], zeros after each sequence
+        if x is None:
+            return None
+        flat = x.reshape(b * length, *x.shape[2:])[where]
+        return flat.new_zeros(rows, width, *x.shape[2:]).index_put((row, col), flat)
+
+    padded_mask = spread(torch.ones_like(seg))
+    hi = head_inputs(model, spread(ids), attention_mask=padded_mask, position_ids=spread(
+        position_ids), inputs_embeds=spread(embeds), **model_kwargs)
+    hidden = hi.hidden[row, col]
+    if where.numel() < b * length:
+        hidden = hidden.new_zeros(b * length, hidden.shape[-1]).index_copy(0, where, hidden)
+    hi.hidden = hidden.reshape(b, length, -1)
+    return hi
+
+
 def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None, cu_seqlens=None,
                 inputs_embeds=None, **model_kwargs):
     """Runs ``model``'s body (not its head); returns :class:`HeadInputs`.
@@ -479,6 +537,12 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
     flash = impl.startswith("flash")
     other_varlen = (not flash and _takes_varlen(impl) and kind not in _OWN_PACKING_MASK
                     and _takes_kwargs(inner))
+    # before transformers 5.2 a padded batch, but for a varlen kernel that the model declares it
+    # sends its attention to (many 4.x models have attention code of their own)
+    if packed and _legacy_masks() and not (
+            other_varlen and getattr(type(inner), "_supports_attention_backend", False)):
+        return _packed_as_padded(model, ids, embeds, mask, seg,
+                                 None if position_ids is None else pos, model_kwargs)
     sent = False
     if packed and not (flash or other_varlen) and (mask is not None
                                                    or not _transformers_detects_packing()
@@ -503,6 +567,8 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
     model_kwargs.setdefault("use_cache", False)
     kwargs = dict(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
                   **model_kwargs)
+    if not _takes(inner, "position_ids"):  # it counts positions itself, from the first column
+        del kwargs["position_ids"]
     # Run the root model (so wrapper hooks, FSDP2's unshard, DDP's, PEFT's, see an ordinary
     # call), catch the LM head's input on its way in and hand the head a [..., 0, D] slice
     # instead, which it does not project (an empty [..., 0, V] output stands in), and whatever
@@ -666,7 +732,7 @@ def check_logits(model, input_ids, *, atol=None, vocab_chunk=8192, **model_kwarg
     if input_ids.numel() == 0:
         raise ValueError("input_ids: empty; check_logits needs at least one token")
     mask = model_kwargs.get("attention_mask")
-    if mask is not None and "position_ids" not in model_kwargs:
+    if mask is not None and "position_ids" not in model_kwargs and _takes(inner, "position_ids"):
         model_kwargs = dict(model_kwargs, position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0))
     with torch.no_grad():
         kw = dict(model_kwargs, use_cache=model_kwargs.get("use_cache", False))

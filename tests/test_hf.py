@@ -61,13 +61,15 @@ def test_padded_matches_alone(model, left):
         torch.testing.assert_close(_logits(hi, rows), _alone_logits(model, s), atol=2e-5, rtol=0)
 
 
-@pytest.mark.parametrize("how", ["cu_seqlens", "position_ids", "own_mask"])
+@pytest.mark.parametrize("how", ["cu_seqlens", "position_ids", "own_mask", "as_padded"])
 def test_packed_matches_alone(model, how, monkeypatch):
     seqs = _seqs(model, seed=1)
     flat = torch.cat(seqs)
     cu = torch.tensor([0] + LENS).cumsum(0)
-    if how == "own_mask":  # the 4-D block-diagonal mask this module builds for old transformers
-        monkeypatch.setattr(hf, "_transformers_detects_packing", lambda: False)
+    if how == "own_mask":  # the 4-D block-diagonal mask this module builds where transformers
+        monkeypatch.setattr(hf, "_transformers_detects_packing", lambda: False)  # would not
+    if how == "as_padded":  # what transformers before 5.2 gets: a padded batch
+        monkeypatch.setattr(hf, "_legacy_masks", lambda: True)
     kw = {"position_ids": torch.cat([torch.arange(n) for n in LENS])[None]} \
         if how == "position_ids" else {"cu_seqlens": cu}
     with torch.no_grad():
@@ -153,11 +155,15 @@ def test_padding_predicts_nothing(model):
     torch.testing.assert_close(ours[:3].double(), truth, atol=1e-4, rtol=1e-5)
 
 
-def test_models_whose_mask_ignores_positions():
+@pytest.mark.parametrize("as_padded", [False, True])
+def test_models_whose_mask_ignores_positions(as_padded, monkeypatch):
     """OPT, MPT, XGLM and BioGPT build their causal mask without position_ids (packing needs
-    this module's 4-D mask); Bloom's ALiBi comes from the 2-D mask (packing is refused, not
+    this module's 4-D mask; before transformers 5.2, which MPT and XGLM would read as ones and
+    zeros, a padded batch); Bloom's ALiBi comes from the 2-D mask (packing is refused, not
     silently leaky)."""
     import transformers as T
+    if as_padded:
+        monkeypatch.setattr(hf, "_legacy_masks", lambda: True)
     torch.manual_seed(0)
     models = [
         T.OPTForCausalLM(T.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
@@ -316,8 +322,12 @@ def test_heads_the_fused_one_cannot_express(arch, match):
         hf.completion_logprobs(model, ids)
 
 
-def test_packed_rows_with_padding(model):
-    """Two packed rows, right-padded: the 4-D block-diagonal mask this module builds."""
+@pytest.mark.parametrize("as_padded", [False, True])
+def test_packed_rows_with_padding(model, as_padded, monkeypatch):
+    """Two packed rows, right-padded: the 4-D block-diagonal mask this module builds (before
+    transformers 5.2: a padded batch, a sequence a row)."""
+    if as_padded:
+        monkeypatch.setattr(hf, "_legacy_masks", lambda: True)
     seqs = _seqs(model, seed=4)
     width = 16
     rows = [[seqs[0], seqs[1]], [seqs[2]]]
@@ -337,6 +347,35 @@ def test_packed_rows_with_padding(model):
     for r, at, n, s in where:
         torch.testing.assert_close(_logits(hi, hi.hidden[r, at:at + n]), _alone_logits(model, s),
                                    atol=2e-5, rtol=0)
+
+
+def test_packed_batches_as_padded_ones(model, monkeypatch):
+    """Before transformers 5.2 a packed batch runs as a padded one, a sequence a row: each
+    sequence's hidden states and gradients are those it has alone, whatever padding the packed
+    rows have (leading, between sequences, trailing: zeros there), embeddings given or ids."""
+    monkeypatch.setattr(hf, "_legacy_masks", lambda: True)
+    seqs = _seqs(model, seed=7)
+    ids = torch.zeros(2, 12, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    pos = torch.zeros_like(ids)
+    where = [(0, 2, seqs[2]), (0, 5, seqs[0]), (1, 0, seqs[1])]  # row 0: [pad pad s2 s0 pad]
+    for r, at, s in where:
+        ids[r, at:at + len(s)], mask[r, at:at + len(s)] = s, 1
+        pos[r, at:at + len(s)] = torch.arange(len(s))
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    hi = hf.head_inputs(model, attention_mask=mask, position_ids=pos, inputs_embeds=embeds)
+    assert hi.hidden.shape[:2] == ids.shape and not hi.hidden[mask == 0].any()
+    for r, at, s in where:
+        rows = hi.hidden[r, at:at + len(s)]
+        torch.testing.assert_close(_logits(hi, rows.detach()), _alone_logits(model, s),
+                                   atol=2e-5, rtol=0)
+        alone_embeds = embeds[r, at:at + len(s)].detach().requires_grad_()
+        alone = hf.head_inputs(model, inputs_embeds=alone_embeds[None]).hidden[0]
+        (g,) = torch.autograd.grad(rows.square().sum(), embeds, retain_graph=True)
+        (g_alone,) = torch.autograd.grad(alone.square().sum(), alone_embeds)
+        torch.testing.assert_close(g[r, at:at + len(s)], g_alone, atol=1e-4, rtol=1e-3)
+        g[r, at:at + len(s)] = 0
+        assert not g.any()  # nothing reaches the other sequences' embeddings
 
 
 def test_the_head_projects_nothing_and_its_forward_is_restored(model, monkeypatch):
@@ -392,9 +431,14 @@ def test_flash_attention_gets_the_packing_once(how, monkeypatch):
     with torch.no_grad():
         hi = hf.head_inputs(model, flat[None], **kw)
     want = torch.tensor([0, 5, 14, 17], dtype=torch.int32)
-    assert torch.equal(seen["cu_seq_lens_q"], want) and torch.equal(seen["cu_seq_lens_k"], want)
-    assert seen["max_length_q"] == seen["max_length_k"] == 9
-    assert seen["attention_mask"] is None
+    if hf._legacy_masks():  # transformers before 5.2: a padded batch, a sequence a row
+        assert "cu_seq_lens_q" not in seen
+        assert seen["attention_mask"].sum(-1).tolist() == [5, 9, 3]
+    else:
+        assert torch.equal(seen["cu_seq_lens_q"], want)
+        assert torch.equal(seen["cu_seq_lens_k"], want)
+        assert seen["max_length_q"] == seen["max_length_k"] == 9
+        assert seen["attention_mask"] is None
     for i, s in enumerate(seqs):
         rows = hi.hidden[0, want[i]:want[i + 1]]
         torch.testing.assert_close(_logits(hi, rows), _alone_logits(model, s), atol=2e-5, rtol=0)
@@ -418,6 +462,11 @@ def test_flash_attention_gets_bounds_over_rows_flattened(monkeypatch):
     pos = torch.tensor([[0, 0, 0, 1, 0, 1], [0, 1, 2, 0, 1, 0]])
     with pytest.raises(StopIteration):
         hf.head_inputs(model, ids, attention_mask=mask, position_ids=pos)
+    if hf._legacy_masks():  # transformers before 5.2: a padded batch, a sequence a row
+        assert "cu_seq_lens_q" not in seen
+        assert seen["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 0], [1, 1, 1], [1, 1, 0]]
+        assert seen["position_ids"].tolist() == [[0, 1, 0], [0, 1, 0], [0, 1, 2], [0, 1, 0]]
+        return
     assert seen["attention_mask"] is None
     assert seen["cu_seq_lens_q"].tolist() == [0, 2, 4, 6, 9, 12]
     assert seen["max_length_q"] == 3

@@ -373,6 +373,7 @@ def test_options_checked_at_load_leave_no_output_folder(tmp_path, tiny_dir, caps
 def test_no_progress_hides_every_bar(tmp_path, tiny_dir, capsys):
     """--no-progress: neither elicit's bar nor transformers' weight-loading one; transformers'
     bars are as they were afterwards."""
+    import transformers
     from transformers.utils import logging as hf_logging
     data = tmp_path / "problems.jsonl"
     write_problems(data, 2)
@@ -380,7 +381,9 @@ def test_no_progress_hides_every_bar(tmp_path, tiny_dir, capsys):
             "--device", "cpu"]
     assert cli(base + ["--output", str(tmp_path / "a")]) == 0
     err = capsys.readouterr().err
-    assert "elicit: 100%" in err and "Loading weights" in err, err  # what the test would see
+    assert "elicit: 100%" in err, err  # what the test would see
+    if int(transformers.__version__.split(".")[0]) >= 5:  # 4.x: no bar for one weight file
+        assert "Loading weights" in err, err
     assert cli(base + ["--output", str(tmp_path / "b"), "--no-progress"]) == 0
     assert capsys.readouterr().err == ""
     assert hf_logging.is_progress_bar_enabled()

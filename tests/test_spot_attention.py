@@ -130,6 +130,10 @@ def test_sliding_windows_reach_the_kernel_or_the_model_is_refused(kind, extra):
     if kind == "mistral":
         assert A.supported(model)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    elif model.config._attn_implementation != A.NAME:
+        # PhiMoE before transformers 5.2: attention code of its own, which keeps SDPA
+        assert A.unsupported(model) == "its own attention code"
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
     else:
         assert not A.supported(model)
         assert (got - want).abs().max() > 1e-2
@@ -156,7 +160,10 @@ def test_hf_rows_of_packed_sequences_for_models_that_keep_positions_to_themselve
     ids = torch.randint(3, 90, (2, 12))
     pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6], list(range(6)) + list(range(6))])
     model.set_attn_implementation(A.register())
-    if not A.supported(model):  # GPT-BigCode until transformers 5.17 drops its **kwargs
+    # GPT-BigCode until transformers 5.17 drops its **kwargs, Persimmon before 5.2 builds its own
+    # mask; before 5.2 a model that does not declare it uses the kernel (GPT-BigCode) runs padded
+    why = A.unsupported(model)
+    if why and not (hf._legacy_masks() and why == "its own attention code"):
         with pytest.raises(A.BoundsLost, match="use --attn sdpa"):
             hf.head_inputs(model, ids, position_ids=pos)
         return
@@ -193,6 +200,27 @@ def test_a_model_that_drops_the_bounds_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="attn: varlen does not load"):
         load_model(str(tmp_path), attn="varlen")
     assert load_model(str(tmp_path)).config._attn_implementation == "sdpa"  # auto on a CPU
+
+
+def test_a_model_that_builds_its_own_mask_is_refused(monkeypatch):
+    """A model that builds a causal mask of its own, blind to the packing, and hands it to its
+    attention beside the bounds (many of transformers before 5.2: Persimmon, Doge) would let
+    packed sequences attend to each other: ``hf.head_inputs`` raises and ``unsupported`` says
+    why."""
+    from transformers.models.qwen3 import modeling_qwen3
+
+    from spot.tiny import build_model
+    from spot_kernels import hf
+
+    def own_mask(**kwargs):  # causal over the whole row
+        n = kwargs.get("input_embeds", kwargs.get("inputs_embeds")).shape[1]
+        return torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+    monkeypatch.setattr(modeling_qwen3, "create_causal_mask", own_mask)
+    model = build_model("qwen3", seed=2).eval()
+    model.set_attn_implementation(A.register())
+    assert A.unsupported(model) == "it builds its own attention mask"
+    with pytest.raises(A.BoundsLost, match="builds an attention mask of its own"):
+        hf.head_inputs(model, torch.arange(8)[None], cu_seqlens=torch.tensor([0, 3, 8]))
 
 
 def test_hf_packed_rows_with_padding_match_each_sequence_alone():

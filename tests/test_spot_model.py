@@ -131,6 +131,29 @@ def test_auto_attention_falls_back_from_flash_attn(tmp_path, monkeypatch):
         M.load_model(str(tmp_path / "qwen3"), attn="flash_attention_2")
 
 
+@pytest.mark.parametrize("arch", ["stablelm", "persimmon", "olmoe"])
+def test_auto_attention_keeps_packed_sequences_apart(arch, tmp_path):
+    """Models that before transformers 5.2 build their mask their own way (StableLM and OLMoE
+    have no attention class for varlen, Persimmon builds its mask beside the bounds): whatever
+    attention auto loads, each packed sequence gets the hidden states it has alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from spot.model import head_inputs, load_model
+    from spot_kernels import hf
+    cfg = AutoConfig.for_model(arch, vocab_size=96, hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               head_dim=8, num_experts=4, num_experts_per_tok=2, pad_token_id=0)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    model = load_model(str(tmp_path)).eval()
+    ids = torch.randint(4, 90, (12,))
+    with torch.no_grad():
+        packed = head_inputs(model, ids[None], None, torch.tensor([0, 5, 12]))[0]
+        alone = [hf.head_inputs(model, ids[a:z]).hidden[0] for a, z in ((0, 5), (5, 12))]
+    torch.testing.assert_close(packed, torch.cat(alone), rtol=1e-5, atol=1e-5,
+                               msg=model.config._attn_implementation)
+
+
 def test_dropout_is_off_and_the_fingerprint_sees_a_rewritten_middle(tmp_path):
     """The policy trains without dropout (the reference pass has none); a weight file written
     again with one middle tensor changed (same size, same first and last MiB) is a new model to

@@ -476,7 +476,9 @@ def test_bad_settings_are_one_line_errors(workdir, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     cases = [(["--model", str(tmp_path / "nosuch")], "model: no such folder"),
              (["--model", str(tmp_path / "file")], f"model: {tmp_path / 'file'} is a file"),
-             (["--model", str(tmp_path / "notok")], "has no usable tokenizer"),
+             # transformers 5 builds a tokenizer that encodes nothing, 4.x refuses the folder
+             (["--model", str(tmp_path / "notok")],
+              ("notok has no usable tokenizer", "model: cannot load a tokenizer")),
              # transformers refuses an empty folder (its error varies) or loads a blank tokenizer
              (["--model", str(tmp_path / "empty")],
               ("model: cannot load a tokenizer", "empty has no usable tokenizer")),
