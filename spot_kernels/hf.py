@@ -95,6 +95,10 @@ Batches
     empty and padding never makes NaNs). A sliding window shorter than the longest sequence
     cannot be expressed in that single mask and raises ``ValueError``.
 
+Models whose layers carry state along the row (linear attention, state-space and recurrent
+layers of hybrids) leak across packed sequences whatever the mask says; :func:`packing_leaks`
+probes each model once and :func:`head_inputs` runs their packed batches as padded ones.
+
 Shifting: the hidden state at token ``i`` predicts token ``i + 1``. ``completion_logprobs``
 scores token ``i + 1`` from hidden ``i`` only when both are in the same sequence, both are
 attended (``attention_mask``: padding predicts nothing) and token ``i + 1`` is a completion token
@@ -107,6 +111,7 @@ import contextlib
 import contextvars
 import inspect
 import re
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -510,6 +515,51 @@ def _packed_as_padded(model, ids, embeds, mask, seg, position_ids, model_kwargs)
     return hi
 
 
+_PACKING_PROBED = weakref.WeakKeyDictionary()  # model -> {attention implementation: leaks}
+PROBE_LEN = 8  # tokens of the sequence packed before the probed one
+
+
+def packing_leaks(model):
+    """Whether sequences packed in one row still see each other in ``model`` (under its current
+    attention implementation) although :func:`head_inputs` keeps them apart for attention: state
+    carried along the row by linear-attention, state-space or recurrent layers (Qwen3-Next,
+    Jamba, Falcon-H1, Bamba, RecurrentGemma...), or a mask built blind to the packing.
+
+    One no-grad forward pair in eval mode tells, once per model and attention implementation:
+    the same 4 tokens packed after two different 8-token sequences must come out the same (they
+    do bit for bit where packing is safe: the other sequence's scores are masked to exactly 0).
+    A model that fails the probe's forward counts as safe (its real batches will say why).
+    :func:`head_inputs` runs a packed batch of a leaking model as a padded one."""
+    inner = _unwrap(model)
+    impl = getattr(inner.config, "_attn_implementation", None) or "eager"
+    seen = _PACKING_PROBED.setdefault(inner, {})
+    if impl in seen:
+        return seen[impl]
+    seen[impl] = False  # the probe's own packed batches take the ordinary path
+    training = model.training
+    try:
+        dev = next(inner.parameters()).device
+        vocab = inner.get_input_embeddings().num_embeddings
+        tail = torch.arange(4, device=dev) + 3
+        pos = torch.cat([torch.arange(PROBE_LEN), torch.arange(4)]).to(dev)[None]
+        outs = []
+        model.eval()
+        with torch.no_grad():
+            for step in (3, 7):  # two different leading sequences
+                head = (torch.arange(PROBE_LEN, device=dev) * step + 11)
+                ids = (torch.cat([head, tail]) % vocab)[None]
+                outs.append(head_inputs(model, ids, position_ids=pos).hidden[0, PROBE_LEN:]
+                            .float())
+        scale = max(1.0, outs[0].abs().max().item())
+        leaks = bool((outs[0] - outs[1]).abs().max().item() > 1e-3 * scale)
+    except Exception:  # noqa: BLE001 - the probe only informs; the real call reports errors
+        leaks = False
+    finally:
+        model.train(training)
+    seen[impl] = leaks
+    return leaks
+
+
 def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None, cu_seqlens=None,
                 inputs_embeds=None, **model_kwargs):
     """Runs ``model``'s body (not its head); returns :class:`HeadInputs`.
@@ -539,8 +589,11 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
                     and _takes_kwargs(inner))
     # before transformers 5.2 a padded batch, but for a varlen kernel that the model declares it
     # sends its attention to (many 4.x models have attention code of their own)
-    if packed and _legacy_masks() and not (
-            other_varlen and getattr(type(inner), "_supports_attention_backend", False)):
+    # and, on any release, a model whose packed sequences still see each other (layers that
+    # carry state along the row: linear-attention, state-space and recurrent layers of hybrids)
+    if packed and ((_legacy_masks() and not (
+            other_varlen and getattr(type(inner), "_supports_attention_backend", False)))
+            or packing_leaks(model)):
         return _packed_as_padded(model, ids, embeds, mask, seg,
                                  None if position_ids is None else pos, model_kwargs)
     sent = False

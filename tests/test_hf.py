@@ -727,3 +727,43 @@ def test_check_logits_allows_for_the_models_own_rounding():
     assert hf.check_logits(gpt2, ids, attention_mask=mask) < 1e-4
     with pytest.raises(ValueError, match="empty"):
         hf.check_logits(gpt2, ids[:, :0])
+
+
+_HYBRID = dict(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, intermediate_size=128, head_dim=16, pad_token_id=0)
+
+
+@pytest.mark.parametrize("arch", ["jamba", "qwen3_next", "bamba"])
+def test_layers_that_carry_state_along_the_row_run_packed_batches_padded(arch, monkeypatch):
+    """Hybrids whose state-space / linear-attention layers run along the whole row would let a
+    packed sequence see the ones before it, whatever the attention mask says: ``packing_leaks``
+    finds it, and ``head_inputs`` runs the packed batch as a padded one, so every sequence's
+    hidden states are what it gets alone. Without the probe they differ (the test can fail)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    _needs(arch)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **_HYBRID)).train()
+    seqs = _seqs(model, seed=4)
+    flat, cu = torch.cat(seqs)[None], torch.tensor([0] + LENS).cumsum(0)
+    assert hf.packing_leaks(model) and model.training  # probed in eval mode, then put back
+    with torch.no_grad():
+        model.eval()
+        alone = [hf.head_inputs(model, s[None]).hidden[0] for s in seqs]
+        packed = hf.head_inputs(model, flat, cu_seqlens=cu).hidden[0]
+        monkeypatch.setattr(hf, "packing_leaks", lambda model: False)
+        leaky = hf.head_inputs(model, flat, cu_seqlens=cu).hidden[0]
+    for i, want in enumerate(alone):
+        torch.testing.assert_close(packed[cu[i]:cu[i + 1]], want, atol=1e-5, rtol=1e-5)
+    assert (leaky[cu[1]:cu[2]] - alone[1]).abs().max() > 1e-3
+
+
+def test_attention_only_models_pack_without_padding(model, monkeypatch):
+    """Where attention alone mixes tokens, the probe finds nothing and the packed batch runs
+    packed (no padded route)."""
+    assert not hf.packing_leaks(model)
+    padded = []
+    monkeypatch.setattr(hf, "_packed_as_padded", lambda *a, **k: padded.append(1))
+    with torch.no_grad():
+        hf.head_inputs(model, torch.cat(_seqs(model))[None],
+                       cu_seqlens=torch.tensor([0] + LENS).cumsum(0))
+    assert padded == [] or hf._legacy_masks()
