@@ -741,6 +741,8 @@ def test_layers_that_carry_state_along_the_row_run_packed_batches_padded(arch, m
     hidden states are what it gets alone. Without the probe they differ (the test can fail)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     _needs(arch)
+    if hf._legacy_masks():  # every packed batch runs padded there (the probe's own too)
+        pytest.skip("before transformers 5.2 packed batches run padded anyway (tested above)")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **_HYBRID)).train()
     seqs = _seqs(model, seed=4)
