@@ -109,6 +109,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import inspect
 import re
 import weakref
@@ -192,9 +193,10 @@ _COMPOSITE_LOGIT_FIELDS = {
 _COMPOSITE_LOGIT_FIELDS_SINCE = {"paligemma": (5, 23), "aya_vision": (5, 25)}
 
 
+@functools.lru_cache(maxsize=None)
 def _transformers_version():
     """``(major, minor)`` of the installed transformers (a development build counts as its
-    release)."""
+    release); read once, not on every ``head_inputs`` call."""
     import transformers
     return tuple(map(int, re.match(r"(\d+)\.(\d+)", transformers.__version__).groups()))
 
@@ -516,7 +518,7 @@ def _packed_as_padded(model, ids, embeds, mask, seg, position_ids, model_kwargs)
 
 
 _PACKING_PROBED = weakref.WeakKeyDictionary()  # model -> {attention implementation: leaks}
-PROBE_LEN = 8  # tokens of the sequence packed before the probed one
+_PROBE_LEN = 8  # tokens of the sequence packed before the probed one
 
 
 def packing_leaks(model):
@@ -541,14 +543,14 @@ def packing_leaks(model):
         dev = next(inner.parameters()).device
         vocab = inner.get_input_embeddings().num_embeddings
         tail = torch.arange(4, device=dev) + 3
-        pos = torch.cat([torch.arange(PROBE_LEN), torch.arange(4)]).to(dev)[None]
+        pos = torch.cat([torch.arange(_PROBE_LEN), torch.arange(4)]).to(dev)[None]
         outs = []
         model.eval()
         with torch.no_grad():
             for step in (3, 7):  # two different leading sequences
-                head = (torch.arange(PROBE_LEN, device=dev) * step + 11)
+                head = torch.arange(_PROBE_LEN, device=dev) * step + 11
                 ids = (torch.cat([head, tail]) % vocab)[None]
-                outs.append(head_inputs(model, ids, position_ids=pos).hidden[0, PROBE_LEN:]
+                outs.append(head_inputs(model, ids, position_ids=pos).hidden[0, _PROBE_LEN:]
                             .float())
         scale = max(1.0, outs[0].abs().max().item())
         leaks = bool((outs[0] - outs[1]).abs().max().item() > 1e-3 * scale)
