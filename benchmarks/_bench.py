@@ -18,8 +18,13 @@ fused backends recompute the logits in the backward (``8 N D V`` done), which sh
 TFLOP/s, as it should. ``gemm_fraction`` divides the achieved rate by that of one ``[N, D] x
 [D, V]`` matrix product (cuBLAS on CUDA) timed in the same run on the same device and dtype.
 
-Timing: ``benchmark.pedantic`` with a setup step outside the clock. On CUDA the timed callable
-ends with ``torch.cuda.synchronize()``, so the clock sees the whole asynchronous work. Before the
+Timing: ``benchmark.pedantic`` with a setup step outside the clock. On CUDA ``ms`` is the time
+between two CUDA events around the call, the way the GEMM baseline is timed (``time_fn``): a
+short GPU spin (about 1 ms) queued before the start event covers the host's first launches, so
+the figure is the GPU's time from the first kernel to the last, idle gaps included (a call whose
+host work outruns the GPU shows them; ``launch_ms`` records the host's time to issue the work).
+pytest-benchmark's own statistics on CUDA are the wall clock of the same call and so include
+what was left of the spin; on the CPU ``ms`` is that wall clock. Before the
 clock starts, a forward checks the values (below) and one untimed run of the mode warms up
 (allocator, cuBLAS handles, Triton and torch.compile compilation, the backward's too; for
 ``fwd_bwd`` that run is the gradient check's). When all
@@ -716,14 +721,23 @@ def bench(benchmark, case, device, *, rounds, full=False, gemm=True, deadline=No
         state["i"] += 1
         return (x,), {}
 
-    own = []  # our own clock too: pytest-benchmark keeps no stats under --benchmark-disable
+    own = []     # our own clock too: pytest-benchmark keeps no stats under --benchmark-disable
+    launch = []  # CUDA: host seconds to issue the work (launch-bound when near the GPU time)
 
     def target(x):
+        if cuda:  # the GEMM baseline's method (time_fn): the spin hides the host's first launches
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(SPIN_CYCLES)
+            a.record()
         t0 = time.perf_counter()
         run_mode(case.mode, impl, case.impl, x)
         if cuda:
-            torch.cuda.synchronize()
-        own.append(time.perf_counter() - t0)
+            launch.append(time.perf_counter() - t0)
+            b.record()
+            b.synchronize()
+            own.append(a.elapsed_time(b) / 1e3)
+        else:
+            own.append(time.perf_counter() - t0)
 
     try:
         if case.mode != "fwd_bwd" or not grad_checks:  # else the gradient check was the warm-up
@@ -739,13 +753,15 @@ def bench(benchmark, case, device, *, rounds, full=False, gemm=True, deadline=No
     mem.stop()
 
     stats = getattr(benchmark, "stats", None)
-    secs = stats.stats.median if stats is not None else statistics.median(own)
+    secs = (statistics.median(own) if cuda or stats is None else stats.stats.median)
     flops = FLOPS[case.mode] * case.n * case.d * case.v
     info = dict(impl=case.impl, label=LABELS[case.impl], ours=case.impl in OURS, mode=case.mode,
                 head=case.head, n=case.n, d=case.d, v=case.v, dtype=case.dtype,
                 device=device_name(device), ms=secs * 1e3, tflops=flops / secs / 1e12,
                 peak_mb=None if mem.peak is None else mem.peak / 2**20,
                 check_err=err, check_bound=bound, rounds=rounds, input_sets=nsets)
+    if launch:
+        info["launch_ms"] = statistics.median(launch) * 1e3
     if grad_checks:
         info["grad_check"] = {what: [e, b] for what, e, b in grad_checks}
     if mem.why:
