@@ -17,14 +17,30 @@ TRITON_OLDEST := 3.3.1
 PYTAG := $(shell $(PYTHON) -c "import sys; print('py%d%d' % sys.version_info[:2])" 2>/dev/null)
 export SPOT_TRITON_OLDEST ?= build/triton-$(TRITON_OLDEST)-$(PYTAG)
 
+# The oldest transformers the package supports (pyproject's `transformers>=` floor), installed
+# apart with the hub, tokenizers and datasets of its day: the tests that touch transformers run a
+# second time on it, so a change that breaks the floor fails here and not in a user's older setup.
+TRANSFORMERS_OLDEST := 4.57.6
+TRANSFORMERS_OLDEST_PINS := transformers==$(TRANSFORMERS_OLDEST) huggingface_hub==0.36.2 \
+  tokenizers==0.22.2 datasets==4.8.5 httpx==0.28.1 httpcore==1.0.9
+TRANSFORMERS_OLDEST_DIR := build/transformers-$(TRANSFORMERS_OLDEST)-$(PYTAG)
+TRANSFORMERS_TESTS := tests/test_hf.py tests/test_spot_attention.py tests/test_spot_model.py \
+  tests/test_spot_data.py tests/test_spot_train.py tests/test_spot_demo.py \
+  tests/test_trl_interop.py tests/test_distributed.py tests/test_rectify_elicit.py \
+  tests/test_rectify_filter.py tests/test_transformers_floor.py
+
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	SPOT_CUDA_ARCHS="$${SPOT_CUDA_ARCHS:-90}" $(PIP) install -q -e ".[dev]"  # one arch: ~4x faster nvcc
 	@[ -f "$(SPOT_TRITON_OLDEST)/triton/__init__.py" ] || \
 	  $(PIP) install -q --no-deps --target "$(SPOT_TRITON_OLDEST)" triton==$(TRITON_OLDEST)
+	@[ -f "$(TRANSFORMERS_OLDEST_DIR)/transformers/__init__.py" ] || \
+	  $(PIP) install -q --no-deps --target "$(TRANSFORMERS_OLDEST_DIR)" $(TRANSFORMERS_OLDEST_PINS)
 
 test: install
 	$(PYTHON) -m pytest tests/ -q
+	PYTHONPATH="$(TRANSFORMERS_OLDEST_DIR)$${PYTHONPATH:+:$$PYTHONPATH}" \
+	  SPOT_TRANSFORMERS_OLDEST=$(TRANSFORMERS_OLDEST) $(PYTHON) -m pytest $(TRANSFORMERS_TESTS) -q
 
 # the demo needs the package and its trainer extras only (no test tools, no second Triton);
 # skipped when this checkout is already the installed one (-I: not found through the current
