@@ -97,7 +97,10 @@ Batches
 
 Models whose layers carry state along the row (linear attention, state-space and recurrent
 layers of hybrids) leak across packed sequences whatever the mask says; :func:`packing_leaks`
-probes each model once and :func:`head_inputs` runs their packed batches as padded ones.
+probes each model once and :func:`head_inputs` runs their packed batches as padded ones. A
+model whose hidden state at a position changes with the tokens after it (:func:`sees_ahead`:
+transformers' CPM-Ant, BERT-style heads built without ``is_decoder``) is not a causal LM, and
+:func:`head_inputs` refuses it with ``ValueError``.
 
 Shifting: the hidden state at token ``i`` predicts token ``i + 1``. ``completion_logprobs``
 scores token ``i + 1`` from hidden ``i`` only when both are in the same sequence, both are
@@ -517,8 +520,46 @@ def _packed_as_padded(model, ids, embeds, mask, seg, position_ids, model_kwargs)
     return hi
 
 
-_PACKING_PROBED = weakref.WeakKeyDictionary()  # model -> {attention implementation: leaks}
+_PROBED = weakref.WeakKeyDictionary()  # model -> {(probe, attention implementation): verdict}
 _PROBE_LEN = 8  # tokens of the sequence packed before the probed one
+
+
+def _probe(model, name, compare):
+    """``compare(run, dev, vocab)``'s verdict for ``model`` under its current attention
+    implementation, computed once (cached; weakly keyed on the model) in eval mode without
+    gradients; ``run(ids, **kw)`` is the hidden states of :func:`head_inputs` in float32. While
+    it runs, the verdict reads False (the probe's own calls take the ordinary path), and a probe
+    whose forward fails counts as False (the real call reports the error)."""
+    inner = _unwrap(model)
+    key = (name, getattr(inner.config, "_attn_implementation", None) or "eager")
+    seen = _PROBED.setdefault(inner, {})
+    if key in seen:
+        return seen[key]
+    seen[key] = False
+    training = model.training
+    try:
+        dev = next(inner.parameters()).device
+        vocab = inner.get_input_embeddings().num_embeddings
+        model.eval()
+        with torch.no_grad():
+            verdict = bool(compare(lambda ids, **kw: head_inputs(model, ids, **kw).hidden[0]
+                                   .float(), dev, vocab))
+    except Exception:  # noqa: BLE001 - the probe only informs; the real call reports errors
+        verdict = False
+    finally:
+        model.train(training)
+    seen[key] = verdict
+    return verdict
+
+
+def _differ(a, b):
+    """Apart by more than rounding (a safe model gives the same bits; a leak moves them ~1%)."""
+    return (a - b).abs().max().item() > 1e-3 * max(1.0, a.abs().max().item())
+
+
+def _probe_ids(step, dev, vocab, tail=()):
+    return ((torch.cat([torch.arange(_PROBE_LEN, device=dev) * step + 11,
+                        torch.tensor(tail, dtype=torch.long, device=dev)])) % vocab)[None]
 
 
 def packing_leaks(model):
@@ -532,34 +573,24 @@ def packing_leaks(model):
     do bit for bit where packing is safe: the other sequence's scores are masked to exactly 0).
     A model that fails the probe's forward counts as safe (its real batches will say why).
     :func:`head_inputs` runs a packed batch of a leaking model as a padded one."""
-    inner = _unwrap(model)
-    impl = getattr(inner.config, "_attn_implementation", None) or "eager"
-    seen = _PACKING_PROBED.setdefault(inner, {})
-    if impl in seen:
-        return seen[impl]
-    seen[impl] = False  # the probe's own packed batches take the ordinary path
-    training = model.training
-    try:
-        dev = next(inner.parameters()).device
-        vocab = inner.get_input_embeddings().num_embeddings
-        tail = torch.arange(4, device=dev) + 3
+    def compare(run, dev, vocab):
         pos = torch.cat([torch.arange(_PROBE_LEN), torch.arange(4)]).to(dev)[None]
-        outs = []
-        model.eval()
-        with torch.no_grad():
-            for step in (3, 7):  # two different leading sequences
-                head = torch.arange(_PROBE_LEN, device=dev) * step + 11
-                ids = (torch.cat([head, tail]) % vocab)[None]
-                outs.append(head_inputs(model, ids, position_ids=pos).hidden[0, _PROBE_LEN:]
-                            .float())
-        scale = max(1.0, outs[0].abs().max().item())
-        leaks = bool((outs[0] - outs[1]).abs().max().item() > 1e-3 * scale)
-    except Exception:  # noqa: BLE001 - the probe only informs; the real call reports errors
-        leaks = False
-    finally:
-        model.train(training)
-    seen[impl] = leaks
-    return leaks
+        a, b = (run(_probe_ids(step, dev, vocab, (3, 4, 5, 6)), position_ids=pos)[_PROBE_LEN:]
+                for step in (3, 7))  # the same tail after two different leading sequences
+        return _differ(a, b)
+    return _probe(model, "packing", compare)
+
+
+def sees_ahead(model):
+    """Whether ``model``'s hidden state at a position changes with the tokens after it (its
+    attention is not causal under its current implementation: transformers' CPM-Ant lets every
+    token see the whole row). Its next-token log-probs would see their own targets, so
+    :func:`head_inputs` refuses it. One no-grad forward pair of 9 tokens that differ in the last
+    one, once per model and attention implementation (as :func:`packing_leaks`)."""
+    def compare(run, dev, vocab):
+        a, b = (run(_probe_ids(3, dev, vocab, (last,)))[:-1] for last in (5, 9))
+        return _differ(a, b)
+    return _probe(model, "ahead", compare)
 
 
 def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None, cu_seqlens=None,
@@ -579,6 +610,11 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
                                                    attention_mask, position_ids, cu_seqlens)
     impl = getattr(inner.config, "_attn_implementation", None) or "eager"
     kind = getattr(_text_config(inner), "model_type", "")
+    if sees_ahead(model):
+        raise ValueError(f"model: {type(inner).__name__} is not causal under {impl} attention "
+                         f"(a position's hidden state changes with the tokens after it), so its "
+                         f"next-token log-probs would see their own targets; this module needs "
+                         f"a causal LM")
     if packed and kind in _NO_PACKING:
         raise ValueError(f"cu_seqlens / position_ids: {type(inner).__name__} cannot keep packed "
                          f"sequences apart (its attention bias comes from the 2-D "

@@ -762,10 +762,35 @@ def test_layers_that_carry_state_along_the_row_run_packed_batches_padded(arch, m
 def test_attention_only_models_pack_without_padding(model, monkeypatch):
     """Where attention alone mixes tokens, the probe finds nothing and the packed batch runs
     packed (no padded route)."""
-    assert not hf.packing_leaks(model)
+    assert not hf.packing_leaks(model) and not hf.sees_ahead(model)
     padded = []
     monkeypatch.setattr(hf, "_packed_as_padded", lambda *a, **k: padded.append(1))
     with torch.no_grad():
         hf.head_inputs(model, torch.cat(_seqs(model))[None],
                        cu_seqlens=torch.tensor([0] + LENS).cumsum(0))
     assert padded == [] or hf._legacy_masks()
+
+
+def test_a_model_that_sees_ahead_is_refused(monkeypatch):
+    """transformers' CPM-Ant lets every token attend to the whole row (not causal): changing the
+    last token moves the logits before it, so its next-token log-probs would have seen their
+    targets. ``sees_ahead`` finds it and ``head_inputs`` (so ``completion_logprobs`` and
+    ``check_logits``, the trainer's first call) refuses it; with the probe silenced the same
+    calls run (the test can fail)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    _needs("cpmant")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("cpmant", **_HYBRID),
+                                             attn_implementation="eager").eval()
+    ids = _seqs(model, seed=5)[1][None]
+    other = ids.clone()
+    other[0, -1] = 4 + (other[0, -1] - 3) % (model.config.vocab_size - 4)
+    with torch.no_grad():
+        moved = (model(ids).logits[0, :-1] - model(other).logits[0, :-1]).abs().max()
+    assert moved > 1e-2
+    assert hf.sees_ahead(model) and not model.training  # probed in eval mode, mode put back
+    for call in (hf.completion_logprobs, hf.check_logits):
+        with pytest.raises(ValueError, match="CpmAntForCausalLM is not causal under eager"):
+            call(model, ids)
+    monkeypatch.setattr(hf, "sees_ahead", lambda model: False)
+    assert torch.isfinite(hf.completion_logprobs(model, ids)).all()
