@@ -613,7 +613,7 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
     if sees_ahead(model):
         raise ValueError(f"model: {type(inner).__name__} is not causal under {impl} attention "
                          f"(a position's hidden state changes with the tokens after it), so its "
-                         f"next-token log-probs would see their own targets; this module needs "
+                         f"next-token log-probs would see their own targets; spot_kernels.hf needs "
                          f"a causal LM")
     if packed and kind in _NO_PACKING:
         raise ValueError(f"cu_seqlens / position_ids: {type(inner).__name__} cannot keep packed "

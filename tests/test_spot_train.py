@@ -598,3 +598,28 @@ def test_a_model_whose_logits_the_fused_head_misses_is_refused(workdir, tmp_path
     monkeypatch.setattr(hf, "_MULTIPLY_SCALING", set())  # checked with the reference cached too
     with pytest.raises(ConfigError, match=wrong):
         train(_cfg(workdir, tmp_path / "p", **cfg), log=lambda m: None)
+
+
+def test_a_model_that_is_not_causal_is_refused_in_one_line(workdir, tmp_path, monkeypatch):
+    """transformers' CPM-Ant attends to the whole row: the trainer stops before any output with
+    one line naming it (its log-probs would have seen their own targets); without the probe the
+    same run trains (the refusal is the probe's doing)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from spot.config import ConfigError
+    from spot_kernels import hf
+    if "cpmant" not in CONFIG_MAPPING:
+        pytest.skip("this transformers has no CPM-Ant")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "cpmant", vocab_size=len(build_tokenizer()), hidden_size=32, dim_head=8, dim_ff=64,
+        num_hidden_layers=1, num_attention_heads=4))
+    model.save_pretrained(tmp_path / "model")
+    build_tokenizer().save_pretrained(tmp_path / "model")
+    cfg = dict(model=str(tmp_path / "model"), max_steps=1, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match="CpmAntForCausalLM is not causal under eager"):
+        train(_cfg(workdir, tmp_path / "o", **cfg), log=lambda m: None)
+    assert not (tmp_path / "o").exists()
+    monkeypatch.setattr(hf, "sees_ahead", lambda model: False)
+    assert train(_cfg(workdir, tmp_path / "o", **cfg), log=lambda m: None)["steps"] == 1
