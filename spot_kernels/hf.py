@@ -524,12 +524,16 @@ _PROBED = weakref.WeakKeyDictionary()  # model -> {(probe, attention implementat
 _PROBE_LEN = 8  # tokens of the sequence packed before the probed one
 
 
-def _probe(model, name, compare):
-    """``compare(run, dev, vocab)``'s verdict for ``model`` under its current attention
-    implementation, computed once (cached; weakly keyed on the model) in eval mode without
-    gradients; ``run(ids, **kw)`` is the hidden states of :func:`head_inputs` in float32. While
-    it runs, the verdict reads False (the probe's own calls take the ordinary path), and a probe
-    whose forward fails counts as False (the real call reports the error)."""
+def _probe(model, name, make, tol):
+    """Whether the two rows of ``make(dev, vocab) -> (ids [2, L], head_inputs kwargs, cols)``
+    come out of ``model``'s body apart in the columns ``cols`` by more than ``tol`` times their
+    largest value: once per model and attention implementation (cached, weakly keyed on the
+    model), in eval mode without gradients. Both rows run in one forward, so they share every
+    kernel call (two forwards would give a mixture of experts' GEMMs other shapes, as each row's
+    last token routes, and so other rounding). A safe model gives the same bits in both rows, or
+    differs by rounding (~1e-7 in float32 on a CPU's GEMMs). While the probe runs,
+    its verdict reads False (its own call takes the ordinary path); a probe whose forward fails
+    counts as False (the real call reports the error)."""
     inner = _unwrap(model)
     key = (name, getattr(inner.config, "_attn_implementation", None) or "eager")
     seen = _PROBED.setdefault(inner, {})
@@ -538,12 +542,12 @@ def _probe(model, name, compare):
     seen[key] = False
     training = model.training
     try:
-        dev = next(inner.parameters()).device
-        vocab = inner.get_input_embeddings().num_embeddings
+        ids, kwargs, cols = make(next(inner.parameters()).device,
+                                 inner.get_input_embeddings().num_embeddings)
         model.eval()
         with torch.no_grad():
-            verdict = bool(compare(lambda ids, **kw: head_inputs(model, ids, **kw).hidden[0]
-                                   .float(), dev, vocab))
+            a, b = head_inputs(model, ids, **kwargs).hidden[:, cols].float()
+        verdict = (a - b).abs().max().item() > tol * max(1.0, a.abs().max().item())
     except Exception:  # noqa: BLE001 - the probe only informs; the real call reports errors
         verdict = False
     finally:
@@ -552,14 +556,10 @@ def _probe(model, name, compare):
     return verdict
 
 
-def _differ(a, b):
-    """Apart by more than rounding (a safe model gives the same bits; a leak moves them ~1%)."""
-    return (a - b).abs().max().item() > 1e-3 * max(1.0, a.abs().max().item())
-
-
-def _probe_ids(step, dev, vocab, tail=()):
-    return ((torch.cat([torch.arange(_PROBE_LEN, device=dev) * step + 11,
-                        torch.tensor(tail, dtype=torch.long, device=dev)])) % vocab)[None]
+def _probe_ids(dev, vocab, steps, tails):
+    """One row per (step, tail): ``_PROBE_LEN`` tokens spaced by ``step``, then ``tail``."""
+    return torch.stack([torch.cat([torch.arange(_PROBE_LEN) * step + 11, torch.tensor(tail)])
+                        for step, tail in zip(steps, tails)]).to(dev) % vocab
 
 
 def packing_leaks(model):
@@ -568,29 +568,30 @@ def packing_leaks(model):
     carried along the row by linear-attention, state-space or recurrent layers (Qwen3-Next,
     Jamba, Falcon-H1, Bamba, RecurrentGemma...), or a mask built blind to the packing.
 
-    One no-grad forward pair in eval mode tells, once per model and attention implementation:
-    the same 4 tokens packed after two different 8-token sequences must come out the same (they
-    do bit for bit where packing is safe: the other sequence's scores are masked to exactly 0).
+    One no-grad forward in eval mode tells, once per model and attention implementation: the
+    same 4 tokens packed after two different 8-token sequences must come out the same (they do
+    bit for bit where packing is safe: the other sequence's scores are masked to exactly 0;
+    a leak moves them ~1% or more).
     A model that fails the probe's forward counts as safe (its real batches will say why).
     :func:`head_inputs` runs a packed batch of a leaking model as a padded one."""
-    def compare(run, dev, vocab):
-        pos = torch.cat([torch.arange(_PROBE_LEN), torch.arange(4)]).to(dev)[None]
-        a, b = (run(_probe_ids(step, dev, vocab, (3, 4, 5, 6)), position_ids=pos)[_PROBE_LEN:]
-                for step in (3, 7))  # the same tail after two different leading sequences
-        return _differ(a, b)
-    return _probe(model, "packing", compare)
+    def make(dev, vocab):
+        ids = _probe_ids(dev, vocab, (3, 7), [(3, 4, 5, 6)] * 2)  # same tail, other heads
+        pos = torch.cat([torch.arange(_PROBE_LEN), torch.arange(4)]).to(dev).expand(2, -1)
+        return ids, dict(position_ids=pos), slice(_PROBE_LEN, None)
+    # 1e-3: a leak missed is silently wrong log-probs; a false alarm costs the padding's compute
+    return _probe(model, "packing", make, 1e-3)
 
 
 def sees_ahead(model):
     """Whether ``model``'s hidden state at a position changes with the tokens after it (its
     attention is not causal under its current implementation: transformers' CPM-Ant lets every
     token see the whole row). Its next-token log-probs would see their own targets, so
-    :func:`head_inputs` refuses it. One no-grad forward pair of 9 tokens that differ in the last
-    one, once per model and attention implementation (as :func:`packing_leaks`)."""
-    def compare(run, dev, vocab):
-        a, b = (run(_probe_ids(3, dev, vocab, (last,)))[:-1] for last in (5, 9))
-        return _differ(a, b)
-    return _probe(model, "ahead", compare)
+    :func:`head_inputs` refuses it. One no-grad forward of two 9-token rows that differ only in
+    the last token, once per model and attention implementation (as :func:`packing_leaks`)."""
+    def make(dev, vocab):
+        return _probe_ids(dev, vocab, (3, 3), [(5,), (9,)]), {}, slice(None, -1)
+    # 1e-2: a false alarm stops a run; the models that are not causal move by far more (CPM-Ant)
+    return _probe(model, "ahead", make, 1e-2)
 
 
 def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None, cu_seqlens=None,
