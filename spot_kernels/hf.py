@@ -528,10 +528,10 @@ def _probe(model, name, make, tol):
     """Whether the two rows of ``make(dev, vocab) -> (ids [2, L], head_inputs kwargs, cols)``
     come out of ``model``'s body apart in the columns ``cols`` by more than ``tol`` times their
     largest value: once per model and attention implementation (cached, weakly keyed on the
-    model), in eval mode without gradients. Both rows run in one forward, so they share every
-    kernel call (two forwards would give a mixture of experts' GEMMs other shapes, as each row's
-    last token routes, and so other rounding). A safe model gives the same bits in both rows, or
-    differs by rounding (~1e-7 in float32 on a CPU's GEMMs). While the probe runs,
+    model), in eval mode without gradients, a row per forward (a batch of two would leave state
+    sized for two in models that keep it between calls: RecurrentGemma on transformers 4.57).
+    A safe model gives the same bits in both rows, or differs by rounding (a mixture of experts'
+    GEMMs change shape as the last token routes: ~1e-7 in float32). While the probe runs,
     its verdict reads False (its own call takes the ordinary path); a probe whose forward fails
     counts as False (the real call reports the error)."""
     inner = _unwrap(model)
@@ -546,7 +546,8 @@ def _probe(model, name, make, tol):
                                  inner.get_input_embeddings().num_embeddings)
         model.eval()
         with torch.no_grad():
-            a, b = head_inputs(model, ids, **kwargs).hidden[:, cols].float()
+            a, b = (head_inputs(model, ids[i:i + 1], **{k: v[i:i + 1] for k, v in kwargs.items()})
+                    .hidden[0, cols].float() for i in range(2))
         verdict = (a - b).abs().max().item() > tol * max(1.0, a.abs().max().item())
     except Exception:  # noqa: BLE001 - the probe only informs; the real call reports errors
         verdict = False
@@ -568,9 +569,9 @@ def packing_leaks(model):
     carried along the row by linear-attention, state-space or recurrent layers (Qwen3-Next,
     Jamba, Falcon-H1, Bamba, RecurrentGemma...), or a mask built blind to the packing.
 
-    One no-grad forward in eval mode tells, once per model and attention implementation: the
-    same 4 tokens packed after two different 8-token sequences must come out the same (they do
-    bit for bit where packing is safe: the other sequence's scores are masked to exactly 0;
+    One no-grad forward pair in eval mode tells, once per model and attention implementation:
+    the same 4 tokens packed after two different 8-token sequences must come out the same (they
+    do bit for bit where packing is safe: the other sequence's scores are masked to exactly 0;
     a leak moves them ~1% or more).
     A model that fails the probe's forward counts as safe (its real batches will say why).
     :func:`head_inputs` runs a packed batch of a leaking model as a padded one."""
@@ -586,8 +587,13 @@ def sees_ahead(model):
     """Whether ``model``'s hidden state at a position changes with the tokens after it (its
     attention is not causal under its current implementation: transformers' CPM-Ant lets every
     token see the whole row). Its next-token log-probs would see their own targets, so
-    :func:`head_inputs` refuses it. One no-grad forward of two 9-token rows that differ only in
-    the last token, once per model and attention implementation (as :func:`packing_leaks`)."""
+    :func:`head_inputs` refuses it. One no-grad forward pair of 9 tokens that differ only in the
+    last, once per model and attention implementation (as :func:`packing_leaks`). Composite
+    (multimodal) models are not probed: a prefix attended both ways is their design (PaliGemma
+    on transformers 4.57 without ``token_type_ids``), set by inputs the probe does not see."""
+    if _text_config(_unwrap(model)) is not _unwrap(model).config:
+        return False
+
     def make(dev, vocab):
         return _probe_ids(dev, vocab, (3, 3), [(5,), (9,)]), {}, slice(None, -1)
     # 1e-2: a false alarm stops a run; the models that are not causal move by far more (CPM-Ant)
