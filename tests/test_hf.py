@@ -794,3 +794,30 @@ def test_a_model_that_sees_ahead_is_refused(monkeypatch):
             call(model, ids)
     monkeypatch.setattr(hf, "sees_ahead", lambda model: False)
     assert torch.isfinite(hf.completion_logprobs(model, ids)).all()
+
+
+@pytest.mark.parametrize("where, refused", [("one", False), ("first", False), ("first+1", False),
+                                            ("first+2", True), ("all", True)])
+def test_sees_ahead_needs_more_than_one_position_moved(where, refused):
+    """A false alarm would stop a run: the refusal needs the first position (which sees only
+    itself in a causal model) and two more moved. The second probe row's final hidden states
+    are scaled by 5% where the case says: one middle position or the first alone (as a mixture
+    of experts' routing flipped by rounding might), the first and one more, and so on."""
+    model = build_model("qwen3", layers=1).eval()
+    rows = {"one": [3], "first": [0], "first+1": [0, 5], "first+2": [0, 5, 6],
+            "all": list(range(8))}[where]
+    calls = []
+
+    def perturb(module, args, out):
+        calls.append(1)
+        if len(calls) != 2:
+            return out
+        out = out.clone()
+        out[:, rows] *= 1.05
+        return out
+    handle = model.model.norm.register_forward_hook(perturb)
+    try:
+        assert hf.sees_ahead(model) is refused
+    finally:
+        handle.remove()
+    assert len(calls) == 2
