@@ -528,12 +528,12 @@ def _probe(model, name, make, moved):
     """``moved(a, b)`` of the hidden states ``[len(cols), D]`` (float32) of the two rows of
     ``make(dev, vocab) -> (ids [2, L], head_inputs kwargs, cols)`` through ``model``'s body:
     once per model and attention implementation (cached, weakly keyed on the model), in eval
-    mode without gradients, a row per forward (a batch of two would leave state
-    sized for two in models that keep it between calls: RecurrentGemma on transformers 4.57).
-    A safe model gives the same bits in both rows, or differs by rounding (a mixture of experts'
-    GEMMs change shape as the last token routes: ~1e-7 in float32). While the probe runs,
-    its verdict reads False (its own call takes the ordinary path); a probe whose forward fails
-    counts as False (the real call reports the error)."""
+    mode without gradients, a row per forward (a batch of two would leave state sized for two
+    in models that keep it between calls: RecurrentGemma on transformers 4.57). A safe model
+    gives the same bits in both rows, or differs by rounding (a mixture of experts' GEMMs change
+    shape as the last token routes: ~1e-7 in float32). While the probe runs, its verdict reads
+    False (its own call takes the ordinary path); a probe whose forward fails counts as False
+    (the real call reports the error)."""
     inner = _unwrap(model)
     key = (name, getattr(inner.config, "_attn_implementation", None) or "eager")
     seen = _PROBED.setdefault(inner, {})
