@@ -130,13 +130,16 @@ def _facts(info):
 
 
 def summary(rows, other=()):
-    """A compact plain-text table: one line per point; then the other points' numbers."""
+    """A compact plain-text table: one line per point (``launch``: the host's ms to issue a
+    CUDA point's work; near ``ms``, the point is launch-bound); then the other points'
+    numbers."""
     out = [f"{'mode':<9} {'head':<11} {'N':>6} {'V':>7} {'dtype':<8} {'impl':<14} {'ms':>10} "
-           f"{'TFLOP/s':>8} {'GEMM%':>6} {'xGEMMs':>6} {'peakMB':>9} {'extraMB':>9} "
+           f"{'launch':>7} {'TFLOP/s':>8} {'GEMM%':>6} {'xGEMMs':>6} {'peakMB':>9} {'extraMB':>9} "
            f"{'t/naive':>7} {'m/naive':>7}"] if rows else []
     for r in sorted(rows, key=_key):
         out.append(f"{r['mode']:<9} {r.get('head', ''):<11} {r['n']:>6} {r['v']:>7} "
                    f"{r['dtype']:<8} {r['impl']:<14} {_fmt(r['ms'], '10.2f')} "
+                   f"{_fmt(r.get('launch_ms'), '7.2f')} "
                    f"{_fmt(r.get('tflops'), '8.3g')} {_fmt(r.get('gemm_fraction'), '6.1f', 100)} "
                    f"{_fmt(r.get('x_gemms'), '6.2f')} "
                    f"{_fmt(r.get('peak_mb'), '9.1f')} {_fmt(r.get('extra_mb'), '9.1f')} "
