@@ -39,7 +39,7 @@ install:
 
 test: install
 	$(PYTHON) -m pytest tests/ -q
-	PYTHONPATH="$(TRANSFORMERS_OLDEST_DIR)$${PYTHONPATH:+:$$PYTHONPATH}" \
+	PYTHONPATH="$(CURDIR)/$(TRANSFORMERS_OLDEST_DIR)$${PYTHONPATH:+:$$PYTHONPATH}" \
 	  SPOT_TRANSFORMERS_OLDEST=$(TRANSFORMERS_OLDEST) $(PYTHON) -m pytest $(TRANSFORMERS_TESTS) -q
 
 # the demo needs the package and its trainer extras only (no test tools, no second Triton);

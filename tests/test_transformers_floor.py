@@ -8,6 +8,8 @@ the run itself in step.
 import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -28,7 +30,9 @@ def test_declared_floor_is_the_release_make_test_runs():
         f"TRANSFORMERS_OLDEST {_makefile_pin()}: the floor users are promised is not the one tested")
 
 
-def test_floor_run_imports_the_floor():
+def test_floor_run_imports_the_floor(tmp_path):
+    """In this process, and in a child started elsewhere (torchrun's workers, the CLI tests'
+    subprocesses) with the environment it inherits."""
     want = os.environ.get("SPOT_TRANSFORMERS_OLDEST")
     if not want:
         pytest.skip("not the floor run (make test sets SPOT_TRANSFORMERS_OLDEST for it)")
@@ -37,3 +41,6 @@ def test_floor_run_imports_the_floor():
     assert transformers.__version__ == want, (
         f"the floor run imported transformers {transformers.__version__} from "
         f"{transformers.__file__}, not {want}")
+    child = subprocess.run([sys.executable, "-c", "import transformers as t; print(t.__version__)"],
+                           cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert child.stdout.strip() == want, f"a subprocess imported transformers {child.stdout}"
