@@ -585,6 +585,17 @@ def packing_leaks(model):
                   > 1e-3 * max(1.0, a.abs().max().item()))
 
 
+def _moved_ahead(a, b):
+    """:func:`sees_ahead`'s rule on two rows' hidden states ``[positions, D]``: the first
+    position (which sees only itself in a causal model) and two more moved by 1% of their norm.
+    A false alarm stops a run, so one position's move is not enough: rounding (an MoE's GEMMs
+    change shape as the last token routes) moves entries by ~1e-7 in float32, and a routing flip
+    it might cause moves one position; attending both ways moves many (CPM-Ant: 4 of 8 by
+    10-66% at random init, 1 layer)."""
+    r = (a - b).norm(dim=-1) / a.norm(dim=-1).clamp_min(1e-30)
+    return bool(r[0] > 1e-2) and int((r > 1e-2).sum()) >= 3
+
+
 def sees_ahead(model):
     """Whether ``model``'s hidden state at a position changes with the tokens after it (its
     attention is not causal under its current implementation: transformers' CPM-Ant lets every
@@ -598,15 +609,7 @@ def sees_ahead(model):
 
     def make(dev, vocab):
         return _probe_ids(dev, vocab, (3, 3), [(5,), (9,)]), {}, slice(None, -1)
-    # A false alarm stops a run, so the move must be more than one position's: the first (which
-    # sees only itself in a causal model) and two more, each by 1% of its norm. Rounding (an
-    # MoE's GEMMs change shape as the last token routes) moves entries by ~1e-7, and a routing
-    # flip it might cause moves one position; attending both ways moves many (CPM-Ant: 4 of 8 by
-    # 10-66% at random init, 1 layer).
-    def moved(a, b):
-        r = (a - b).norm(dim=-1) / a.norm(dim=-1).clamp_min(1e-30)
-        return bool(r[0] > 1e-2) and int((r > 1e-2).sum()) >= 3
-    return _probe(model, "ahead", make, moved)
+    return _probe(model, "ahead", make, _moved_ahead)
 
 
 def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None, cu_seqlens=None,
