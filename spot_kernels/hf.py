@@ -604,7 +604,8 @@ def sees_ahead(model):
     last, once per model and attention implementation (as :func:`packing_leaks`). Composite
     (multimodal) models are not probed: a prefix attended both ways is their design (PaliGemma
     on transformers 4.57 without ``token_type_ids``), set by inputs the probe does not see."""
-    if _text_config(_unwrap(model)) is not _unwrap(model).config:
+    inner = _unwrap(model)
+    if _text_config(inner) is not inner.config:
         return False
 
     def make(dev, vocab):
