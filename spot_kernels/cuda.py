@@ -43,8 +43,9 @@ Options (``backend_options=``): ``chunk_bytes`` (byte budget, default 1 GiB: the
 backward's accumulator, above) and ``token_chunk`` (rows of token chunks in both passes, one
 backward sweep summing ``dW``; wins over ``chunk_bytes``).
 
-Also here, for the O(N) part of the SPoT loss on CUDA tensors: ``segment_sums`` (sums or means
-over ``cu_seqlens``) and ``bce_forward`` (the reward BCE and ``dL/dpi``).
+Also here, the O(N) part of the SPoT loss on CUDA tensors, which ``spot_loss(backend="cuda")``
+runs in eager mode: ``segment_sums`` (sums or means over ``cu_seqlens``) and ``bce_forward`` (the
+reward BCE and its ``dL/dpi``, which is the op's backward), each a custom op with autograd.
 
 Every kernel call goes through a ``torch.library`` custom op (``spot_kernels::cuda_*``) with a
 fake implementation, so ``torch.compile`` traces through it. Kernels run on
@@ -64,7 +65,7 @@ from typing import Optional
 
 import torch
 
-from . import _checks, _gemm, torch_backend
+from . import _checks, _gemm, losses, torch_backend
 
 OPTIONS = ("chunk_bytes", "token_chunk")
 DEFAULT_CHUNK_BYTES = 1 << 30
@@ -329,6 +330,44 @@ def _(pi, rho, labels, delta, beta, delta_value, inv_k):
     return pi.new_empty((), dtype=torch.float32), torch.empty_like(pi)
 
 
+def _segment_sum_setup(ctx, inputs, output):
+    x, valid, cu_seqlens, average = inputs
+    ctx.n, ctx.average = x.shape[0], average
+    ctx.save_for_backward(valid, cu_seqlens, output[1])
+
+
+def _segment_sum_backward(ctx, grad_out, _grad_count):
+    """Every counted token of sequence ``s`` gets ``grad_out[s]`` (over ``count[s]`` when
+    averaging): a gather by sequence index, no atomics, no host sync."""
+    valid, cu, count = ctx.saved_tensors
+    if grad_out is None or ctx.n == 0:
+        return None, None, None, None
+    g = grad_out / count.clamp_min(1.0) if ctx.average else grad_out
+    seq = torch.searchsorted(cu[1:], torch.arange(ctx.n, device=cu.device, dtype=cu.dtype),
+                             right=True)  # cu ends at N: every token has a sequence
+    gx = g[seq]
+    if valid is not None:
+        gx = torch.where(valid, gx, 0.0)
+    return gx, None, None, None
+
+
+_segment_sum_op.register_autograd(_segment_sum_backward, setup_context=_segment_sum_setup)
+
+
+def _bce_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _bce_backward(ctx, grad_loss, _grad_coef):
+    """``dloss/dpi`` is the kernel's ``coef``; ``rho``, the labels and ``delta`` are constants
+    of the loss (as in ``losses.bce_reward_loss``)."""
+    (coef,) = ctx.saved_tensors
+    return (None if grad_loss is None else grad_loss * coef), None, None, None, None, None, None
+
+
+_bce_op.register_autograd(_bce_backward, setup_context=_bce_setup)
+
+
 # --- the backend contract ----------------------------------------------------------------------
 
 def _check_inputs(hidden, weight, targets, bias):
@@ -459,19 +498,24 @@ def backward(hidden, weight, targets, bias, lse, logp, grad_logp, *, temperature
 
 
 # --- the O(N) part of the SPoT loss --------------------------------------------------------------
+# ``spot_loss(backend="cuda")`` runs these in eager mode: two launches forward (the sequence sums,
+# the BCE with its coefficients) where the torch tail issues about fifteen, and a gather backward.
+# Under ``torch.compile`` it keeps the torch tail, which the compiler fuses.
 
 def segment_sums(token_logps, cu_seqlens, valid=None, average=False):
     """Per-sequence sums (means over counted tokens with ``average``) of ``token_logps [N]``
-    over ``cu_seqlens [S + 1]`` and the counted tokens, float32 ``([S], [S])``. The caller
-    validates ``cu_seqlens`` (``spot_kernels._checks.cu_seqlens``): the kernel trusts it."""
+    over ``cu_seqlens [S + 1]`` and the counted tokens, float32 ``([S], [S])``, differentiable
+    in ``token_logps``. The caller validates ``cu_seqlens`` (``spot_kernels._checks.cu_seqlens``,
+    ending at N): the kernel trusts it."""
     x = token_logps.float().contiguous()
     v = None if valid is None else valid.contiguous()
     return _segment_sum_op(x, v, cu_seqlens.contiguous(), bool(average))
 
 
 def bce_forward(policy_logps, ref_logps, labels, *, beta=0.1, delta=0.0, reduction="pairs"):
-    """SPoT's reward BCE ``loss`` (float32 scalar) and ``coef = dloss/dpi`` ``[S]``.
-    ``delta`` may be a number or a one-element CUDA tensor (read on the device)."""
+    """SPoT's reward BCE ``loss`` (float32 scalar, differentiable in ``policy_logps``) and
+    ``coef = dloss/dpi`` ``[S]``. ``delta`` may be a number or a one-element CUDA tensor (read
+    on the device)."""
     s = policy_logps.shape[0]
     k = {"pairs": s / 2, "mean": s, "sum": 1}[reduction]
     d_t = None
@@ -480,7 +524,23 @@ def bce_forward(policy_logps, ref_logps, labels, *, beta=0.1, delta=0.0, reducti
         d_t = delta.detach().reshape(1).float().contiguous()
     else:
         d_v = float(delta)
-    return _bce_op(policy_logps.detach().float().contiguous(),
+    return _bce_op(policy_logps.float().contiguous(),
                    ref_logps.detach().float().contiguous(),
                    labels.detach().float().contiguous(), d_t, float(beta), d_v,
                    1.0 / max(k, 1))
+
+
+def sequence_logprobs(token_logps, cu_seqlens, valid=None, average=False):
+    """``losses.sequence_logprobs`` through the segment-sum kernel."""
+    return segment_sums(token_logps, cu_seqlens, valid, average)[0]
+
+
+def bce_reward_loss(policy_logps, ref_logps, labels, beta=0.1, delta=0.0, reduction="pairs"):
+    """``losses.bce_reward_loss`` through the BCE kernel; the same ``(loss, stats)``."""
+    loss, _ = bce_forward(policy_logps, ref_logps, labels, beta=beta, delta=delta,
+                          reduction=reduction)
+    if isinstance(delta, torch.Tensor):
+        delta = delta.detach().float().reshape(())
+    stats = losses.bce_stats(policy_logps.float(), ref_logps.detach().float(),
+                             labels.detach().float(), beta, delta)
+    return loss, stats

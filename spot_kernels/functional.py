@@ -254,11 +254,22 @@ def spot_loss(hidden, weight, targets, cu_seqlens, ref_logps, labels, *, beta=0.
                           backend_options=backend_options,
                           process_group=process_group).reshape(-1)
     valid = targets.reshape(-1).long() != ignore_index  # long: uint8 would wrap ignore_index
-    policy = losses.sequence_logprobs(logp, cu_seqlens, valid, average)
+    tail = _tail(backend, hidden.device)
+    policy = tail.sequence_logprobs(logp, cu_seqlens, valid, average)
     if callable(delta) and s == 0:
         delta = 0.0  # no sequences: no batch mean to update a running estimate with (not NaN)
     elif callable(delta):
         delta = delta((beta * (policy.detach() - ref_logps.detach().float())).mean())
         _checks.delta_value(delta)
-    loss, stats = losses.bce_reward_loss(policy, ref_logps, labels, beta, delta, reduction)
+    loss, stats = tail.bce_reward_loss(policy, ref_logps, labels, beta, delta, reduction)
     return SpotLossOutput(loss, policy, stats["rewards"], stats)
+
+
+def _tail(backend, device):
+    """Who computes ``spot_loss``'s O(N + S) part: the CUDA kernels (``cuda.segment_sums``,
+    ``cuda.bce_forward``) when the ``cuda`` backend runs eagerly, else plain torch (which
+    ``torch.compile`` fuses)."""
+    if torch.compiler.is_compiling() or _registry.resolve(backend, device) != "cuda":
+        return losses
+    from . import cuda
+    return cuda

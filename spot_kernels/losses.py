@@ -8,7 +8,8 @@ The segment sums add in a fixed order, forward and backward (``torch.segment_red
 segmented reduction on CUDA, one loop per segment on the CPU), never with floating-point
 atomics (``index_add``, ``scatter_add``, a float ``cumsum`` on CUDA), so a loss whose token
 part is deterministic (every backend but Triton's default backward) is bit-identical run to
-run.
+run. (``spot_loss(backend="cuda")`` runs the same math in the extension's kernels instead:
+``spot_kernels.cuda.segment_sums`` and ``bce_forward``, with ``bce_stats`` below for the stats.)
 """
 from __future__ import annotations
 
@@ -51,12 +52,20 @@ def bce_reward_loss(policy_logps, ref_logps, labels, beta=0.1, delta=0.0, reduct
     per_seq = y * F.softplus(-u) + (1.0 - y) * F.softplus(u)
     k = {"pairs": s / 2, "mean": s, "sum": 1}[reduction]
     loss = per_seq.sum() / max(k, 1)
+    return loss, bce_stats(pi, rho, y, beta, delta)
+
+
+def bce_stats(pi, rho, y, beta, delta):
+    """The detached statistics of ``bce_reward_loss`` (float32 ``pi``, ``rho`` and ``y``
+    ``[S]``; ``delta`` a number or a 0-dim float32 tensor), with no host synchronisation."""
+    s = pi.shape[0]
     with torch.no_grad():
+        pi = pi.detach()
         # masks and sorts, never boolean indexing: its data-dependent shape would make the
         # host wait for the device (a nonzero) on every step
-        rewards = beta * (pi.detach() - rho)
+        rewards = beta * (pi - rho)
         chosen = y >= 0.5
-        sig = torch.sigmoid(u.detach())
+        sig = torch.sigmoid(rewards - delta)  # sigmoid(u), u as in the loss
         nan = rewards.new_full((), float("nan"))
 
         def mean(x, mask=None):
@@ -80,8 +89,8 @@ def bce_reward_loss(policy_logps, ref_logps, labels, beta=0.1, delta=0.0, reduct
             "rewards_rejected": mean(rewards, ~chosen),
             "accuracy": mean((r_c > r_r).float(), paired),
             "margin": mean(r_c - r_r, paired),
-            "logps_chosen": mean(pi.detach(), chosen),
-            "logps_rejected": mean(pi.detach(), ~chosen),
+            "logps_chosen": mean(pi, chosen),
+            "logps_rejected": mean(pi, ~chosen),
             "saturated": mean(((sig < SATURATED) | (sig > 1 - SATURATED)).float()),
         }
-    return loss, stats
+    return stats

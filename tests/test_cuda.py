@@ -373,6 +373,16 @@ def test_segment_sums(cu_dtype, average, with_valid, dev):
                                                   average))
     same = reference.sequence_logprobs(x.float(), cu, valid, average)
     assert_close(out, same, truth, torch.float32, "segment sums", atol=1e-6)
+    # the backward: each counted token gets its sequence's gradient (over its count averaged)
+    x32 = x.float().to(dev).requires_grad_()
+    x64 = x.clone().requires_grad_()
+    gout = torch.randn(len(lens), generator=g, dtype=torch.float64)
+    vd = None if valid is None else valid.to(dev)
+    (gx,) = torch.autograd.grad(cuda.segment_sums(x32, cu.to(dev), vd, average)[0],
+                                x32, gout.float().to(dev))
+    (gx64,) = torch.autograd.grad(reference.sequence_logprobs(x64, cu, valid, average), x64,
+                                  gout)
+    torch.testing.assert_close(gx.double().cpu(), gx64, rtol=1e-6, atol=1e-7)
     counted = lens if valid is None else torch.stack(
         [valid[int(cu[s]):int(cu[s + 1])].sum() for s in range(len(lens))])
     assert torch.equal(count.cpu(), counted.float())
@@ -407,6 +417,66 @@ def test_bce_forward(reduction, delta_kind, dev):
     assert_close(coef, same_coef, coef64, torch.float32, "coef")
 
 
+@pytest.mark.parametrize("average", [False, True])
+@pytest.mark.parametrize("delta_kind", ["number", "tensor"])
+def test_spot_loss_tail_runs_the_kernels_and_their_backward(average, delta_kind, dev):
+    """``spot_loss(backend="cuda")`` sums the sequences and takes the BCE in the extension's
+    kernels, and their backward (a gather of ``dL/dpi`` by sequence) gives every token its
+    gradient: the loss, the policy log-probs and ``dh``, ``dW`` against float64, with empty
+    sequences, one with no counted token and int32 ``cu_seqlens``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    h, w, b, t = make_head(53, 24, 90, torch.float32, dev, bias=True, scale=2.0, seed=21)
+    lens = [0, 9, 6, 0, 14, 11, 13]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32,
+                      device=dev)
+    t[15:29] = -100  # the fifth sequence counts no token
+    s = len(lens)
+    g = torch.Generator().manual_seed(22)
+    ref = (torch.randn(s, generator=g) * 5 - 60).to(dev)
+    labels = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.7], device=dev)
+    beta, delta = 0.2, 0.3
+    d = delta if delta_kind == "number" else torch.tensor(delta, device=dev)
+    kw = dict(bias=b, temperature=0.8, softcap=12.0)
+    leaves = [h.clone().requires_grad_(), w.clone().requires_grad_()]
+    with Seen() as seen:
+        out = sk.spot_loss(*leaves, t, cu, ref, labels, beta=beta, delta=d, average=average,
+                           reduction="mean", backend="cuda", **kw)
+        grads = torch.autograd.grad(out.loss, leaves)
+    assert {"cuda_segment_sum", "cuda_bce_forward"} <= seen.names, sorted(seen.names)
+
+    leaves64 = [x.double().requires_grad_() for x in (h, w)]
+    logp64 = reference.token_logprobs(*leaves64, t, b.double(), temperature=0.8, softcap=12.0,
+                                      compute_dtype=torch.float64)
+    pi64 = reference.sequence_logprobs(logp64, cu, t != -100, average)
+    u = beta * (pi64 - ref.double()) - delta
+    y = labels.double()
+    loss64 = (y * F.softplus(-u) + (1 - y) * F.softplus(u)).mean()
+    g64 = torch.autograd.grad(loss64, leaves64)
+    # the same loss through the torch tail, in float32: the tolerance rule's same-dtype term
+    leaves32 = [x.clone().requires_grad_() for x in (h, w)]
+    logp32 = sk.token_logprobs(*leaves32, t, backend="torch", **kw)
+    pi32 = sk.sequence_logprobs(logp32, cu, valid=t != -100, average=average)
+    loss32, stats32 = sk.bce_reward_loss(pi32, ref, labels, beta=beta, delta=delta,
+                                         reduction="mean")
+    g32 = torch.autograd.grad(loss32, leaves32)
+    assert_close(out.policy_logps, pi32, pi64, torch.float32, "policy")
+    assert_close(out.loss, loss32, loss64, torch.float32, "loss")
+    for name, a, same, tr in zip(("dh", "dW"), grads, g32, g64):
+        assert_close(a, same, tr, torch.float32, name, atol=1e-5)
+    for key, value in stats32.items():
+        torch.testing.assert_close(out.stats[key], value, equal_nan=True, msg=key)
+
+
 def test_custom_ops_opcheck(dev):
     h, w, b, t = make_head(9, 16, 72, torch.bfloat16, dev, bias=True)
     a = h @ w.t()
@@ -419,9 +489,13 @@ def test_custom_ops_opcheck(dev):
     torch.library.opcheck(ops.cuda_lse_forward, (a, b, t, 2.0, 0.5, -100, True))
     torch.library.opcheck(ops.cuda_backward_epilogue_,
                           (a.clone(), b, t, hi, scale, q, g, 0.0, 1.0, -100))
-    torch.library.opcheck(ops.cuda_segment_sum, (x, None, cu, True))
-    torch.library.opcheck(ops.cuda_bce_forward, (x[:4], x[4:8], torch.rand(4, device=dev), None,
-                                                 0.1, 0.0, 0.5))
+    for grad in (False, True):  # with a gradient: the autograd registration too
+        xg = x.clone().requires_grad_(grad)
+        valid = torch.rand(9, device=dev) > 0.3
+        torch.library.opcheck(ops.cuda_segment_sum, (xg, None, cu, True))
+        torch.library.opcheck(ops.cuda_segment_sum, (xg, valid, cu.long(), False))
+        torch.library.opcheck(ops.cuda_bce_forward, (xg[:4], x[4:8], torch.rand(4, device=dev),
+                                                     None, 0.1, 0.0, 0.5))
 
 
 def test_raw_op_checks(dev):

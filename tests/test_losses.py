@@ -190,7 +190,18 @@ def test_bce_stats_pair_in_batch_order_with_unequal_counts():
             assert stats[key].item() == pytest.approx(value, rel=1e-5, nan_ok=True), (key, labels)
 
 
-def _tail_ops():
+@pytest.fixture(params=["torch", "cuda"])
+def tail(request):
+    """The two tails of ``spot_loss``: plain torch, and the cuda backend's kernels (their host
+    build on the CPU)."""
+    if request.param == "torch":
+        return sk.losses
+    request.getfixturevalue("cuda_host")
+    from spot_kernels import cuda
+    return cuda
+
+
+def _tail_ops(tail):
     """The ops (name, args) the O(N + S) part of the loss runs (sequence sums, the BCE and its
     stats, their backward), seen on the CPU through the dispatcher, which records the same ops
     as on CUDA."""
@@ -211,19 +222,19 @@ def _tail_ops():
     valid = torch.rand(40, generator=g) > 0.2
     labels = torch.tensor([1.0, 0.0, 0.0, 1.0])
     with Ops() as ops:
-        pi = sk.losses.sequence_logprobs(tokens, cu, valid, average=True)
-        loss, stats = sk.losses.bce_reward_loss(pi, torch.zeros(4), labels, beta=0.2, delta=0.1)
+        pi = tail.sequence_logprobs(tokens, cu, valid, average=True)
+        loss, stats = tail.bce_reward_loss(pi, torch.zeros(4), labels, beta=0.2, delta=0.1)
         loss.backward()
     assert torch.isfinite(stats["accuracy"]) and tokens.grad.abs().sum() > 0
     return ops.seen
 
 
-def test_spot_loss_tail_has_no_op_that_waits_for_the_device():
+def test_spot_loss_tail_has_no_op_that_waits_for_the_device(tail):
     """No op whose output size or value the host must read from a GPU (``nonzero``, boolean
     indexing, ``.item()``...): on CUDA each would stall the stream every step."""
     syncing = {"nonzero", "masked_select", "_local_scalar_dense", "unique", "_unique2",
                "masked_scatter", "repeat_interleave"}
-    bad = [name for name, args in _tail_ops()
+    bad = [name for name, args in _tail_ops(tail)
            if name in syncing or (name.startswith("index") and any(
                isinstance(i, torch.Tensor) and i.dtype == torch.bool
                for i in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple))
@@ -231,12 +242,12 @@ def test_spot_loss_tail_has_no_op_that_waits_for_the_device():
     assert not bad, bad
 
 
-def test_spot_loss_tail_adds_without_float_atomics():
+def test_spot_loss_tail_adds_without_float_atomics(tail):
     """No op that sums floats through atomics on CUDA (``torch.use_deterministic_algorithms``
     lists them), so the sums' order, and so the loss's last bits, cannot change from run to
     run: ``index_add`` here made every deterministic backend's ``spot_loss`` vary."""
     atomic = {"index_add", "index_add_", "scatter_add", "scatter_add_", "scatter_reduce",
               "scatter_reduce_", "index_put", "index_put_", "_index_put_impl_", "put_",
               "index_reduce", "index_reduce_", "cumsum", "cumsum_", "embedding_dense_backward"}
-    bad = [name for name, _ in _tail_ops() if name in atomic]
+    bad = [name for name, _ in _tail_ops(tail) if name in atomic]
     assert not bad, bad
