@@ -51,6 +51,32 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=prio)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Marks a point whose call raised (failed, or skipped from inside an ``except``)."""
+    yield
+    if call.when == "call" and call.excinfo is not None:
+        item._bench_raised = True
+
+
+def pytest_runtest_teardown(item):
+    """A point that raised keeps its tensors (gigabytes at the real heads) alive after it: pytest
+    keeps the last failure in ``sys.last_value`` for post-mortems, and an exception raised in an
+    ``except`` block chains the first one, whose frames form reference cycles that only the
+    cycle collector frees. Drop both now and return the memory to the device, so the points
+    after a failure do not run out of memory because of it."""
+    if not getattr(item, "_bench_raised", False):
+        return
+    import gc
+    import sys
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        if hasattr(sys, name):
+            delattr(sys, name)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_sessionfinish(session):
     """A run stopped mid-point (SIGINT from ``timeout``) leaves a benchmark with no rounds, on

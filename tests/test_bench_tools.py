@@ -237,3 +237,51 @@ def test_trl_peer_scores_as_trl_trainers_do():
     assert bool((fn(x["h"], x["w"], x["t"])[x["t"] == _bench.IGNORE] == 0).all())
     for what, err, bound in _bench.check_grads("trl", fn, x):
         assert err <= bound, (what, err, bound)
+
+
+LEAK = '''
+import gc, weakref
+import pytest, torch
+gc.disable()  # as when the collector has not run yet between two points
+alive = {}
+
+def _raise_in_except(name, outcome):
+    big = torch.ones(1 << 16)  # a point's inputs
+    alive[name] = weakref.ref(big)
+    try:
+        raise RuntimeError("kernel failed")
+    except RuntimeError as exc:
+        err = exc  # the frame holds the first exception: a cycle, as _bench.failed makes
+        outcome(f"{name}: {err}")
+
+def test_ours_fails():
+    _raise_in_except("ours", pytest.fail)
+
+def test_a_peer_skips():
+    _raise_in_except("peer", pytest.skip)
+
+def test_the_next_point_finds_their_memory_freed():
+    assert [k for k, ref in alive.items() if ref() is not None] == []
+'''
+
+
+@pytest.mark.parametrize("with_hooks", [False, True])
+def test_a_point_that_raised_frees_its_tensors_before_the_next(tmp_path, with_hooks):
+    """After a point fails (or a peer is skipped from inside an ``except``), its tensors must
+    not stay alive into the next point through ``sys.last_value`` or the frames' reference
+    cycles: at the real heads that is gigabytes, and the next points would run out of memory.
+    Without the benchmarks' hooks the last test sees them alive (the check can fail)."""
+    import os
+    import subprocess
+    (tmp_path / "test_leak.py").write_text(LEAK)
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_leak.py"]
+    if with_hooks:
+        args[3:3] = ["-p", "conftest"]  # benchmarks/conftest.py, as a plugin
+    env = dict(os.environ, PYTHONPATH=str(BENCH))
+    out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120).stdout
+    summary = out.strip().splitlines()[-1]
+    if with_hooks:
+        assert "1 failed, 1 passed, 1 skipped" in summary, out
+    else:
+        assert "2 failed, 1 skipped" in summary and "['ours', 'peer']" in out, out
