@@ -216,6 +216,13 @@ class Policy(torch.nn.Module):
         self.backend = backend
 
     def forward(self, batch, ref_logps=None, labels=None, **loss_kw):
+        # spot.data's packer built this batch on the host, from token ids checked against the
+        # model's vocabulary when the data was loaded: on a GPU, skip the value checks that
+        # would each make the host wait for the device (on the CPU they cost nothing)
+        with sk.value_checks(batch["input_ids"].device.type != "cuda"):
+            return self._forward(batch, ref_logps, labels, **loss_kw)
+
+    def _forward(self, batch, ref_logps=None, labels=None, **loss_kw):
         hidden, weight, bias, softcap, temperature = head_inputs(
             self.model, batch["input_ids"], batch["position_ids"], batch["cu_seqlens"])
         rows = batch["rows"]  # only the tokens whose target counts go through the head

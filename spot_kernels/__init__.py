@@ -9,6 +9,7 @@ never materialising the ``[tokens x vocab]`` logits.
 Importing this package touches neither CUDA nor Triton; backends load on first use.
 """
 from . import hf, nn
+from ._checks import value_checks
 from ._registry import available_backends
 from .functional import (SpotLossOutput, bce_reward_loss, sequence_logprobs, spot_loss,
                          token_logprobs)
@@ -16,4 +17,4 @@ from .functional import (SpotLossOutput, bce_reward_loss, sequence_logprobs, spo
 __version__ = "0.1.0"
 
 __all__ = ["token_logprobs", "sequence_logprobs", "bce_reward_loss", "spot_loss",
-           "available_backends", "SpotLossOutput", "nn", "hf", "__version__"]
+           "available_backends", "value_checks", "SpotLossOutput", "nn", "hf", "__version__"]

@@ -2,8 +2,10 @@
 names the argument, before any kernel runs."""
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import threading
 
 import torch
 
@@ -16,6 +18,32 @@ def tensor(name, x):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
 
 
+_values = threading.local()
+
+
+@contextlib.contextmanager
+def value_checks(enabled=True):
+    """``with spot_kernels.value_checks(False):`` skips, in this thread, the checks that read
+    tensor values: targets in ``[0, V)`` or ``ignore_index``, ``cu_seqlens`` from 0 to N and
+    non-decreasing, labels in ``[0, 1]``. On a GPU each of them makes the host wait for the
+    device once per call; a trainer that checked its batches on the host before moving them
+    skips that wait. Shapes, dtypes and devices are still checked. Values are then trusted:
+    a bad target gives a wrong log-prob (or, in the ``torch`` and ``reference`` backends, an
+    indexing error, a device assert on a GPU), a bad ``cu_seqlens`` reads out of bounds."""
+    before = getattr(_values, "on", True)
+    _values.on = bool(enabled)
+    try:
+        yield
+    finally:
+        _values.on = before
+
+
+def reading_values(x):
+    """Whether the value checks may read ``x``: they are on in this thread (``value_checks``)
+    and no CUDA graph is being captured."""
+    return getattr(_values, "on", True) and not capturing(x)
+
+
 def capturing(x):
     """Whether ``x``'s values cannot be read now: a CUDA graph is being captured on the current
     stream (a host read would end the capture with an error). The value checks are skipped
@@ -26,7 +54,7 @@ def capturing(x):
 def targets_in_vocab(targets, v, ignore_index):
     """Targets in ``[0, V)`` or ``ignore_index`` (a host read of the device; skipped while a
     CUDA graph is captured)."""
-    if targets.numel() and not capturing(targets):
+    if targets.numel() and reading_values(targets):
         t = targets.long()  # uint8 targets would compare with a wrapped ignore_index (-100 -> 156)
         bad = ((t < 0) | (t >= v)) & (t != ignore_index)
         if bool(bad.any()):
@@ -127,6 +155,8 @@ def cu_seqlens(cu, n, device):
         raise ValueError(f"cu_seqlens must have shape [S + 1] with S >= 0, got {tuple(cu.shape)}")
     if cu.device != torch.device(device):
         raise ValueError(f"cu_seqlens is on {cu.device} but the tokens are on {device}")
+    if not reading_values(cu):
+        return cu.shape[0] - 1
     values = cu.tolist()
     if values[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {values[0]}")
@@ -199,7 +229,7 @@ def bce_inputs(policy, ref, labels, beta, delta, reduction, s=None, allow_callab
     if reduction == "pairs" and s % 2:
         raise ValueError(f"reduction='pairs' needs an even number of sequences (chosen and "
                          f"rejected), got {s}; use reduction='mean' or 'sum'")
-    if s:
+    if s and reading_values(labels):
         lab = labels.float()
         if bool(((lab < 0) | (lab > 1) | lab.isnan()).any()):
             raise ValueError("labels must lie in [0, 1] (1 = chosen y+, 0 = rejected y-)")

@@ -302,7 +302,7 @@ def _rows(name, x, b, length):
 def _positions_from_cu(cu, n, device):
     cu = cu.to(device=device, dtype=torch.long)
     lengths = cu[1:] - cu[:-1]
-    starts = torch.repeat_interleave(cu[:-1], lengths)
+    starts = torch.repeat_interleave(cu[:-1], lengths, output_size=n)  # sized: no host wait
     return (torch.arange(n, device=device) - starts).unsqueeze(0)
 
 
@@ -398,7 +398,8 @@ def _prepare(model, input_ids, inputs_embeds, attention_mask, position_ids, cu_s
         if position_ids is None:
             position_ids = _positions_from_cu(cu_seqlens, length, device)
         seg = torch.repeat_interleave(torch.arange(cu_seqlens.numel() - 1, device=device),
-                                      (cu_seqlens[1:] - cu_seqlens[:-1]).to(device).long())
+                                      (cu_seqlens[1:] - cu_seqlens[:-1]).to(device).long(),
+                                      output_size=length)
         seg = seg.unsqueeze(0)
         packed = True
     elif position_ids is not None:

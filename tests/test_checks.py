@@ -134,3 +134,72 @@ def test_freed_storage_weight_is_named():
     w.untyped_storage().resize_(0)
     with pytest.raises(ValueError, match="weight has no storage"):
         call_logprobs(weight=w)
+
+
+def _host_reads(fn):
+    """The ops of ``fn`` that copy a value to the host (``.item()``, ``bool()`` of a tensor):
+    on a GPU each one waits for the device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "_local_scalar_dense":
+                self.seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Reads() as reads:
+        fn()
+    return reads.seen
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_value_checks_off_reads_no_value_and_trusts_it(backend):
+    """``value_checks(False)`` skips the checks that read values (targets, labels,
+    ``cu_seqlens``): a whole ``spot_loss`` step, forward and backward, then copies nothing to
+    the host, and gives the same loss; with the checks on, the same step reads values, and bad
+    values raise."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(12, D, generator=g, requires_grad=True)
+    w = torch.randn(V, D, generator=g)
+    t = torch.randint(0, V, (12,), generator=g)
+    cu, ref = torch.tensor([0, 3, 7, 9, 12]), torch.randn(4, generator=g) - 10
+    labels = torch.tensor([1.0, 0.0, 1.0, 0.0])
+
+    def step():
+        out = sk.spot_loss(h, w, t, cu, ref, labels, backend=backend)
+        out.loss.backward()
+        return out.loss.detach()
+
+    loss_on = step()
+    assert _host_reads(step)  # the checks read the targets and the labels
+    with sk.value_checks(False):
+        assert _host_reads(step) == []
+        assert torch.equal(step(), loss_on)
+        # trusted, not checked: a label of 2 is used as given, cu_seqlens are not read
+        sk.spot_loss(h, w, t, cu, ref, torch.tensor([2.0, 0.0, 1.0, 0.0]), backend=backend)
+        from spot_kernels import _checks
+        assert _checks.cu_seqlens(torch.tensor([1, 0, 7]), 5, "cpu") == 2
+    with pytest.raises(ValueError, match="labels"):
+        sk.spot_loss(h, w, t, cu, ref, torch.tensor([2.0, 0.0, 1.0, 0.0]), backend=backend)
+
+
+def test_value_checks_are_restored_and_per_thread():
+    """The switch ends with its block, also when the block raises, and holds only in the
+    thread that set it."""
+    import threading
+    bad = dict(targets=torch.full((N,), V))
+    seen = []
+    with pytest.raises(RuntimeError, match="inside"):
+        with sk.value_checks(False):
+            worker = threading.Thread(target=lambda: seen.append(
+                pytest.raises(ValueError, call_logprobs, **bad)))
+            worker.start()
+            worker.join()
+            raise RuntimeError("inside")
+    assert len(seen) == 1  # the other thread still checked its targets
+    with pytest.raises(ValueError, match="targets"):
+        call_logprobs(**bad)
