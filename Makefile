@@ -63,10 +63,8 @@ bench: install
 # machine's Python. trl's fused head imports trl.trainer.utils in its backward, which needs
 # datasets (and its dill, multiprocess), missing from the GPU image. Pinned, so that runs on
 # different days compare the same peers (the suite records their versions in ceilings.json).
-# pytest-xdist (and its execnet), also missing there, lets the suite run its GPU tests in parallel
-# workers (compiling Triton kernels is most of their time; the stage has 120 s).
 WHEELS_PYTHON ?= 3.12
 wheels:
 	$(PIP) download -q --no-deps --only-binary=:all: --python-version $(WHEELS_PYTHON) -d wheels \
 	  liger-kernel==0.8.5 cut-cross-entropy==25.1.1 trl==1.16.0 datasets==5.2.0 dill==0.4.1 \
-	  multiprocess==0.70.19 pytest-xdist==3.8.0 execnet==2.1.2
+	  multiprocess==0.70.19

@@ -38,8 +38,7 @@
 #
 # To bring peers to a machine without network, beforehand on one with it: make wheels
 #   (the peers liger-kernel, cut-cross-entropy and trl, and what trl's backward imports that the
-#   GPU image lacks: datasets, dill, multiprocess; and pytest-xdist with execnet, for the GPU
-#   tests' parallel workers; all for the GPU machine's Python 3.12)
+#   GPU image lacks: datasets, dill, multiprocess; all for the GPU machine's Python 3.12)
 set -u -o pipefail
 
 OUT_DIR=""
