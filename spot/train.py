@@ -186,13 +186,29 @@ def dpo_loss(pi, ref, labels, beta):
 def compute_loss(policy, batch, ref_logps, delta, cfg, dst=None):
     """Forward one packed micro-batch through the fused ``spot_loss``; ``delta`` is updated with
     this batch's mean reward (every rank's) before the loss uses it. Returns ``(loss, stats)``."""
+    loss, scalars = _loss_and_scalars(policy, batch, ref_logps, delta, cfg, dst)
+    # one device-to-host copy for all of them (each float() of a GPU tensor waits for the GPU)
+    stats = dict(zip(STAT_KEYS, scalars.tolist()))
+    stats["delta"] = delta.value
+    return loss, stats
+
+
+STAT_KEYS = ("reward_mean", "rewards_chosen", "rewards_rejected", "accuracy", "margin",
+             "logps_chosen", "logps_rejected", "saturated", "loss")
+
+
+def _loss_and_scalars(policy, batch, ref_logps, delta, cfg, dst=None):
+    """``compute_loss`` with its stats left on the device, as one float64 tensor in the order of
+    ``STAT_KEYS``: the training loop reads them once per step, after the backward is queued."""
     device = batch["input_ids"].device
     ref = ref_logps.to(device)[batch["seq_ids"]]
     labels = batch["labels"].to(device)
 
     def update_delta(batch_mean):
+        if cfg.delta == "zero":
+            return 0.0  # nothing to read back
         m = batch_mean.reshape(1)
-        if dst is not None and dst.on and cfg.delta != "zero":
+        if dst is not None and dst.on:
             ms = [torch.zeros_like(m) for _ in range(dst.world)]
             dist.all_gather(ms, m)
             return delta.update(torch.cat(ms).tolist())  # one wait for the device
@@ -200,12 +216,8 @@ def compute_loss(policy, batch, ref_logps, delta, cfg, dst=None):
 
     out = policy(batch, ref, labels, beta=cfg.beta, delta=update_delta)
     loss = dpo_loss(out.policy_logps, ref, labels, cfg.beta) if cfg.loss == "dpo" else out.loss
-    scalars = {k: v for k, v in out.stats.items() if k != "rewards"} | {"loss": loss.detach()}
-    # one device-to-host copy for all of them (each float() of a GPU tensor waits for the GPU)
-    values = torch.stack([v.float().reshape(()) for v in scalars.values()]).tolist()
-    stats = dict(zip(scalars, values))
-    stats["delta"] = delta.value
-    return loss, stats
+    values = {**out.stats, "loss": loss.detach()}
+    return loss, torch.stack([values[k].double().reshape(()) for k in STAT_KEYS])
 
 
 # ---------------------------------------------------------------- data plan
@@ -703,16 +715,18 @@ def _train(cfg, log, handle_signals):
             t0 = time.perf_counter()
             if dst.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dst.device)  # the metric is this step's peak
-            sums, tokens = {}, 0
+            sums, tokens, step_sums = {}, 0, None
             for k in range(cfg.grad_accum):
                 micro = plans[epoch][s * per_step + k * dst.world + dst.rank]
                 batch = to_device(D.pack(examples, micro), dst.device)
                 tokens += batch["input_ids"].numel()
                 with autocast(cfg, dst.device):
-                    loss, stats = compute_loss(policy, batch, ref, delta, cfg, dst)
+                    loss, scalars = _loss_and_scalars(policy, batch, ref, delta, cfg, dst)
                 (loss / cfg.grad_accum).backward()
-                for key, v in stats.items():
-                    sums[key] = sums.get(key, 0.0) + v / cfg.grad_accum
+                step_sums = scalars if step_sums is None else step_sums + scalars
+                sums["delta"] = sums.get("delta", 0.0) + delta.value / cfg.grad_accum
+            # the stats of the step's micro-batches, read once with the backward already queued
+            sums.update(zip(STAT_KEYS, (step_sums / cfg.grad_accum).tolist()))
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import spot_kernels as sk
 from spot import data as D
 from spot.config import TrainConfig
 from spot.demo import make_pairs
@@ -91,6 +92,9 @@ def test_one_step_equals_unfused_trl(loss_kind):
         want = -F.logsigmoid(rc - rr).mean()
     want.backward()
     assert abs(stats["delta"] - moments.mean) < 1e-6
+    # every stat of the loss is logged (the trainer lists them in STAT_KEYS)
+    _, every = sk.bce_reward_loss(torch.zeros(2), torch.zeros(2), torch.tensor([1.0, 0.0]))
+    assert set(stats) == set(every) - {"rewards"} | {"loss", "delta"}
     torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-5, atol=1e-6)
     assert abs(stats["accuracy"] - float((rc > rr).float().mean())) < 1e-6
     named = dict(truth_model.named_parameters())
