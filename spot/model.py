@@ -219,7 +219,8 @@ class Policy(torch.nn.Module):
         # spot.data's packer built this batch on the host, from token ids checked against the
         # model's vocabulary when the data was loaded: on a GPU, skip the value checks that
         # would each make the host wait for the device (on the CPU they cost nothing)
-        with sk.value_checks(batch["input_ids"].device.type != "cuda"):
+        on_gpu = batch["input_ids"].device.type == "cuda"
+        with sk.value_checks(False) if on_gpu else contextlib.nullcontext():
             return self._forward(batch, ref_logps, labels, **loss_kw)
 
     def _forward(self, batch, ref_logps=None, labels=None, **loss_kw):

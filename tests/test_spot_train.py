@@ -627,3 +627,49 @@ def test_a_model_that_is_not_causal_is_refused_in_one_line(workdir, tmp_path, mo
     assert not (tmp_path / "o").exists()
     monkeypatch.setattr(hf, "sees_ahead", lambda model: False)
     assert train(_cfg(workdir, tmp_path / "o", **cfg), log=lambda m: None)["steps"] == 1
+
+
+@pytest.mark.parametrize("delta_kind", ["running", "zero"])
+def test_a_training_micro_step_waits_for_the_device_only_where_it_must(delta_kind):
+    """On a GPU every read of a device value makes the host wait. A micro-step (forward, loss,
+    backward) as the trainer runs it there (``Policy`` skips the value checks) may read only in
+    transformers' packing detection (its own, once per forward) and, for the running ``delta``,
+    the batch-mean reward it must add; the stats are read once per step, after it. Recorded on
+    the CPU through the dispatcher, which sees the same ops."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from spot.train import _loss_and_scalars
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.where = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            sized = name == "repeat_interleave" and (kwargs or {}).get("output_size") is not None
+            if name in ("_local_scalar_dense", "nonzero", "masked_select", "unique",
+                        "repeat_interleave") and not sized:
+                stack = traceback.extract_stack()
+                allowed = any(f.filename.endswith("masking_utils.py") or f.name == "update_delta"
+                              for f in stack)
+                if not allowed:
+                    self.where.append(f"{name} at " + " <- ".join(
+                        f"{Path(f.filename).name}:{f.lineno}" for f in reversed(stack[-12:-1])))
+            return func(*args, **(kwargs or {}))
+
+    tok = build_tokenizer()
+    ex, _ = D.encode_pairs(tok, [D.to_pair(r, "x") for r in make_pairs(4, 2)], 128)
+    policy = Policy(build_model("qwen3", seed=4), backend="torch")
+    ref = torch.randn(8) - 50
+    cfg = TrainConfig(model="m", data="d", output="o", delta=delta_kind)
+    delta = Delta(delta_kind)
+    batch = D.pack(ex, [0, 1, 2, 3])
+    with sk.value_checks(False):  # what Policy does on a GPU
+        _loss_and_scalars(policy, batch, ref, delta, cfg)[0].backward()  # the probes, once
+        with Reads() as reads:
+            loss, _ = _loss_and_scalars(policy, batch, ref, delta, cfg)
+            loss.backward()
+    assert reads.where == []
