@@ -474,19 +474,21 @@ def _flash_varlen(seg, attention_mask=None):
     every layer (two device synchronisations a layer, and again in checkpointed recomputes).
     A row's leading padding (before its first attended token) is a sequence of its own: in the
     first sequence's segment it would be attended by it. Other padding follows the tokens of
-    its segment, which causal attention never lets them see. One synchronisation, for the
-    longest sequence."""
+    its segment, which causal attention never lets them see. One read of the device: the
+    tokens' sequence indices come to the host (8 bytes a token), where the bounds and the
+    longest sequence (which the kernels need as a number) are counted."""
     b, length = seg.shape
     if attention_mask is None:
         lead = torch.zeros_like(seg, dtype=torch.bool)
     else:
         lead = attention_mask.bool().long().cumsum(-1) == 0
     rows = torch.arange(b, device=seg.device)[:, None] * (length + 1)
-    counts = torch.bincount((seg + (~lead).long() + rows).flatten())
+    counts = torch.bincount((seg + (~lead).long() + rows).flatten().cpu())
     counts = counts[counts > 0]
     if not counts.numel():
         return {}
     cu = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+    cu = cu.to(seg.device, non_blocking=True)  # no stream sync for the way back
     longest = int(counts.max())
     return dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
 
