@@ -52,8 +52,8 @@ def capturing(x):
 
 
 def targets_in_vocab(targets, v, ignore_index):
-    """Targets in ``[0, V)`` or ``ignore_index`` (a host read of the device; skipped while a
-    CUDA graph is captured)."""
+    """Targets in ``[0, V)`` or ``ignore_index`` (a host read of the device; skipped under
+    ``value_checks(False)`` and while a CUDA graph is captured)."""
     if targets.numel() and reading_values(targets):
         t = targets.long()  # uint8 targets would compare with a wrapped ignore_index (-100 -> 156)
         bad = ((t < 0) | (t >= v)) & (t != ignore_index)
