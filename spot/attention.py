@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -87,8 +88,12 @@ def _probe(device_index):
                 _varlen(q, q, q, cu, 5, q.shape[-1] ** -0.5, window)
                 torch.cuda.synchronize(dev)
             ok.append(True)
-        except Exception:  # no flash kernel in this build, or not for this GPU, or no window
-            ok.append(False)
+        except Exception as exc:  # no flash kernel in this build, or not for this GPU, or no
+            ok.append(False)      # window: said once, as the slower path runs from now on
+            warnings.warn(f"spot_varlen: torch's flash varlen kernel failed its probe on "
+                          f"cuda:{device_index}{' with a window' if window else ''} "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                          f"); such layers run one SDPA call per sequence", stacklevel=2)
     return ok[0], ok[0] and ok[1]
 
 
