@@ -494,11 +494,13 @@ def test_spot_loss_is_bit_identical_run_to_run(name, options):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("what", ["token_logprobs", "spot_loss"])
 @pytest.mark.parametrize("name", ["torch", "triton", "cuda"])
-def test_forward_and_backward_capture_in_a_cuda_graph(name):
+def test_forward_and_backward_capture_in_a_cuda_graph(name, what):
     """``torch.cuda.graph`` (and ``torch.compile(mode="reduce-overhead")``) capture the fused
-    head: nothing in a call reads a value on the host while a capture runs (the target check
-    ran in the eager warm-up), and a replay on new inputs gives what eager gives."""
+    head and the whole SPoT loss: nothing in a call reads a value on the host while a capture
+    runs (the value checks ran in the eager warm-up), and a replay on new inputs gives what
+    eager gives."""
     ok, why = _registry.availability(name, "cuda")
     if not ok:
         pytest.skip(why)
@@ -508,7 +510,16 @@ def test_forward_and_backward_capture_in_a_cuda_graph(name):
     hh, ww, bb = (x.detach().clone().requires_grad_() for x in (h, w, b))
     g = torch.randn(300, generator=torch.Generator().manual_seed(4)).cuda()
 
+    cu = torch.tensor([0, 40, 110, 180, 300], device="cuda")
+    ref = torch.randn(4, generator=torch.Generator().manual_seed(5)).cuda() - 500
+    labels = torch.tensor([1.0, 0.0, 1.0, 0.0], device="cuda")
+
     def step():
+        if what == "spot_loss":
+            out = sk.spot_loss(hh, ww, t, cu, ref, labels, bias=bb, beta=0.1, delta=0.02,
+                               backend=name)
+            return (out.loss, out.policy_logps, out.stats["accuracy"],
+                    *torch.autograd.grad(out.loss, (hh, ww, bb)))
         logp = sk.token_logprobs(hh, ww, t, bias=bb, backend=name)
         return (logp, *torch.autograd.grad(logp, (hh, ww, bb), g))
 
