@@ -146,24 +146,32 @@ class Delta:
     all ranks (``W`` values), ``mean += (m - mean) * W / (count + W)``, ``count += W``, starting
     from ``count = 1e-24`` as TRL does. ``ema``: ``delta = (1 - a) delta + a m`` (the first update
     sets it). ``zero``: always 0.
+
+    The state is float64 tensors on the device of the batch means (the same arithmetic as
+    Python floats), so an update reads nothing back: a training step waits for the GPU once, for
+    its metrics, not in the middle of each forward.
     """
 
     def __init__(self, kind="running", alpha=0.1):
         self.kind, self.alpha = kind, alpha
-        self.mean, self.count = 0.0, 1e-24
+        self.mean = torch.zeros((), dtype=torch.float64)
+        self.count = torch.full((), 1e-24, dtype=torch.float64)
 
     def update(self, batch_means):
-        """``batch_means``: the per-rank batch-mean rewards (a list of floats)."""
+        """``batch_means``: the per-rank batch-mean rewards (a list of floats or a 1-D tensor);
+        returns the new ``delta`` (a 0-dim float64 tensor; ``0.0`` for ``zero``)."""
         if self.kind == "zero":
             return 0.0
-        m = sum(batch_means) / len(batch_means)
+        xs = torch.as_tensor(batch_means, dtype=torch.float64).detach().reshape(-1)
+        mean, count = self.mean.to(xs.device), self.count.to(xs.device)
+        w = xs.numel()
+        m = xs.sum() / w
         if self.kind == "running":
-            tot = self.count + len(batch_means)
-            self.mean += (m - self.mean) * len(batch_means) / tot
-            self.count = tot
+            tot = count + w
+            self.mean, self.count = mean + (m - mean) * w / tot, tot
         else:
-            self.mean = m if self.count < 1 else (1 - self.alpha) * self.mean + self.alpha * m
-            self.count += 1
+            self.mean = torch.where(count < 1, m, (1 - self.alpha) * mean + self.alpha * m)
+            self.count = count + 1
         return self.mean
 
     @property
@@ -171,10 +179,12 @@ class Delta:
         return 0.0 if self.kind == "zero" else self.mean
 
     def state_dict(self):
-        return {"kind": self.kind, "alpha": self.alpha, "mean": self.mean, "count": self.count}
+        return {"kind": self.kind, "alpha": self.alpha, "mean": float(self.mean),
+                "count": float(self.count)}
 
     def load_state_dict(self, state):
-        self.mean, self.count = float(state["mean"]), float(state["count"])
+        self.mean = torch.tensor(float(state["mean"]), dtype=torch.float64)
+        self.count = torch.tensor(float(state["count"]), dtype=torch.float64)
 
 
 def dpo_loss(pi, ref, labels, beta):
@@ -188,13 +198,11 @@ def compute_loss(policy, batch, ref_logps, delta, cfg, dst=None):
     this batch's mean reward (every rank's) before the loss uses it. Returns ``(loss, stats)``."""
     loss, scalars = _loss_and_scalars(policy, batch, ref_logps, delta, cfg, dst)
     # one device-to-host copy for all of them (each float() of a GPU tensor waits for the GPU)
-    stats = dict(zip(STAT_KEYS, scalars.tolist()))
-    stats["delta"] = delta.value
-    return loss, stats
+    return loss, dict(zip(STAT_KEYS, scalars.tolist()))
 
 
 STAT_KEYS = ("reward_mean", "rewards_chosen", "rewards_rejected", "accuracy", "margin",
-             "logps_chosen", "logps_rejected", "saturated", "loss")
+             "logps_chosen", "logps_rejected", "saturated", "loss", "delta")
 
 
 def _loss_and_scalars(policy, batch, ref_logps, delta, cfg, dst=None):
@@ -211,12 +219,13 @@ def _loss_and_scalars(policy, batch, ref_logps, delta, cfg, dst=None):
         if dst is not None and dst.on:
             ms = [torch.zeros_like(m) for _ in range(dst.world)]
             dist.all_gather(ms, m)
-            return delta.update(torch.cat(ms).tolist())  # one wait for the device
-        return delta.update([float(m)])
+            return delta.update(torch.cat(ms))
+        return delta.update(m)
 
     out = policy(batch, ref, labels, beta=cfg.beta, delta=update_delta)
     loss = dpo_loss(out.policy_logps, ref, labels, cfg.beta) if cfg.loss == "dpo" else out.loss
-    values = {**out.stats, "loss": loss.detach()}
+    values = {**out.stats, "loss": loss.detach(),
+              "delta": torch.as_tensor(delta.value, dtype=torch.float64, device=device)}
     return loss, torch.stack([values[k].double().reshape(()) for k in STAT_KEYS])
 
 
@@ -724,7 +733,6 @@ def _train(cfg, log, handle_signals):
                     loss, scalars = _loss_and_scalars(policy, batch, ref, delta, cfg, dst)
                 (loss / cfg.grad_accum).backward()
                 step_sums = scalars if step_sums is None else step_sums + scalars
-                sums["delta"] = sums.get("delta", 0.0) + delta.value / cfg.grad_accum
             # the stats of the step's micro-batches, read once with the backward already queued
             sums.update(zip(STAT_KEYS, (step_sums / cfg.grad_accum).tolist()))
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
