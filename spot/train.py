@@ -148,8 +148,8 @@ class Delta:
     sets it). ``zero``: always 0.
 
     The state is float64 tensors on the device of the batch means (the same arithmetic as
-    Python floats), so an update reads nothing back: a training step waits for the GPU once, for
-    its metrics, not in the middle of each forward.
+    Python floats), so an update reads nothing back: a training step reads the GPU for its
+    metrics once its work is queued, not in the middle of each forward.
     """
 
     def __init__(self, kind="running", alpha=0.1):
