@@ -539,8 +539,4 @@ def bce_reward_loss(policy_logps, ref_logps, labels, beta=0.1, delta=0.0, reduct
     """``losses.bce_reward_loss`` through the BCE kernel; the same ``(loss, stats)``."""
     loss, _ = bce_forward(policy_logps, ref_logps, labels, beta=beta, delta=delta,
                           reduction=reduction)
-    if isinstance(delta, torch.Tensor):
-        delta = delta.detach().float().reshape(())
-    stats = losses.bce_stats(policy_logps.float(), ref_logps.detach().float(),
-                             labels.detach().float(), beta, delta)
-    return loss, stats
+    return loss, losses.bce_stats(policy_logps, ref_logps, labels, beta, delta)

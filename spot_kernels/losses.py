@@ -40,14 +40,18 @@ def sequence_logprobs(token_logps, cu_seqlens, valid=None, average=False):
 SATURATED = 0.01  # a sigmoid below this or above 1 - this counts as saturated
 
 
+def _bce_inputs(policy_logps, ref_logps, labels, delta):
+    """float32 ``pi`` (differentiable), detached float32 ``rho`` and ``y``, ``delta`` a number or
+    a detached 0-dim float32 tensor."""
+    if isinstance(delta, torch.Tensor):
+        delta = delta.detach().float().reshape(())
+    return policy_logps.float(), ref_logps.detach().float(), labels.detach().float(), delta
+
+
 def bce_reward_loss(policy_logps, ref_logps, labels, beta=0.1, delta=0.0, reduction="pairs"):
     """``L = sum_s [y softplus(-u) + (1 - y) softplus(u)] / K``, ``u = beta (pi - rho) - delta``."""
     s = policy_logps.shape[0]
-    pi = policy_logps.float()
-    rho = ref_logps.detach().float()
-    y = labels.detach().float()
-    if isinstance(delta, torch.Tensor):
-        delta = delta.detach().float().reshape(())
+    pi, rho, y, delta = _bce_inputs(policy_logps, ref_logps, labels, delta)
     u = beta * (pi - rho) - delta
     per_seq = y * F.softplus(-u) + (1.0 - y) * F.softplus(u)
     k = {"pairs": s / 2, "mean": s, "sum": 1}[reduction]
@@ -55,14 +59,13 @@ def bce_reward_loss(policy_logps, ref_logps, labels, beta=0.1, delta=0.0, reduct
     return loss, bce_stats(pi, rho, y, beta, delta)
 
 
-def bce_stats(pi, rho, y, beta, delta):
-    """The detached statistics of ``bce_reward_loss`` (float32 ``pi``, ``rho`` and ``y``
-    ``[S]``; ``delta`` a number or a 0-dim float32 tensor), with no host synchronisation.
-    Every mean is one row of a masked ``[8, S]`` sum, so the stats cost a few dozen small
-    kernels per step rather than a hundred."""
+def bce_stats(policy_logps, ref_logps, labels, beta, delta):
+    """The detached statistics of ``bce_reward_loss`` (its inputs, ``[S]`` each), with no host
+    synchronisation. Every mean is one row of a masked ``[8, S]`` sum, so the stats cost a few
+    dozen small kernels per step rather than a hundred."""
+    pi, rho, y, delta = _bce_inputs(policy_logps.detach(), ref_logps, labels, delta)
     s = pi.shape[0]
     with torch.no_grad():
-        pi = pi.detach()
         rewards = beta * (pi - rho)
         sig = torch.sigmoid(rewards - delta)  # sigmoid(u), u as in the loss
         chosen = y >= 0.5
