@@ -185,3 +185,25 @@ def held_by_another_process(path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def dispatched(fn, note=lambda name, args, kwargs: (name, args)):
+    """``(fn(), notes)``: every aten op ``fn`` runs, seen through the dispatcher (on the CPU it
+    records the ops a GPU would run), turned into ``note(name, args, kwargs)``; ``None`` notes
+    are dropped."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.notes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kept = note(func.overloadpacket.__name__, args, kwargs or {})
+            if kept is not None:
+                self.notes.append(kept)
+            return func(*args, **(kwargs or {}))
+
+    with Record() as rec:
+        out = fn()
+    return out, rec.notes

@@ -4,6 +4,8 @@ import torch
 
 import spot_kernels as sk
 
+from conftest import dispatched
+
 N, D, V = 6, 8, 11
 
 
@@ -139,21 +141,8 @@ def test_freed_storage_weight_is_named():
 def _host_reads(fn):
     """The ops of ``fn`` that copy a value to the host (``.item()``, ``bool()`` of a tensor):
     on a GPU each one waits for the device."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Reads(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket.__name__ == "_local_scalar_dense":
-                self.seen.append(func)
-            return func(*args, **(kwargs or {}))
-
-    with Reads() as reads:
-        fn()
-    return reads.seen
+    return dispatched(fn, lambda name, args, kwargs: name if name == "_local_scalar_dense"
+                      else None)[1]
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import spot_kernels as sk
 from spot_kernels import cuda, reference, torch_backend
 
-from conftest import GRAD_ATOL, assert_close, float64_truth, make_head, references
+from conftest import GRAD_ATOL, assert_close, dispatched, float64_truth, make_head, references
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Gradients: dA is rounded once to the input dtype before the cuBLAS GEMMs. The same-dtype
@@ -424,17 +424,6 @@ def test_spot_loss_tail_runs_the_kernels_and_their_backward(average, delta_kind,
     kernels, and their backward (a gather of ``dL/dpi`` by sequence) gives every token its
     gradient: the loss, the policy log-probs and ``dh``, ``dW`` against float64, with empty
     sequences, one with no counted token and int32 ``cu_seqlens``."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Seen(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.add(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
     h, w, b, t = make_head(53, 24, 90, torch.float32, dev, bias=True, scale=2.0, seed=21)
     lens = [0, 9, 6, 0, 14, 11, 13]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32,
@@ -448,11 +437,13 @@ def test_spot_loss_tail_runs_the_kernels_and_their_backward(average, delta_kind,
     d = delta if delta_kind == "number" else torch.tensor(delta, device=dev)
     kw = dict(bias=b, temperature=0.8, softcap=12.0)
     leaves = [h.clone().requires_grad_(), w.clone().requires_grad_()]
-    with Seen() as seen:
+    def run():
         out = sk.spot_loss(*leaves, t, cu, ref, labels, beta=beta, delta=d, average=average,
                            reduction="mean", backend="cuda", **kw)
-        grads = torch.autograd.grad(out.loss, leaves)
-    assert {"cuda_segment_sum", "cuda_bce_forward"} <= seen.names, sorted(seen.names)
+        return out, torch.autograd.grad(out.loss, leaves)
+
+    (out, grads), names = dispatched(run, lambda name, args, kwargs: name)
+    assert {"cuda_segment_sum", "cuda_bce_forward"} <= set(names), sorted(set(names))
 
     leaves64 = [x.double().requires_grad_() for x in (h, w)]
     logp64 = reference.token_logprobs(*leaves64, t, b.double(), temperature=0.8, softcap=12.0,

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import spot_kernels as sk
 from spot_kernels import reference
-from conftest import assert_close, make_head
+from conftest import assert_close, dispatched, make_head
 
 
 def random_cu(n, s, g):
@@ -205,28 +205,20 @@ def _tail_ops(tail):
     """The ops (name, args) the O(N + S) part of the loss runs (sequence sums, the BCE and its
     stats, their backward), seen on the CPU through the dispatcher, which records the same ops
     as on CUDA."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.seen.append((func.overloadpacket.__name__, args))
-            return func(*args, **(kwargs or {}))
-
     g = torch.Generator().manual_seed(6)
     tokens = torch.randn(40, generator=g, requires_grad=True)
     cu = torch.tensor([0, 7, 15, 22, 40])
     valid = torch.rand(40, generator=g) > 0.2
     labels = torch.tensor([1.0, 0.0, 0.0, 1.0])
-    with Ops() as ops:
+    def run():
         pi = tail.sequence_logprobs(tokens, cu, valid, average=True)
         loss, stats = tail.bce_reward_loss(pi, torch.zeros(4), labels, beta=0.2, delta=0.1)
         loss.backward()
+        return stats
+
+    stats, seen = dispatched(run)
     assert torch.isfinite(stats["accuracy"]) and tokens.grad.abs().sum() > 0
-    return ops.seen
+    return seen
 
 
 def test_spot_loss_tail_has_no_op_that_waits_for_the_device(tail):

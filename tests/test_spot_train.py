@@ -23,6 +23,8 @@ from spot.model import Policy
 from spot.tiny import build_model, build_tokenizer
 from spot.train import Delta, compute_loss, train
 
+from conftest import dispatched
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -634,35 +636,28 @@ def test_a_training_micro_step_waits_for_the_device_only_where_it_must(delta_kin
     """On a GPU every read of a device value makes the host wait. A micro-step (forward, loss,
     backward) as the trainer runs it there (``Policy`` skips the value checks) with SDPA
     attention may read only in transformers' packing detection (its own, once per forward): the
-    running ``delta`` is updated on the device, and the stats are read once per step, after it. Recorded on the CPU through the dispatcher, which sees the same ops. (The
-    varlen attention paths also read the longest sequence once per forward, and before
-    transformers 5.2 a packed batch runs padded, which reads its layout: not covered here.)"""
+    running ``delta`` is updated on the device, and the stats are read once per step, after it.
+    Recorded on the CPU through the dispatcher, which sees the same ops. (The varlen attention
+    paths also read the bounds once per forward, and before transformers 5.2 a packed batch runs
+    padded, which reads its layout: not covered here.)"""
     import traceback
 
     from spot_kernels import hf
     if hf._legacy_masks():
         pytest.skip("transformers < 5.2: packed batches run padded (their layout is read)")
 
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from spot.train import _loss_and_scalars
 
-    class Reads(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.where = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.overloadpacket.__name__
-            sized = name == "repeat_interleave" and (kwargs or {}).get("output_size") is not None
-            if name in ("_local_scalar_dense", "nonzero", "masked_select", "unique",
-                        "repeat_interleave") and not sized:
-                stack = traceback.extract_stack()
-                allowed = any(f.filename.endswith("masking_utils.py") for f in stack)
-                if not allowed:
-                    self.where.append(f"{name} at " + " <- ".join(
-                        f"{Path(f.filename).name}:{f.lineno}" for f in reversed(stack[-12:-1])))
-            return func(*args, **(kwargs or {}))
+    def read_outside_transformers(name, args, kwargs):
+        sized = name == "repeat_interleave" and kwargs.get("output_size") is not None
+        if name not in ("_local_scalar_dense", "nonzero", "masked_select", "unique",
+                        "repeat_interleave") or sized:
+            return None
+        stack = traceback.extract_stack()[:-2]  # not this function, not the recorder
+        if any(f.filename.endswith("masking_utils.py") for f in stack):
+            return None
+        return f"{name} at " + " <- ".join(f"{Path(f.filename).name}:{f.lineno}"
+                                           for f in reversed(stack[-11:]))
 
     tok = build_tokenizer()
     ex, _ = D.encode_pairs(tok, [D.to_pair(r, "x") for r in make_pairs(4, 2)], 128)
@@ -673,7 +668,8 @@ def test_a_training_micro_step_waits_for_the_device_only_where_it_must(delta_kin
     batch = D.pack(ex, [0, 1, 2, 3])
     with sk.value_checks(False):  # what Policy does on a GPU
         _loss_and_scalars(policy, batch, ref, delta, cfg)[0].backward()  # the probes, once
-        with Reads() as reads:
-            loss, _ = _loss_and_scalars(policy, batch, ref, delta, cfg)
-            loss.backward()
-    assert reads.where == []
+        def step():
+            _loss_and_scalars(policy, batch, ref, delta, cfg)[0].backward()
+
+        _, reads = dispatched(step, read_outside_transformers)
+    assert reads == []
