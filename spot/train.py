@@ -724,7 +724,7 @@ def _train(cfg, log, handle_signals):
             t0 = time.perf_counter()
             if dst.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dst.device)  # the metric is this step's peak
-            sums, tokens, step_sums = {}, 0, None
+            tokens, step_sums = 0, None
             for k in range(cfg.grad_accum):
                 micro = plans[epoch][s * per_step + k * dst.world + dst.rank]
                 batch = to_device(D.pack(examples, micro), dst.device)
@@ -734,7 +734,7 @@ def _train(cfg, log, handle_signals):
                 (loss / cfg.grad_accum).backward()
                 step_sums = scalars if step_sums is None else step_sums + scalars
             # the stats of the step's micro-batches, read once with the backward already queued
-            sums.update(zip(STAT_KEYS, (step_sums / cfg.grad_accum).tolist()))
+            sums = dict(zip(STAT_KEYS, (step_sums / cfg.grad_accum).tolist()))
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
