@@ -588,15 +588,28 @@ def packing_leaks(model):
                   > 1e-3 * max(1.0, a.abs().max().item()))
 
 
-def _moved_ahead(a, b):
+def _moved_ahead(a, b, tol=1e-2):
     """:func:`sees_ahead`'s rule on two rows' hidden states ``[positions, D]``: the first
-    position (which sees only itself in a causal model) and two more moved by 1% of their norm.
-    A false alarm stops a run, so one position's move is not enough: rounding (an MoE's GEMMs
-    change shape as the last token routes) moves entries by ~1e-7 in float32, and a routing flip
-    it might cause moves one position; attending both ways moves many (CPM-Ant: 4 of 8 by
-    10-66% at random init, 1 layer)."""
+    position (which sees only itself in a causal model) and two more moved by ``tol`` of their
+    norm. A false alarm stops a run, so one position's move is not enough: rounding (an MoE's
+    GEMMs change shape as the last token routes) moves entries by ~1e-7 in float32 and by up to
+    ~1e-3 in half precision, and a routing flip it might cause moves one position; attending
+    both ways moves many (CPM-Ant: 4 of 8 by 10-66% at random init, 1 layer; BERT-style heads
+    without ``is_decoder``: all by 0.07-0.4% at random init, far more trained)."""
     r = (a - b).norm(dim=-1) / a.norm(dim=-1).clamp_min(1e-30)
-    return bool(r[0] > 1e-2) and int((r > 1e-2).sum()) >= 3
+    return bool(r[0] > tol) and int((r > tol).sum()) >= 3
+
+
+def _ahead_tol(inner):
+    """:func:`_moved_ahead`'s threshold for the forward ``inner`` has just run (under the
+    same autocast and matmul settings): 1e-4 where it ran in full float32 on the CPU (rounding
+    moves ~1e-7 there, so BERT-style heads are caught at random init too), else 1e-2 (half
+    precision, autocast, TF32 or bf16 matmuls: rounding alone may move ~1e-3)."""
+    full = (all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64)
+                for p in inner.parameters())
+            and not torch.is_autocast_enabled("cpu")
+            and torch.get_float32_matmul_precision() == "highest")
+    return 1e-4 if full else 1e-2
 
 
 def sees_ahead(model):
@@ -613,7 +626,7 @@ def sees_ahead(model):
 
     def make(dev, vocab):
         return _probe_ids(dev, vocab, (3, 3), [(5,), (9,)]), {}, slice(None, -1)
-    return _probe(model, "ahead", make, _moved_ahead)
+    return _probe(model, "ahead", make, lambda a, b: _moved_ahead(a, b, _ahead_tol(inner)))
 
 
 def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None, cu_seqlens=None,

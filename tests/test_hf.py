@@ -828,6 +828,61 @@ _MOE = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, moe_interme
             num_experts=16, num_local_experts=16, num_experts_per_tok=2, pad_token_id=0)
 
 
+@pytest.mark.parametrize("arch", ["bert", "roberta", "electra"])
+def test_bert_style_heads_without_is_decoder_are_refused_at_random_init(arch):
+    """A BERT-style ``ForCausalLM`` built without ``is_decoder`` attends both ways. At random
+    init its earlier positions move by only ~0.3% when the last token changes, under the 1% of
+    the half-precision rule; in full float32 on the CPU the rule's threshold is 1e-4 and the
+    model is refused. The same model with ``is_decoder=True`` is causal and passes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    _needs(arch)
+    for decoder in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+            arch, is_decoder=decoder, max_position_embeddings=64, **_HYBRID))
+        assert hf.sees_ahead(model) is not decoder
+        if not decoder:
+            with pytest.raises(ValueError, match="is not causal"):
+                hf.completion_logprobs(model, _seqs(model, seed=5)[1][None])
+
+
+def test_the_not_causal_threshold_follows_the_precision():
+    """The tight threshold only where the forward ran in full float32 on the CPU: not under
+    bf16 autocast, with bf16 weights, or with reduced-precision float32 matmuls."""
+    model = build_model("qwen3", layers=1)
+    assert hf._ahead_tol(model) == 1e-4
+    with torch.autocast("cpu", torch.bfloat16):
+        assert hf._ahead_tol(model) == 1e-2
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        assert hf._ahead_tol(model) == 1e-2
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert hf._ahead_tol(model.bfloat16()) == 1e-2
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_the_tight_threshold_raises_no_false_alarm_on_moe_in_float32(arch):
+    """A mixture of experts' GEMMs change shape as the last token routes, so rows that differ
+    only there round differently: in float32 on the CPU by ~1e-7, far below the 1e-4 rule (the
+    worst move over 32 random sequences must stay 10x under it), and the probe passes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    _needs(arch)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **_MOE)).eval()
+    assert not hf.sees_ahead(model) and hf._ahead_tol(model) == 1e-4
+    g = torch.Generator().manual_seed(1)
+    worst = 0.0
+    with torch.no_grad():
+        for _ in range(32):
+            ids = torch.randint(1, 1024, (2, 24), generator=g)
+            ids[1, :-1] = ids[0, :-1]
+            a, b = (hf.head_inputs(model, ids[i:i + 1]).hidden[0, :-1] for i in range(2))
+            worst = max(worst, ((a - b).norm(dim=-1) / a.norm(dim=-1)).max().item())
+    assert worst < 1e-5, f"worst per-position move {worst:.2e}"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
