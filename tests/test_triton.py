@@ -79,7 +79,7 @@ def test_check_options_rejects_bad_keys_and_values():
     bad = [{"chunk": 3}, {"filter_eps": -1.0}, {"filter_eps": "x"}, {"deterministic": 1},
            {"split_vocab": 0}, {"split_vocab": 1.5}, {"block_m": 24}, {"block_v": 8},
            {"block_d": 2048},  # a tile over Triton's 2^20 elements
-           {"num_warps": 3}, {"num_stages": 0}, {"group_m": 0}, {"group_m": 2.0}]
+           {"num_warps": 3}, {"num_warps": True}, {"num_warps": 16.0}, {"num_stages": 0}, {"group_m": 0}, {"group_m": 2.0}]
     for opts in bad:
         with pytest.raises(ValueError, match="backend_options"):
             tb.check_options(opts)

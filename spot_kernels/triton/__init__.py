@@ -175,7 +175,8 @@ def check_options(options):
         if key in options and not (is_int(options[key]) and _pow2(options[key])
                                    and options[key] <= 1024):
             bad(key, "a power of two from 16 to 1024")  # Triton's tiles hold at most 2^20
-    if "num_warps" in options and options["num_warps"] not in (1, 2, 4, 8, 16):
+    if "num_warps" in options and not (is_int(options["num_warps"])
+                                       and options["num_warps"] in (1, 2, 4, 8, 16)):
         bad("num_warps", "one of 1, 2, 4, 8, 16")
     for key in ("num_stages", "group_m"):
         if key in options and not (is_int(options[key]) and options[key] >= 1):
