@@ -15,7 +15,7 @@ from the forward's ``logp``, ``target_complement``), then
 
 Cost: forward ``2 N D V`` FLOPs, backward ``6 N D V`` (recompute, ``dh``, ``dW``). Memory beyond
 inputs and gradients: one logits block (``block_bytes``, 64 MB by default; two in the backward
-with a softcap, whose derivative needs ``tanh(a / c)`` beside ``p``, and in the forward with the
+with a softcap, whose slope ``1 - tanh^2(a / c)`` is kept beside ``p``, and in the forward with the
 entropy, which needs ``exp(z - m)`` beside ``z - m``) plus O(N) state and float32 ``dh``/``dW``
 accumulators when the inputs are half precision. The blocks are allocated once per call and
 every block of the sweep is written into them (GEMMs with ``out=``): on the CPU, where large
@@ -89,10 +89,12 @@ def _view(buf, rows, cols):
     return None if buf is None else buf[:rows * cols].view(rows, cols)
 
 
-def _block(h, w, b, temperature, softcap, buf, keep_tanh=False, second=None):
-    """Float32 logits block ``z`` in ``buf`` (None: a new one) and, with ``keep_tanh``,
-    ``tanh(a / c)`` for the softcap's derivative (there; the logits then go to ``second``;
-    otherwise everything happens in place in one block)."""
+def _block(h, w, b, temperature, softcap, buf, keep_slope=False, second=None):
+    """Float32 logits block ``z`` in ``buf`` (None: a new one) and, with ``keep_slope``, the
+    softcap's derivative ``1 - tanh^2(a / c)`` (there; the logits then go to ``second``;
+    otherwise everything happens in place in one block). The derivative is ``cosh(a / c)^-2``:
+    ``1 - t^2`` from a rounded ``t`` loses its leading bits where ``t`` nears 1 (~1e-3 relative
+    at ``a / c = 5``, 0 once ``t`` rounds to 1)."""
     if h.device.type == "cpu":
         h, w = h.float(), w.float()  # CPU half matmuls are slow and round the output
     rows, cols = h.shape[0], w.shape[0]
@@ -102,16 +104,17 @@ def _block(h, w, b, temperature, softcap, buf, keep_tanh=False, second=None):
         a = _mm(h, w.t())
     if b is not None:
         a += b.float()
-    th = None
+    slope = None
     if softcap is not None:
-        a.div_(softcap).tanh_()
-        if keep_tanh:
-            th, a = a, torch.mul(a, softcap / temperature, out=_view(second, rows, cols))
+        a.div_(softcap)
+        if keep_slope:
+            z = torch.tanh(a, out=_view(second, rows, cols)).mul_(softcap / temperature)
+            slope, a = a.cosh_().reciprocal_().square_(), z
         else:
-            a.mul_(softcap / temperature)
+            a.tanh_().mul_(softcap / temperature)
     elif temperature != 1.0:
         a.div_(temperature)
-    return a, th
+    return a, slope
 
 
 def lse_dtype(device):
@@ -247,7 +250,7 @@ def backward(hidden, weight, targets, bias, lse, logp, grad_logp, *, temperature
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_w else None
     db = torch.zeros(v, dtype=torch.float32, device=dev) if need_b else None
     buf = _buffer(tc, vc, hidden, weight)
-    second = _buffer(tc, vc, hidden, weight, softcap is not None)  # tanh(a / c) beside p
+    second = _buffer(tc, vc, hidden, weight, softcap is not None)  # softcap' beside p
     for i0 in range(0, n, tc):
         h = hidden[i0:i0 + tc]
         hf = h.float() if h.device.type == "cpu" else h
@@ -259,8 +262,8 @@ def backward(hidden, weight, targets, bias, lse, logp, grad_logp, *, temperature
         lse_i = lse_hi[i0:i0 + tc].unsqueeze(1)
         for v0 in range(0, v, vc):
             w = weight[v0:v0 + vc]
-            z, th = _block(hf, w, None if bias is None else bias[v0:v0 + vc], temperature,
-                           softcap, buf, True, second)
+            z, slope = _block(hf, w, None if bias is None else bias[v0:v0 + vc], temperature,
+                              softcap, buf, True, second)
             cols = z.shape[1]
             # dz = g (onehot - p), built in place in the block: -g p, then the target's column
             # (in this chunk) set to g (1 - p_t)
@@ -270,7 +273,7 @@ def backward(hidden, weight, targets, bias, lse, logp, grad_logp, *, temperature
             idx = local.clamp(0, cols - 1)
             da.scatter_(1, idx, torch.where(here, gq, da.gather(1, idx)))
             if softcap is not None:
-                da.mul_(th.square_().neg_().add_(1.0))
+                da.mul_(slope)
             if temperature != 1.0:
                 da.div_(temperature)
             if need_h:
@@ -279,5 +282,5 @@ def backward(hidden, weight, targets, bias, lse, logp, grad_logp, *, temperature
                 _acc(dw[v0:v0 + vc], da.t(), hf)
             if need_b:
                 db[v0:v0 + vc] += da.sum(0)
-            del z, th, da  # no reference to the buffers outlives the block
+            del z, slope, da  # no reference to the buffers outlives the block
     return in_dtypes(dh, dw, db, hidden, weight, bias, dh_float32)

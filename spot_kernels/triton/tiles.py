@@ -5,7 +5,7 @@
     a = h[rows] W[cols]^T + b[cols]        (tl.dot over D in BLOCK_D chunks, float32 accumulator)
     z = softcap(a) / T,  softcap(a) = c tanh(a / c)
 
-and returns ``(z, th)`` with ``th = tanh(a / c)`` (the softcap derivative is ``1 - th^2``).
+and returns ``(z, slope)`` with ``slope = softcap'(a) = 1 - tanh^2(a / c)`` (``tanh_slope``).
 Columns past the vocabulary come back as ``z = -inf`` so that ``exp(z - m) = 0`` there; rows
 past ``N`` read zeros and must be masked by the caller.
 
@@ -14,7 +14,7 @@ elements (the ``h`` rows are re-read for every vocabulary tile, from L2 in pract
 
 ``tanh`` is written with ``exp`` (``tanh(x) = sign(x) (1 - e^{-2|x|}) / (1 + e^{-2|x|})``,
 its Taylor series below ``|x| = 1/4``), which never overflows and exists in every Triton >= 3.3,
-also under the interpreter.
+also under the interpreter; the slope comes from the same ``e^{-2|x|}`` without cancellation.
 fp32 inputs use ``input_precision="ieee"`` (no TF32): the results must match float32 torch. Their
 dot compiles to one chain of FMAs, whose rounding error grows with its length, so each D chunk
 gets its own accumulator and the chunks are summed with Kahan's compensation (four more adds
@@ -53,18 +53,22 @@ def grouped_tile(pid, N, V, group_m, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexp
 
 
 @triton.jit
-def tanh(x):
-    """float32-accurate at every ``|x|``: ``1 - e^{-2|x|}`` loses its leading bits as ``|x|``
-    goes to 0 (a softcap far above the logits: at c = 1e6 every logit was off by ~c 2^-24), so
-    ``|x| < 1/4`` takes the odd Taylor series to ``x^11`` (truncation below 1e-9 relative)."""
+def tanh_slope(x):
+    """``(tanh(x), 1 - tanh(x)^2)``, each float32-accurate at every ``|x|``. ``1 - e^{-2|x|}``
+    loses its leading bits as ``|x|`` goes to 0 (a softcap far above the logits: at c = 1e6
+    every logit was off by ~c 2^-24), so ``|x| < 1/4`` takes the odd Taylor series to ``x^11``
+    (truncation below 1e-9 relative). ``1 - t^2`` from a rounded ``t`` loses them as ``|x|``
+    grows (at ``|x| = 5`` ~1e-3 relative; 0 once ``t`` rounds to 1, from ``|x| ~ 8.7``): the
+    slope is ``4 e / (1 + e)^2`` with ``e = e^{-2|x|}``, no cancellation anywhere."""
     ax = tl.abs(x)
     e = tl.exp(-2.0 * ax)
-    t = (1.0 - e) / (1.0 + e)
+    r = 1.0 / (1.0 + e)
+    t = (1.0 - e) * r
     x2 = ax * ax
     series = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (
         -17.0 / 315.0 + x2 * (62.0 / 2835.0 + x2 * (-1382.0 / 155925.0))))))
     t = tl.where(ax < 0.25, series, t)
-    return tl.where(x < 0, -t, t)
+    return tl.where(x < 0, -t, t), 4.0 * e * r * r
 
 
 @triton.jit
@@ -133,13 +137,13 @@ def logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd
     if HAS_BIAS:
         acc += tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
-        th = tanh(acc / softcap)
+        th, slope = tanh_slope(acc / softcap)
         z = th * (softcap * inv_temp)
     else:
-        th = acc
+        slope = acc  # unused
         z = acc * inv_temp
     z = tl.where(col_mask[None, :], z, float("-inf"))
-    return z, th
+    return z, slope
 
 
 @triton.jit
@@ -178,7 +182,7 @@ def row_inputs(T, G, LSE, Q, rows, row_mask, ignore_index):
 
 
 @triton.jit
-def grad_tile(z, th, hi, scale, q, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP: tl.constexpr):
+def grad_tile(z, slope, hi, scale, q, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP: tl.constexpr):
     """``dA = g (onehot(t) - p) / T * softcap'(a)`` for one tile, float32, in registers, with
     ``p = e^(z - hi) scale`` and the target's ``1 - p_t = q`` (``row_inputs``: the forward's,
     not the recomputed logit's). Masked columns give 0 (a target outside ``[0, V)`` matches no
@@ -187,5 +191,5 @@ def grad_tile(z, th, hi, scale, q, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP: 
     target = (cols[None, :] == t[:, None]) & col_mask[None, :]
     da = g[:, None] * tl.where(target, q[:, None], -p) * inv_temp
     if HAS_SOFTCAP:
-        da = da * (1.0 - th * th)
+        da = da * slope
     return da
