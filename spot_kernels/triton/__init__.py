@@ -65,11 +65,14 @@ and the second only the ``dh`` ones.
   ``deterministic``, ``scratch_bytes``, ``filter_eps`` or ``fast_grad=False``.
 * ``fast_grad`` (bool, default True): with half inputs, round ``dA`` to the input dtype once
   for the gradient dots, as autograd in that dtype does and as the ``cuda`` backend does
-  (backward ``6 N D V`` FLOPs): gradients within one ulp of the dtype (at the output's scale)
-  of the tolerance rule. ``False`` splits ``dA = hi + lo`` into two half values and runs two
-  dots each, float32-grade ``dA`` that meets the rule with half an ulp, at twice the
-  gradient-GEMM cost (``10 N D V``). The four GEMMs' worth of work that the speed target
-  counts (``8 N D V`` with the forward) leaves no room for the split, hence on by default.
+  (backward ``6 N D V`` FLOPs). Each rounding moves a product ``dA_v W_v`` by up to half an
+  ulp, so a gradient element is off by up to ``2^-9 sum_v |dA_v W_v|`` in bfloat16: about one
+  ulp of the dtype at the output's scale beyond the tolerance rule, more where the sum cancels
+  (about 0.3% of small random bfloat16 heads, by up to 10%; autograd in bfloat16 carries the
+  same error). ``False`` splits ``dA = hi + lo`` into two half values and runs two dots each,
+  float32-grade ``dA`` that meets the rule with half an ulp, at twice the gradient-GEMM cost
+  (``10 N D V``). The four GEMMs' worth of work that the speed target counts (``8 N D V`` with
+  the forward) leaves no room for the split, hence on by default.
 * ``split_vocab`` (int >= 1): vocabulary splits of the forward; 1 disables. Default automatic
   (``_splits``; never for CPU tensors): with fewer token tiles than SMs, up to about two
   programs per SM; with ``h`` larger than a quarter of L2, about ``sqrt(2 SMs)`` (16 on an

@@ -24,7 +24,7 @@ operands in Triton 3.9) casts half operands to float32 first: the products of tw
 are exact in float32, so this matches a tensor-core dot with float32 accumulation.
 
 Gradient dots with half inputs: by default ``dA`` is rounded to the input dtype once (what
-autograd does in that dtype), which costs up to an output ulp against the float64 truth. With
+autograd does in that dtype), which costs about an output ulp against the float64 truth. With
 ``fast_grad=False`` the backward splits ``dA = hi + lo`` into two half values and runs two dots
 (``split_half``/``dot2``): float32-grade ``dA`` at twice the gradient-GEMM cost.
 """
