@@ -77,7 +77,7 @@ def _positive_int(text):
 
 
 def add_demo_parser(sub):
-    p = sub.add_parser("demo", help="train a small Qwen3 on bundled pairs (CPU, about a minute)",
+    p = sub.add_parser("demo", help="train a small Qwen3 on bundled pairs (CPU, a minute or two)",
                        description="The embedded default: a small random-init Qwen3 (2.0M "
                                    "parameters), a download-free "
                                    "tokenizer and bundled rectified arithmetic pairs; prints a "

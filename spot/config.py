@@ -100,7 +100,8 @@ class TrainConfig:
 
 HELP = {
     "model": "local path of a transformers causal LM (config + safetensors) to train",
-    "data": "pairs: a .jsonl/.json file, a .parquet file, or a datasets dataset saved on disk",
+    "data": "pairs: a .jsonl/.json file, a .parquet file or a folder of .parquet shards, or a "
+            "datasets dataset saved on disk",
     "output": "output folder: checkpoints, metrics.jsonl, the final model",
     "beta": "reward scale beta in u = beta (logp - ref_logp) - delta",
     "delta": "the reward shift: running (TRL RunningMoments mean of the batch rewards, as "

@@ -175,7 +175,7 @@ def _run(output, steps, progress, n_train, n_heldout, model_overrides, log, trai
     settings.pop("max_steps", None)
     cfg = TrainConfig(model=str(base), data=str(train_path), output=str(out), max_steps=steps,
                       epochs=1, max_length=256, grad_accum=1, log_every=10, progress=progress,
-                      seed=0, **settings)
+                      seed=0, device="cpu", **settings)  # the CPU demo, with a GPU present too
     pairs, _ = D.read_pairs(held_path)
     held, _ = D.encode_pairs(tok, pairs, cfg.max_length)
     policy = Policy(load_model(str(base)))

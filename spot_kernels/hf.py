@@ -125,7 +125,7 @@ from . import functional as F
 from . import reference as _reference
 
 __all__ = ["HeadInputs", "head_inputs", "completion_logprobs", "next_token_targets", "lm_head",
-           "check_logits"]
+           "check_logits", "packing_leaks", "sees_ahead"]
 
 
 @dataclass

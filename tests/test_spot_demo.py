@@ -59,6 +59,15 @@ def test_demo_learns_on_heldout(tmp_path, capsys):
         run(str(out), threads=0)
 
 
+def test_the_demo_runs_on_the_cpu_where_torch_sees_a_gpu(tmp_path, monkeypatch, capsys):
+    """The demo is the CPU demo (its held-out scoring runs there too): with CUDA reported
+    present it still trains on the CPU (training on the GPU, ``--device auto``'s choice, would
+    put the model there and fail here, where there is none)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    result = run(str(tmp_path / "demo"), steps=2, progress=False, threads=1)
+    assert result["metrics"]["step"] == 2 and (tmp_path / "demo" / "model.safetensors").exists()
+
+
 def test_generator_pairs_differ_by_one_false_fact():
     for p in make_pairs(300, seed=7):
         good, bad = p["gemini_corrected_answer"], p["original_answer"]

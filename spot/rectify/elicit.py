@@ -1,12 +1,12 @@
 """``spot rectify elicit``: the student model answers problems with known answers; wrong answers are
 SPoT's ``y-``.
 
-Input: JSONL, one problem per line, the problem under ``prompt`` or ``question`` and the ground truth
-under ``ground_truth``, ``answer`` or ``solution`` (a solution's last ``\\boxed{}`` is its answer);
-an optional ``id`` (default: the record's 0-based index). The ground truth must be a string or a
-number, and the text valid Unicode: a lone surrogate (a JSON ``"\\ud83d"`` escape) is refused
-with the file and line, not sanitised, since the problem would no longer be the one given. Each
-problem is sampled ``--samples`` times; sample ``k`` of problem ``p`` has id ``"p:k"``.
+Input: JSONL, one problem per line, the problem under ``prompt``, ``question`` or ``problem`` and
+the ground truth under ``ground_truth``, ``answer`` or ``solution`` (a solution's last ``\\boxed{}``
+is its answer); an optional ``id`` (default: the record's 0-based index). The ground truth must be a
+string or a number, and the text valid Unicode: a lone surrogate (a JSON ``"\\ud83d"`` escape) is
+refused with the file and line, not sanitised, since the problem would no longer be the one given.
+Each problem is sampled ``--samples`` times; sample ``k`` of problem ``p`` has id ``"p:k"``.
 
 Generation applies the tokenizer's chat template (Qwen3 in non-thinking mode:
 ``enable_thinking=False``; a leading ``<think>...</think>`` block is dropped from a response if one
