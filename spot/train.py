@@ -36,6 +36,7 @@ of ``world * grad_accum``; optimizer step ``s`` of the epoch gives rank ``r`` th
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -62,7 +63,7 @@ from .config import RUN_DEFINING, ConfigError, TrainConfig
 from .model import (Policy, attn_implementation, check_tokenizer, decoder_layers,
                     disable_dropout, enable_checkpointing, hf_progress_bars, load_error,
                     load_model, model_fingerprint, to_device)
-from .rectify.jsonl import read_jsonl, rewrite
+from .rectify.jsonl import OutputLock, read_jsonl, rewrite
 
 
 # ---------------------------------------------------------------- distributed helpers
@@ -588,11 +589,12 @@ def train(cfg: TrainConfig, log=None, handle_signals=True):
     ``--resume`` of a finished run returns ``{"steps": 0, "metrics": None, "output",
     "finished": True}`` at once."""
     cfg.validate()
-    with hf_progress_bars(cfg.progress):  # transformers' own bars (loading, writing shards) too
-        return _train(cfg, log, handle_signals)
+    # transformers' own bars (loading, writing shards) too; the output's lock until the end
+    with hf_progress_bars(cfg.progress), contextlib.ExitStack() as held:
+        return _train(cfg, log, handle_signals, held)
 
 
-def _train(cfg, log, handle_signals):
+def _train(cfg, log, handle_signals, held):
     dst = Dist(cfg.device)
     log = log or (lambda msg: print(msg, file=sys.stderr) if dst.main else None)
     if cfg.backend != "auto":
@@ -608,6 +610,9 @@ def _train(cfg, log, handle_signals):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out = Path(cfg.output)
+    if out.resolve() == Path(cfg.model).resolve():
+        raise ConfigError(f"output: {out} is the --model folder: the trained model would "
+                          f"overwrite the one it starts from; choose another --output")
     if cfg.resume and finished(out, cfg):
         log(f"resume: {out} already holds the final model of this run; nothing to do")
         return {"steps": 0, "metrics": None, "output": str(out), "finished": True}
@@ -616,6 +621,10 @@ def _train(cfg, log, handle_signals):
     if left:
         raise ConfigError(f"output: {out} already holds a run ({', '.join(left)}); "
                           f"pass --resume to continue it, or choose a new --output")
+    if (out / "config.json").exists() and not (out / "spot_config.json").exists() and not ckpt:
+        raise ConfigError(f"output: {out} holds a model that no spot run finished there "
+                          f"(config.json); the trained model would overwrite it: choose a new "
+                          f"--output")
     state = load_trainer_state(ckpt, cfg, dst.world) if ckpt is not None else None
     if cfg.resume and ckpt is None:
         log(f"resume: no complete checkpoint in {out}; starting at step 0")
@@ -679,6 +688,10 @@ def _train(cfg, log, handle_signals):
     policy.train()
     if dst.main:  # only once the model has loaded: a bad --model leaves no empty folder
         out.mkdir(parents=True, exist_ok=True)
+        try:  # one run writes here at a time (a job relaunched while it still runs is refused)
+            held.enter_context(OutputLock(out, lock=out / ".train.lock"))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     per_step = dst.world * cfg.grad_accum
     steps, plans = schedule_steps(examples, cfg, per_step)

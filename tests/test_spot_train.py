@@ -411,6 +411,42 @@ def test_a_used_output_is_resumed_or_refused(workdir, tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] != 9
 
 
+def test_the_output_is_not_a_model_and_one_run_writes_it(workdir, tmp_path):
+    """``--output`` equal to ``--model``, or a folder holding a model that no spot run finished
+    there (``config.json`` without ``spot_config.json``), would have its model overwritten:
+    refused, ``--resume`` or not, the model untouched. While a run writes its output (it holds
+    ``OUTPUT/.train.lock``), another run into it (a job relaunched with ``--resume`` while the
+    first still runs) is refused; the lock goes with the run."""
+    import shutil
+    from spot.config import ConfigError
+    model = tmp_path / "model"
+    shutil.copytree(workdir / "model", model)
+    weights = (model / "model.safetensors").read_bytes()
+    for resume in (False, True):
+        with pytest.raises(ConfigError, match="is the --model folder"):
+            train(_cfg(workdir, model, model=str(model), resume=resume))
+        with pytest.raises(ConfigError, match="holds a model that no spot run finished"):
+            train(_cfg(workdir, model, resume=resume))
+    assert (model / "model.safetensors").read_bytes() == weights
+    out = tmp_path / "run"
+    out.mkdir()
+    hold = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)")
+    other = subprocess.Popen([sys.executable, "-c", hold, str(out / ".train.lock")],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match="being written by another process"):
+            train(_cfg(workdir, out, max_steps=1, resume=True), log=lambda m: None)
+    finally:
+        other.kill()
+        other.wait()
+    train(_cfg(workdir, out, max_steps=1, resume=True), log=lambda m: None)
+    free = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+            "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)")
+    assert subprocess.run([sys.executable, "-c", free, str(out / ".train.lock")]).returncode == 0
+
+
 def test_resume_refuses_other_training_pairs(workdir, tmp_path):
     """The data file is compared by what it encodes to, not by its path: another file under the
     same name (or records edited in place) would resume onto other pairs and another schedule."""

@@ -135,11 +135,12 @@ class OutputLock:
     """Exclusive use of an output for one step (``flock`` on a hidden ``.NAME.lock`` beside it,
     held for the whole step, re-entrant within the process): a second process writing it would
     interleave duplicates or lose a rewrite, so it is refused with a ``ValueError``. A file
-    system without working ``flock`` (some NFS and Lustre mounts) runs unlocked."""
+    system without working ``flock`` (some NFS and Lustre mounts) runs unlocked. ``lock``: another
+    lock file (a folder's own, inside it)."""
 
-    def __init__(self, path):
+    def __init__(self, path, lock=None):
         d, name = os.path.split(os.path.abspath(path))
-        self.path, self.lock = path, os.path.join(d, f".{name}.lock")
+        self.path, self.lock = path, os.path.abspath(lock or os.path.join(d, f".{name}.lock"))
 
     def __enter__(self):
         held = _HELD.get(self.lock)
