@@ -98,7 +98,8 @@ def _utf16(head):
 
 
 def read_records(path):
-    """Yields ``(where, record)``; ``where`` is ``"FILE:LINE"`` or ``"FILE:row N"``."""
+    """Yields ``(where, record)``; ``where`` is ``"FILE:LINE"`` (from 1) or ``"FILE:row N (from
+    0)"`` / ``"FILE:record N (from 0)"`` (Parquet and datasets rows, a .json file's list)."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{path}: no such file or folder")
@@ -111,7 +112,7 @@ def read_records(path):
         except Exception as e:  # noqa: BLE001
             raise DataError(f"{path}: cannot read Parquet: {str(e).splitlines()[0]}") from None
         for i, rec in enumerate(rows):
-            yield f"{path}:row {i}", rec
+            yield f"{path}:row {i} (from 0)", rec
     elif p.suffix.lower() == ".json":
         raw = p.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM
         if _utf16(raw[:2]):
@@ -130,7 +131,7 @@ def read_records(path):
         if not isinstance(rows, list):
             raise DataError(f"{path}: a .json file must hold a list of records")
         for i, rec in enumerate(rows):
-            yield f"{path}:record {i}", rec
+            yield f"{path}:record {i} (from 0)", rec
     elif p.suffix.lower() == ".arrow":
         raise DataError(f"{path}: an .arrow file of a saved dataset: give its folder (the one "
                         f"`save_to_disk` wrote) instead")
@@ -180,9 +181,9 @@ def _read_dataset_dir(p):
             first = next(iter(ds), "SPLIT")
             raise DataError(f"{p}: DatasetDict without a 'train' split ({', '.join(ds)}); give "
                             f"a split's folder, e.g. {p / first}")
-        ds = ds["train"]
+        ds, p = ds["train"], f"{p} (split train)"
     for i, rec in enumerate(ds):
-        yield f"{p}:row {i}", rec
+        yield f"{p}:row {i} (from 0)", rec
 
 
 def _message(m, i, where, key):

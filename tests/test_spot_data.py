@@ -5,6 +5,7 @@ import gzip
 import json
 import os
 import random
+import re
 
 import pytest
 import torch
@@ -234,6 +235,24 @@ def test_utf8_bom_and_suffix_case(tmp_path):
     for name in ("bom.jsonl", "bom.json", "upper.JSON", "upper.Parquet"):
         pairs, skipped = D.read_pairs(tmp_path / name)
         assert ([p.prompt[-1]["content"] for p in pairs], skipped) == (want, 0), name
+
+
+def test_a_bad_row_is_named_from_0_with_its_split(tmp_path):
+    """JSONL errors give 1-based lines; Parquet and ``datasets`` rows and a .json file's
+    records are counted from 0, and say so; a ``DatasetDict``'s error names the split read."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = _spot_records(3, seed=4)
+    rows[2] = dict(rows[2], original_answer="")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    (tmp_path / "l.json").write_text(json.dumps(rows))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(tmp_path / "d")
+    for name, where in (("p.parquet", "p.parquet:row 2 (from 0)"),
+                        ("l.json", "l.json:record 2 (from 0)"),
+                        ("d", "d (split train):row 2 (from 0)")):
+        with pytest.raises(D.DataError, match=re.escape(where) + ".*original_answer"):
+            D.read_pairs(tmp_path / name)
 
 
 def test_missing_file_and_config_errors(tmp_path, tok_dir, capsys):
