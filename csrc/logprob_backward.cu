@@ -35,11 +35,11 @@ __device__ __forceinline__ void grad_vec(T* out, const T* in, const T* bias, int
     const float a = to_f(x.v[k]) + (bias != nullptr ? to_f(b.v[k]) : 0.f);
     float z, dcap;
     if (tf.capped) {
-      const float x = a * tf.inv_cap;
-      z = tf.cap_scale * tanhf(x);
-      // 1 - tanh^2(x) as 4e / (1 + e)^2, e = e^{-2|x|}: 1 - th * th from a rounded th loses its
-      // leading bits as th nears 1 (~1e-3 relative at |x| = 5, 0 once th rounds to 1)
-      const float e = expf(-2.f * fabsf(x));
+      const float u = a * tf.inv_cap;
+      z = tf.cap_scale * tanhf(u);
+      // 1 - tanh^2(u) as 4e / (1 + e)^2, e = e^{-2|u|}: 1 - th * th from a rounded th loses its
+      // leading bits as th nears 1 (~1e-3 relative at |u| = 5, 0 once th rounds to 1)
+      const float e = expf(-2.f * fabsf(u));
       const float r = 1.f / (1.f + e);
       dcap = 4.f * e * r * r;
     } else {

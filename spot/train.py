@@ -590,11 +590,26 @@ def train(cfg: TrainConfig, log=None, handle_signals=True):
     "finished": True}`` at once."""
     cfg.validate()
     # transformers' own bars (loading, writing shards) too; the output's lock until the end
-    with hf_progress_bars(cfg.progress), contextlib.ExitStack() as held:
-        return _train(cfg, log, handle_signals, held)
+    with hf_progress_bars(cfg.progress), contextlib.ExitStack() as stack:
+        return _train(cfg, log, handle_signals, stack)
 
 
-def _train(cfg, log, handle_signals, held):
+def lock_output(out, dst, stack):
+    """Rank 0 creates ``out`` and holds ``out/.train.lock`` (``flock``) until ``stack`` closes:
+    one run writes an output at a time. Every rank learns whether it could (one all-reduce),
+    so all of them stop together."""
+    why = ""
+    if dst.main:
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            stack.enter_context(OutputLock(out, lock=out / ".train.lock"))
+        except ValueError as e:
+            why = str(e)
+    if dst.max(torch.tensor(float(bool(why)))).item():
+        raise ConfigError(why or f"output: {out} is being written by another process")
+
+
+def _train(cfg, log, handle_signals, stack):
     dst = Dist(cfg.device)
     log = log or (lambda msg: print(msg, file=sys.stderr) if dst.main else None)
     if cfg.backend != "auto":
@@ -613,6 +628,17 @@ def _train(cfg, log, handle_signals, held):
     if out.resolve() == Path(cfg.model).resolve():
         raise ConfigError(f"output: {out} is the --model folder: the trained model would "
                           f"overwrite the one it starts from; choose another --output")
+    spot_made = any((out / f).exists() for f in ("spot_config.json", "metrics.jsonl",
+                                                 ".train.lock"))
+    if (out / "config.json").exists() and not spot_made:
+        raise ConfigError(f"output: {out} holds a model that no spot run wrote (config.json); "
+                          f"the trained model would overwrite it: choose a new --output")
+    # one run writes an output at a time: a folder that exists is locked before anything here
+    # reads it (a live run may be pruning its checkpoints), a new one once the model has loaded
+    # (a bad --model leaves no folder behind)
+    locked = bool(dst.max(torch.tensor(float(out.is_dir()))).item())
+    if locked:
+        lock_output(out, dst, stack)
     if cfg.resume and finished(out, cfg):
         log(f"resume: {out} already holds the final model of this run; nothing to do")
         return {"steps": 0, "metrics": None, "output": str(out), "finished": True}
@@ -621,10 +647,6 @@ def _train(cfg, log, handle_signals, held):
     if left:
         raise ConfigError(f"output: {out} already holds a run ({', '.join(left)}); "
                           f"pass --resume to continue it, or choose a new --output")
-    if (out / "config.json").exists() and not (out / "spot_config.json").exists() and not ckpt:
-        raise ConfigError(f"output: {out} holds a model that no spot run finished there "
-                          f"(config.json); the trained model would overwrite it: choose a new "
-                          f"--output")
     state = load_trainer_state(ckpt, cfg, dst.world) if ckpt is not None else None
     if cfg.resume and ckpt is None:
         log(f"resume: no complete checkpoint in {out}; starting at step 0")
@@ -686,12 +708,8 @@ def _train(cfg, log, handle_signals, held):
     if policy is None:
         policy = build_policy(str(ckpt) if ckpt else cfg.model, cfg, dst, probe)
     policy.train()
-    if dst.main:  # only once the model has loaded: a bad --model leaves no empty folder
-        out.mkdir(parents=True, exist_ok=True)
-        try:  # one run writes here at a time (a job relaunched while it still runs is refused)
-            held.enter_context(OutputLock(out, lock=out / ".train.lock"))
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+    if not locked:  # only once the model has loaded: a bad --model leaves no empty folder
+        lock_output(out, dst, stack)
 
     per_step = dst.world * cfg.grad_accum
     steps, plans = schedule_steps(examples, cfg, per_step)

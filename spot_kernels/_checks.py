@@ -196,7 +196,7 @@ def delta_value(delta):
             raise ValueError(f"delta must be a number or a one-element tensor, got shape "
                              f"{tuple(delta.shape)}")
         if delta.dtype == torch.bool or delta.is_complex():  # as a Python bool is refused
-            raise TypeError(f"delta must be a real number tensor, got {delta.dtype}")
+            raise ValueError(f"delta must be a real number tensor, got {delta.dtype}")
     elif isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not math.isfinite(delta):
         raise ValueError(f"delta must be a finite number (or, for spot_loss, a callable), "
                          f"got {delta!r}")

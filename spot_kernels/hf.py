@@ -528,7 +528,7 @@ _PROBE_LEN = 8  # tokens of the sequence packed before the probed one
 
 
 def _probe(model, name, make, moved):
-    """``moved(a, b)`` of the hidden states ``[len(cols), D]`` (float32) of the two rows of
+    """``moved(a, b)`` of the hidden states ``[len(cols), D]`` (as computed) of the two rows of
     ``make(dev, vocab) -> (ids [2, L], head_inputs kwargs, cols)`` through ``model``'s body:
     once per model and attention implementation (cached, weakly keyed on the model), in eval
     mode without gradients, a row per forward (a batch of two would leave state sized for two
@@ -550,7 +550,7 @@ def _probe(model, name, make, moved):
         model.eval()
         with torch.no_grad():
             a, b = (head_inputs(model, ids[i:i + 1], **{k: v[i:i + 1] for k, v in kwargs.items()})
-                    .hidden[0, cols].float() for i in range(2))
+                    .hidden[0, cols] for i in range(2))
         verdict = bool(moved(a, b))
     except Exception:  # noqa: BLE001 - the probe only informs; the real call reports errors
         verdict = False
@@ -584,8 +584,8 @@ def packing_leaks(model):
         return ids, dict(position_ids=pos), slice(_PROBE_LEN, None)
     # anywhere by 0.1% of the largest value: a leak missed is silently wrong log-probs; a false
     # alarm costs the padding's compute
-    return _probe(model, "packing", make, lambda a, b: (a - b).abs().max().item()
-                  > 1e-3 * max(1.0, a.abs().max().item()))
+    return _probe(model, "packing", make, lambda a, b: (a.float() - b.float()).abs().max().item()
+                  > 1e-3 * max(1.0, a.float().abs().max().item()))
 
 
 def _moved_ahead(a, b, tol=1e-2):
@@ -601,10 +601,12 @@ def _moved_ahead(a, b, tol=1e-2):
 
 
 def _ahead_tol(inner):
-    """:func:`_moved_ahead`'s threshold for the forward ``inner`` has just run (under the
-    same autocast and matmul settings): 1e-4 where it ran in full float32 on the CPU (rounding
-    moves ~1e-7 there, so BERT-style heads are caught at random init too), else 1e-2 (half
-    precision, autocast, TF32 or bf16 matmuls: rounding alone may move ~1e-3)."""
+    """:func:`_moved_ahead`'s threshold for a forward of ``inner`` under the current autocast
+    and matmul settings: 1e-4 where it runs in full float32 on the CPU (rounding moves ~1e-7
+    there, so BERT-style heads are caught at random init too), else 1e-2 (half precision,
+    autocast, TF32 or bf16 matmuls: rounding alone may move ~1e-3). :func:`sees_ahead` also
+    takes 1e-2 when the hidden states come out in half precision (a wrapper's mixed precision,
+    such as FSDP2's ``param_dtype``, that the parameters do not show)."""
     full = (all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64)
                 for p in inner.parameters())
             and not torch.is_autocast_enabled("cpu")
@@ -626,7 +628,11 @@ def sees_ahead(model):
 
     def make(dev, vocab):
         return _probe_ids(dev, vocab, (3, 3), [(5,), (9,)]), {}, slice(None, -1)
-    return _probe(model, "ahead", make, lambda a, b: _moved_ahead(a, b, _ahead_tol(inner)))
+    def moved(a, b):
+        full = a.dtype in (torch.float32, torch.float64)
+        return _moved_ahead(a.float(), b.float(), tol if full else 1e-2)
+    tol = _ahead_tol(inner)  # probed again when it changes (first under autocast, then not)
+    return _probe(model, f"ahead {tol:g}", make, moved)
 
 
 def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None, cu_seqlens=None,

@@ -99,7 +99,7 @@ CASES = [
     (call_bce, dict(delta=float("inf")), ValueError, "delta"),
     (call_bce, dict(delta=torch.zeros(2)), ValueError, "delta"),
     (call_bce, dict(delta=True), ValueError, "delta"),
-    (call_bce, dict(delta=torch.tensor(True)), TypeError, "delta"),
+    (call_bce, dict(delta=torch.tensor(True)), ValueError, "delta"),
     (call_bce, dict(policy_logps=torch.randn(3), ref_logps=torch.randn(3),
                     labels=torch.tensor([1.0, 0.0, 1.0])), ValueError, "pairs"),
     # spot_loss

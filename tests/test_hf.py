@@ -840,7 +840,9 @@ def test_bert_style_heads_without_is_decoder_are_refused_at_random_init(arch):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
             arch, is_decoder=decoder, max_position_embeddings=64, **_HYBRID))
-        assert hf.sees_ahead(model) is not decoder
+        with torch.autocast("cpu", torch.bfloat16):  # the half-precision rule: not caught
+            assert not hf.sees_ahead(model)
+        assert hf.sees_ahead(model) is not decoder  # probed again under the full-precision rule
         if not decoder:
             with pytest.raises(ValueError, match="is not causal"):
                 hf.completion_logprobs(model, _seqs(model, seed=5)[1][None])
@@ -860,6 +862,25 @@ def test_the_not_causal_threshold_follows_the_precision():
     finally:
         torch.set_float32_matmul_precision(before)
     assert hf._ahead_tol(model.bfloat16()) == 1e-2
+
+
+def test_hidden_states_in_half_precision_take_the_half_precision_rule():
+    """float32 parameters whose forward ends in half precision (a wrapper's mixed precision,
+    such as FSDP2's ``param_dtype``, emulated by a hook on the final norm): the second row's
+    hidden states moved by 0.5% everywhere are flagged in float32 (1e-4 rule), not when they
+    come out in bfloat16 (1e-2 rule)."""
+    for cast, refused in ((torch.float32, True), (torch.bfloat16, False)):
+        model = build_model("qwen3", layers=1).eval()
+        calls = []
+
+        def perturb(module, args, out):
+            calls.append(1)
+            return (out * (1.005 if len(calls) == 2 else 1.0)).to(cast)
+        handle = model.model.norm.register_forward_hook(perturb)
+        try:
+            assert hf.sees_ahead(model) is refused
+        finally:
+            handle.remove()
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])

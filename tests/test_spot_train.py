@@ -425,9 +425,16 @@ def test_the_output_is_not_a_model_and_one_run_writes_it(workdir, tmp_path):
     for resume in (False, True):
         with pytest.raises(ConfigError, match="is the --model folder"):
             train(_cfg(workdir, model, model=str(model), resume=resume))
-        with pytest.raises(ConfigError, match="holds a model that no spot run finished"):
+        with pytest.raises(ConfigError, match="holds a model that no spot run wrote"):
             train(_cfg(workdir, model, resume=resume))
     assert (model / "model.safetensors").read_bytes() == weights
+    assert not (model / ".train.lock").exists()  # refused before anything was written there
+    killed = tmp_path / "killed"  # killed while writing its final model, before any checkpoint
+    train(_cfg(workdir, killed, max_steps=1), log=lambda m: None)
+    (killed / "spot_config.json").unlink()
+    lines = []
+    train(_cfg(workdir, killed, max_steps=1, resume=True), log=lines.append)
+    assert any("starting at step 0" in ln for ln in lines), lines
     out = tmp_path / "run"
     out.mkdir()
     hold = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "

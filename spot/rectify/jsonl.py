@@ -135,8 +135,8 @@ class OutputLock:
     """Exclusive use of an output for one step (``flock`` on a hidden ``.NAME.lock`` beside it,
     held for the whole step, re-entrant within the process): a second process writing it would
     interleave duplicates or lose a rewrite, so it is refused with a ``ValueError``. A file
-    system without working ``flock`` (some NFS and Lustre mounts) runs unlocked. ``lock``: another
-    lock file (a folder's own, inside it)."""
+    system without working ``flock`` (some NFS and Lustre mounts) runs unlocked. ``lock``: the
+    lock file's path, instead of ``.NAME.lock`` beside ``path`` (a folder may hold its own)."""
 
     def __init__(self, path, lock=None):
         d, name = os.path.split(os.path.abspath(path))
