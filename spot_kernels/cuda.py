@@ -437,7 +437,9 @@ def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None
 
 def _forward_by_vocab(hidden, weight, t, b, cols, cap, inv_temp, ignore_index, return_entropy):
     """All tokens x each vocabulary chunk: the chunks' ``(lse, logp, entropy)``, merged as a
-    vocab-parallel head's shards are (``torch_backend.merge_parts``)."""
+    vocab-parallel head's shards are (``torch_backend.merge_parts``). A target outside
+    ``[0, V)`` (another shard's) is owned by no chunk: its ``logp`` is ``-lse``, as on the
+    other paths (the merge alone would give ``m - lse``)."""
     n = hidden.shape[0]
     ignored = t == ignore_index
     buf = torch.empty(n, cols[0].stop, dtype=hidden.dtype, device=hidden.device)
@@ -460,7 +462,8 @@ def _forward_by_vocab(hidden, weight, t, b, cols, cap, inv_temp, ignore_index, r
     lse, logp, entropy = torch_backend.merge_parts(
         parts[0], parts[1], owns, parts[2] if return_entropy else None, ~ignored,
         lambda x: x.max(0, keepdim=True).values, lambda x: x.sum(1))
-    return logp, lse, entropy
+    elsewhere = ~ignored & ((t < 0) | (t >= weight.shape[0]))
+    return torch.where(elsewhere, -lse.float(), logp), lse, entropy
 
 
 @torch.no_grad()

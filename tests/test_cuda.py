@@ -280,15 +280,20 @@ def test_large_logits_stay_finite(dev):
     _check_against_reference(h, w, t, None, torch.float32, entropy=True)
 
 
+@pytest.mark.parametrize("options", [{"token_chunk": 9}, {"chunk_bytes": 1 << 14}],
+                         ids=["token-chunks", "vocab-chunks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_targets_outside_vocab_shard(dtype, dev):
+def test_targets_outside_vocab_shard(dtype, dev, options):
+    """The shard contract (``logp = -lse``, no one-hot term) on both forward plans: token chunks
+    and, N <= V within a small ``chunk_bytes``, vocabulary chunks merged as shards are (where no
+    chunk owns such a target, the merge alone gave ``m - lse``, m the largest chunk's lse)."""
     h, w, b, t = make_head(40, 32, 3001, dtype, dev, bias=True, seed=9)
     t[::4] = 3001 + 17   # lives on a later shard
     t[1::4] = -5         # an earlier shard (not ignore_index)
     g = torch.randn(40, generator=torch.Generator().manual_seed(10)).to(dev)
     kw = dict(temperature=1.1, softcap=4.0, ignore_index=-100)
-    logp, lse, _ = cuda.forward(h, w, t, b, **kw, token_chunk=9)
-    dh, dw, db = cuda.backward(h, w, t, b, lse, logp, g, **kw, token_chunk=9)
+    logp, lse, _ = cuda.forward(h, w, t, b, **kw, **options)
+    dh, dw, db = cuda.backward(h, w, t, b, lse, logp, g, **kw, **options)
     truth = float64_truth(h, w, t, b, g, **kw)
     # the same dtype's error: the torch backend (chunked, float32 accumulation, same rounding)
     from spot_kernels import torch_backend as tb
