@@ -35,7 +35,9 @@ bce_kernel(const float* __restrict__ pi, const float* __restrict__ rho,
     const float u = beta * (pi[s] - rho[s]) - d;
     const float y = labels[s];
     acc += y * softplus(-u) + (1.f - y) * softplus(u);
-    coef[s] = beta * (sigmoid(u) - y) * inv_k;
+    // sigmoid(u) - y, each label's term on its own: sigmoid(u) - 1 would round a saturated
+    // chosen sequence's -sigmoid(-u) (~1e-13 at u = 30) to 0
+    coef[s] = beta * ((1.f - y) * sigmoid(u) - y * sigmoid(-u)) * inv_k;
   }
   acc = block_sum<kThreads>(acc, smem);
   if (threadIdx.x == 0) loss[0] = acc * inv_k;

@@ -422,6 +422,21 @@ def test_bce_forward(reduction, delta_kind, dev):
     assert_close(coef, same_coef, coef64, torch.float32, "coef")
 
 
+def test_bce_coefficients_keep_their_precision_when_saturated(dev):
+    """A saturated pair's coefficient ``sigmoid(u) - y`` is ``-sigmoid(-u)`` for a chosen one:
+    ~1e-13 at u = 30, which ``sigmoid(u) - 1`` in float32 rounds to 0. Each label's term is
+    formed on its own, so every coefficient keeps float32 precision relative to itself."""
+    u = torch.tensor([30.0, -30.0, 12.0, -12.0, 30.0, -30.0], dtype=torch.float64)
+    y = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    pi64 = u.clone().requires_grad_()
+    loss64 = (y * F.softplus(-pi64) + (1 - y) * F.softplus(pi64)).sum()
+    (coef64,) = torch.autograd.grad(loss64, pi64)
+    _, coef = cuda.bce_forward(u.float().to(dev), torch.zeros(6, device=dev), y.float().to(dev),
+                               beta=1.0, reduction="sum")
+    rel = ((coef.double().cpu() - coef64) / coef64).abs()
+    assert rel.max() < 1e-5, (coef.tolist(), coef64.tolist())
+
+
 @pytest.mark.parametrize("average", [False, True])
 @pytest.mark.parametrize("delta_kind", ["number", "tensor"])
 def test_spot_loss_tail_runs_the_kernels_and_their_backward(average, delta_kind, dev):
