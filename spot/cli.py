@@ -50,7 +50,7 @@ def add_train_parser(sub):
                                           else " (default off)"))
         p.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",
                        help=argparse.SUPPRESS)
-    p.set_defaults(func=run_train)
+    p.set_defaults(func=run_train, parser=p)
     return p
 
 
@@ -91,7 +91,7 @@ def add_demo_parser(sub):
                         "work keeps busy)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="hide the progress bar")
-    p.set_defaults(func=run_demo)
+    p.set_defaults(func=run_demo, parser=p)
     return p
 
 
@@ -123,7 +123,9 @@ EXTRAS = {"transformers": "transformers", "datasets": "datasets", "safetensors":
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # with the subcommand's usage (parse_args would print the top-level one)
+        getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         code = args.func(args)
     except (DataError, ConfigError, FileNotFoundError) as e:

@@ -255,6 +255,19 @@ def test_a_bad_row_is_named_from_0_with_its_split(tmp_path):
             D.read_pairs(tmp_path / name)
 
 
+@pytest.mark.parametrize("argv, usage, unknown", [
+    (["train", "--lr", "1", "--lrr", "2"], "usage: spot train", "--lrr 2"),
+    (["demo", "--stepz", "3"], "usage: spot demo", "--stepz 3"),
+    (["rectify", "filter", "--input", "a", "--output", "b", "--tokenizer", "t", "--zz"],
+     "usage: spot rectify filter", "--zz")])
+def test_an_unknown_argument_gets_its_subcommands_usage(argv, usage, unknown, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith(usage), err
+    assert f"error: unrecognized arguments: {unknown}" in err, err
+
+
 def test_missing_file_and_config_errors(tmp_path, tok_dir, capsys):
     assert main(["train", "--model", str(tok_dir), "--data", str(tmp_path / "nope.jsonl"),
                  "--output", str(tmp_path / "o")]) == 2

@@ -15,7 +15,7 @@ def add_parser(subparsers):
     p = subparsers.add_parser("rectify", help="build SPoT pairs: elicit errors, Oracle corrections, "
                               "proximity filter",
                               description="The SPoT data pipeline (elicit -> correct -> filter).")
-    p.set_defaults(func=lambda args: p.print_help() or 2)
+    p.set_defaults(func=lambda args: p.print_help() or 2, parser=p)
     sub = p.add_subparsers(dest="rectify_command", metavar="{elicit,correct,filter,run}")
 
     e = sub.add_parser("elicit", help="sample the model's answers; keep the wrong ones")
@@ -40,6 +40,7 @@ def add_parser(subparsers):
     _filter_args(r, tokenizer_required=False)
     r.set_defaults(func=_run_all)
     for q in (e, c, f, r):
+        q.set_defaults(parser=q)  # the usage an unknown argument is reported with
         q.add_argument("--no-progress", dest="progress", action="store_false",
                        help="hide the progress bars (transformers' loading bars too)")
     return p
