@@ -582,10 +582,10 @@ def packing_leaks(model):
         ids = _probe_ids(dev, vocab, (3, 7), [(3, 4, 5, 6)] * 2)  # same tail, other heads
         pos = torch.cat([torch.arange(_PROBE_LEN), torch.arange(4)]).to(dev).expand(2, -1)
         return ids, dict(position_ids=pos), slice(_PROBE_LEN, None)
-    # anywhere by 0.1% of the largest value: a leak missed is silently wrong log-probs; a false
-    # alarm costs the padding's compute
-    return _probe(model, "packing", make, lambda a, b: (a.float() - b.float()).abs().max().item()
-                  > 1e-3 * max(1.0, a.float().abs().max().item()))
+    def moved(a, b):  # anywhere by 0.1% of the largest value: a leak missed is silently wrong
+        a, b = a.float(), b.float()  # log-probs; a false alarm costs the padding's compute
+        return (a - b).abs().max().item() > 1e-3 * max(1.0, a.abs().max().item())
+    return _probe(model, "packing", make, moved)
 
 
 def _moved_ahead(a, b, tol=1e-2):
@@ -628,10 +628,11 @@ def sees_ahead(model):
 
     def make(dev, vocab):
         return _probe_ids(dev, vocab, (3, 3), [(5,), (9,)]), {}, slice(None, -1)
-    def moved(a, b):
+    tol = _ahead_tol(inner)  # probed again when it changes (first under autocast, then not)
+
+    def moved(a, b):  # hidden states in half precision: the half-precision rule
         full = a.dtype in (torch.float32, torch.float64)
         return _moved_ahead(a.float(), b.float(), tol if full else 1e-2)
-    tol = _ahead_tol(inner)  # probed again when it changes (first under autocast, then not)
     return _probe(model, f"ahead {tol:g}", make, moved)
 
 

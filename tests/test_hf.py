@@ -828,6 +828,18 @@ _MOE = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, moe_interme
             num_experts=16, num_local_experts=16, num_experts_per_tok=2, pad_token_id=0)
 
 
+def _last_token_pairs(model, count, device="cpu"):
+    """``count`` pairs of random 24-token rows that differ only in the last token: each pair's
+    float32 hidden states before it, ``(a, b)``, a row per forward, without gradients."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _ in range(count):
+            ids = torch.randint(1, 1024, (2, 24), generator=g)
+            ids[1, :-1] = ids[0, :-1]
+            yield tuple(hf.head_inputs(model, ids[i:i + 1].to(device)).hidden[0, :-1].float()
+                        for i in range(2))
+
+
 @pytest.mark.parametrize("arch", ["bert", "roberta", "electra"])
 def test_bert_style_heads_without_is_decoder_are_refused_at_random_init(arch):
     """A BERT-style ``ForCausalLM`` built without ``is_decoder`` attends both ways. At random
@@ -893,14 +905,9 @@ def test_the_tight_threshold_raises_no_false_alarm_on_moe_in_float32(arch):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **_MOE)).eval()
     assert not hf.sees_ahead(model) and hf._ahead_tol(model) == 1e-4
-    g = torch.Generator().manual_seed(1)
     worst = 0.0
-    with torch.no_grad():
-        for _ in range(32):
-            ids = torch.randint(1, 1024, (2, 24), generator=g)
-            ids[1, :-1] = ids[0, :-1]
-            a, b = (hf.head_inputs(model, ids[i:i + 1]).hidden[0, :-1] for i in range(2))
-            worst = max(worst, ((a - b).norm(dim=-1) / a.norm(dim=-1)).max().item())
+    for a, b in _last_token_pairs(model, 32):
+        worst = max(worst, ((a - b).norm(dim=-1) / a.norm(dim=-1)).max().item())
     assert worst < 1e-5, f"worst per-position move {worst:.2e}"
 
 
@@ -919,15 +926,10 @@ def test_the_probes_raise_no_false_alarm_on_a_gpu(arch, how):
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **_MOE)).cuda().eval()
     if how == "bf16 weights":
         model = model.bfloat16()
-    g = torch.Generator().manual_seed(1)
     worst, fired = 0.0, 0
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=how != "bf16 weights"):
         assert not hf.sees_ahead(model) and not hf.packing_leaks(model)
-        for _ in range(64):
-            ids = torch.randint(1, 1024, (2, 24), generator=g)
-            ids[1, :-1] = ids[0, :-1]
-            a, b = (hf.head_inputs(model, ids[i:i + 1].cuda()).hidden[0, :-1].float()
-                    for i in range(2))
+        for a, b in _last_token_pairs(model, 64, "cuda"):
             r = (a - b).norm(dim=-1) / a.norm(dim=-1)
             worst = max(worst, r.max().item())
             fired += hf._moved_ahead(a, b)
