@@ -180,7 +180,12 @@ def make_config(file_values=None, overrides=None):
     for k, v in (file_values or {}).items():
         (values if k in known else extra)[k] = v
     if extra:
-        raise ConfigError(f"config: unknown option(s) {', '.join(sorted(extra))}")
+        import difflib
+
+        def named(k):  # a near miss names the option it was probably meant to be
+            near = difflib.get_close_matches(k, sorted(known), n=1, cutoff=0.75)
+            return f"{k} (did you mean {near[0]}?)" if near else k
+        raise ConfigError(f"config: unknown option(s) {', '.join(named(k) for k in sorted(extra))}")
     for k, v in (overrides or {}).items():
         if v is not None:
             values[k] = v

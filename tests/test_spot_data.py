@@ -276,6 +276,11 @@ def test_missing_file_and_config_errors(tmp_path, tok_dir, capsys):
     assert main(["train", "--config", str(tmp_path / "c.yaml"), "--model", "m", "--data", "d",
                  "--output", "o"]) == 2
     assert "unknown option(s) learning_rate" in capsys.readouterr().err
+    (tmp_path / "c.yaml").write_text("betta: 0.5\nmax-stepz: 3\n")  # near misses are named
+    assert main(["train", "--config", str(tmp_path / "c.yaml"), "--model", "m", "--data", "d",
+                 "--output", "o"]) == 2
+    assert ("unknown option(s) betta (did you mean beta?), max_stepz (did you mean max_steps?)"
+            in capsys.readouterr().err)
     with pytest.raises(ConfigError, match="beta"):
         make_config({"beta": -1.0}, {"model": "m", "data": "d", "output": "o"}).validate()
     with pytest.raises(ConfigError, match="epochs"):
