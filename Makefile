@@ -10,12 +10,15 @@ export TRITON_INTERPRET ?= $(if $(shell command -v nvidia-smi 2>/dev/null),0,1)
 # torch first, only when it does not import: the CI machines' registry serves 2.13.0 as the CPU
 # build (a bare `torch` would pull a multi-GB CUDA build); elsewhere install the torch you want
 # first and this line is skipped.
-# The oldest Triton the kernels support, installed apart (build/ is git-ignored) so that
-# tests/test_triton_compile.py compiles every kernel with it as well as with the newest.
-# (one folder per Python version: its compiled core fits one)
+# The oldest Triton the kernels support and the GPU machine's (the release the launch table is
+# tuned for), each installed apart (build/ is git-ignored) so that tests/test_triton_compile.py
+# compiles every kernel with them as well as with the newest. (one folder per Python version:
+# the compiled core fits one)
 TRITON_OLDEST := 3.3.1
+TRITON_GPU := 3.6.0
 PYTAG := $(shell $(PYTHON) -c "import sys; print('py%d%d' % sys.version_info[:2])" 2>/dev/null)
 export SPOT_TRITON_OLDEST ?= build/triton-$(TRITON_OLDEST)-$(PYTAG)
+export SPOT_TRITON_GPU ?= build/triton-$(TRITON_GPU)-$(PYTAG)
 
 # The oldest transformers the package supports (pyproject's `transformers>=` floor), installed
 # apart with the hub, tokenizers and datasets of its day: the tests that touch transformers run a
@@ -34,6 +37,8 @@ install:
 	SPOT_CUDA_ARCHS="$${SPOT_CUDA_ARCHS:-90}" $(PIP) install -q -e ".[dev]"  # one arch: ~4x faster nvcc
 	@[ -f "$(SPOT_TRITON_OLDEST)/triton/__init__.py" ] || \
 	  $(PIP) install -q --no-deps --target "$(SPOT_TRITON_OLDEST)" triton==$(TRITON_OLDEST)
+	@[ -f "$(SPOT_TRITON_GPU)/triton/__init__.py" ] || \
+	  $(PIP) install -q --no-deps --target "$(SPOT_TRITON_GPU)" triton==$(TRITON_GPU)
 	@[ -f "$(TRANSFORMERS_OLDEST_DIR)/transformers/__init__.py" ] || \
 	  $(PIP) install -q --no-deps --target "$(TRANSFORMERS_OLDEST_DIR)" $(TRANSFORMERS_OLDEST_PINS)
 

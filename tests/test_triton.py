@@ -137,6 +137,36 @@ def test_a_softcap_far_above_the_logits(softcap):
 
 
 @needs_triton
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the series' x^2 overflows at |x| = 1e30
+def test_the_backwards_softcap_code_holds_tanh_and_its_slope_to_float32():
+    """The backward keeps one float a logit for ``tanh(x)`` and ``1 - tanh^2(x)``
+    (``tiles.softcap_code``): both come back within a few float32 ulps of float64 from
+    ``|x| = 1e-30`` to ``1e30`` and around the branch at 1/4, where ``1 - t^2`` from a rounded
+    ``t`` would lose everything past ``|x| ~ 9``; the forward's ``tanh`` within 3 ulps."""
+    import triton
+    from softcap_code_kernel import kernel
+
+    g = torch.Generator().manual_seed(0)
+    mag = torch.cat([torch.logspace(-30, 2, 1500, dtype=torch.float64),
+                     0.2 + 0.1 * torch.rand(500, generator=g, dtype=torch.float64),
+                     torch.tensor([0.0, 0.25, 52.0, 60.0, 1e3, 1e30], dtype=torch.float64)])
+    x = torch.cat([mag, -mag]).float().to(_device())
+    n = x.numel()
+    t, s, f = (torch.empty_like(x) for _ in range(3))
+    kernel[(1,)](x, t, s, f, n, BLOCK=triton.next_power_of_2(n))
+    x64 = x.double().cpu()
+    tanh64, slope64 = torch.tanh(x64), torch.cosh(x64).pow(-2)
+    eps = torch.finfo(torch.float32).eps
+    for name, got, want, ulps in (("tanh", t, tanh64, 4), ("slope", s, slope64, 2),
+                                  ("forward tanh", f, tanh64, 3)):
+        err = (got.double().cpu() - want).abs()
+        # relative where the value is a normal float32; the slope's floor (1e-37) below that
+        bound = torch.maximum(ulps * eps * want.abs(), torch.full_like(want, 2.1e-37))
+        worst = (err / bound).argmax()
+        assert (err <= bound).all(), (name, x64[worst].item(), got[worst].item(), want[worst].item())
+
+
+@needs_triton
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees the overflow
 def test_a_logit_that_overflows_in_one_d_chunk_stays_minus_infinity():
     """Column 7's dot overflows to -inf in its first D chunk: that logit is -inf (p = 0), as in

@@ -16,12 +16,13 @@ backward's ``dh`` and ``dW`` atomic adds must be 4-wide vector reductions (read 
 and every half-precision kernel must multiply on the tensor cores (``wgmma`` on sm_90,
 ``mma.sync`` on sm_80, read from the PTX).
 
-The kernels promise Triton >= 3.3. ``make test`` installs the oldest supported release apart
-(``SPOT_TRITON_OLDEST``, a ``pip install --target`` folder) and every kernel is compiled with it
-too. The launch table is tuned for Triton >= 3.6 (the GPU machine's), so the stack limit holds
-there; older releases must compile every entry within shared memory, and their spills are
-printed, not failed (3.3 spills about 400-480 bytes in the deterministic ``dW`` pass at odd
-sizes: slower, still correct).
+The kernels promise Triton >= 3.3. ``make test`` installs two more releases apart (``pip install
+--target`` folders): the oldest supported (``SPOT_TRITON_OLDEST``) and the GPU machine's
+(``SPOT_TRITON_GPU``, 3.6), and every kernel is compiled with each too. The launch table is
+tuned for Triton >= 3.6, so the stack limit holds there (the newest release alone missed a
+spill that only 3.6 showed); older releases must compile every entry within shared memory, and
+their spills are printed, not failed (3.3 spills about 400-480 bytes in the deterministic
+``dW`` pass at odd sizes: slower, still correct).
 """
 import glob
 import os
@@ -153,29 +154,34 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _oldest():
-    path = os.environ.get("SPOT_TRITON_OLDEST")
+APART = {"oldest": "SPOT_TRITON_OLDEST", "gpu": "SPOT_TRITON_GPU"}  # which -> its folder's variable
+
+
+def _apart(which):
+    """The folder of a Triton release installed apart (``make install``), or skip."""
+    var = APART[which]
+    path = os.environ.get(var)
     if not path:
-        pytest.skip("SPOT_TRITON_OLDEST is not set (make test installs the oldest Triton there)")
+        pytest.skip(f"{var} is not set (make test installs the {which} Triton there)")
     path = os.path.abspath(path)
     if not os.path.isfile(os.path.join(path, "triton", "__init__.py")):
-        pytest.skip(f"no Triton installed under SPOT_TRITON_OLDEST={path}")
+        pytest.skip(f"no Triton installed under {var}={path}")
     # its compiled core fits one Python only: name a mismatch instead of an ImportError
     tags = [line.split(":", 1)[1].strip() for wheel in glob.glob(os.path.join(
         path, "triton-*.dist-info", "WHEEL")) for line in open(wheel) if line.startswith("Tag:")]
     mine = "cp{}{}".format(*sys.version_info[:2])
     assert not tags or any(t.startswith(mine + "-") for t in tags), (
-        f"SPOT_TRITON_OLDEST={path} holds Triton for {tags[0].split('-')[0]}, not {mine}: "
+        f"{var}={path} holds Triton for {tags[0].split('-')[0]}, not {mine}: "
         "install it for this Python (make test keeps one folder per Python)")
     return path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["installed", "oldest"])
+@pytest.mark.parametrize("which", ["installed", "oldest", "gpu"])
 def test_every_config_compiles_for_hopper_and_ampere_without_spills(which):
     env = dict(os.environ, TRITON_INTERPRET="0")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = [_oldest()] if which == "oldest" else []
+    path = [_apart(which)] if which in APART else []
     env["PYTHONPATH"] = os.pathsep.join(path + [root, env.get("PYTHONPATH", "")])
     # two size specialisations (SCRIPT), in processes side by side: "real" (the benchmark
     # heads) pipelines as "ragged" does and has spilled no more than it in every entry and
@@ -189,5 +195,5 @@ def test_every_config_compiles_for_hopper_and_ampere_without_spills(which):
         if proc.returncode and ("ptxas" in err and "not found" in err.lower()):
             pytest.skip("no ptxas for the CUDA backend of triton on this machine")
         assert proc.returncode == 0 and out.strip().endswith("OK"), out[-3000:] + err[-3000:]
-        if which == "oldest":
+        if which in APART:  # that release compiled, not the installed one
             assert out.startswith("triton") and path[0] in out.splitlines()[0], out[:300]

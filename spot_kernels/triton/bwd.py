@@ -76,10 +76,11 @@ def _backward_kernel(H, W, B, T, LSE, Q, G, DH, DW, DB, N, V, D, stride_hn, stri
     col_mask = cols < V
     t, g, lse_hi, lse_scale, q = row_inputs(T, G, LSE, Q, rows, row_mask, ignore_index)
     if any_nonzero(g):
-        z, slope = logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd,
-                            stride_wv, stride_wd, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP,
-                            BLOCK_M, BLOCK_V, BLOCK_D, PRECISION)
-        da = grad_tile(z, slope, lse_hi, lse_scale, q, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP)
+        y = logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd,
+                        stride_wv, stride_wd, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP,
+                        BLOCK_M, BLOCK_V, BLOCK_D, PRECISION, True)
+        da = grad_tile(y, lse_hi, lse_scale, q, g, t, cols, col_mask, inv_temp, softcap,
+                       HAS_SOFTCAP)
         run = True
         if FILTER:
             run = any_reaches(da, filter_eps)

@@ -47,10 +47,11 @@ def _backward_da_kernel(H, W, B, T, LSE, Q, G, DA, N, V, D, stride_hn, stride_hd
     t, g, lse_hi, lse_scale, q = row_inputs(T, G, LSE, Q, rows, row_mask, ignore_index)
     da = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
     if any_nonzero(g):
-        z, slope = logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd,
-                            stride_wv, stride_wd, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP,
-                            BLOCK_M, BLOCK_V, BLOCK_D, PRECISION)
-        da = grad_tile(z, slope, lse_hi, lse_scale, q, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP)
+        y = logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd,
+                        stride_wv, stride_wd, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP,
+                        BLOCK_M, BLOCK_V, BLOCK_D, PRECISION, True)
+        da = grad_tile(y, lse_hi, lse_scale, q, g, t, cols, col_mask, inv_temp, softcap,
+                       HAS_SOFTCAP)
     ptr = DA + rows.to(tl.int64)[:, None] * stride_an + cols[None, :]
     tl.store(ptr, da.to(DA.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 

@@ -64,9 +64,9 @@ def _forward_kernel(H, W, B, T, LOGP, LSE, ENT, PM, PS, PT, PQ,
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
-        z, _ = logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd,
-                            stride_wv, stride_wd, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP,
-                            BLOCK_M, BLOCK_V, BLOCK_D, PRECISION)
+        z = logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd,
+                        stride_wv, stride_wd, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP,
+                        BLOCK_M, BLOCK_V, BLOCK_D, PRECISION, False)
         hit = (cols[None, :] == t[:, None]) & col_mask[None, :]
         zt += tl.sum(tl.where(hit, z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))

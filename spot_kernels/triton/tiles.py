@@ -5,9 +5,11 @@
     a = h[rows] W[cols]^T + b[cols]        (tl.dot over D in BLOCK_D chunks, float32 accumulator)
     z = softcap(a) / T,  softcap(a) = c tanh(a / c)
 
-and returns ``(z, slope)`` with ``slope = softcap'(a) = 1 - tanh^2(a / c)`` (``tanh_slope``).
-Columns past the vocabulary come back as ``z = -inf`` so that ``exp(z - m) = 0`` there; rows
-past ``N`` read zeros and must be masked by the caller.
+and returns ``z`` (the forward), or for the backward (``CODE``) with a softcap one float a logit
+that holds both ``tanh(a / c)`` and the slope ``softcap'(a) = 1 - tanh^2(a / c)``
+(``softcap_code``; ``grad_tile`` decodes it). Columns past the vocabulary come back as
+``z = -inf`` (decoded ones too) so that ``exp(z - m) = 0`` there; rows past ``N`` read zeros
+and must be masked by the caller.
 
 Cost per tile: ``2 BLOCK_M BLOCK_V D`` FLOPs; it reads ``(BLOCK_M + BLOCK_V) D`` input
 elements (the ``h`` rows are re-read for every vocabulary tile, from L2 in practice).
@@ -15,6 +17,9 @@ elements (the ``h`` rows are re-read for every vocabulary tile, from L2 in pract
 ``tanh`` is written with ``exp`` (``tanh(x) = sign(x) (1 - e^{-2|x|}) / (1 + e^{-2|x|})``,
 its Taylor series below ``|x| = 1/4``), which never overflows and exists in every Triton >= 3.3,
 also under the interpreter; the slope comes from the same ``e^{-2|x|}`` without cancellation.
+One float carries both (``softcap_code``) because a second live ``[BLOCK_M, BLOCK_V]`` tile
+for the slope cost 30-60 registers a thread in every backward kernel and pushed the Hopper
+``dW`` pass (``bwd_dw.py``) into register spills under Triton 3.6.
 fp32 inputs use ``input_precision="ieee"`` (no TF32): the results must match float32 torch. Their
 dot compiles to one chain of FMAs, whose rounding error grows with its length, so each D chunk
 gets its own accumulator and the chunks are summed with Kahan's compensation (four more adds
@@ -53,22 +58,53 @@ def grouped_tile(pid, N, V, group_m, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexp
 
 
 @triton.jit
-def tanh_slope(x):
-    """``(tanh(x), 1 - tanh(x)^2)``, each float32-accurate at every ``|x|``. ``1 - e^{-2|x|}``
-    loses its leading bits as ``|x|`` goes to 0 (a softcap far above the logits: at c = 1e6
-    every logit was off by ~c 2^-24), so ``|x| < 1/4`` takes the odd Taylor series to ``x^11``
-    (truncation below 1e-9 relative). ``1 - t^2`` from a rounded ``t`` loses them as ``|x|``
-    grows (at ``|x| = 5`` ~1e-3 relative; 0 once ``t`` rounds to 1, from ``|x| ~ 8.7``): the
-    slope is ``4 e / (1 + e)^2`` with ``e = e^{-2|x|}``, no cancellation anywhere."""
+def tanh_series(ax):
+    """``tanh(ax)`` for ``0 <= ax < 1/4``: the odd Taylor series to ``x^11`` (truncation below
+    1e-9 relative). ``1 - e^{-2|x|}`` loses its leading bits as ``|x|`` goes to 0 (a softcap
+    far above the logits: at c = 1e6 every logit was off by ~c 2^-24)."""
+    x2 = ax * ax
+    return ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (
+        -17.0 / 315.0 + x2 * (62.0 / 2835.0 + x2 * (-1382.0 / 155925.0))))))
+
+
+@triton.jit
+def tanh(x):
+    """float32-accurate at every ``|x|``: ``sign(x) (1 - e) / (1 + e)``, ``e = e^{-2|x|}``, and
+    ``tanh_series`` below ``|x| = 1/4``."""
     ax = tl.abs(x)
     e = tl.exp(-2.0 * ax)
-    r = 1.0 / (1.0 + e)
-    t = (1.0 - e) * r
-    x2 = ax * ax
-    series = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (
-        -17.0 / 315.0 + x2 * (62.0 / 2835.0 + x2 * (-1382.0 / 155925.0))))))
-    t = tl.where(ax < 0.25, series, t)
-    return tl.where(x < 0, -t, t), 4.0 * e * r * r
+    t = tl.where(ax < 0.25, tanh_series(ax), (1.0 - e) / (1.0 + e))
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def softcap_code(x):
+    """One float32 that holds ``tanh(x)`` and its slope ``1 - tanh^2(x)``, both to float32
+    precision at every ``|x|`` (``softcap_decode`` takes them out)::
+
+        v = tanh(x)                         |x| < 1/4     (|v| < 0.245)
+        v = sign(x) / (1 - |tanh(x)|)       elsewhere     (|v| > 1.32)
+          = sign(x) (1 + e) / (2 e),  e = e^{-2|x|}
+
+    ``1 - t^2`` from a rounded ``t`` loses its leading bits as ``|x|`` grows (at ``|x| = 5``
+    ~1e-3 relative; 0 once ``t`` rounds to 1, from ``|x| ~ 8.7``); ``1 - |t|`` kept this way
+    does not. ``2 e`` is floored at 1e-37 (``e`` underflows from ``|x| ~ 52``): there the
+    slope decodes as ~1e-37 instead of less, and ``tanh`` as 1."""
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    v = tl.where(ax < 0.25, tanh_series(ax), (1.0 + e) / tl.maximum(2.0 * e, 1e-37))
+    return tl.where(x < 0, -v, v)
+
+
+@triton.jit
+def softcap_decode(v):
+    """``(tanh(x), 1 - tanh^2(x))`` from ``softcap_code(x)``: ``(v, 1 - v^2)`` for ``|v| < 1``,
+    else with ``r = 1 / |v| = 1 - |tanh(x)|``: ``(sign(v) (1 - r), r (2 - r))``."""
+    av = tl.abs(v)
+    small = av < 1.0
+    r = 1.0 / tl.where(small, 1.0, av)
+    t = tl.where(small, v, tl.where(v < 0, r - 1.0, 1.0 - r))
+    return t, tl.where(small, 1.0 - v * v, r * (2.0 - r))
 
 
 @triton.jit
@@ -110,7 +146,7 @@ def dot2(hi, lo, x, acc, PRECISION: tl.constexpr, SPLIT: tl.constexpr):
 def logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd, stride_wv,
                 stride_wd, inv_temp, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                PRECISION: tl.constexpr):
+                PRECISION: tl.constexpr, CODE: tl.constexpr):
     acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
     comp = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)  # Kahan's compensation (ieee only)
     h_rows = H + rows.to(tl.int64)[:, None] * stride_hn
@@ -137,13 +173,14 @@ def logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd
     if HAS_BIAS:
         acc += tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
-        th, slope = tanh_slope(acc / softcap)
-        z = th * (softcap * inv_temp)
+        if CODE:
+            y = softcap_code(acc / softcap)  # grad_tile decodes it and masks the columns
+        else:
+            y = tl.where(col_mask[None, :], tanh(acc / softcap) * (softcap * inv_temp),
+                         float("-inf"))
     else:
-        slope = acc  # unused
-        z = acc * inv_temp
-    z = tl.where(col_mask[None, :], z, float("-inf"))
-    return z, slope
+        y = tl.where(col_mask[None, :], acc * inv_temp, float("-inf"))
+    return y
 
 
 @triton.jit
@@ -182,11 +219,17 @@ def row_inputs(T, G, LSE, Q, rows, row_mask, ignore_index):
 
 
 @triton.jit
-def grad_tile(z, slope, hi, scale, q, g, t, cols, col_mask, inv_temp, HAS_SOFTCAP: tl.constexpr):
+def grad_tile(y, hi, scale, q, g, t, cols, col_mask, inv_temp, softcap,
+              HAS_SOFTCAP: tl.constexpr):
     """``dA = g (onehot(t) - p) / T * softcap'(a)`` for one tile, float32, in registers, with
     ``p = e^(z - hi) scale`` and the target's ``1 - p_t = q`` (``row_inputs``: the forward's,
-    not the recomputed logit's). Masked columns give 0 (a target outside ``[0, V)`` matches no
+    not the recomputed logit's). ``y`` is ``logits_tile(..., CODE=True)``: ``z``, or with a
+    softcap its ``softcap_code``. Masked columns give 0 (a target outside ``[0, V)`` matches no
     real column)."""
+    z = y
+    if HAS_SOFTCAP:
+        th, slope = softcap_decode(y)
+        z = tl.where(col_mask[None, :], th * (softcap * inv_temp), float("-inf"))
     p = tl.exp(z - hi[:, None]) * scale[:, None]
     target = (cols[None, :] == t[:, None]) & col_mask[None, :]
     da = g[:, None] * tl.where(target, q[:, None], -p) * inv_temp
