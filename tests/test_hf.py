@@ -731,6 +731,10 @@ def test_check_logits_allows_for_the_models_own_rounding():
 
 _HYBRID = dict(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, intermediate_size=128, head_dim=16, pad_token_id=0)
+# Bamba's defaults are a real model's state-space sizes (128 heads, d_state 256, chunks of 256):
+# transformers 5.17's torch path then builds a 24 GiB tensor for a 20-token batch
+_HYBRID_ARCH = {"bamba": dict(mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16,
+                              mamba_chunk_size=16)}
 
 
 @pytest.mark.parametrize("arch", ["jamba", "qwen3_next", "bamba"])
@@ -744,7 +748,8 @@ def test_layers_that_carry_state_along_the_row_run_packed_batches_padded(arch, m
     if hf._legacy_masks():  # every packed batch runs padded there (the probe's own too)
         pytest.skip("before transformers 5.2 packed batches run padded anyway (tested above)")
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **_HYBRID)).train()
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(arch, **_HYBRID, **_HYBRID_ARCH.get(arch, {}))).train()
     seqs = _seqs(model, seed=4)
     flat, cu = torch.cat(seqs)[None], torch.tensor([0] + LENS).cumsum(0)
     assert hf.packing_leaks(model) and model.training  # probed in eval mode, then put back
