@@ -654,10 +654,15 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
     impl = getattr(inner.config, "_attn_implementation", None) or "eager"
     kind = getattr(_text_config(inner), "model_type", "")
     if sees_ahead(model):
-        raise ValueError(f"model: {type(inner).__name__} is not causal under {impl} attention "
-                         f"(a position's hidden state changes with the tokens after it), so its "
-                         f"next-token log-probs would see their own targets; spot_kernels.hf needs "
-                         f"a causal LM")
+        # dynamic int8 quantization scales each activation tensor by its max over every token
+        quant = next((type(m).__name__ for m in inner.modules()
+                      if "quantized.dynamic" in type(m).__module__), None)
+        why = (f"its dynamically quantized {quant} layers scale each activation by its max "
+               f"over the whole row" if quant else f"under {impl} attention")
+        raise ValueError(f"model: {type(inner).__name__} is not causal: a position's hidden "
+                         f"state changes with the tokens after it ({why}), so its next-token "
+                         f"log-probs would see their own targets; spot_kernels.hf needs a causal "
+                         f"LM")
     if packed and kind in _NO_PACKING:
         raise ValueError(f"cu_seqlens / position_ids: {type(inner).__name__} cannot keep packed "
                          f"sequences apart (its attention bias comes from the 2-D "

@@ -795,10 +795,30 @@ def test_a_model_that_sees_ahead_is_refused(monkeypatch):
     assert moved > 1e-2
     assert hf.sees_ahead(model) and not model.training  # probed in eval mode, mode put back
     for call in (hf.completion_logprobs, hf.check_logits):
-        with pytest.raises(ValueError, match="CpmAntForCausalLM is not causal under eager"):
+        with pytest.raises(ValueError,
+                           match=r"CpmAntForCausalLM is not causal: .* \(under eager attention\)"):
             call(model, ids)
     monkeypatch.setattr(hf, "sees_ahead", lambda model: False)
     assert torch.isfinite(hf.completion_logprobs(model, ids)).all()
+
+
+def test_dynamic_int8_quantization_is_refused_and_named(model):
+    """``quantize_dynamic`` scales each Linear's input by its max over the whole row, so a
+    position's output moves (~1%) with the tokens after it: refused, and the message says why
+    (the attention is causal)."""
+    quantize = getattr(getattr(torch, "ao", None), "quantization", None)
+    if quantize is None or not hasattr(quantize, "quantize_dynamic"):
+        pytest.skip("torch.ao.quantization.quantize_dynamic is not in this torch")
+    import copy
+    import warnings
+    with warnings.catch_warnings():  # deprecated in favour of torchao
+        warnings.simplefilter("ignore")
+        q = quantize.quantize_dynamic(copy.deepcopy(model).eval(), {torch.nn.Linear},
+                                      dtype=torch.qint8)
+    ids = _seqs(model, seed=5)[1][None]
+    with pytest.raises(ValueError, match="not causal: .*dynamically quantized Linear layers"):
+        hf.completion_logprobs(q, ids)
+    assert not hf.sees_ahead(model)  # the float model it came from passes
 
 
 @pytest.mark.parametrize("where, refused", [("one", False), ("first", False), ("first+1", False),
