@@ -88,11 +88,12 @@ def softcap_code(x):
 
     ``1 - t^2`` from a rounded ``t`` loses its leading bits as ``|x|`` grows (at ``|x| = 5``
     ~1e-3 relative; 0 once ``t`` rounds to 1, from ``|x| ~ 8.7``); ``1 - |t|`` kept this way
-    does not. ``2 e`` is floored at 1e-37 (``e`` underflows from ``|x| ~ 52``): there the
-    slope decodes as ~1e-37 instead of less, and ``tanh`` as 1."""
+    does not. Where ``e`` underflows (``|x| > ~52``, and at ``x = inf``) ``v`` is infinite and
+    decodes as ``tanh = +-1``, slope exactly 0, as torch's ``tanh`` gives (the interpreter's
+    numpy warns of the division by zero)."""
     ax = tl.abs(x)
     e = tl.exp(-2.0 * ax)
-    v = tl.where(ax < 0.25, tanh_series(ax), (1.0 + e) / tl.maximum(2.0 * e, 1e-37))
+    v = tl.where(ax < 0.25, tanh_series(ax), (1.0 + e) / (2.0 * e))
     return tl.where(x < 0, -v, v)
 
 
@@ -228,7 +229,9 @@ def grad_tile(y, hi, scale, q, g, t, cols, col_mask, inv_temp, softcap,
     real column)."""
     z = y
     if HAS_SOFTCAP:
-        th, slope = softcap_decode(y)
+        # the code of a column past V is 0 (slope 1) even where a row of h holds an inf (its
+        # zero-filled W row gives inf * 0 = NaN there, and NaN * 0 stays NaN in dA)
+        th, slope = softcap_decode(tl.where(col_mask[None, :], y, 0.0))
         z = tl.where(col_mask[None, :], th * (softcap * inv_temp), float("-inf"))
     p = tl.exp(z - hi[:, None]) * scale[:, None]
     target = (cols[None, :] == t[:, None]) & col_mask[None, :]
