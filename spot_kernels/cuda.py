@@ -437,9 +437,8 @@ def forward(hidden, weight, targets, bias=None, *, temperature=1.0, softcap=None
 
 def _forward_by_vocab(hidden, weight, t, b, cols, cap, inv_temp, ignore_index, return_entropy):
     """All tokens x each vocabulary chunk: the chunks' ``(lse, logp, entropy)``, merged as a
-    vocab-parallel head's shards are (``torch_backend.merge_parts``). A target outside
-    ``[0, V)`` (another shard's) is owned by no chunk: its ``logp`` is ``-lse``, as on the
-    other paths (the merge alone would give ``m - lse``)."""
+    vocab-parallel head's shards are (``torch_backend.merge_parts``; a target outside ``[0, V)``,
+    another shard's, is owned by no chunk and gets ``logp = -lse`` there)."""
     n = hidden.shape[0]
     ignored = t == ignore_index
     buf = torch.empty(n, cols[0].stop, dtype=hidden.dtype, device=hidden.device)
@@ -462,8 +461,7 @@ def _forward_by_vocab(hidden, weight, t, b, cols, cap, inv_temp, ignore_index, r
     lse, logp, entropy = torch_backend.merge_parts(
         parts[0], parts[1], owns, parts[2] if return_entropy else None, ~ignored,
         lambda x: x.max(0, keepdim=True).values, lambda x: x.sum(1))
-    elsewhere = ~ignored & ((t < 0) | (t >= weight.shape[0]))
-    return torch.where(elsewhere, -lse.float(), logp), lse, entropy
+    return logp, lse, entropy
 
 
 @torch.no_grad()

@@ -154,20 +154,22 @@ def merge_parts(lse, logp, own, entropy, valid, max_over, sum_over):
     ``m = max_k lse_k``: ``lse = m + log s`` with ``s = sum_k e^(lse_k - m)``,
     ``logp = (logp_k + lse_k - m) - log s``, ``H = log s + sum_k e^(lse_k - m) (H_k -
     (lse_k - m)) / s`` (a part whose logits are all -inf, ``e = 0``, adds nothing, not its NaN
-    entropy). ``max_over`` and ``sum_over`` reduce over the parts (a tensor dimension or an
-    all-reduce, keeping a broadcastable shape); ``valid``: the counted tokens (logp 0
-    elsewhere)."""
+    entropy). A target that no part owns (another shard's, outside the whole head) gets
+    ``logp = -lse``, the shard contract. ``max_over`` and ``sum_over`` reduce over the parts (a
+    tensor dimension or an all-reduce, keeping a broadcastable shape); ``valid``: the counted
+    tokens (logp 0 elsewhere)."""
     lse = lse.double()
     m = max_over(lse)
     e = torch.exp(lse - m)
-    parts = [e, torch.where(own, logp.double() - (m - lse), 0.0)]
+    parts = [e, torch.where(own, logp.double() - (m - lse), 0.0), own.double()]
     if entropy is not None:
         parts.append(torch.where(e > 0, e * (entropy.double() - (lse - m)), 0.0))
     sums = sum_over(torch.stack(parts))
     log_s = torch.log(sums[0])
-    logp = torch.where(valid, sums[1] - log_s, 0.0).float()
-    entropy = None if entropy is None else (log_s + sums[2] / sums[0]).float()
-    return (m + log_s).reshape(log_s.shape), logp, entropy
+    lse = (m + log_s).reshape(log_s.shape)
+    logp = torch.where(valid, torch.where(sums[2] > 0, sums[1] - log_s, -lse), 0.0).float()
+    entropy = None if entropy is None else (log_s + sums[3] / sums[0]).float()
+    return lse, logp, entropy
 
 
 def in_dtypes(dh, dw, db, hidden, weight, bias, dh_float32=False):
