@@ -166,10 +166,10 @@ def test_the_backwards_softcap_code_holds_tanh_and_its_slope_to_float32():
     tanh64, slope64 = torch.tanh(x64), torch.cosh(x64).pow(-2)
     eps = torch.finfo(torch.float32).eps
     compiled = x.device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1"
+    fin = torch.isfinite(x64)
     for name, got, want, ulps in (("tanh", t, tanh64, 6), ("slope", s, slope64, 4),
                                   ("forward tanh", f, tanh64, 4)):
         err = (got.double().cpu() - want).abs()
-        fin = torch.isfinite(x64)
         ulps = (8 + ulps) * (1 + x64.abs()) if compiled else ulps
         # relative where the value is a normal float32; an absolute floor below that
         bound = torch.maximum(ulps * eps * want.abs(), torch.full_like(want, 1e-38))
