@@ -57,6 +57,7 @@ implementation is timed with wrong gradients.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import math
 import os
@@ -112,7 +113,12 @@ HEADS = {  # real LM heads: (D, V)
     "qwen3-8b": (4096, 151936),
     "llama-3-8b": (4096, 128256),
     "gemma-2-2b": (2304, 256000),
+    "gemma-2-2b-cap30": (2304, 256000),
 }
+# heads with a final-logit softcap (logits c tanh(z / c)): Gemma-2's head as the model has it
+# (final_logit_softcapping = 30); the plain "gemma-2-2b" points compare with the peers that take
+# no softcap. "small-cap30" is the CPU grid's
+SOFTCAP = {"gemma-2-2b-cap30": 30.0, "small-cap30": 30.0}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 CHECK_ROWS = 256
@@ -135,6 +141,11 @@ class Case:
     priority: int = 0
 
     @property
+    def softcap(self):
+        """The head's final-logit softcap (``SOFTCAP``), None without one."""
+        return SOFTCAP.get(self.head)
+
+    @property
     def id(self):
         return f"{self.mode}-{self.head}-N{self.n}-V{self.v}-{self.dtype}-{self.impl}"
 
@@ -150,11 +161,12 @@ def backend_of(name):
     return VARIANTS.get(name, (name, {}))
 
 
-def _ours(name, device):
+def _ours(name, device, softcap=None):
     backend, options = backend_of(name)
 
     def fn(h, w, t):
-        return sk.token_logprobs(h, w, t, backend=backend, backend_options=options)
+        return sk.token_logprobs(h, w, t, softcap=softcap, backend=backend,
+                                 backend_options=options)
     if backend == "triton" and torch.device(device).type == "cpu":
         raise Unavailable("Triton on the CPU is its interpreter, a test tool: not benchmarked")
     ok, why = _registry.availability(backend, device)
@@ -163,23 +175,30 @@ def _ours(name, device):
     return fn
 
 
-def _naive(h, w, t):
-    return reference.token_logprobs(h, w, t, ignore_index=IGNORE)
+def _naive(h, w, t, softcap=None):
+    return reference.token_logprobs(h, w, t, softcap=softcap, ignore_index=IGNORE)
 
 
 _COMPILED = {}
 
 
-def _naive_compile(device, full):
+def _naive_compile(device, full, softcap=None):
     if torch.device(device).type == "cpu" and not full:
         raise Unavailable("torch.compile on a small CPU compiles for minutes; runs with --full")
-    if "fn" not in _COMPILED:
-        _COMPILED["fn"] = torch.compile(_naive, dynamic=False)
-    return _COMPILED["fn"]
+    if softcap not in _COMPILED:
+        fn = _naive if softcap is None else functools.partial(_naive, softcap=softcap)
+        _COMPILED[softcap] = torch.compile(fn, dynamic=False)
+    return _COMPILED[softcap]
 
 
-def _torch_lce(device):
+def _no_softcap(peer, softcap):
+    if softcap is not None:
+        raise Unavailable(f"{peer} takes no final-logit softcap")
+
+
+def _torch_lce(device, softcap=None):
     import torch.nn.functional as F
+    _no_softcap("F.linear_cross_entropy", softcap)
     if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
         raise Unavailable(f"torch {torch.__version__} has no F.linear_cross_entropy with "
                           "LinearCrossEntropyOptions (chunked path)")
@@ -210,7 +229,7 @@ def lce_options(n, v, device):
     return torch.nn.LinearCrossEntropyOptions(chunking_method=None, batch_chunk_size=rows)
 
 
-def _liger(device):
+def _liger(device, softcap=None):
     if torch.device(device).type != "cuda":
         raise Unavailable("Liger-Kernel runs on CUDA only")
     try:
@@ -219,12 +238,12 @@ def _liger(device):
         raise Unavailable(f"liger-kernel not importable: {type(exc).__name__}: {exc}") from None
 
     def fn(h, w, t):
-        return -liger_fused_linear_cross_entropy(h, w, t, ignore_index=IGNORE,
+        return -liger_fused_linear_cross_entropy(h, w, t, ignore_index=IGNORE, softcap=softcap,
                                                  reduction="none").float()
     return fn
 
 
-def _cce(device):
+def _cce(device, softcap=None):
     if torch.device(device).type != "cuda":
         raise Unavailable("cut-cross-entropy's kernels run on CUDA only")
     try:
@@ -236,8 +255,8 @@ def _cce(device):
         # filter_eps=None: exact gradients, as ours by default (its default filter skips the
         # backward tiles whose |softmax - onehot| < 2^-12 before scaling by the incoming
         # gradient: nearly all of them on these random heads, a best case that is not compared)
-        return -linear_cross_entropy(h, w, t, ignore_index=IGNORE, reduction="none",
-                                     filter_eps=None).float()
+        return -linear_cross_entropy(h, w, t, ignore_index=IGNORE, softcap=softcap,
+                                     reduction="none", filter_eps=None).float()
     return fn
 
 
@@ -245,7 +264,8 @@ def _cce(device):
 TRL_VOCAB_CHUNK = 32768
 
 
-def _trl(device):
+def _trl(device, softcap=None):
+    _no_softcap("TRL's fused LM head", softcap)
     try:
         from trl.kernels import ChunkedLogProbFunction
         import trl.trainer.utils  # noqa: F401  its backward imports this (and so `datasets`)
@@ -302,22 +322,23 @@ def disagrees(case, what):
     pytest.skip(msg)
 
 
-def implementation(name, device, full=False):
-    """``logp(h, w, t)`` for implementation ``name`` on ``device``; raises ``Unavailable``."""
+def implementation(name, device, full=False, softcap=None):
+    """``logp(h, w, t)`` for implementation ``name`` on ``device``, of the logits softcapped at
+    ``softcap`` when one is given; raises ``Unavailable``."""
     if name in OURS:
-        return _ours(name, device)
+        return _ours(name, device, softcap)
     if name == "naive":
-        return _naive
+        return functools.partial(_naive, softcap=softcap)
     if name == "naive_compile":
-        return _naive_compile(device, full)
+        return _naive_compile(device, full, softcap)
     if name == "torch_lce":
-        return _torch_lce(device)
+        return _torch_lce(device, softcap)
     if name == "liger":
-        return _liger(device)
+        return _liger(device, softcap)
     if name == "cce":
-        return _cce(device)
+        return _cce(device, softcap)
     if name == "trl":
-        return _trl(device)
+        return _trl(device, softcap)
     raise ValueError(f"impl: unknown implementation {name!r}; known: {IMPLS}")
 
 
@@ -383,8 +404,9 @@ def cache_bytes(device):
 
 # ----------------------------------------------------------------------------- running one mode
 
-def run_mode(mode, impl, name, x, need_out=False):
-    """Run ``mode`` once on inputs ``x``; returns logp (detached) when ``need_out``."""
+def run_mode(mode, impl, name, x, need_out=False, softcap=None):
+    """Run ``mode`` once on inputs ``x``; returns logp (detached) when ``need_out``.
+    ``softcap``: the head's, for ``spot_loss`` of ours (``impl`` has it already)."""
     h, w, t = x["h"], x["w"], x["t"]
     if mode == "fwd":
         with torch.no_grad():
@@ -398,8 +420,8 @@ def run_mode(mode, impl, name, x, need_out=False):
     elif mode == "spot_loss":
         if name in OURS:
             backend, options = backend_of(name)
-            res = sk.spot_loss(hg, wg, t, x["cu"], x["ref"], x["labels"], backend=backend,
-                               backend_options=options)
+            res = sk.spot_loss(hg, wg, t, x["cu"], x["ref"], x["labels"], softcap=softcap,
+                               backend=backend, backend_options=options)
             loss, out = res.loss, None
         else:
             out = impl(hg, wg, t)
@@ -451,9 +473,9 @@ def _miss(ours, truth=None):
     return (ours.double() if truth is None else ours.double() - truth).abs().max().item()
 
 
-def check_values(name, impl, x, rows=CHECK_ROWS):
+def check_values(name, impl, x, rows=CHECK_ROWS, softcap=None):
     """Forward on the full inputs; compare ``rows`` tokens spread over all of them
-    (``checked_rows``) with the float64 truth.
+    (``checked_rows``) with the float64 truth (of logits softcapped at ``softcap``, if given).
 
     Returns ``(max_err, bound)``; the caller decides whether a miss fails or skips.
     """
@@ -461,10 +483,12 @@ def check_values(name, impl, x, rows=CHECK_ROWS):
     idx = checked_rows(h.shape[0], rows, h.device)
     with torch.no_grad():
         ours = impl(h, w, t).float()
-        if "truth" not in x:  # the same for every implementation of this shape: once
-            x["truth"] = (reference.token_logprobs(h[idx], w, t[idx], compute_dtype=torch.float64),
-                          reference.token_logprobs(h[idx], w, t[idx]))
-        truth, same = x["truth"]
+        key = ("truth", softcap)
+        if key not in x:  # the same for every implementation of this head: once
+            x[key] = tuple(reference.token_logprobs(h[idx], w, t[idx], softcap=softcap,
+                                                    compute_dtype=dt)
+                           for dt in (torch.float64, None))
+        truth, same = x[key]
     if ours.shape != t.shape or not bool(torch.isfinite(ours).all()):
         return math.inf, 0.0
     return _miss(ours[idx], truth), _bound(truth, same, h.dtype, floor=1.0)
@@ -473,11 +497,12 @@ def check_values(name, impl, x, rows=CHECK_ROWS):
 GRAD_COLS = 512  # vocabulary rows of dW checked besides the checked tokens' targets
 
 
-def check_grads(name, impl, x, rows=CHECK_ROWS, filter_eps=0.0):
+def check_grads(name, impl, x, rows=CHECK_ROWS, filter_eps=0.0, softcap=None):
     """``fwd_bwd`` with the upstream gradient on ``rows`` tokens spread over all of them
     (``checked_rows``; 0 elsewhere, so ``dW`` is theirs alone) against the float64 truth
-    ``dA = g (onehot - p)``, ``dh = dA W``, ``dW = dA^T h``, in four groups, each with its own
-    bound (``_bound``) so that a small term is not hidden under a large one:
+    ``dA = g (onehot - p)``, ``dh = dA W``, ``dW = dA^T h`` (with a ``softcap`` c: ``p`` of the
+    capped logits and ``dA`` times their slope ``1 - tanh^2(z / c)``), in four groups, each with
+    its own bound (``_bound``) so that a small term is not hidden under a large one:
 
     * ``dh``: the checked rows;
     * ``dh other rows``: the rows with no upstream gradient, which must stay 0;
@@ -497,7 +522,8 @@ def check_grads(name, impl, x, rows=CHECK_ROWS, filter_eps=0.0):
     g[idx] = x["g"][idx]
     hg, wg = h.detach().requires_grad_(), w.detach().requires_grad_()
     dh, dw = torch.autograd.grad(impl(hg, wg, t), (hg, wg), g)
-    if "grad_truth" not in x:  # the same for every implementation of this shape: once
+    key = ("grad_truth", softcap)
+    if key not in x:  # the same for every implementation of this head: once
         tk, gk = t[idx], x["g"][idx]
         valid = tk != IGNORE
         targets = tk[valid].unique()
@@ -506,15 +532,24 @@ def check_grads(name, impl, x, rows=CHECK_ROWS, filter_eps=0.0):
         others = others[~torch.isin(others, targets)].unique()
         with torch.no_grad():
             h64, w64 = h[idx].double(), w.double()
-            da = -torch.softmax(h64 @ w64.T, 1)
+            z = h64 @ w64.T
+            if softcap is not None:
+                z = torch.tanh(z / softcap)
+                slope = 1 - z * z
+                z *= softcap
+            da = -torch.softmax(z, 1)
             da[valid.nonzero()[:, 0], tk[valid]] += 1
             da *= (gk.double() * valid)[:, None]
+            if softcap is not None:
+                da *= slope
+            del z
             truth = (da @ w64, da[:, targets].T @ h64, da[:, others].T @ h64)
             del da, w64
         hk, wk = h[idx].detach().requires_grad_(), w.detach().requires_grad_()
-        same = torch.autograd.grad(reference.token_logprobs(hk, wk, tk), (hk, wk), gk)
-        x["grad_truth"] = (targets, others, truth, (same[0], same[1][targets], same[1][others]))
-    targets, others, truth, same = x["grad_truth"]
+        same = torch.autograd.grad(reference.token_logprobs(hk, wk, tk, softcap=softcap),
+                                   (hk, wk), gk)
+        x[key] = (targets, others, truth, (same[0], same[1][targets], same[1][others]))
+    targets, others, truth, same = x[key]
     rest = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
     rest[idx] = False
     drop_h = drop_w = 0.0
@@ -667,7 +702,7 @@ def gemm_seconds(n, d, v, dtype, device):
 
 # ----------------------------------------------------------------------------- the benchmark
 
-_NAIVE = {}   # (mode, n, d, v, dtype, device) -> (seconds, peak bytes) of the naive reference
+_NAIVE = {}   # (mode, n, d, v, dtype, softcap, device) -> (seconds, peak bytes) of the naive one
 
 
 def bench(benchmark, case, device, *, rounds, full=False, gemm=True, deadline=None):
@@ -681,7 +716,7 @@ def bench(benchmark, case, device, *, rounds, full=False, gemm=True, deadline=No
             and deadline - time.monotonic() < 120):
         pytest.skip("too little of the time budget left to compile (needs about 2 minutes)")
     try:
-        impl = implementation(case.impl, device, full)
+        impl = implementation(case.impl, device, full, case.softcap)
     except Unavailable as exc:
         pytest.skip(str(exc))
     if case.impl == "cce" and case.mode != "fwd" and case.dtype == "float32":
@@ -693,7 +728,7 @@ def bench(benchmark, case, device, *, rounds, full=False, gemm=True, deadline=No
     x0, nsets = sets[0], len(sets)
 
     try:
-        err, bound = check_values(case.impl, impl, x0)
+        err, bound = check_values(case.impl, impl, x0, softcap=case.softcap)
     except torch.OutOfMemoryError as exc:
         out_of_memory(case, "the value check", exc)
     except Exception as exc:  # a peer that rejects this dtype / shape / device
@@ -706,7 +741,7 @@ def bench(benchmark, case, device, *, rounds, full=False, gemm=True, deadline=No
     if case.mode in ("fwd_bwd", "spot_loss"):  # spot_loss's gradient is the per-token one's
         try:
             eps = backend_of(case.impl)[1].get("filter_eps", 0.0) if case.impl in OURS else 0.0
-            grad_checks = check_grads(case.impl, impl, x0, filter_eps=eps)
+            grad_checks = check_grads(case.impl, impl, x0, filter_eps=eps, softcap=case.softcap)
             misses = [f"{what}: max err {err:.3e} > bound {bound:.3e}"
                       for what, err, bound in grad_checks if not err <= bound]
         except torch.OutOfMemoryError as exc:
@@ -735,7 +770,7 @@ def bench(benchmark, case, device, *, rounds, full=False, gemm=True, deadline=No
             a.record()
         t0 = time.perf_counter()
         with sk.value_checks(False):  # the values were checked above (module docstring)
-            run_mode(case.mode, impl, case.impl, x)
+            run_mode(case.mode, impl, case.impl, x, softcap=case.softcap)
         if cuda:
             launch.append(time.perf_counter() - t0)
             b.record()
@@ -746,7 +781,7 @@ def bench(benchmark, case, device, *, rounds, full=False, gemm=True, deadline=No
 
     try:
         if case.mode != "fwd_bwd" or not grad_checks:  # else the gradient check was the warm-up
-            run_mode(case.mode, impl, case.impl, x0)  # compilation, allocator, handles
+            run_mode(case.mode, impl, case.impl, x0, softcap=case.softcap)  # compile, allocator
         sync(device)
         benchmark.pedantic(target, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
     except torch.OutOfMemoryError as exc:
@@ -761,7 +796,7 @@ def bench(benchmark, case, device, *, rounds, full=False, gemm=True, deadline=No
     secs = (statistics.median(own) if cuda or stats is None else stats.stats.median)
     flops = FLOPS[case.mode] * case.n * case.d * case.v
     info = dict(impl=case.impl, label=LABELS[case.impl], ours=case.impl in OURS, mode=case.mode,
-                head=case.head, n=case.n, d=case.d, v=case.v, dtype=case.dtype,
+                head=case.head, softcap=case.softcap, n=case.n, d=case.d, v=case.v, dtype=case.dtype,
                 device=device_name(device), ms=secs * 1e3, tflops=flops / secs / 1e12,
                 peak_mb=None if mem.peak is None else mem.peak / 2**20,
                 check_err=err, check_bound=bound, rounds=rounds, input_sets=nsets)
@@ -784,7 +819,7 @@ def bench(benchmark, case, device, *, rounds, full=False, gemm=True, deadline=No
         # forward; logits, recomputed logits, dh and dW for forward+backward)
         info["x_gemms"] = secs / (GEMMS[case.mode] * g)
         info["gemm_fraction"] = info["tflops"] / info["gemm_tflops"]
-    key = (case.mode, case.n, case.d, case.v, case.dtype, str(device))
+    key = (case.mode, case.n, case.d, case.v, case.dtype, case.softcap, str(device))
     if case.impl == "naive":
         _NAIVE[key] = (secs, mem.peak)
     if key in _NAIVE:
@@ -815,7 +850,9 @@ def cases(mode, device, full):
     plus one bfloat16 point for the forward+backward. On a GPU or with ``--full``: the real heads
     (Qwen3-8B, Llama-3-8B, Gemma-2-2B) at N in {2048, 8192, 16384} in bfloat16 (and one float32
     point), ordered so that a time budget cuts the least important points: the Qwen3-8B head at
-    N = 16384 first, then the sweeps over N and over V.
+    N = 16384 first, then the sweeps over N and over V. The forward+backward also runs once with
+    a final-logit softcap of 30 (Gemma-2's), on the CPU's small head and, last, at Gemma-2's head
+    at N = 8192.
     """
     out = []
     big = full or torch.device(device).type == "cuda"
@@ -836,6 +873,7 @@ def cases(mode, device, full):
             add(0, "small", n, SMALL_D, v, "float32")
         if mode == "fwd_bwd":
             add(1, "small", 512, SMALL_D, 8192, "bfloat16")
+            add(1, "small-cap30", 512, SMALL_D, 8192, "float32")
         return out
     mode_rank = {"fwd_bwd": 0, "spot_loss": 1, "fwd": 2}[mode]
     no_compile = tuple(i for i in IMPLS if i != "naive_compile")
@@ -854,4 +892,7 @@ def cases(mode, device, full):
         d, v = HEADS["qwen3-8b"]
         add(2, "qwen3-8b", 16384, d, v, "bfloat16", tuple(VARIANTS))
         add(15, "qwen3-8b", 8192, d, v, "float32", no_compile)
+        # what the softcap costs: Gemma-2's head as the model has it, beside its plain points
+        d, v = HEADS["gemma-2-2b-cap30"]
+        add(16, "gemma-2-2b-cap30", 8192, d, v, "bfloat16", no_compile)
     return out

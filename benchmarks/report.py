@@ -220,6 +220,16 @@ def targets(rows, other=()):
                 check(ok, f"spot_loss ({'-' if best is None else best['impl']}) ahead of {peer}:"
                       f" {x(best, 'ms')} vs {x(p, 'ms')} ms, {x(best, 'peak_mb', '.0f')} vs "
                       f"{x(p, 'peak_mb', '.0f')} MB")
+    # not a target: what the softcap costs each implementation, a "-capC" head's point against
+    # the plain head's at the same N and dtype
+    capped = [r for r in rows if r.get("softcap") is not None and r["mode"] == "fwd_bwd"]
+    if capped:
+        out.append("what a final-logit softcap costs (forward+backward, capped vs plain):")
+    for r in sorted(capped, key=_key):
+        plain = at("fwd_bwd", r["impl"], (r["head"].rsplit("-cap", 1)[0], r["n"], r["dtype"]))
+        ratio = "" if val(plain, "ms") is None else f" ({r['ms'] / plain['ms']:.2f}x)"
+        out.append(f"  {r['impl']} at {r['head']} N = {r['n']} {r['dtype']}: "
+                   f"{x(r, 'ms')} vs {x(plain, 'ms')} ms{ratio}")
     # the CPU point of test_bench_torch_backend.py (N 4096, D 512, V 32768, float32)
     small = [r for r in rows if r.get("head") == "issue2" and r["mode"] == "fwd_bwd"]
     mine = [r for r in small if r["impl"] == "torch"]
@@ -243,13 +253,14 @@ def targets(rows, other=()):
 
 def _series(rows, axis):
     """Per mode, the fixed setting with the most distinct values of ``axis`` ('n' or 'v'),
-    and its points per implementation: ``{mode: (title, {impl: [(x, ms, mb)]})}``."""
+    and its points per implementation: ``{mode: (title, {impl: [(x, ms, mb)]})}``. The points
+    of a softcapped head are left out (each is a single point beside its plain head's)."""
     fixed = ("d", "v", "dtype") if axis == "n" else ("n", "d", "dtype")
     out = {}
     for mode in MODES:
         groups = defaultdict(list)
         for r in rows:
-            if r["mode"] == mode:
+            if r["mode"] == mode and r.get("softcap") is None:
                 groups[tuple(r[k] for k in fixed)].append(r)
         best = max(groups.items(), key=lambda kv: len({r[axis] for r in kv[1]}), default=None)
         if best is None or len({r[axis] for r in best[1]}) < 2:

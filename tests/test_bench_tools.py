@@ -203,6 +203,86 @@ def test_gradient_check_passes_autograd_and_catches_wrong_gradients(dtype):
     assert checks["dh other rows"][0] > 3 * checks["dh other rows"][1], checks
 
 
+def _capped_without_slope(softcap):
+    """Right softcapped log-probs whose backward takes the cap's slope as 1 (a kernel that
+    forgets ``1 - tanh^2(z / c)``)."""
+    def fn(h, w, t):
+        z = h.float() @ w.float().T
+        a = z + (softcap * torch.tanh(z / softcap) - z).detach()
+        logp = torch.log_softmax(a, 1).gather(1, t.clamp(min=0)[:, None])[:, 0]
+        return torch.where(t != _bench.IGNORE, logp, torch.zeros_like(logp))
+    return fn
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_softcapped_heads_checks_pass_ours_and_catch_a_missing_cap_or_slope(dtype):
+    """The checks of a softcapped head compare with the capped float64 truth: ours and the
+    naive reference given the cap pass; the uncapped values, or the right values with a
+    backward that forgets the cap's slope, are caught. A cap of 1 on logits of size ~1 bends
+    them enough to tell (at Gemma-2's 30 the benchmark's random logits are nearly linear)."""
+    x = _bench.make_inputs(512, 1024, 4096, dtype, "cpu")
+    cap = 1.0
+    for name in ("naive", "torch"):
+        fn = _bench.implementation(name, "cpu", softcap=cap)
+        err, bound = _bench.check_values(name, fn, x, softcap=cap)
+        assert err <= bound, (name, err, bound)
+        checks = _bench.check_grads(name, fn, x, softcap=cap)
+        assert all(err <= bound for _, err, bound in checks), (name, checks)
+    uncapped = _bench.implementation("torch", "cpu")
+    err, bound = _bench.check_values("uncapped", uncapped, x, softcap=cap)
+    assert err > 3 * bound, (err, bound)
+    # the plain head's truth is kept apart from the capped one's (both cached in x)
+    err, bound = _bench.check_values("uncapped", uncapped, x)
+    assert err <= bound, (err, bound)
+    wrong = _capped_without_slope(cap)
+    err, bound = _bench.check_values("no slope", wrong, x, softcap=cap)
+    assert err <= bound, (err, bound)
+    checks = {k: (e, b) for k, e, b in _bench.check_grads("no slope", wrong, x, softcap=cap)}
+    assert all(checks[k][0] > 3 * checks[k][1] for k in ("dh", "dW targets", "dW others")), checks
+
+
+def test_a_softcapped_point_runs_ours_and_the_naive_with_the_cap_and_skips_peers_without_one():
+    """A ``-cap30`` head's point hands the cap to every implementation: ours and the naive
+    reference pass its checks and are timed (the naive time is the cap's own); a peer that
+    takes no cap is skipped with that reason, not run uncapped."""
+    class Bench:
+        extra_info = {}
+        stats = None
+
+        def pedantic(self, target, setup, rounds, iterations, warmup_rounds):
+            for _ in range(rounds):
+                args, kwargs = setup()
+                target(*args, **kwargs)
+
+    infos = {}
+    for head in ("small-cap30", "small"):
+        for impl in ("naive", "torch"):
+            case = _bench.Case("fwd_bwd", head, 64, 32, 300, "float32", impl)
+            assert case.softcap == (30.0 if head != "small" else None)
+            b = Bench()
+            b.extra_info = {}
+            infos[head, impl] = _bench.bench(b, case, "cpu", rounds=2, gemm=False)
+    capped = infos["small-cap30", "torch"]
+    assert capped["softcap"] == 30.0 and capped["check_err"] <= 1e-4
+    assert capped["time_vs_naive"] == capped["ms"] / infos["small-cap30", "naive"]["ms"]
+    # the report sets each capped point beside its plain head's, and keeps it out of the plots'
+    # lines (one point each, not a sweep)
+    rows = list(infos.values())
+    lines = report.targets(rows).splitlines()
+    assert lines[0].startswith("what a final-logit softcap costs"), lines
+    ratio = capped["ms"] / infos["small", "torch"]["ms"]
+    assert any(line.strip().startswith("torch at small-cap30 N = 64") and f"({ratio:.2f}x)" in line
+               for line in lines), lines
+    rows += [dict(r, n=128) for r in rows]  # a sweep over N of both heads
+    for _, lines_of in report._series(rows, "n").values():
+        assert all(len(pts) == 2 for pts in lines_of.values()), lines_of
+    for peer in ("torch_lce", "trl"):
+        with pytest.raises(pytest.skip.Exception, match="takes no final-logit softcap"):
+            _bench.bench(Bench(), _bench.Case("fwd_bwd", "small-cap30", 64, 32, 300, "float32",
+                                              peer), "cpu", rounds=1, gemm=False)
+    _bench._INPUTS.clear()
+
+
 def test_ours_with_a_wrong_gradient_fails_before_timing(monkeypatch):
     monkeypatch.setattr(_bench, "implementation", lambda *a, **k: _right_values_wrong_gradient)
     case = _bench.Case("fwd_bwd", "small", 64, 32, 300, "float32", "torch")
