@@ -14,7 +14,7 @@ import sys
 from .config import ATTENTION, DEVICES, HELP, ConfigError, load_file, make_config
 from .data import DataError
 
-TRAIN_FLAGS = {  # name -> (type, metavar); booleans are store_true / --no-... pairs
+TRAIN_FLAGS = {  # name -> (type, metavar); booleans (BOOL_FLAGS) are --flag / --no-flag pairs
     "model": (str, "PATH"), "data": (str, "FILE"), "output": (str, "DIR"),
     "beta": (float, None), "delta": (str, "{running,zero,ema}"), "ema_alpha": (float, None),
     "loss": (str, "{spot,dpo}"), "lr": (float, None), "weight_decay": (float, None),
@@ -42,14 +42,11 @@ def add_train_parser(sub):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, metavar=metavar,
                        default=None, help=HELP[name] + ("" if default is None
                                                         else f" (default {default})"))
-    for name in BOOL_FLAGS:
-        flag = "--" + name.replace("_", "-")
+    for name in BOOL_FLAGS:  # --flag / --no-flag; None when neither is given
         on = getattr(defaults, name)
-        p.add_argument(flag, dest=name, action="store_true", default=None,
-                       help=HELP[name] + (f" (default on; --no-{flag[2:]} turns it off)" if on
-                                          else " (default off)"))
-        p.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",
-                       help=argparse.SUPPRESS)
+        p.add_argument("--" + name.replace("_", "-"), dest=name,
+                       action=argparse.BooleanOptionalAction, default=None,
+                       help=HELP[name] + (" (default on)" if on else " (default off)"))
     p.set_defaults(func=run_train, parser=p)
     return p
 

@@ -315,6 +315,25 @@ def test_help_explains_each_flag(capsys):
                  "--tokens-per-batch", "--grad-accum", "--backend", "--resume", "--skip-bad",
                  "--loss"):
         assert flag in text, flag
+    usage = text[:text.index("\n\n")]  # the off switches are in the usage line too
+    for name in ("bf16", "gradient-checkpointing", "skip-bad", "resume", "trust-remote-code",
+                 "progress"):
+        assert f"[--{name} | --no-{name}]" in " ".join(usage.split()), name
+
+
+def test_a_boolean_flag_wins_over_the_config_file_either_way(tmp_path):
+    from spot.cli import BOOL_FLAGS, TRAIN_FLAGS
+    (tmp_path / "c.yaml").write_text("bf16: false\nskip_bad: true\n")
+    base = ["train", "--config", str(tmp_path / "c.yaml"), "--model", "m", "--data", "d",
+            "--output", "o"]
+
+    def cfg(*flags):
+        args = build_parser().parse_args(base + list(flags))
+        return make_config(load_file(args.config),
+                           {k: getattr(args, k) for k in list(TRAIN_FLAGS) + list(BOOL_FLAGS)})
+    assert (cfg().bf16, cfg().skip_bad) == (False, True)  # neither flag given: the file's
+    assert (cfg("--bf16", "--no-skip-bad").bf16, cfg("--no-skip-bad").skip_bad) == (True, False)
+    assert cfg("--no-bf16", "--bf16").bf16 is True  # the last one given
 
 
 def test_chat_template_and_truncation():
