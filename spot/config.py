@@ -65,8 +65,10 @@ class TrainConfig:
         for name in ("model", "data", "output"):
             if not getattr(self, name):
                 raise ConfigError(f"{name}: required (give --{name} or set it in the config)")
-        if Path(self.output).exists() and not Path(self.output).is_dir():
-            raise ConfigError(f"output: {self.output} is a file, not a folder")
+        for name in ("output", "cache_dir"):  # refused now, not after the reference pass
+            path = getattr(self, name)
+            if path and Path(path).exists() and not Path(path).is_dir():
+                raise ConfigError(f"{name}: {path} is a file, not a folder")
         finite = {k: math.isfinite(getattr(self, k)) for k in ("beta", "lr", "weight_decay")}
         checks = [("beta", finite["beta"] and self.beta > 0, "must be a finite number > 0"),
                   ("delta", self.delta in ("running", "zero", "ema"), "must be running|zero|ema"),
@@ -154,13 +156,16 @@ def load_file(path):
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config: no such file {path}")
-    text = p.read_text()
     try:
+        text = p.read_text(encoding="utf-8")
         if p.suffix in (".yaml", ".yml"):
             import yaml
             data = yaml.safe_load(text) or {}
         else:
             data = json.loads(text)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config: {path} is not UTF-8 text ({e.reason} at byte {e.start})") \
+            from None
     except Exception as e:  # noqa: BLE001 - any parse error becomes one line
         raise ConfigError(f"config: cannot parse {path}: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):

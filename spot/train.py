@@ -8,7 +8,9 @@
 3. Reference: the same weights at step 0, one ``no_grad`` pass over every sequence, cached on disk
    as ``ref-<fingerprint>.pt`` (fingerprint = model files (``model.model_fingerprint``),
    tokenizer, ``max_length``, backend, bf16 on a GPU, attention kernel and the token ids
-   themselves); no second model is kept in memory while training. Dropout is off in the policy
+   themselves; a torn cache file is computed again); no second model is kept in memory while
+   training, and each checkpoint keeps the run's reference log-probs, so a resumed run scores
+   against the reference it began with. Dropout is off in the policy
    (TRL's ``disable_dropout``), so the rewards start at 0.
 4. Loss (README, "The math"): ``spot_kernels.spot_loss`` per packed micro-batch, with ``delta``
    passed as a callable, so it is updated with the batch-mean reward ``beta (pi - rho)`` (of all
@@ -20,8 +22,9 @@
    gradient accumulation (each micro-batch loss divided by ``grad_accum``; FSDP averages over
    ranks, so K ranks x A micro-batches equal one process with K*A), clipping, bf16 autocast on GPU.
 6. Checkpoints ``OUTPUT/checkpoint-STEP``: ``save_pretrained`` (safetensors) + ``trainer_state.pt``
-   (optimizer, scheduler, every rank's RNG states, ``delta``, step, data position), written to
-   ``.tmp-...`` and renamed into place, so an interrupted write never looks complete. Ctrl-C
+   (optimizer, scheduler, every rank's RNG states, ``delta``, step, data position, reference
+   log-probs), written to ``.tmp-...``, synced and renamed into place, so an interrupted write
+   never looks complete. Ctrl-C
    or SIGTERM stops the run after the step in progress with a checkpoint of it (a second
    Ctrl-C stops at once). ``--resume`` restarts from the newest one; the data order is a pure
    function of (seed, epoch), so resuming is exact on a CPU (on a GPU up to the atomics and
@@ -234,7 +237,9 @@ def _loss_and_scalars(policy, batch, ref_logps, delta, cfg, dst=None):
 
 def epoch_plan(examples, epoch, cfg, per_step):
     """Micro-batches (lists of pair indices) of ``epoch``, padded by wrapping to ``per_step``."""
-    g = torch.Generator().manual_seed(cfg.seed + 7919 * epoch)
+    # modulo 2^64: torch's seeds wrap there (-1 is 2^64 - 1), and a seed near 2^64 plus the
+    # epoch's offset would otherwise overflow
+    g = torch.Generator().manual_seed((cfg.seed + 7919 * epoch) % 2**64)
     order = torch.randperm(len(examples), generator=g).tolist()
     plan = D.plan_batches(examples, order, cfg.tokens_per_batch)
     pad = (-len(plan)) % per_step
@@ -322,10 +327,65 @@ def data_fingerprint(cfg, tokenizer, examples_fp, device):
 
 # ---------------------------------------------------------------- checkpoints
 
+def _fsync(path, folder=False):
+    """Flush ``path`` (a file, or a folder's entries) to disk; a no-op where the system cannot."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder):
+    """Every file under ``folder`` and the folder itself on disk, before it is renamed into
+    place: a power loss after the rename must not leave a complete-looking folder of empty
+    files (and the older checkpoints already pruned)."""
+    for root, _, files in os.walk(folder):
+        for f in files:
+            _fsync(os.path.join(root, f))
+        _fsync(root, folder=True)
+
+
 def _atomic_save(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` to a temporary file of its own beside ``path`` (two runs sharing a cache
+    folder never write the same one), synced, then renamed over ``path``."""
+    import tempfile
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync(path.parent, folder=True)
+
+
+def cached_reference(cache, n, log):
+    """The reference log-probs cached at ``cache``: a float32 vector of the ``n`` sequences, or
+    None (with a line saying why) when the file is missing, torn or holds something else; the
+    caller computes them again and the cache is rewritten."""
+    if not cache.exists():
+        return None
+    try:
+        ref = torch.load(cache, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a torn file (power loss) or a foreign one
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        log(f"reference log-probs: cannot read {cache} ({why}); computing them again")
+        return None
+    if not (torch.is_tensor(ref) and ref.dtype == torch.float32 and ref.shape == (n,)):
+        log(f"reference log-probs: {cache} does not hold {n} float32 values; computing them again")
+        return None
+    return ref
 
 
 def full_state(policy, optimizer):
@@ -356,9 +416,12 @@ def set_rng_state(saved, dst, log):
         torch.cuda.set_rng_state(mine["cuda"], dst.device)
 
 
-def save_checkpoint(folder, policy, tokenizer, optimizer, scheduler, delta, step, pos, cfg, dst):
-    """Writes ``folder`` atomically (``.tmp-NAME`` then rename); rank 0 writes. Every rank's
-    random states are kept (a rank's dropout stream resumes where it was)."""
+def save_checkpoint(folder, policy, tokenizer, optimizer, scheduler, delta, step, pos, cfg, dst,
+                    reference):
+    """Writes ``folder`` atomically (``.tmp-NAME``, synced, then renamed); rank 0 writes. Every
+    rank's random states are kept (a rank's dropout stream resumes where it was), and the run's
+    ``reference`` (its log-probs and the model files' fingerprint they came from), so a resumed
+    run scores against the very reference it began with."""
     msd, osd = full_state(policy, optimizer)
     rngs = dst.gather(rng_state(dst.device))
     if dst.main:
@@ -371,10 +434,14 @@ def save_checkpoint(folder, policy, tokenizer, optimizer, scheduler, delta, step
                     "delta": delta.state_dict(), "step": step, "data_position": pos,
                     "world": dst.world,
                     "rng": rngs,
+                    "reference_logps": reference["logps"].cpu(),
+                    "model_fingerprint": reference["model"],
                     "config": cfg.to_dict()}, tmp / "trainer_state.pt")
+        _fsync_tree(tmp)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
+        _fsync(folder.parent, folder=True)
     dst.barrier()
 
 
@@ -524,9 +591,11 @@ def save_final(output, policy, tokenizer, dst):
         shutil.rmtree(tmp, ignore_errors=True)
         policy.model.save_pretrained(tmp, state_dict=msd, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        _fsync_tree(tmp)
         for f in tmp.iterdir():
             os.replace(f, Path(output) / f.name)
         tmp.rmdir()
+        _fsync(output, folder=True)
     dst.barrier()
 
 
@@ -688,7 +757,24 @@ def _train(cfg, log, handle_signals, stack):
 
     fingerprint = data_fingerprint(cfg, tokenizer, data_fp, dst.device)
     cache = Path(cfg.cache_dir or out / ".cache") / f"ref-{fingerprint}.pt"
-    ref = torch.load(cache) if cache.exists() else None
+    model_fp = model_fingerprint(cfg.model)
+    ref = None
+    if state is not None and state.get("reference_logps") is not None:
+        # a resumed run scores against the reference it began with, whatever --model holds now
+        ref = state["reference_logps"].clone()
+        if state.get("model_fingerprint") != model_fp:
+            log(f"resume: the files of {cfg.model} changed since this run began; it goes on "
+                f"with the reference log-probs of its start, kept in {ckpt.name}")
+        else:
+            log(f"reference log-probs: kept in {ckpt}")
+        model_fp = state.get("model_fingerprint", model_fp)
+    else:
+        ref = cached_reference(cache, 2 * len(examples), log)
+        # every rank computes them when any must (the pass is collective under torchrun)
+        if dst.max(torch.tensor(float(ref is None))).item():
+            ref = None
+        elif ref is not None:
+            log(f"reference log-probs: cached {cache}")
     policy = None
     probe = examples[0].chosen[:64]  # build_policy checks the head on it
     if ref is None:
@@ -703,8 +789,7 @@ def _train(cfg, log, handle_signals, stack):
         if ckpt is not None:
             del policy
             policy = None
-    else:
-        log(f"reference log-probs: cached {cache}")
+    reference = {"logps": ref, "model": model_fp}  # what each checkpoint keeps of it
     if policy is None:
         policy = build_policy(str(ckpt) if ckpt else cfg.model, cfg, dst, probe)
     policy.train()
@@ -809,7 +894,7 @@ def _train(cfg, log, handle_signals, stack):
                             and step + 1 < total):
                 pos = {"epoch": epoch, "micro_batch": (s + 1) * per_step, "data": data_fp}
                 save_checkpoint(out / f"checkpoint-{step + 1}", policy, tokenizer, optimizer,
-                                scheduler, delta, step + 1, pos, cfg, dst)
+                                scheduler, delta, step + 1, pos, cfg, dst, reference)
                 if dst.main:
                     prune_checkpoints(out, cfg.keep_checkpoints)
             if stopping:

@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -193,6 +194,66 @@ def test_resume_after_interruption_is_exact(workdir, tmp_path):
         assert r["loss"] == rb["loss"] and r["delta"] == rb["delta"]
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "qwen3"
+
+
+def test_resume_keeps_the_runs_reference_when_the_model_files_change(workdir, tmp_path):
+    """A checkpoint keeps the reference log-probs of the run's start: resumed after the
+    ``--model`` folder got other weights (a new revision at the same path), the run scores
+    against its own reference and ends as the uninterrupted run did, saying the files changed
+    (the reference was computed again from the new weights before, and the run went elsewhere)."""
+    model = tmp_path / "model"
+    shutil.copytree(workdir / "model", model)
+    full = train(_cfg(workdir, tmp_path / "full", model=str(model), save_every=2),
+                 log=lambda m: None)
+
+    def crash(msg):
+        if msg.startswith("step 3/"):
+            raise Interrupt
+
+    out = tmp_path / "cut"
+    with pytest.raises(Interrupt):
+        train(_cfg(workdir, out, model=str(model), save_every=2), log=crash)
+    build_model("qwen3", seed=999).save_pretrained(model)
+    lines = []
+    resumed = train(_cfg(workdir, out, model=str(model), save_every=2, resume=True),
+                    log=lines.append)
+    assert any("files of" in line and "changed since this run began" in line for line in lines)
+    assert not any(line.startswith("reference log-probs: ") and "sequences in" in line
+                   for line in lines)  # no reference pass
+    assert torch.equal(resumed["ref_logps"].cpu(), full["ref_logps"].cpu())
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_torn_reference_cache_is_computed_again(workdir, tmp_path):
+    """A cache file cut short (a power loss) or holding something else is not a traceback on
+    every later run: a line says so, the reference is computed again, the cache rewritten."""
+    first = train(_cfg(workdir, tmp_path / "a", max_steps=1), log=lambda m: None)
+    cache = next((tmp_path / "a" / ".cache").glob("ref-*.pt"))
+    for damage in (lambda f: f.write_bytes(f.read_bytes()[:100]),
+                   lambda f: torch.save(torch.zeros(3), f)):
+        damage(cache)
+        lines = []
+        again = train(_cfg(workdir, tmp_path / "b", max_steps=1, cache_dir=str(cache.parent)),
+                      log=lines.append)
+        assert any("computing them again" in line for line in lines), lines
+        assert torch.equal(again["ref_logps"].cpu(), first["ref_logps"].cpu())
+        assert torch.equal(torch.load(cache), first["ref_logps"].cpu())
+        assert [p.name for p in cache.parent.iterdir()] == [cache.name]  # no temporary left
+        shutil.rmtree(tmp_path / "b")
+
+
+def test_a_seed_near_2_to_the_64_plans_every_epoch():
+    """Every seed ``--seed`` accepts plans its epochs (``seed + 7919 e`` wraps at 2^64, where
+    torch's seeds wrap: -1 and 2^64 - 1 give the same order)."""
+    from types import SimpleNamespace
+    from spot.train import epoch_plan
+    examples = [D.Example([1, 2, 3], [1, 2, 4], 1, 1) for _ in range(6)]
+    plans = {}
+    for seed in (2**64 - 1, -1):
+        cfg = SimpleNamespace(seed=seed, tokens_per_batch=16)
+        plans[seed] = [epoch_plan(examples, e, cfg, 1) for e in range(3)]
+    assert plans[2**64 - 1] == plans[-1]
 
 
 def test_a_signal_stops_after_the_step_with_a_checkpoint(workdir, tmp_path):
@@ -518,6 +579,7 @@ def test_bad_settings_are_one_line_errors(workdir, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     (tmp_path / "c.yaml").write_text("output: 5\n")
     (tmp_path / "b.yaml").write_text("max-steps: true\n")
+    (tmp_path / "latin1.yaml").write_bytes("beta: 0.1  # \u00e9t\u00e9\n".encode("latin-1"))
     build_tokenizer().save_pretrained(tmp_path / "tokonly")  # no config, no weights
     build_tokenizer().save_pretrained(tmp_path / "noweights")
     build_model("qwen3").config.save_pretrained(tmp_path / "noweights")
@@ -543,6 +605,8 @@ def test_bad_settings_are_one_line_errors(workdir, tmp_path, capsys):
              (["--weight-decay", "-1"], "--weight-decay: must be a finite number >= 0"),
              (["--seed", str(2**70)], "seed: must be in"),
              (["--output", str(tmp_path / "file")], "is a file, not a folder"),
+             (["--cache-dir", str(tmp_path / "file")], "cache_dir: "),  # before the ref pass
+             (["--config", str(tmp_path / "latin1.yaml")], "latin1.yaml is not UTF-8 text"),
              (["--config", str(tmp_path / "c.yaml")], "--output: expected str"),
              (["--config", str(tmp_path / "b.yaml")], "--max-steps: expected int, got True")]
     if not torch.cuda.is_available():
