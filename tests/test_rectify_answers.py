@@ -48,6 +48,24 @@ TABLE = [
     ("4", "4", False),
     ("Answer:\n\n4", "4", False),                  # math-verify's anchor stays on its line
     ("Answer: yes", "yes", False),                  # not math: compared as the fallback does
+    # prices, units with a power, LaTeX's thousands separator (GSM8K-style answers)
+    (r"So she pays \boxed{\$18}.", "18", True),
+    (r"\boxed{\$18.90}", "18.90", True),
+    (r"The area is \boxed{48 \text{ cm}^2}.", "48", True),
+    (r"\boxed{10{,}000}", "10000", True),
+    (r"\boxed{10{,}001}", "10000", False),
+    # a ground truth that is no expression, or words: compared as plain answers, words in any
+    # case; math-verify alone read "5." as nothing and words as products of letters ("no" = "on")
+    (r"\boxed{5}", "5.", True),
+    (r"\boxed{5.}", "5.", True),
+    (r"\boxed{no}", "on", False),
+    (r"\boxed{sey}", "yes", False),
+    (r"\boxed{dynamo}", "Monday", False),
+    (r"\boxed{yes}", "Yes", True),
+    (r"\boxed{\text{blue whale}}", "Blue whale", True),
+    # a number given as a float is written out: 1e20 is not 1 * e + 20
+    (r"\boxed{100000000000000000000}", 1e20, True),
+    (r"\boxed{0.00001}", 1e-05, True),
 ]
 
 
@@ -103,7 +121,7 @@ def test_extract_boxed(text, expected):
 @pytest.mark.parametrize("a,b,expected", [
     ("0.5", "1/2", True), (r"\frac{1}{2}", "0.50", True), ("1e-3", "1/1000", True),
     ("3", "3.0001", False), ("a", "b", False), ("", "", False), (r"\text{yes}", "yes", True),
-    ("50\\%", "50", True), (r"\$5", "5", False),
+    ("50\\%", "50", True), (r"\$5", "5", True), ("Yes", "yes", True), ("A", "a", False),
     ("(1,2]", "(1,2)", False), ("[1,2)", "(1,2)", False), ("(1, 2]", "(1,2]", True),
     ("(1,2)", "(1,2)", True), ("1,2", "(1,2)", False), (r"\{1,2\}", r"\{1, 2\}", True),
     ("1,2", "1,2.0", True), ("2,3", "2.0,3.0", True), ("x=1,y=2", "x=1,y=2.0", True),

@@ -71,8 +71,8 @@ class OracleServer:
                     n = oracle.counts[tag] = oracle.counts.get(tag, 0) + 1
                     script = oracle.scripts.get(tag, [])
                     action = script[n - 1] if n <= len(script) else (
-                        script[-1] if script and script[-1] in ("always500", "always400", "html")
-                        else "ok")
+                        script[-1] if script and script[-1] in ("always500", "always400", "html",
+                                                                "html_auth") else "ok")
 
                 if oracle.delay:
                     time.sleep(oracle.delay)
@@ -83,6 +83,7 @@ class OracleServer:
 
             def act(self, action, body, prompt):
                 self.cut = action == "cut"
+                self.cut_in_char = action == "cut_in_char"
                 if action == "drop":
                     self.close_connection = True
                     return
@@ -100,8 +101,11 @@ class OracleServer:
                 if action == "always400":  # e.g. an option the endpoint rejects
                     return self.send(400, {"error": {"message": "temperature is not supported",
                                                      "type": "invalid_request_error"}})
-                if action == "html":  # a proxy's page, with status 200
+                if action in ("html", "html_auth"):  # a proxy's page, with status 200
                     data = b"<html><body>Gateway says hello</body></html>"
+                    if action == "html_auth":  # a debug page echoing the key across char 200
+                        data = (b"<html><pre>" + b"." * 160 + b" Authorization: " +
+                                self.headers.get("Authorization", "").encode() + b"</pre></html>")
                     self.send_response(200)
                     self.send_header("Content-Type", "text/html")
                     self.send_header("Content-Length", str(len(data)))
@@ -123,6 +127,8 @@ class OracleServer:
                 fixed = oracle_fix(prompt, wrong=action == "wrong")
                 if action == "surrogate":  # json.dumps writes it as the escape "\\ud83d"
                     fixed += " \ud83d"
+                if action == "cut_in_char":  # raw UTF-8 text, cut inside a character
+                    fixed += " caf\u00e9" * 40
                 if action == "echo":  # a reply quoting the key
                     fixed += f"\n(auth was {self.headers.get('Authorization')})"
                 content = ("Here is the corrected solution.\n" + fixed if action == "nomarkers" else
@@ -137,9 +143,11 @@ class OracleServer:
                                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
 
             def send(self, code, payload, headers=None):
-                data = json.dumps(payload).encode()
+                data = json.dumps(payload, ensure_ascii=not self.cut_in_char).encode()
                 if self.cut:  # the reply cut short: half of the JSON
                     data = data[:len(data) // 2]
+                if self.cut_in_char:  # after the first byte of a 2-byte character (as vLLM
+                    data = data[:data.index("\u00e9".encode()) + 1]  # and others send text)
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -352,6 +360,24 @@ def test_load_errors_skips_correct_and_checks_fields(tmp_path):
     p.write_text(json.dumps({"id": "x", "question": "q", "ground_truth": "1"}) + "\n")
     with pytest.raises(ValueError, match="answer to correct"):
         C.load_errors(str(p))
+    base = {"id": "x", "question": "q", "response": r"\boxed{2}", "ground_truth": "1"}
+    # found at load, with the file and line, not after the Oracle was paid for the record
+    for change, msg in [({"ground_truth": [1]}, "ground truth .ground_truth. must be a string or "
+                         "a number, got list"),
+                        ({"ground_truth": True}, "must be a string or a number, got bool"),
+                        ({"ground_truth": {"v": 1}}, "got dict"),
+                        ({"ground_truth": "  "}, "no ground truth"),
+                        ({"ground_truth": r"see \boxed{}"}, "ground truth has no answer"),
+                        ({"question": "\ud83d 2+2?"}, "problem .question. holds a lone surrogate"),
+                        ({"response": "\ud83d"}, "answer to correct .response. holds a lone"),
+                        ({"question": ["q"]}, "problem .question. must be a string")]:
+        p.write_text(json.dumps({"id": "a", "question": "q", "response": "r",
+                                 "ground_truth": "1"}) + "\n" + json.dumps({**base, **change}))
+        with pytest.raises(ValueError, match=f"input: {re.escape(str(p))}:2: .*{msg}"):
+            C.load_errors(str(p))
+    # a blank field gives way to the next key, as in elicit (an empty "answer", a real "solution")
+    p.write_text(json.dumps({**base, "ground_truth": "", "answer": r"so \boxed{7}"}))
+    assert C.load_errors(str(p))[0]["ground_truth"] == r"so \boxed{7}"
 
 
 def test_backoff_is_exponential_jittered_and_capped():
@@ -369,6 +395,8 @@ def test_backoff_is_exponential_jittered_and_capped():
     assert all(0.7 <= o._delay(0, Err) <= 1.0 for _ in range(20))
     Err.response.headers = {"retry-after": "30"}  # longer than max_backoff: ignored
     assert all(o._delay(0, Err) <= 0.1 for _ in range(20))
+    for k in (1023, 1024, 10**6):  # "retry forever": 2^k past a float's range is the cap still
+        assert 0.5 <= o._delay(k, None) <= 1.0
     with pytest.raises(ValueError, match="max_retries"):
         C.Oracle("http://127.0.0.1:9/v1", "m", max_retries=-1)
     with pytest.raises(ValueError, match="timeout"):
@@ -429,6 +457,49 @@ def test_refusals_proxy_pages_and_a_short_key(tmp_path, oracle):
         assert r["original_answer"] == src["response"] and r["question"] == src["question"]
         if r["status"] == "verified":
             assert r["corrected_answer"] == oracle_fix(src["response"])
+
+
+def test_a_debug_page_echoing_the_key_and_a_reply_cut_inside_a_character(tmp_path, oracle):
+    """A proxy's page that quotes the Authorization header across the 200 characters kept of it
+    never puts any of the key in the output (it is scrubbed before the cut); a reply whose raw
+    UTF-8 is cut inside a character is retried like one cut between ASCII bytes."""
+    errors, out = tmp_path / "errors.jsonl", tmp_path / "c.jsonl"
+    write_errors(errors, 3, seed=21)
+    oracle.scripts = {"Q0": ["html_auth"], "Q1": ["cut_in_char", "ok"], "Q2": ["cut", "ok"]}
+    C.correct(C.load_errors(str(errors)), str(out), make_oracle(oracle.url, api_key=SECRET),
+              workers=2, progress=False)
+    rows = {r["id"]: r for r in read_jsonl(str(out))}
+    assert rows["p0:0"]["status"] == "api_error" and "Authorization: Bearer ***" in \
+        rows["p0:0"]["error"]
+    text = out.read_text()
+    assert all(SECRET[i:i + 6] not in text for i in range(len(SECRET) - 5))
+    for k, tag in (("p1:0", "Q1"), ("p2:0", "Q2")):
+        assert rows[k]["status"] == "verified" and rows[k]["attempts"] == 2, rows[k]
+        assert oracle.counts[tag] == 2
+
+
+def test_an_output_that_is_the_input_is_refused(tmp_path, oracle, capsys):
+    """``correct`` and ``filter`` with ``--output`` naming the input file (or a link to it):
+    refused before anything is written (filter would have replaced the corrections with the
+    pairs, correct appended its corrections to its own input)."""
+    from spot.rectify.cli import main
+    errors = tmp_path / "errors.jsonl"
+    write_errors(errors, 2)
+    before = errors.read_bytes()
+    (tmp_path / "link.jsonl").symlink_to(errors)
+    for out in (errors, tmp_path / "link.jsonl"):
+        assert main(["correct", "--input", str(errors), "--output", str(out), "--oracle-url",
+                     oracle.url, "--oracle-model", "m", "--no-progress"]) == 2
+        assert "is the input file" in capsys.readouterr().err
+    assert errors.read_bytes() == before and not oracle.counts
+    out = tmp_path / "c.jsonl"
+    assert main(["correct", "--input", str(errors), "--output", str(out), "--oracle-url",
+                 oracle.url, "--oracle-model", "m", "--no-progress"]) == 0
+    corrected = out.read_bytes()
+    capsys.readouterr()
+    assert main(["filter", "--input", str(out), "--output", str(out), "--tokenizer", str(tmp_path / "tok")]) == 2
+    assert "is the input file" in capsys.readouterr().err
+    assert out.read_bytes() == corrected
 
 
 def test_resuming_with_another_oracle_or_prompt_is_refused(tmp_path, oracle):

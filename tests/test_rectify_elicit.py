@@ -52,6 +52,14 @@ def test_load_problems_keys_and_errors(tmp_path):
         E.load_problems(str(p))
     with pytest.raises(ValueError, match="data"):
         E.load_problems(str(tmp_path / "missing.jsonl"))
+    # a blank answer is no ground truth (every sample would be judged wrong): the next key's
+    # is taken, and one with none is refused, as is an empty \boxed{}
+    p.write_text(json.dumps({"question": "2+3?", "answer": "", "solution": r"so \boxed{5}"}))
+    assert E.load_problems(str(p))[0]["ground_truth"] == "5"
+    for gt, msg in (("  ", "no ground truth under any of"), (r"so \boxed{ }", "has no answer")):
+        p.write_text(json.dumps({"question": "2+3?", "answer": gt}))
+        with pytest.raises(ValueError, match=msg):
+            E.load_problems(str(p))
 
 
 def test_vllm_engine_needs_vllm():
@@ -265,6 +273,29 @@ def test_run_checks_oracle_options_before_the_model_loads(tmp_path, capsys):
         err = capsys.readouterr().err
         assert msg in err and len(err.splitlines()) == 1, err  # not the model's load error
     assert not out.exists()
+
+
+def test_run_retry_failed_checks_the_resume_as_correct_does(tmp_path, capsys):
+    """``run --retry-failed`` with another Oracle over a ``corrected.jsonl`` holding only the old
+    Oracle's failed rows: ``correct`` drops and redoes them, so ``run`` must not refuse the
+    resume up front (it goes on to the next check, here the model); without --retry-failed
+    the rows stay and the other Oracle is refused."""
+    pytest.importorskip("openai")
+    data, out = tmp_path / "problems.jsonl", tmp_path / "run"
+    write_problems(data, 2)
+    out.mkdir()
+    row = {"id": "p0:0", "question": "Q0: 2+3?", "original_answer": r"\boxed{6}",
+           "ground_truth": "5", "status": "wrong_answer", "oracle_model": "A",
+           "with_ground_truth": False, "oracle_temperature": 0.0, "oracle_max_tokens": None,
+           "prompt_template": None}
+    (out / "corrected.jsonl").write_text(json.dumps(row) + "\n")
+    base = ["run", "--model", str(tmp_path / "no-model"), "--data", str(data), "--output",
+            str(out), "--oracle-url", "http://127.0.0.1:9/v1", "--oracle-model", "B"]
+    assert cli(base) == 2
+    assert "oracle_model 'A' -> 'B'" in capsys.readouterr().err
+    assert cli(base + ["--retry-failed"]) == 2
+    err = capsys.readouterr().err
+    assert "no-model" in err and "other settings" not in err, err
 
 
 def test_run_loads_the_filter_tokenizer_before_sampling_or_asking(tmp_path, tiny_dir, capsys,

@@ -15,19 +15,25 @@ Two checkers behind one function, :func:`check_answer`:
   ``1,000 == 1000``), then element-wise for comma-separated tuples.
 
 The ground truth may be a bare answer (``"1/2"``) or a full solution; a solution's last
-``\\boxed{}`` is its answer; one that math-verify does not read as math (``"yes"``) is compared as
-the fallback compares. math-verify's timeouts use ``signal.alarm``, which only works in the main
-thread, so off the main thread it runs without one (the pipeline verifies in the main thread).
+``\\boxed{}`` is its answer; one that math-verify does not read as an expression (``"5."``) is
+compared as the fallback compares, and so is one of words (``"yes"``, ``"blue whale"``), but
+regardless of case (math-verify would read words as products of symbols: ``"no"`` would equal
+``"on"``). A number is written out in full (``1e20`` as ``100000000000000000000``).
+math-verify's timeouts use ``signal.alarm``, which only works in the main thread, so off the
+main thread it runs without one (the pipeline verifies in the main thread).
 """
 from __future__ import annotations
 
+import math
 import re
 import threading
+from decimal import Decimal
 from fractions import Fraction
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
 _BRACE = re.compile(r"(?<!\\)[{}]")
 _TAIL = re.compile(r"([^\s$]+)")
+_WORDS = re.compile(r"[A-Za-z]{2,}(?:\s+[A-Za-z]+)*")  # "yes", "no", "Monday", "blue whale"
 
 
 def extract_boxed(text):
@@ -57,6 +63,8 @@ def extract_boxed(text):
 def ground_truth_answer(gt):
     """The answer inside a ground-truth field: its last ``\\boxed{}`` when it has one, else the
     whole (stripped) string. Numbers are accepted and converted."""
+    if isinstance(gt, float) and math.isfinite(gt):  # 1e+20 would read as 1 * e + 20
+        return format(Decimal(repr(gt)), "f")
     if isinstance(gt, (int, float)) and not isinstance(gt, bool):
         return str(gt)
     if not isinstance(gt, str):
@@ -67,16 +75,17 @@ def ground_truth_answer(gt):
 
 def _strip_text_groups(s):
     """``\\text{...}``/``\\mbox{...}``/``\\mathrm{...}``: drop them when something else remains
-    (units such as ``5\\text{ cm}``), otherwise keep their content (``\\text{yes}`` -> ``yes``)."""
+    (units such as ``5\\text{ cm}``, with a power of them: ``48\\text{ cm}^2``), otherwise keep
+    their content (``\\text{yes}`` -> ``yes``)."""
     pat = re.compile(r"\\(?:text|textbf|mbox|mathrm|textrm)\s*\{([^{}]*)\}")
-    without = pat.sub("", s).strip()
+    without = re.compile(pat.pattern + r"(?:\^\s*\{?\s*\d\s*\}?)?").sub("", s).strip()
     return without if without else pat.sub(lambda m: m.group(1), s)
 
 
 def normalize(ans):
     """A canonical string form of an answer (see the module docstring)."""
     s = ans.strip()
-    s = s.replace("$", "")
+    s = s.replace("\\$", "").replace("$", "")  # \\$18 (a price) as well as $18$
     s = re.sub(r"\\(?:left|right)\s*", "", s)
     s = re.sub(r"\\[dt]frac", r"\\frac", s)
     s = re.sub(r"\\(?:displaystyle|!|,|;|:|quad|qquad)", "", s)
@@ -90,6 +99,7 @@ def normalize(ans):
     # \frac12 and \frac{1}2 -> \frac{1}{2}
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
+    s = s.replace("{,}", ",")  # LaTeX's thousands separator: 10{,}000
     if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?", s):
         s = s.replace(",", "")
     return s
@@ -137,6 +147,8 @@ def answers_equal(a, b):
         return False
     if na == nb:
         return True
+    if _WORDS.fullmatch(na) and _WORDS.fullmatch(nb):  # "Yes" is "yes"
+        return na.lower() == nb.lower()
     xa, xb = to_number(na), to_number(nb)
     if xa is not None and xb is not None:
         return xa == xb
@@ -186,7 +198,9 @@ def check_answer(response, ground_truth, *, checker="auto"):
     main = threading.current_thread() is threading.main_thread()
     tmo = 5 if main else None
     gold = mv.parse(f"\\boxed{{{gt}}}", parsing_timeout=tmo)
-    if not gold:  # not LaTeX math: compare as a plain answer
+    # not math: nothing parsed, only the string back ("5."), or words, which math-verify
+    # reads as products of symbols (so "no" would equal "on"): compare as a plain answer
+    if not any(not isinstance(g, str) for g in gold) or _WORDS.fullmatch(gt.strip()):
         pred = extract_boxed(response)
         return pred is not None and answers_equal(pred, gt)
     # anchored extraction only (a \boxed{} or "the answer is ..."): a stray number in a garbled

@@ -50,8 +50,9 @@ import re
 import sys
 import threading
 
-from .answers import check_answer, checker_name
-from .jsonl import Appender, OutputLock, check_same_settings, read_jsonl, repair, rewrite
+from .answers import check_answer, checker_name, ground_truth_answer
+from .jsonl import (Appender, OutputLock, check_same_settings, has_surrogate, iter_jsonl,
+                    read_jsonl, repair, rewrite, same_file)
 
 START, END = "<corrected_solution>", "</corrected_solution>"
 
@@ -233,7 +234,7 @@ class Oracle:
         self._rng, self._lock = random.Random(seed), threading.Lock()
 
     def _delay(self, k, err):
-        d = min(self.max_backoff, self.backoff * 2 ** k)
+        d = min(self.max_backoff, self.backoff * 2.0 ** min(k, 64))  # past 2^1023: overflow
         with self._lock:
             delay = d / 2 + self._rng.uniform(0, d / 2)
         resp = getattr(err, "response", None)
@@ -255,8 +256,9 @@ class Oracle:
             if code in (401, 403, 404):
                 return "fatal"
             return "bad_request"
-        if isinstance(e, (o.APIConnectionError, json.JSONDecodeError)):  # timeouts, dropped
-            return "retry"  # connections, replies cut short
+        # timeouts, dropped connections, replies cut short (in JSON, or inside a UTF-8 character)
+        if isinstance(e, (o.APIConnectionError, json.JSONDecodeError, UnicodeDecodeError)):
+            return "retry"
         return "api_error"
 
     def ask(self, prompt, stop=None):
@@ -285,7 +287,8 @@ class Oracle:
                     continue
                 raise OracleError("api_error" if kind == "retry" else kind, msg, attempt) from None
             if getattr(resp, "choices", None) is None:  # not a completion: a proxy's HTML page
-                msg = redact(f"the reply is not a chat completion: {str(resp)[:200]!r}", self._key)
+                # the key out before the cut: a key across the cut would not match whole
+                msg = f"the reply is not a chat completion: {redact(str(resp), self._key)[:200]!r}"
                 if attempt <= self.max_retries:
                     stop.wait(self._delay(attempt - 1, None))
                     continue
@@ -299,11 +302,22 @@ class Oracle:
             return text, finish, attempt
 
 
-def _field(rec, keys, what, k):
+def _field(rec, keys, what, where):
+    """The first of ``keys`` that holds a non-blank string or a number; a ``ValueError`` naming
+    ``where`` (``input: FILE:LINE:``) when none does, or the first one set is of another kind
+    (a list, ``true``: found here, not after the Oracle was paid for it)."""
     for key in keys:
-        if rec.get(key) is not None:
-            return rec[key]
-    raise ValueError(f"input: record {k} has no {what} (any of {keys})")
+        v = rec.get(key)
+        if v is None or (isinstance(v, str) and not v.strip()):
+            continue
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            raise ValueError(f"{where} the {what} ({key}) must be a string or a number, got "
+                             f"{type(v).__name__}")
+        if has_surrogate(str(v)):
+            raise ValueError(f"{where} the {what} ({key}) holds a lone surrogate (an unpaired "
+                             "\\ud800-\\udfff escape), which is not valid Unicode")
+        return v
+    raise ValueError(f"{where} no {what} (any of {keys}, not blank)")
 
 
 def load_errors(path):
@@ -312,17 +326,20 @@ def load_errors(path):
     if not os.path.exists(path):
         raise ValueError(f"input: {path} does not exist")
     out, seen = [], set()
-    for k, rec in enumerate(read_jsonl(path)):
+    for k, (line, rec) in enumerate(iter_jsonl(path)):
+        where = f"input: {path}:{line}:"
         rid = str(rec.get("id", k))
         if rec.get("correct") is True:
             continue
         if rid in seen:
-            raise ValueError(f"input: duplicate id {rid!r} (record {k})")
+            raise ValueError(f"{where} duplicate id {rid!r}")
         seen.add(rid)
         item = {key: v for key, v in rec.items() if key not in ("response", "correct")}
-        item.update(id=rid, question=_field(rec, QUESTION_KEYS, "problem", k),
-                    original_answer=_field(rec, ANSWER_KEYS, "answer to correct", k),
-                    ground_truth=_field(rec, GT_KEYS, "ground truth", k))
+        item.update(id=rid, question=str(_field(rec, QUESTION_KEYS, "problem", where)),
+                    original_answer=str(_field(rec, ANSWER_KEYS, "answer to correct", where)),
+                    ground_truth=_field(rec, GT_KEYS, "ground truth", where))
+        if not ground_truth_answer(item["ground_truth"]).strip():
+            raise ValueError(f"{where} the ground truth has no answer (an empty \\boxed{{}})")
         out.append(item)
     return out
 
@@ -350,6 +367,13 @@ def check_resume(records, settings, output):
     check_same_settings((r for r in records if answered(r)), settings, "corrections", output)
 
 
+def kept_rows(rows, retry_failed):
+    """The rows of an output that a rerun keeps: all but the ``api_error`` ones, or only the
+    verified ones with ``retry_failed`` (the others are redone)."""
+    return [r for r in rows if (r.get("status") == "verified" if retry_failed
+                                else r.get("status") != "api_error")]
+
+
 def _correct(records, output, oracle, workers, template, with_ground_truth, checker,
              retry_failed, progress, log):
     settings = correct_settings(oracle.model, with_ground_truth, oracle.temperature,
@@ -358,8 +382,7 @@ def _correct(records, output, oracle, workers, template, with_ground_truth, chec
     if os.path.exists(output):  # redo api_error records (all failed ones with retry_failed)
         repair(output)
         rows = read_jsonl(output, strict=False)
-        kept = [r for r in rows if (r.get("status") == "verified" if retry_failed
-                                    else r.get("status") != "api_error")]
+        kept = kept_rows(rows, retry_failed)
         check_resume(kept, settings, output)  # what stays
         if len(kept) < len(rows):
             rewrite(output, kept)
@@ -500,6 +523,8 @@ def correct_main(args, input_path=None, output_path=None, template=None):
     output = output_path or args.output
     if os.path.isdir(output):
         raise ValueError(f"output: {output} is a folder, not a file")
+    if same_file(input_path or args.input, output):  # the corrections would go into the input
+        raise ValueError(f"output: {output} is the input file; choose another --output")
     records = load_errors(input_path or args.input)
     oracle, key = oracle_from_args(args)
     try:

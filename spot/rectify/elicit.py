@@ -39,9 +39,11 @@ _HUB_ID = re.compile(r"\w[\w.-]*(/\w[\w.-]*)?")  # a Hub repo id: NAME or ORG/NA
 
 
 def _first(rec, keys):
+    """The first of ``keys`` set to something other than None or a blank string."""
     for k in keys:
-        if rec.get(k) is not None:
-            return k, rec[k]
+        v = rec.get(k)
+        if v is not None and not (isinstance(v, str) and not v.strip()):
+            return k, v
     return None, None
 
 
@@ -62,7 +64,7 @@ def load_problems(path, limit=None):
         if not isinstance(q, str) or not q.strip():
             raise ValueError(f"{where} no problem text under any of {QUESTION_KEYS}")
         if a is None:
-            raise ValueError(f"{where} no ground truth under any of {ANSWER_KEYS}")
+            raise ValueError(f"{where} no ground truth under any of {ANSWER_KEYS} (not blank)")
         if isinstance(a, bool) or not isinstance(a, (str, int, float)):
             raise ValueError(f"{where} the ground truth ({ak}) must be a string or a number, "
                              f"got {type(a).__name__}")
@@ -73,7 +75,11 @@ def load_problems(path, limit=None):
         if pid in seen:
             raise ValueError(f"{where} duplicate id {pid!r}")
         seen.add(pid)
-        out.append({"id": pid, "question": q, "ground_truth": ground_truth_answer(a)})
+        gt = ground_truth_answer(a)
+        if not gt.strip():  # every sample would be judged wrong, and no correction verified
+            raise ValueError(f"{where} the ground truth ({ak}) has no answer (an empty "
+                             "\\boxed{})")
+        out.append({"id": pid, "question": q, "ground_truth": gt})
     if not out and limit != 0:
         raise ValueError(f"data: no problems in {path}")
     return out

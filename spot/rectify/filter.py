@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 
 from .elicit import load_tokenizer
-from .jsonl import iter_jsonl, rewrite
+from .jsonl import iter_jsonl, rewrite, same_file
 from .lcs import lcs_alignment, lcs_length
 
 PROVENANCE = ("problem_id", "sample", "model", "oracle_model", "with_ground_truth", "checker",
@@ -54,6 +54,8 @@ def check_paths(input_path, output_path):
         raise ValueError(f"input: {input_path} is a folder, not a file")
     if os.path.isdir(output_path):
         raise ValueError(f"output: {output_path} is a folder, not a file")
+    if same_file(input_path, output_path):  # the pairs would replace the corrections
+        raise ValueError(f"output: {output_path} is the input file; choose another --output")
 
 
 def filter_pairs(records, tokenizer, *, gamma=0.6, masks=False, source="records"):

@@ -52,6 +52,14 @@ def has_surrogate(text):
     return _SURROGATE.search(text) is not None
 
 
+def same_file(a, b):
+    """Whether paths ``a`` and ``b`` name one file (links and relative paths resolved)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
 def dumps_line(record):
     """One record as a UTF-8 JSON line; lone surrogates become U+FFFD."""
     line = json.dumps(record, ensure_ascii=False) + "\n"

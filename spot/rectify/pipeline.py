@@ -12,7 +12,7 @@ import os
 
 
 def run_main(args):
-    from .correct import check_args, check_resume, correct_main, correct_settings
+    from .correct import check_args, check_resume, correct_main, correct_settings, kept_rows
     from .elicit import check_args as check_elicit_args
     from .elicit import elicit_main, load_tokenizer
     from .filter import check_gamma, filter_main
@@ -23,7 +23,8 @@ def run_main(args):
     import openai  # noqa: F401 - the correct step's client: missing, fail now, not after elicit
     out = args.output
     corrected = os.path.join(out, "corrected.jsonl")  # a resume with another Oracle: now, not
-    check_resume(records_of(corrected),  # after an hour of sampling
+    # after an hour of sampling (the rows the correct step will keep, as it checks them)
+    check_resume(kept_rows(records_of(corrected), args.retry_failed),
                  correct_settings(args.oracle_model, args.with_ground_truth,
                                   args.oracle_temperature, args.oracle_max_tokens, template),
                  corrected)
