@@ -269,6 +269,8 @@ def test_correct_with_ground_truth_and_template(tmp_path, oracle):
     assert all(p.startswith("Fix it, keep \\boxed{} style. Q") and C.END in p for p in oracle.prompts)
     with pytest.raises(ValueError, match="^--prompt-template uses"):
         C.build_prompt("q", "a", "1", template="{question}{answer}{ground_truth}")
+    with pytest.raises(ValueError, match="^--with-ground-truth is set but"):  # never shown
+        C.build_prompt("q", "a", "1", template="{question}{answer}", with_ground_truth=True)
     bad = tmp_path / "bad.txt"
     bad.write_text("{question} only")
     with pytest.raises(ValueError, match="answer"):
@@ -639,6 +641,7 @@ def test_oracle_options_are_checked_before_any_request(tmp_path, oracle, capsys)
     nostart.write_text("{question} {answer} put it in tags")
     gt = tmp_path / "gt.txt"
     gt.write_text("{question} {answer} {ground_truth} {start} {end}")
+    (tmp_path / "nogt.txt").write_text("{question} {answer} {start} {end}")
     for extra, msg in ((["--workers", "0"], "--workers must be an integer >= 1, got 0"),
                        (["--max-retries", "-1"], "--max-retries must be an integer >= 0, got -1"),
                        (["--timeout", "0"], "--timeout must be > 0 seconds, got 0.0"),
@@ -648,6 +651,8 @@ def test_oracle_options_are_checked_before_any_request(tmp_path, oracle, capsys)
                         f"--prompt-template: {nostart} lacks the placeholder(s) {{start}}, "
                         f"{{end}}"),
                        (["--prompt-template", str(gt)], "--with-ground-truth"),
+                       (["--prompt-template", str(nostart).replace("nostart", "nogt"),
+                         "--with-ground-truth"], "nogt.txt has no {ground_truth}, so"),
                        (["--prompt-template", str(tmp_path / "missing.txt")],
                         f"--prompt-template: cannot read {tmp_path / 'missing.txt'} (No such file "
                         f"or directory)"),

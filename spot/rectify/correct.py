@@ -144,6 +144,9 @@ def build_prompt(question, answer, ground_truth=None, *, template=None, with_gro
     elif "{ground_truth}" in template and not with_ground_truth:
         raise ValueError("--prompt-template uses {ground_truth} but --with-ground-truth is not "
                          "set")
+    elif with_ground_truth and "{ground_truth}" not in template:
+        raise ValueError("--with-ground-truth is set but --prompt-template has no "
+                         "{ground_truth}: the Oracle would never see it")
     return fill(template, question=question, answer=answer, start=START, end=END,
                 ground_truth=ground_truth if with_ground_truth else "")
 
@@ -502,6 +505,10 @@ def check_args(args):
     if template and "{ground_truth}" in template and not args.with_ground_truth:
         raise ValueError(f"--prompt-template: {args.prompt_template} uses {{ground_truth}} but "
                          "--with-ground-truth is not set")
+    if template and "{ground_truth}" not in template and args.with_ground_truth:
+        raise ValueError(f"--prompt-template: {args.prompt_template} has no {{ground_truth}}, so "
+                         "with --with-ground-truth the Oracle would never see it (records would "
+                         "say it did)")
     return template
 
 
