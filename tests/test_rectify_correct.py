@@ -282,6 +282,9 @@ def test_extract_marked():
     assert C.extract_marked(f"intro {s} a {e} x {s}\n b \n{e}") == "b"
     assert C.extract_marked(f"{s} never closed") is None
     assert C.extract_marked(f"{e} {s}") is None
+    # a note after the block that names the opening tag does not hide the block
+    assert C.extract_marked(f"{s} fixed {e}\nI put it inside {s} tags.") == "fixed"
+    assert C.extract_marked(f"{s}{e}") == "" and C.extract_marked(f"{s} x {s} y {e}") == "y"
     assert C.extract_marked("plain") is None and C.extract_marked(None) is None
 
 

@@ -296,6 +296,9 @@ def test_run_retry_failed_checks_the_resume_as_correct_does(tmp_path, capsys):
     assert cli(base + ["--retry-failed"]) == 2
     err = capsys.readouterr().err
     assert "no-model" in err and "other settings" not in err, err
+    (out / "pairs.jsonl").mkdir()  # the filter's output: refused before anything runs
+    assert cli(base + ["--retry-failed"]) == 2
+    assert "pairs.jsonl is a folder, not a file" in capsys.readouterr().err
 
 
 def test_run_loads_the_filter_tokenizer_before_sampling_or_asking(tmp_path, tiny_dir, capsys,

@@ -168,15 +168,14 @@ def load_template(path):
 
 
 def extract_marked(text):
-    """The text between the last :data:`START` and the :data:`END` after it, stripped; ``None``
-    when either marker is missing (such a reply is a failure, not a guess)."""
+    """The text of the last complete block: between the last :data:`END` and the last
+    :data:`START` before it, stripped (a marker named in a note after the block does not hide
+    it); ``None`` when there is no such block (such a reply is a failure, not a guess)."""
     if not text:
         return None
-    i = text.rfind(START)
-    if i < 0:
-        return None
-    j = text.find(END, i + len(START))
-    if j < 0:
+    j = text.rfind(END)
+    i = text.rfind(START, 0, max(j, 0))
+    if j < 0 or i < 0 or i + len(START) > j:
         return None
     return text[i + len(START):j].strip()
 

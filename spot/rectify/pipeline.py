@@ -22,6 +22,9 @@ def run_main(args):
     template = check_args(args)
     import openai  # noqa: F401 - the correct step's client: missing, fail now, not after elicit
     out = args.output
+    pairs = os.path.join(out, "pairs.jsonl")
+    if os.path.isdir(pairs):  # found now, not after sampling and the Oracle
+        raise ValueError(f"output: {pairs} is a folder, not a file")
     corrected = os.path.join(out, "corrected.jsonl")  # a resume with another Oracle: now, not
     # after an hour of sampling (the rows the correct step will keep, as it checks them)
     check_resume(kept_rows(records_of(corrected), args.retry_failed),
@@ -39,5 +42,4 @@ def run_main(args):
                       output_path=corrected, template=template)
     if rc:
         return rc
-    return filter_main(args, input_path=corrected, output_path=os.path.join(out, "pairs.jsonl"),
-                       tokenizer=tokenizer)
+    return filter_main(args, input_path=corrected, output_path=pairs, tokenizer=tokenizer)
