@@ -5,7 +5,7 @@ Records
 A file is JSONL (one record a line), JSON (a list of records), Parquet, or a folder written by
 ``datasets.Dataset.save_to_disk`` (a ``DatasetDict`` uses its ``train`` split), chosen by the
 suffix in any case (``.json``, ``.parquet``, anything else is JSONL); a folder of Parquet shards
-is read shard by shard in name order. Text files are UTF-8 (a BOM is allowed; compressed and
+is read shard by shard in name order (of shards named by split, ``train-*`` only). Text files are UTF-8 (a BOM is allowed; compressed and
 UTF-16 files are not read). Two key sets:
 
 * SPoT: ``question`` (or ``prompt``), ``gemini_corrected_answer`` (the chosen ``y+``),
@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,10 +161,25 @@ def read_records(path):
                 yield f"{path}:{lineno}", rec
 
 
+_SPLIT = re.compile(r"(train|test|validation|valid|dev|eval)(?=[-_.]|$)", re.IGNORECASE)
+
+
 def _read_dataset_dir(p):
-    """A folder: ``datasets``' ``save_to_disk`` output, or Parquet shards (read in name order)."""
+    """A folder: ``datasets``' ``save_to_disk`` output, or Parquet shards (read in name order).
+    Shards named by split as on the Hub (``train-00000-of-00002.parquet`` beside
+    ``test-00000-of-00001.parquet``): only the train split's, as for a saved ``DatasetDict``."""
     shards = sorted(p.glob("*.parquet"))
     if shards and not (p / "dataset_info.json").exists() and not (p / "dataset_dict.json").exists():
+        splits = {}
+        for shard in shards:
+            m = _SPLIT.match(shard.stem)
+            splits.setdefault(m.group(1).lower() if m else None, []).append(shard)
+        if len(splits) > 1:  # never train on a test split that sits beside it
+            if "train" not in splits:
+                named = ", ".join(sorted(k or "unnamed" for k in splits))
+                raise DataError(f"{p}: Parquet shards of several splits ({named}) and none named "
+                                f"train; give one split's file or folder")
+            shards = splits["train"]
         for shard in shards:
             yield from read_records(shard)
         return

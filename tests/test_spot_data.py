@@ -237,6 +237,37 @@ def test_utf8_bom_and_suffix_case(tmp_path):
         assert ([p.prompt[-1]["content"] for p in pairs], skipped) == (want, 0), name
 
 
+def test_a_folder_of_hub_shards_reads_the_train_split_only(tmp_path):
+    """Shards named by split as on the Hub: the train split's, never the test split beside it
+    (as for a saved DatasetDict); several splits and none named train is an error; shards
+    without split names are all read, in name order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = _spot_records(5, seed=4)
+    q = [r["question"] for r in rows]
+
+    def got(folder):
+        return [p.prompt[-1]["content"] for p in D.read_pairs(folder)[0]]
+
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    for name, part in (("train-00000-of-00002", rows[:2]), ("train-00001-of-00002", rows[2:3]),
+                       ("test-00000-of-00001", rows[3:])):
+        pq.write_table(pa.Table.from_pylist(part), hub / f"{name}.parquet")
+    assert got(hub) == q[:3]
+    (hub / "train-00000-of-00002.parquet").unlink()
+    (hub / "train-00001-of-00002.parquet").unlink()
+    pq.write_table(pa.Table.from_pylist(rows[:1]), hub / "validation-00000-of-00001.parquet")
+    with pytest.raises(D.DataError, match=r"several splits \(test, validation\) and none named train"):
+        D.read_pairs(hub)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for i in range(3):  # "data-..." names no split; "trainer" is not "train"
+        pq.write_table(pa.Table.from_pylist(rows[i:i + 1]), plain / f"data-{i}.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[3:]), plain / "trainer-x.parquet")
+    assert got(plain) == q
+
+
 def test_a_bad_row_is_named_from_0_with_its_split(tmp_path):
     """JSONL errors give 1-based lines; Parquet and ``datasets`` rows and a .json file's
     records are counted from 0, and say so; a ``DatasetDict``'s error names the split read."""
