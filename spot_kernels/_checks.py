@@ -11,6 +11,9 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)
+# every one is read as int64 (a uint64 past 2^63 would wrap onto ignore_index)
+TARGET_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16,
+                 torch.uint32)
 
 
 def tensor(name, x):
@@ -93,8 +96,10 @@ def positive_number(name, x, allow_none=False):
         raise ValueError(f"{name} must be a finite number > 0, got {x!r}")
 
 
-def head(hidden, weight, targets, bias, temperature, softcap, ignore_index):
-    """Checks the inputs of ``token_logprobs``; returns ``(N, D, V)``."""
+def head(hidden, weight, targets, bias, temperature, softcap, ignore_index, shard=False):
+    """Checks the inputs of ``token_logprobs``; returns ``(N, D, V)``. ``shard``: ``weight`` is
+    one rank's rows, which may be none (the caller checks the whole head on every rank alike:
+    an error on one rank alone would leave the others waiting in a collective)."""
     tensor("hidden", hidden)
     tensor("weight", weight)
     tensor("targets", targets)
@@ -115,7 +120,7 @@ def head(hidden, weight, targets, bias, temperature, softcap, ignore_index):
                         f"they must match")
     same_device("weight", weight, "hidden", hidden)
     v, d = weight.shape
-    if v == 0:
+    if v == 0 and not shard:
         raise ValueError("weight must have at least one row (V >= 1)")
     if d == 0:
         raise ValueError("weight must have at least one column (D >= 1), got [V, D] = "
@@ -130,8 +135,9 @@ def head(hidden, weight, targets, bias, temperature, softcap, ignore_index):
         if bias.dtype != weight.dtype:
             raise TypeError(f"bias has dtype {bias.dtype} but weight has {weight.dtype}")
         same_device("bias", bias, "hidden", hidden)
-    if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    if targets.dtype not in TARGET_DTYPES:
+        raise TypeError(f"targets must be an integer tensor of int8 to int64 or uint8 to uint32 "
+                        f"(uint16: a token memmap), got {targets.dtype}")
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])} (hidden's leading "
                          f"dims), got {tuple(targets.shape)}")

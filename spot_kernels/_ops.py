@@ -39,14 +39,24 @@ def _constant_result(fn):
     return fn
 
 
+_ERRORS = {"ValueError": ValueError, "RuntimeError": RuntimeError, "TypeError": TypeError}
+
+
 @_constant_result
+def _resolve(backend, device):
+    try:
+        return _registry.resolve(backend, device), None
+    except tuple(_ERRORS.values()) as e:
+        return None, (type(e).__name__, str(e))
+
+
 def resolve(backend, device):
     """The backend name, resolved once while tracing (the registry imports modules, which the
-    tracer must not step into); ``reference`` is plain autograd and has no op."""
-    name = _registry.resolve(backend, device)
-    if name == "reference":
-        raise ValueError("backend: 'reference' is plain autograd; under torch.compile use "
-                         "'auto' or a kernel backend")
+    tracer must not step into). Its error is raised here, outside the function the tracer takes
+    as a constant: raised inside, it would reach the user as dynamo's internal error."""
+    name, err = _resolve(backend, device)
+    if err is not None:
+        raise _ERRORS[err[0]](err[1])
     return name
 
 

@@ -127,6 +127,10 @@ def vocab_range(weight, group):
     counts = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(counts, mine, group=group)
     counts = torch.cat(counts).tolist()
+    empty = [r for r, c in enumerate(counts) if c == 0]
+    if empty:  # raised on every rank alike, after the collective every rank joined
+        raise ValueError(f"weight: rank(s) {empty} of the process group hold no rows of the head; "
+                         f"every rank needs at least one (rows per rank: {counts})")
     rank = dist.get_rank(group)
     start = sum(counts[:rank])
     return start, start + weight.shape[0], sum(counts)
@@ -225,14 +229,17 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, softc
     w_local = weight.to_local() if is_dtensor(weight) else weight
     b_local = bias.to_local() if is_dtensor(bias) else bias
     _checks.head(hidden.reshape(-1, hidden.shape[-1])[:0], w_local, targets.reshape(-1)[:0],
-                 b_local, temperature, softcap, ignore_index)
+                 b_local, temperature, softcap, ignore_index, shard=True)
+    if is_dtensor(weight) and weight.shape[0] == 0:  # the global shape: every rank alike
+        raise ValueError("weight must have at least one row (V >= 1)")
     if is_dtensor(weight) and weight.shape[-1] != hidden.shape[-1]:
         raise ValueError(f"weight is [V, D] = {tuple(weight.shape)} but hidden has last dim "
                          f"{hidden.shape[-1]}")
     name = _registry.resolve(backend, hidden.device)
-    if name == "reference":
-        raise ValueError("backend: 'reference' materialises whole logits and does not run "
-                         "sharded heads; use 'torch' (or 'auto')")
+    if name == "reference":  # under "auto" only when the environment asks for it
+        source = f" (from ${_registry.ENV})" if backend == "auto" else ""
+        raise ValueError(f"backend: 'reference'{source} materialises whole logits and does not "
+                         f"run sharded heads; use 'torch' or a kernel backend")
     impl = _registry.module(name)
     options = dict(backend_options or {})
     impl.check_options(options)

@@ -165,6 +165,15 @@ def _compiled_token_logprobs(hidden, weight, targets, bias, temperature, softcap
     t1 = targets.reshape(-1)
     _checks.head(h2[:0], weight, t1[:0], bias, temperature, softcap, ignore_index)
     name = _ops.resolve(backend, str(hidden.device))
+    if name == "reference":  # plain autograd: traced as it is
+        if backend_options:
+            raise ValueError("backend_options: backend 'reference' takes no options")
+        out = reference.token_logprobs(h2, weight, t1.long(), bias, temperature=temperature,
+                                       softcap=softcap, ignore_index=ignore_index,
+                                       return_entropy=return_entropy)
+        if return_entropy:
+            return out[0].reshape(targets.shape), out[1].detach().reshape(targets.shape)
+        return out.reshape(targets.shape)
     options = dict(backend_options or {})
     cfg = dict(temperature=float(temperature), softcap=None if softcap is None else float(softcap),
                ignore_index=ignore_index)
@@ -176,8 +185,9 @@ def _compiled_token_logprobs(hidden, weight, targets, bias, temperature, softcap
 
 def _autocast_dtype(hidden):
     """The autocast dtype in force for ``hidden``'s device type, or None (autocast off, or
-    arguments that the checks will reject)."""
-    if not isinstance(hidden, torch.Tensor):
+    arguments that the checks will reject: autocast leaves float64 alone, so float64 reaches
+    the dtype check rather than being rounded to half precision)."""
+    if not isinstance(hidden, torch.Tensor) or hidden.dtype not in _checks.FLOAT_DTYPES:
         return None
     kind = hidden.device.type
     try:

@@ -96,3 +96,35 @@ def test_spot_loss_compiled_matches_eager():
         results.append((loss.detach(), hh.grad, ww.grad))
     for eager, comp in zip(*results):
         torch.testing.assert_close(comp, eager, atol=1e-6, rtol=1e-5)
+
+
+def test_a_bad_backend_under_compile_is_the_error_eager_gives():
+    """An unknown or unavailable backend raises the ``ValueError`` / ``RuntimeError`` eager
+    raises (resolved outside the function dynamo takes as a constant: raised inside it came
+    out as dynamo's internal error, which ``except ValueError`` does not catch)."""
+    h, w, _, t = make_head(6, 8, 11, torch.float32, "cpu", seed=5)
+    for backend, err in (("nope", ValueError), ("cuda", RuntimeError)):
+        torch._dynamo.reset()
+        with pytest.raises(err, match="backend"):
+            torch.compile(lambda h, w, t: sk.token_logprobs(h, w, t, backend=backend),
+                          backend="aot_eager")(h, w, t)
+
+
+def test_the_reference_backend_compiles_as_plain_autograd():
+    """``backend="reference"`` (or ``$SPOT_KERNELS_BACKEND=reference`` under "auto") is traced
+    as the plain autograd it is, with eager's values and gradients (it was refused)."""
+    h, w, b, t = make_head(13, 8, 17, torch.float32, "cpu", bias=True, seed=6)
+    truth, same, gout = references(h, w, t, b, softcap=3.0)
+
+    def f(h, w, b, t):
+        logp, ent = sk.token_logprobs(h, w, t, bias=b, softcap=3.0, backend="reference",
+                                      return_entropy=True)
+        return logp, ent, (logp.double() * gout).sum()
+
+    hh, ww, bb = (x.clone().requires_grad_() for x in (h, w, b))
+    logp, ent, loss = torch.compile(f, fullgraph=True, backend="aot_eager")(hh, ww, bb, t)
+    loss.backward()
+    assert not ent.requires_grad
+    assert_close(logp, same[0], truth[0], torch.float32, "logp")
+    for name, x, gs, gt in zip("hwb", (hh, ww, bb), same[1], truth[1]):
+        assert_close(x.grad, gs, gt, torch.float32, f"d{name}")

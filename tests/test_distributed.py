@@ -310,6 +310,17 @@ def _fsdp1(group, use_orig_params):
             hf.head_inputs(wrap(other), ids, cu_seqlens=cu)
 
 
+def _a_rank_without_rows(group):
+    """A split that leaves a rank no rows is refused on every rank alike (on that rank alone,
+    the others would wait in the collective for ever), and the group goes on in step."""
+    sizes = [5, 0, 3]
+    rank = dist.get_rank(group)
+    h, w, _, t = make_head(6, 16, 8, torch.float32, "cpu", seed=8)
+    start = sum(sizes[:rank])
+    with pytest.raises(ValueError, match=r"rank\(s\) \[1\] of the process group hold no rows"):
+        sk.token_logprobs(h, w[start:start + sizes[rank]], t, process_group=group)
+
+
 def _worker(rank, world, init_file):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -326,6 +337,8 @@ def _worker(rank, world, init_file):
             _fsdp1(pair, use_orig_params=False)
         _vocab_parallel(dist.group.WORLD)  # 3 ranks, uneven split
         _vocab_parallel_half(dist.group.WORLD)
+        _a_rank_without_rows(dist.group.WORLD)
+        _vocab_parallel(dist.group.WORLD, first_only=True)  # still in step
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -305,9 +305,11 @@ def test_uint8_targets_count_like_int64(backend, device):
     t[::3] = 156
     cu = torch.tensor([0, 4, 8, 10, 12], device=device)
     ref, labels = torch.zeros(4, device=device), torch.tensor([1.0, 1.0, 0.0, 0.0], device=device)
+    # uint16 / uint32 too (a token memmap), on the CPU: torch's kernels for them elsewhere are few
+    kinds = (torch.uint8,) + ((torch.uint16, torch.uint32) if device == "cpu" else ())
     outs = [sk.spot_loss(h, w, tt, cu, ref, labels, backend=backend).policy_logps
-            for tt in (t, t.to(torch.uint8))]
-    assert torch.equal(outs[1], outs[0])  # the sequence sums add in a fixed order
+            for tt in [t] + [t.to(k) for k in kinds]]
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])  # the sums add in a fixed order
     truth = float64_truth(h, w, t, None, torch.ones(12, device=device))[0]
     expect = torch.stack([truth[a:b].sum() for a, b in zip(cu[:-1], cu[1:])])
     torch.testing.assert_close(outs[1].double(), expect, rtol=0, atol=1e-4)
@@ -460,6 +462,10 @@ def test_autocast_runs_the_head_in_the_autocast_dtype(backend, device):
         torch.testing.assert_close(a.grad, e.grad, rtol=0, atol=1e-6 * e.grad.abs().max().item())
     logp_fp32 = sk.token_logprobs(h, w, t, bias=b, **kw)
     assert (logp - logp_fp32).abs().max() > 1e-3  # the bfloat16 head, not the float32 one
+    # autocast leaves float64 as it is (F.linear too): refused as outside, not rounded to bf16
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match="hidden must be float32, bfloat16 or float16"):
+            sk.token_logprobs(h.double(), w.double(), t, bias=b.double(), **kw)
 
 
 @pytest.mark.parametrize("options", [None, {"filter_eps": 1e-3}, {"deterministic": True},
