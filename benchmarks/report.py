@@ -118,6 +118,9 @@ def markdown(rows, meta, other=()):
         lines += ["Other benchmarks in the same JSON:", ""]
         lines += [f"* `{name}`: {_facts(info)}" for name, info in other]
         lines.append("")
+    goals = targets(rows, other)  # also here: a run killed before its summary printed keeps them
+    if goals:
+        lines += ["### Targets", "", "```", goals, "```", ""]
     return "\n".join(lines)
 
 

@@ -273,6 +273,8 @@ def test_a_softcapped_point_runs_ours_and_the_naive_with_the_cap_and_skips_peers
     ratio = capped["ms"] / infos["small", "torch"]["ms"]
     assert any(line.strip().startswith("torch at small-cap30 N = 64") and f"({ratio:.2f}x)" in line
                for line in lines), lines
+    md = report.markdown(rows, [])  # results.md holds the same lines (a run killed before its
+    assert "### Targets" in md and lines[0] in md  # printed summary keeps them)
     rows += [dict(r, n=128) for r in rows]  # a sweep over N of both heads
     for _, lines_of in report._series(rows, "n").values():
         assert all(len(pts) == 2 for pts in lines_of.values()), lines_of
