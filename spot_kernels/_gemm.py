@@ -16,6 +16,8 @@ import torch
 from . import torch_backend
 
 _fp32_out_mm = [True]  # cleared if this torch has no float32-output GEMM for half inputs
+# a CUDA error (an illegal address, a launch failure): its own class in recent torch releases
+_DEVICE_ERRORS = tuple(e for e in (getattr(torch, "AcceleratorError", None),) if e is not None)
 
 
 def accumulate(acc, x, y):
@@ -32,8 +34,10 @@ def accumulate(acc, x, y):
         try:
             torch.addmm(acc, x, y, out_dtype=torch.float32, out=acc)
             return
-        except torch.cuda.OutOfMemoryError:
-            raise  # not a missing feature: the fallback would need more memory still
+        except (torch.cuda.OutOfMemoryError, *_DEVICE_ERRORS):
+            # not a missing feature: out of memory (the fallback would need more still), or an
+            # earlier kernel's error surfacing here, which must not switch the path for good
+            raise
         except (RuntimeError, TypeError, NotImplementedError):
             # no out_dtype (older torch), or a float32 ``acc`` refused beside half operands
             # (some releases check that): from now on each product is rounded once, summed in

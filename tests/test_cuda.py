@@ -553,8 +553,8 @@ def test_a_misaligned_logits_block_takes_the_scalar_loads(dev):
     t = torch.randint(0, 264, (37,), generator=g).to(dev)
     got = cuda._lse_forward_op(block, None, t, 0.0, 1.0, -100, True)
     want = cuda._lse_forward_op(block.contiguous(), None, t, 0.0, 1.0, -100, True)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(got, want):  # the two paths sum in other orders: float32 rounding apart
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # (a misread is far off)
 
 
 @pytest.mark.slow

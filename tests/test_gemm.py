@@ -174,3 +174,33 @@ def test_no_tokens_gives_zero_gradients():
     dh, dw, db = _gemm.blockwise_backward(h, w, t, b, (torch.zeros(0),), torch.zeros(0), -100,
                                           (True, True, True), 1 << 20, _torch_fill(calls))
     assert calls == [] and dh.shape == (0, 8) and not dw.any() and not db.any()
+
+
+def test_a_device_error_in_the_float32_output_gemm_is_raised_and_keeps_the_path(monkeypatch):
+    """On a GPU, ``accumulate`` falls back for good from ``addmm(out_dtype=float32)`` only when
+    torch lacks it (a RuntimeError / TypeError of its own); an earlier kernel's CUDA error that
+    surfaces there (``torch.AcceleratorError``) or running out of memory is raised and leaves
+    the path as it was. Torch's GEMMs are stood in for: this CPU cannot run CUDA ones."""
+    from types import SimpleNamespace
+
+    from spot_kernels import _gemm
+    x = SimpleNamespace(dtype=torch.bfloat16, device=torch.device("cuda"))
+    acc = torch.zeros(2, 2)
+    monkeypatch.setattr(_gemm, "_fp32_out_mm", [True])
+    errors = [torch.cuda.OutOfMemoryError("out of memory")]
+    if hasattr(torch, "AcceleratorError"):
+        errors.append(torch.AcceleratorError("CUDA error: an illegal memory access"))
+    for err in errors:
+        def addmm(*a, err=err, **k):
+            raise err
+        monkeypatch.setattr(torch, "addmm", addmm)
+        with pytest.raises(type(err)):
+            _gemm.accumulate(acc, x, x)
+        assert _gemm._fp32_out_mm == [True]
+
+    def no_out_dtype(*a, **k):
+        raise TypeError("addmm() got an unexpected keyword argument 'out_dtype'")
+    monkeypatch.setattr(torch, "addmm", no_out_dtype)
+    monkeypatch.setattr(torch, "mm", lambda a, b: torch.ones(2, 2))
+    _gemm.accumulate(acc, x, x)
+    assert _gemm._fp32_out_mm == [False] and torch.equal(acc, torch.ones(2, 2))
