@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import importlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -143,9 +144,15 @@ def load_model(path, device="cpu", trust_remote_code=False, bf16=True, attn="aut
             # "FlashAttention2 has been toggled on, but it cannot be used ..." (ImportError);
             # before 5.2 a model with attention classes of its own has none for varlen (KeyError)
             first = load_error(exc, trust_remote_code)
-            if (isinstance(exc, OSError) or (isinstance(exc, ValueError)
-                                             and "does not support" not in str(exc))
-                    or kind == "eager"):
+            text = str(exc)
+            # only a kernel's own failure falls back or names --attn; anything else (a package
+            # the folder's code imports, a missing file, an unknown architecture) is the model's
+            kernel = ((isinstance(exc, ValueError) and "does not support" in text)
+                      or (isinstance(exc, ImportError)
+                          and "requires the following packages" not in text
+                          and re.search(r"flash|sdpa|attention", text, re.IGNORECASE))
+                      or (isinstance(exc, KeyError) and kind == "varlen"))
+            if not kernel or kind == "eager":
                 # not a model folder, no weights, an unknown architecture: one line
                 raise ConfigError(f"model: cannot load {path}: {first}") from None
             if kind != kinds[-1]:
@@ -155,15 +162,32 @@ def load_model(path, device="cpu", trust_remote_code=False, bf16=True, attn="aut
                               f"use --attn {other}") from None
 
 
+def _zero_drop_rates(obj):
+    """Every float attribute of ``obj`` whose name says dropping (``dropout``, ``attn_pdrop``,
+    ``residual_dropout``, ``layerdrop``, ``drop_path_rate``...) set to 0."""
+    for name, value in list(vars(obj).items()):
+        if "drop" in name.lower() and isinstance(value, float) and value:
+            setattr(obj, name, 0.0)
+
+
 def disable_dropout(model):
-    """Dropout off everywhere (``nn.Dropout`` modules and attention dropout), as TRL's
-    ``disable_dropout`` does: the reference pass runs in eval mode, so a policy with dropout would
-    start from nonzero rewards and train on noise."""
+    """Dropout off everywhere, as TRL's ``disable_dropout`` means it: the reference pass runs in
+    eval mode, so a policy with dropout would start from nonzero rewards and train on noise.
+    Besides ``nn.Dropout`` modules, many families keep the rate as a float that their forward
+    hands to ``F.dropout`` (OPT's ``dropout``, StarCoder2's ``residual_dropout``, GPT-BigCode's
+    ``attn_pdrop``, Llama's ``attention_dropout``) or read from the config there (Persimmon):
+    those floats are zeroed on every module and on the config and its sub-configs."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
+        _zero_drop_rates(module)
+    configs = [getattr(model, "config", None)]
+    while configs:
+        cfg = configs.pop()
+        if cfg is None or not hasattr(cfg, "to_dict"):
+            continue
+        _zero_drop_rates(cfg)
+        configs += [v for v in vars(cfg).values() if hasattr(v, "to_dict")]  # text_config...
     return model
 
 
@@ -176,7 +200,8 @@ def enable_checkpointing(model):
 
 
 def model_fingerprint(path):
-    """Hash of ``config.json`` and the weight files (name, size, modification time, first and
+    """Hash of ``config.json``, the folder's own code (``*.py``, run with
+    ``--trust-remote-code``) and the weight files (name, size, modification time, first and
     last MiB): a weight file written again, even with the same size and ends (a fine-tune that
     changed a middle layer), gets a new modification time and so a new fingerprint. Reading
     every byte would cost seconds per GB at every start."""
@@ -185,6 +210,8 @@ def model_fingerprint(path):
     for f in sorted(p.iterdir()):
         if f.name == "config.json":
             h.update(f.read_bytes())
+        elif f.suffix == ".py":  # a --trust-remote-code folder's own modeling code
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
         elif f.suffix in (".safetensors", ".bin", ".pt", ".pth"):
             st = f.stat()
             size = st.st_size

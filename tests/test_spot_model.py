@@ -178,6 +178,68 @@ def test_dropout_is_off_and_the_fingerprint_sees_a_rewritten_middle(tmp_path):
     assert model_fingerprint(tmp_path) != before
 
 
+# families that keep a dropout rate as a float their forward hands to F.dropout, or read from
+# the config there (not an nn.Dropout): (model_type, config overrides)
+FLOAT_DROPOUTS = [
+    ("opt", dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, ffn_dim=64,
+                 word_embed_proj_dim=32, dropout=0.3, attention_dropout=0.3)),
+    ("starcoder2", dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=64, residual_dropout=0.3,
+                        embedding_dropout=0.3, attention_dropout=0.3)),
+    ("gpt_bigcode", dict(n_embd=32, n_layer=1, n_head=4, attn_pdrop=0.3, resid_pdrop=0.3,
+                         embd_pdrop=0.3)),
+    ("persimmon", dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                       intermediate_size=64, attention_dropout=0.3, hidden_dropout=0.3)),
+]
+
+
+@pytest.mark.parametrize("arch,kw", FLOAT_DROPOUTS, ids=[a for a, _ in FLOAT_DROPOUTS])
+def test_dropout_kept_as_a_float_is_off_too(arch, kw):
+    """A train-mode forward after ``disable_dropout`` is the eval-mode one (the reference's), for
+    families whose dropout is a float rate and not an ``nn.Dropout`` (it stayed on: nonzero
+    rewards at step 0, a noisy policy)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from spot.model import disable_dropout
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, vocab_size=64, **kw))
+    ids = torch.randint(0, 64, (1, 12))
+    with torch.no_grad():
+        model.train()
+        assert not torch.equal(model(ids).logits, model(ids).logits)  # on before
+        disable_dropout(model)
+        train = model(ids).logits
+        model.eval()
+        assert torch.equal(train, model(ids).logits)
+
+
+def test_a_package_the_models_own_code_lacks_is_not_blamed_on_the_attention(tmp_path):
+    """A --trust-remote-code folder whose code imports a package that is not installed: "cannot
+    load" with transformers' own words, for every --attn (not "use --attn eager"); and its code
+    is part of the model's fingerprint (an edit there makes the reference cache miss)."""
+    import json
+    from spot.config import ConfigError
+    from spot.model import load_model, model_fingerprint
+    (tmp_path / "configuration_mylm.py").write_text(
+        "from transformers import LlamaConfig\nclass MyLMConfig(LlamaConfig):\n"
+        "    model_type = 'mylm'\n")
+    (tmp_path / "modeling_mylm.py").write_text(
+        "import some_missing_package_xyz\nfrom transformers import LlamaForCausalLM\n"
+        "from .configuration_mylm import MyLMConfig\n"
+        "class MyLMForCausalLM(LlamaForCausalLM):\n    config_class = MyLMConfig\n")
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        model_type="mylm", architectures=["MyLMForCausalLM"], vocab_size=64, hidden_size=32,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+        auto_map={"AutoConfig": "configuration_mylm.MyLMConfig",
+                  "AutoModelForCausalLM": "modeling_mylm.MyLMForCausalLM"})))
+    for attn in ("sdpa", "varlen", "auto", "eager"):
+        with pytest.raises(ConfigError, match="^model: cannot load .*some_missing_package_xyz"):
+            load_model(str(tmp_path), "cpu", trust_remote_code=True, attn=attn)
+    before = model_fingerprint(tmp_path)
+    (tmp_path / "modeling_mylm.py").write_text("# fixed\n" +
+                                               (tmp_path / "modeling_mylm.py").read_text())
+    assert model_fingerprint(tmp_path) != before
+
+
 def test_tiny_tokenizer_is_one_token_per_character():
     tok = build_tokenizer()
     text = "a\n\nb \n c"
