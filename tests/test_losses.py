@@ -97,6 +97,19 @@ def test_bce_empty_batch_and_saturation():
                                      torch.tensor([0.0, 1.0]))
     assert torch.isfinite(loss) and loss.item() == pytest.approx(2e4, rel=1e-6)
     assert stats["saturated"].item() == 1.0
+    # saturation is of the loss's sigmoid, delta included: u = 0.1 * 100 - 10 = 0 is not
+    _, stats = sk.bce_reward_loss(torch.tensor([100.0, 100.0]), torch.zeros(2),
+                                  torch.tensor([1.0, 0.0]), beta=0.1, delta=10.0)
+    assert stats["saturated"].item() == 0.0
+
+
+def test_a_soft_label_of_one_half_counts_as_chosen_in_the_stats():
+    """The stats split the batch at label >= 0.5 (the documented rule for soft labels)."""
+    pi, rho = torch.tensor([-1.0, -2.0, -4.0]), torch.tensor([-3.0, -3.0, -3.0])
+    _, stats = sk.bce_reward_loss(pi, rho, torch.tensor([1.0, 0.5, 0.0]), beta=1.0,
+                                  reduction="mean")
+    assert stats["rewards_chosen"].item() == pytest.approx((2.0 + 1.0) / 2)
+    assert stats["rewards_rejected"].item() == pytest.approx(-1.0)
 
 
 @pytest.mark.parametrize("average", [False, True])

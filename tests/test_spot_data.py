@@ -619,3 +619,11 @@ def test_a_response_that_reasons_gets_one_thinking_block():
     assert rejected.count("<think>") == 1 and "<think>\n\n</think>\n\nbad" in rejected
     # one mode a pair: both responses follow the same prompt (and share its cut)
     assert ex.chosen[:ex.chosen_prompt] == ex.rejected[:ex.rejected_prompt]
+    # and the same when only the rejected response reasons
+    pair = D.to_pair({"prompt": "q", "chosen": "ans",
+                      "rejected": "<think>\nr\n</think>\n\nbad"}, "x:2")
+    (ex,), counts = D.encode_pairs(tok, [pair], 1024)
+    assert ex.chosen[:ex.chosen_prompt] == ex.rejected[:ex.rejected_prompt]
+    for seq in (ex.chosen, ex.rejected):
+        assert tok.decode(seq).count("<think>") == 1, tok.decode(seq)
+    assert not counts.get("template_fallback")

@@ -243,6 +243,68 @@ def test_a_torn_reference_cache_is_computed_again(workdir, tmp_path):
         shutil.rmtree(tmp_path / "b")
 
 
+def test_the_optimizer_sees_the_schedule_the_clip_and_the_decay_groups(workdir, tmp_path,
+                                                                     monkeypatch):
+    """What AdamW gets, step by step: the learning rate of the cosine schedule with warmup (the
+    one metrics.jsonl logs for that step), gradients clipped to --max-grad-norm (the logged
+    grad_norm is the norm before clipping), and weight decay on matrices only; with --delta ema
+    the shift follows --ema-alpha."""
+    from spot.train import lr_lambda
+    seen, groups = [], []
+    init, step = torch.optim.AdamW.__init__, torch.optim.AdamW.step
+
+    def record_init(self, params, *a, **k):
+        groups.extend(params)
+        init(self, params, *a, **k)
+
+    def record_step(self, *a, **k):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        seen.append((self.param_groups[0]["lr"],
+                     torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g)
+                                                           for g in grads])).item()))
+        return step(self, *a, **k)
+    monkeypatch.setattr(torch.optim.AdamW, "__init__", record_init)
+    monkeypatch.setattr(torch.optim.AdamW, "step", record_step)
+    cfg = _cfg(workdir, tmp_path / "o", max_steps=4, warmup_ratio=0.5, max_grad_norm=1e-3,
+               weight_decay=0.05, delta="ema", ema_alpha=0.5)
+    result = train(cfg, log=lambda m: None)
+    rows = [json.loads(x) for x in open(tmp_path / "o" / "metrics.jsonl")]
+    f = lr_lambda(4, 0.5)
+    assert [f(s) for s in range(4)] == pytest.approx([1 / 3, 2 / 3, 1.0, 0.5])
+    assert [r["lr"] for r in rows] == pytest.approx([cfg.lr * f(s) for s in range(4)])
+    assert [lr for lr, _ in seen] == pytest.approx([r["lr"] for r in rows])  # used as logged
+    assert all(norm <= 1e-3 * (1 + 1e-4) for _, norm in seen), seen
+    assert all(r["grad_norm"] > 1e-3 for r in rows)
+    decay, plain = groups
+    assert (decay["weight_decay"], plain["weight_decay"]) == (0.05, 0.0)
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in plain["params"])
+    params = list(result["policy"].parameters())
+    assert len(decay["params"]) + len(plain["params"]) == len(params)
+    assert rows[0]["delta"] == pytest.approx(rows[0]["reward_mean"], abs=1e-9)
+    for prev, row in zip(rows, rows[1:]):
+        assert row["delta"] == pytest.approx(0.5 * prev["delta"] + 0.5 * row["reward_mean"],
+                                             rel=1e-6, abs=1e-9)
+
+
+def test_each_epoch_shuffles_anew_and_keeps_every_pair():
+    """Epoch e's order is its own permutation (seed + 7919 e), and an epoch whose micro-batches
+    do not fill the last step is padded by wrapping, so no pair of it is left out."""
+    from types import SimpleNamespace
+    from spot.train import epoch_plan, schedule_steps
+    examples = [D.Example([1] * (3 + i % 4), [2] * (2 + i % 3), 1, 1) for i in range(21)]
+    cfg = SimpleNamespace(seed=3, tokens_per_batch=30, epochs=2, max_steps=None)
+    for e in range(2):
+        order = torch.randperm(21, generator=torch.Generator().manual_seed(3 + 7919 * e)).tolist()
+        assert [i for mb in epoch_plan(examples, e, cfg, 1) for i in mb] == order
+    assert epoch_plan(examples, 0, cfg, 1) != epoch_plan(examples, 1, cfg, 1)
+    plain = epoch_plan(examples, 0, cfg, 1)
+    assert len(plain) % 4  # the case: the micro-batches do not fill steps of 4
+    steps, plans = schedule_steps(examples, cfg, 4)
+    for e in range(2):
+        used = [plans[e][s * 4 + k] for ee, s in steps if ee == e for k in range(4)]
+        assert {i for mb in used for i in mb} == set(range(21))
+
+
 def test_a_seed_near_2_to_the_64_plans_every_epoch():
     """Every seed ``--seed`` accepts plans its epochs (``seed + 7919 e`` wraps at 2^64, where
     torch's seeds wrap: -1 and 2^64 - 1 give the same order)."""
@@ -603,6 +665,7 @@ def test_bad_settings_are_one_line_errors(workdir, tmp_path, capsys):
              (["--beta", "inf"], "--beta: must be a finite number"),
              (["--lr", "inf"], "--lr: must be a finite number"),
              (["--weight-decay", "-1"], "--weight-decay: must be a finite number >= 0"),
+             (["--warmup-ratio", "1"], "--warmup-ratio: must be in [0, 1)"),
              (["--seed", str(2**70)], "seed: must be in"),
              (["--output", str(tmp_path / "file")], "is a file, not a folder"),
              (["--cache-dir", str(tmp_path / "file")], "cache_dir: "),  # before the ref pass
