@@ -543,21 +543,31 @@ def _probe(model, name, make, moved):
     if key in seen:
         return seen[key]
     seen[key] = False
-    training = model.training
     try:
         ids, kwargs, cols = make(next(inner.parameters()).device,
                                  inner.get_input_embeddings().num_embeddings)
-        model.eval()
-        with torch.no_grad():
+        with _eval_mode(model), torch.no_grad():
             a, b = (head_inputs(model, ids[i:i + 1], **{k: v[i:i + 1] for k, v in kwargs.items()})
                     .hidden[0, cols] for i in range(2))
         verdict = bool(moved(a, b))
     except Exception:  # noqa: BLE001 - the probe only informs; the real call reports errors
         verdict = False
-    finally:
-        model.train(training)
     seen[key] = verdict
     return verdict
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """``model.eval()`` inside; after, every module's own training flag as it was (a root
+    ``model.train(flag)`` would also switch the submodules a user put in eval mode, and their
+    dropout, back on)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in modes:
+            m.training = flag
 
 
 def _probe_ids(dev, vocab, steps, tails):
@@ -857,7 +867,8 @@ def check_logits(model, input_ids, *, atol=None, vocab_chunk=8192, **model_kwarg
     temperature`` from :func:`head_inputs`, in float64 (the weight cast ``vocab_chunk`` rows at a
     time). It checks the hidden states, softcap, scale and vocabulary cut, not the kernels. Give
     unpadded rows; with an ``attention_mask`` only attended tokens count and both forwards get
-    the same positions. ``ValueError`` naming the model when the two differ by more than ``atol``
+    the same positions. Both forwards run in eval mode (no dropout), each module's mode restored
+    after. ``ValueError`` naming the model when the two differ by more than ``atol``
     (default ``1e-3 + 2 eps max|logit|``, with ``eps`` the coarsest rounding on the way: of the
     logits', hidden states' and weight's dtypes, an enabled autocast's, and TF32's or bf16's for
     float32 GEMMs on a GPU where ``torch.set_float32_matmul_precision`` allows them; 0.5 for
@@ -873,7 +884,9 @@ def check_logits(model, input_ids, *, atol=None, vocab_chunk=8192, **model_kwarg
     mask = model_kwargs.get("attention_mask")
     if mask is not None and "position_ids" not in model_kwargs and _takes(inner, "position_ids"):
         model_kwargs = dict(model_kwargs, position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0))
-    with torch.no_grad():
+    # eval mode for both forwards: dropout (a model in train mode) would draw other masks in
+    # each and be blamed on the logits' transform
+    with _eval_mode(model), torch.no_grad():
         kw = dict(model_kwargs, use_cache=model_kwargs.get("use_cache", False))
         own = model(input_ids=input_ids, **kw).logits
         hi = head_inputs(model, input_ids, **model_kwargs)

@@ -960,3 +960,19 @@ def test_the_probes_raise_no_false_alarm_on_a_gpu(arch, how):
             fired += hf._moved_ahead(a, b)
     assert fired == 0, f"{fired} of 64 sequences fired; worst move {worst:.2e}"
     print(f"{arch} {how}: worst per-position move {worst:.2e}")
+
+
+def test_the_probes_and_check_logits_leave_each_modules_mode_and_ignore_dropout():
+    """The one-time probes and ``check_logits`` run in eval mode and give every module its own
+    mode back: a layer the user froze in eval mode stays there (a root ``train()`` switched its
+    dropout back on), and a model in train mode with dropout is checked without it (its two
+    forwards drew different masks, blamed on the logits' transform)."""
+    model = build_model("qwen3", layers=2, attention_dropout=0.5).train()
+    layers = model.model.layers
+    layers[0].eval()
+    ids = torch.randint(4, 60, (1, 10))
+    cu = torch.tensor([0, 4, 10])
+    hf.head_inputs(model, ids, cu_seqlens=cu)  # the first call runs the probes
+    assert not layers[0].training and layers[1].training and model.training
+    assert hf.check_logits(model, ids) < 1e-4  # no dropout in either forward
+    assert not layers[0].training and layers[1].training and model.training
