@@ -547,8 +547,9 @@ def _probe(model, name, make, moved):
         ids, kwargs, cols = make(next(inner.parameters()).device,
                                  inner.get_input_embeddings().num_embeddings)
         with _eval_mode(model), torch.no_grad():
+            sel = cols if isinstance(cols, tuple) else (cols, cols)  # per row, or shared
             a, b = (head_inputs(model, ids[i:i + 1], **{k: v[i:i + 1] for k, v in kwargs.items()})
-                    .hidden[0, cols] for i in range(2))
+                    .hidden[0, sel[i]] for i in range(2))
         verdict = bool(moved(a, b))
     except Exception:  # noqa: BLE001 - the probe only informs; the real call reports errors
         verdict = False
@@ -583,15 +584,21 @@ def packing_leaks(model):
     Jamba, Falcon-H1, Bamba, RecurrentGemma...), or a mask built blind to the packing.
 
     One no-grad forward pair in eval mode tells, once per model and attention implementation:
-    the same 4 tokens packed after two different 8-token sequences must come out the same (they
-    do bit for bit where packing is safe: the other sequence's scores are masked to exactly 0;
-    a leak moves them ~1% or more).
+    the same 4 tokens packed after an 8-token sequence must come out as they do first in a row,
+    at columns 0-3 (the same up to rounding where packing is safe: the other sequence's scores
+    are masked to exactly 0; a leak moves them ~1% or more). Against the tail at the row's start,
+    not after another sequence, the probe also catches a body that ignores ``position_ids`` and
+    counts positions by column (Marian and Pegasus on transformers 5), whose leak alone can be
+    small at random init.
     A model that fails the probe's forward counts as safe (its real batches will say why).
     :func:`head_inputs` runs a packed batch of a leaking model as a padded one."""
     def make(dev, vocab):
-        ids = _probe_ids(dev, vocab, (3, 7), [(3, 4, 5, 6)] * 2)  # same tail, other heads
-        pos = torch.cat([torch.arange(_PROBE_LEN), torch.arange(4)]).to(dev).expand(2, -1)
-        return ids, dict(position_ids=pos), slice(_PROBE_LEN, None)
+        head = (torch.arange(_PROBE_LEN, device=dev) * 3 + 11) % vocab
+        tail = torch.tensor([3, 4, 5, 6], device=dev) % vocab
+        ids = torch.stack([torch.cat([head, tail]), torch.cat([tail, head])])  # tail last, first
+        pos = torch.stack([torch.cat([torch.arange(_PROBE_LEN), torch.arange(4)]),
+                           torch.cat([torch.arange(4), torch.arange(_PROBE_LEN)])]).to(dev)
+        return ids, dict(position_ids=pos), (slice(_PROBE_LEN, None), slice(0, 4))
     def moved(a, b):  # anywhere by 0.1% of the largest value: a leak missed is silently wrong
         a, b = a.float(), b.float()  # log-probs; a false alarm costs the padding's compute
         return (a - b).abs().max().item() > 1e-3 * max(1.0, a.abs().max().item())

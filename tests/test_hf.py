@@ -976,3 +976,30 @@ def test_the_probes_and_check_logits_leave_each_modules_mode_and_ignore_dropout(
     assert not layers[0].training and layers[1].training and model.training
     assert hf.check_logits(model, ids) < 1e-4  # no dropout in either forward
     assert not layers[0].training and layers[1].training and model.training
+
+
+@pytest.mark.parametrize("arch", ["marian", "pegasus"])
+def test_a_body_that_counts_positions_by_column_is_not_packed(arch):
+    """Marian and Pegasus decoders (transformers 5) drop ``position_ids`` and count positions
+    from the row's first column, and their leak across packed sequences is small at random init:
+    the probe compares a packed tail with the same tail at the row's start, so a packed batch
+    runs as a padded one and every sequence gets the log-probs it gets alone (~20 nats off
+    before)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.for_model(arch, vocab_size=64, d_model=32, decoder_layers=1,
+                               decoder_attention_heads=4, decoder_ffn_dim=64, encoder_layers=1,
+                               encoder_attention_heads=4, encoder_ffn_dim=64,
+                               max_position_embeddings=128, pad_token_id=0,
+                               decoder_start_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0, 1)
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(4, 48, (n,), generator=g) for n in (5, 9, 3)]
+    with torch.no_grad():
+        alone = torch.stack([model(input_ids=s[None]).logits[0].double().log_softmax(-1)[:-1]
+                             .gather(-1, s[1:, None]).sum() for s in seqs])
+        cu = torch.tensor([0, 5, 14, 17])
+        packed = hf.completion_logprobs(model, torch.cat(seqs), cu_seqlens=cu).double()
+    torch.testing.assert_close(packed, alone, rtol=0, atol=1e-4)
