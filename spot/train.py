@@ -66,7 +66,7 @@ from .config import RUN_DEFINING, ConfigError, TrainConfig
 from .model import (Policy, attn_implementation, check_tokenizer, decoder_layers,
                     disable_dropout, enable_checkpointing, hf_progress_bars, load_error,
                     load_model, model_fingerprint, to_device)
-from .rectify.jsonl import OutputLock, read_jsonl, rewrite
+from .rectify.jsonl import OutputLock, atomic_write, fsync_path, read_jsonl, rewrite
 
 
 # ---------------------------------------------------------------- distributed helpers
@@ -327,47 +327,14 @@ def data_fingerprint(cfg, tokenizer, examples_fp, device):
 
 # ---------------------------------------------------------------- checkpoints
 
-def _fsync(path, folder=False):
-    """Flush ``path`` (a file, or a folder's entries) to disk; a no-op where the system cannot."""
-    try:
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(folder):
     """Every file under ``folder`` and the folder itself on disk, before it is renamed into
     place: a power loss after the rename must not leave a complete-looking folder of empty
     files (and the older checkpoints already pruned)."""
     for root, _, files in os.walk(folder):
         for f in files:
-            _fsync(os.path.join(root, f))
-        _fsync(root, folder=True)
-
-
-def _atomic_save(obj, path):
-    """``torch.save`` to a temporary file of its own beside ``path`` (two runs sharing a cache
-    folder never write the same one), synced, then renamed over ``path``."""
-    import tempfile
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync(path.parent, folder=True)
+            fsync_path(os.path.join(root, f))
+        fsync_path(root, folder=True)
 
 
 def cached_reference(cache, n, log):
@@ -441,7 +408,7 @@ def save_checkpoint(folder, policy, tokenizer, optimizer, scheduler, delta, step
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
-        _fsync(folder.parent, folder=True)
+        fsync_path(folder.parent, folder=True)
     dst.barrier()
 
 
@@ -595,7 +562,7 @@ def save_final(output, policy, tokenizer, dst):
         for f in tmp.iterdir():
             os.replace(f, Path(output) / f.name)
         tmp.rmdir()
-        _fsync(output, folder=True)
+        fsync_path(output, folder=True)
     dst.barrier()
 
 
@@ -785,7 +752,7 @@ def _train(cfg, log, handle_signals, stack):
             f"-> {cache}")
         if dst.main:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_save(ref, cache)
+            atomic_write(cache, lambda f: torch.save(ref, f))
         if ckpt is not None:
             del policy
             policy = None

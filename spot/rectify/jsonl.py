@@ -220,16 +220,31 @@ class Appender:
         self.close()
 
 
-def rewrite(path, records):
-    """Replace ``path`` with ``records`` atomically: a temporary file of its own in the same
-    folder, synced, renamed over ``path`` (the folder synced too); removed if anything fails."""
+def fsync_path(path, folder=False):
+    """Flush ``path`` (a file, or a folder's entries: a rename in it) to disk; a no-op where the
+    system cannot."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write):
+    """Replace ``path`` atomically with what ``write(binary_file)`` writes: a temporary file of
+    its own in the same folder (two writers never share one), synced, given the file's mode (or
+    a new file's), renamed over ``path``, the folder synced too; removed if anything fails."""
     import tempfile
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            for r in records:
-                f.write(dumps_line(r))
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         if os.path.exists(path):  # the file's own mode, else what a new file would get
@@ -244,13 +259,12 @@ def rewrite(path, records):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    try:  # the rename itself survives a power loss once the folder is synced
-        dfd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+    fsync_path(d, folder=True)  # the rename itself survives a power loss
+
+
+def rewrite(path, records):
+    """Replace ``path`` with ``records`` atomically (:func:`atomic_write`)."""
+    def write(f):
+        for r in records:
+            f.write(dumps_line(r))
+    atomic_write(path, write)
