@@ -60,7 +60,9 @@ Batches
   RoBERTa-style models count positions from ``pad_token_id + 1``: the derived positions are
   shifted to match (``position_ids`` you give go to the model as they are). Models that ignore
   ``position_ids`` (positions counted from the first column: the BART-style decoders, TrOCR,
-  BLT) and recurrent ones (RWKV, xLSTM) see a left-padded row differently: pad on the right.
+  BLT) and recurrent ones (RWKV, xLSTM) would see a left-padded row differently: a one-time
+  probe (``padding_moves``) finds them, and a batch with padding before a row's tokens runs with
+  each row's tokens moved to its start (right-padded), the hidden states put back in place.
 * **Packed** several sequences per row, delimited by ``cu_seqlens`` (``[S + 1]``, flash-attn
   convention, for a single row ``[1, N]`` or ``[N]``) or by ``position_ids`` restarting at each
   sequence. Packed sequences never attend to each other:
@@ -605,6 +607,28 @@ def packing_leaks(model):
     return _probe(model, "packing", make, moved)
 
 
+def padding_moves(model):
+    """Whether padding before a row's tokens changes their hidden states in ``model`` (with the
+    positions :func:`head_inputs` derives from the mask): bodies that ignore ``position_ids`` and
+    count positions by column (the BART-style decoders, TrOCR, BLT, Marian and Pegasus on
+    transformers 5) and recurrent ones that run over the padding (RWKV, xLSTM). Probed once per
+    model and attention implementation, as :func:`packing_leaks`: the same 4 tokens after 8
+    masked ones and at the start of a right-padded row. :func:`head_inputs` runs a batch with
+    such padding with each row's tokens moved to its start."""
+    def make(dev, vocab):
+        head = (torch.arange(_PROBE_LEN, device=dev) * 3 + 11) % vocab
+        tail = torch.tensor([3, 4, 5, 6], device=dev) % vocab
+        ids = torch.stack([torch.cat([head, tail]), torch.cat([tail, head])])
+        on, off = torch.ones(4, device=dev), torch.zeros(_PROBE_LEN, device=dev)
+        mask = torch.stack([torch.cat([off, on]), torch.cat([on, off])]).long()
+        return ids, dict(attention_mask=mask), (slice(_PROBE_LEN, None), slice(0, 4))
+
+    def moved(a, b):  # packing_leaks' rule
+        a, b = a.float(), b.float()
+        return (a - b).abs().max().item() > 1e-3 * max(1.0, a.abs().max().item())
+    return _probe(model, "padding", make, moved)
+
+
 def _moved_ahead(a, b, tol=1e-2):
     """:func:`sees_ahead`'s rule on two rows' hidden states ``[positions, D]``: the first
     position (which sees only itself in a causal model) and two more moved by ``tol`` of their
@@ -697,6 +721,12 @@ def head_inputs(model, input_ids=None, *, attention_mask=None, position_ids=None
     if packed and ((_legacy_masks() and not (
             other_varlen and getattr(type(inner), "_supports_attention_backend", False)))
             or packing_leaks(model)):
+        return _packed_as_padded(model, ids, embeds, mask, seg,
+                                 None if position_ids is None else pos, model_kwargs)
+    # padding before a row's tokens (left padding, or gaps) and a model that counts positions by
+    # column or carries state along the row: each row's tokens moved to its start
+    if (not packed and mask is not None and padding_moves(model)
+            and bool((mask[:, 1:] > mask[:, :-1]).any())):
         return _packed_as_padded(model, ids, embeds, mask, seg,
                                  None if position_ids is None else pos, model_kwargs)
     sent = False

@@ -978,13 +978,14 @@ def test_the_probes_and_check_logits_leave_each_modules_mode_and_ignore_dropout(
     assert not layers[0].training and layers[1].training and model.training
 
 
-@pytest.mark.parametrize("arch", ["marian", "pegasus"])
+@pytest.mark.parametrize("arch", ["marian", "pegasus", "bart"])
 def test_a_body_that_counts_positions_by_column_is_not_packed(arch):
     """Marian and Pegasus decoders (transformers 5) drop ``position_ids`` and count positions
     from the row's first column, and their leak across packed sequences is small at random init:
     the probe compares a packed tail with the same tail at the row's start, so a packed batch
     runs as a padded one and every sequence gets the log-probs it gets alone (~20 nats off
-    before)."""
+    before). BART's decoder counts by column on every release: so does a left-padded row, which
+    runs moved to the row's start."""
     from transformers import AutoConfig, AutoModelForCausalLM
     cfg = AutoConfig.for_model(arch, vocab_size=64, d_model=32, decoder_layers=1,
                                decoder_attention_heads=4, decoder_ffn_dim=64, encoder_layers=1,
@@ -1002,4 +1003,38 @@ def test_a_body_that_counts_positions_by_column_is_not_packed(arch):
                              .gather(-1, s[1:, None]).sum() for s in seqs])
         cu = torch.tensor([0, 5, 14, 17])
         packed = hf.completion_logprobs(model, torch.cat(seqs), cu_seqlens=cu).double()
+        ids, mask = _padded(seqs, left=True)
+        left = hf.completion_logprobs(model, ids, attention_mask=mask).double()
     torch.testing.assert_close(packed, alone, rtol=0, atol=1e-4)
+    torch.testing.assert_close(left, alone, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["rwkv", "xlstm"])
+def test_a_recurrent_body_runs_left_padded_rows_from_their_start(arch):
+    """RWKV and xLSTM run their state over a row's leading padding (the mask does not stop
+    them): the padding probe finds it, and a left-padded batch runs with each row's tokens
+    moved to its start, so every sequence gets the log-probs it gets alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    _needs(arch)
+    kw = dict(rwkv=dict(hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                        intermediate_size=64, context_length=64),
+              xlstm=dict(num_blocks=1, embedding_dim=32, hidden_size=32, num_heads=4,
+                         use_cache=False))[arch]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        arch, vocab_size=64, pad_token_id=0, tie_word_embeddings=False, **kw)).eval()
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(4, 48, (n,), generator=g) for n in (5, 9, 3)]
+    ids, mask = _padded(seqs, left=True)
+    with torch.no_grad():
+        alone = torch.stack([model(input_ids=s[None]).logits[0].double().log_softmax(-1)[:-1]
+                             .gather(-1, s[1:, None]).sum() for s in seqs])
+        left = hf.completion_logprobs(model, ids, attention_mask=mask).double()
+    assert hf.padding_moves(model)
+    torch.testing.assert_close(left, alone, rtol=0, atol=1e-4)
+
+
+def test_padding_probe_passes_attention_models(model):
+    """Llama-style bodies take the derived positions and mask the padding: no move, and a
+    left-padded batch runs as it is."""
+    assert not hf.padding_moves(model)
