@@ -154,14 +154,15 @@ def merge_parts(lse, logp, own, entropy, valid, max_over, sum_over):
     ``m = max_k lse_k``: ``lse = m + log s`` with ``s = sum_k e^(lse_k - m)``,
     ``logp = (logp_k + lse_k - m) - log s``, ``H = log s + sum_k e^(lse_k - m) (H_k -
     (lse_k - m)) / s`` (a part whose logits are all -inf, ``e = 0``, adds nothing, not its NaN
-    entropy). A target that no part owns (another shard's, outside the whole head) gets
+    entropy, and a target it owns, a -inf logit, gets ``logp = -inf``, not its NaN). A target that no part owns (another shard's, outside the whole head) gets
     ``logp = -lse``, the shard contract. ``max_over`` and ``sum_over`` reduce over the parts (a
     tensor dimension or an all-reduce, keeping a broadcastable shape); ``valid``: the counted
     tokens (logp 0 elsewhere)."""
     lse = lse.double()
     m = max_over(lse)
     e = torch.exp(lse - m)
-    parts = [e, torch.where(own, logp.double() - (m - lse), 0.0), own.double()]
+    own_logp = torch.where(e > 0, logp.double() - (m - lse), -math.inf)
+    parts = [e, torch.where(own, own_logp, 0.0), own.double()]
     if entropy is not None:
         parts.append(torch.where(e > 0, e * (entropy.double() - (lse - m)), 0.0))
     sums = sum_over(torch.stack(parts))

@@ -9,6 +9,7 @@ Spawning is the slow part (seconds per process), so one spawn of 3 processes run
 """
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -110,6 +111,20 @@ def _vocab_parallel(group, backend="torch", first_only=False):
                                         compute_dtype=torch.float64, return_entropy=True)
     _, ent32 = reference.token_logprobs(h, w, tm, bm, return_entropy=True)
     assert_close(ent, ent32, ent64, torch.float32, "entropy, masked shard")
+    # and targets on its masked rows: logp -inf there (its own NaN before), gradients finite
+    tm[:3] = torch.tensor([0, sizes[0] - 1, sizes[0] // 2])
+    hh, bs = h.clone().requires_grad_(), bm[start:stop].clone().requires_grad_()
+    logp = sk.token_logprobs(hh, w[start:stop], tm, bias=bs, process_group=group,
+                             backend="torch")
+    assert torch.equal(logp[:3], torch.full((3,), -math.inf))
+    truth, same, gout = references(h, w, tm, bm)
+    assert_close(logp[3:], same[0][3:], truth[0][3:], torch.float32, "logp beside -inf targets")
+    dh, db = torch.autograd.grad(logp, (hh, bs), grad_outputs=gout.float())
+    ref = [x.detach().double().requires_grad_() for x in (h, bm)]
+    lp64 = reference.token_logprobs(ref[0], w.double(), tm, ref[1], compute_dtype=torch.float64)
+    dh64, db64 = torch.autograd.grad(lp64, ref, grad_outputs=gout)
+    assert_close(dh, dh64, dh64, torch.float32, "dh, -inf targets")
+    assert_close(db, db64[start:stop], db64[start:stop], torch.float32, "db, -inf targets")
 
 
 def _half_ulps(x, truth):

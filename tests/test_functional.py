@@ -1,6 +1,7 @@
 """Every available backend against the float64 reference, values and gradients, with the
 tolerance rule (conftest.assert_close)."""
 import itertools
+import math
 import os
 
 import pytest
@@ -247,7 +248,8 @@ def test_the_log_probs_may_change_in_place(backend, device):
 
 
 MASKED_OPTIONS = {"torch": [{"vocab_chunk": 16}], "triton": [{"block_v": 16},
-                                                          {"block_v": 16, "split_vocab": 3}]}
+                                                          {"block_v": 16, "split_vocab": 3}],
+                  "cuda": [None, {"chunk_bytes": 21 * 16 * 4}]}  # 16-column vocabulary chunks
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -273,6 +275,29 @@ def test_masked_vocabulary_blocks(backend, device, dtype):
         _, ent = sk.token_logprobs(h, w, t, bias=b, backend=backend, return_entropy=True,
                                    backend_options=opts)
         assert_close(ent, se, te, dtype, f"entropy {opts}")
+
+
+def test_targets_on_masked_logits(backend, device):
+    """A target whose logit is -inf (inside a masked stretch, even one a whole vocabulary chunk
+    or split covers) has logp = -inf, not NaN, and the gradients stay finite: the forward's
+    merge of chunks must not form -inf - (-inf)."""
+    dtype = torch.float32
+    h, w, b, _ = make_head(21, 24, 97, dtype, device, bias=True, scale=2.0, seed=15)
+    b[:48] = float("-inf")
+    b[57:61] = float("-inf")
+    t = torch.randint(0, 97, (21,), generator=torch.Generator().manual_seed(2))
+    t[:6] = torch.tensor([0, 7, 20, 47, 58, 60])
+    t[6] = -100
+    t = t.to(device)
+    masked = (t >= 0) & ((t < 48) | ((t >= 57) & (t < 61)))
+    truth, same, gout = references(h, w, t, b)
+    assert bool((truth[0][masked] == -math.inf).all()) and masked.sum() >= 6
+    for opts in MASKED_OPTIONS.get(backend, [None]):
+        logp, grads = run(backend, h, w, t, b, gout, backend_options=opts)
+        assert bool((logp[masked] == -math.inf).all()), (opts, logp[masked])
+        assert_close(logp[~masked], same[0][~masked], truth[0][~masked], dtype, f"logp {opts}")
+        for name, ours, sd, tr in zip(("dh", "dW", "db"), grads, same[1], truth[1]):
+            assert_close(ours, sd, tr, dtype, f"{name} {opts}", atol=GRAD_ATOL.get(dtype))
 
 
 @pytest.mark.parametrize("v", [5, 16, 37])
