@@ -20,6 +20,17 @@ _fp32_out_mm = [True]  # cleared if this torch has no float32-output GEMM for ha
 _DEVICE_ERRORS = tuple(e for e in (getattr(torch, "AcceleratorError", None),) if e is not None)
 
 
+def _fp32_out_supported(device, dtype):
+    """Whether ``addmm(out_dtype=torch.float32, out=float32)`` runs on ``dtype`` operands."""
+    try:
+        one = torch.ones(1, 1, dtype=dtype, device=device)
+        out = torch.zeros(1, 1, dtype=torch.float32, device=device)
+        torch.addmm(out, one, one, out_dtype=torch.float32, out=out)
+        return out.item() == 1.0
+    except Exception:  # noqa: BLE001 - any failure: the feature is not there
+        return False
+
+
 def accumulate(acc, x, y):
     """``acc += x @ y`` with ``acc`` float32: for half ``x``, ``y`` one GEMM with a float32
     output when torch offers it (``addmm(..., out_dtype=torch.float32)``), else each product
@@ -41,7 +52,11 @@ def accumulate(acc, x, y):
         except (RuntimeError, TypeError, NotImplementedError):
             # no out_dtype (older torch), or a float32 ``acc`` refused beside half operands
             # (some releases check that): from now on each product is rounded once, summed in
-            # float32 (benchmarks/gpu_suite.sh records which path the GPU's torch takes)
+            # float32 (benchmarks/gpu_suite.sh records which path the GPU's torch takes). A
+            # torch without AcceleratorError reports a CUDA error as a plain RuntimeError: the
+            # same call on 1 x 1 operands tells the two apart, and a passing one raises it
+            if _fp32_out_supported(x.device, x.dtype):
+                raise
             _fp32_out_mm[0] = False
     acc.add_(torch.mm(x, y))
 

@@ -515,14 +515,15 @@ def segment_sums(token_logps, cu_seqlens, valid=None, average=False):
 
 def bce_forward(policy_logps, ref_logps, labels, *, beta=0.1, delta=0.0, reduction="pairs"):
     """SPoT's reward BCE ``loss`` (float32 scalar, differentiable in ``policy_logps``) and
-    ``coef = dloss/dpi`` ``[S]``. ``delta`` may be a number or a one-element CUDA tensor (read
-    on the device)."""
+    ``coef = dloss/dpi`` ``[S]``. ``delta`` may be a number or a one-element tensor (read on
+    the device, copied there from another)."""
     s = policy_logps.shape[0]
     k = {"pairs": s / 2, "mean": s, "sum": 1}[reduction]
     d_t = None
     d_v = 0.0
     if isinstance(delta, torch.Tensor):
-        d_t = delta.detach().reshape(1).float().contiguous()
+        # read on the loss's device (a 0-dim CPU tensor broadcasts in the torch backend)
+        d_t = delta.detach().reshape(1).float().to(policy_logps.device).contiguous()
     else:
         d_v = float(delta)
     return _bce_op(policy_logps.float().contiguous(),

@@ -394,7 +394,7 @@ def test_segment_sums(cu_dtype, average, with_valid, dev):
 
 
 @pytest.mark.parametrize("reduction", ["pairs", "mean", "sum"])
-@pytest.mark.parametrize("delta_kind", ["number", "tensor"])
+@pytest.mark.parametrize("delta_kind", ["number", "tensor", "cpu tensor"])
 def test_bce_forward(reduction, delta_kind, dev):
     g = torch.Generator().manual_seed(2)
     s = 600
@@ -408,7 +408,9 @@ def test_bce_forward(reduction, delta_kind, dev):
     k = {"pairs": s / 2, "mean": s, "sum": 1}[reduction]
     loss64 = (y * F.softplus(-u) + (1 - y) * F.softplus(u)).sum() / k
     (coef64,) = torch.autograd.grad(loss64, pi64)
-    d = delta if delta_kind == "number" else torch.tensor(delta, device=dev)
+    # a 0-dim CPU tensor broadcasts in the torch backend's loss: so it does here
+    d = delta if delta_kind == "number" else torch.tensor(
+        delta, device="cpu" if delta_kind == "cpu tensor" else dev)
     loss, coef = poison(lambda: cuda.bce_forward(pi.float().to(dev), rho.float().to(dev),
                                                  y.float().to(dev), beta=beta, delta=d,
                                                  reduction=reduction))
@@ -454,7 +456,9 @@ def test_spot_loss_tail_runs_the_kernels_and_their_backward(average, delta_kind,
     ref = (torch.randn(s, generator=g) * 5 - 60).to(dev)
     labels = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.7], device=dev)
     beta, delta = 0.2, 0.3
-    d = delta if delta_kind == "number" else torch.tensor(delta, device=dev)
+    # a 0-dim CPU tensor broadcasts in the torch backend's loss: so it does here
+    d = delta if delta_kind == "number" else torch.tensor(
+        delta, device="cpu" if delta_kind == "cpu tensor" else dev)
     kw = dict(bias=b, temperature=0.8, softcap=12.0)
     leaves = [h.clone().requires_grad_(), w.clone().requires_grad_()]
     def run():

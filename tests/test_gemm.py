@@ -179,7 +179,8 @@ def test_no_tokens_gives_zero_gradients():
 def test_a_device_error_in_the_float32_output_gemm_is_raised_and_keeps_the_path(monkeypatch):
     """On a GPU, ``accumulate`` falls back for good from ``addmm(out_dtype=float32)`` only when
     torch lacks it (a RuntimeError / TypeError of its own); an earlier kernel's CUDA error that
-    surfaces there (``torch.AcceleratorError``) or running out of memory is raised and leaves
+    surfaces there (``torch.AcceleratorError``, or a plain RuntimeError that a 1 x 1 probe of the
+    same call shows is not a missing feature) or running out of memory is raised and leaves
     the path as it was. Torch's GEMMs are stood in for: this CPU cannot run CUDA ones."""
     from types import SimpleNamespace
 
@@ -197,6 +198,18 @@ def test_a_device_error_in_the_float32_output_gemm_is_raised_and_keeps_the_path(
         with pytest.raises(type(err)):
             _gemm.accumulate(acc, x, x)
         assert _gemm._fp32_out_mm == [True]
+
+    # a torch without AcceleratorError: the CUDA error is a plain RuntimeError, and the 1 x 1
+    # probe (here: the feature works) tells it from a missing feature
+    def cuda_error(*a, **k):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(torch, "addmm", cuda_error)
+    monkeypatch.setattr(_gemm, "_fp32_out_supported", lambda device, dtype: True)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        _gemm.accumulate(acc, x, x)
+    assert _gemm._fp32_out_mm == [True]
+    monkeypatch.undo()
+    monkeypatch.setattr(_gemm, "_fp32_out_mm", [True])
 
     def no_out_dtype(*a, **k):
         raise TypeError("addmm() got an unexpected keyword argument 'out_dtype'")
