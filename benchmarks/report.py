@@ -165,9 +165,13 @@ def targets(rows, other=()):
     def check(ok, text):
         out.append(f"  [{'no data' if ok is None else 'met' if ok else 'MISSED'}] {text}")
 
-    def at(mode, impl, head=MAIN):
+    def at(mode, impl, head=MAIN, like=None):
+        # ``like``: a row whose D and V the point must share (a named head's grid may hold
+        # several at one N: the CPU's "small" head at V = 4096, 8192 and 16384)
         return next((r for r in rows if (r["mode"], r.get("head"), r["n"], r["dtype"],
-                                         r["impl"]) == (mode, *head, impl)), None)
+                                         r["impl"]) == (mode, *head, impl)
+                     and (like is None or (r.get("d"), r.get("v")) == (like.get("d"),
+                                                                        like.get("v")))), None)
 
     def x(r, key, spec=".2f"):
         return _fmt(None if r is None else r.get(key), spec)
@@ -229,7 +233,7 @@ def targets(rows, other=()):
     if capped:
         out.append("what a final-logit softcap costs (forward+backward, capped vs plain):")
     for r in sorted(capped, key=_key):
-        plain = at("fwd_bwd", r["impl"], (r["head"].rsplit("-cap", 1)[0], r["n"], r["dtype"]))
+        plain = at("fwd_bwd", r["impl"], (r["head"].rsplit("-cap", 1)[0], r["n"], r["dtype"]), r)
         ratio = "" if val(plain, "ms") is None else f" ({r['ms'] / plain['ms']:.2f}x)"
         out.append(f"  {r['impl']} at {r['head']} N = {r['n']} {r['dtype']}: "
                    f"{x(r, 'ms')} vs {x(plain, 'ms')} ms{ratio}")
