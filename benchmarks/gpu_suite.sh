@@ -88,7 +88,8 @@ min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
 
 # stage NAME CAP_SECONDS RESERVE_SECONDS cmd...: run cmd under timeout min(CAP, left - RESERVE);
 # skipped when that leaves under MIN_S seconds (default 5; a pytest stage needs ~60 to collect
-# and run anything); with SOFT=1 running out of time is "cut (budget)", not a failure
+# and run anything); with SOFT=1 running out of time is "cut (budget)", not a failure, unless
+# pytest had already reported a FAILED or ERROR test: "cut, N failed"
 stage() {
   local name="$1" cap="$2" reserve="$3"; shift 3
   local lim t1 rc
@@ -100,10 +101,15 @@ stage() {
   fi
   echo "== $name (limit ${lim}s, $(left)s of ${BUDGET}s left)"
   t1=$SECONDS
-  timeout --signal=INT --kill-after=15 "$lim" "$@"
-  rc=$?
+  # the output is also kept, to count what pytest failed before a cut
+  local log; log="$(mktemp)"
+  timeout --signal=INT --kill-after=15 "$lim" "$@" 2>&1 | tee "$log"
+  rc=${PIPESTATUS[0]}
+  local failed; failed=$(grep -cE '^(FAILED|ERROR) ' "$log"); rm -f "$log"
   local status="ok"
-  if { [ "$rc" = 124 ] || [ "$rc" = 137 ]; } && [ "${SOFT:-0}" = 1 ]; then status="cut (budget) after ${lim}s"
+  if { [ "$rc" = 124 ] || [ "$rc" = 137 ]; } && [ "${failed:-0}" -gt 0 ]; then
+    status="cut, $failed failed, after ${lim}s"; FAILED=1
+  elif { [ "$rc" = 124 ] || [ "$rc" = 137 ]; } && [ "${SOFT:-0}" = 1 ]; then status="cut (budget) after ${lim}s"
   elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then status="TIMEOUT after ${lim}s"; FAILED=1
   elif [ "$rc" != 0 ]; then status="FAILED (exit $rc)"; FAILED=1; fi
   STAGES+=("$(printf '%-12s %-28s %5s' "$name" "$status" "$(( SECONDS - t1 ))")")

@@ -113,3 +113,27 @@ def test_full_grid_runs_the_triton_variants_once_at_the_main_shape():
                 and c.impl not in _bench.VARIANTS and c.impl != "naive_compile"]
         assert all(v.priority >= max(main) for v in variants)
         assert all(v.priority < c.priority for v in variants for c in cases if c.n == 2048)
+
+
+def test_a_stage_cut_by_its_budget_still_reports_what_failed(tmp_path):
+    """With ``SOFT=1`` a stage cut by its time limit is "cut (budget)", not a failure, unless
+    pytest had already reported a failed test: then the suite fails and says how many."""
+    body = SCRIPT.read_text()
+    stage = body[body.index("stage() {"):]
+    stage = stage[:stage.index("\n}\n") + 3]
+    test = tmp_path / "test_cut.py"
+    test.write_text("import time\ndef test_fails():\n    assert False\n"
+                    "def test_slow():\n    time.sleep(60)\n")
+    script = tmp_path / "run.sh"
+    script.write_text(
+        "set -u -o pipefail\nBUDGET=100; T0=$SECONDS; STAGES=(); FAILED=0\n"
+        "left() { echo $(( BUDGET - (SECONDS - T0) )); }\n"
+        "min() { if [ \"$1\" -lt \"$2\" ]; then echo \"$1\"; else echo \"$2\"; fi; }\n"
+        f"{stage}\n"
+        f"MIN_S=1 SOFT=1 stage tests 8 0 {sys.executable} -m pytest -q -p no:cacheprovider {test}\n"
+        "MIN_S=1 SOFT=1 stage idle 2 0 sleep 30\n"
+        "printf '%s\\n' \"${STAGES[@]}\"; echo \"FAILED=$FAILED\"\n")
+    out = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path).stdout
+    assert "cut, 1 failed, after 8s" in out and "cut (budget) after 2s" in out, out
+    assert out.rstrip().endswith("FAILED=1"), out

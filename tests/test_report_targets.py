@@ -96,3 +96,16 @@ def test_a_missing_half_of_a_target_is_no_data_not_met(report, tmp_path, capsys)
     assert got["spot_loss (cuda) ahead of liger"] == "no data"
     assert got["forward+backward at most 1.4x the naive time"] == "no data"
     assert got["at most 10% of the naive peak memory"] == "no data"
+
+
+def test_the_softcap_cost_compares_with_the_plain_point_of_the_same_vocabulary(report):
+    """The plain head's grid holds several points at one N (the CPU's "small" head at V = 4096,
+    8192 and 16384): the capped point is compared with the one of its own D and V, whichever
+    comes first."""
+    rows = [dict(mode="fwd_bwd", head="small", n=512, d=256, v=v, dtype="float32", impl="torch",
+                 ms=ms) for v, ms in ((4096, 20.0), (8192, 40.0))]
+    rows.append(dict(rows[1], head="small-cap30", ms=44.0, softcap=30.0))
+    text = report.targets(rows)
+    assert "torch at small-cap30 N = 512 float32: 44.00 vs 40.00 ms (1.10x)" in text
+    text = report.targets([rows[0], rows[2]])  # the same V missing: no ratio, not the wrong one
+    assert "44.00 vs - ms" in text and "2.20x" not in text
