@@ -309,8 +309,12 @@ fi
 if [ -n "$SRC" ]; then
   # results.md (the table and the targets) is written before the plots import matplotlib, whose
   # font cache a fresh machine builds first: a timeout there costs the plots only
-  timeout 20 "$PY" benchmarks/report.py "$SRC" --output "$OUT_DIR" > /dev/null || echo "report.py failed"
-  SUMMARY="$(timeout 15 "$PY" benchmarks/report.py "$SRC" --summary)"
+  # a report that fails (or runs out of time) is a failed stage of its own: the figures are
+  # still in the JSON, but results.md or the summary's targets are missing
+  timeout 20 "$PY" benchmarks/report.py "$SRC" --output "$OUT_DIR" > /dev/null ||
+    { FAILED=1; note report "FAILED (results.md)"; }
+  SUMMARY="$(timeout 15 "$PY" benchmarks/report.py "$SRC" --summary)" ||
+    { FAILED=1; note summary "FAILED (report --summary)"; }
 else
   SUMMARY="no benchmark points were written"
 fi
