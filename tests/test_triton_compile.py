@@ -4,7 +4,7 @@ The CPU tests run the kernels through Triton's interpreter, which accepts code t
 compiler rejects (and ignores layouts, shared memory and registers). This test compiles every
 kernel with every launch configuration of ``configs.py`` (the Hopper table and the default for
 other devices, half and float32 inputs; the backward kernels with and without the ``hi + lo``
-split) to cubin in a subprocess (the interpreter setting is fixed when the kernels are first
+split, for bfloat16 and for float16, whose dA tiles are scaled first) to cubin in a subprocess (the interpreter setting is fixed when the kernels are first
 imported), as two kinds of sizes specialise it: ragged ones (any N and V, a model's D and row
 strides, multiples of 16, which turns on software pipelining: a packed batch; the real heads,
 where N and V are multiples of 16 too, have spilled no more than these) and odd ones (none a
@@ -117,11 +117,15 @@ SCRIPT = textwrap.dedent('''
                 yield tag + " backward_da", bwd_da._backward_da_kernel, full, cfg, dtype, arch
                 yield tag + " backward_da plain", bwd_da._backward_da_kernel, plain, cfg, dtype, arch
                 continue
-            for split in ((False, True) if kind == "half" else (False,)):
-                s = f" split={split}"
-                yield tag + " backward" + s, bwd._backward_kernel, dict(full, NEED_H=True, NEED_W=True, NEED_B=True, FILTER=True, SPLIT=split), cfg, dtype, arch
-                yield tag + " backward_dh" + s, bwd_dh._backward_dh_kernel, dict(full, FILTER=True, SPLIT=split), cfg, dtype, arch
-                yield tag + " backward_dw" + s, bwd_dw._backward_dw_kernel, dict(full, NEED_W=True, NEED_B=True, FILTER=True, SPLIT=split), cfg, dtype, arch
+            # float16 (its own code: each dA tile scaled by a power of two) beside bfloat16,
+            # without the split (the default; with it, all 3 releases compiled and kept the
+            # stack limit too, at twice the time)
+            for split, dt in (((False, dtype), (True, dtype), (False, "*fp16"))
+                              if kind == "half" else ((False, dtype),)):
+                s = f" split={split}" + (" fp16" if dt == "*fp16" else "")
+                yield tag + " backward" + s, bwd._backward_kernel, dict(full, NEED_H=True, NEED_W=True, NEED_B=True, FILTER=True, SPLIT=split), cfg, dt, arch
+                yield tag + " backward_dh" + s, bwd_dh._backward_dh_kernel, dict(full, FILTER=True, SPLIT=split), cfg, dt, arch
+                yield tag + " backward_dw" + s, bwd_dw._backward_dw_kernel, dict(full, NEED_W=True, NEED_B=True, FILTER=True, SPLIT=split), cfg, dt, arch
             yield tag + " backward plain", bwd._backward_kernel, dict(plain, NEED_H=True, NEED_W=True, NEED_B=False, FILTER=False, SPLIT=False), cfg, dtype, arch
         yield "merge", merge._merge_kernel, dict(ENTROPY=True, BLOCK=128), dict(num_warps=4, num_stages=1), "*bf16", 90
 
@@ -138,7 +142,7 @@ SCRIPT = textwrap.dedent('''
             got = atomics(ptx)
             if not got.get(4) or got.get(1, 0) > int(consts["NEED_B"]):
                 bad.append(f"{name}: float32 atomic adds by width {got}, want 4-wide for dh and dW")
-        if dtype == "*bf16" and kernel is not merge._merge_kernel:
+        if dtype in ("*bf16", "*fp16") and kernel is not merge._merge_kernel:
             # half inputs must reach the tensor cores: Hopper's asynchronous warpgroup MMA
             # (wgmma), Ampere's mma.sync; a tl.dot lowered to FMAs would be many times slower
             mma = "wgmma.mma_async" if arch == 90 else "mma.sync"

@@ -58,8 +58,8 @@ import triton
 import triton.language as tl
 
 from .configs import launch_options
-from .tiles import (any_nonzero, any_reaches, dot2, grad_tile, grouped_tile, logits_tile,
-                    row_inputs, split_half)
+from .tiles import (any_nonzero, any_reaches, dot2_into, grad_tile, grouped_tile,
+                    logits_tile, row_inputs, split_half)
 
 
 @triton.jit
@@ -71,6 +71,7 @@ def _backward_kernel(H, W, B, T, LSE, Q, G, DH, DW, DB, N, V, D, stride_hn, stri
                      BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     # grouped order: consecutive programs cover group_m token tiles x successive vocabulary
     # tiles, so the dh rows they add into stay in L2 while the vocabulary streams past
+    SCALED: tl.constexpr = W.dtype.element_ty == tl.float16  # split_half's unscale
     rows, cols = grouped_tile(tl.program_id(0), N, V, group_m, BLOCK_M, BLOCK_V)
     row_mask = rows < N
     col_mask = cols < V
@@ -88,7 +89,7 @@ def _backward_kernel(H, W, B, T, LSE, Q, G, DH, DW, DB, N, V, D, stride_hn, stri
             if NEED_B:
                 tl.atomic_add(DB + cols, tl.sum(da, axis=0), mask=col_mask, sem="relaxed")
             if NEED_H or NEED_W:
-                hi, lo = split_half(da, W.dtype.element_ty, SPLIT)
+                hi, lo, unscale = split_half(da, W.dtype.element_ty, SPLIT)
                 hi_t, lo_t = tl.trans(hi), tl.trans(lo)
                 rows64 = rows.to(tl.int64)
                 cols64 = cols.to(tl.int64)
@@ -98,13 +99,14 @@ def _backward_kernel(H, W, B, T, LSE, Q, G, DH, DW, DB, N, V, D, stride_hn, stri
                     if NEED_H:
                         w = tl.load(W + cols64[:, None] * stride_wv + ds[None, :] * stride_wd,
                                     mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-                        dh = dot2(hi, lo, w, None, PRECISION, SPLIT)
+                        dh = dot2_into(hi, lo, unscale, w, None, PRECISION, SPLIT, SCALED)
                         tl.atomic_add(DH + rows64[:, None] * D + ds[None, :], dh,
                                       mask=row_mask[:, None] & d_mask[None, :], sem="relaxed")
                     if NEED_W:
                         h = tl.load(H + rows64[:, None] * stride_hn + ds[None, :] * stride_hd,
                                     mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-                        dw = dot2(hi_t, lo_t, h, None, PRECISION, SPLIT)
+                        dw = dot2_into(hi_t, lo_t, unscale, h, None, PRECISION, SPLIT,
+                                       SCALED)
                         tl.atomic_add(DW + cols64[:, None] * D + ds[None, :], dw,
                                       mask=col_mask[:, None] & d_mask[None, :], sem="relaxed")
 

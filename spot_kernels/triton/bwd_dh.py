@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .configs import launch_options
-from .tiles import (any_nonzero, any_reaches, dot2, grad_tile, logits_tile, row_inputs,
+from .tiles import (any_nonzero, any_reaches, dot2_into, grad_tile, logits_tile, row_inputs,
                     split_half)
 
 
@@ -34,6 +34,7 @@ def _backward_dh_kernel(H, W, B, T, LSE, Q, G, DH, N, V, D, stride_hn, stride_hd
                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                         FILTER: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    SCALED: tl.constexpr = W.dtype.element_ty == tl.float16  # split_half's unscale
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
     t, g, lse_hi, lse_scale, q = row_inputs(T, G, LSE, Q, rows, row_mask, ignore_index)
@@ -51,7 +52,7 @@ def _backward_dh_kernel(H, W, B, T, LSE, Q, G, DH, N, V, D, stride_hn, stride_hd
             if FILTER:
                 run = any_reaches(da, filter_eps)
             if run:
-                hi, lo = split_half(da, W.dtype.element_ty, SPLIT)
+                hi, lo, unscale = split_half(da, W.dtype.element_ty, SPLIT)
                 cols64 = cols.to(tl.int64)
                 for d0 in range(0, D, BLOCK_D):
                     ds = d0 + tl.arange(0, BLOCK_D)
@@ -61,7 +62,7 @@ def _backward_dh_kernel(H, W, B, T, LSE, Q, G, DH, N, V, D, stride_hn, stride_hd
                     ptr = DH + rows64[:, None] * D + ds[None, :]
                     mask = row_mask[:, None] & d_mask[None, :]
                     acc = tl.load(ptr, mask=mask, other=0.0)
-                    acc = dot2(hi, lo, w, acc, PRECISION, SPLIT)
+                    acc = dot2_into(hi, lo, unscale, w, acc, PRECISION, SPLIT, SCALED)
                     tl.store(ptr, acc, mask=mask)
             tl.debug_barrier()
 

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .configs import launch_options
-from .tiles import (any_nonzero, any_reaches, dot2, grad_tile, logits_tile, row_inputs,
+from .tiles import (any_nonzero, any_reaches, dot2_into, grad_tile, logits_tile, row_inputs,
                     split_half)
 
 
@@ -35,6 +35,7 @@ def _backward_dw_kernel(H, W, B, T, LSE, Q, G, DW, DB, N, V, D, stride_hn, strid
                         NEED_B: tl.constexpr, FILTER: tl.constexpr, SPLIT: tl.constexpr,
                         BLOCK_M: tl.constexpr,
                         BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    SCALED: tl.constexpr = W.dtype.element_ty == tl.float16  # split_half's unscale
     cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < V
     cols64 = cols.to(tl.int64)
@@ -56,7 +57,7 @@ def _backward_dw_kernel(H, W, B, T, LSE, Q, G, DW, DB, N, V, D, stride_hn, strid
                 if NEED_B:
                     db += tl.sum(da, axis=0)
                 if NEED_W:
-                    hi, lo = split_half(da, W.dtype.element_ty, SPLIT)
+                    hi, lo, unscale = split_half(da, W.dtype.element_ty, SPLIT)
                     hi_t, lo_t = tl.trans(hi), tl.trans(lo)
                     rows64 = rows.to(tl.int64)
                     for d0 in range(0, D, BLOCK_D):
@@ -67,7 +68,8 @@ def _backward_dw_kernel(H, W, B, T, LSE, Q, G, DW, DB, N, V, D, stride_hn, strid
                         ptr = DW + cols64[:, None] * D + ds[None, :]
                         mask = col_mask[:, None] & d_mask[None, :]
                         acc = tl.load(ptr, mask=mask, other=0.0)
-                        acc = dot2(hi_t, lo_t, h, acc, PRECISION, SPLIT)
+                        acc = dot2_into(hi_t, lo_t, unscale, h, acc, PRECISION, SPLIT,
+                                        SCALED)
                         tl.store(ptr, acc, mask=mask)
         tl.debug_barrier()
     if NEED_B:

@@ -125,14 +125,49 @@ def dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def pow2_unit(da):
+    """``(da * 2^-e, 2^e)`` with ``2^e`` the power of two at or below the tile's largest
+    ``|dA|`` (so that is in [1, 2)), exact both ways (built from exponent bits); a tile of
+    zeros, or with an inf or NaN, is left as it is (``e = 0``)."""
+    amax = tl.max(tl.max(tl.abs(da), axis=1), axis=0)
+    e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2) of a normal amax
+    e = tl.where((amax > 0) & (amax < float("inf")) & (e > -127), tl.minimum(e, 126), 0)
+    return (da * ((127 - e) << 23).to(tl.float32, bitcast=True),
+            ((127 + e) << 23).to(tl.float32, bitcast=True))
+
+
+@triton.jit
 def split_half(da, dtype: tl.constexpr, SPLIT: tl.constexpr):
-    """``dA`` as the input dtype for tensor-core dots: ``(hi, lo)`` with ``hi + lo = dA`` to
-    about 16 bits when ``SPLIT`` (``lo`` is ``hi`` and unused otherwise)."""
+    """``dA`` as the input dtype for tensor-core dots: ``(hi, lo, unscale)`` with ``(hi + lo)
+    unscale = dA`` to about 16 bits when ``SPLIT`` (``lo`` is ``hi`` and unused otherwise).
+    ``unscale`` is 1 but for float16, whose 5 exponent bits lose a ``|dA|`` below 6e-5 bit by
+    bit and flush one below 6e-8 to 0: a small upstream ``g`` (SPoT's ``beta / K`` per token,
+    1e-3 and less) times ``p ~ 1 / V`` is there at every real vocabulary, and the softmax term
+    of the gradients was lost (dh 2-7% of its largest entry off); there the tile is first
+    scaled by a power of two (``pow2_unit``) and the dots' float32 results multiplied by
+    ``unscale`` before they are added up."""
+    unscale = 1.0
+    if dtype == tl.float16:
+        da, unscale = pow2_unit(da)
     hi = da.to(dtype)
     lo = hi
     if SPLIT:
         lo = (da - hi.to(tl.float32)).to(dtype)
-    return hi, lo
+    return hi, lo, unscale
+
+
+@triton.jit
+def dot2_into(hi, lo, unscale, x, acc, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+              SCALED: tl.constexpr):
+    """``acc + (hi + lo) @ x * unscale`` (``split_half``'s three; ``acc`` may be None);
+    ``unscale`` is applied only when ``SCALED`` (float16 operands)."""
+    if SCALED:
+        out = dot2(hi, lo, x, None, PRECISION, SPLIT) * unscale
+        if acc is not None:
+            out = out + acc
+    else:
+        out = dot2(hi, lo, x, acc, PRECISION, SPLIT)
+    return out
 
 
 @triton.jit
