@@ -409,8 +409,9 @@ def test_exact_grad_bf16():
 
 
 @needs_triton
-@pytest.mark.parametrize("options", [{}, {"fast_grad": False}, {"deterministic": True}],
-                         ids=["default", "exact", "deterministic"])
+@pytest.mark.parametrize("options", [{}, {"fast_grad": False}, {"deterministic": True},
+                                     {"scratch_bytes": 1 << 13}],
+                         ids=["default", "exact", "deterministic", "bounded"])
 def test_float16_gradients_keep_a_small_upstream_gradient(options):
     """float16 ``dA = g (onehot - p)`` with ``|g| = 1e-4`` and ``p ~ 1/V``: ~1e-7, which float16
     flushes to 0 (autograd in float16 does, and the same-dtype reference with it). Each tile is

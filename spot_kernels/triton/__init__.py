@@ -73,6 +73,13 @@ and the second only the ``dh`` ones.
   float32-grade ``dA`` that meets the rule with half an ulp, at twice the gradient-GEMM cost
   (``10 N D V``). The four GEMMs' worth of work that the speed target counts (``8 N D V`` with
   the forward) leaves no room for the split, hence on by default.
+  float16 (5 exponent bits) would also flush the small ``|dA|`` of a small upstream gradient
+  (``g p`` with ``|g| ~ 1e-4``, ``p ~ 1/V``) to 0: the fused backward (default,
+  ``deterministic``, ``scratch_bytes``, ``fast_grad=False``) scales each ``dA`` tile by a power
+  of two first (``tiles.split_half``), exactly undone on its float32 products. ``da_bytes``
+  writes ``dA`` for cuBLAS unscaled, as autograd in float16 and the ``cuda`` backend do: with
+  float16 and small gradients, scale the loss (``torch.amp.GradScaler``) or take the fused
+  backward.
 * ``split_vocab`` (int >= 1): vocabulary splits of the forward; 1 disables. Default automatic
   (``_splits``; never for CPU tensors): with fewer token tiles than SMs, up to about two
   programs per SM; with ``h`` larger than a quarter of L2, about ``sqrt(2 SMs)`` (16 on an
