@@ -595,3 +595,20 @@ def test_auto_split_vocab_when_token_tiles_are_few_or_h_outgrows_l2(monkeypatch)
     assert splits(16384, 8 * 128 * 3, d=4096) == 3  # still >= 8 vocab tiles each
     assert splits(1024, 151936, d=4096) == 33       # 8 tiles fill the GPU with 33 splits
     assert splits(2**27, 151936, d=64) == 15        # int32 partial offsets: 15 * 2^27 < 2^31
+
+
+def test_a_weight_whose_column_stride_overflows_int32_is_copied_once_said(monkeypatch):
+    """The kernels' ``d * stride`` is int32: a transposed head past 2^31 elements is copied
+    (a meta tensor stands for it), and the first copy warns with its size; a plain one is not."""
+    from spot_kernels import triton as tb
+    monkeypatch.setattr(tb, "_COPIED", [False])
+    plain = torch.empty(4, 3, device="meta")
+    assert tb._int32_columns(plain) is plain
+    wide = torch.empty(0, device="meta").as_strided((4, 3), (1, 2**30))
+    with pytest.warns(UserWarning, match="copied to a contiguous one"):
+        out = tb._int32_columns(wide)
+    assert out.is_contiguous() and out.shape == (4, 3)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tb._int32_columns(wide)  # said once

@@ -102,6 +102,7 @@ import importlib
 import math
 import numbers
 import os
+import warnings
 
 import torch
 
@@ -254,10 +255,23 @@ def _splits(n, v, d, itemsize, cfg, device, requested):
     return max(1, min(splits, v // (8 * bv), most))
 
 
+_COPIED = [False]  # whether _int32_columns has warned
+
+
 def _int32_columns(x):
     """The kernels step along D with int32 ``d * stride``: a view whose column stride would
-    overflow that (a transposed ``[V, D]`` weight with huge ``V D``) is copied first."""
-    return x.contiguous() if x.stride(1) * max(x.shape[1] - 1, 0) >= 2**31 else x
+    overflow that (a transposed ``[V, D]`` weight with huge ``V D``) is copied first, in every
+    forward and backward (said once: a whole head's copy is gigabytes)."""
+    if x.stride(1) * max(x.shape[1] - 1, 0) < 2**31:
+        return x
+    if not _COPIED[0]:
+        _COPIED[0] = True
+        warnings.warn(f"spot_kernels triton backend: a {tuple(x.shape)} input with column stride "
+                      f"{x.stride(1)} (a transposed weight) is copied to a contiguous one in "
+                      f"every forward and backward ({x.numel() * x.element_size() / 2**30:.1f} "
+                      f"GiB); pass it contiguous (weight.contiguous() once) to avoid that",
+                      stacklevel=3)
+    return x.contiguous()
 
 
 def _on(device):
