@@ -28,7 +28,10 @@ Precision: cuBLAS rounds the logits block once to the input dtype (as a naive ``
 bias, softcap, temperature, the logsumexp and ``dA`` are float32 in the kernels, and ``dA`` is
 rounded once to the input dtype for the tensor-core GEMMs that follow (float32 inputs stay
 float32 throughout). In bfloat16 with large ``|z|`` the logits rounding dominates the error.
-The backward's first sweep recomputes the forward's blocks; a second sweep (token chunks, under
+In float16 that rounding flushes a ``|dA|`` below 6e-8 to 0 (``g p`` with a small upstream
+``g`` and ``p ~ 1/V``), as autograd in float16 does: with float16 and small gradients, scale the
+loss (``torch.amp.GradScaler``) or use the ``triton`` backend, whose fused backward scales each
+``dA`` tile first. The backward's first sweep recomputes the forward's blocks; a second sweep (token chunks, under
 a budget without room for the float32 ``dh``) has other shapes and may round a logit
 differently in the last bits. The target column's ``1 - p_t`` comes from the forward's ``logp``
 (``torch_backend.target_complement``) in any case, not from the recomputed logit.
