@@ -165,7 +165,13 @@ def _window_in_mask_only(model, text):
         window is not None and getattr(text, "use_sliding_window", True) is not False)
     if not active:
         return False
-    for cls in {type(m) for m in model.modules()}:
+    # the text decoder's own modules: a vision tower's attention (Gemma-3's SigLIP) has no
+    # window to pass
+    try:
+        decoder = model.get_decoder() or model
+    except (AttributeError, NotImplementedError, ValueError):
+        decoder = model
+    for cls in {type(m) for m in decoder.modules()}:
         try:
             src = inspect.getsource(cls.forward)
         except (OSError, TypeError):
@@ -283,7 +289,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         mask = keep
     if mask is None and causal and length != lk:  # queries after a cache: aligned to the end
         mask = _causal(length, lk, window, query.device)
-    if mask is not None or not causal or length != lk:
+    if mask is not None or length != lk:
         if mask is not None and mask.dim() == 4:
             mask = mask[..., :lk]
         out = _sdpa(query, key, value, mask, p, causal and mask is None and length > 1, scale)
@@ -293,11 +299,12 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         flat = [x.transpose(0, 1).reshape(1, x.shape[1], -1, x.shape[-1])
                 for x in (query, key, value)]
         out, _ = varlen_attention(module, *flat, None, scaling=scale, dropout=dropout,
-                                  sliding_window=sliding_window, is_causal=True, **bounds)
+                                  sliding_window=sliding_window, is_causal=causal, **bounds)
         return out.reshape(b, length, hq, -1), None
     cu = bounds["cu_seq_lens_q"].to(device=query.device, dtype=torch.int32)
     half = _half(query, key, value) if query.is_cuda else None
-    if (half is not None and not p and value.shape[-1] == dh and dh <= 256 and dh % 8 == 0
+    if (causal and half is not None and not p and value.shape[-1] == dh and dh <= 256
+            and dh % 8 == 0
             and kernel_runs(query.device.index, window=window is not None)
             and not (dh > 192 and _backward_needed(query, key, value)
                      and torch.cuda.get_device_capability(query.device) not in ((8, 0), (9, 0)))):
@@ -310,10 +317,11 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     parts = []
     for a, z in zip(*[x.tolist() for x in (cu[:-1], cu[1:])]):
         q, k, v = query[:, :, a:z], key[:, :, a:z], value[:, :, a:z]
-        if window is not None and z - a > window:
+        # a layer that is not causal (given is_causal=False) still sees its own sequence only
+        if causal and window is not None and z - a > window:
             m, is_causal = _causal(z - a, z - a, window, query.device), False
         else:
-            m, is_causal = None, z - a > 1
+            m, is_causal = None, causal and z - a > 1
         parts.append(_sdpa(q, k, v, m, p, is_causal, scale))
     out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
     return out.transpose(1, 2).contiguous(), None

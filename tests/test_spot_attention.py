@@ -15,13 +15,13 @@ from spot import attention as A
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def eager(q, k, v, seg, scale, window=None, keys=None):
+def eager(q, k, v, seg, scale, window=None, keys=None, causal=True):
     """float64 attention with the full ``[L, L]`` mask: same segment, causal, window, key kept."""
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1).double(), v.repeat_interleave(rep, 1).double()
     length = q.shape[2]
     i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
-    ok = (j <= i) & (seg[:, :, None] == seg[:, None, :])
+    ok = ((j <= i) | (not causal)) & (seg[:, :, None] == seg[:, None, :])
     if window is not None:
         ok &= i - j < window
     if keys is not None:
@@ -72,6 +72,25 @@ def test_packed_row_matches_eager(window, bounds):
         whole, _ = A.varlen_attention(_module(), q, k, v, None, scaling=0.3,
                                       sliding_window=window)
         assert (whole - want).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("how", ["module", "call"])
+def test_a_layer_that_is_not_causal_still_sees_its_own_sequence_only(how):
+    """A bidirectional layer (``module.is_causal = False``, or ``is_causal=False`` in the call:
+    an encoder or vision tower run under this attention) attends both ways inside each packed
+    sequence and never to the others (it ran one SDPA over the whole row)."""
+    lengths = [[3, 5, 1], [4, 5]]
+    q, k, v = _qkv(2, 9, seed=5)
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    seg = torch.stack([torch.repeat_interleave(torch.arange(len(row)), torch.tensor(row))
+                       for row in lengths])
+    module = types.SimpleNamespace(is_causal=how == "call", training=False)
+    kw = {"is_causal": False} if how == "call" else {}
+    out, _ = A.varlen_attention(module, q, k, v, None, scaling=0.4, position_ids=pos, **kw)
+    want = eager(q, k, v, seg, 0.4, causal=False)
+    torch.testing.assert_close(out, want)
+    assert (want - eager(q, k, v, seg, 0.4)).abs().max() > 1e-3  # both ways, not causal
+    assert (want - eager(q, k, v, torch.zeros_like(seg), 0.4, causal=False)).abs().max() > 1e-3
 
 
 def test_rows_of_packed_sequences_and_other_value_widths():
@@ -137,6 +156,33 @@ def test_sliding_windows_reach_the_kernel_or_the_model_is_refused(kind, extra):
     else:
         assert not A.supported(model)
         assert (got - want).abs().max() > 1e-2
+
+
+def test_a_vision_towers_attention_does_not_hide_the_text_models_window():
+    """Gemma-3 image-text (what AutoModelForCausalLM loads for gemma-3-4b and up): its text
+    layers pass their sliding window to the attention function, its SigLIP tower has none to
+    pass; only the text decoder counts (the tower's made it "a sliding window only its mask
+    has"), and packed rows run varlen as SDPA runs them."""
+    from transformers import AutoModelForCausalLM, Gemma3Config
+
+    from spot_kernels import hf
+    cfg = Gemma3Config(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, head_dim=8,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=63, boi_token_index=61, eoi_token_index=62)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    ids = torch.randint(0, 60, (1, 20))
+    cu = torch.tensor([0, 9, 20])
+    with torch.no_grad():
+        want = hf.head_inputs(model, ids, cu_seqlens=cu).hidden
+        model.set_attn_implementation(A.register())
+        assert A.unsupported(model) is None
+        got = hf.head_inputs(model, ids, cu_seqlens=cu).hidden
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def _alone(model, ids):
