@@ -31,6 +31,7 @@ import hashlib
 import importlib
 import json
 import re
+import weakref
 from pathlib import Path
 
 import torch
@@ -163,32 +164,59 @@ def load_model(path, device="cpu", trust_remote_code=False, bf16=True, attn="aut
 
 
 def _zero_drop_rates(obj):
-    """Every float attribute of ``obj`` whose name says dropping (``dropout``, ``attn_pdrop``,
-    ``residual_dropout``, ``layerdrop``, ``drop_path_rate``...) set to 0."""
+    """Every float attribute of ``obj`` whose name says dropping or noise (``dropout``,
+    ``attn_pdrop``, ``residual_dropout``, ``layerdrop``, ``drop_path_rate``, Mixtral's
+    ``router_jitter_noise``, PhiMoE's ``input_jitter_noise``...) set to 0; returns ``[(name,
+    value)]`` of what it zeroed."""
+    zeroed = []
     for name, value in list(vars(obj).items()):
-        if "drop" in name.lower() and isinstance(value, float) and value:
+        low = name.lower()
+        if ("drop" in low or "jitter" in low) and isinstance(value, float) and value:
             setattr(obj, name, 0.0)
+            zeroed.append((name, value))
+    return zeroed
+
+
+_CONFIG_RATES = weakref.WeakKeyDictionary()  # model -> [(config, name, rate)] zeroed
 
 
 def disable_dropout(model):
-    """Dropout off everywhere, as TRL's ``disable_dropout`` means it: the reference pass runs in
-    eval mode, so a policy with dropout would start from nonzero rewards and train on noise.
-    Besides ``nn.Dropout`` modules, many families keep the rate as a float that their forward
-    hands to ``F.dropout`` (OPT's ``dropout``, StarCoder2's ``residual_dropout``, GPT-BigCode's
-    ``attn_pdrop``, Llama's ``attention_dropout``) or read from the config there (Persimmon):
-    those floats are zeroed on every module and on the config and its sub-configs."""
+    """Dropout and train-mode noise off everywhere, as TRL's ``disable_dropout`` means it: the
+    reference pass runs in eval mode, so a policy with dropout would start from nonzero rewards
+    and train on noise. Besides dropout modules (``nn.Dropout``, ``Dropout1d``-``3d``,
+    ``AlphaDropout``), many families keep the rate as a float that their forward hands to
+    ``F.dropout`` (OPT's ``dropout``, StarCoder2's ``residual_dropout``, GPT-BigCode's
+    ``attn_pdrop``, Llama's ``attention_dropout``), or a router's jitter (Mixtral), or read it
+    from the config there (Persimmon): those floats are zeroed on every module and on the config
+    and its sub-configs. The config's own values are kept: ``config_as_loaded`` puts them back
+    for saving, so a checkpoint does not hand on zeros to the next fine-tune."""
     for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
             module.p = 0.0
         _zero_drop_rates(module)
-    configs = [getattr(model, "config", None)]
+    configs, kept = [getattr(model, "config", None)], []
     while configs:
         cfg = configs.pop()
         if cfg is None or not hasattr(cfg, "to_dict"):
             continue
-        _zero_drop_rates(cfg)
+        kept += [(cfg, name, value) for name, value in _zero_drop_rates(cfg)]
         configs += [v for v in vars(cfg).values() if hasattr(v, "to_dict")]  # text_config...
+    _CONFIG_RATES.setdefault(model, []).extend(kept)
     return model
+
+
+@contextlib.contextmanager
+def config_as_loaded(model):
+    """Inside, ``model``'s config (and sub-configs) holds the rates ``disable_dropout`` zeroed
+    as they were loaded (for ``save_pretrained``); after, zeros again."""
+    kept = _CONFIG_RATES.get(model, [])
+    for cfg, name, value in kept:
+        setattr(cfg, name, value)
+    try:
+        yield model
+    finally:
+        for cfg, name, _ in kept:
+            setattr(cfg, name, 0.0)
 
 
 def enable_checkpointing(model):

@@ -63,9 +63,9 @@ from spot_kernels._registry import resolve as resolve_backend
 
 from . import data as D
 from .config import RUN_DEFINING, ConfigError, TrainConfig
-from .model import (Policy, attn_implementation, check_tokenizer, decoder_layers,
-                    disable_dropout, enable_checkpointing, hf_progress_bars, load_error,
-                    load_model, model_fingerprint, to_device)
+from .model import (Policy, attn_implementation, check_tokenizer, config_as_loaded,
+                    decoder_layers, disable_dropout, enable_checkpointing, hf_progress_bars,
+                    load_error, load_model, model_fingerprint, to_device)
 from .rectify.jsonl import OutputLock, atomic_write, fsync_path, read_jsonl, rewrite
 
 
@@ -395,7 +395,8 @@ def save_checkpoint(folder, policy, tokenizer, optimizer, scheduler, delta, step
         folder = Path(folder)
         tmp = folder.parent / f".tmp-{folder.name}"
         shutil.rmtree(tmp, ignore_errors=True)
-        policy.model.save_pretrained(tmp, state_dict=msd, safe_serialization=True)
+        with config_as_loaded(policy.model):  # the base's dropout rates, not the run's zeros
+            policy.model.save_pretrained(tmp, state_dict=msd, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         torch.save({"optimizer": osd, "scheduler": scheduler.state_dict(),
                     "delta": delta.state_dict(), "step": step, "data_position": pos,
@@ -556,7 +557,8 @@ def save_final(output, policy, tokenizer, dst):
     if dst.main:
         tmp = Path(output) / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
-        policy.model.save_pretrained(tmp, state_dict=msd, safe_serialization=True)
+        with config_as_loaded(policy.model):
+            policy.model.save_pretrained(tmp, state_dict=msd, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         _fsync_tree(tmp)
         for f in tmp.iterdir():

@@ -212,6 +212,40 @@ def test_dropout_kept_as_a_float_is_off_too(arch, kw):
         assert torch.equal(train, model(ids).logits)
 
 
+def test_every_dropout_module_and_router_jitter_is_off_and_the_saved_config_keeps_its_rates(
+        tmp_path):
+    """``Dropout1d``-style and alpha dropout modules (their rate is ``p``, no "drop" in the name)
+    and a router's jitter noise (Mixtral's ``router_jitter_noise``) are off after
+    ``disable_dropout`` too: a train-mode forward is the eval one. The config saved under
+    ``config_as_loaded`` keeps the base's rates (the run's zeros would reach the next
+    fine-tune), and the running model's stay 0."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from spot.model import config_as_loaded, disable_dropout
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "mixtral", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, router_jitter_noise=0.5, attention_dropout=0.2))
+    extra = [torch.nn.Dropout1d(0.5), torch.nn.AlphaDropout(0.5)]
+    model.extra = torch.nn.ModuleList(extra)
+    ids = torch.randint(0, 64, (1, 12))
+    with torch.no_grad():
+        model.train()
+        assert not torch.equal(model(ids).logits, model(ids).logits)  # on before
+        disable_dropout(model)
+        train = model(ids).logits
+        model.eval()
+        assert torch.equal(train, model(ids).logits)
+    assert all(m.p == 0.0 for m in extra)
+    assert model.config.router_jitter_noise == 0.0 and model.config.attention_dropout == 0.0
+    del model.extra
+    with config_as_loaded(model):
+        model.save_pretrained(tmp_path)
+    saved = AutoConfig.from_pretrained(tmp_path)
+    assert (saved.router_jitter_noise, saved.attention_dropout) == (0.5, 0.2)
+    assert model.config.router_jitter_noise == 0.0 and model.config.attention_dropout == 0.0
+
+
 def test_a_package_the_models_own_code_lacks_is_not_blamed_on_the_attention(tmp_path):
     """A --trust-remote-code folder whose code imports a package that is not installed: "cannot
     load" with transformers' own words, for every --attn (not "use --attn eager"); and its code

@@ -225,6 +225,21 @@ def test_resume_keeps_the_runs_reference_when_the_model_files_change(workdir, tm
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_checkpoints_and_the_final_model_keep_the_base_models_dropout(workdir, tmp_path):
+    """The run trains without dropout (its config's rates zeroed, as the reference pass has
+    none), but what it saves is the base's config: a later fine-tune of the output gets the
+    base's dropout back, not the run's zeros."""
+    import json
+    model = tmp_path / "base"
+    build_model("qwen3", seed=11, attention_dropout=0.3).save_pretrained(model)
+    shutil.copytree(workdir / "model", model, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("config.json", "*.safetensors"))
+    out = tmp_path / "out"
+    train(_cfg(workdir, out, model=str(model), max_steps=2, save_every=1), log=lambda m: None)
+    for folder in (out, out / "checkpoint-1"):
+        assert json.loads((folder / "config.json").read_text())["attention_dropout"] == 0.3
+
+
 def test_a_torn_reference_cache_is_computed_again(workdir, tmp_path):
     """A cache file cut short (a power loss) or holding something else is not a traceback on
     every later run: a line says so, the reference is computed again, the cache rewritten."""
