@@ -302,6 +302,9 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
                                   sliding_window=sliding_window, is_causal=causal, **bounds)
         return out.reshape(b, length, hq, -1), None
     cu = bounds["cu_seq_lens_q"].to(device=query.device, dtype=torch.int32)
+    if window is not None and isinstance(bounds.get("max_length_q"), int) \
+            and bounds["max_length_q"] <= window:
+        window = None  # no sequence reaches it (a kernel without windows can still run)
     half = _half(query, key, value) if query.is_cuda else None
     if (causal and half is not None and not p and value.shape[-1] == dh and dh <= 256
             and dh % 8 == 0
