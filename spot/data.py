@@ -30,7 +30,11 @@ the rest of ``chat_template(prompt + response as the assistant turn)``: the resp
 include the template's end-of-turn marker, so the model is also trained to stop. Qwen3 templates
 get ``enable_thinking=False``, unless a response of the pair reasons (a ``<think>`` block or
 ``reasoning_content``): then ``True`` for both, so that its block is the only one and both
-follow the same prompt. Prompt and response are tokenized separately so the boundary is exact.
+follow the same prompt (a response that only closes a block, ``...</think>``, reasons too).
+Prompt and response are tokenized separately so the boundary is exact, unless the two together
+start with the prompt's tokens and give the response other ones (a SentencePiece tokenizer that
+prepends "▁" to every text: Llama-2, Mistral-v0.1): then the response takes those. A template
+that renders no text of a user or system turn (one that expects content parts) is an error.
 Without a chat template a prompt is its text and a newline (after the tokenizer's BOS when its
 own encoding starts with one), a response its text and EOS. Truncation to ``max_length``
 tokens: the prompt is cut from the *left* (keeping its end, next to the answer) but keeps at
@@ -354,7 +358,37 @@ def _ids(tokenizer, text):
 
 
 def _reasons(messages):
-    return any("<think>" in m["content"] or m.get("reasoning_content") for m in messages)
+    """A response that reasons: a ``<think>`` block, a closing ``</think>`` alone (models whose
+    generation prompt opens the block: Qwen3-Thinking-2507, R1-distill), or
+    ``reasoning_content``."""
+    return any("<think>" in m["content"] or "</think>" in m["content"]
+               or m.get("reasoning_content") for m in messages)
+
+
+def _split_ids(tokenizer, p_text, r_text):
+    """``(prompt_ids, response_ids)``: each text tokenized alone (a byte-level BPE merges
+    newlines across the boundary when they are tokenized together), unless the two together
+    start with the prompt's ids and give the response other ids: a SentencePiece tokenizer
+    that prepends "▁" to every text it is given (Llama-2's, Mistral-v0.1's) would start a
+    response alone with a "▁" token the model never sees after its prompt."""
+    p_ids, r_ids = _ids(tokenizer, p_text), _ids(tokenizer, r_text)
+    if r_ids:
+        both = _ids(tokenizer, p_text + r_text)
+        if both[:len(p_ids)] == p_ids and both[len(p_ids):] != r_ids:
+            r_ids = both[len(p_ids):]
+    return p_ids, r_ids
+
+
+def _check_rendered(text, prompt, where="the prompt"):
+    """A template that renders no text of a user or system turn (one that expects ``content``
+    as a list of parts, Idefics3's and SmolVLM's) is an error, not an empty prompt."""
+    for i, m in enumerate(prompt):
+        body = m["content"].strip()
+        if m["role"] in ("user", "system") and body and body not in text:
+            raise DataError(f"the chat template renders none of {where}'s turn {i} "
+                            f"({m['role']}: {body[:40]!r}); it may expect content as a list of "
+                            f"parts, which this trainer does not write: give the tokenizer a "
+                            f"text-only chat template")
 
 
 def encode_turns(tokenizer, prompt, response, counts=None, thinking=None):
@@ -367,11 +401,19 @@ def encode_turns(tokenizer, prompt, response, counts=None, thinking=None):
         # (``thinking``: the pair's choice, so that both responses get the same prompt)
         thinking = _reasons(response) if thinking is None else thinking
         p_text = _render(tokenizer, prompt, True, thinking)
+        _check_rendered(p_text, prompt)
         full = _render(tokenizer, prompt + response, False, thinking)
+        if not full.startswith(p_text):
+            # the other mode (Qwen3 without thinking writes an empty block into the generation
+            # prompt but none before an agentic answer's first turn)
+            other = _render(tokenizer, prompt, True, not thinking)
+            other_full = _render(tokenizer, prompt + response, False, not thinking)
+            if other_full.startswith(other):
+                p_text, full = other, other_full
         if full.startswith(p_text):
             r_text = full[len(p_text):]
         else:  # a template that rewrites earlier turns: fall back to the raw content + EOS
-            r_text = _plain(tokenizer, response)
+            r_text = _unrepeated(p_text, _plain(tokenizer, response))
             _count(counts, "template_fallback")
             if any(m.get("tool_calls") for m in response):
                 _count(counts, "tool_calls_lost")
@@ -383,13 +425,26 @@ def encode_turns(tokenizer, prompt, response, counts=None, thinking=None):
         # the BOS the tokenizer's own encoding starts with (a chat template writes its own)
         bos = tokenizer.bos_token_id
         if bos is not None and list(tokenizer("a")["input_ids"][:1]) == [bos]:
-            return [bos] + _ids(tokenizer, p_text), _ids(tokenizer, r_text)
-    return _ids(tokenizer, p_text), _ids(tokenizer, r_text)
+            p_ids, r_ids = _split_ids(tokenizer, p_text, r_text)
+            return [bos] + p_ids, r_ids
+    return _split_ids(tokenizer, p_text, r_text)
 
 
 def _plain(tokenizer, response):
-    """A response without a template: its turns' text and EOS."""
-    return "".join(m["content"] for m in response) + (tokenizer.eos_token or "")
+    """A response without a template: its assistant turns' text (tool results are not the
+    model's words) and EOS."""
+    return "".join(m["content"] for m in response if m["role"] == "assistant") + (
+        tokenizer.eos_token or "")
+
+
+def _unrepeated(p_text, r_text):
+    """``r_text`` without a start that the prompt already ends with (R1-distill's generation
+    prompt opens ``<think>\n``, which a response that reasons writes again); whitespace alone is
+    kept."""
+    for k in range(min(len(r_text), 64), 0, -1):
+        if r_text[:k].strip() and p_text.endswith(r_text[:k]):
+            return r_text[k:]
+    return r_text
 
 
 def _count(counts, key):
@@ -444,6 +499,8 @@ def encode_pairs(tokenizer, pairs, max_length, skip_bad=False, errors=None, prog
             thinking = _reasons(pair.chosen) or _reasons(pair.rejected)
             encoded = [encode_turns(tokenizer, pair.prompt, response, counts, thinking)
                        for response in (pair.chosen, pair.rejected)]
+        except DataError as e:  # the template itself (every pair would fail): not skipped
+            raise DataError(f"{pair.where or 'a pair'}: {e}") from None
         except refused as e:
             msg = f"{pair.where or 'a pair'}: the chat template refuses it: " + (
                 str(e).splitlines()[0] if str(e) else type(e).__name__)

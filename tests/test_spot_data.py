@@ -627,3 +627,108 @@ def test_a_response_that_reasons_gets_one_thinking_block():
     for seq in (ex.chosen, ex.rejected):
         assert tok.decode(seq).count("<think>") == 1, tok.decode(seq)
     assert not counts.get("template_fallback")
+
+
+def _trl_template(name):
+    import importlib.util
+    spec = importlib.util.find_spec("trl")
+    path = spec and spec.submodule_search_locations and os.path.join(
+        spec.submodule_search_locations[0], "chat_templates", name)
+    if not path or not os.path.exists(path):
+        pytest.skip(f"needs TRL's bundled {name}")
+    tok = build_tokenizer()
+    tok.chat_template = open(path).read()
+    return tok
+
+
+def _texts(tok, ex):
+    return [(tok.decode(s[:p]), tok.decode(s[p:])) for s, p in
+            ((ex.chosen, ex.chosen_prompt), (ex.rejected, ex.rejected_prompt))]
+
+
+def test_a_response_that_only_closes_its_thinking_block_reasons():
+    """Thinking models whose generation prompt opens the block write ``reasoning</think>
+    answer``: that is reasoning too, rendered in thinking mode (it was rendered after Qwen3's
+    empty non-thinking block, a stray ``</think>`` in the answer)."""
+    tok = _trl_template("qwen3.jinja")
+    pair = D.to_pair({"question": "q", "gemini_corrected_answer": "ok\n</think>\n\nfinal 4",
+                      "original_answer": "bad\n</think>\n\nfinal 5"}, "x:1")
+    (ex,), counts = D.encode_pairs(tok, [pair], 1024)
+    for prompt, response in _texts(tok, ex):
+        assert (prompt + response).count("</think>") == 1, prompt + response
+        assert response.startswith("<think>\n") and "</think>\n\nfinal" in response
+    assert not counts.get("template_fallback")
+
+
+def test_the_fallback_does_not_repeat_the_prompts_end_nor_train_tool_results():
+    """A template that rewrites the conversation falls back to the response's text: what the
+    generation prompt already ends with (R1-distill's ``<think>\\n``) is not written again, and
+    a tool's result, not the model's words, is left out."""
+    tok = _trl_template("deepseek_r1_distill.jinja")
+    pair = D.Pair([{"role": "user", "content": "q"}],
+                  [{"role": "assistant", "content": "<think>\nr\n</think>\n\ngood"}],
+                  [{"role": "assistant", "content": "bad"}], "x:1")
+    (ex,), counts = D.encode_pairs(tok, [pair], 1024)
+    assert counts.get("template_fallback") == 2
+    (p, chosen), _ = _texts(tok, ex)
+    assert (p + chosen).count("<think>") == 1, p + chosen
+    tok.chat_template = "{% for m in messages | reverse %}{{ m['content'] }}|{% endfor %}"
+    agentic = [{"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]},
+               {"role": "tool", "content": "4242"}, {"role": "assistant", "content": "good"}]
+    _, r_ids = D.encode_turns(tok, [{"role": "user", "content": "q"}], agentic, {})
+    assert "4242" not in tok.decode(r_ids) and "good" in tok.decode(r_ids)
+
+
+def test_an_agentic_answer_keeps_its_tool_calls_under_qwen3():
+    """Qwen3 without thinking writes an empty block into the generation prompt, none before an
+    agentic answer's first turn, so the prompt is not a prefix of the conversation: the other
+    mode is tried before falling back (which lost the tool call)."""
+    tok = _trl_template("qwen3.jinja")
+    pair = D.Pair([{"role": "user", "content": "q"}],
+                  [{"role": "assistant", "content": "", "tool_calls": [
+                      {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]},
+                   {"role": "tool", "content": "42"}, {"role": "assistant", "content": "good"}],
+                  [{"role": "assistant", "content": "bad"}], "x:1")
+    (ex,), counts = D.encode_pairs(tok, [pair], 1024)
+    assert not counts.get("template_fallback") and not counts.get("tool_calls_lost")
+    (_, chosen), (_, rejected) = _texts(tok, ex)
+    assert '"name": "f"' in chosen and chosen.rstrip().endswith("good<|im_end|>")
+    assert rejected.startswith("bad")
+
+
+def test_a_tokenizer_that_prepends_a_space_to_every_text_keeps_the_responses_first_token():
+    """Llama-2 / Mistral-v0.1 tokenizers (SentencePiece's "▁" prepended to every text): the
+    response alone started with a lone "▁" token that the conversation tokenized as a whole
+    never has; the response takes the whole's tokens after the prompt's."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    corpus = ["what does the packer do? the packer lays out pairs of answers. " * 20]
+    t.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=["▁"]))
+    t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + ' ' + "
+        "eos_token }}{% endif %}{% endfor %}")
+    prompt = [{"role": "user", "content": "what does the packer do?"}]
+    response = [{"role": "assistant", "content": "the packer lays out pairs."}]
+    p_ids, r_ids = D.encode_turns(tok, prompt, response)
+    whole = tok(tok.apply_chat_template(prompt + response, tokenize=False),
+                add_special_tokens=False)["input_ids"]
+    assert p_ids + r_ids == whole, (tok.convert_ids_to_tokens(r_ids),
+                                    tok.convert_ids_to_tokens(whole[len(p_ids):]))
+
+
+def test_a_template_that_renders_no_prompt_text_is_an_error():
+    """Idefics3's template iterates over content parts: given strings it renders nothing, and
+    every pair became an empty prompt and two empty answers; now an error naming the record."""
+    tok = _trl_template("idefics3.jinja")
+    pair = D.to_pair({"prompt": "what is 2+2?", "chosen": "4", "rejected": "5"}, "f.jsonl:3")
+    with pytest.raises(D.DataError, match="f.jsonl:3: the chat template renders none of the "
+                                          "prompt's turn 0 \\(user: 'what is 2\\+2\\?'\\)"):
+        D.encode_pairs(tok, [pair], 1024, skip_bad=True)
