@@ -2,6 +2,7 @@
 names the argument, before any kernel runs."""
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import math
 import numbers
@@ -71,6 +72,15 @@ def same_device(name, x, ref_name, ref):
                          f"put them on one device")
 
 
+def options_dict(options):
+    """``backend_options`` as a new dict (None: empty); anything but a mapping is refused."""
+    if options is None:
+        return {}
+    if not isinstance(options, collections.abc.Mapping):
+        raise TypeError(f"backend_options must be a dict, got {type(options).__name__}")
+    return dict(options)
+
+
 def backend_options(backend, options, allowed, positive_ints=()):
     """Rejects keys a backend does not take, and values of ``positive_ints`` that are not ints
     > 0; each backend's ``check_options`` starts here."""
@@ -94,6 +104,22 @@ def positive_number(name, x, allow_none=False):
         x = x.item()
     if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x) or x <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {x!r}")
+
+
+def traced_positive_number(name, x, allow_none=False):
+    """:func:`positive_number` while ``torch.compile`` traces: the type here, the value as
+    ``torch._check`` assertions (a float that changed between calls is symbolic)."""
+    if x is None and allow_none:
+        return
+    if isinstance(x, torch.Tensor):
+        positive_number(name, x)  # a tensor's value is read (as eagerly)
+        return
+    if isinstance(x, bool) or not isinstance(x, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise ValueError(f"{name} must be a finite number > 0, got {x!r}")
+    # (the message's closure may hold constants only: the name, not the traced value)
+    msg = f"{name} must be a finite number > 0"
+    torch._check(x > 0, lambda: msg)
+    torch._check(x < math.inf, lambda: msg)
 
 
 def head(hidden, weight, targets, bias, temperature, softcap, ignore_index, shard=False):
@@ -142,8 +168,9 @@ def head(hidden, weight, targets, bias, temperature, softcap, ignore_index, shar
         raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])} (hidden's leading "
                          f"dims), got {tuple(targets.shape)}")
     same_device("targets", targets, "hidden", hidden)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    ignore_index = int(ignore_index)  # a NumPy integer too
     if not -2**63 <= ignore_index < 2**63:
         raise ValueError(f"ignore_index must fit in int64 (targets are int64), got {ignore_index}")
     positive_number("temperature", temperature)

@@ -65,6 +65,9 @@ def token_logprobs_fwd(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Te
                        backend: str, temperature: float, softcap: float | None, ignore_index: int,
                        return_entropy: bool, options: str) -> tuple[Tensor, Tensor, Tensor]:
     _checks.targets_in_vocab(targets, weight.shape[0], ignore_index)
+    # traced as symbolic floats (they changed between calls), these were not checked before
+    _checks.positive_number("temperature", temperature)
+    _checks.positive_number("softcap", softcap, allow_none=True)
     impl = _registry.module(backend)
     impl.check_options(json.loads(options))
     logp, lse, ent = impl.forward(hidden, weight, targets, bias, temperature=temperature,

@@ -241,7 +241,7 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, softc
         raise ValueError(f"backend: 'reference'{source} materialises whole logits and does not "
                          f"run sharded heads; use 'torch' or a kernel backend")
     impl = _registry.module(name)
-    options = dict(backend_options or {})
+    options = _checks.options_dict(backend_options)
     impl.check_options(options)
     shape = targets.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])

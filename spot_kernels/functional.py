@@ -25,7 +25,9 @@ class _NoSecondDerivative(torch.autograd.Function):
     def backward(ctx, *_):
         raise RuntimeError("spot_kernels: token_logprobs has no second derivative (its backward "
                            "is a fused kernel); differentiate its gradient with "
-                           "backend='reference' instead")
+                           "backend='reference' instead (through token_logprobs: "
+                           "sequence_logprobs and spot_loss sum with torch.segment_reduce, "
+                           "which has none either)")
 
 
 def _once_differentiable(backward):
@@ -141,7 +143,7 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, softc
             return out[0].reshape(shape), out[1].detach().reshape(shape)
         return out.reshape(shape)
     impl = _registry.module(name)
-    options = dict(backend_options or {})
+    options = _checks.options_dict(backend_options)
     impl.check_options(options)
     cfg = dict(temperature=float(temperature), softcap=None if softcap is None else float(softcap),
                ignore_index=ignore_index)
@@ -163,7 +165,13 @@ def _compiled_token_logprobs(hidden, weight, targets, bias, temperature, softcap
                          f"dims), got {tuple(targets.shape)}")
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = targets.reshape(-1)
-    _checks.head(h2[:0], weight, t1[:0], bias, temperature, softcap, ignore_index)
+    # a temperature or softcap that changes between calls is traced as a symbolic float, which
+    # Python's math cannot read: checked with torch._check (an assertion in the graph), and
+    # again when the custom op runs (_ops)
+    for what, x in (("temperature", temperature), ("softcap", softcap)):
+        _checks.traced_positive_number(what, x, allow_none=what == "softcap")
+    _checks.head(h2[:0], weight, t1[:0], bias, 1.0, None if softcap is None else 1.0,
+                 ignore_index)
     name = _ops.resolve(backend, str(hidden.device))
     if name == "reference":  # plain autograd: traced as it is
         if backend_options:
@@ -174,7 +182,7 @@ def _compiled_token_logprobs(hidden, weight, targets, bias, temperature, softcap
         if return_entropy:
             return out[0].reshape(targets.shape), out[1].detach().reshape(targets.shape)
         return out.reshape(targets.shape)
-    options = dict(backend_options or {})
+    options = _checks.options_dict(backend_options)
     cfg = dict(temperature=float(temperature), softcap=None if softcap is None else float(softcap),
                ignore_index=ignore_index)
     out = _ops.token_logprobs(h2, weight, t1.long(), bias, name, cfg, options, return_entropy)

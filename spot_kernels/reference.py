@@ -70,7 +70,7 @@ def sequence_logprobs(token_logps, cu_seqlens, valid=None, average=False):
         lo, hi = int(cu_seqlens[s]), int(cu_seqlens[s + 1])
         seg = token_logps[lo:hi]
         if valid is not None:
-            seg = seg * valid[lo:hi].to(seg.dtype)
+            seg = torch.where(valid[lo:hi].bool(), seg, 0.0)  # -inf * 0 would be NaN
         total = seg.sum()
         if average:
             count = (hi - lo) if valid is None else int(valid[lo:hi].sum())

@@ -194,3 +194,28 @@ def test_value_checks_are_restored_and_per_thread():
     assert len(seen) == 1  # the other thread still checked its targets
     with pytest.raises(ValueError, match="targets"):
         call_logprobs(**bad)
+
+
+def test_numpy_integers_and_option_mappings():
+    """A NumPy integer is an int for ``ignore_index``; ``backend_options`` that is not a
+    mapping is a TypeError that names it (``dict("abc")``'s own message before)."""
+    import numpy as np
+    h, w, t = torch.randn(5, 4), torch.randn(7, 4), torch.tensor([1, 2, -100, 3, 4])
+    want = sk.token_logprobs(h, w, t, backend="torch")
+    torch.testing.assert_close(sk.token_logprobs(h, w, t, ignore_index=np.int64(-100),
+                                                 backend="torch"), want)
+    with pytest.raises(TypeError, match="backend_options must be a dict, got str"):
+        sk.token_logprobs(h, w, t, backend="torch", backend_options="token_chunk=4")
+
+
+def test_the_reference_sums_skip_ignored_minus_infinity():
+    """``reference.sequence_logprobs`` (the tests' ground truth) leaves an ignored position out
+    of the sum: a -inf there gave NaN (``-inf * 0``)."""
+    from spot_kernels import reference
+    logp = torch.tensor([-1.0, float("-inf"), -2.0, -0.5])
+    valid = torch.tensor([True, False, True, True])
+    cu = torch.tensor([0, 3, 4])
+    torch.testing.assert_close(reference.sequence_logprobs(logp, cu, valid),
+                               torch.tensor([-3.0, -0.5]))
+    torch.testing.assert_close(sk.sequence_logprobs(logp, cu, valid=valid),
+                               torch.tensor([-3.0, -0.5]))

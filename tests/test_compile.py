@@ -128,3 +128,22 @@ def test_the_reference_backend_compiles_as_plain_autograd():
     assert_close(logp, same[0], truth[0], torch.float32, "logp")
     for name, x, gs, gt in zip("hwb", (hh, ww, bb), same[1], truth[1]):
         assert_close(x.grad, gs, gt, torch.float32, f"d{name}")
+
+
+@pytest.mark.parametrize("dynamic", [None, True], ids=["automatic", "dynamic"])
+def test_a_temperature_and_softcap_that_change_between_calls(dynamic):
+    """A float that changes between calls is traced as a symbolic float from the second call on
+    (on the first under ``dynamic=True``), which Python's ``math`` cannot read: the checks run
+    as graph assertions, so ``fullgraph=True`` still compiles, and each call matches eager. A
+    bad value still fails (here at compile time, else when the op runs)."""
+    h, w, b, t = make_head(13, 8, 21, torch.float32, "cpu", bias=True, seed=6)
+
+    def f(h, temperature, softcap):
+        return sk.token_logprobs(h, w, t, bias=b, temperature=temperature, softcap=softcap,
+                                 backend="torch")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for temperature, softcap in ((0.5, 3.0), (0.6, 4.0), (0.7, 5.0)):
+        torch.testing.assert_close(compiled(h, temperature, softcap), f(h, temperature, softcap))
+    with pytest.raises(Exception, match="temperature must be a finite number > 0"):
+        compiled(h, -1.0, 3.0)
