@@ -146,8 +146,9 @@ class Dist:
 class Delta:
     """The reward shift ``delta``.
 
-    ``running``: TRL's ``RunningMoments`` mean: each update receives the batch-mean rewards of
-    all ranks (``W`` values), ``mean += (m - mean) * W / (count + W)``, ``count += W``, starting
+    ``running``: TRL's ``RunningMoments`` mean: each micro-batch's mean reward ``m`` in turn
+    (under ``torchrun`` the ranks' in rank order, each rank using the delta after its own),
+    ``count += 1``, ``mean += (m - mean) / count``, starting
     from ``count = 1e-24`` as TRL does. ``ema``: ``delta = (1 - a) delta + a m`` (the first update
     sets it). ``zero``: always 0.
 
@@ -161,22 +162,30 @@ class Delta:
         self.mean = torch.zeros((), dtype=torch.float64)
         self.count = torch.full((), 1e-24, dtype=torch.float64)
 
-    def update(self, batch_means):
-        """``batch_means``: the per-rank batch-mean rewards (a list of floats or a 1-D tensor);
-        returns the new ``delta`` (a 0-dim float64 tensor; ``0.0`` for ``zero``)."""
+    def update(self, batch_means, rank=0):
+        """``batch_means``: the batch-mean rewards of the ranks' micro-batches, in rank order (a
+        list of floats or a 1-D tensor), taken one after another, as one process taking those
+        micro-batches in turn would; returns rank ``rank``'s ``delta``, the state after its own
+        micro-batch (a 0-dim float64 tensor; ``0.0`` for ``zero``), and keeps the state after
+        them all. So K processes follow one process with K times the accumulation, as the rest
+        of a step does (one update of all K means for every rank, TRL's multi-GPU way, gave
+        each rank another delta than the one process, and EMA a K times slower average)."""
         if self.kind == "zero":
             return 0.0
         xs = torch.as_tensor(batch_means, dtype=torch.float64).detach().reshape(-1)
         mean, count = self.mean.to(xs.device), self.count.to(xs.device)
-        w = xs.numel()
-        m = xs.sum() / w
-        if self.kind == "running":
-            tot = count + w
-            self.mean, self.count = mean + (m - mean) * w / tot, tot
-        else:
-            self.mean = torch.where(count < 1, m, (1 - self.alpha) * mean + self.alpha * m)
-            self.count = count + 1
-        return self.mean
+        mine = mean
+        for i in range(xs.numel()):
+            if self.kind == "running":
+                count = count + 1
+                mean = mean + (xs[i] - mean) / count
+            else:
+                mean = torch.where(count < 1, xs[i], (1 - self.alpha) * mean + self.alpha * xs[i])
+                count = count + 1
+            if i == rank:
+                mine = mean
+        self.mean, self.count = mean, count
+        return mine
 
     @property
     def value(self):
@@ -216,6 +225,8 @@ def _loss_and_scalars(policy, batch, ref_logps, delta, cfg, dst=None):
     ref = ref_logps.to(device)[batch["seq_ids"]]
     labels = batch["labels"].to(device)
 
+    used = [delta.value]  # the delta this micro-batch's loss takes (logged)
+
     def update_delta(batch_mean):
         if cfg.delta == "zero":
             return 0.0  # nothing to read back
@@ -223,13 +234,15 @@ def _loss_and_scalars(policy, batch, ref_logps, delta, cfg, dst=None):
         if dst is not None and dst.on:
             ms = [torch.zeros_like(m) for _ in range(dst.world)]
             dist.all_gather(ms, m)
-            return delta.update(torch.cat(ms))
-        return delta.update(m)
+            used[0] = delta.update(torch.cat(ms), dst.rank)
+        else:
+            used[0] = delta.update(m)
+        return used[0]
 
     out = policy(batch, ref, labels, beta=cfg.beta, delta=update_delta)
     loss = dpo_loss(out.policy_logps, ref, labels, cfg.beta) if cfg.loss == "dpo" else out.loss
     values = {**out.stats, "loss": loss.detach(),
-              "delta": torch.as_tensor(delta.value, dtype=torch.float64, device=device)}
+              "delta": torch.as_tensor(used[0], dtype=torch.float64, device=device)}
     return loss, torch.stack([values[k].double().reshape(()) for k in STAT_KEYS])
 
 
@@ -827,8 +840,9 @@ def _train(cfg, log, handle_signals, stack):
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            # metrics: mean over ranks (tokens summed)
-            keys = sorted(k for k in sums if k != "delta")
+            # metrics: mean over ranks (tokens summed; delta: the one each micro-batch's loss
+            # took, as one process taking them all in turn would log it)
+            keys = sorted(sums)
             # and whether any rank was asked to stop (a signal reaches each process on its own)
             *means, tokens, votes = dst.sum(torch.tensor(
                 [sums[k] for k in keys] + [float(tokens), float(bool(stop.requested))],
@@ -838,7 +852,7 @@ def _train(cfg, log, handle_signals, stack):
             if dst.device.type == "cuda":  # one process has synchronised nothing: the step's
                 torch.cuda.synchronize(dst.device)  # backward and optimizer step may still run
             elapsed = time.perf_counter() - t0
-            row.update(step=step + 1, epoch=epoch, delta=sums["delta"], lr=lr,
+            row.update(step=step + 1, epoch=epoch, lr=lr,
                        grad_norm=float(grad_norm), tokens=int(tokens),
                        tokens_per_s=tokens / max(elapsed, 1e-9),
                        peak_memory_mb=float(dst.max(torch.tensor(peak_memory_mb(dst.device)))))

@@ -416,14 +416,14 @@ def test_torchrun_two_processes_agree_with_one(workdir, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--standalone", "-m", "spot", "train",
            "--model", str(workdir / "model"), "--data", str(workdir / "pairs.jsonl"),
-           "--output", str(out2), "--max-steps", "3", "--lr", "1e-3", "--delta", "zero",
+           "--output", str(out2), "--max-steps", "3", "--lr", "1e-3", "--delta", "running",
            "--tokens-per-batch", "300", "--backend", "torch", "--no-progress", "--device", "cpu",
            "--save-every", "2"]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))  # torchrun leaves its folder there
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one = train(_cfg(workdir, tmp_path / "one", max_steps=3, delta="zero", grad_accum=2),
+    one = train(_cfg(workdir, tmp_path / "one", max_steps=3, delta="running", grad_accum=2),
                 log=lambda m: None)
     a, b = load_file(out2 / "model.safetensors"), load_file(Path(one["output"]) / "model.safetensors")
     init = load_file(workdir / "model" / "model.safetensors")
@@ -436,9 +436,30 @@ def test_torchrun_two_processes_agree_with_one(workdir, tmp_path):
     rows2 = [json.loads(x) for x in open(out2 / "metrics.jsonl")]
     rows1 = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
     for r2, r1 in zip(rows2, rows1, strict=True):
-        for key in ("loss", "accuracy", "rewards_chosen", "grad_norm"):
+        for key in ("loss", "accuracy", "rewards_chosen", "grad_norm", "delta"):
             assert abs(r2[key] - r1[key]) < 1e-4 * max(1, abs(r1[key])), (key, r2, r1)
         assert r2["tokens"] == r1["tokens"]
+    assert any(abs(r["delta"]) > 1e-3 for r in rows1)  # the running delta moved
+
+
+@pytest.mark.parametrize("kind", ["running", "ema"])
+def test_ranks_take_the_delta_one_process_would(kind):
+    """Under torchrun each update gets every rank's micro-batch mean: rank r's delta is the one
+    a single process taking those micro-batches in turn would use for micro-batch r, and the
+    state after the update is the one after them all (one update of all means for every rank
+    gave other deltas, and EMA a K times slower average)."""
+    from spot.train import Delta
+    means = torch.randn(12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    one, used_one = Delta(kind, alpha=0.3), []
+    for m in means:
+        used_one.append(float(one.update(m.reshape(1))))
+    for world in (2, 3, 4):
+        ranks = [Delta(kind, alpha=0.3) for _ in range(world)]
+        used = []
+        for k in range(0, 12, world):
+            used += [float(d.update(means[k:k + world], r)) for r, d in enumerate(ranks)]
+        assert used == pytest.approx(used_one, rel=1e-12, abs=1e-15), world
+        assert all(float(d.value) == pytest.approx(float(one.value), rel=1e-12) for d in ranks)
 
 
 def test_spot_fsdp_shards_a_single_process(workdir, tmp_path):
