@@ -93,6 +93,9 @@ class Example:
 
 # ---------------------------------------------------------------- reading records
 
+# every key a record is read for (the two key sets); other columns are not loaded
+RECORD_KEYS = ("prompt", "chosen", "rejected", "question", "gemini_corrected_answer",
+               "original_answer")
 NOT_UTF8 = "not UTF-8 text (compressed files are not supported)"
 UTF16 = "UTF-16 text (PowerShell's default encoding): save it as UTF-8"
 JSONL_HINT = "; a .jsonl file holds one JSON object a line (a JSON list of records: name it .json)"
@@ -111,13 +114,28 @@ def read_records(path):
     if p.is_dir():
         yield from _read_dataset_dir(p)
     elif p.suffix.lower() == ".parquet":
+        # the pairs' columns only (a preference set may carry images beside them), a batch of
+        # rows at a time
+        def unreadable(e):
+            return DataError(f"{path}: cannot read Parquet: {str(e).splitlines()[0]}")
         try:
             import pyarrow.parquet as pq
-            rows = pq.read_table(p).to_pylist()
+            pf = pq.ParquetFile(p)
+            cols = [c for c in pf.schema_arrow.names if c in RECORD_KEYS]
+            batches = pf.iter_batches(batch_size=4096, columns=cols)
         except Exception as e:  # noqa: BLE001
-            raise DataError(f"{path}: cannot read Parquet: {str(e).splitlines()[0]}") from None
-        for i, rec in enumerate(rows):
-            yield f"{path}:row {i} (from 0)", rec
+            raise unreadable(e) from None
+        i = 0
+        while True:
+            try:
+                rows = next(batches).to_pylist()
+            except StopIteration:
+                break
+            except Exception as e:  # noqa: BLE001
+                raise unreadable(e) from None
+            for rec in rows:
+                yield f"{path}:row {i} (from 0)", rec
+                i += 1
     elif p.suffix.lower() == ".json":
         raw = p.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM
         if _utf16(raw[:2]):

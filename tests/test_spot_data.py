@@ -732,3 +732,22 @@ def test_a_template_that_renders_no_prompt_text_is_an_error():
     with pytest.raises(D.DataError, match="f.jsonl:3: the chat template renders none of the "
                                           "prompt's turn 0 \\(user: 'what is 2\\+2\\?'\\)"):
         D.encode_pairs(tok, [pair], 1024, skip_bad=True)
+
+
+def test_parquet_is_read_a_batch_at_a_time_and_only_the_pairs_columns(tmp_path):
+    """A Parquet file is read in batches of rows and only the key sets' columns (an image column
+    beside them is never loaded); rows are numbered across batches."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    n = 5000  # more than one batch
+    table = pa.table({"prompt": [f"q{i}" for i in range(n)], "chosen": ["a"] * n,
+                      "rejected": ["b"] * n, "image": [b"\0" * 64] * n})
+    pq.write_table(table, tmp_path / "p.parquet", row_group_size=1000)
+    records = list(D.read_records(tmp_path / "p.parquet"))
+    assert len(records) == n
+    assert records[-1][0].endswith("p.parquet:row 4999 (from 0)")
+    assert records[-1][1]["prompt"] == "q4999"
+    assert all(set(rec) == {"prompt", "chosen", "rejected"} for _, rec in records)
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(D.DataError, match="bad.parquet: cannot read Parquet"):
+        list(D.read_records(tmp_path / "bad.parquet"))
