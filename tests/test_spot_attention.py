@@ -124,6 +124,23 @@ def test_hf_packed_rows_match_sdpa():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def _sdpa_then_varlen(cfg, vocab):
+    """``(model, hidden under spot_varlen, hidden under SDPA)`` of two packed sequences (9 and 11
+    tokens) through a tiny model built from ``cfg``."""
+    from transformers import AutoModelForCausalLM
+
+    from spot_kernels import hf
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    ids = torch.randint(0, vocab, (1, 20))
+    cu = torch.tensor([0, 9, 20])
+    with torch.no_grad():
+        want = hf.head_inputs(model, ids, cu_seqlens=cu).hidden
+        model.set_attn_implementation(A.register())
+        got = hf.head_inputs(model, ids, cu_seqlens=cu).hidden
+    return model, got, want
+
+
 @pytest.mark.parametrize("kind,extra", [
     ("mistral", {}),  # passes sliding_window= to the attention function
     ("phimoe", dict(num_local_experts=2, num_experts_per_tok=1)),  # only its mask has the window
@@ -132,20 +149,11 @@ def test_sliding_windows_reach_the_kernel_or_the_model_is_refused(kind, extra):
     """A model whose sliding window reaches its attention function runs varlen as SDPA runs it;
     one whose window lives only in its mask is not supported (the varlen path, mask-free,
     would drop it: the outputs then differ, which is why)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from spot_kernels import hf
+    from transformers import AutoConfig
     cfg = AutoConfig.for_model(kind, vocab_size=64, hidden_size=32, intermediate_size=64,
                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                head_dim=8, sliding_window=4, **extra)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
-    ids = torch.randint(0, 64, (1, 20))
-    cu = torch.tensor([0, 9, 20])
-    with torch.no_grad():
-        want = hf.head_inputs(model, ids, cu_seqlens=cu).hidden
-        model.set_attn_implementation(A.register())
-        got = hf.head_inputs(model, ids, cu_seqlens=cu).hidden
+    model, got, want = _sdpa_then_varlen(cfg, 64)
     if kind == "mistral":
         assert A.supported(model)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -163,9 +171,7 @@ def test_a_vision_towers_attention_does_not_hide_the_text_models_window():
     layers pass their sliding window to the attention function, its SigLIP tower has none to
     pass; only the text decoder counts (the tower's made it "a sliding window only its mask
     has"), and packed rows run varlen as SDPA runs them."""
-    from transformers import AutoModelForCausalLM, Gemma3Config
-
-    from spot_kernels import hf
+    from transformers import Gemma3Config
     cfg = Gemma3Config(
         text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, head_dim=8,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -173,15 +179,8 @@ def test_a_vision_towers_attention_does_not_hide_the_text_models_window():
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=4, image_size=28, patch_size=14),
         mm_tokens_per_image=4, image_token_index=63, boi_token_index=61, eoi_token_index=62)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
-    ids = torch.randint(0, 60, (1, 20))
-    cu = torch.tensor([0, 9, 20])
-    with torch.no_grad():
-        want = hf.head_inputs(model, ids, cu_seqlens=cu).hidden
-        model.set_attn_implementation(A.register())
-        assert A.unsupported(model) is None
-        got = hf.head_inputs(model, ids, cu_seqlens=cu).hidden
+    model, got, want = _sdpa_then_varlen(cfg, 60)
+    assert A.unsupported(model) is None
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

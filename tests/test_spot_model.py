@@ -193,15 +193,10 @@ FLOAT_DROPOUTS = [
 ]
 
 
-@pytest.mark.parametrize("arch,kw", FLOAT_DROPOUTS, ids=[a for a, _ in FLOAT_DROPOUTS])
-def test_dropout_kept_as_a_float_is_off_too(arch, kw):
-    """A train-mode forward after ``disable_dropout`` is the eval-mode one (the reference's), for
-    families whose dropout is a float rate and not an ``nn.Dropout`` (it stayed on: nonzero
-    rewards at step 0, a noisy policy)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _noisy_then_quiet(model):
+    """Two train-mode forwards differ; after ``disable_dropout`` a train-mode forward is the
+    eval-mode one."""
     from spot.model import disable_dropout
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, vocab_size=64, **kw))
     ids = torch.randint(0, 64, (1, 12))
     with torch.no_grad():
         model.train()
@@ -210,6 +205,17 @@ def test_dropout_kept_as_a_float_is_off_too(arch, kw):
         train = model(ids).logits
         model.eval()
         assert torch.equal(train, model(ids).logits)
+
+
+@pytest.mark.parametrize("arch,kw", FLOAT_DROPOUTS, ids=[a for a, _ in FLOAT_DROPOUTS])
+def test_dropout_kept_as_a_float_is_off_too(arch, kw):
+    """A train-mode forward after ``disable_dropout`` is the eval-mode one (the reference's), for
+    families whose dropout is a float rate and not an ``nn.Dropout`` (it stayed on: nonzero
+    rewards at step 0, a noisy policy)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, vocab_size=64, **kw))
+    _noisy_then_quiet(model)
 
 
 def test_every_dropout_module_and_router_jitter_is_off_and_the_saved_config_keeps_its_rates(
@@ -220,7 +226,7 @@ def test_every_dropout_module_and_router_jitter_is_off_and_the_saved_config_keep
     ``config_as_loaded`` keeps the base's rates (the run's zeros would reach the next
     fine-tune), and the running model's stay 0."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    from spot.model import config_as_loaded, disable_dropout
+    from spot.model import config_as_loaded
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
         "mixtral", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -228,14 +234,7 @@ def test_every_dropout_module_and_router_jitter_is_off_and_the_saved_config_keep
         num_experts_per_tok=2, router_jitter_noise=0.5, attention_dropout=0.2))
     extra = [torch.nn.Dropout1d(0.5), torch.nn.AlphaDropout(0.5)]
     model.extra = torch.nn.ModuleList(extra)
-    ids = torch.randint(0, 64, (1, 12))
-    with torch.no_grad():
-        model.train()
-        assert not torch.equal(model(ids).logits, model(ids).logits)  # on before
-        disable_dropout(model)
-        train = model(ids).logits
-        model.eval()
-        assert torch.equal(train, model(ids).logits)
+    _noisy_then_quiet(model)
     assert all(m.p == 0.0 for m in extra)
     assert model.config.router_jitter_noise == 0.0 and model.config.attention_dropout == 0.0
     del model.extra
