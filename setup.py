@@ -110,6 +110,12 @@ class BuildExt(build_ext):
                 raise
             say(f"building the CUDA extension failed ({exc}); installing pure Python without "
                 f"the 'cuda' backend (set SPOT_KERNELS_BUILD_CUDA=1 to make this an error)")
+            # nor a module an earlier build left in build/ (or in place), which a wheel
+            # would ship for architectures not asked for this time
+            for ext in self.extensions:
+                stale = self.get_ext_fullpath(ext.name)  # build/lib..., or in place (-e)
+                if os.path.exists(stale):
+                    os.remove(stale)
             self.extensions = []
             self.distribution.ext_modules = []
 
@@ -164,6 +170,10 @@ def ext_modules():
     if mode not in ("", "1"):
         raise SystemExit(f"SPOT_KERNELS_BUILD_CUDA must be 0 or 1, got {mode!r}")
     if not CU_SOURCES:
+        if mode == "1":
+            raise SystemExit(f"SPOT_KERNELS_BUILD_CUDA=1 but the CUDA sources are missing "
+                             f"({CSRC} has no .cu files)")
+        say(f"no CUDA sources in {CSRC}: installing pure Python without the 'cuda' backend")
         return []
     if find_nvcc() is None:
         if mode == "1":
