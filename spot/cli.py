@@ -138,6 +138,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("spot: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a folder that cannot be made or written (a permission, a full disk)
+        print(f"spot: error: {e}", file=sys.stderr)
+        return 2
     return code or 0
 
 

@@ -67,8 +67,8 @@ class TrainConfig:
                 raise ConfigError(f"{name}: required (give --{name} or set it in the config)")
         for name in ("output", "cache_dir"):  # refused now, not after the reference pass
             path = getattr(self, name)
-            if path and Path(path).exists() and not Path(path).is_dir():
-                raise ConfigError(f"{name}: {path} is a file, not a folder")
+            if path:
+                check_folder(name, path)
         finite = {k: math.isfinite(getattr(self, k)) for k in ("beta", "lr", "weight_decay")}
         checks = [("beta", finite["beta"] and self.beta > 0, "must be a finite number > 0"),
                   ("delta", self.delta in ("running", "zero", "ema"), "must be running|zero|ema"),
@@ -85,7 +85,8 @@ class TrainConfig:
                   ("max_length", self.max_length >= 8, "must be >= 8"),
                   ("tokens_per_batch", self.tokens_per_batch >= 16, "must be >= 16"),
                   ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
-                  ("max_grad_norm", self.max_grad_norm > 0, "must be > 0"),
+                  ("max_grad_norm", math.isfinite(self.max_grad_norm)
+                   and self.max_grad_norm > 0, "must be a finite number > 0"),
                   ("seed", -2**63 <= self.seed < 2**64, "must be in [-2^63, 2^64)"),
                   ("backend", self.backend in BACKENDS, f"must be {'|'.join(BACKENDS)}"),
                   ("device", self.device in DEVICES, f"must be {'|'.join(DEVICES)}"),
@@ -147,6 +148,17 @@ HELP = {
 }
 
 
+def check_folder(name, path):
+    """``path`` is a folder or can become one: neither it nor a folder above it is a file."""
+    p = Path(path)
+    for part in (p, *p.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise ConfigError(f"{name}: {part} is a file, not a folder"
+                                  + ("" if part == p else f" (in {path})"))
+            return
+
+
 def field_types():
     return {f.name: f.type for f in fields(TrainConfig)}
 
@@ -158,7 +170,7 @@ def load_file(path):
         raise ConfigError(f"config: no such file {path}")
     try:
         text = p.read_text(encoding="utf-8")
-        if p.suffix in (".yaml", ".yml"):
+        if p.suffix.lower() in (".yaml", ".yml"):
             import yaml
             data = yaml.safe_load(text) or {}
         else:
@@ -200,9 +212,13 @@ def make_config(file_values=None, overrides=None):
         raise ConfigError(f"config: {e}") from None
     for f in fields(TrainConfig):  # coerce YAML/JSON scalars to the declared type
         v = getattr(cfg, f.name)
-        if v is None:
-            continue
         t = f.type.split(" |")[0]
+        if v is None:
+            # a YAML/JSON null: allowed where the option may be None (max_steps, cache_dir; the
+            # counts that read it as 0), else refused (it crashed or turned bf16 off)
+            if "None" not in f.type and f.name not in ("save_every", "keep_checkpoints"):
+                raise ConfigError(f"{option(f.name)}: expected {t}, got null")
+            continue
         try:
             if isinstance(v, bool) and t != "bool":  # a YAML true is an int to Python
                 raise ValueError

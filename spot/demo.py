@@ -136,7 +136,7 @@ def run(output="runs/demo", steps=None, progress=True, n_train=None, n_heldout=N
 
 def _run(output, steps, progress, n_train, n_heldout, model_overrides, log, train_overrides):
     from . import data as D
-    from .config import ConfigError, TrainConfig
+    from .config import ConfigError, TrainConfig, check_folder
     from .model import Policy, load_model
     from .tiny import build_model, build_tokenizer
     from .train import checkpoints, sequence_logps, train
@@ -151,8 +151,7 @@ def _run(output, steps, progress, n_train, n_heldout, model_overrides, log, trai
     if out.is_dir() and any(out.iterdir()) and not (marker.exists() or older):
         raise ConfigError(f"output: {out} is not empty and not a spot demo folder; give a new "
                           f"or empty --output")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output: {out} is a file, not a folder")
+    check_folder("output", out)
     out.mkdir(parents=True, exist_ok=True)
     marker.touch()
     train_path, held_path = DATA_DIR / "demo_train.jsonl", DATA_DIR / "demo_heldout.jsonl"

@@ -751,3 +751,29 @@ def test_parquet_is_read_a_batch_at_a_time_and_only_the_pairs_columns(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(D.DataError, match="bad.parquet: cannot read Parquet"):
         list(D.read_records(tmp_path / "bad.parquet"))
+
+
+def test_nulls_paths_inside_files_and_odd_values_are_one_line_errors(tmp_path, capsys):
+    """A config null for an option that takes none is refused (it crashed on a comparison, or
+    turned bf16 off); an --output or --cache-dir below a file is refused before any work
+    (a NotADirectoryError traceback after the reference pass); --max-grad-norm must be
+    finite; an upper-case .YAML file is YAML."""
+    for key, value in (("beta", None), ("bf16", None), ("epochs", None)):
+        with pytest.raises(ConfigError, match=f"--{key}: expected .*, got null"):
+            make_config({key: value, "model": "m", "data": "d", "output": "o"})
+    assert make_config({"max_steps": None, "save_every": None, "model": "m", "data": "d",
+                        "output": "o"}).validate().save_every == 0
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for key in ("output", "cache_dir"):
+        with pytest.raises(ConfigError, match=f"{key}: .*afile is a file, not a folder"):
+            make_config({"model": "m", "data": "d", "output": "o",
+                         key: str(afile / "sub" / "deeper")}).validate()
+    with pytest.raises(ConfigError, match="--max-grad-norm: must be a finite number > 0"):
+        make_config({"max_grad_norm": float("inf"), "model": "m", "data": "d",
+                     "output": "o"}).validate()
+    cfg = tmp_path / "run.YAML"
+    cfg.write_text("lr: 0.001\n")
+    assert load_file(cfg) == {"lr": 0.001}
+    assert main(["demo", "--output", str(afile / "sub")]) == 2
+    assert "afile is a file, not a folder" in capsys.readouterr().err
