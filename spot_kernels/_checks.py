@@ -102,24 +102,19 @@ def positive_number(name, x, allow_none=False):
             raise ValueError(f"{name} must be a number or a 0-dim tensor, got a tensor of shape "
                              f"{tuple(x.shape)}")
         x = x.item()
+    if torch.compiler.is_compiling():
+        # a float that changed between calls is traced as a symbolic one, which math cannot
+        # read: the type here, the value as torch._check assertions in the graph (the message's
+        # closure may hold constants only: the name, not the traced value)
+        if isinstance(x, bool) or not isinstance(x, (numbers.Real, torch.SymFloat,
+                                                     torch.SymInt)):
+            raise ValueError(f"{name} must be a finite number > 0, got {x!r}")
+        msg = f"{name} must be a finite number > 0"
+        torch._check(x > 0, lambda: msg)
+        torch._check(x < math.inf, lambda: msg)
+        return
     if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x) or x <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {x!r}")
-
-
-def traced_positive_number(name, x, allow_none=False):
-    """:func:`positive_number` while ``torch.compile`` traces: the type here, the value as
-    ``torch._check`` assertions (a float that changed between calls is symbolic)."""
-    if x is None and allow_none:
-        return
-    if isinstance(x, torch.Tensor):
-        positive_number(name, x)  # a tensor's value is read (as eagerly)
-        return
-    if isinstance(x, bool) or not isinstance(x, (numbers.Real, torch.SymFloat, torch.SymInt)):
-        raise ValueError(f"{name} must be a finite number > 0, got {x!r}")
-    # (the message's closure may hold constants only: the name, not the traced value)
-    msg = f"{name} must be a finite number > 0"
-    torch._check(x > 0, lambda: msg)
-    torch._check(x < math.inf, lambda: msg)
 
 
 def head(hidden, weight, targets, bias, temperature, softcap, ignore_index, shard=False):

@@ -165,13 +165,9 @@ def _compiled_token_logprobs(hidden, weight, targets, bias, temperature, softcap
                          f"dims), got {tuple(targets.shape)}")
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = targets.reshape(-1)
-    # a temperature or softcap that changes between calls is traced as a symbolic float, which
-    # Python's math cannot read: checked with torch._check (an assertion in the graph), and
-    # again when the custom op runs (_ops)
-    for what, x in (("temperature", temperature), ("softcap", softcap)):
-        _checks.traced_positive_number(what, x, allow_none=what == "softcap")
-    _checks.head(h2[:0], weight, t1[:0], bias, 1.0, None if softcap is None else 1.0,
-                 ignore_index)
+    # (a temperature or softcap that changes between calls is symbolic here: _checks asserts
+    # it in the graph, and the custom op checks it again when it runs)
+    _checks.head(h2[:0], weight, t1[:0], bias, temperature, softcap, ignore_index)
     name = _ops.resolve(backend, str(hidden.device))
     if name == "reference":  # plain autograd: traced as it is
         if backend_options:

@@ -595,16 +595,27 @@ def packing_leaks(model):
     A model that fails the probe's forward counts as safe (its real batches will say why).
     :func:`head_inputs` runs a packed batch of a leaking model as a padded one."""
     def make(dev, vocab):
-        head = (torch.arange(_PROBE_LEN, device=dev) * 3 + 11) % vocab
-        tail = torch.tensor([3, 4, 5, 6], device=dev) % vocab
-        ids = torch.stack([torch.cat([head, tail]), torch.cat([tail, head])])  # tail last, first
         pos = torch.stack([torch.cat([torch.arange(_PROBE_LEN), torch.arange(4)]),
                            torch.cat([torch.arange(4), torch.arange(_PROBE_LEN)])]).to(dev)
-        return ids, dict(position_ids=pos), (slice(_PROBE_LEN, None), slice(0, 4))
-    def moved(a, b):  # anywhere by 0.1% of the largest value: a leak missed is silently wrong
-        a, b = a.float(), b.float()  # log-probs; a false alarm costs the padding's compute
-        return (a - b).abs().max().item() > 1e-3 * max(1.0, a.abs().max().item())
-    return _probe(model, "packing", make, moved)
+        return _tail_last_and_first(dev, vocab), dict(position_ids=pos), _TAIL_COLS
+    return _probe(model, "packing", make, _tail_moved)
+
+
+_TAIL_COLS = (slice(_PROBE_LEN, None), slice(0, 4))  # the tail in each row of the two below
+
+
+def _tail_last_and_first(dev, vocab):
+    """``[2, _PROBE_LEN + 4]`` ids: 4 tokens after ``_PROBE_LEN`` others, then before them."""
+    head = (torch.arange(_PROBE_LEN, device=dev) * 3 + 11) % vocab
+    tail = torch.tensor([3, 4, 5, 6], device=dev) % vocab
+    return torch.stack([torch.cat([head, tail]), torch.cat([tail, head])])
+
+
+def _tail_moved(a, b):
+    """The tail's hidden states moved anywhere by 0.1% of the largest value: a leak missed is
+    silently wrong (log-probs); a false alarm costs the padding's compute."""
+    a, b = a.float(), b.float()
+    return (a - b).abs().max().item() > 1e-3 * max(1.0, a.abs().max().item())
 
 
 def padding_moves(model):
@@ -616,17 +627,10 @@ def padding_moves(model):
     masked ones and at the start of a right-padded row. :func:`head_inputs` runs a batch with
     such padding with each row's tokens moved to its start."""
     def make(dev, vocab):
-        head = (torch.arange(_PROBE_LEN, device=dev) * 3 + 11) % vocab
-        tail = torch.tensor([3, 4, 5, 6], device=dev) % vocab
-        ids = torch.stack([torch.cat([head, tail]), torch.cat([tail, head])])
         on, off = torch.ones(4, device=dev), torch.zeros(_PROBE_LEN, device=dev)
         mask = torch.stack([torch.cat([off, on]), torch.cat([on, off])]).long()
-        return ids, dict(attention_mask=mask), (slice(_PROBE_LEN, None), slice(0, 4))
-
-    def moved(a, b):  # packing_leaks' rule
-        a, b = a.float(), b.float()
-        return (a - b).abs().max().item() > 1e-3 * max(1.0, a.abs().max().item())
-    return _probe(model, "padding", make, moved)
+        return _tail_last_and_first(dev, vocab), dict(attention_mask=mask), _TAIL_COLS
+    return _probe(model, "padding", make, _tail_moved)
 
 
 def _moved_ahead(a, b, tol=1e-2):
