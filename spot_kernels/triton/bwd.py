@@ -71,7 +71,6 @@ def _backward_kernel(H, W, B, T, LSE, Q, G, DH, DW, DB, N, V, D, stride_hn, stri
                      BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     # grouped order: consecutive programs cover group_m token tiles x successive vocabulary
     # tiles, so the dh rows they add into stay in L2 while the vocabulary streams past
-    SCALED: tl.constexpr = W.dtype.element_ty == tl.float16  # split_half's unscale
     rows, cols = grouped_tile(tl.program_id(0), N, V, group_m, BLOCK_M, BLOCK_V)
     row_mask = rows < N
     col_mask = cols < V
@@ -99,14 +98,13 @@ def _backward_kernel(H, W, B, T, LSE, Q, G, DH, DW, DB, N, V, D, stride_hn, stri
                     if NEED_H:
                         w = tl.load(W + cols64[:, None] * stride_wv + ds[None, :] * stride_wd,
                                     mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-                        dh = dot2_into(hi, lo, unscale, w, None, PRECISION, SPLIT, SCALED)
+                        dh = dot2_into(hi, lo, unscale, w, None, PRECISION, SPLIT)
                         tl.atomic_add(DH + rows64[:, None] * D + ds[None, :], dh,
                                       mask=row_mask[:, None] & d_mask[None, :], sem="relaxed")
                     if NEED_W:
                         h = tl.load(H + rows64[:, None] * stride_hn + ds[None, :] * stride_hd,
                                     mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-                        dw = dot2_into(hi_t, lo_t, unscale, h, None, PRECISION, SPLIT,
-                                       SCALED)
+                        dw = dot2_into(hi_t, lo_t, unscale, h, None, PRECISION, SPLIT)
                         tl.atomic_add(DW + cols64[:, None] * D + ds[None, :], dw,
                                       mask=col_mask[:, None] & d_mask[None, :], sem="relaxed")
 

@@ -34,7 +34,6 @@ def _backward_dh_kernel(H, W, B, T, LSE, Q, G, DH, N, V, D, stride_hn, stride_hd
                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                         FILTER: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    SCALED: tl.constexpr = W.dtype.element_ty == tl.float16  # split_half's unscale
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
     t, g, lse_hi, lse_scale, q = row_inputs(T, G, LSE, Q, rows, row_mask, ignore_index)
@@ -62,7 +61,7 @@ def _backward_dh_kernel(H, W, B, T, LSE, Q, G, DH, N, V, D, stride_hn, stride_hd
                     ptr = DH + rows64[:, None] * D + ds[None, :]
                     mask = row_mask[:, None] & d_mask[None, :]
                     acc = tl.load(ptr, mask=mask, other=0.0)
-                    acc = dot2_into(hi, lo, unscale, w, acc, PRECISION, SPLIT, SCALED)
+                    acc = dot2_into(hi, lo, unscale, w, acc, PRECISION, SPLIT)
                     tl.store(ptr, acc, mask=mask)
             tl.debug_barrier()
 

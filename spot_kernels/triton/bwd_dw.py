@@ -35,7 +35,6 @@ def _backward_dw_kernel(H, W, B, T, LSE, Q, G, DW, DB, N, V, D, stride_hn, strid
                         NEED_B: tl.constexpr, FILTER: tl.constexpr, SPLIT: tl.constexpr,
                         BLOCK_M: tl.constexpr,
                         BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    SCALED: tl.constexpr = W.dtype.element_ty == tl.float16  # split_half's unscale
     cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < V
     cols64 = cols.to(tl.int64)
@@ -68,8 +67,7 @@ def _backward_dw_kernel(H, W, B, T, LSE, Q, G, DW, DB, N, V, D, stride_hn, strid
                         ptr = DW + cols64[:, None] * D + ds[None, :]
                         mask = col_mask[:, None] & d_mask[None, :]
                         acc = tl.load(ptr, mask=mask, other=0.0)
-                        acc = dot2_into(hi_t, lo_t, unscale, h, acc, PRECISION, SPLIT,
-                                        SCALED)
+                        acc = dot2_into(hi_t, lo_t, unscale, h, acc, PRECISION, SPLIT)
                         tl.store(ptr, acc, mask=mask)
         tl.debug_barrier()
     if NEED_B:

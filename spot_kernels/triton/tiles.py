@@ -157,11 +157,10 @@ def split_half(da, dtype: tl.constexpr, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def dot2_into(hi, lo, unscale, x, acc, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
-              SCALED: tl.constexpr):
+def dot2_into(hi, lo, unscale, x, acc, PRECISION: tl.constexpr, SPLIT: tl.constexpr):
     """``acc + (hi + lo) @ x * unscale`` (``split_half``'s three; ``acc`` may be None);
-    ``unscale`` is applied only when ``SCALED`` (float16 operands)."""
-    if SCALED:
+    ``unscale`` is applied only to float16 operands, the only ones ``split_half`` scales."""
+    if hi.dtype == tl.float16:
         out = dot2(hi, lo, x, None, PRECISION, SPLIT) * unscale
         if acc is not None:
             out = out + acc
